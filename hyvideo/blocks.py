@@ -1,0 +1,202 @@
+"""DiT blocks: double-stream (facts §1.8), single-stream (§1.9) and the final layer (§1.10).
+
+Per-token work (norm + modulate, QKV, projections, MLP) runs over the sequence in chunks of
+`chunk` tokens, so the widest activation (a single block's 12288-wide MLP input) exists for one
+chunk only; residuals are updated in place. Attention always sees the whole sequence. `chunk=None`
+means one chunk. Chunking changes no math: each token's result is computed by the same ops.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .rope import apply_rope
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Affine-free LayerNorm (eps 1e-6) then modulate, in float32 (as bf16 autocast does
+    officially), returned in x's dtype."""
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)
+    return modulate(normed, shift.float(), scale.float()).to(x.dtype)
+
+
+def linear_rows(layer: nn.Module, x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Output features `rows` of a linear layer, without computing the others where possible.
+
+    Plain nn.Linear slices its weight; a quantized layer may offer `forward_rows(x, rows)`;
+    anything else computes all outputs and slices.
+    """
+    if type(layer) is nn.Linear:
+        bias = None if layer.bias is None else layer.bias[rows]
+        return F.linear(x, layer.weight[rows], bias)
+    if hasattr(layer, "forward_rows"):
+        return layer.forward_rows(x, rows)
+    return layer(x)[..., rows]
+
+
+def token_chunks(length: int, chunk: int | None):
+    """Slices covering [0, length) in steps of `chunk` (one slice if chunk is None)."""
+    step = length if not chunk else chunk
+    return [slice(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over head_dim, eps 1e-6, computed in float32, then times the learned weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return normed * self.weight
+
+
+class Modulation(nn.Module):
+    """`ModulateDiT`: Linear(SiLU(vec)) -> `factor` chunks of [B, 1, D]."""
+
+    def __init__(self, hidden_size: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.act = nn.SiLU()
+        self.linear = nn.Linear(hidden_size, factor * hidden_size)
+
+    def forward(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        return self.linear(self.act(vec)).unsqueeze(1).chunk(self.factor, dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class JointAttentionInputs:
+    """What every block's attention needs besides its tokens: RoPE tables for the image tokens,
+    the text key mask (None when padding was dropped), the backend and the token chunk."""
+
+    def __init__(self, cos, sin, key_mask, backend: str = "sdpa", chunk: int | None = None):
+        self.cos, self.sin = cos, sin  # [N_img, head_dim] float32
+        self.key_mask = key_mask  # [B, N_img + L_txt] bool or None
+        self.backend = backend
+        self.chunk = chunk
+
+    @property
+    def image_tokens(self) -> int:
+        return self.cos.shape[0]
+
+
+def project_qkv(x, shift, scale, qkv_layer, q_norm, k_norm, heads, q, k, v, offset, inputs, rotate_until):
+    """Chunked norm-modulate -> QKV -> qk-RMSNorm -> RoPE, written into q/k/v [B, S, H, D] at
+    positions offset + chunk. Tokens at joint positions < rotate_until get RoPE."""
+    width = q.shape[-1] * heads
+    for rows in token_chunks(x.shape[1], inputs.chunk):
+        qkv = linear_rows(qkv_layer, norm_modulate(x[:, rows], shift, scale), slice(0, 3 * width))
+        cq, ck, cv = qkv.unflatten(-1, (3, heads, -1)).unbind(2)  # each [B, c, H, D]
+        cq, ck = q_norm(cq).to(cv.dtype), k_norm(ck).to(cv.dtype)
+        start, stop = offset + rows.start, offset + rows.stop
+        if start < rotate_until:
+            end = min(stop, rotate_until)
+            n = end - start
+            cq[:, :n] = apply_rope(cq[:, :n], inputs.cos[start:end], inputs.sin[start:end])
+            ck[:, :n] = apply_rope(ck[:, :n], inputs.cos[start:end], inputs.sin[start:end])
+        q[:, start:stop], k[:, start:stop], v[:, start:stop] = cq, ck, cv
+
+
+def empty_qkv(batch: int, seq: int, heads: int, head_dim: int, like: torch.Tensor):
+    return [torch.empty(batch, seq, heads, head_dim, dtype=like.dtype, device=like.device) for _ in range(3)]
+
+
+class DoubleStreamBlock(nn.Module):
+    """`MMDoubleStreamBlock`: image and text keep separate weights, attend jointly."""
+
+    def __init__(self, hidden_size: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.heads = heads
+        for stream in ("img", "txt"):
+            setattr(self, f"{stream}_mod", Modulation(hidden_size, 6))
+            setattr(self, f"{stream}_attn_qkv", nn.Linear(hidden_size, 3 * hidden_size))
+            setattr(self, f"{stream}_attn_q_norm", RMSNorm(hidden_size // heads))
+            setattr(self, f"{stream}_attn_k_norm", RMSNorm(hidden_size // heads))
+            setattr(self, f"{stream}_attn_proj", nn.Linear(hidden_size, hidden_size))
+            setattr(self, f"{stream}_mlp", MLP(hidden_size, mlp_hidden))
+
+    def forward(self, img, txt, vec, inputs: JointAttentionInputs):
+        """img [B, N, D], txt [B, L, D], vec [B, D] -> updated (img, txt); img/txt are updated in place."""
+        n_img = img.shape[1]
+        q, k, v = empty_qkv(img.shape[0], n_img + txt.shape[1], self.heads, img.shape[-1] // self.heads, img)
+        mods = {}
+        for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
+            mods[stream] = getattr(self, f"{stream}_mod")(vec)
+            shift1, scale1 = mods[stream][0], mods[stream][1]
+            project_qkv(x, shift1, scale1, getattr(self, f"{stream}_attn_qkv"), getattr(self, f"{stream}_attn_q_norm"),
+                        getattr(self, f"{stream}_attn_k_norm"), self.heads, q, k, v, offset, inputs, rotate_until=n_img)
+        attn = attention(q, k, v, inputs.key_mask, inputs.backend)  # [B, S, D]
+        del q, k, v
+        for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
+            _, _, gate1, shift2, scale2, gate2 = mods[stream]
+            proj, mlp = getattr(self, f"{stream}_attn_proj"), getattr(self, f"{stream}_mlp")
+            for rows in token_chunks(x.shape[1], inputs.chunk):
+                joint = slice(offset + rows.start, offset + rows.stop)
+                x[:, rows] += gate1 * proj(attn[:, joint])
+                x[:, rows] += gate2 * mlp(norm_modulate(x[:, rows], shift2, scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """`MMSingleStreamBlock`: one sequence [img ; txt]; linear1 gives qkv and the MLP input,
+    linear2 maps [attn, GELU(mlp)] back. The MLP half of linear1 is computed after attention,
+    chunk by chunk, so its 4x-wide output never exists for the whole sequence."""
+
+    def __init__(self, hidden_size: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.hidden_size = hidden_size
+        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + mlp_hidden)
+        self.linear2 = nn.Linear(hidden_size + mlp_hidden, hidden_size)
+        self.q_norm = RMSNorm(hidden_size // heads)
+        self.k_norm = RMSNorm(hidden_size // heads)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(hidden_size, 3)
+
+    def forward(self, x, vec, inputs: JointAttentionInputs):
+        """x [B, N_img + L, D], vec [B, D] -> x updated in place."""
+        shift, scale, gate = self.modulation(vec)
+        q, k, v = empty_qkv(x.shape[0], x.shape[1], self.heads, self.hidden_size // self.heads, x)
+        project_qkv(x, shift, scale, self.linear1, self.q_norm, self.k_norm, self.heads, q, k, v, 0, inputs,
+                    rotate_until=inputs.image_tokens)
+        attn = attention(q, k, v, inputs.key_mask, inputs.backend)  # [B, S, D]
+        del q, k, v
+        mlp_rows = slice(3 * self.hidden_size, self.linear1.out_features)
+        for rows in token_chunks(x.shape[1], inputs.chunk):
+            mlp = linear_rows(self.linear1, norm_modulate(x[:, rows], shift, scale), mlp_rows)
+            x[:, rows] += gate * self.linear2(torch.cat([attn[:, rows], self.mlp_act(mlp)], dim=-1))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm then Linear to patch outputs (64 = 1*2*2*16 for the 13B model)."""
+
+    def __init__(self, hidden_size: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, vec, chunk: int | None = None):
+        shift, scale = self.adaLN_modulation(vec).unsqueeze(1).chunk(2, dim=-1)
+        out = x.new_empty(*x.shape[:-1], self.linear.out_features)
+        for rows in token_chunks(x.shape[1], chunk):
+            out[:, rows] = self.linear(norm_modulate(x[:, rows], shift, scale))
+        return out

@@ -1,0 +1,212 @@
+"""Tiny random-weight text encoders written to disk, for tests and the demo.
+
+The real encoders (LLaVA-Llama-3-8B, CLIP-L) cannot be downloaded here, so this module builds
+stand-ins of the same *kind* entirely offline and saves them exactly as the real checkpoint folders
+are laid out, so they load through the same `from_folder` code paths (facts §4):
+
+- `write_tiny_llm`: a byte-level BPE tokenizer with Llama-3's pre-tokenizer regex, its special tokens
+  (`<|begin_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, ...) and a
+  post-processor that adds BOS, trained in code on a small built-in corpus; plus a random
+  `LlamaForCausalLM` (the official preprocess script saves the Llava language model, a
+  `LlamaForCausalLM`; it is loaded back with `AutoModel`, which drops the LM head).
+- `write_tiny_clip`: a `CLIPTokenizer` (same normaliser / pre-tokeniser / `</w>` BPE as CLIP-L) with
+  a BPE vocabulary trained on the same corpus, plus a random `CLIPTextModel` with 77 positions.
+
+Sizes default to what the tiny DiT config expects (`text_states_dim=48`, `text_states_dim_2=40`).
+Everything is seeded, so the same arguments always write the same weights and vocabulary.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedTokenizerFast
+
+# Llama-3's pre-tokenizer split (from Meta's tokenizer.py / HF tokenizer.json).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The Llama-3 special tokens the prompt templates use, plus EOS and the pad token. Real Llama-3 has
+# 256 special tokens after its 128,000 BPE ranks; a tiny model only needs these.
+LLAMA3_BOS = "<|begin_of_text|>"
+LLAMA3_EOS = "<|end_of_text|>"
+LLAMA3_PAD = "<|finetune_right_pad_id|>"
+LLAMA3_SPECIAL_TOKENS = (
+    LLAMA3_BOS, LLAMA3_EOS, LLAMA3_PAD, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+)
+
+CLIP_BOS = "<|startoftext|>"
+CLIP_EOS = "<|endoftext|>"  # also CLIP's pad and unknown token
+
+# Training text for the tiny BPE vocabularies: the template wording (so the templates tokenize into
+# merged words, as with the real tokenizer) and some typical video prompts.
+TINY_CORPUS = (
+    "system\n\nDescribe the video by detailing the following aspects: 1. The main content and theme of "
+    "the video.2. The color, shape, size, texture, quantity, text, and spatial relationships of the "
+    "objects.3. Actions, events, behaviors temporal relationships, physical movement changes of the "
+    "objects.4. background environment, light, style and atmosphere.5. camera angles, movements, and "
+    "transitions used in the video:",
+    "system\n\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:",
+    "user\n\n",
+    "A cat walks on the grass, realistic style.",
+    "A dog runs along the beach at sunset, the camera follows it slowly.",
+    "Close-up of a red flower in the rain, soft light, shallow depth of field.",
+    "An astronaut rides a horse on the moon, cinematic, 4k.",
+    "Two people talk in a busy street at night, neon lights and reflections.",
+    "A small boat sails across a calm blue lake surrounded by green mountains.",
+)
+
+
+def _seeded_init(seed: int, build):
+    """Run `build()` (which draws random init weights) under a fixed seed without touching the
+    caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_tiny_llama3_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A Llama-3-shaped tokenizer trained on `TINY_CORPUS`: byte-level BPE (any text encodes, no
+    unknown tokens), Llama-3's split regex, the special tokens as added tokens, BOS prepended by the
+    post-processor, right padding with a dedicated pad token."""
+    tok = Tokenizer(models.BPE(fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(LLAMA3_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS, trainer)
+    bos_id = tok.token_to_id(LLAMA3_BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{LLAMA3_BOS} $A", pair=f"{LLAMA3_BOS} $A {LLAMA3_BOS} $B", special_tokens=[(LLAMA3_BOS, bos_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=LLAMA3_BOS, eos_token=LLAMA3_EOS, pad_token=LLAMA3_PAD,
+        padding_side="right", model_max_length=100_000,
+    )
+
+
+def write_tiny_llm(
+    folder: str | Path,
+    hidden_size: int = 48,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 96,
+    vocab_size: int = 512,
+    max_positions: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Llama text encoder (model + tokenizer) into `folder` and return it.
+
+    Laid out like the official `ckpts/text_encoder`: config.json + model.safetensors of a
+    `LlamaForCausalLM`, and the tokenizer files. `max_positions` must cover text_len + crop_start
+    (the video template prefix is about 100 tokens with this vocabulary).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_llama3_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = _seeded_init(seed, lambda: LlamaForCausalLM(config))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_clip_tokenizer(num_merges: int = 200) -> CLIPTokenizer:
+    """A `CLIPTokenizer` (lower-casing, CLIP split regex, byte-level BPE with `</w>` word ends,
+    `<|startoftext|>` ... `<|endoftext|>` around the text, max length 77) whose vocabulary is
+    trained on `TINY_CORPUS`.
+
+    Vocabulary layout as in CLIP-L: the 256 byte symbols, the same with `</w>`, the merges, then the
+    two special tokens last (so EOS has the highest id, as in the real model).
+    """
+    # Train merges with the same text pipeline CLIPTokenizer uses.
+    trained = Tokenizer(models.BPE(end_of_word_suffix="</w>", fuse_unk=False))
+    trained.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    trained.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(
+            Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True
+        ),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=2 * len(alphabet) + num_merges,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    trained.train_from_iterator(TINY_CORPUS, trainer)
+    # The serialised model lists merges as [left, right] pairs (older tokenizers: "left right").
+    raw = json.loads(trained.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in raw]
+
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]:
+        vocab.setdefault(symbol, len(vocab))
+    vocab[CLIP_BOS] = len(vocab)
+    vocab[CLIP_EOS] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def write_tiny_clip(
+    folder: str | Path,
+    hidden_size: int = 40,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 80,
+    projection_dim: int | None = None,
+    num_merges: int = 200,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random CLIP text encoder (model + tokenizer) into `folder` and return it.
+
+    Laid out like the official `ckpts/text_encoder_2`. The pooled output (what HunyuanVideo uses) has
+    `hidden_size` features; `projection_dim` (default `hidden_size`) only matters to
+    `CLIPTextModelWithProjection` and is stored for completeness. 77 positions, as CLIP-L.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_clip_tokenizer(num_merges)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        projection_dim=projection_dim or hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # pooled = first EOS position
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = _seeded_init(seed, lambda: CLIPTextModel(config))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
