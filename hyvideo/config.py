@@ -43,6 +43,35 @@ class DiTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_diffusers(self) -> dict:
+        """The `transformer/config.json` fields of diffusers' HunyuanVideoTransformer3DModel."""
+        return {
+            "_class_name": "HunyuanVideoTransformer3DModel",
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "num_attention_heads": self.heads, "attention_head_dim": self.head_dim,
+            "num_layers": self.double_blocks, "num_single_layers": self.single_blocks,
+            "num_refiner_layers": self.refiner_blocks, "mlp_ratio": self.mlp_ratio,
+            "patch_size": self.patch_size[1], "patch_size_t": self.patch_size[0], "qk_norm": "rms_norm",
+            "guidance_embeds": self.guidance_embed, "text_embed_dim": self.text_states_dim,
+            "pooled_projection_dim": self.text_states_dim_2, "rope_theta": self.rope_theta,
+            "rope_axes_dim": list(self.rope_axes_dim), "image_condition_type": None,
+        }
+
+    @classmethod
+    def from_diffusers(cls, values: dict) -> "DiTConfig":
+        if values.get("image_condition_type"):
+            raise ValueError("image-to-video transformers are not supported (image_condition_type is set)")
+        return cls(
+            hidden_size=values["num_attention_heads"] * values["attention_head_dim"], heads=values["num_attention_heads"],
+            double_blocks=values["num_layers"], single_blocks=values["num_single_layers"],
+            refiner_blocks=values["num_refiner_layers"], mlp_ratio=values["mlp_ratio"],
+            patch_size=(values["patch_size_t"], values["patch_size"], values["patch_size"]),
+            in_channels=values["in_channels"], out_channels=values["out_channels"],
+            text_states_dim=values["text_embed_dim"], text_states_dim_2=values["pooled_projection_dim"],
+            rope_axes_dim=tuple(values["rope_axes_dim"]), rope_theta=values["rope_theta"],
+            guidance_embed=values["guidance_embeds"],
+        )
+
     @classmethod
     def from_dict(cls, values: dict) -> "DiTConfig":
         values = dict(values)
@@ -72,6 +101,10 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "VAEConfig":
+        """From our dict, the official `vae/config.json` or diffusers' (which says `temporal_`)."""
+        values = dict(values)
+        if "temporal_compression_ratio" in values:
+            values.setdefault("time_compression_ratio", values["temporal_compression_ratio"])
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         if "block_out_channels" in known:
             known["block_out_channels"] = tuple(known["block_out_channels"])
@@ -80,10 +113,11 @@ class VAEConfig:
 
 DIT_CONFIGS: dict[str, DiTConfig] = {
     "HYVideo-T/2-cfgdistill": DiTConfig(),
-    # Same architecture, small enough for CPU tests: 2 heads of 32 (rope axes 8/12/12).
+    # Same architecture, small enough for CPU tests: 2 heads of 32; rope axes follow the 13B rule
+    # (t = head_dim/8, y = x = the rest halved), so a config can be inferred from weights alone.
     "tiny": DiTConfig(
         hidden_size=64, heads=2, double_blocks=2, single_blocks=2, refiner_blocks=2,
-        text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(8, 12, 12),
+        text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(4, 14, 14),
     ),
 }
 

@@ -1,0 +1,131 @@
+"""Name mapping between the official DiT state dict and diffusers' (facts §2).
+
+`diffusers_parts(key)` says which diffusers tensors make up one official tensor: fused projections
+(qkv, single-block linear1) are concatenations of diffusers' separate q/k/v(/proj_mlp) along the
+output dimension, and the final layer's modulation has its (shift, scale) halves swapped in
+diffusers. Loading a diffusers checkpoint into our official-layout model walks this table backwards.
+"""
+
+import re
+
+import torch
+
+# (official pattern, diffusers replacement(s)); a list means "concatenate these in order".
+_BLOCK_RULES = {
+    "double": [
+        ("img_mod.linear", "norm1.linear"),
+        ("txt_mod.linear", "norm1_context.linear"),
+        ("img_attn_qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+        ("txt_attn_qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+        ("img_attn_q_norm", "attn.norm_q"),
+        ("img_attn_k_norm", "attn.norm_k"),
+        ("txt_attn_q_norm", "attn.norm_added_q"),
+        ("txt_attn_k_norm", "attn.norm_added_k"),
+        ("img_attn_proj", "attn.to_out.0"),
+        ("txt_attn_proj", "attn.to_add_out"),
+        ("img_mlp.fc1", "ff.net.0.proj"),
+        ("img_mlp.fc2", "ff.net.2"),
+        ("txt_mlp.fc1", "ff_context.net.0.proj"),
+        ("txt_mlp.fc2", "ff_context.net.2"),
+    ],
+    "single": [
+        ("linear1", ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]),
+        ("linear2", "proj_out"),
+        ("q_norm", "attn.norm_q"),
+        ("k_norm", "attn.norm_k"),
+        ("modulation.linear", "norm.linear"),
+    ],
+    "refiner": [
+        ("norm1", "norm1"),
+        ("norm2", "norm2"),
+        ("self_attn_qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+        ("self_attn_proj", "attn.to_out.0"),
+        ("mlp.fc1", "ff.net.0.proj"),
+        ("mlp.fc2", "ff.net.2"),
+        ("adaLN_modulation.1", "norm_out.linear"),
+    ],
+}
+_BLOCK_PREFIXES = {
+    "double": (r"double_blocks\.(\d+)\.", "transformer_blocks.{}."),
+    "single": (r"single_blocks\.(\d+)\.", "single_transformer_blocks.{}."),
+    "refiner": (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.", "context_embedder.token_refiner.refiner_blocks.{}."),
+}
+_PLAIN = {
+    "img_in.proj": "x_embedder.proj",
+    "time_in.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "guidance_in.mlp.0": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.mlp.2": "time_text_embed.guidance_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "txt_in.input_embedder": "context_embedder.proj_in",
+    "txt_in.t_embedder.mlp.0": "context_embedder.time_text_embed.timestep_embedder.linear_1",
+    "txt_in.t_embedder.mlp.2": "context_embedder.time_text_embed.timestep_embedder.linear_2",
+    "txt_in.c_embedder.linear_1": "context_embedder.time_text_embed.text_embedder.linear_1",
+    "txt_in.c_embedder.linear_2": "context_embedder.time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+SWAPPED_HALVES = "final_layer.adaLN_modulation.1"
+
+
+def diffusers_parts(key: str) -> list[str]:
+    """Diffusers keys whose concatenation (dim 0) is the official tensor `key`."""
+    module, _, leaf = key.rpartition(".")  # leaf: weight / bias
+    if module in _PLAIN:
+        return [f"{_PLAIN[module]}.{leaf}"]
+    for kind, (pattern, target) in _BLOCK_PREFIXES.items():
+        match = re.match(pattern, module)
+        if match:
+            rest = module[match.end():]
+            for official, diffusers in _BLOCK_RULES[kind]:
+                if rest == official:
+                    names = diffusers if isinstance(diffusers, list) else [diffusers]
+                    return [f"{target.format(match.group(1))}{name}.{leaf}" for name in names]
+    raise KeyError(f"no diffusers name for official key {key!r}")
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def diffusers_to_official(diffusers_sd: dict, official_keys) -> tuple[dict, list[str], list[str]]:
+    """Build the official-layout state dict for `official_keys` from a diffusers one.
+
+    Returns (state_dict, missing diffusers keys, unused diffusers keys). Tensors are popped from
+    `diffusers_sd` as they are consumed, so peak memory stays near one copy.
+    """
+    out, missing = {}, []
+    for key in official_keys:
+        parts = diffusers_parts(key)
+        tensors = [diffusers_sd.pop(p, None) for p in parts]
+        if any(t is None for t in tensors):
+            missing.extend(p for p, t in zip(parts, tensors) if t is None)
+            continue
+        tensor = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+        out[key] = swap_halves(tensor) if key.startswith(SWAPPED_HALVES) else tensor
+    return out, missing, sorted(diffusers_sd)
+
+
+def official_to_diffusers(official_sd: dict) -> dict:
+    """Split fused tensors and rename; used to write diffusers-layout checkpoints (tiny factory)."""
+    out = {}
+    for key, tensor in official_sd.items():
+        if key.startswith(SWAPPED_HALVES):
+            tensor = swap_halves(tensor)
+        parts = diffusers_parts(key)
+        if len(parts) == 1:
+            out[parts[0]] = tensor
+            continue
+        # qkv: three equal parts; linear1: q, k, v of the hidden width, then the MLP input rows.
+        hidden = tensor.shape[0] // 3 if len(parts) == 3 else _single_hidden(official_sd, key)
+        sizes = [hidden] * 3 + ([tensor.shape[0] - 3 * hidden] if len(parts) == 4 else [])
+        for name, piece in zip(parts, torch.split(tensor, sizes, dim=0)):
+            out[name] = piece.contiguous()
+    return out
+
+
+def _single_hidden(official_sd: dict, key: str) -> int:
+    """Hidden size for a single block's linear1: linear2's output width."""
+    return official_sd[key.replace("linear1", "linear2").replace(".bias", ".weight")].shape[0]
