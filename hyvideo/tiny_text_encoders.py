@@ -6,21 +6,21 @@ are laid out, so they load through the same `from_folder` code paths (facts §4)
 
 - `write_tiny_llm`: a byte-level BPE tokenizer with Llama-3's pre-tokenizer regex, its special tokens
   (`<|begin_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, ...) and a
-  post-processor that adds BOS, trained in code on a small built-in corpus; plus a random
+  post-processor that adds BOS, its merges learnt in code from a small built-in corpus; plus a random
   `LlamaForCausalLM` (the official preprocess script saves the Llava language model, a
   `LlamaForCausalLM`; it is loaded back with `AutoModel`, which drops the LM head).
 - `write_tiny_clip`: a `CLIPTokenizer` (same normaliser / pre-tokeniser / `</w>` BPE as CLIP-L) with
-  a BPE vocabulary trained on the same corpus, plus a random `CLIPTextModel` with 77 positions.
+  a BPE vocabulary learnt from the same corpus, plus a random `CLIPTextModel` with 77 positions.
 
 Sizes default to what the tiny DiT config expects (`text_states_dim=48`, `text_states_dim_2=40`).
 Everything is seeded, so the same arguments always write the same weights and vocabulary.
 """
 
-import json
+from collections import Counter
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
@@ -39,6 +39,8 @@ LLAMA3_SPECIAL_TOKENS = (
     LLAMA3_BOS, LLAMA3_EOS, LLAMA3_PAD, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
 )
 
+# CLIPTokenizer's split regex, less its special-token alternatives (the corpus has none).
+CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"  # also CLIP's pad and unknown token
 
@@ -70,26 +72,67 @@ def _seeded_init(seed: int, build):
         return build()
 
 
-def build_tiny_llama3_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A Llama-3-shaped tokenizer trained on `TINY_CORPUS`: byte-level BPE (any text encodes, no
-    unknown tokens), Llama-3's split regex, the special tokens as added tokens, BOS prepended by the
-    post-processor, right padding with a dedicated pad token."""
-    tok = Tokenizer(models.BPE(fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+def learn_bpe_merges(words: list[tuple[str, ...]], num_merges: int) -> list[tuple[str, str]]:
+    """Classic BPE training: repeatedly merge the most frequent adjacent symbol pair.
+
+    Written out here (instead of `tokenizers`' BpeTrainer) because the trainer breaks ties between
+    equally frequent pairs differently from run to run; here ties go to the smallest pair, so the
+    vocabulary, and so the token ids, are the same every time.
+    """
+    counts = Counter(words)  # word (as a tuple of symbols) -> occurrences
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, n in counts.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for symbols, n in counts.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if symbols[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += n
+        counts = merged
+    return merges
+
+
+def _bpe_vocab(alphabet: list[str], merges: list[tuple[str, str]]) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [left + right for left, right in merges]:
+        vocab.setdefault(symbol, len(vocab))
+    return vocab
+
+
+def build_tiny_llama3_tokenizer(num_merges: int = 250) -> PreTrainedTokenizerFast:
+    """A Llama-3-shaped tokenizer with BPE merges learnt from `TINY_CORPUS`.
+
+    As Llama-3's: byte-level BPE over the 256 byte symbols (any text encodes, nothing is unknown),
+    Llama-3's split regex, the special tokens as added tokens after the BPE vocabulary, BOS
+    prepended by the post-processor. Right padding with a dedicated pad token.
+    """
+    pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
+    words = [tuple(piece) for text in TINY_CORPUS for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+    merges = learn_bpe_merges(words, num_merges)
+
+    tok = Tokenizer(models.BPE(_bpe_vocab(sorted(pre_tokenizers.ByteLevel.alphabet()), merges), merges))
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(LLAMA3_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is unknown
-        show_progress=False,
-    )
-    tok.train_from_iterator(TINY_CORPUS, trainer)
-    bos_id = tok.token_to_id(LLAMA3_BOS)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS])
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{LLAMA3_BOS} $A", pair=f"{LLAMA3_BOS} $A {LLAMA3_BOS} $B", special_tokens=[(LLAMA3_BOS, bos_id)],
+        single=f"{LLAMA3_BOS} $A", pair=f"{LLAMA3_BOS} $A {LLAMA3_BOS} $B",
+        special_tokens=[(LLAMA3_BOS, tok.token_to_id(LLAMA3_BOS))],
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=LLAMA3_BOS, eos_token=LLAMA3_EOS, pad_token=LLAMA3_PAD,
@@ -104,7 +147,7 @@ def write_tiny_llm(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 96,
-    vocab_size: int = 512,
+    num_merges: int = 250,
     max_positions: int = 1024,
     seed: int = 0,
 ) -> Path:
@@ -112,11 +155,11 @@ def write_tiny_llm(
 
     Laid out like the official `ckpts/text_encoder`: config.json + model.safetensors of a
     `LlamaForCausalLM`, and the tokenizer files. `max_positions` must cover text_len + crop_start
-    (the video template prefix is about 100 tokens with this vocabulary).
+    (the video template prefix is 115 tokens with the default vocabulary).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_llama3_tokenizer(vocab_size)
+    tokenizer = build_tiny_llama3_tokenizer(num_merges)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -138,38 +181,29 @@ def write_tiny_llm(
 
 def build_tiny_clip_tokenizer(num_merges: int = 200) -> CLIPTokenizer:
     """A `CLIPTokenizer` (lower-casing, CLIP split regex, byte-level BPE with `</w>` word ends,
-    `<|startoftext|>` ... `<|endoftext|>` around the text, max length 77) whose vocabulary is
-    trained on `TINY_CORPUS`.
+    `<|startoftext|>` ... `<|endoftext|>` around the text, max length 77) whose merges are learnt
+    from `TINY_CORPUS`.
 
     Vocabulary layout as in CLIP-L: the 256 byte symbols, the same with `</w>`, the merges, then the
     two special tokens last (so EOS has the highest id, as in the real model).
     """
-    # Train merges with the same text pipeline CLIPTokenizer uses.
-    trained = Tokenizer(models.BPE(end_of_word_suffix="</w>", fuse_unk=False))
-    trained.normalizer = normalizers.Sequence(
+    # Learn merges on words as CLIPTokenizer sees them: normalised (NFC, one space, lower case),
+    # split by CLIP's regex, byte-level symbols, the last one marked as a word end with "</w>".
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    trained.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(
-            Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True
-        ),
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(
-        vocab_size=2 * len(alphabet) + num_merges,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    trained.train_from_iterator(TINY_CORPUS, trainer)
-    # The serialised model lists merges as [left, right] pairs (older tokenizers: "left right").
-    raw = json.loads(trained.to_str())["model"]["merges"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in raw]
+    words = []
+    for text in TINY_CORPUS:
+        for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            words.append(tuple(piece[:-1]) + (piece[-1] + "</w>",))
+    merges = learn_bpe_merges(words, num_merges)
 
-    vocab: dict[str, int] = {}
-    for symbol in alphabet + [s + "</w>" for s in alphabet] + ["".join(m) for m in merges]:
-        vocab.setdefault(symbol, len(vocab))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = _bpe_vocab(alphabet + [symbol + "</w>" for symbol in alphabet], merges)
     vocab[CLIP_BOS] = len(vocab)
     vocab[CLIP_EOS] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

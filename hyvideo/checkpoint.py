@@ -1,0 +1,255 @@
+"""Find and load HunyuanVideo weights in the official (Tencent) or the diffusers layout.
+
+Official (HF `tencent/HunyuanVideo` in ckpts/):
+  hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt   (dict, weights under "module")
+  hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8.pt + ..._fp8_map.pt (optional)
+  hunyuan-video-t2v-720p/vae/{config.json, pytorch_model.pt}
+  text_encoder/ (Llama + tokenizer), text_encoder_2/ (CLIP + tokenizer)
+diffusers (HF `hunyuanvideo-community/HunyuanVideo`):
+  transformer/{config.json, *.safetensors [+ index]}, vae/{config.json, *.safetensors},
+  text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/
+
+Models are built on the meta device and filled with `load_state_dict(assign=True)` from
+memory-mapped files, so the 13B DiT is never held twice in RAM.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import DiTConfig, VAEConfig
+from .diffusers_keys import diffusers_to_official
+from .dit import HunyuanVideoDiT
+from .errors import HyVideoError
+from .vae import CausalVAE
+
+OFFICIAL_DIT = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
+OFFICIAL_DIT_FP8 = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8.pt"
+OFFICIAL_DIT_FP8_MAP = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8_map.pt"
+OFFICIAL_VAE = "hunyuan-video-t2v-720p/vae"
+DOWNLOAD_HINT = "run `lowvram download --model-dir {root}` (or see the README's quick start)"
+
+
+@dataclass
+class ModelFiles:
+    """Where each component of one model folder lives."""
+
+    layout: str  # "official" | "diffusers"
+    root: Path
+    dit_weights: list[Path]  # one .pt, or safetensors shards
+    dit_config: Path | None  # diffusers only; official configs are inferred from the weights
+    vae_weights: Path
+    vae_config: Path
+    llm: Path
+    llm_tokenizer: Path
+    clip: Path
+    clip_tokenizer: Path
+    dit_fp8: Path | None = None  # Tencent's pre-quantized FP8 DiT
+    dit_fp8_map: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def all_files(self) -> list[Path]:
+        files = [*self.dit_weights, self.vae_weights, self.vae_config]
+        return files + ([self.dit_config] if self.dit_config else [])
+
+
+def detect_layout(root: Path) -> str | None:
+    root = Path(root)
+    if (root / "transformer").is_dir():
+        return "diffusers"
+    if (root / "hunyuan-video-t2v-720p").is_dir():
+        return "official"
+    return None
+
+
+def find_model_files(root: Path) -> ModelFiles:
+    """Detect the layout of `root` and check that every needed file is there."""
+    root = Path(root)
+    if not root.is_dir():
+        raise HyVideoError(f"model folder {root} does not exist; {DOWNLOAD_HINT.format(root=root)}")
+    layout = detect_layout(root)
+    if layout == "diffusers":
+        files = _diffusers_files(root)
+    elif layout == "official":
+        files = _official_files(root)
+    else:
+        raise HyVideoError(
+            f"{root} holds neither the official layout (hunyuan-video-t2v-720p/) nor the diffusers layout "
+            f"(transformer/); {DOWNLOAD_HINT.format(root=root)}"
+        )
+    missing = [p for p in files.all_files() if not p.is_file()]
+    for folder in (files.llm, files.clip):
+        if not (folder / "config.json").is_file():
+            missing.append(folder / "config.json")
+    if missing:
+        shown = ", ".join(str(p.relative_to(root)) for p in missing[:3])
+        raise HyVideoError(
+            f"{len(missing)} file(s) missing in {root} ({layout} layout): {shown}"
+            f"{' ...' if len(missing) > 3 else ''}; {DOWNLOAD_HINT.format(root=root)}"
+        )
+    return files
+
+
+def _official_files(root: Path) -> ModelFiles:
+    fp8, fp8_map = root / OFFICIAL_DIT_FP8, root / OFFICIAL_DIT_FP8_MAP
+    has_fp8 = fp8.is_file() and fp8_map.is_file()
+    dit = root / OFFICIAL_DIT
+    return ModelFiles(
+        layout="official", root=root,
+        dit_weights=[dit] if dit.is_file() or not has_fp8 else [],
+        dit_config=None,
+        vae_weights=root / OFFICIAL_VAE / "pytorch_model.pt", vae_config=root / OFFICIAL_VAE / "config.json",
+        llm=root / "text_encoder", llm_tokenizer=root / "text_encoder",
+        clip=root / "text_encoder_2", clip_tokenizer=root / "text_encoder_2",
+        dit_fp8=fp8 if has_fp8 else None, dit_fp8_map=fp8_map if has_fp8 else None,
+    )
+
+
+def _diffusers_files(root: Path) -> ModelFiles:
+    return ModelFiles(
+        layout="diffusers", root=root,
+        dit_weights=_safetensors_files(root / "transformer"), dit_config=root / "transformer" / "config.json",
+        vae_weights=_safetensors_files(root / "vae")[0], vae_config=root / "vae" / "config.json",
+        llm=root / "text_encoder", llm_tokenizer=root / "tokenizer",
+        clip=root / "text_encoder_2", clip_tokenizer=root / "tokenizer_2",
+    )
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """Shards named by the index file if there is one (so a missing shard is noticed), else the
+    folder's single safetensors file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = _read_json(indexes[0])["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    found = sorted(folder.glob("*.safetensors"))
+    return found or [folder / "diffusion_pytorch_model.safetensors"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise HyVideoError(f"cannot read {path}: {err}; the file is incomplete or corrupt, download it again") from None
+
+
+def read_torch_file(path: Path) -> dict:
+    """`torch.load` with mmap (no copy into RAM) and weights_only; unwraps "module" / "ema" /
+    "state_dict" / "model" wrappers as the official and diffusers loaders do."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip, wrong format, not a torch file
+        raise HyVideoError(f"cannot read {path}: {err.__class__.__name__}: {err}; the file is incomplete or corrupt, download it again") from None
+    for key in ("module", "ema", "state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            return data[key]
+    if not isinstance(data, dict):
+        raise HyVideoError(f"{path} does not hold a state dict")
+    return data
+
+
+def read_safetensors(paths: list[Path]) -> dict:
+    state_dict = {}
+    for path in paths:
+        try:
+            state_dict.update(load_file(path, device="cpu"))
+        except Exception as err:
+            raise HyVideoError(f"cannot read {path}: {err}; the file is incomplete or corrupt, download it again") from None
+    return state_dict
+
+
+def infer_dit_config(state_dict: dict) -> DiTConfig:
+    """The official checkpoint has no config: sizes follow from tensor shapes. RoPE axes follow
+    the 13B rule (t gets head_dim/8 channels, y and x split the rest), which gives 16/56/56."""
+    try:
+        hidden, in_channels, pt, ph, pw = state_dict["img_in.proj.weight"].shape
+        head_dim = state_dict["double_blocks.0.img_attn_q_norm.weight"].shape[0]
+    except KeyError as err:
+        raise HyVideoError(f"not a HunyuanVideo transformer checkpoint: key {err} is missing") from None
+
+    def count(prefix):  # distinct block indices under prefix ("double_blocks." -> field 1)
+        return len({k.split(".")[prefix.count(".")] for k in state_dict if k.startswith(prefix)})
+
+    rope_t = head_dim // 8
+    return DiTConfig(
+        hidden_size=hidden, heads=hidden // head_dim,
+        double_blocks=count("double_blocks."), single_blocks=count("single_blocks."),
+        refiner_blocks=count("txt_in.individual_token_refiner.blocks."),
+        mlp_ratio=state_dict["double_blocks.0.img_mlp.fc1.weight"].shape[0] / hidden,
+        patch_size=(pt, ph, pw), in_channels=in_channels,
+        out_channels=state_dict["final_layer.linear.weight"].shape[0] // (pt * ph * pw),
+        text_states_dim=state_dict["txt_in.input_embedder.weight"].shape[1],
+        text_states_dim_2=state_dict["vector_in.in_layer.weight"].shape[1],
+        rope_axes_dim=(rope_t, (head_dim - rope_t) // 2, (head_dim - rope_t) // 2),
+        guidance_embed="guidance_in.mlp.0.weight" in state_dict,
+    )
+
+
+def load_dit_state_dict(files: ModelFiles) -> tuple[dict, DiTConfig]:
+    """The DiT's weights in official key names, plus its config."""
+    if files.layout == "official":
+        if not files.dit_weights:
+            raise HyVideoError(f"only the FP8 transformer is in {files.root}: load it with an fp8 profile")
+        state_dict = read_torch_file(files.dit_weights[0])
+        return state_dict, infer_dit_config(state_dict)
+    try:
+        config = DiTConfig.from_diffusers(_read_json(files.dit_config))
+    except (KeyError, ValueError) as err:
+        raise HyVideoError(f"{files.dit_config} is not a HunyuanVideo transformer config: {err}") from None
+    with torch.device("meta"):
+        official_keys = list(HunyuanVideoDiT(config).state_dict())
+    state_dict, missing, unused = diffusers_to_official(read_safetensors(files.dit_weights), official_keys)
+    _raise_key_problems(files.dit_weights[0].parent, missing, unused, {})
+    return state_dict, config
+
+
+def _raise_key_problems(where, missing, unexpected, misshaped: dict) -> None:
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", list(misshaped))):
+        if keys:
+            first = ", ".join(
+                f"{k} {tuple(misshaped[k][0])} != expected {tuple(misshaped[k][1])}" if label == "mis-shaped" else k
+                for k in keys[:3]
+            )
+            raise HyVideoError(
+                f"{where}: {len(keys)} {label} tensor(s), first: {first}. Wrong or partial checkpoint? "
+                f"Download it again (`lowvram download`)"
+            )
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict, where) -> None:
+    """Missing, unexpected or mis-shaped keys -> one HyVideoError naming the file and first keys."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = {k: (state_dict[k].shape, expected[k]) for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]}
+    _raise_key_problems(where, missing, unexpected, misshaped)
+
+
+def build_on_meta_and_assign(make_model, state_dict: dict, dtype: torch.dtype, where) -> torch.nn.Module:
+    """Construct without allocating (meta device), then adopt the loaded tensors as parameters.
+    Tensors already in `dtype` are used as they are (memory-mapped pages, no copy)."""
+    with torch.device("meta"):
+        model = make_model()
+    check_state_dict(model, state_dict, where)
+    state_dict = {k: v if v.dtype == dtype else v.to(dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_dit(files: ModelFiles, dtype: torch.dtype = torch.bfloat16) -> HunyuanVideoDiT:
+    state_dict, config = load_dit_state_dict(files)
+    return build_on_meta_and_assign(lambda: HunyuanVideoDiT(config), state_dict, dtype, files.dit_weights[0])
+
+
+def load_vae(files: ModelFiles, dtype: torch.dtype = torch.float16) -> CausalVAE:
+    config = VAEConfig.from_dict(_read_json(files.vae_config))
+    if files.vae_weights.suffix == ".safetensors":
+        state_dict = read_safetensors([files.vae_weights])
+    else:
+        state_dict = read_torch_file(files.vae_weights)
+        if any(k.startswith("vae.") for k in state_dict):  # official loader keeps only "vae."-prefixed keys
+            state_dict = {k[4:]: v for k, v in state_dict.items() if k.startswith("vae.")}
+    return build_on_meta_and_assign(lambda: CausalVAE(config), state_dict, dtype, files.vae_weights)

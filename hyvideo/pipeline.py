@@ -1,0 +1,116 @@
+"""The plain text-to-video pipeline: prompt -> text states -> seeded noise -> Euler denoising ->
+VAE decode -> uint8 frames [F, H, W, 3].
+
+Everything runs on one device; lowvram/ wraps the same steps with stage placement, block
+streaming and tiled decoding. Each stage is its own method so a run can be checkpointed between
+steps and resumed (`denoise(start_step=k)`).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import ModelFiles, load_dit, load_vae
+from .dit import HunyuanVideoDiT
+from .errors import HyVideoError
+from .sampler import embedded_guidance, euler_step, flow_sigmas, flow_timesteps, initial_noise
+from .text_encoder import ClipTextEncoder, LlamaTextEncoder, TextEmbeddings, encode_prompts
+from .vae import CausalVAE
+
+MAX_PIXELS = 1280 * 1280  # beyond the official buckets by a margin; larger is almost surely a typo
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    width: int = 1280
+    height: int = 720
+    frames: int = 129
+    steps: int = 50
+    seed: int = 0
+    guidance: float = 6.0  # embedded (distilled) guidance scale
+    flow_shift: float = 7.0
+
+
+def validate_request(request: GenerationRequest) -> None:
+    """Reject impossible settings before any model is loaded, with a message saying what to do."""
+    if not request.prompt or not request.prompt.strip():
+        raise HyVideoError("the prompt is empty: give a prompt text or --prompt-file")
+    if request.frames < 1 or (request.frames - 1) % 4:
+        lower = max(1, (request.frames - 1) // 4 * 4 + 1)
+        raise HyVideoError(f"--frames must be 4k+1 (1, 5, ..., 129); got {request.frames}, try {lower} or {lower + 4}")
+    for name, value in (("width", request.width), ("height", request.height)):
+        if value < 16 or value % 16:
+            fixed = max(16, -(-value // 16) * 16)
+            raise HyVideoError(f"{name} must be a positive multiple of 16; got {value}, try {fixed}")
+    if request.width * request.height > MAX_PIXELS:
+        raise HyVideoError(f"{request.width}x{request.height} is larger than any HunyuanVideo bucket (720p max: 1280x720)")
+    if request.steps < 1:
+        raise HyVideoError(f"--steps must be at least 1; got {request.steps}")
+    if request.flow_shift <= 0:
+        raise HyVideoError(f"--flow-shift must be positive; got {request.flow_shift}")
+
+
+def latent_shape_for(request: GenerationRequest, dit: HunyuanVideoDiT, vae: CausalVAE) -> tuple[int, ...]:
+    t_ratio, s_ratio = vae.config.time_compression_ratio, vae.config.spatial_compression_ratio
+    return (1, dit.config.in_channels, (request.frames - 1) // t_ratio + 1, request.height // s_ratio, request.width // s_ratio)
+
+
+def latents_to_frames(video: torch.Tensor) -> torch.Tensor:
+    """VAE output [1, 3, F, H, W] in about [-1, 1] -> uint8 [F, H, W, 3] (clamp(x/2 + 0.5), x255,
+    truncating cast, as the official saver)."""
+    pixels = (video[0].float() / 2 + 0.5).clamp(0, 1)
+    return (pixels * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+class HunyuanVideoPipeline:
+    def __init__(self, dit: HunyuanVideoDiT, vae: CausalVAE, llm: LlamaTextEncoder, clip: ClipTextEncoder, device="cpu"):
+        self.dit, self.vae, self.llm, self.clip = dit, vae, llm, clip
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_files(cls, files: ModelFiles, device="cpu", dit_dtype=torch.bfloat16, vae_dtype=torch.float16,
+                   text_dtype=torch.float16) -> "HunyuanVideoPipeline":
+        dit = load_dit(files, dit_dtype).to(device)
+        vae = load_vae(files, vae_dtype).to(device)
+        llm = LlamaTextEncoder.from_folder(files.llm, dtype=text_dtype, device=device, tokenizer_folder=files.llm_tokenizer)
+        clip = ClipTextEncoder.from_folder(files.clip, dtype=text_dtype, device=device, tokenizer_folder=files.clip_tokenizer)
+        return cls(dit, vae, llm, clip, device)
+
+    def encode_text(self, prompt: str, frames: int) -> TextEmbeddings:
+        return encode_prompts(self.llm, self.clip, [prompt], frames)
+
+    @torch.inference_mode()
+    def denoise(
+        self, embeddings: TextEmbeddings, latents: torch.Tensor, request: GenerationRequest, start_step: int = 0,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Euler steps start_step..steps-1 from float32 `latents`; on_step(i, latents) after each."""
+        sigmas = flow_sigmas(request.steps, request.flow_shift).to(self.device)
+        timesteps = flow_timesteps(sigmas)
+        dtype = self.dit.compute_dtype
+        guidance = embedded_guidance(request.guidance, 1, dtype, self.device)
+        text_states = embeddings.text_states.to(self.device, dtype)
+        text_mask = embeddings.text_mask.to(self.device)
+        text_states_2 = embeddings.text_states_2.to(self.device, dtype)
+        latents = latents.to(self.device, torch.float32)
+        for i in range(start_step, request.steps):
+            velocity = self.dit(latents, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance)
+            latents = euler_step(latents, velocity, sigmas, i)
+            if on_step is not None:
+                on_step(i, latents)
+        return latents
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = (latents / self.vae.config.scaling_factor).to(self.device, vae_dtype)
+        return latents_to_frames(self.vae.decode(z))
+
+    def generate(self, request: GenerationRequest, on_step=None) -> torch.Tensor:
+        validate_request(request)
+        embeddings = self.encode_text(request.prompt, request.frames)
+        noise = initial_noise(latent_shape_for(request, self.dit, self.vae), request.seed, self.device)
+        latents = self.denoise(embeddings, noise, request, on_step=on_step)
+        return self.decode(latents)
