@@ -1,0 +1,61 @@
+"""One forward of the 13B DiT (random bf16 weights, all resident) at 544x960x129 and, if the card
+holds it, 720x1280x129: seconds per forward and peak memory, per attention backend.
+
+    PYTHONPATH=. python bench/bench_dit_forward.py              # GPU, full config
+    PYTHONPATH=. python bench/bench_dit_forward.py --tiny       # CPU smoke run (tests)
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from bench.common import device_info, dit_inputs, peak_gb, random_dit, reset_peak, timed, write_results
+from hyvideo.attention import flash_available
+from hyvideo.config import DIT_CONFIGS
+
+FULL_SIZES = [(960, 544, 129), (1280, 720, 129)]
+TINY_SIZES = [(64, 48, 9)]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--token-chunk", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    config = DIT_CONFIGS["tiny" if args.tiny else "HYVideo-T/2-cfgdistill"]
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    results = {"benchmark": "dit_forward", "device": device_info(device), "dtype": str(dtype),
+               "token_chunk": args.token_chunk, "runs": []}
+    model = random_dit(config, device, dtype)
+    model.token_chunk = args.token_chunk
+    results["weights_gb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 3)
+    backends = ["sdpa"] + (["flash"] if flash_available() and device.type == "cuda" else [])
+    for width, height, frames in TINY_SIZES if args.tiny else FULL_SIZES:
+        for backend in backends:
+            model.attention_backend = backend
+            run = {"size": f"{width}x{height}x{frames}", "backend": backend}
+            inputs = None
+            try:
+                inputs = dit_inputs(config, width, height, frames, device, dtype, text_len=256 if not args.tiny else 16, valid=120 if not args.tiny else 9)
+                reset_peak(device)
+                with torch.inference_mode():
+                    times = timed(lambda: model(*inputs), device, 1 + args.repeats)  # first run is warm-up
+                run.update(s_per_forward=round(min(times[1:]), 3), all_s=[round(t, 3) for t in times],
+                           peak_memory_gb=peak_gb(device), tokens=inputs[0].shape[2] * inputs[0].shape[3] * inputs[0].shape[4] // 4)
+            except torch.OutOfMemoryError as err:
+                run["error"] = f"out of memory: {str(err).splitlines()[0]}"
+            results["runs"].append(run)
+            print(run, flush=True)
+            del inputs
+    path = write_results(args.out, "dit_forward" + ("-tiny" if args.tiny else ""), results)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
