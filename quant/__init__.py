@@ -1,0 +1,7 @@
+"""Weight quantization for the DiT and the LLM text encoder.
+
+One concept per module: `policy` (which linears), `fp8` / `int8` (one handler per scheme: make the
+quantized state dict, swap modules for runtime), `tencent_fp8` (Tencent's FP8 release), `nf4` (4-bit
+LLM encoder), `cache` (quantize once, load many times), `bytes` (memory accounting).
+Nothing is imported here, so `import quant.bytes` does not pull in quanto or bitsandbytes.
+"""

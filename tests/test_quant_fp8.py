@@ -1,0 +1,233 @@
+"""FP8Linear, the meta-device swap, Tencent's FP8 file pair, and the opt-in FP8 matmul (CUDA)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hyvideo.blocks import linear_rows
+from hyvideo.config import DIT_CONFIGS
+from hyvideo.dit import HunyuanVideoDiT
+from hyvideo.errors import HyVideoError
+from quant.fp8 import FP8_DTYPE, FP8Linear, dequantize_fp8, quantize_fp8, set_scaled_mm, swap_linears_fp8
+from quant.tencent_fp8 import TENCENT_POLICY, load_tencent_fp8, map_path_for, write_tencent_fp8_pair
+from tests.test_quant_dit import dit_inputs, rel_err, run, tiny_dit
+
+TINY = DIT_CONFIGS["tiny"]
+
+
+def random_linear(out_features=96, in_features=64, dtype=torch.float32, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features).to(dtype).requires_grad_(False)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantize_fp8_rounding(per_channel):
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    w[3] = 0.0  # an all-zero row must give zeros, not NaN
+    w_fp8, scale = quantize_fp8(w, per_channel)
+    assert w_fp8.dtype == FP8_DTYPE and scale.dtype == torch.float32
+    assert scale.shape == ((96, 1) if per_channel else (1, 1))
+    scaled = w_fp8.float()
+    # Each row's (or the tensor's) largest magnitude maps exactly onto e4m3's maximum, 448.
+    amax = scaled.abs().amax(dim=1) if per_channel else scaled.abs().amax().reshape(1)
+    assert torch.all((amax == 448) | (amax == 0))
+    deq = dequantize_fp8(w_fp8, scale, torch.float32)
+    assert torch.isfinite(deq).all() and torch.all(deq[3] == 0)
+    # Round to nearest with 3 mantissa bits: |error| <= 2^-4 |w| for normal numbers (|w/scale| >=
+    # 2^-6); e4m3 subnormals are spaced 2^-9, so below that the error is <= 2^-10 * scale.
+    err = (deq - w).abs()
+    normal = (w / scale).abs() >= 2**-6
+    assert torch.all(err[normal] <= 2**-4 * w.abs()[normal] * (1 + 1e-6))
+    assert torch.all(err[~normal] <= 2**-10 * scale.expand_as(w)[~normal] * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_is_linear_with_dequantized_weight(dtype):
+    linear = random_linear(dtype=dtype)
+    layer = FP8Linear.from_linear(linear)
+    x = torch.randn(5, 7, 64).to(dtype)
+    expected = nn.functional.linear(x, layer.weight.to(dtype) * layer.scale.to(dtype), linear.bias)
+    assert torch.equal(layer(x), expected)  # same bf16/float32 weight, same F.linear: bit-identical
+    assert layer.bias.dtype == dtype and torch.equal(layer.bias, linear.bias)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_forward_rows_equals_slicing(per_channel):
+    layer = FP8Linear.from_linear(random_linear(out_features=21 * 16, in_features=64), per_channel)
+    x = torch.randn(3, 10, 64)
+    full = layer(x)
+    for rows in (slice(0, 9 * 16), slice(9 * 16, 21 * 16), slice(5, 6)):
+        # float32 on CPU: a row subset is the same dot products, only fewer of them. Wide slices come
+        # out bit-identical; a one-row slice goes through a matrix-vector kernel that sums in
+        # another order, so allow the last float32 bits (1e-6 relative).
+        torch.testing.assert_close(layer.forward_rows(x, rows), full[..., rows], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(linear_rows(layer, x, rows), full[..., rows], rtol=1e-6, atol=1e-6)
+
+
+def test_swap_on_meta_then_assign_load():
+    """A model built on meta, swapped, then filled with assign=True equals one quantized in RAM."""
+    model = tiny_dit()
+    reference = copy.deepcopy(model)
+    swap_linears_fp8(reference, "blocks")
+    with torch.device("meta"):
+        meta = HunyuanVideoDiT(TINY)
+    names = swap_linears_fp8(meta, "blocks")
+    assert all(meta.get_submodule(n).weight.is_meta for n in names)
+    meta.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    assert meta.get_submodule(names[0]).weight.dtype == FP8_DTYPE
+    inputs = dit_inputs()
+    assert torch.equal(run(meta.eval(), inputs), run(reference, inputs))
+
+
+def test_cast_after_swap_is_refused():
+    layer = FP8Linear.from_linear(random_linear())
+    layer.to(torch.bfloat16)  # torch counts fp8 as floating point and converts it
+    with pytest.raises(RuntimeError, match="model.to\\(dtype\\)"):
+        layer(torch.randn(2, 64, dtype=torch.bfloat16))
+
+
+def test_scaled_mm_refused_without_capable_gpu():
+    model = tiny_dit()
+    swap_linears_fp8(model, "blocks")
+    with pytest.raises(HyVideoError, match="compute capability"):
+        set_scaled_mm(model, True, device="cpu")
+    assert set_scaled_mm(model, False) == 26  # turning it off always works
+    layer = FP8Linear.from_linear(random_linear(), use_scaled_mm=True)
+    with pytest.raises(HyVideoError, match="compute capability"):
+        layer(torch.randn(2, 64))
+
+
+# ---- Tencent's file pair ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tencent_pair(tmp_path_factory):
+    state = tiny_dit(seed=2).state_dict()
+    folder = tmp_path_factory.mktemp("fp8")
+    scalar = write_tencent_fp8_pair(state, folder / "scalar" / "mp_rank_00_model_states_fp8.pt", TINY)
+    one = write_tencent_fp8_pair(state, folder / "one" / "mp_rank_00_model_states_fp8.pt", TINY, scalar_scales=False)
+    return state, scalar, one
+
+
+def test_tencent_file_format(tencent_pair):
+    _, (weights, map_path), _ = tencent_pair
+    assert map_path == map_path_for(weights) and map_path.name == "mp_rank_00_model_states_fp8_map.pt"
+    module = torch.load(weights, weights_only=True)["module"]
+    scales = torch.load(map_path, weights_only=True)
+    quantized = TENCENT_POLICY.module_names(TINY)
+    assert sorted(scales) == sorted(quantized) and len(quantized) == 26
+    for name in quantized:
+        assert module[name + ".weight"].dtype == FP8_DTYPE and scales[name].shape == ()
+        assert module[name + ".bias"].dtype == torch.bfloat16
+    assert module["img_in.proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("which", ["scalar", "one-element"])
+def test_tencent_round_trip_exact(tencent_pair, which):
+    """Loaded model == plain bf16 model holding W_fp8.to(bf16) * scale.to(bf16), bit for bit."""
+    _, scalar, one = tencent_pair
+    weights, map_path = scalar if which == "scalar" else one
+    model = load_tencent_fp8(weights, TINY)
+    module = torch.load(weights, weights_only=True)["module"]
+    scales = torch.load(map_path, weights_only=True)
+
+    dequantized = {}
+    for key, tensor in module.items():
+        name = key.removesuffix(".weight")
+        if name in scales:
+            layer = model.get_submodule(name)
+            assert isinstance(layer, FP8Linear) and layer.scale.shape == (1, 1)
+            assert torch.equal(layer.weight.view(torch.uint8), tensor.view(torch.uint8))
+            dequantized[key] = tensor.to(torch.bfloat16) * scales[name].to(torch.bfloat16)
+            assert torch.equal(layer.dequantize(torch.bfloat16), dequantized[key])
+        else:
+            assert torch.equal(model.state_dict()[key], tensor)
+            dequantized[key] = tensor
+    plain = HunyuanVideoDiT(TINY).to(torch.bfloat16).eval()
+    plain.load_state_dict(dequantized)
+    inputs = dit_inputs()
+    assert torch.equal(run(model, inputs), run(plain, inputs))
+
+
+def test_tencent_pair_close_to_source(tencent_pair):
+    """Per-tensor FP8 + bf16 activations vs the float32 source weights: within the whole-model
+    FP8 bound of test_quant_dit.py (5 %)."""
+    state, (weights, _), _ = tencent_pair
+    source = HunyuanVideoDiT(TINY).eval()
+    source.load_state_dict(state)
+    inputs = dit_inputs()
+    assert rel_err(run(load_tencent_fp8(weights, TINY), inputs), run(source, inputs)) < 0.05
+
+
+def test_tencent_errors(tencent_pair, tmp_path):
+    state, (weights, map_path), _ = tencent_pair
+    with pytest.raises(HyVideoError, match="not found"):
+        load_tencent_fp8(tmp_path / "missing_fp8.pt", TINY)
+    # the bf16 file given to the FP8 loader
+    bf16_file = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": state}, bf16_file)
+    torch.save(torch.load(map_path, weights_only=True), map_path_for(bf16_file))
+    with pytest.raises(HyVideoError, match="not Tencent's FP8"):
+        load_tencent_fp8(bf16_file, TINY)
+    # a map that lacks a layer
+    scales = torch.load(map_path, weights_only=True)
+    scales.pop("single_blocks.1.linear2")
+    bad_map = tmp_path / "bad_map.pt"
+    torch.save(scales, bad_map)
+    with pytest.raises(HyVideoError, match="no scale for single_blocks.1.linear2"):
+        load_tencent_fp8(weights, TINY, map_path=bad_map)
+    # a truncated weights file
+    cut = tmp_path / "cut_fp8.pt"
+    cut.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(HyVideoError):
+        load_tencent_fp8(cut, TINY, map_path=map_path)
+
+
+# ---- GPU only -----------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_dequant_path_on_cuda_matches_cpu():
+    layer = FP8Linear.from_linear(random_linear(out_features=256, in_features=256, dtype=torch.bfloat16))
+    x = torch.randn(32, 256, dtype=torch.bfloat16)
+    cpu = layer(x)
+    gpu = copy.deepcopy(layer).cuda()(x.cuda()).cpu()
+    # identical bf16 weights; only the GEMM's accumulation order differs (bf16 output: 2^-8 relative)
+    torch.testing.assert_close(gpu, cpu, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_scaled_mm_fast_path():
+    from quant.fp8 import scaled_mm_supported
+
+    if not scaled_mm_supported("cuda"):
+        pytest.skip("needs compute capability >= 8.9")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 1024, generator=gen) / 32
+    x = torch.randn(4, 48, 1024, generator=gen)
+    ref = x @ w.T
+    for per_channel in (True, False):
+        layer = nn.Linear(1024, 512, bias=False)
+        layer.weight.data = w.clone()
+        fp8 = FP8Linear.from_linear(layer, per_channel).cuda()
+        slow = fp8(x.cuda().bfloat16())
+        fp8.use_scaled_mm = True
+        fast = fp8(x.cuda().bfloat16())
+        rows = fp8.forward_rows(x.cuda().bfloat16(), slice(128, 384))
+        # Weights alone: ~2.65 % (e4m3). The fast path rounds the activations to e4m3 as well, an
+        # independent ~2.65 %, so ~3.7 % in quadrature (H200: 2.67 % and 3.74 % on a 3072x3072
+        # layer); 5 % bounds both, and fast != slow.
+        assert rel_err(slow.cpu(), ref) < 0.035
+        assert rel_err(fast.cpu(), ref) < 0.05
+        assert not torch.equal(fast, slow)
+        torch.testing.assert_close(rows, fast[..., 128:384], rtol=1e-2, atol=1e-2)
+    model = tiny_dit().to(torch.bfloat16)
+    swap_linears_fp8(model, "blocks")
+    model.cuda()
+    assert set_scaled_mm(model, True) == 26
+    inputs = [t.cuda() for t in dit_inputs()]
+    reference = tiny_dit()
+    # dequant path 3.05 %, scaled_mm 4.23 % (H200); the dequant path's 5 % bound + the extra rounding
+    assert rel_err(run(model, inputs).cpu(), run(reference, dit_inputs())) < 0.065
