@@ -1,0 +1,645 @@
+"""`lowvram`: HunyuanVideo text-to-video from the terminal, on one 16-24 GB GPU, with resumable runs.
+
+    lowvram generate "a red fox running through snow" --resolution 720p --aspect 16:9
+    lowvram resume                       # the newest unfinished run
+    lowvram runs | plan | profiles | doctor | download | quantize | demo
+
+This module only parses arguments and draws: the work is in lowvram/ (runner, runs, planner,
+profiles, download, doctor), which returns data and reports progress through callbacks. User errors
+(`HyVideoError`) print one line and exit 2; Ctrl-C saves the run and exits 130.
+"""
+
+import json
+import os
+import shutil
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    name="lowvram", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="HunyuanVideo 13B text-to-video on one 16-24 GB NVIDIA GPU, with resumable runs.",
+)
+profiles_app = typer.Typer(help="List the memory profiles, or show one (`profiles show NAME`).", invoke_without_command=True)
+app.add_typer(profiles_app, name="profiles")
+
+out = Console(highlight=False, soft_wrap=True)  # results: tables, paths, JSON
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, warnings, errors
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_CKPTS = Path("ckpts")
+HUB_REPOS = ("hunyuanvideo-community/HunyuanVideo", "tencent/HunyuanVideo")
+
+RunsDir = typer.Option(Path("runs"), "--runs-dir", envvar="LOWVRAM_RUNS_DIR", help="Where run folders live.")
+Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
+
+
+# --- plumbing --------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """Raised by the CLI itself for bad arguments; same handling as HyVideoError."""
+
+
+def _fail(message: str, as_json: bool = False, code: int = EXIT_USER_ERROR):
+    if as_json:
+        _print_json({"ok": False, "error": message})
+    first, *rest = str(message).split("\n")
+    err.print(f"[bold red]error:[/] {escape(first)}")
+    for line in rest:
+        err.print(line, markup=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors(as_json: bool = False):
+    """HyVideoError (any layer) -> one line on stderr, exit code 2."""
+    from hyvideo.errors import HyVideoError
+
+    try:
+        yield
+    except (HyVideoError, UserError) as error:
+        _fail(str(error), as_json)
+
+
+def _quiet_libraries() -> None:
+    """transformers/huggingface_hub progress bars and load reports would garble ours."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def _print_json(value) -> None:
+    """Exactly one JSON document on stdout (no colours, no wrapping)."""
+    sys.stdout.write(json.dumps(value, indent=1, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _print_table(table) -> None:
+    """Tables at the terminal's width; piped into a file or another program, at 120 columns
+    rather than rich's default of 80 (which folds every path)."""
+    (out if out.is_terminal else Console(highlight=False, width=120)).print(table)
+
+
+def default_model_dir() -> Path:
+    """./ckpts if it holds a model, else the huggingface_hub cache snapshot of one of the HF repos
+    (where `hf download REPO` puts it), else ./ckpts (the error then says how to download)."""
+    from hyvideo.checkpoint import detect_layout
+
+    if DEFAULT_CKPTS.is_dir() and detect_layout(DEFAULT_CKPTS):
+        return DEFAULT_CKPTS
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return DEFAULT_CKPTS
+    for repo in HUB_REPOS:
+        try:
+            path = Path(snapshot_download(repo, local_files_only=True))
+        except Exception:  # not cached (LocalEntryNotFoundError and friends)
+            continue
+        if detect_layout(path):
+            return path
+    return DEFAULT_CKPTS
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+def make_reporter(enabled: bool):
+    """Rich progress rows on a terminal; one plain line per stage and per step when stderr is a
+    file or a pipe (a log of an hour-long run); nothing but warnings when not `enabled`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from lowvram.runner import Reporter
+
+    class RichReporter(Reporter):
+        """Stages as rows: a spinner for loading, a bar with s/step, ETA and peak VRAM for steps."""
+
+        def __init__(self):
+            self.warnings: list[str] = []
+            self.lines = enabled and not err.is_terminal
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), TimeElapsedColumn(),
+                console=err, disable=not enabled or self.lines,
+            )
+            self.task = None
+            self.step_times: list[float] = []
+
+        def __enter__(self):
+            self.progress.start()
+            return self
+
+        def __exit__(self, *exc):
+            self._finish()
+            self.progress.stop()
+
+        def _finish(self):
+            if self.task is not None:
+                task = self.progress.tasks[-1]
+                if task.total is None:
+                    self.progress.update(self.task, total=1, completed=1)
+                self.progress.stop_task(self.task)
+
+        def stage(self, name, total=None, completed=0):
+            self._finish()
+            self.task = self.progress.add_task(name, total=total, completed=completed, info="")
+            if self.lines:
+                err.print(f"{name}" + (f" ({completed}/{total} done)" if total and completed else ""))
+
+        def advance(self, completed, total=None, s_per_step=None, peak_vram_gb=None, **info):
+            parts = []
+            if s_per_step is not None:
+                parts.append(f"{s_per_step:.2f} s/step")
+                self.step_times.append(s_per_step)
+            if peak_vram_gb is not None:
+                parts.append(f"peak VRAM {peak_vram_gb:.1f} GiB")
+            update = {"completed": completed, "info": "  ".join(parts)}
+            if total is not None:
+                update["total"] = total
+            self.progress.update(self.task, **update)
+            task = self.progress.tasks[-1]
+            if self.lines and s_per_step is not None and task.total:
+                left = (task.total - completed) * sum(self.step_times) / len(self.step_times)
+                err.print(f"  step {completed}/{task.total}  {'  '.join(parts)}  eta {int(left // 60)}:{int(left % 60):02d}")
+
+        def warn(self, message):
+            self.warnings.append(message)
+            self.progress.console.print(f"[yellow]warning:[/] {escape(message)}")
+
+    return RichReporter()
+
+
+@contextmanager
+def sigint_saves(stop):
+    """First Ctrl-C while denoising: finish the step, save, stop. Otherwise: stop at once."""
+
+    def handler(signum, frame):
+        if stop.on_sigint():  # raises KeyboardInterrupt when not deferring
+            err.print("\n[yellow]stopping after this step[/] (Ctrl-C again to stop now; the last saved step is kept)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run_and_report(work, as_json: bool, quiet: bool):
+    """Run `work(reporter, stop)` -> RunResult with progress, Ctrl-C and error handling."""
+    from lowvram.runner import RunInterrupted, StopRequest
+
+    _quiet_libraries()
+    stop = StopRequest()
+    reporter = make_reporter(enabled=not (as_json or quiet))
+    try:
+        with user_errors(as_json), sigint_saves(stop), reporter:
+            result = work(reporter, stop)
+    except RunInterrupted as stopped:
+        run = stopped.run
+        message = f"stopped at step {run.step}/{run.steps} ({run.state}); continue with: lowvram resume {run.id}"
+        if as_json:
+            _print_json({"ok": False, "interrupted": True, "run_id": run.id, "step": run.step, "steps": run.steps,
+                         "resume": f"lowvram resume {run.id}"})
+        err.print(f"[yellow]{escape(message)}[/]")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted before the run started; nothing to resume[/]")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    _report_result(result, reporter.warnings, as_json, quiet)
+    return result
+
+
+def _report_result(result, warnings, as_json, quiet):
+    if as_json:
+        _print_json({"ok": True, **result.to_dict(), "warnings": warnings})
+    elif quiet:
+        out.print(result.out or result.video, markup=False)
+    else:
+        if result.resumed_from == "done":
+            err.print(f"run {result.run_id} is already done")
+        else:
+            seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+            err.print(f"[green]done[/] run {result.run_id}" + (f" ({seconds})" if seconds else ""))
+        out.print(f"video: {result.video}", markup=False)
+        out.print(f"first frame: {result.first_frame}", markup=False)
+        if result.out:
+            out.print(f"copied to: {result.out}", markup=False)
+
+
+# --- generate / resume / demo ----------------------------------------------------------------
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt_file is not None:
+        if prompt:
+            raise UserError("give the prompt as an argument or with --prompt-file, not both")
+        try:
+            return prompt_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read --prompt-file {prompt_file}: {getattr(error, 'strerror', None) or error}") from None
+    if prompt is None:
+        raise UserError('no prompt: lowvram generate "a red fox running through snow" (or --prompt-file FILE)')
+    return prompt
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(None, help="What the video shows (or use --prompt-file)."),
+    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR",
+                                   help="Weights folder (default: ./ckpts if it holds a model, else the huggingface_hub cache)."),
+    profile: str = typer.Option("auto", "--profile", help="Memory profile: auto, a name (`lowvram profiles`) or a .toml file."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 1280x720)."),
+    resolution: str = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p)."),
+    aspect: str = typer.Option(None, "--aspect", help="With --resolution: 16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
+    frames: int = typer.Option(129, "--frames", help="Number of frames, 4k+1 (129 = 5.4 s at 24 fps)."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (default: a random one, recorded in the run)."),
+    guidance: float = typer.Option(6.0, "--guidance", help="Embedded guidance scale."),
+    flow_shift: float = typer.Option(7.0, "--flow-shift", help="Flow-matching schedule shift."),
+    prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
+    attention: str = typer.Option("sdpa", "--attention", help="sdpa or flash (needs flash-attn)."),
+    out_path: Path = typer.Option(None, "--out", help="Also copy the mp4 here (a file, or a folder)."),
+    runs_dir: Path = RunsDir,
+    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Generate a video; the run is saved after every step and can be resumed."""
+    import random
+
+    with user_errors(as_json):
+        from hyvideo.pipeline import GenerationRequest
+        from lowvram.runner import RunOptions, execute, resolve_size, start_run
+
+        text = _read_prompt(prompt, prompt_file)
+        width, height = resolve_size(size, resolution, aspect)
+        request = GenerationRequest(text, width=width, height=height, frames=frames, steps=steps,
+                                    seed=random.randint(0, 1_000_000) if seed is None else seed,
+                                    guidance=guidance, flow_shift=flow_shift)
+        options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path)
+
+    def work(reporter, stop):
+        run, files = start_run(options, reporter)
+        if not (as_json or quiet):
+            err.print(f"run {run.id} (seed {request.seed}, profile {run.settings['profile']['name']}) in {run.folder}", markup=False)
+        return execute(run, files, reporter, stop)
+
+    _run_and_report(work, as_json, quiet)
+
+
+@app.command()
+def resume(
+    run: str = typer.Argument(None, help="Run id, id prefix or folder (default: the newest unfinished run)."),
+    runs_dir: Path = RunsDir,
+    model_dir: Path = typer.Option(None, "--model-dir", help="Where the weights are now, if they moved (they must be the same files)."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Continue an interrupted run from its last saved step (bit-identical to an uninterrupted run)."""
+    from lowvram.runner import resume_run
+
+    def work(reporter, stop):
+        return resume_run(runs_dir, run, model_dir, reporter, stop)
+
+    _run_and_report(work, as_json, quiet)
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Argument("a red fox running through snow", help="Prompt for the tiny model."),
+    save_model: Path = typer.Option(None, "--save-model", help="Where to keep the tiny checkpoint (default: RUNS_DIR/demo-model); "
+                                    "then `generate --model-dir DIR` uses it."),
+    size: str = typer.Option("128x96", "--size", help="WIDTHxHEIGHT."),
+    frames: int = typer.Option(17, "--frames"),
+    steps: int = typer.Option(10, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+    runs_dir: Path = RunsDir,
+    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Run a tiny random-weight HunyuanVideo end to end (CPU or GPU, well under a minute).
+
+    The video is noise-like (random weights); it proves the install, the run folder and the mp4.
+    The tiny checkpoint is written once and reused, so an interrupted demo can be resumed."""
+    with user_errors(as_json):
+        from hyvideo.pipeline import GenerationRequest
+        from lowvram.runner import RunOptions, execute, parse_size, start_run
+
+        width, height = parse_size(size)
+        request = GenerationRequest(prompt, width=width, height=height, frames=frames, steps=steps, seed=seed)
+    model_root = save_model or runs_dir / "demo-model"
+
+    def work(reporter, stop):
+        from hyvideo.checkpoint import detect_layout
+        from hyvideo.tiny_checkpoint import write_tiny_checkpoint
+
+        if not (model_root.is_dir() and detect_layout(model_root)):
+            if model_root.exists() and any(model_root.iterdir()):
+                raise UserError(f"{model_root} is a non-empty folder without a model; pass --save-model with an empty or new folder")
+            reporter.stage("writing tiny model")
+            partial = model_root.with_name(model_root.name + ".partial")  # renamed when complete
+            shutil.rmtree(partial, ignore_errors=True)
+            write_tiny_checkpoint(partial, "official", seed=0)
+            if model_root.exists():
+                model_root.rmdir()
+            partial.rename(model_root)
+        run, files = start_run(RunOptions(request, model_root, runs_dir, "auto", "sdpa", device), reporter)
+        return execute(run, files, reporter, stop)
+
+    _run_and_report(work, as_json, quiet)
+    if not (as_json or quiet):
+        err.print(f"tiny model in {model_root}: lowvram generate \"...\" --model-dir {model_root} --size {size} --frames {frames} "
+                  f"--steps {steps}", markup=False)
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+def _run_row(entry) -> dict:
+    run = entry.run
+    if run is None:
+        return {"id": entry.id, "prompt": None, "size": None, "step": None, "steps": None, "state": "unreadable",
+                "running": False, "output": None, "folder": str(entry.folder), "problem": entry.problem}
+    s = run.settings
+    outputs = run.manifest.get("outputs") or {}
+    video = outputs.get("out") or run.folder / outputs.get("video", "")
+    return {"id": run.id, "prompt": s["prompt"], "size": f"{s['width']}x{s['height']}x{s['frames']}", "step": run.step,
+            "steps": run.steps, "state": run.state, "running": run.state != "done" and run.is_running(), "output": str(video) if run.finished else None, "folder": str(run.folder),
+            "seed": s["seed"], "profile": s["profile"]["name"], "created": run.manifest.get("created"),
+            "error": run.manifest.get("error")}
+
+
+@app.command("runs")
+def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
+    """List runs: id, prompt, size x frames, step k/N, state, output."""
+    from lowvram.runs import list_runs
+
+    rows = [_run_row(entry) for entry in list_runs(runs_dir)]
+    if as_json:
+        _print_json({"runs_dir": str(runs_dir), "runs": rows})
+        return
+    if not rows:
+        out.print(f"no runs in {runs_dir}", markup=False)
+        return
+    table = Table(title=f"runs in {runs_dir}", caption=f"outputs are in {runs_dir}/<id>/")
+    table.add_column("id", no_wrap=True)
+    table.add_column("prompt", min_width=16, max_width=40)
+    for name in ("size x frames", "step", "state", "output"):
+        table.add_column(name, no_wrap=True)
+    for row in rows:
+        prompt = row["prompt"] or row.get("problem", "")
+        prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+        step = f"{row['step']}/{row['steps']}" if row["steps"] else "-"
+        output = row["output"] or "-"
+        output = Path(output).name if Path(output).parent == Path(row["folder"]) else output
+        state = row["state"]
+        if state in ("encoding", "denoising", "decoding"):  # unfinished: live, or waiting for `lowvram resume`
+            state += " (running)" if row["running"] else " (stopped)"
+        table.add_row(row["id"], prompt, row["size"] or "-", step, state, output)
+    _print_table(table)
+
+
+# --- plan / profiles -------------------------------------------------------------------------
+
+
+@app.command()
+def plan(
+    profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT."),
+    resolution: str = typer.Option(None, "--resolution", help="540p or 720p (default 720p)."),
+    aspect: str = typer.Option(None, "--aspect", help="16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
+    frames: int = typer.Option(129, "--frames"),
+    vram: float = typer.Option(None, "--vram", help="GiB of VRAM to plan for (default: this GPU's free VRAM, else the profile's budget)."),
+    ram: float = typer.Option(None, "--ram", help="GiB of host RAM to plan for (default: available RAM)."),
+    as_json: bool = Json,
+):
+    """Predict peak VRAM and RAM per stage (text, DiT, VAE); exit 1 if it does not fit."""
+    import torch
+
+    with user_errors(as_json):
+        from hyvideo.errors import HyVideoError
+        from hyvideo.pipeline import GenerationRequest, validate_request
+        from lowvram.doctor import host_ram
+        from lowvram.planner import plan as make_plan
+        from lowvram.planner import with_budget
+        from lowvram.profiles import choose_profile, load_profile
+        from lowvram.runner import resolve_size, suggest_fit
+
+        width, height = resolve_size(size, resolution, aspect)
+        validate_request(GenerationRequest("plan", width=width, height=height, frames=frames))
+        gib = 2**30
+        if vram is not None:
+            vram_bytes = int(vram * gib)
+        elif torch.cuda.is_available():
+            vram_bytes = torch.cuda.mem_get_info()[0]
+        else:
+            vram_bytes = None
+        total, available = host_ram()
+        ram_bytes = int(ram * gib) if ram is not None else (available or total)
+        if profile == "auto":
+            if vram_bytes is None:
+                raise UserError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
+            try:
+                chosen, reason = choose_profile(vram_bytes, ram_bytes or 0, width, height, frames), None
+            except HyVideoError as error:  # no profile fits: exit 1 with a suggestion, not 2
+                chosen, reason = None, str(error)
+            if chosen is None:
+                hint = suggest_fit(width, height, frames, vram_bytes, ram_bytes)
+                result = {"fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
+                          "reason": reason, "suggestion": hint}
+                if as_json:
+                    _print_json(result)
+                else:
+                    err.print(f"[red]does not fit:[/] {escape(reason)}" + (f"; try {hint}" if hint else ""))
+                raise typer.Exit(1)
+            found = make_plan(chosen, width, height, frames, host_ram_bytes=ram_bytes)
+        else:
+            chosen = load_profile(profile)
+            if vram_bytes is not None:
+                chosen = with_budget(chosen, min(vram_bytes, chosen.vram_budget_bytes))
+            found = make_plan(chosen, width, height, frames, host_ram_bytes=ram_bytes)
+        result = found.to_dict()
+        hint = None
+        if not found.fits:
+            hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes)
+            result["suggestion"] = hint
+    if as_json:
+        _print_json(result)
+    else:
+        rows = found.table_rows()
+        table = Table(*rows[0], title=f"{chosen.name} at {found.width}x{found.height}x{frames}")
+        for row in rows[1:]:
+            table.add_row(*row)
+        _print_table(table)
+        out.print(f"DiT blocks: {found.schedule}")
+        if not found.fits:
+            err.print("[red]does not fit[/]" + (f": try {hint}" if hint else ": try a smaller --size or fewer --frames"))
+    if not found.fits:
+        raise typer.Exit(1)
+
+
+@profiles_app.callback()
+def profiles_list(ctx: typer.Context, as_json: bool = Json):
+    """List the shipped memory profiles."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with user_errors(as_json):
+        from lowvram.profiles import shipped_profiles
+
+        profiles = shipped_profiles()
+    if as_json:
+        _print_json({"profiles": [{**p.to_dict(), "source": p.source} for p in profiles]})
+        return
+    table = Table("name", "VRAM GiB", "DiT", "text encoder", "resident blocks", "description", title="profiles (fastest first)")
+    for p in profiles:
+        table.add_row(p.name, f"{p.vram_budget_gb:g}", p.dit_scheme, p.encoder_scheme, str(p.resident_blocks), p.description)
+    _print_table(table)
+    out.print("use one with --profile NAME, or pass your own .toml file (`lowvram profiles show NAME` prints a starting point)")
+
+
+@profiles_app.command("show")
+def profiles_show(name: str = typer.Argument(..., help="Profile name or .toml path."), as_json: bool = Json):
+    """Show every field of one profile."""
+    with user_errors(as_json):
+        from lowvram.profiles import load_profile
+
+        profile = load_profile(name)
+    values = profile.to_dict()
+    if as_json:
+        _print_json({**values, "source": profile.source})
+        return
+    out.print(f"# {profile.source}", markup=False)
+    for key, value in values.items():
+        out.print(f"{key} = {json.dumps(value)}", markup=False)
+
+
+# --- doctor / download / quantize ------------------------------------------------------------
+
+
+@app.command()
+def doctor(
+    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR", help="Weights folder to check."),
+    runs_dir: Path = RunsDir,
+    as_json: bool = Json,
+):
+    """Check torch/CUDA, the GPU (VRAM, FP8 support), optional packages, RAM, disk and the weights."""
+    from lowvram.doctor import run_doctor
+
+    model_dir = model_dir or default_model_dir()
+    report = run_doctor(model_dir, runs_dir)
+    if as_json:
+        _print_json(report)
+    else:
+        colors = {"ok": "green", "warn": "yellow", "fail": "red"}
+        table = Table("check", "", "detail", title="lowvram doctor")
+        for check in report["checks"]:
+            table.add_row(check["name"], f"[{colors[check['status']]}]{check['status']}[/]", check["detail"])
+        _print_table(table)
+        if report["files"]:
+            files = Table("file", "size", "status", title=f"weights in {model_dir}")
+            for row in report["files"]:
+                size = "-" if row["size"] is None else f"{row['size'] / 1e9:.2f} GB" if row["size"] > 1e7 else f"{row['size']} B"
+                files.add_row(row["file"], size, row["status"])
+            _print_table(files)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def download(
+    model_dir: Path = typer.Option(DEFAULT_CKPTS, "--model-dir", help="Where to put the weights."),
+    layout: str = typer.Option("diffusers", "--layout", help="diffusers (one repo, complete) or official (Tencent's files)."),
+    fp8: bool = typer.Option(False, "--fp8", help="Also Tencent's FP8 DiT pair (--layout official)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes, download nothing."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Download the weights from huggingface.co into the folder layout lowvram reads."""
+    from lowvram import download as dl
+
+    with user_errors(as_json):
+        if dry_run:
+            files = dl.plan_download(model_dir, layout, fp8)
+            total = sum(f.size or 0 for f in files)
+            missing = sum(f.size or 0 for f in files if not f.present)
+            if as_json:
+                _print_json({"ok": True, "model_dir": str(model_dir), "layout": layout, "total_bytes": total, "to_download_bytes": missing,
+                             "files": [{"repo": f.repo, "file": f.file, "size": f.size, "present": f.present} for f in files]})
+                return
+            table = Table("repo", "file", "size", "", title=f"download into {model_dir} ({layout} layout)")
+            for f in files:
+                table.add_row(f.repo, f.file, _bytes(f.size), "present" if f.present else "")
+            _print_table(table)
+            out.print(f"total {_bytes(total)}, to download {_bytes(missing)}")
+            return
+        dl.download(model_dir, layout, fp8, progress=not (as_json or quiet))
+        layout_found, checks = dl.check_model_folder(model_dir)
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            raise UserError(f"downloaded, but {len(bad)} file(s) are incomplete (first: {bad[0].path}: {bad[0].problem}); run the same command again")
+    if as_json:
+        _print_json({"ok": True, "model_dir": str(model_dir), "layout": layout_found, "files": len(checks)})
+    else:
+        out.print(f"weights complete in {model_dir} ({layout_found} layout, {len(checks)} files)", markup=False)
+
+
+def _bytes(size: int | None) -> str:
+    if size is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+@app.command()
+def quantize(
+    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR", help="Weights folder."),
+    scheme: str = typer.Option("fp8", "--scheme", help="fp8 or int8."),
+    policy: str = typer.Option("blocks", "--policy", help="Which linears to quantize: blocks or blocks-no-mod."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Where the quantized DiT goes (default: MODEL_DIR/lowvram-cache)."),
+    as_json: bool = Json,
+):
+    """Quantize the DiT once into a cache (minutes); later runs load it directly."""
+    _quiet_libraries()
+    with user_errors(as_json):
+        from hyvideo.checkpoint import find_model_files, load_dit_state_dict
+        from lowvram.runner import dit_config_for
+        from quant.cache import ensure_dit_cache
+
+        model_dir = model_dir or default_model_dir()
+        files = find_model_files(model_dir)
+        if not files.dit_weights:
+            raise UserError(f"{model_dir} has only Tencent's FP8 DiT; it is already quantized (profiles load it directly)")
+        config = dit_config_for(files)
+        target = cache_dir or Path(model_dir) / "lowvram-cache"
+        if not as_json:
+            err.print(f"quantizing the DiT ({scheme}, policy {policy}) into {target} ...", markup=False)
+        status = ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, target)
+    result = {"ok": True, "cache_dir": str(target), "scheme": scheme, "policy": policy, "found": status.state, "message": status.message}
+    if as_json:
+        _print_json(result)
+    else:
+        out.print(status.message if status.state == "fresh" else f"done: {target}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

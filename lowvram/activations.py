@@ -1,0 +1,122 @@
+"""Activation memory of each stage, as pure functions of sizes (bytes, batch 1).
+
+The formulas follow the code's allocation pattern; tests check them against tensor bytes measured
+with `memtrack.PeakTracker` on small configs of the same architecture.
+
+DiT (hyvideo/blocks.py), S = image tokens + text tokens, D hidden, h = S*D*act_bytes one hidden
+state (0.73 GB at 720x1280x129 in bf16), c the token chunk. Between blocks the hidden state and the
+float32 RoPE tables are alive; inside a block the peak is the largest of
+- projection: q, k, v (3h) + one chunk of norm/QKV/RMSNorm/RoPE work (c * qkv_per_token),
+- attention:  q, k, v and the attention output (4h),
+- MLP:        the attention output (h) + one chunk of the single block's MLP (c * mlp_per_token).
+qkv_per_token = 3D*act (fused QKV output) + 6 D-wide float32 temporaries (norm, RMSNorm and RoPE
+run in float32); mlp_per_token = 2 MLP-wide tensors (linear1's MLP rows and GELU) + the
+[attn, mlp] concat + 2 D-wide outputs (linear2, gate product). For the 13B model (MLP = 4D) both are
+30*D bytes per token in bf16: 92 KB, so a chunk of 8192 tokens costs 0.75 GB.
+
+VAE decoder (hyvideo/vae.py), per decoded tile: walks the decoder levels and takes the largest
+set of tensors alive at once in a resnet (input, norm/SiLU outputs, the replicate-padded copy, conv
+output, shortcut) or an upsampler (input, nearest-upsampled parts, concat, padded copy, conv
+output), plus the mid-block attention's [M, M] boolean mask and its additive float copy
+(M = tokens of the tile). On CUDA, cuDNN runs fp16 3D convs channels-last and allocates a copy of
+the (padded) input and of the output of the conv it runs: the largest such pair is added (measured
+on an H200 for the official 17x32x32 tile: 13.20 GiB allocated, 9.06 GiB of it tensors the CPU
+also sees, the difference 4.14 GiB = the full-resolution upsampler conv's padded input + output).
+"""
+
+from hyvideo.config import DiTConfig, VAEConfig
+
+TEXT_TOKENS = 256  # the LLM text length; padding is dropped for batch 1, so this is the worst case
+F32 = 4
+
+
+def image_tokens(config: DiTConfig, latent_frames: int, latent_h: int, latent_w: int) -> int:
+    pt, ph, pw = config.patch_size
+    return (latent_frames // pt) * (latent_h // ph) * (latent_w // pw)
+
+
+def _chunk_paths(config: DiTConfig, act_bytes: int) -> tuple[int, int]:
+    """Bytes per token of a chunk of (QKV projection work, single-block MLP work)."""
+    d, mlp = config.hidden_size, config.mlp_hidden
+    qkv = 3 * d * act_bytes + 6 * d * F32
+    mlp_path = 2 * mlp * act_bytes + (d + mlp) * act_bytes + 2 * d * act_bytes
+    return qkv, mlp_path
+
+
+def dit_chunk_bytes_per_token(config: DiTConfig, act_bytes: int = 2) -> int:
+    """Bytes per token of one chunk of per-token work (the larger of the QKV and MLP paths)."""
+    return max(_chunk_paths(config, act_bytes))
+
+
+def dit_activation_bytes(
+    config: DiTConfig, tokens: int, chunk: int | None, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
+) -> int:
+    """Peak activation bytes of one DiT forward over `tokens` image tokens (weights excluded)."""
+    seq = tokens + text_tokens
+    hidden = seq * config.hidden_size * act_bytes
+    rope = 2 * tokens * config.head_dim * F32  # cos and sin tables, float32
+    c = seq if not chunk else min(chunk, seq)
+    qkv_path, mlp_path = _chunk_paths(config, act_bytes)
+    inside = max(3 * hidden + c * qkv_path, 4 * hidden, hidden + c * mlp_path)
+    return hidden + rope + inside
+
+
+def _resnet_peak(c_in: int, c_out: int, n: int, n_pad: int) -> int:
+    """Elements alive at the peak of a resnet (x kept by the caller throughout)."""
+    first = max(2 * c_in * n, c_in * n + c_in * n_pad, c_in * n_pad + c_out * n)
+    second = c_out * n + max(2 * c_out * n, c_out * n + c_out * n_pad, c_out * n_pad + c_out * n)
+    merge = 3 * c_out * n  # h, shortcut output, sum
+    return c_in * n + max(first, second, merge)
+
+
+def _padded(t: int, h: int, w: int) -> int:
+    return (t + 2) * (h + 2) * (w + 2)  # replicate padding of a k=3 causal conv: 2 frames, 1 pixel each side
+
+
+def vae_decode_tile_bytes(config: VAEConfig, latent_frames: int, latent_h: int, latent_w: int, act_bytes: int = 2,
+                          cudnn_copies: bool = True) -> int:
+    """Peak activation bytes of decoding one latent tile [1, C, t, h, w] (weights excluded).
+    cudnn_copies=False: only the tensors PyTorch itself holds (what the CPU allocates)."""
+    from hyvideo.vae import level_factors
+
+    widths = config.block_out_channels[::-1]
+    t, h, w = latent_frames, latent_h, latent_w
+    n = t * h * w
+    peaks = [config.latent_channels * n + _resnet_peak(widths[0], widths[0], n, _padded(t, h, w))]  # conv_in + mid
+    if config.mid_block_add_attention:  # x, norm, q, k, v, output, projection (per-frame SDPA, no N x N mask)
+        peaks.append(7 * widths[0] * n)
+    conv_io = widths[0] * (_padded(t, h, w) + n)  # the largest conv's padded input + output
+    c_prev = widths[0]
+    for i, (ft, fs, _) in enumerate(level_factors(config)):
+        c = widths[i]
+        n, n_pad = t * h * w, _padded(t, h, w)
+        block_input = c_prev * n  # the decoder keeps each up block's input until the block returns
+        peaks.append(_resnet_peak(c_prev, c, n, n_pad))
+        peaks.append(block_input + _resnet_peak(c, c, n, n_pad))
+        conv_io = max(conv_io, c_prev * n_pad + c * n)
+        if (ft, fs) != (1, 1):
+            t2, h2, w2 = 1 + ft * (t - 1), h * fs, w * fs
+            n2 = t2 * h2 * w2
+            # the last resnet's output, the upsampled first frame and rest (kept alive by the
+            # forward's locals), their concat, its replicate-padded copy and the conv output
+            peaks.append(block_input + c * n + 3 * c * n2 + c * _padded(t2, h2, w2))
+            conv_io = max(conv_io, c * (_padded(t2, h2, w2) + n2))
+            t, h, w = t2, h2, w2
+        c_prev = c
+    n = t * h * w
+    peaks.append(c_prev * n + c_prev * n + c_prev * _padded(t, h, w) + config.out_channels * n)  # norm_out, conv_out
+    return int((max(peaks) + (conv_io if cudnn_copies else 0)) * act_bytes)
+
+
+def vae_tile_pixels(config: VAEConfig, latent_frames: int, latent_h: int, latent_w: int) -> tuple[int, int, int]:
+    """(frames, height, width) decoded from a latent tile."""
+    return (1 + config.time_compression_ratio * (latent_frames - 1), latent_h * config.spatial_compression_ratio,
+            latent_w * config.spatial_compression_ratio)
+
+
+def text_activation_bytes(text_len: int = TEXT_TOKENS + 95, hidden: int = 4096, layers: int = 32, mlp: int = 14336) -> int:
+    """LLM forward with output_hidden_states: every layer's hidden state is kept (33 x L x 4096 in
+    bf16), plus one layer's MLP intermediates and a float32 attention score matrix per head."""
+    states = (layers + 1) * text_len * hidden * 2
+    layer = 3 * text_len * mlp * 2 + 32 * text_len * text_len * F32
+    return states + layer

@@ -1,0 +1,238 @@
+"""Get the weights into a model folder, and check that a model folder is complete.
+
+Two layouts (hyvideo/checkpoint.py reads both):
+- "diffusers" (default): everything from one repo, `hunyuanvideo-community/HunyuanVideo`
+  (transformer/, vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/; ~41 GB).
+- "official": Tencent's `tencent/HunyuanVideo` DiT and VAE (hunyuan-video-t2v-720p/), optionally
+  its FP8 DiT pair (--fp8), plus the text encoders from the community repo moved into the official
+  folders (the official text_encoder/ is otherwise made by a preprocessing script, facts §4.1).
+
+`download` uses huggingface_hub's `snapshot_download` (resumable, skips files already there);
+`plan_download` is the same call with `dry_run=True` (file names, sizes, what is already there).
+Any hub failure (offline, no network, gated repo) becomes a HyVideoError that prints the `hf
+download` commands to run by hand.
+
+`check_model_folder` checks each file without the network: present, non-empty, and not truncated
+(a safetensors file's header says how long it must be; a torch .pt file is a zip whose directory
+sits at its very end, so a truncated one does not open).
+"""
+
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP, OFFICIAL_VAE, detect_layout
+from hyvideo.errors import HyVideoError
+
+COMMUNITY_REPO = "hunyuanvideo-community/HunyuanVideo"
+OFFICIAL_REPO = "tencent/HunyuanVideo"
+LAYOUTS = ("diffusers", "official")
+TEXT_PARTS = ["text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*"]
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class RepoPart:
+    """One snapshot_download: which files of which repo, and folders to rename afterwards
+    (repo folder -> layout folder; files are moved into it)."""
+
+    repo: str
+    patterns: tuple[str, ...]
+    moves: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class PlannedFile:
+    repo: str
+    file: str
+    size: int | None
+    present: bool  # already downloaded (same revision)
+
+
+def download_parts(layout: str = "diffusers", fp8: bool = False) -> list[RepoPart]:
+    if layout not in LAYOUTS:
+        raise HyVideoError(f"unknown layout {layout!r}: choose diffusers or official")
+    if layout == "diffusers":
+        if fp8:
+            raise HyVideoError("--fp8 (Tencent's FP8 DiT file) needs --layout official")
+        return [RepoPart(COMMUNITY_REPO, ("transformer/*", "vae/*", *TEXT_PARTS))]
+    official = [OFFICIAL_DIT, f"{OFFICIAL_VAE}/*"] + ([OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP] if fp8 else [])
+    return [
+        RepoPart(OFFICIAL_REPO, tuple(official)),
+        RepoPart(COMMUNITY_REPO, tuple(TEXT_PARTS), moves=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))),
+    ]
+
+
+def manual_commands(model_dir: Path, layout: str = "diffusers", fp8: bool = False) -> list[str]:
+    """What to run by hand (any machine with network; copy the folder over afterwards)."""
+    commands = []
+    for part in download_parts(layout, fp8):
+        includes = " ".join(f'--include "{p}"' for p in part.patterns)
+        commands.append(f"hf download {part.repo} {includes} --local-dir {model_dir}")
+        for source, target in part.moves:
+            commands.append(f"mv {model_dir}/{source}/* {model_dir}/{target}/ && rmdir {model_dir}/{source}")
+    return commands
+
+
+def _hub_error(error: Exception, model_dir: Path, layout: str, fp8: bool) -> HyVideoError:
+    from huggingface_hub import errors
+
+    commands = "\n  ".join(manual_commands(model_dir, layout, fp8))
+    manual = f"\nto download by hand (huggingface_hub < 1.0 calls it `huggingface-cli download`):\n  {commands}"
+    if isinstance(error, errors.GatedRepoError):
+        return HyVideoError(f"the repo needs you to accept its licence on huggingface.co and log in (`hf auth login`): {_one_line(error)}{manual}")
+    if isinstance(error, errors.RepositoryNotFoundError):
+        return HyVideoError(f"repo not found on huggingface.co: {_one_line(error)}{manual}")
+    if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
+        return HyVideoError(f"the disk is full while downloading into {model_dir}; free space and run the same command again (it resumes)")
+    if isinstance(error, errors.OfflineModeIsEnabled):
+        return HyVideoError(f"huggingface_hub is in offline mode (HF_HUB_OFFLINE is set), so nothing can be downloaded{manual}")
+    return HyVideoError(f"cannot download from huggingface.co ({type(error).__name__}: {_one_line(error)}); offline or no network?{manual}")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def plan_download(model_dir: Path, layout: str = "diffusers", fp8: bool = False) -> list[PlannedFile]:
+    """The files a download would fetch, with sizes (asks the hub; downloads nothing)."""
+    from huggingface_hub import snapshot_download
+
+    planned = []
+    for part in download_parts(layout, fp8):
+        try:
+            infos = snapshot_download(part.repo, local_dir=str(model_dir), allow_patterns=list(part.patterns), dry_run=True)
+        except Exception as error:  # the hub raises many types (HTTP, offline, gated); all end here
+            raise _hub_error(error, Path(model_dir), layout, fp8) from None
+        planned += [PlannedFile(part.repo, info.filename, info.file_size, not info.will_download) for info in infos]
+    return planned
+
+
+def download(model_dir: Path, layout: str = "diffusers", fp8: bool = False, progress: bool = True) -> Path:
+    """Fetch what is missing into `model_dir` in `layout`; returns the folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (enable_progress_bars if progress else disable_progress_bars)()
+    for part in download_parts(layout, fp8):
+        try:
+            snapshot_download(part.repo, local_dir=str(model_dir), allow_patterns=list(part.patterns))
+        except Exception as error:
+            raise _hub_error(error, model_dir, layout, fp8) from None
+        for source, target in part.moves:
+            _move_into(model_dir / source, model_dir / target)
+    return model_dir
+
+
+def _move_into(source: Path, target: Path) -> None:
+    if not source.is_dir():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        shutil.move(str(path), target / path.name)
+    source.rmdir()
+
+
+# --- completeness ------------------------------------------------------------------------------
+
+
+@dataclass
+class FileCheck:
+    path: Path
+    size: int | None  # None: missing
+    problem: str | None  # None: looks complete
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def check_file(path: Path) -> FileCheck:
+    path = Path(path)
+    if not path.is_file():
+        return FileCheck(path, None, "missing")
+    size = path.stat().st_size
+    if size == 0:
+        return FileCheck(path, 0, "empty")
+    return FileCheck(path, size, _format_problem(path, size))
+
+
+def _format_problem(path: Path, size: int) -> str | None:
+    try:
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if header_len <= 0 or 8 + header_len > size:
+                    return "truncated (header cut off)"
+                header = json.loads(f.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            expected = 8 + header_len + end
+            if size < expected:
+                return f"truncated ({size} of {expected} bytes)"
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with open(path, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip format (legacy files are pickles)
+            if zipped and not zipfile.is_zipfile(path):
+                return "truncated (the zip directory at the end is missing)"
+            if zipped:
+                with zipfile.ZipFile(path) as archive:
+                    archive.infolist()
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        return f"unreadable or truncated ({type(error).__name__})"
+    return None
+
+
+def _transformers_folder(folder: Path, tokenizer_folder: Path | None) -> list[Path]:
+    """config.json, the weights (shards named by the index, else *.safetensors / *.bin) and the
+    tokenizer file(s) of a save_pretrained folder."""
+    paths = [folder / "config.json"]
+    indexes = sorted(folder.glob("*.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            paths += [indexes[0]] + [folder / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError):
+            paths.append(indexes[0])
+    else:
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        paths += weights or [folder / "model.safetensors"]
+    tokenizer_folder = tokenizer_folder or folder
+    names = [tokenizer_folder / n for n in TOKENIZER_NAMES if (tokenizer_folder / n).exists()]
+    return paths + (names or [tokenizer_folder / "tokenizer.json"])
+
+
+def expected_files(root: Path) -> tuple[str | None, list[Path]]:
+    """(layout, every file a model folder must hold) — without raising on missing ones."""
+    root = Path(root)
+    layout = detect_layout(root) if root.is_dir() else None
+    if layout is None:
+        return None, []
+    if layout == "official":
+        dit = [root / OFFICIAL_DIT]
+        if not dit[0].exists() and (root / OFFICIAL_DIT_FP8).exists():
+            dit = [root / OFFICIAL_DIT_FP8, root / OFFICIAL_DIT_FP8_MAP]
+        paths = dit + [root / OFFICIAL_VAE / "config.json", root / OFFICIAL_VAE / "pytorch_model.pt"]
+        paths += _transformers_folder(root / "text_encoder", None) + _transformers_folder(root / "text_encoder_2", None)
+        return layout, paths
+    paths = []
+    for part in ("transformer", "vae"):
+        paths += [root / part / "config.json"]
+        index = root / part / "diffusion_pytorch_model.safetensors.index.json"
+        if index.exists():
+            paths += _transformers_folder(root / part, root / part)[1:-1]
+        else:
+            paths += sorted((root / part).glob("*.safetensors")) or [root / part / "diffusion_pytorch_model.safetensors"]
+    paths += _transformers_folder(root / "text_encoder", root / "tokenizer")
+    paths += _transformers_folder(root / "text_encoder_2", root / "tokenizer_2")
+    return layout, paths
+
+
+def check_model_folder(root: Path) -> tuple[str | None, list[FileCheck]]:
+    layout, paths = expected_files(root)
+    return layout, [check_file(p) for p in dict.fromkeys(paths)]

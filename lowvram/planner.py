@@ -1,0 +1,216 @@
+"""Memory plan: predicted peak VRAM and host RAM of each stage for a profile and a video size.
+
+    p = plan(load_profile("16gb"), width=1280, height=720, frames=129, host_ram_bytes=...)
+    p.fits, p.peak_vram_gb, p.to_dict(), p.table_rows(), str(p.schedule)
+
+Stages run one after another, each with only its own weights on the GPU (lowvram/placement.py):
+- text: the LLM (nf4 or bf16), then CLIP; peak = the larger encoder + the LLM's activations.
+- dit:  trunk (embedders, refiner, final layer; bf16) + resident blocks + the streaming ring +
+        activations of one forward at the profile's token chunk (lowvram/activations.py) + the
+        transient bf16 copy of the largest quantized linear being run + latents.
+- vae:  decoder weights (fp16) + one tile's activations + the assembled temporal tile and the tails
+        kept for blending (lowvram/tiled_vae.py). The decoded video goes to host memory.
+
+`peak_vram_*` is what torch.cuda.max_memory_allocated would report. Fitting also needs a reserve
+(`RESERVE_BYTES`: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation) on top.
+Host RAM per stage: a baseline for the process, the weights that stage keeps on the host (streamed
+DiT blocks), and its outputs there (the decoded video, float32). Weights are assumed to be loaded
+straight to their device, shard by shard.
+
+"auto" resident blocks: the most blocks (spread evenly) that fit the budget left after the
+reserve, trunk, ring and activations.
+
+Weight bytes come from lowvram/weights.py, a stand-in for quant/bytes.py with the same signatures.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
+from hyvideo.errors import HyVideoError
+from hyvideo.vae import latent_shape
+
+from .activations import dit_activation_bytes, image_tokens, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
+from .profiles import Profile
+from .schedule import BlockSchedule, plan_schedule
+from .tiled_vae import temporal_decode_tiles
+from .weights import block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes, trunk_bytes, vae_decoder_bytes
+
+GIB = 2**30
+RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces + fragmentation
+HOST_BASELINE_BYTES = 2 * GIB  # Python, torch and CUDA runtime on the host side, tokenizers
+STAGES = ("text", "dit", "vae")
+
+
+@dataclass
+class StagePlan:
+    vram_bytes: int
+    ram_bytes: int
+    parts: dict[str, int]  # what the VRAM figure is made of, in bytes
+
+    def to_dict(self) -> dict:
+        return {"vram_gb": self.vram_bytes / GIB, "ram_gb": self.ram_bytes / GIB,
+                "parts_gb": {k: v / GIB for k, v in self.parts.items()}}
+
+
+@dataclass
+class Plan:
+    profile: Profile
+    width: int
+    height: int
+    frames: int
+    latent: tuple[int, int, int]  # (T', h, w)
+    tokens: int  # DiT image tokens
+    schedule: BlockSchedule
+    token_chunk: int
+    stages: dict[str, StagePlan]
+    vram_budget_bytes: int
+    host_ram_bytes: int | None  # None: RAM not checked
+    reserve_bytes: int = RESERVE_BYTES
+
+    @property
+    def peak_vram_bytes(self) -> int:
+        return max(s.vram_bytes for s in self.stages.values())
+
+    @property
+    def peak_ram_bytes(self) -> int:
+        return max(s.ram_bytes for s in self.stages.values())
+
+    @property
+    def peak_vram_gb(self) -> float:
+        return self.peak_vram_bytes / GIB
+
+    @property
+    def peak_ram_gb(self) -> float:
+        return self.peak_ram_bytes / GIB
+
+    @property
+    def required_vram_gb(self) -> float:
+        """Peak plus the reserve: what the GPU must have free."""
+        return (self.peak_vram_bytes + self.reserve_bytes) / GIB
+
+    @property
+    def fits_vram(self) -> bool:
+        return self.peak_vram_bytes + self.reserve_bytes <= self.vram_budget_bytes
+
+    @property
+    def fits_ram(self) -> bool:
+        return self.host_ram_bytes is None or self.peak_ram_bytes <= self.host_ram_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_vram and self.fits_ram
+
+    def to_dict(self) -> dict:
+        return {
+            "fits": self.fits,
+            "fits_vram": self.fits_vram,
+            "fits_ram": self.fits_ram,
+            "profile": self.profile.name,
+            "video": {"width": self.width, "height": self.height, "frames": self.frames},
+            "latent": list(self.latent),
+            "tokens": self.tokens,
+            "peak_vram_gb": self.peak_vram_gb,
+            "required_vram_gb": self.required_vram_gb,
+            "reserve_gb": self.reserve_bytes / GIB,
+            "vram_budget_gb": self.vram_budget_bytes / GIB,
+            "peak_ram_gb": self.peak_ram_gb,
+            "host_ram_gb": None if self.host_ram_bytes is None else self.host_ram_bytes / GIB,
+            "token_chunk": self.token_chunk,
+            "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
+            "schedule": self.schedule.to_dict(),
+        }
+
+    def table_rows(self) -> list[list[str]]:
+        """Header + one row per stage + a total row, as strings (the CLI renders them)."""
+        rows = [["stage", "VRAM GiB", "RAM GiB", "made of"]]
+        for name, stage in self.stages.items():
+            parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in stage.parts.items() if v)
+            rows.append([name, f"{stage.vram_bytes / GIB:.2f}", f"{stage.ram_bytes / GIB:.2f}", parts])
+        verdict = "fits" if self.fits else "does NOT fit"
+        rows.append(["peak", f"{self.peak_vram_gb:.2f} (+{self.reserve_bytes / GIB:.2f} reserve)",
+                     f"{self.peak_ram_gb:.2f}", f"{verdict} in {self.vram_budget_bytes / GIB:.1f} GiB VRAM"
+                     + ("" if self.host_ram_bytes is None else f", {self.host_ram_bytes / GIB:.1f} GiB RAM")])
+        return rows
+
+
+def align_up(value: int, multiple: int) -> int:
+    return math.ceil(value / multiple) * multiple
+
+
+def dit_schedule(profile: Profile, config: DiTConfig, fixed_bytes: int, budget_bytes: int) -> BlockSchedule:
+    """The block schedule for this profile: `fixed_bytes` (trunk, activations) are on the GPU too."""
+    kinds = dit_block_kinds(config)
+    sizes = [block_bytes(config, profile.dit_scheme, profile.quant_policy, kind) for kind in kinds]
+    if profile.resident_blocks == "auto":
+        return plan_schedule(kinds, sizes, prefetch_depth=profile.prefetch_depth,
+                             budget_bytes=max(0, budget_bytes - RESERVE_BYTES - fixed_bytes))
+    return plan_schedule(kinds, sizes, prefetch_depth=profile.prefetch_depth,
+                         resident=min(int(profile.resident_blocks), len(kinds)))
+
+
+def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int], act_bytes: int = 2) -> tuple[int, dict]:
+    """VRAM of the tiled decode: weights + one tile's activations + assembly buffers."""
+    frames_latent, h, w = latent
+    spatial = profile.vae_spatial_tile
+    tiled_space = h > spatial or w > spatial
+    tile_h, tile_w = (min(h, spatial), min(w, spatial)) if tiled_space else (h, w)
+    tiles_t = temporal_decode_tiles(frames_latent, profile.vae_temporal_tile)
+    tile_t = max(span.src_stop - span.src_start for span in tiles_t)
+    out_frames, out_h, out_w = vae_tile_pixels(config, tile_t, h, w)  # one temporal tile, whole frame
+    blend = max((span.blend for span in tiles_t), default=0)
+    parts = {
+        "weights": vae_decoder_bytes(config, act_bytes),
+        "tile activations": vae_decode_tile_bytes(config, tile_t, tile_h, tile_w, act_bytes),
+        "assembly": (out_frames + blend) * out_h * out_w * config.out_channels * act_bytes,
+        "latents": config.latent_channels * frames_latent * h * w * 4,
+    }
+    return sum(parts.values()), parts
+
+
+def plan(
+    profile: Profile, width: int, height: int, frames: int, *, host_ram_bytes: int | None = None,
+    dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None, text_encoders: bool = True,
+) -> Plan:
+    """Predict each stage's peak memory for `profile` at width x height x frames (batch 1).
+
+    width/height are rounded up to multiples of 16, as the sampler does (facts §5.4).
+    text_encoders=False leaves out the text stage (e.g. embeddings computed elsewhere).
+    """
+    dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
+    vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
+    if width < 1 or height < 1:
+        raise HyVideoError(f"video size must be positive, got {width}x{height}")
+    width, height = align_up(width, 16), align_up(height, 16)
+    channels, t_lat, h_lat, w_lat = latent_shape(frames, height, width, vae_config)
+    tokens = image_tokens(dit_config, t_lat, h_lat, w_lat)
+    budget = profile.vram_budget_bytes
+
+    latent_bytes = channels * t_lat * h_lat * w_lat * 4
+    dit_parts = {
+        "trunk": trunk_bytes(dit_config),
+        "activations": dit_activation_bytes(dit_config, tokens, profile.token_chunk),
+        "dequantized weight": dequantized_weight_bytes(dit_config, profile.dit_scheme, profile.quant_policy),
+        "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
+    }
+    schedule = dit_schedule(profile, dit_config, sum(dit_parts.values()), budget)
+    dit_parts["resident blocks"] = schedule.resident_bytes
+    dit_parts["ring"] = schedule.ring_bytes
+
+    stages = {}
+    if text_encoders:
+        encoder = max(llm_bytes(profile.encoder_scheme), clip_bytes())
+        text_parts = {"encoder": encoder, "activations": text_activation_bytes()}
+        stages["text"] = StagePlan(sum(text_parts.values()), HOST_BASELINE_BYTES, text_parts)
+    stages["dit"] = StagePlan(sum(dit_parts.values()), HOST_BASELINE_BYTES + schedule.streamed_bytes_per_step, dit_parts)
+    vae_vram, vae_parts = vae_stage(profile, vae_config, (t_lat, h_lat, w_lat))
+    video_bytes = vae_config.out_channels * frames * height * width * 4  # float32 on the host
+    stages["vae"] = StagePlan(vae_vram, HOST_BASELINE_BYTES + video_bytes, vae_parts)
+    return Plan(profile, width, height, frames, (t_lat, h_lat, w_lat), tokens, schedule, profile.token_chunk,
+                stages, budget, host_ram_bytes)
+
+
+def with_budget(profile: Profile, vram_bytes: int) -> Profile:
+    """The same profile with another VRAM budget (e.g. what the GPU has free)."""
+    return dataclasses.replace(profile, vram_budget_gb=vram_bytes / GIB)

@@ -1,0 +1,180 @@
+"""Memory profiles: declarative TOML files saying how to run on a GPU of a given size.
+
+A profile names the VRAM it is made for, how the DiT is stored (fp8 | int8 | bf16) and streamed
+(resident blocks, prefetch depth, token chunk), how the LLM text encoder is stored (nf4 | bf16),
+the VAE tile sizes and the pinned-memory policy. Shipped profiles live in the top-level
+`profiles/` folder (24gb, 16gb, 12gb, 8gb); users can pass their own TOML file instead.
+
+    profile = load_profile("16gb")            # a shipped one, by name
+    profile = load_profile("my-card.toml")    # a user's file
+    profile = choose_profile(free_vram, host_ram, width=1280, height=720, frames=129)
+
+Every problem with a file is a one-line HyVideoError that names the file and the field.
+"""
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from hyvideo.errors import HyVideoError
+
+from .weights import DIT_SCHEMES, ENCODER_SCHEMES, POLICY_ALIASES, QUANT_POLICIES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the `tomli` backport (dependency `tomli; python_version < "3.11"`)
+    import tomli as tomllib
+
+def _profiles_dir() -> Path:
+    """The shipped profiles: package data of the top-level `profiles` package."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("profiles")))
+    except (ImportError, TypeError):
+        return Path(__file__).resolve().parent.parent / "profiles"
+
+
+PROFILES_DIR = _profiles_dir()
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    vram_budget_gb: float  # GiB of GPU memory the profile is made for
+    description: str = ""
+    dit_scheme: str = "fp8"  # fp8 | int8 | bf16
+    quant_policy: str = "blocks"  # which DiT linears are quantized (quant/policy.py; "official" = "blocks")
+    encoder_scheme: str = "nf4"  # LLM text encoder: nf4 | bf16
+    resident_blocks: int | str = "auto"  # DiT blocks kept on the GPU: "auto" (fit the budget) or a count
+    prefetch_depth: int = 2  # streamed blocks copied ahead of use
+    token_chunk: int = 4096  # tokens per chunk of per-token DiT work (bounds activations)
+    vae_spatial_tile: int = 32  # VAE tile size in latents (multiple of 4; official 32 = 256 px)
+    vae_temporal_tile: int = 16  # VAE tile length in latent frames (multiple of 4; official 16)
+    pin_memory: bool = True  # page-lock the host copies of streamed blocks (faster copies)
+    pinned_ram_cap_gb: float = 16.0  # GiB of host memory that may be page-locked
+    source: str = dataclasses.field(default="", compare=False)  # file it was read from
+
+    @property
+    def vram_budget_bytes(self) -> int:
+        return int(self.vram_budget_gb * GIB)
+
+    @property
+    def pinned_ram_cap_bytes(self) -> int:
+        return int(self.pinned_ram_cap_gb * GIB)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+
+
+def _fail(source: str, message: str) -> HyVideoError:
+    return HyVideoError(f"profile {source}: {message}")
+
+
+def _check_field(source: str, name: str, value, expected: type | tuple, check, hint: str) -> None:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    ok = bool in types if isinstance(value, bool) else isinstance(value, types)  # true is not a count
+    if not ok or (check is not None and not check(value)):
+        raise _fail(source, f"field '{name}' {hint} (got {value!r})")
+
+
+def profile_from_dict(values: dict, source: str = "<dict>") -> Profile:
+    """Validate `values` (a parsed TOML table) into a Profile; errors name the field."""
+    known = {f.name for f in fields(Profile)} - {"source"}
+    for key in values:
+        if key not in known:
+            raise _fail(source, f"unknown field '{key}' (known fields: {', '.join(sorted(known))})")
+    for required in ("name", "vram_budget_gb"):
+        if required not in values:
+            raise _fail(source, f"missing field '{required}'")
+    number = (int, float)
+    checks = {
+        "name": (str, lambda v: bool(v.strip()), "must be a non-empty string"),
+        "description": (str, None, "must be a string"),
+        "vram_budget_gb": (number, lambda v: v > 0, "must be a positive number of GiB"),
+        "dit_scheme": (str, lambda v: v in DIT_SCHEMES, f"must be one of {', '.join(DIT_SCHEMES)}"),
+        "quant_policy": (str, lambda v: v in QUANT_POLICIES or v in POLICY_ALIASES, f"must be one of {', '.join(QUANT_POLICIES)}"),
+        "encoder_scheme": (str, lambda v: v in ENCODER_SCHEMES, f"must be one of {', '.join(ENCODER_SCHEMES)}"),
+        "resident_blocks": ((str, int), lambda v: v == "auto" if isinstance(v, str) else v >= 0,
+                            "must be \"auto\" or a block count >= 0"),
+        "prefetch_depth": (int, lambda v: v >= 1, "must be an integer >= 1"),
+        "token_chunk": (int, lambda v: v >= 1, "must be a positive number of tokens"),
+        "vae_spatial_tile": (int, lambda v: v >= 4 and v % 4 == 0, "must be a positive multiple of 4 latents"),
+        "vae_temporal_tile": (int, lambda v: v >= 4 and v % 4 == 0, "must be a positive multiple of 4 latent frames"),
+        "pin_memory": (bool, None, "must be true or false"),
+        "pinned_ram_cap_gb": (number, lambda v: v >= 0, "must be a number of GiB >= 0"),
+    }
+    for key, value in values.items():
+        expected, check, hint = checks[key]
+        _check_field(source, key, value, expected, check, hint)
+    values = dict(values)
+    for key in ("vram_budget_gb", "pinned_ram_cap_gb"):
+        if key in values:
+            values[key] = float(values[key])
+    return Profile(**values, source=source)
+
+
+def _read(path: Path) -> Profile:
+    try:
+        with path.open("rb") as f:
+            values = tomllib.load(f)
+    except OSError as error:
+        raise HyVideoError(f"cannot read profile {path}: {error.strerror or error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise _fail(str(path), f"not valid TOML: {error}") from error
+    return profile_from_dict(values, str(path))
+
+
+def available_profiles() -> list[str]:
+    """Names of the shipped profiles, fastest first (largest VRAM budget first)."""
+    return [p.name for p in shipped_profiles()]
+
+
+def shipped_profiles() -> list[Profile]:
+    profiles = [_read(path) for path in sorted(PROFILES_DIR.glob("*.toml"))]
+    return sorted(profiles, key=lambda p: -p.vram_budget_gb)
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A shipped profile by name ("16gb"), or a user's TOML file by path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if text.endswith(".toml") or path.is_file() or "/" in text or "\\" in text:
+        if not path.is_file():
+            raise HyVideoError(f"profile file not found: {path}")
+        return _read(path)
+    shipped = PROFILES_DIR / f"{text}.toml"
+    if not shipped.is_file():
+        raise HyVideoError(f"unknown profile {text!r}; available: {', '.join(available_profiles())} "
+                           "(or pass the path of a .toml file)")
+    return _read(shipped)
+
+
+def choose_profile(free_vram_bytes: int, host_ram_bytes: int, width: int, height: int, frames: int,
+                   profiles: list[Profile] | None = None, **plan_kwargs) -> Profile:
+    """The fastest shipped profile whose plan fits the free VRAM and host RAM at this video size.
+
+    Profiles are tried fastest first with their budget lowered to the free VRAM when that is less,
+    so "auto" resident blocks use what this GPU really has. The returned profile carries that
+    budget. No profile fits -> HyVideoError saying what the smallest one needs.
+    """
+    from .planner import plan as make_plan
+
+    candidates = profiles if profiles is not None else shipped_profiles()
+    free_gb = free_vram_bytes / GIB
+    last = None
+    for profile in sorted(candidates, key=lambda p: -p.vram_budget_gb):
+        if free_gb < profile.vram_budget_gb:
+            profile = dataclasses.replace(profile, vram_budget_gb=free_gb)
+        last = make_plan(profile, width, height, frames, host_ram_bytes=host_ram_bytes, **plan_kwargs)
+        if last.fits:
+            return profile
+    if last is None:
+        raise HyVideoError("no profiles to choose from")
+    raise HyVideoError(
+        f"no profile fits {width}x{height}x{frames} with {free_gb:.1f} GiB free VRAM and "
+        f"{host_ram_bytes / GIB:.1f} GiB RAM: the smallest ({last.profile.name}) needs "
+        f"{last.required_vram_gb:.1f} GiB VRAM and {last.peak_ram_gb:.1f} GiB RAM; try a smaller video"
+    )

@@ -1,0 +1,434 @@
+"""Run folders: everything a generation needs to be resumed, bit-exactly, after any interruption.
+
+    <runs-dir>/<id>/
+      manifest.json                  settings, model fingerprint, versions, state, step k/N, checksums
+      embeddings.safetensors         text encoder outputs (a resume never reloads the text encoders)
+      latents-step0007.safetensors   latents after 7 of N Euler steps (the newest two are kept)
+      final_latents.safetensors      latents after step N (a resume in "decoding" skips the DiT)
+      video.mp4, first_frame.png     the outputs
+
+States, in order: encoding -> denoising -> decoding -> done; "failed" records an error (the run can
+still be resumed once the cause is fixed).
+
+Why a resume is bit-exact: the initial noise is a pure function of the seed (CPU generator, facts
+§5.4), each Euler step is a pure function of (latents, step index), and the latents are saved in
+float32 exactly as they are between steps; the embeddings are saved in the dtype they were used in.
+
+Crash safety: every file is written to a temp name, fsynced and renamed (atomic on POSIX), then the
+folder is fsynced. A new checkpoint gets a new name; the manifest is switched to it atomically and
+only then is the oldest one deleted. SIGKILL at any instant therefore leaves a manifest that points
+at complete, checksummed files. Each file's sha256 is in the manifest and is checked when loaded;
+a damaged newest checkpoint falls back to the one before it (or to the seed's noise).
+
+The manifest's settings are sealed by a sha256 (`settings_sha256`): a hand-edited manifest (other
+steps, other prompt) would silently produce a different video than the one the run started, so it is
+refused. An `fcntl` lock on the folder tells a live run from an interrupted one.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from hyvideo.errors import HyVideoError
+from hyvideo.text_encoder import TextEmbeddings
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs work, a live run just cannot be detected
+    fcntl = None
+
+RUN_FORMAT = "hyvideo-lowvram-run"
+RUN_VERSION = 1
+STATES = ("encoding", "denoising", "decoding", "done", "failed")
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.safetensors"
+FINAL_LATENTS = "final_latents.safetensors"
+VIDEO = "video.mp4"
+FIRST_FRAME = "first_frame.png"
+LOCK = ".lock"
+KEEP_CHECKPOINTS = 2  # the newest is what a resume uses; the one before covers a damaged newest
+REQUIRED_KEYS = ("format", "version", "id", "settings", "settings_sha256", "model", "state", "step", "checkpoints")
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(canonical_json(settings).encode()).hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, what: str) -> None:
+    """Temp file, fsync, rename, fsync the folder. On failure the previous file at `path` is left
+    as it was, the temp file is removed, and a HyVideoError says why (disk full named as such)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HyVideoError(f"the disk is full: could not save {what} to {path}") from None
+        raise HyVideoError(f"could not save {what} to {path}: {error.strerror or error}") from None
+    _fsync_dir(path.parent)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_fingerprint(paths: list[Path], root: Path) -> list[dict]:
+    """Size and mtime (ns) of each weight file, by path relative to the model folder: cheap, and
+    changes when a file is replaced or re-downloaded."""
+    prints = []
+    for path in sorted({Path(p) for p in paths}):
+        stat = path.stat()
+        try:
+            name = str(path.relative_to(root))
+        except ValueError:
+            name = str(path)
+        prints.append({"file": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return prints
+
+
+def fingerprint_mismatch(recorded: list[dict], current: list[dict]) -> str | None:
+    """None if equal, else a short reason naming the first differing file."""
+    old, new = {p["file"]: p for p in recorded}, {p["file"]: p for p in current}
+    for name in sorted(old.keys() | new.keys()):
+        if name not in new:
+            return f"{name} is no longer there"
+        if name not in old:
+            return f"{name} was not part of the model the run started with"
+        if old[name]["size"] != new[name]["size"]:
+            return f"{name} changed size ({old[name]['size']} -> {new[name]['size']} bytes)"
+        if old[name]["mtime_ns"] != new[name]["mtime_ns"]:
+            return f"{name} was modified since the run started"
+    return None
+
+
+def _slug(prompt: str, words: int = 4, length: int = 32) -> str:
+    parts = re.findall(r"[a-z0-9]+", prompt.lower())[:words]
+    return "-".join(parts)[:length].strip("-") or "run"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclass
+class Run:
+    """One run folder and its manifest (a dict, written as JSON)."""
+
+    folder: Path
+    manifest: dict
+
+    # --- creation and opening ------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, runs_dir: Path, settings: dict, model: dict, versions: dict) -> "Run":
+        runs_dir = Path(runs_dir)
+        try:
+            runs_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise HyVideoError(f"cannot create the runs folder {runs_dir}: {error.strerror or error}; pass --runs-dir") from None
+        base = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(settings['prompt'])}"
+        for n in range(1, 1000):
+            run_id = base if n == 1 else f"{base}-{n}"
+            try:
+                (runs_dir / run_id).mkdir()
+                break
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise HyVideoError(f"cannot create a run folder in {runs_dir}: {error.strerror or error}; pass --runs-dir") from None
+        else:
+            raise HyVideoError(f"too many runs named {base} in {runs_dir}")
+        manifest = {
+            "format": RUN_FORMAT, "version": RUN_VERSION, "id": run_id, "created": _now(), "updated": _now(),
+            "settings": settings, "settings_sha256": settings_digest(settings), "model": model, "versions": versions,
+            "state": "encoding", "step": 0, "checkpoints": [], "embeddings": None, "final_latents": None,
+            "outputs": {}, "error": None, "truncated": None, "seconds": {},
+        }
+        run = cls(runs_dir / run_id, manifest)
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, folder: Path) -> "Run":
+        """Read and validate a run folder; anything wrong is a HyVideoError saying what."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise HyVideoError(f"{folder} is not a lowvram run folder (no {MANIFEST}); `lowvram runs` lists the runs")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise HyVideoError(f"the manifest of run {folder.name} is corrupt ({error}); start a new run with `lowvram generate`") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
+            raise HyVideoError(f"{folder} is not a lowvram run folder ({MANIFEST} is not a run manifest)")
+        if not isinstance(manifest.get("version"), int) or manifest["version"] > RUN_VERSION:
+            raise HyVideoError(f"run {folder.name} was made by a newer lowvram (manifest version {manifest.get('version')}); upgrade")
+        missing = [k for k in REQUIRED_KEYS if k not in manifest]
+        if missing:
+            raise HyVideoError(f"the manifest of run {folder.name} is corrupt (missing {', '.join(missing)}); start a new run")
+        if manifest["state"] not in STATES:
+            raise HyVideoError(f"the manifest of run {folder.name} is corrupt (unknown state {manifest['state']!r}); start a new run")
+        if settings_digest(manifest["settings"]) != manifest["settings_sha256"]:
+            raise HyVideoError(
+                f"the settings in {path} were changed after run {folder.name} started (checksum mismatch), so resuming "
+                "would not give the video it began; start a new run with `lowvram generate` instead"
+            )
+        return cls(folder, manifest)
+
+    # --- properties ----------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def settings(self) -> dict:
+        return self.manifest["settings"]
+
+    @property
+    def state(self) -> str:
+        return self.manifest["state"]
+
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+    @property
+    def steps(self) -> int:
+        return self.settings["steps"]
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "done"
+
+    # --- manifest --------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        self.manifest["updated"] = _now()
+        write_atomic(self.folder / MANIFEST, json.dumps(self.manifest, indent=1).encode(), "the run manifest")
+
+    def set_state(self, state: str, error: str | None = None) -> None:
+        if state not in STATES:
+            raise ValueError(f"unknown run state {state!r}")
+        self.manifest["state"] = state
+        self.manifest["error"] = error
+        self.save()
+
+    def record_failure(self, error: str) -> None:
+        """Best effort: the failure may be the disk itself."""
+        try:
+            self.set_state("failed", error)
+        except HyVideoError:
+            pass
+
+    # --- files with checksums -------------------------------------------------------------------
+
+    def _write_checked(self, name: str, tensors: dict, what: str) -> dict:
+        data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        write_atomic(self.folder / name, data, what)
+        return {"file": name, "sha256": sha256_bytes(data)}
+
+    def _read_checked(self, entry: dict | None) -> dict | None:
+        """The tensors of a file the manifest lists, or None if missing or not matching its sha256."""
+        if not entry:
+            return None
+        try:
+            data = (self.folder / entry["file"]).read_bytes()
+        except OSError:
+            return None
+        if sha256_bytes(data) != entry.get("sha256"):
+            return None
+        return st_load(data)
+
+    def save_embeddings(self, embeddings: TextEmbeddings) -> None:
+        tensors = {"text_states": embeddings.text_states, "text_mask": embeddings.text_mask, "text_states_2": embeddings.text_states_2}
+        self.manifest["embeddings"] = self._write_checked(EMBEDDINGS, tensors, "the text embeddings")
+        self.manifest["truncated"] = {"llm": bool(any(embeddings.truncated)), "clip": bool(any(embeddings.truncated_2))}
+        self.save()
+
+    def load_embeddings(self) -> TextEmbeddings | None:
+        tensors = self._read_checked(self.manifest.get("embeddings"))
+        if tensors is None:
+            return None
+        flags = self.manifest.get("truncated") or {}
+        return TextEmbeddings(tensors["text_states"], tensors["text_mask"], tensors["text_states_2"],
+                              [bool(flags.get("llm"))], [bool(flags.get("clip"))])
+
+    def save_step(self, step: int, latents: torch.Tensor) -> None:
+        """Checkpoint the float32 latents after `step` completed Euler steps (1..N). If this fails
+        (disk full), the previous checkpoint and the manifest pointing at it are untouched."""
+        name = f"latents-step{step:04d}.safetensors"
+        try:
+            entry = self._write_checked(name, {"latents": latents}, f"the step {step} checkpoint")
+        except HyVideoError as error:
+            raise HyVideoError(f"{error}; {self._kept_hint()}") from None
+        entry["step"] = step
+        older = [c for c in self.manifest["checkpoints"] if c["step"] != step]
+        kept = older[max(0, len(older) - (KEEP_CHECKPOINTS - 1)):] + [entry]
+        dropped = [c for c in self.manifest["checkpoints"] if c not in kept]
+        previous = self.manifest["checkpoints"], self.manifest["step"]
+        self.manifest["checkpoints"], self.manifest["step"] = kept, step
+        try:
+            self.save()
+        except HyVideoError as error:  # the manifest on disk still points at the previous checkpoint
+            self.manifest["checkpoints"], self.manifest["step"] = previous
+            raise HyVideoError(f"{error}; {self._kept_hint()}") from None
+        for old in dropped:  # only once the manifest no longer points at them
+            if old["file"] != name:
+                (self.folder / old["file"]).unlink(missing_ok=True)
+
+    def _kept_hint(self) -> str:
+        step = self.manifest["checkpoints"][-1]["step"] if self.manifest["checkpoints"] else 0
+        return f"the run is kept at step {step}/{self.steps}: free some space, then `lowvram resume {self.id}`"
+
+    def latest_latents(self) -> tuple[int, torch.Tensor | None, list[str]]:
+        """(completed steps, latents or None for "start from the seed's noise", warnings). Checks
+        each checkpoint's sha256, newest first, and falls back past damaged ones."""
+        warnings = []
+        for entry in reversed(self.manifest["checkpoints"]):
+            tensors = self._read_checked(entry)
+            if tensors is not None and "latents" in tensors:
+                return entry["step"], tensors["latents"], warnings
+            warnings.append(f"checkpoint {entry['file']} is missing or damaged (checksum mismatch); using an earlier one")
+        if self.manifest["checkpoints"]:
+            warnings.append("no intact latents checkpoint: denoising restarts from step 0 (same seed, same result)")
+        return 0, None, warnings
+
+    def save_final(self, latents: torch.Tensor) -> None:
+        self.manifest["final_latents"] = self._write_checked(FINAL_LATENTS, {"latents": latents}, "the final latents")
+        self.save()
+
+    def load_final(self) -> torch.Tensor | None:
+        tensors = self._read_checked(self.manifest.get("final_latents"))
+        return None if tensors is None else tensors["latents"]
+
+    def remove_stray_files(self) -> None:
+        """Temp files and checkpoints the manifest does not point at (left by a killed process)."""
+        listed = {c["file"] for c in self.manifest["checkpoints"]}
+        for path in self.folder.iterdir():
+            if path.name.startswith(".") and ".tmp-" in path.name:
+                path.unlink(missing_ok=True)
+            elif path.name.startswith("latents-step") and path.name not in listed:
+                path.unlink(missing_ok=True)
+
+    def output_path(self, name: str) -> Path:
+        return self.folder / name
+
+    # --- liveness --------------------------------------------------------------------------------
+
+    def lock(self):
+        """Take the run's lock for this process (released by the kernel when the process dies).
+        Returns the open lock file (keep it); HyVideoError if another process holds it."""
+        handle = open(self.folder / LOCK, "a+")
+        if fcntl is None:
+            return handle
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise HyVideoError(f"run {self.id} is running in another process; wait for it or stop it first") from None
+        return handle
+
+    def is_running(self) -> bool:
+        if fcntl is None or not (self.folder / LOCK).exists():
+            return False
+        with open(self.folder / LOCK, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+# --- finding runs ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunEntry:
+    """One folder under the runs dir, for `lowvram runs`: the Run, or why it cannot be read."""
+
+    folder: Path
+    run: Run | None
+    problem: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.run.id if self.run else self.folder.name
+
+
+def list_runs(runs_dir: Path) -> list[RunEntry]:
+    """Every folder in `runs_dir` holding a manifest, oldest first (run ids start with the time)."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    entries = []
+    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        if not (folder / MANIFEST).exists():
+            continue
+        try:
+            entries.append(RunEntry(folder, Run.open(folder)))
+        except HyVideoError as error:
+            entries.append(RunEntry(folder, None, str(error)))
+    entries.sort(key=lambda e: (e.run.manifest.get("created", "") if e.run else "", e.folder.name))
+    return entries
+
+
+def find_run(runs_dir: Path, ref: str | None) -> Run:
+    """A run by id, unique id prefix, or folder path; without `ref`, the newest unfinished run."""
+    runs_dir = Path(runs_dir)
+    if ref is None:
+        unfinished = [e.run for e in list_runs(runs_dir) if e.run is not None and not e.run.finished]
+        if not unfinished:
+            raise HyVideoError(f"no unfinished run in {runs_dir}; `lowvram runs --runs-dir DIR` lists runs")
+        return unfinished[-1]
+    if Path(ref).is_dir() and (Path(ref) / MANIFEST).exists():
+        return Run.open(Path(ref))
+    if (runs_dir / ref).is_dir():
+        return Run.open(runs_dir / ref)
+    matches = sorted(p for p in runs_dir.glob(f"{glob_escape(ref)}*") if p.is_dir()) if runs_dir.is_dir() else []
+    if len(matches) == 1:
+        return Run.open(matches[0])
+    if len(matches) > 1:
+        raise HyVideoError(f"{ref!r} matches {len(matches)} runs ({', '.join(p.name for p in matches[:3])}, ...); give more of the id")
+    if Path(ref).is_dir():
+        return Run.open(Path(ref))  # a folder without a manifest: says it is not a run folder
+    raise HyVideoError(f"no run {ref!r} in {runs_dir}; `lowvram runs` lists the runs")
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)

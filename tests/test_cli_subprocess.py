@@ -1,0 +1,109 @@
+"""`lowvram` as real processes on the tiny model: killed with SIGKILL mid-run, or stopped with
+Ctrl-C (SIGINT), a run resumes from its last complete step and ends with final latents identical,
+bit for bit, to an uninterrupted run's."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+# 64x48 px, 9 frames, 30 steps: 0.02-0.1 s per step on 2 CPU cores, a window of 1-3 s to
+# interrupt in, after at least one step is saved and before the last.
+STEPS = 30
+ARGS = ["--size", "64x48", "--frames", "9", "--steps", str(STEPS), "--seed", "21", "--device", "cpu"]
+PROMPT = "a red fox running through snow"
+
+
+def lowvram(*args) -> list[str]:
+    return [sys.executable, "-m", "cli", *map(str, args)]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(lowvram(*args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def manifest(runs_dir: Path) -> dict | None:
+    """The manifest of the one run in runs_dir, once it exists (written atomically: never partial)."""
+    found = list(runs_dir.glob("*/manifest.json"))
+    return json.loads(found[0].read_text()) if found else None
+
+
+def start_and_wait_for_step(runs_dir: Path, model_dir: Path, step: int = 1, timeout: float = 90) -> tuple[subprocess.Popen, dict]:
+    process = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", model_dir, "--runs-dir", runs_dir, *ARGS),
+                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = manifest(runs_dir)
+        if current and current["step"] >= step:
+            return process, current
+        if process.poll() is not None:
+            raise AssertionError(f"generate ended before step {step}: {process.communicate()}")
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError("no step was saved in time")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_official, tmp_path_factory):
+    """Final latents of an uninterrupted run."""
+    runs_dir = tmp_path_factory.mktemp("reference")
+    done = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", runs_dir, "--json", *ARGS)
+    assert done.returncode == 0, done.stderr
+    return load_file(json.loads(done.stdout)["final_latents"])["latents"]
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path, reference):
+    process, at_kill = start_and_wait_for_step(tmp_path, tiny_official)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    killed = manifest(tmp_path)
+    assert killed["state"] == "denoising" and 1 <= killed["step"] < STEPS, killed["step"]
+
+    resumed = run("resume", "--runs-dir", tmp_path, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["state"] == "done" and result["resumed_from"].startswith("step ")
+    assert int(result["resumed_from"].split()[1].split("/")[0]) >= at_kill["step"]
+    assert load_file(result["final_latents"])["latents"].equal(reference)
+    folder = Path(result["folder"])
+    assert not [p.name for p in folder.iterdir() if ".tmp-" in p.name]  # a killed write's temp file is cleaned up
+
+
+def test_ctrl_c_saves_prints_resume_and_exits_130(tiny_official, tmp_path, reference):
+    process, _ = start_and_wait_for_step(tmp_path, tiny_official)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    stopped = manifest(tmp_path)
+    assert f"lowvram resume {stopped['id']}" in stderr and "stopping after this step" in stderr
+    assert 1 <= stopped["step"] <= STEPS and stopped["state"] == "denoising"
+
+    resumed = run("resume", stopped["id"], "--runs-dir", tmp_path, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_file(json.loads(resumed.stdout)["final_latents"])["latents"].equal(reference)
+
+    listed = json.loads(run("runs", "--runs-dir", tmp_path, "--json").stdout)["runs"]
+    assert [(r["id"], r["state"], r["step"]) for r in listed] == [(stopped["id"], "done", STEPS)]
+
+
+def test_console_script_and_module_help():
+    helped = run("--help", timeout=60)
+    assert helped.returncode == 0 and "generate" in helped.stdout and "resume" in helped.stdout
+    script = shutil.which("lowvram", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the `lowvram` console script is not installed (pip install -e .)")
+    installed = subprocess.run([script, "profiles", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert installed.returncode == 0 and json.loads(installed.stdout)["profiles"]

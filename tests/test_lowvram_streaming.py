@@ -1,0 +1,371 @@
+"""Block streaming: the schedule logic (pure), the streamer's copy order, and exactness: a streamed
+DiT gives bit-for-bit the output of the resident one (same modules, same weights copied exactly).
+CPU runs the same streamer logic with synchronous copies; the CUDA tests add streams and events."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hyvideo.config import DiTConfig
+from hyvideo.dit import HunyuanVideoDiT
+from lowvram.schedule import BlockSchedule, plan_schedule, spread_evenly
+from lowvram.streaming import BlockStreamer, PinReport, empty_module_like, module_bytes, pin_leaves_, tensor_leaves
+from lowvram.weights import dit_block_kinds
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Weights ~ N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2), biases N(0, 0.1^2): every parameter
+    matters and activations stay O(1). (Local: tests.diffusers_oracle needs diffusers.)"""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(noise / p[0].numel() ** 0.5 if p.ndim >= 2 else (1 + 0.1 * noise if "norm" in name else 0.1 * noise))
+
+
+# 3 double + 5 single blocks: rings of both kinds, uneven spreads, wrap-around prefetch.
+CONFIG = DiTConfig(hidden_size=64, heads=2, double_blocks=3, single_blocks=5, refiner_blocks=1,
+                   text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(8, 12, 12))
+
+
+def make_model(seed=1, dtype=torch.float32):
+    model = HunyuanVideoDiT(CONFIG).eval()
+    randomize_(model, seed=seed)
+    return model.to(dtype)
+
+
+def make_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 2, 6, 8, generator=gen)
+    text = torch.randn(1, 10, CONFIG.text_states_dim, generator=gen)
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 7:] = 0
+    pooled = torch.randn(1, CONFIG.text_states_dim_2, generator=gen)
+    return x, torch.tensor([700.0]), text, mask, pooled, torch.tensor([6016.0])
+
+
+def schedule_for(model, **kwargs) -> BlockSchedule:
+    return plan_schedule(dit_block_kinds(model.config), [module_bytes(b) for b in model.all_blocks()], **kwargs)
+
+
+def run_steps(model, streamer, inputs, steps):
+    outs = []
+    with torch.no_grad():
+        for step in range(steps):
+            outs.append(model(*inputs, blocks=streamer.blocks_for_step(prefetch_next_step=step + 1 < steps)))
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule logic (pure)
+
+
+@pytest.mark.parametrize("n", [1, 4, 8, 60])
+def test_spread_evenly_is_distinct_sorted_and_balanced(n):
+    for k in range(n + 1):
+        picked = spread_evenly(n, k)
+        assert picked == sorted(set(picked)) and len(picked) == k
+        assert all(0 <= i < n for i in picked)
+        if k >= 2:  # gaps differ by at most one block: evenly spread
+            gaps = [b - a for a, b in zip(picked, picked[1:])]
+            assert max(gaps) - min(gaps) <= 1
+    assert spread_evenly(60, 60) == list(range(60))
+    assert spread_evenly(60, 3) == [10, 30, 50]
+
+
+def test_budget_schedule_is_the_largest_that_fits():
+    kinds = ["double"] * 20 + ["single"] * 40
+    sizes = [340] * 20 + [142] * 40  # the 13B FP8 proportions (MB)
+    total = sum(sizes)
+    assert plan_schedule(kinds, sizes, budget_bytes=total).resident == tuple(range(60))  # all fit: no ring
+    for budget in (0, 1000, 5000, 9000, total - 1):
+        s = plan_schedule(kinds, sizes, budget_bytes=budget, prefetch_depth=2)
+        k = len(s.resident)
+        if k:
+            assert s.gpu_bytes <= budget
+        bigger = plan_schedule(kinds, sizes, resident=k + 1, prefetch_depth=2) if k < 60 else None
+        assert bigger is None or bigger.gpu_bytes > budget  # one more resident block would not fit
+    assert len(plan_schedule(kinds, sizes, budget_bytes=0).resident) == 0  # ring alone too big: all streamed
+
+
+def test_ring_slots_and_bytes():
+    kinds = ["double"] * 20 + ["single"] * 40
+    sizes = [340] * 20 + [142] * 40
+    s = plan_schedule(kinds, sizes, resident=0, prefetch_depth=2)
+    assert s.effective_depth == 2 and s.ring_slots == {"double": 3, "single": 3}
+    assert s.ring_bytes == 3 * 340 + 3 * 142 and s.streamed_bytes_per_step == sum(sizes)
+    one_left = plan_schedule(kinds, sizes, resident=59, prefetch_depth=2)
+    assert one_left.effective_depth == 0 and sum(one_left.ring_slots.values()) == 1  # never the same block twice
+    text = str(s)
+    assert "prefetch depth 2" in text and "streamed 60" in text and "ring: 3 x double" in text
+    d = s.to_dict()
+    assert d["streamed"] == list(range(60)) and d["ring_slots"] == {"double": 3, "single": 3}
+
+
+def test_schedule_rejects_bad_input():
+    with pytest.raises(ValueError):
+        BlockSchedule(("double",), (1,), (0,), prefetch_depth=0)
+    with pytest.raises(ValueError):
+        plan_schedule(["double"] * 4, [1] * 4, resident=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness: streamed == resident, bit for bit
+
+
+@pytest.fixture(scope="module")
+def model_and_reference():
+    model = make_model()
+    inputs = make_inputs()
+    with torch.no_grad():
+        reference = model(*inputs)
+    return model, inputs, reference
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("resident", [0, 1, 3, 8])  # 0: all streamed; 8: all resident
+def test_streamed_equals_resident_bit_for_bit(model_and_reference, resident, depth):
+    model, inputs, reference = model_and_reference
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=resident, prefetch_depth=depth), "cpu")
+    outs = run_steps(model, streamer, inputs, steps=3)  # crosses the step boundary twice
+    for out in outs:
+        assert torch.equal(out, reference)
+    stats = streamer.step_stats()
+    per_step = sum(module_bytes(model.all_blocks()[i]) for i in streamer.schedule.streamed)
+    assert [s.bytes_copied for s in stats] == [per_step] * 3
+    assert [s.blocks_copied for s in stats] == [8 - resident] * 3
+
+
+@pytest.mark.parametrize("budget_fraction", [0.0, 0.35, 0.7, 1.0])
+def test_budget_schedules_are_exact(model_and_reference, budget_fraction):
+    model, inputs, reference = model_and_reference
+    total = sum(module_bytes(b) for b in model.all_blocks())
+    schedule = schedule_for(model, budget_bytes=int(total * budget_fraction), prefetch_depth=2)
+    streamer = BlockStreamer(model.all_blocks(), schedule, "cpu")
+    for out in run_steps(model, streamer, inputs, steps=2):
+        assert torch.equal(out, reference)
+
+
+def test_streamed_bf16_and_chunked(model_and_reference):
+    model = make_model(dtype=torch.bfloat16)
+    inputs = make_inputs()
+    model.token_chunk = 5
+    with torch.no_grad():
+        reference = model(*inputs)
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=2, prefetch_depth=2), "cpu")
+    for out in run_steps(model, streamer, inputs, steps=2):
+        assert torch.equal(out, reference)
+
+
+class TinyFP8Linear(nn.Module):
+    """FP8 layout as in quant/fp8.py: float8_e4m3fn weight parameter + float32 scale buffer."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1, keepdim=True) / 448
+        self.weight = nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+
+
+def fp8_linear(linear):
+    try:
+        from quant.fp8 import FP8Linear
+    except ImportError:
+        return TinyFP8Linear(linear)
+    return FP8Linear.from_linear(linear)
+
+
+def swap_linears(module: nn.Module, make) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, make(child))
+        else:
+            swap_linears(child, make)
+
+
+def test_fp8_blocks_stream_exactly():
+    model = make_model(dtype=torch.bfloat16)
+    for block in model.all_blocks():
+        swap_linears(block, fp8_linear)
+    assert any(t.dtype == torch.float8_e4m3fn for t in tensor_leaves(model.double_blocks[0]))
+    inputs = make_inputs()
+    with torch.no_grad():
+        reference = model(*inputs)
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=3, prefetch_depth=2), "cpu")
+    for out in run_steps(model, streamer, inputs, steps=2):
+        assert torch.equal(out, reference)
+
+
+def test_int8_quanto_blocks_stream_exactly():
+    """quanto's INT8 weights are tensor subclasses; their inner tensors (_data int8, _scale) are the
+    leaves the streamer copies into shells rebuilt with __tensor_unflatten__."""
+    quanto = pytest.importorskip("optimum.quanto")
+    model = make_model(dtype=torch.bfloat16)
+    for block in model.all_blocks():
+        quanto.quantize(block, weights=quanto.qint8)
+        quanto.freeze(block)
+    leaves = tensor_leaves(model.single_blocks[0])
+    assert any(t.dtype == torch.int8 for t in leaves)
+    inputs = make_inputs()
+    with torch.no_grad():
+        reference = model(*inputs)
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=2, prefetch_depth=1), "cpu")
+    for out in run_steps(model, streamer, inputs, steps=2):
+        assert torch.equal(out, reference)
+    shell = empty_module_like(model.single_blocks[0], "cpu")
+    assert type(shell.linear1.weight) is type(model.single_blocks[0].linear1.weight)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(tensor_leaves(shell), leaves))
+
+
+# ---------------------------------------------------------------------------------------------
+# Copy order: what the CUDA events enforce, checked on the recorded trace
+
+
+def test_copy_order_slots_and_cross_step_prefetch():
+    model = make_model()
+    depth, steps = 2, 3
+    schedule = schedule_for(model, resident=2, prefetch_depth=depth)
+    streamer = BlockStreamer(model.all_blocks(), schedule, "cpu", trace=True)
+    run_steps(model, streamer, make_inputs(), steps)
+    trace, streamed = streamer.trace, list(schedule.streamed)
+    position = {}  # (step, block) -> absolute streamed position
+    for step in range(steps):
+        for k, block in enumerate(streamed):
+            position[step, block] = step * len(streamed) + k
+    slot_holds, computed = {}, -1
+    for event, step, block, slot in trace:
+        if event == "copy":
+            # never more than `depth` streamed blocks ahead of the next one to compute
+            assert position[step, block] <= computed + 1 + depth
+            # a slot is only overwritten once its previous block has been computed
+            previous = slot_holds.get(slot)
+            assert previous is None or position[previous] <= computed
+            slot_holds[slot] = (step, block)
+        elif event == "run" and slot != -1:
+            assert slot_holds[slot] == (step, block)  # the slot holds this block's copy
+            computed = position[step, block]
+    copies = [(s, b) for e, s, b, _ in trace if e == "copy"]
+    assert copies == sorted(copies, key=lambda sb: position[sb])  # streamed order, each once
+    assert len(copies) == steps * len(streamed)  # the last step prefetched nothing beyond itself
+    # step s+1's first depth+1 blocks are copied during step s, some before its last block runs
+    for step in range(steps - 1):
+        next_start = trace.index(("step", step + 1, -1, -1))
+        last_run = max(i for i, (e, s, _, _) in enumerate(trace) if e == "run" and s == step)
+        first = [i for i, (e, s, _, _) in enumerate(trace) if e == "copy" and s == step + 1][: depth + 1]
+        assert len(first) == depth + 1 and all(i < next_start for i in first)
+        assert first[0] < last_run
+
+
+def test_interrupted_step_recovers():
+    model = make_model()
+    inputs = make_inputs()
+    with torch.no_grad():
+        reference = model(*inputs)
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=1, prefetch_depth=2), "cpu")
+    blocks = streamer.blocks_for_step()
+    next(blocks), next(blocks)
+    blocks.close()  # e.g. an exception inside the DiT forward
+    for out in run_steps(model, streamer, inputs, steps=2):
+        assert torch.equal(out, reference)
+
+
+def test_keep_host_copy_and_close():
+    model = make_model()
+    inputs = make_inputs()
+    with torch.no_grad():
+        reference = model(*inputs)
+    masters = [t.data_ptr() for b in model.all_blocks() for t in tensor_leaves(b)]
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=4, prefetch_depth=1), "cpu", keep_host_copy=True)
+    assert streamer.gpu_bytes == streamer.schedule.resident_bytes + streamer.schedule.ring_bytes
+    run_steps(model, streamer, inputs, steps=1)
+    streamer.close()
+    assert [t.data_ptr() for b in model.all_blocks() for t in tensor_leaves(b)] == masters  # masters untouched
+    with pytest.raises(RuntimeError):
+        streamer.blocks_for_step()
+    with torch.no_grad():
+        assert torch.equal(model(*inputs), reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pinned memory policy
+
+
+def test_pinning_respects_cap_and_falls_back():
+    blocks = [nn.Linear(16, 16), nn.Linear(16, 16)]  # 1088 bytes each (weight 1024 + bias 64)
+    pinned = []
+
+    def fake_pin(t):
+        pinned.append(t.numel())
+        return t.clone()
+
+    report = pin_leaves_(blocks, cap_bytes=1100, pin=fake_pin)
+    assert report.pinned_bytes == 1088 and report.unpinned_bytes == 1088 and "cap" in report.reason
+
+    def failing_pin(t):
+        raise RuntimeError("cudaHostAlloc failed:\n out of memory")
+
+    report = pin_leaves_([nn.Linear(4, 4)], cap_bytes=None, pin=failing_pin)
+    assert report == PinReport(0, 80, "pinning failed: cudaHostAlloc failed: out of memory")
+
+
+def test_cpu_streamer_does_not_pin():
+    model = make_model()
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=0), "cpu")
+    assert streamer.pin_report.pinned_bytes == 0 and streamer.pin_report.reason == "not a CUDA device"
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: streams, events, pinned memory
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("depth", [1, 2])
+def test_cuda_streamed_equals_resident(depth):
+    model = make_model(dtype=torch.bfloat16)
+    inputs = make_inputs()
+    device = torch.device("cuda")
+    reference_model = make_model(dtype=torch.bfloat16).to(device)
+    cuda_inputs = [t.to(device) for t in inputs]
+    with torch.no_grad():
+        reference = reference_model(*cuda_inputs)
+    for resident in (0, 3, 8):
+        fresh = make_model(dtype=torch.bfloat16)
+        for name, child in fresh.named_children():
+            if name not in ("double_blocks", "single_blocks"):
+                child.to(device)
+        streamer = BlockStreamer(fresh.all_blocks(), schedule_for(fresh, resident=resident, prefetch_depth=depth), device)
+        assert streamer.pin_report.pinned_bytes > 0 or resident == 8
+        for out in run_steps(fresh, streamer, cuda_inputs, steps=3):
+            assert torch.equal(out, reference)
+        stats = streamer.step_stats()
+        assert all(s.wait_ms >= 0 and s.copy_ms >= 0 for s in stats)
+        streamer.close()
+    del model
+
+
+@pytest.mark.cuda
+def test_cuda_streaming_loop_never_synchronizes():
+    """The block iterator issues copies and event waits only: under sync debug mode 'error' any
+    host-device synchronization inside it raises."""
+    model = make_model(dtype=torch.bfloat16)
+    device = torch.device("cuda")
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=2, prefetch_depth=2), device)
+    x = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):
+            for block in streamer.blocks_for_step(prefetch_next_step=step < 2):
+                w = next(iter(block.parameters()))  # some compute that reads the block's weights
+                x = x + w.flatten()[:64].to(x.dtype)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert math.isfinite(float(x.float().sum()))
+    streamer.close()
