@@ -122,7 +122,7 @@ def make_reporter(enabled: bool):
     file or a pipe (a log of an hour-long run); nothing but warnings when not `enabled`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from lowvram.runner import Reporter
+    from lowvram.progress import Reporter
 
     class RichReporter(Reporter):
         """Stages as rows: a spinner for loading, a bar with s/step, ETA and peak VRAM for steps."""
@@ -282,7 +282,8 @@ def generate(
 
     with user_errors(as_json):
         from hyvideo.pipeline import GenerationRequest
-        from lowvram.runner import RunOptions, execute, resolve_size, start_run
+        from lowvram.runner import RunOptions, execute, start_run
+        from lowvram.sizes import resolve_size
 
         text = _read_prompt(prompt, prompt_file)
         width, height = resolve_size(size, resolution, aspect)
@@ -337,7 +338,8 @@ def demo(
     The tiny checkpoint is written once and reused, so an interrupted demo can be resumed."""
     with user_errors(as_json):
         from hyvideo.pipeline import GenerationRequest
-        from lowvram.runner import RunOptions, execute, parse_size, start_run
+        from lowvram.runner import RunOptions, execute, start_run
+        from lowvram.sizes import parse_size
 
         width, height = parse_size(size)
         request = GenerationRequest(prompt, width=width, height=height, frames=frames, steps=steps, seed=seed)
@@ -437,7 +439,8 @@ def plan(
         from lowvram.planner import plan as make_plan
         from lowvram.planner import with_budget
         from lowvram.profiles import choose_profile, load_profile
-        from lowvram.runner import resolve_size, suggest_fit
+        from lowvram.sizes import resolve_size
+        from lowvram.stages import suggest_fit
 
         width, height = resolve_size(size, resolution, aspect)
         validate_request(GenerationRequest("plan", width=width, height=height, frames=frames))
@@ -618,7 +621,7 @@ def quantize(
     _quiet_libraries()
     with user_errors(as_json):
         from hyvideo.checkpoint import find_model_files, load_dit_state_dict
-        from lowvram.runner import dit_config_for
+        from lowvram.stages import dit_config_for
         from quant.cache import ensure_dit_cache
 
         model_dir = model_dir or default_model_dir()

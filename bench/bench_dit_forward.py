@@ -39,7 +39,6 @@ def main(argv=None) -> dict:
         for backend in backends:
             model.attention_backend = backend
             run = {"size": f"{width}x{height}x{frames}", "backend": backend}
-            inputs = None
             try:
                 inputs = dit_inputs(config, width, height, frames, device, dtype, text_len=256 if not args.tiny else 16, valid=120 if not args.tiny else 9)
                 reset_peak(device)
@@ -51,7 +50,6 @@ def main(argv=None) -> dict:
                 run["error"] = f"out of memory: {str(err).splitlines()[0]}"
             results["runs"].append(run)
             print(run, flush=True)
-            del inputs
     path = write_results(args.out, "dit_forward" + ("-tiny" if args.tiny else ""), results)
     print(f"wrote {path}")
     return results

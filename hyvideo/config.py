@@ -4,7 +4,7 @@ architecture for tests and the demo.
 Sizes are plain dataclasses (as in gpt-fast); `DIT_CONFIGS` / `VAE_CONFIGS` map names to them.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hyvideo.errors import HyVideoError
 
-from .weights import DIT_SCHEMES, ENCODER_SCHEMES, POLICY_ALIASES, QUANT_POLICIES
+from .weights import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,7 +46,7 @@ class Profile:
     vram_budget_gb: float  # GiB of GPU memory the profile is made for
     description: str = ""
     dit_scheme: str = "fp8"  # fp8 | int8 | bf16
-    quant_policy: str = "blocks"  # which DiT linears are quantized (quant/policy.py; "official" = "blocks")
+    quant_policy: str = "blocks"  # which DiT linears are quantized (quant/policy.py)
     encoder_scheme: str = "nf4"  # LLM text encoder: nf4 | bf16
     resident_blocks: int | str = "auto"  # DiT blocks kept on the GPU: "auto" (fit the budget) or a count
     prefetch_depth: int = 2  # streamed blocks copied ahead of use
@@ -95,7 +95,7 @@ def profile_from_dict(values: dict, source: str = "<dict>") -> Profile:
         "description": (str, None, "must be a string"),
         "vram_budget_gb": (number, lambda v: v > 0, "must be a positive number of GiB"),
         "dit_scheme": (str, lambda v: v in DIT_SCHEMES, f"must be one of {', '.join(DIT_SCHEMES)}"),
-        "quant_policy": (str, lambda v: v in QUANT_POLICIES or v in POLICY_ALIASES, f"must be one of {', '.join(QUANT_POLICIES)}"),
+        "quant_policy": (str, lambda v: v in QUANT_POLICIES, f"must be one of {', '.join(QUANT_POLICIES)}"),
         "encoder_scheme": (str, lambda v: v in ENCODER_SCHEMES, f"must be one of {', '.join(ENCODER_SCHEMES)}"),
         "resident_blocks": ((str, int), lambda v: v == "auto" if isinstance(v, str) else v >= 0,
                             "must be \"auto\" or a block count >= 0"),

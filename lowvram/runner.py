@@ -19,7 +19,6 @@ stays valid: every file is written atomically).
 """
 
 import gc
-import json
 import platform
 import shutil
 import threading
@@ -30,40 +29,22 @@ from pathlib import Path
 import torch
 
 from hyvideo.attention import check_backend
-from hyvideo.checkpoint import ModelFiles, find_model_files, load_dit, load_vae, read_torch_file, infer_dit_config
+from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest, HunyuanVideoPipeline, validate_request
 from hyvideo.sampler import initial_noise
-from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder, TEXT_LEN, encode_prompts
+from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 
+from .progress import Reporter
+from .stages import CPU_MAX_DIT_PARAMS, build_stages, dit_config_for, parameter_count, resolve_profile, vae_config_for
 from .runs import FIRST_FRAME, VIDEO, Run, file_fingerprint, find_run, fingerprint_mismatch
 from .video import write_outputs
 
-CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 # --- progress, interrupts, results -----------------------------------------------------------
-
-
-class Reporter:
-    """Progress callbacks; these do nothing. The CLI subclasses it with rich progress bars.
-
-    stage(name, total): a stage starts ("loading text encoders", "encoding text", "loading DiT",
-    "denoising", "loading VAE", "decoding", "writing video"); total = number of units (steps, tiles)
-    or None. advance(completed, **info): units done so far (info: s_per_step, peak_vram_gb).
-    warn(message): something the user should know that does not stop the run.
-    """
-
-    def stage(self, name: str, total: int | None = None, completed: int = 0) -> None:
-        pass
-
-    def advance(self, completed: int, **info) -> None:
-        pass
-
-    def warn(self, message: str) -> None:
-        pass
 
 
 class StopRequest:
@@ -140,32 +121,6 @@ def check_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HyVideoError("--device cuda, but PyTorch sees no CUDA GPU (`lowvram doctor` says why); use --device cpu for the tiny demo model")
     return torch.device(device)
-
-
-def dit_config_for(files: ModelFiles) -> DiTConfig:
-    """The DiT's config without loading its weights: diffusers' config.json, or the official
-    checkpoint's tensor shapes (memory-mapped, so nothing is read but the shapes)."""
-    if files.layout == "diffusers":
-        try:
-            return DiTConfig.from_diffusers(json.loads(files.dit_config.read_text()))
-        except (OSError, ValueError, KeyError) as error:
-            raise HyVideoError(f"{files.dit_config} is not a HunyuanVideo transformer config ({error}); download it again") from None
-    source = files.dit_weights[0] if files.dit_weights else files.dit_fp8
-    return infer_dit_config(read_torch_file(source))
-
-
-def vae_config_for(files: ModelFiles) -> VAEConfig:
-    try:
-        return VAEConfig.from_dict(json.loads(files.vae_config.read_text()))
-    except (OSError, ValueError, TypeError) as error:
-        raise HyVideoError(f"{files.vae_config} is not a VAE config ({error}); download it again") from None
-
-
-def parameter_count(config: DiTConfig) -> int:
-    from hyvideo.dit import HunyuanVideoDiT
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in HunyuanVideoDiT(config).parameters())
 
 
 def latent_shape(request: GenerationRequest, dit: DiTConfig, vae: VAEConfig) -> tuple[int, ...]:
@@ -429,265 +384,3 @@ def _result(run: Run, resumed_from: str | None = None, peak_vram_gb: float | Non
         settings=run.settings, resumed_from=resumed_from, seconds=dict(run.manifest.get("seconds", {})),
         peak_vram_gb=peak_vram_gb,
     )
-
-
-# --- sizes -----------------------------------------------------------------------------------
-
-# Official size buckets as width x height (facts §5.4; the Gradio demo's labels give the aspect).
-SIZE_BUCKETS = {
-    "540p": {"16:9": (960, 544), "9:16": (544, 960), "4:3": (832, 624), "3:4": (624, 832), "1:1": (720, 720)},
-    "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "4:3": (1104, 832), "3:4": (832, 1104), "1:1": (960, 960)},
-}
-DEFAULT_RESOLUTION, DEFAULT_ASPECT = "720p", "16:9"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """"1280x720" -> (1280, 720)."""
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        width, height = (int(p) for p in parts)
-    except ValueError:
-        raise HyVideoError(f"--size must be WIDTHxHEIGHT, e.g. 1280x720; got {text!r}") from None
-    return width, height
-
-
-def resolve_size(size: str | None, resolution: str | None, aspect: str | None) -> tuple[int, int]:
-    """--size WxH, or an official bucket from --resolution and --aspect (default 720p 16:9)."""
-    if size is not None:
-        if resolution is not None or aspect is not None:
-            raise HyVideoError("give either --size or --resolution/--aspect, not both")
-        return parse_size(size)
-    resolution, aspect = resolution or DEFAULT_RESOLUTION, aspect or DEFAULT_ASPECT
-    if resolution not in SIZE_BUCKETS:
-        raise HyVideoError(f"--resolution must be one of {', '.join(SIZE_BUCKETS)}; got {resolution!r} (or use --size WxH)")
-    if aspect not in SIZE_BUCKETS[resolution]:
-        raise HyVideoError(f"--aspect must be one of {', '.join(SIZE_BUCKETS[resolution])}; got {aspect!r}")
-    return SIZE_BUCKETS[resolution][aspect]
-
-
-# --- the seam to lowvram's profiles, planner and placement ------------------------------------
-#
-# A run's profile is stored in its settings as a plain dict (what `Profile.to_dict()` gives, or
-# PLAIN below). `resolve_profile` turns --profile into that dict (checking that it fits), and
-# `build_stages` turns the dict back into the objects that load each stage's models.
-
-PLAIN = "plain"  # every model whole on the device, unquantized; the tiny model and big GPUs
-
-
-def plain_profile(device: torch.device) -> dict:
-    dtype = "float32" if device.type == "cpu" else "bfloat16"
-    return {"name": PLAIN, "description": "whole models on the device, unquantized", "dtype": dtype}
-
-
-def gpu_memory() -> tuple[int, int]:
-    """(free VRAM, available host RAM) in bytes, for choosing a profile."""
-    from .doctor import host_ram
-
-    free, _ = torch.cuda.mem_get_info()
-    total, available = host_ram()
-    return free, available or total or 0
-
-
-def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes: int | None,
-                dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None) -> str | None:
-    """What would fit this memory: `--profile NAME` (same video), else a smaller video."""
-    from .profiles import choose_profile
-
-    kwargs = {"dit_config": dit_config, "vae_config": vae_config}
-    try:
-        return f"--profile {choose_profile(vram_bytes, ram_bytes or 0, width, height, frames, **kwargs).name}"
-    except HyVideoError:
-        pass
-    aspect = next((a for buckets in SIZE_BUCKETS.values() for a, wh in buckets.items() if wh == (width, height)), "16:9")
-    shorter = [f for f in (65, 33) if f < frames]
-    smaller = [(f"--frames {f}", (width, height, f)) for f in shorter]
-    if SIZE_BUCKETS["540p"][aspect] != (width, height):
-        small = SIZE_BUCKETS["540p"][aspect]
-        smaller[1:1] = [(f"--resolution 540p --aspect {aspect}", (*small, frames))]
-        smaller += [(f"--resolution 540p --aspect {aspect} --frames {f}", (*small, f)) for f in shorter]
-    for hint, (w, h, f) in smaller:
-        try:
-            name = choose_profile(vram_bytes, ram_bytes or 0, w, h, f, **kwargs).name
-            return f"{hint} --profile {name}"
-        except HyVideoError:
-            continue
-    return None
-
-
-def resolve_profile(spec: str, device: torch.device, dit_config: DiTConfig, vae_config: VAEConfig,
-                    request: GenerationRequest, params: int, reporter: Reporter) -> dict:
-    """--profile (auto | plain | a shipped name | a .toml path) -> the profile dict for the run."""
-    from .profiles import choose_profile, load_profile
-
-    if spec not in ("auto", PLAIN):
-        profile = load_profile(spec)  # unknown name or malformed file -> HyVideoError
-        if device.type == "cpu":  # only the tiny model gets here: run the profile's code path as is
-            reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked")
-            return {**profile.to_dict(), "source": profile.source}
-    if device.type == "cpu" or spec == PLAIN or (spec == "auto" and params < CPU_MAX_DIT_PARAMS):
-        return plain_profile(device)
-    vram, ram = gpu_memory()
-    size = (request.width, request.height, request.frames)
-    if spec == "auto":
-        profile = choose_profile(vram, ram, *size, dit_config=dit_config, vae_config=vae_config)
-    else:
-        from .planner import plan, with_budget
-
-        if vram < profile.vram_budget_bytes:  # as choose_profile does: "auto" resident blocks use what is free
-            profile = with_budget(profile, vram)
-        found = plan(profile, *size, host_ram_bytes=ram, dit_config=dit_config, vae_config=vae_config)
-        if not found.fits:
-            hint = suggest_fit(*size, vram, ram, dit_config, vae_config)
-            raise HyVideoError(
-                f"profile {profile.name} does not fit {request.width}x{request.height}x{request.frames} here: it needs "
-                f"{found.required_vram_gb:.1f} GiB VRAM ({vram / 2**30:.1f} free) and {found.peak_ram_gb:.1f} GiB RAM "
-                f"({ram / 2**30:.1f} available); " + (f"try {hint}" if hint else "try a smaller --size or fewer --frames")
-            )
-    return {**profile.to_dict(), "source": profile.source}
-
-
-class PlainStages:
-    """Each stage's model loaded whole onto the device, unquantized (profile "plain")."""
-
-    def __init__(self, files: ModelFiles, profile: dict, device: torch.device, attention: str):
-        self.files, self.device, self.attention = files, device, attention
-        cpu = device.type == "cpu"
-        self.dit_dtype = torch.float32 if cpu else torch.bfloat16
-        self.vae_dtype = self.text_dtype = torch.float32 if cpu else torch.float16
-
-    def text_encoders(self) -> tuple[LlamaTextEncoder, ClipTextEncoder]:
-        files = self.files
-        llm = LlamaTextEncoder.from_folder(files.llm, dtype=self.text_dtype, device=self.device, tokenizer_folder=files.llm_tokenizer)
-        clip = ClipTextEncoder.from_folder(files.clip, dtype=self.text_dtype, device=self.device, tokenizer_folder=files.clip_tokenizer)
-        return llm, clip
-
-    def dit(self, calls: int = 1):
-        dit = load_dit(self.files, self.dit_dtype).to(self.device)
-        dit.attention_backend = self.attention
-        return dit
-
-    def vae(self):
-        return load_vae(self.files, self.vae_dtype).to(self.device)
-
-    def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
-        frames = HunyuanVideoPipeline(None, vae, None, None, self.device).decode(latents)
-        on_progress(1, 1)
-        return frames
-
-
-class StreamedDiT:
-    """The DiT as the denoising loop calls it (`dit(x, t, ...)`, `.compute_dtype`), its blocks
-    coming from a BlockStreamer (lowvram/streaming.py) placed per the run's memory plan."""
-
-    def __init__(self, model, streamer, calls: int):
-        self.model, self.streamer, self.calls_left = model, streamer, calls
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.model.compute_dtype
-
-    def __call__(self, *args):
-        self.calls_left -= 1
-        return self.model(*args, blocks=self.streamer.blocks_for_step(prefetch_next_step=self.calls_left > 0))
-
-    def release(self) -> None:
-        from .placement import release_dit
-
-        release_dit(self.model, self.streamer, keep_on_host=False)
-
-
-QUANT_POLICY_NAMES = {"official": "blocks"}  # profiles' name (lowvram/weights.py) -> quant/policy.py's
-
-
-def quant_cache_dir(files: ModelFiles) -> Path:
-    """Where `lowvram quantize` and the fp8/int8 profiles keep the quantized DiT."""
-    return Path(files.root) / "lowvram-cache"
-
-
-class ProfileStages:
-    """Stages placed per a memory profile: the LLM in NF4 (or bf16), the DiT quantized (Tencent's
-    FP8 file, or the quantize-once cache) with its blocks resident or streamed per the memory plan,
-    the VAE decoded in tiles."""
-
-    def __init__(self, files: ModelFiles, profile: dict, device: torch.device, attention: str, size: tuple[int, int, int],
-                 reporter: Reporter):
-        from .planner import plan
-        from .profiles import profile_from_dict
-
-        values = {k: v for k, v in profile.items() if k != "source"}
-        self.profile = profile_from_dict(values, profile.get("source") or profile["name"])
-        self.files, self.device, self.attention, self.reporter = files, device, attention, reporter
-        self.dit_config, self.vae_config = dit_config_for(files), vae_config_for(files)
-        self.plan = plan(self.profile, *size, dit_config=self.dit_config, vae_config=self.vae_config)
-
-    def text_encoders(self) -> tuple[LlamaTextEncoder, ClipTextEncoder]:
-        from transformers import AutoTokenizer
-
-        files = self.files
-        if self.profile.encoder_scheme == "nf4":
-            from quant.nf4 import load_llm_nf4
-
-            loaded = load_llm_nf4(files.llm, self.device)
-            if loaded.reason:
-                self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running it in bf16 on the CPU")
-            tokenizer = AutoTokenizer.from_pretrained(files.llm_tokenizer, padding_side="right", local_files_only=True)
-            llm = LlamaTextEncoder(loaded.model, tokenizer)
-        else:
-            llm = LlamaTextEncoder.from_folder(files.llm, dtype=torch.bfloat16, device=self.device, tokenizer_folder=files.llm_tokenizer)
-        clip = ClipTextEncoder.from_folder(files.clip, dtype=torch.float16 if self.device.type == "cuda" else torch.float32,
-                                           device=self.device, tokenizer_folder=files.clip_tokenizer)
-        return llm, clip
-
-    def _load_dit_on_host(self):
-        from hyvideo.checkpoint import load_dit_state_dict
-
-        files, scheme = self.files, self.profile.dit_scheme
-        if scheme == "bf16":
-            return load_dit(files, torch.bfloat16)
-        if scheme == "fp8" and files.dit_fp8 is not None:
-            from quant.tencent_fp8 import load_tencent_fp8
-
-            return load_tencent_fp8(files.dit_fp8, self.dit_config, files.dit_fp8_map, device="cpu")
-        from quant.cache import cache_status, ensure_dit_cache, load_cached_dit
-
-        policy = QUANT_POLICY_NAMES.get(self.profile.quant_policy, self.profile.quant_policy)
-        cache = quant_cache_dir(files)
-        status = cache_status(cache, self.dit_config, scheme, policy, files.dit_weights)
-        if status.state != "fresh":
-            self.reporter.stage(status.message)
-            ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], self.dit_config, scheme, policy, cache)
-            self.reporter.stage("loading DiT")
-        return load_cached_dit(cache, self.dit_config, scheme, policy, files.dit_weights, device="cpu")
-
-    def dit(self, calls: int = 1):
-        from .placement import prepare_dit
-
-        model = self._load_dit_on_host()
-        model.attention_backend = self.attention
-        return StreamedDiT(model, prepare_dit(model, self.plan, self.device), calls)
-
-    def vae(self):
-        return load_vae(self.files, torch.float16 if self.device.type == "cuda" else torch.float32).to(self.device)
-
-    def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
-        from hyvideo.pipeline import latents_to_frames
-
-        from .tiled_vae import TiledVAE
-
-        dtype = next(vae.parameters()).dtype
-        z = (latents / vae.config.scaling_factor).to(self.device, dtype)
-        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu")
-        with torch.inference_mode():
-            video = tiled.decode(z)
-        on_progress(1, 1)
-        return latents_to_frames(video)
-
-
-def build_stages(files: ModelFiles, profile: dict, device: torch.device, attention: str,
-                 size: tuple[int, int, int] = (0, 0, 0), reporter: Reporter | None = None):
-    """The object that loads each stage's models for `profile`: text_encoders() -> (llm, clip),
-    dit(calls) -> a callable DiT (with .compute_dtype, optionally .release()), vae(),
-    decode(vae, latents, on_progress) -> uint8 frames."""
-    if profile["name"] == PLAIN:
-        return PlainStages(files, profile, device, attention)
-    return ProfileStages(files, profile, device, attention, size, reporter or Reporter())

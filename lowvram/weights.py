@@ -6,7 +6,6 @@ layers of Tencent's FP8 release, facts §1.14); everything else (trunk, biases, 
 - bf16: 2 bytes per element;
 - fp8:  float8_e4m3fn weight (1 byte/element) + a float32 scale per output channel;
 - int8: int8 weight (1 byte/element) + a bf16 scale per output channel + quanto's two scalars.
-If quant/ cannot be imported, a local computation with the same rules is used.
 
 Text encoders are not built here (their configs live in transformers); their sizes are fixed
 facts of the released checkpoints (facts §4): the Llama-3-8B base model (no lm_head) and CLIP-L's
@@ -21,16 +20,12 @@ import torch.nn as nn
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 
-try:
-    from quant import bytes as quant_bytes
-    from quant.policy import POLICIES as _QUANT_POLICIES
-except ImportError:  # quant/ not there: the local fallback below
-    quant_bytes, _QUANT_POLICIES = None, {"blocks": None}
+from quant import bytes as quant_bytes
+from quant.policy import POLICIES, get_policy
 
 DIT_SCHEMES = ("fp8", "int8", "bf16")
 ENCODER_SCHEMES = ("nf4", "bf16")
-QUANT_POLICIES = tuple(_QUANT_POLICIES)
-POLICY_ALIASES = {"official": "blocks"}  # Tencent's FP8 layer set, the name used before quant/policy.py
+QUANT_POLICIES = tuple(POLICIES)
 BLOCK_KINDS = ("double", "single")
 
 # Llama-3-8B as saved by the official preprocessing (AutoModel: no lm_head): 32 layers, hidden 4096,
@@ -39,16 +34,11 @@ LLM_EMBED_PARAMS = 128_256 * 4096  # 525,336,576: stays bf16 under NF4 (bitsandb
 LLM_LINEAR_PARAMS = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # 6,979,321,856
 LLM_OTHER_PARAMS = 32 * 2 * 4096 + 4096  # RMSNorm weights (262,144 + 4,096)
 CLIP_TEXT_PARAMS = 123_060_480  # CLIP-L/14 text transformer (kept fp16 in every scheme)
-NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # fallback: 4-bit codes + a float32 absmax per 64 (no double quant)
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise HyVideoError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
-
-
-def canonical_policy(policy: str) -> str:
-    return POLICY_ALIASES.get(policy, policy)
 
 
 @lru_cache(maxsize=8)
@@ -59,42 +49,16 @@ def _meta_dit(config: DiTConfig):
         return HunyuanVideoDiT(config)
 
 
-def _module_bytes(module: nn.Module, scheme: str, quantize_linears: bool) -> int:
-    """Fallback: bytes of `module`'s parameters when all its nn.Linear weights use `scheme`."""
-    total = 0
-    quantized = set()
-    if quantize_linears and scheme != "bf16":
-        for layer in module.modules():
-            if isinstance(layer, nn.Linear):
-                out_features, in_features = layer.weight.shape
-                quantized.add(id(layer.weight))
-                total += out_features * in_features  # 1 byte per element for fp8 and int8
-                total += 4 * out_features if scheme == "fp8" else 2 * out_features + 4
-    for p in module.parameters():
-        if id(p) not in quantized:
-            total += p.numel() * 2  # bf16
-    return total
-
-
 def block_bytes(config: DiTConfig, scheme: str, policy: str, kind: str) -> int:
     """Bytes of one DiT block of `kind` ("double" or "single") stored with `scheme`."""
-    policy = canonical_policy(policy)
     _check(scheme, DIT_SCHEMES, "DiT scheme")
     _check(policy, QUANT_POLICIES, "quant policy")
     _check(kind, BLOCK_KINDS, "block kind")
-    if quant_bytes is not None:
-        return quant_bytes.block_bytes(config, scheme, policy, kind).total
-    model = _meta_dit(config)
-    blocks = model.double_blocks if kind == "double" else model.single_blocks
-    if len(blocks) == 0:
-        return 0
-    return _module_bytes(blocks[0], scheme, quantize_linears=True)
+    return quant_bytes.block_bytes(config, scheme, policy, kind).total
 
 
 def _quantized_linears(block: nn.Module, kind: str, policy: str) -> list[nn.Module]:
-    if _QUANT_POLICIES.get(policy) is None:  # fallback: every linear of the block
-        return [m for m in block.modules() if isinstance(m, nn.Linear)]
-    return [block.get_submodule(name) for name in _QUANT_POLICIES[policy].block_names(kind)]
+    return [block.get_submodule(name) for name in get_policy(policy).block_names(kind)]
 
 
 def dequantized_weight_bytes(config: DiTConfig, scheme: str, policy: str, act_bytes: int = 2) -> int:
@@ -103,7 +67,7 @@ def dequantized_weight_bytes(config: DiTConfig, scheme: str, policy: str, act_by
     (single-block linear1, 21504 x 3072, for the 13B model: 0.25 GiB). 0 for bf16."""
     if scheme == "bf16":
         return 0
-    model, policy = _meta_dit(config), canonical_policy(policy)
+    model = _meta_dit(config)
     largest = 0
     for kind, blocks in (("double", model.double_blocks), ("single", model.single_blocks)):
         if len(blocks):
@@ -135,9 +99,7 @@ def llm_bytes(scheme: str) -> int:
     other = LLM_EMBED_PARAMS + LLM_OTHER_PARAMS  # embeddings and norms stay bf16 under NF4
     if scheme == "bf16":
         return (LLM_LINEAR_PARAMS + other) * 2
-    if quant_bytes is not None:
-        return quant_bytes.llm_nf4_bytes(LLM_LINEAR_PARAMS, other)
-    return int(LLM_LINEAR_PARAMS * NF4_BYTES_PER_PARAM) + other * 2
+    return quant_bytes.llm_nf4_bytes(LLM_LINEAR_PARAMS, other)
 
 
 def clip_bytes() -> int:

@@ -18,7 +18,7 @@ import cli
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
-from lowvram import runner as runner_module
+from lowvram import stages as stages_module
 from lowvram.profiles import load_profile
 from lowvram.runs import Run
 
@@ -107,17 +107,17 @@ def test_long_prompt_from_a_file_warns_and_continues(tiny_official, tmp_path):
 
 def test_interrupted_run_resumes_through_the_cli(tiny_official, tmp_path, done, monkeypatch):
     """Ctrl-C during the decode (KeyboardInterrupt) -> exit 130 and the resume command."""
-    real_decode = runner_module.PlainStages.decode
+    real_decode = stages_module.PlainStages.decode
 
     def ctrl_c(self, vae, latents, on_progress):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner_module.PlainStages, "decode", ctrl_c)
+    monkeypatch.setattr(stages_module.PlainStages, "decode", ctrl_c)
     stopped = invoke("generate", "a red fox running through snow", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY)
     assert stopped.exit_code == 130
     run_id = Run.open(next(tmp_path.iterdir())).id
     assert f"lowvram resume {run_id}" in stopped.stderr
-    monkeypatch.setattr(runner_module.PlainStages, "decode", real_decode)
+    monkeypatch.setattr(stages_module.PlainStages, "decode", real_decode)
     resumed = invoke("resume", "--runs-dir", tmp_path, "--json")
     assert resumed.exit_code == 0 and as_json(resumed)["resumed_from"] == "decoding"
     same = Path(as_json(resumed)["final_latents"]).read_bytes() == Path(done["final_latents"]).read_bytes()
@@ -244,12 +244,12 @@ def test_real_size_model_without_cuda(full_size_config_model, tmp_path):
 
 def test_a_profile_that_does_not_fit_names_one_that_would(monkeypatch):
     """The 13B model at 720p x 129 on an 8 GiB card: 24gb does not fit; 12gb would."""
-    monkeypatch.setattr(runner_module, "gpu_memory", lambda: (8 * 2**30, 64 * 2**30))
+    monkeypatch.setattr(stages_module, "gpu_memory", lambda: (8 * 2**30, 64 * 2**30))
     args = (torch.device("cuda"), DIT_CONFIGS["HYVideo-T/2-cfgdistill"], VAE_CONFIGS["884-16c-hy"],
-            GenerationRequest("a fox"), 12_821_012_544, runner_module.Reporter())
+            GenerationRequest("a fox"), 12_821_012_544, stages_module.Reporter())
     with pytest.raises(HyVideoError, match=r"profile 24gb does not fit 1280x720x129 here.*try --profile \w+"):
-        runner_module.resolve_profile("24gb", *args)
-    assert runner_module.resolve_profile("auto", *args)["name"] != "24gb"
+        stages_module.resolve_profile("24gb", *args)
+    assert stages_module.resolve_profile("auto", *args)["name"] != "24gb"
 
 
 def test_corrupt_foreign_and_edited_run_folders(done, runs_dir, tmp_path):

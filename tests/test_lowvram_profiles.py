@@ -25,9 +25,10 @@ def test_all_shipped_profiles_load():
 
 def test_user_profile_file(tmp_path):
     path = tmp_path / "mine.toml"
-    path.write_text('name = "mine"\nvram_budget_gb = 10\nresident_blocks = 12\nquant_policy = "official"\n')
+    path.write_text('name = "mine"\nvram_budget_gb = 10\nresident_blocks = 12\nquant_policy = "blocks-no-mod"\n')
     profile = load_profile(str(path))
     assert profile.name == "mine" and profile.resident_blocks == 12 and profile.vram_budget_gb == 10.0
+    assert profile.quant_policy == "blocks-no-mod"
     assert profile.token_chunk == 4096 and profile.source == str(path)  # defaults for the rest
 
 

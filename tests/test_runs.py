@@ -18,7 +18,9 @@ from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 from lowvram import download as dl
 from lowvram.doctor import run_doctor
-from lowvram.runner import PlainStages, Reporter, RunInterrupted, RunOptions, StopRequest, execute, resume_run, start_run
+from lowvram.progress import Reporter
+from lowvram.runner import RunInterrupted, RunOptions, StopRequest, execute, resume_run, start_run
+from lowvram.stages import PlainStages
 from lowvram.runs import KEEP_CHECKPOINTS, Run, find_run, fingerprint_mismatch, list_runs
 from lowvram.video import png_bytes, write_mp4
 

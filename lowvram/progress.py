@@ -1,0 +1,20 @@
+"""Progress callbacks from the runner to whoever draws them (the CLI); nothing in lowvram prints."""
+
+
+class Reporter:
+    """Progress callbacks; these do nothing. The CLI subclasses it with rich progress bars.
+
+    stage(name, total): a stage starts ("loading text encoders", "encoding text", "loading DiT",
+    "denoising", "loading VAE", "decoding", "writing video"); total = number of units (steps, tiles)
+    or None. advance(completed, **info): units done so far (info: s_per_step, peak_vram_gb).
+    warn(message): something the user should know that does not stop the run.
+    """
+
+    def stage(self, name: str, total: int | None = None, completed: int = 0) -> None:
+        pass
+
+    def advance(self, completed: int, **info) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass

@@ -1,0 +1,34 @@
+"""Video sizes: the official resolution buckets and parsing of --size / --resolution / --aspect."""
+
+from hyvideo.errors import HyVideoError
+
+# Official size buckets as width x height (facts §5.4; the Gradio demo's labels give the aspect).
+SIZE_BUCKETS = {
+    "540p": {"16:9": (960, 544), "9:16": (544, 960), "4:3": (832, 624), "3:4": (624, 832), "1:1": (720, 720)},
+    "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "4:3": (1104, 832), "3:4": (832, 1104), "1:1": (960, 960)},
+}
+DEFAULT_RESOLUTION, DEFAULT_ASPECT = "720p", "16:9"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"1280x720" -> (1280, 720)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        width, height = (int(p) for p in parts)
+    except ValueError:
+        raise HyVideoError(f"--size must be WIDTHxHEIGHT, e.g. 1280x720; got {text!r}") from None
+    return width, height
+
+
+def resolve_size(size: str | None, resolution: str | None, aspect: str | None) -> tuple[int, int]:
+    """--size WxH, or an official bucket from --resolution and --aspect (default 720p 16:9)."""
+    if size is not None:
+        if resolution is not None or aspect is not None:
+            raise HyVideoError("give either --size or --resolution/--aspect, not both")
+        return parse_size(size)
+    resolution, aspect = resolution or DEFAULT_RESOLUTION, aspect or DEFAULT_ASPECT
+    if resolution not in SIZE_BUCKETS:
+        raise HyVideoError(f"--resolution must be one of {', '.join(SIZE_BUCKETS)}; got {resolution!r} (or use --size WxH)")
+    if aspect not in SIZE_BUCKETS[resolution]:
+        raise HyVideoError(f"--aspect must be one of {', '.join(SIZE_BUCKETS[resolution])}; got {aspect!r}")
+    return SIZE_BUCKETS[resolution][aspect]
