@@ -4,8 +4,8 @@ VAE tile's memory against the planner.
     python -m bench.bench_streaming --out bench/results            # 13B, GPU, ~8 minutes
     python -m bench.bench_streaming --tiny --out /tmp/bench         # tiny config, CPU, seconds
 
-The 13B DiT gets random weights, quantized to FP8 on the GPU (float8_e4m3fn weight + per-tensor
-float32 scale, official semantics). For each video size it runs `--steps` DiT forwards:
+The 13B DiT gets random weights, quantized to FP8 on the GPU (quant/fp8.py: float8_e4m3fn weight +
+per-channel float32 scale, dequantized per call). For each video size it runs `--steps` DiT forwards:
 - resident: all 60 blocks on the GPU, no memory cap;
 - stream@CAP: the shipped profile for CAP GiB (its planner schedule and token chunk) under
   torch.cuda.set_per_process_memory_fraction(CAP / total);
@@ -33,7 +33,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hyvideo.blocks import DoubleStreamBlock, SingleStreamBlock
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig
@@ -44,47 +43,15 @@ from lowvram.planner import plan
 from lowvram.profiles import Profile, profile_from_dict, shipped_profiles
 from lowvram.schedule import plan_schedule
 from lowvram.streaming import BlockStreamer, module_bytes
-from lowvram.weights import dit_block_kinds
+from quant.fp8 import FP8Linear
 
 GIB = 2**30
-FP8_MAX = 448.0
-
-
-class FP8Linear(nn.Module):
-    """Weight-only FP8 linear (official semantics): W ~= W_fp8 * scale, dequantized per call.
-    Bench-local stand-in for quant/fp8.py; `forward_rows` lets the DiT skip unneeded rows."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach()
-        scale = w.abs().amax().float().clamp(min=1e-12) / FP8_MAX
-        self.weight = nn.Parameter((w.float() / scale).to(torch.float8_e4m3fn), requires_grad=False)
-        self.register_buffer("scale", scale.reshape(1))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.out_features = linear.out_features
-
-    def forward_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
-        w = self.weight[rows].to(x.dtype) * self.scale.to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias[rows])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_rows(x, slice(None))
-
-
-def fp8_linear(linear: nn.Linear) -> nn.Module:
-    """quant/fp8.py's FP8Linear (per-channel scales) when importable, else the local stand-in."""
-    try:
-        from quant.fp8 import FP8Linear as QuantFP8Linear
-
-        return QuantFP8Linear.from_linear(linear)
-    except Exception:
-        return FP8Linear(linear)
 
 
 def quantize_fp8_(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, fp8_linear(child))
+            setattr(module, name, FP8Linear.from_linear(child))
         else:
             quantize_fp8_(child)
     return module
@@ -404,7 +371,6 @@ def main(argv=None) -> int:
             "total_gb": torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None,
             "config": "tiny" if args.tiny else "HYVideo-T/2-cfgdistill", "steps": args.steps, "diffusers": use_diffusers,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    meta["fp8_linear"] = type(fp8_linear(nn.Linear(4, 4))).__module__
     recorder = Recorder(Path(args.out), meta)
     bench = Bench(args, device, recorder)
     bench.config = config
