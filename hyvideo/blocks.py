@@ -4,7 +4,12 @@ Per-token work (norm + modulate, QKV, projections, MLP) runs over the sequence i
 `chunk` tokens, so the widest activation (a single block's 12288-wide MLP input) exists for one
 chunk only; residuals are updated in place. Attention always sees the whole sequence. `chunk=None`
 means one chunk. Chunking changes no math: each token's result is computed by the same ops.
+Each chunk loop runs one layer (or one MLP pair) over all chunks inside `held_weights`, so a layer
+that rebuilds its weight per call (a dequantizing FP8 linear) rebuilds it once per block, not once
+per chunk.
 """
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -37,6 +42,20 @@ def linear_rows(layer: nn.Module, x: torch.Tensor, rows: slice) -> torch.Tensor:
     if hasattr(layer, "forward_rows"):
         return layer.forward_rows(x, rows)
     return layer(x)[..., rows]
+
+
+@contextmanager
+def held_weights(*layers: nn.Module):
+    """Layers offering `hold_weight()` / `release_weight()` keep the weight they build on the first
+    call until the scope ends; plain nn.Linear has nothing to hold."""
+    held = [layer for layer in layers if hasattr(layer, "hold_weight")]
+    for layer in held:
+        layer.hold_weight()
+    try:
+        yield
+    finally:
+        for layer in held:
+            layer.release_weight()
 
 
 def token_chunks(length: int, chunk: int | None):
@@ -141,17 +160,22 @@ class DoubleStreamBlock(nn.Module):
         for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
             mods[stream] = getattr(self, f"{stream}_mod")(vec)
             shift1, scale1 = mods[stream][0], mods[stream][1]
-            project_qkv(x, shift1, scale1, getattr(self, f"{stream}_attn_qkv"), getattr(self, f"{stream}_attn_q_norm"),
-                        getattr(self, f"{stream}_attn_k_norm"), self.heads, q, k, v, offset, inputs, rotate_until=n_img)
+            qkv_layer = getattr(self, f"{stream}_attn_qkv")
+            with held_weights(qkv_layer):
+                project_qkv(x, shift1, scale1, qkv_layer, getattr(self, f"{stream}_attn_q_norm"),
+                            getattr(self, f"{stream}_attn_k_norm"), self.heads, q, k, v, offset, inputs, rotate_until=n_img)
         attn = attention(q, k, v, inputs.key_mask, inputs.backend)  # [B, S, D]
         del q, k, v
         for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
             _, _, gate1, shift2, scale2, gate2 = mods[stream]
             proj, mlp = getattr(self, f"{stream}_attn_proj"), getattr(self, f"{stream}_mlp")
-            for rows in token_chunks(x.shape[1], inputs.chunk):
-                joint = slice(offset + rows.start, offset + rows.stop)
-                x[:, rows] += gate1 * proj(attn[:, joint])
-                x[:, rows] += gate2 * mlp(norm_modulate(x[:, rows], shift2, scale2))
+            chunks = token_chunks(x.shape[1], inputs.chunk)
+            with held_weights(proj):
+                for rows in chunks:
+                    x[:, rows] += gate1 * proj(attn[:, offset + rows.start : offset + rows.stop])
+            with held_weights(mlp.fc1, mlp.fc2):
+                for rows in chunks:
+                    x[:, rows] += gate2 * mlp(norm_modulate(x[:, rows], shift2, scale2))
         return img, txt
 
 
@@ -175,14 +199,16 @@ class SingleStreamBlock(nn.Module):
         """x [B, N_img + L, D], vec [B, D] -> x updated in place."""
         shift, scale, gate = self.modulation(vec)
         q, k, v = empty_qkv(x.shape[0], x.shape[1], self.heads, self.hidden_size // self.heads, x)
-        project_qkv(x, shift, scale, self.linear1, self.q_norm, self.k_norm, self.heads, q, k, v, 0, inputs,
-                    rotate_until=inputs.image_tokens)
+        with held_weights(self.linear1):
+            project_qkv(x, shift, scale, self.linear1, self.q_norm, self.k_norm, self.heads, q, k, v, 0, inputs,
+                        rotate_until=inputs.image_tokens)
         attn = attention(q, k, v, inputs.key_mask, inputs.backend)  # [B, S, D]
         del q, k, v
         mlp_rows = slice(3 * self.hidden_size, self.linear1.out_features)
-        for rows in token_chunks(x.shape[1], inputs.chunk):
-            mlp = linear_rows(self.linear1, norm_modulate(x[:, rows], shift, scale), mlp_rows)
-            x[:, rows] += gate * self.linear2(torch.cat([attn[:, rows], self.mlp_act(mlp)], dim=-1))
+        with held_weights(self.linear1, self.linear2):
+            for rows in token_chunks(x.shape[1], inputs.chunk):
+                mlp = linear_rows(self.linear1, norm_modulate(x[:, rows], shift, scale), mlp_rows)
+                x[:, rows] += gate * self.linear2(torch.cat([attn[:, rows], self.mlp_act(mlp)], dim=-1))
         return x
 
 

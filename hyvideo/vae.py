@@ -135,7 +135,6 @@ class Upsample(nn.Module):
             # versions (pytorch#81665)
             rest = F.interpolate(x[:, :, 1:].contiguous(), scale_factor=self.factor, mode="nearest")
             x = torch.cat([first, rest], dim=2)  # [B, C, 1 + t(T-1), sH, sW]
-            del first, rest  # the conv below is the peak: don't hold the pieces through it
         else:
             x = first
         return self.conv(x.to(dtype))

@@ -15,7 +15,6 @@ text tower.
 from functools import lru_cache
 
 import torch
-import torch.nn as nn
 
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
@@ -57,22 +56,29 @@ def block_bytes(config: DiTConfig, scheme: str, policy: str, kind: str) -> int:
     return quant_bytes.block_bytes(config, scheme, policy, kind).total
 
 
-def _quantized_linears(block: nn.Module, kind: str, policy: str) -> list[nn.Module]:
-    return [block.get_submodule(name) for name in get_policy(policy).block_names(kind)]
+# Quantized linears whose dequantized weights are alive at the same time (hyvideo/blocks.py runs
+# each chunk loop inside `held_weights`: an MLP pair together, every other linear alone).
+HELD_TOGETHER = {"double": (("img_mlp.fc1", "img_mlp.fc2"), ("txt_mlp.fc1", "txt_mlp.fc2")), "single": (("linear1", "linear2"),)}
 
 
 def dequantized_weight_bytes(config: DiTConfig, scheme: str, policy: str, act_bytes: int = 2) -> int:
-    """Transient GPU bytes of running a quantized linear: its weight converted to the compute dtype
-    and the scaled copy (`W_q.to(bf16) * scale`), for the largest quantized block linear
-    (single-block linear1, 21504 x 3072, for the 13B model: 0.25 GiB). 0 for bf16."""
+    """Transient GPU bytes of dequantized weights while a block runs: the weights held together by
+    one chunk loop, plus the `W_q.to(bf16)` temporary of building the largest of them. For the 13B
+    model the largest is the single block's linear1 + linear2 pair (0.33 GiB). 0 for bf16."""
     if scheme == "bf16":
         return 0
     model = _meta_dit(config)
-    largest = 0
+    peak = 0
     for kind, blocks in (("double", model.double_blocks), ("single", model.single_blocks)):
-        if len(blocks):
-            largest = max([largest] + [m.weight.numel() for m in _quantized_linears(blocks[0], kind, policy)])
-    return 2 * largest * act_bytes
+        if not len(blocks):
+            continue
+        quantized = {name: blocks[0].get_submodule(name).weight.numel() for name in get_policy(policy).block_names(kind)}
+        groups = [(name,) for name in quantized] + list(HELD_TOGETHER[kind])
+        for group in groups:
+            sizes = [quantized[name] for name in group if name in quantized]
+            if sizes:
+                peak = max(peak, sum(sizes) + max(sizes))
+    return peak * act_bytes
 
 
 def trunk_bytes(config: DiTConfig) -> int:

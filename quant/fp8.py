@@ -112,6 +112,8 @@ class FP8Linear(nn.Module):
         rows = out_features if per_channel else 1
         self.register_buffer("scale", torch.ones(rows, 1, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._hold = False  # see hold_weight
+        self._held: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, per_channel: bool = True, use_scaled_mm: bool = False) -> "FP8Linear":
@@ -130,6 +132,15 @@ class FP8Linear(nn.Module):
         scale = self.scale[rows] if self.scale.shape[0] > 1 else self.scale
         return dequantize_fp8(self.weight[rows], scale, dtype)
 
+    def hold_weight(self) -> None:
+        """Keep the dequantized weight from the next call until `release_weight()`: the DiT's
+        blocks call a layer once per token chunk (`hyvideo.blocks.held_weights`), and the weight
+        is then dequantized once per block instead of once per chunk (same values)."""
+        self._hold = True
+
+    def release_weight(self) -> None:
+        self._hold, self._held = False, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_rows(x, slice(None))
 
@@ -141,7 +152,11 @@ class FP8Linear(nn.Module):
         if self.use_scaled_mm:
             scale = self.scale[rows] if self.scale.shape[0] > 1 else self.scale
             return scaled_mm_linear(x, self.weight[rows], scale, bias)
-        return F.linear(x, self.dequantize(x.dtype, rows), bias)
+        if not self._hold:
+            return F.linear(x, self.dequantize(x.dtype, rows), bias)
+        if self._held is None or self._held.dtype != x.dtype:
+            self._held = self.dequantize(x.dtype)
+        return F.linear(x, self._held[rows], bias)
 
     def extra_repr(self) -> str:
         kind = "per-channel" if self.scale.shape[0] > 1 else "per-tensor"

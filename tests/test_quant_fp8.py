@@ -231,3 +231,24 @@ def test_scaled_mm_fast_path():
     reference = tiny_dit()
     # dequant path 3.05 %, scaled_mm 4.23 % (H200); the dequant path's 5 % bound + the extra rounding
     assert rel_err(run(model, inputs).cpu(), run(reference, dit_inputs())) < 0.065
+
+
+def test_block_dequantizes_each_weight_once_not_per_chunk(monkeypatch):
+    """With token chunks, the blocks hold each FP8 weight for the chunk loop: one dequantization
+    per layer call site per block (linear1 twice: qkv pass and MLP pass), not one per chunk, and
+    the output is bit-identical to dequantizing on every call."""
+    model = tiny_dit()
+    swap_linears_fp8(model)
+    model.token_chunk = 7  # 48 image + 9 text tokens -> 9 chunks
+    inputs = dit_inputs()
+    calls = []
+    real = FP8Linear.dequantize
+    monkeypatch.setattr(FP8Linear, "dequantize", lambda self, *a, **k: calls.append(self) or real(self, *a, **k))
+    held = run(model, inputs)
+    # Per double block: 2 x (mod, qkv, proj, fc1, fc2); per single block: mod, linear1 twice, linear2.
+    expected = TINY.double_blocks * 10 + TINY.single_blocks * 4
+    assert len(calls) == expected
+    monkeypatch.setattr(FP8Linear, "hold_weight", lambda self: None)  # every call dequantizes again
+    calls.clear()
+    assert torch.equal(run(model, inputs), held)
+    assert len(calls) > 3 * expected
