@@ -64,7 +64,41 @@ def latents_to_frames(video: torch.Tensor) -> torch.Tensor:
     return (pixels * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
+@torch.inference_mode()
+def denoise(
+    dit, embeddings: TextEmbeddings, latents: torch.Tensor, request: GenerationRequest, device,
+    start_step: int = 0, on_step: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Euler steps start_step..steps-1 from float32 `latents`; on_step(i, latents) after each.
+    `dit` is anything called like HunyuanVideoDiT with a `compute_dtype` (e.g. a streamed one)."""
+    sigmas = flow_sigmas(request.steps, request.flow_shift).to(device)
+    timesteps = flow_timesteps(sigmas)
+    dtype = dit.compute_dtype
+    guidance = embedded_guidance(request.guidance, 1, dtype, device)
+    text_states = embeddings.text_states.to(device, dtype)
+    text_mask = embeddings.text_mask.to(device)
+    text_states_2 = embeddings.text_states_2.to(device, dtype)
+    latents = latents.to(device, torch.float32)
+    for i in range(start_step, request.steps):
+        velocity = dit(latents, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance)
+        latents = euler_step(latents, velocity, sigmas, i)
+        if on_step is not None:
+            on_step(i, latents)
+    return latents
+
+
+@torch.inference_mode()
+def decode(vae: CausalVAE, latents: torch.Tensor, device, vae_decode: Callable | None = None) -> torch.Tensor:
+    """Scaled latents -> uint8 frames [F, H, W, 3]. `vae_decode` replaces `vae.decode` on the
+    unscaled latents (lowvram/ passes its tiled decoder)."""
+    vae_dtype = next(vae.parameters()).dtype
+    z = (latents / vae.config.scaling_factor).to(device, vae_dtype)
+    return latents_to_frames((vae_decode or vae.decode)(z))
+
+
 class HunyuanVideoPipeline:
+    """All four models on one device: encode, denoise, decode."""
+
     def __init__(self, dit: HunyuanVideoDiT, vae: CausalVAE, llm: LlamaTextEncoder, clip: ClipTextEncoder, device="cpu"):
         self.dit, self.vae, self.llm, self.clip = dit, vae, llm, clip
         self.device = torch.device(device)
@@ -81,32 +115,11 @@ class HunyuanVideoPipeline:
     def encode_text(self, prompt: str, frames: int) -> TextEmbeddings:
         return encode_prompts(self.llm, self.clip, [prompt], frames)
 
-    @torch.inference_mode()
-    def denoise(
-        self, embeddings: TextEmbeddings, latents: torch.Tensor, request: GenerationRequest, start_step: int = 0,
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Euler steps start_step..steps-1 from float32 `latents`; on_step(i, latents) after each."""
-        sigmas = flow_sigmas(request.steps, request.flow_shift).to(self.device)
-        timesteps = flow_timesteps(sigmas)
-        dtype = self.dit.compute_dtype
-        guidance = embedded_guidance(request.guidance, 1, dtype, self.device)
-        text_states = embeddings.text_states.to(self.device, dtype)
-        text_mask = embeddings.text_mask.to(self.device)
-        text_states_2 = embeddings.text_states_2.to(self.device, dtype)
-        latents = latents.to(self.device, torch.float32)
-        for i in range(start_step, request.steps):
-            velocity = self.dit(latents, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance)
-            latents = euler_step(latents, velocity, sigmas, i)
-            if on_step is not None:
-                on_step(i, latents)
-        return latents
+    def denoise(self, embeddings, latents, request, start_step=0, on_step=None) -> torch.Tensor:
+        return denoise(self.dit, embeddings, latents, request, self.device, start_step, on_step)
 
-    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae_dtype = next(self.vae.parameters()).dtype
-        z = (latents / self.vae.config.scaling_factor).to(self.device, vae_dtype)
-        return latents_to_frames(self.vae.decode(z))
+        return decode(self.vae, latents, self.device)
 
     def generate(self, request: GenerationRequest, on_step=None) -> torch.Tensor:
         validate_request(request)

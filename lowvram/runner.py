@@ -32,7 +32,7 @@ from hyvideo.attention import check_backend
 from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
-from hyvideo.pipeline import GenerationRequest, HunyuanVideoPipeline, validate_request
+from hyvideo.pipeline import GenerationRequest, denoise, validate_request
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 
@@ -348,7 +348,6 @@ def _denoise(run: Run, stages, embeddings, latents: torch.Tensor, step: int, req
     reporter.stage("loading DiT")
     stop.stage = "loading DiT"
     dit = stages.dit(calls=request.steps - step)
-    pipeline = HunyuanVideoPipeline(dit, None, None, None, device)
     reporter.stage("denoising", total=request.steps, completed=step)
     stop.stage = "denoising"
     if stop.is_set():
@@ -365,10 +364,10 @@ def _denoise(run: Run, stages, embeddings, latents: torch.Tensor, step: int, req
         if stop.is_set():
             raise RunInterrupted(run)
 
-    latents = pipeline.denoise(embeddings, latents, request, start_step=step, on_step=on_step)
+    latents = denoise(dit, embeddings, latents, request, device, start_step=step, on_step=on_step)
     stop.stage = None
     _release(dit)
-    del dit, pipeline
+    del dit
     _empty_cache(device)
     return latents
 

@@ -15,7 +15,7 @@ import torch
 from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_vae, read_torch_file
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
-from hyvideo.pipeline import GenerationRequest, HunyuanVideoPipeline
+from hyvideo.pipeline import GenerationRequest, decode
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
 
 from .progress import Reporter
@@ -153,7 +153,7 @@ class PlainStages:
         return load_vae(self.files, self.vae_dtype).to(self.device)
 
     def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
-        frames = HunyuanVideoPipeline(None, vae, None, None, self.device).decode(latents)
+        frames = decode(vae, latents, self.device)
         on_progress(1, 1)
         return frames
 
@@ -250,17 +250,11 @@ class ProfileStages:
         return load_vae(self.files, torch.float16 if self.device.type == "cuda" else torch.float32).to(self.device)
 
     def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
-        from hyvideo.pipeline import latents_to_frames
-
         from .tiled_vae import TiledVAE
 
-        dtype = next(vae.parameters()).dtype
-        z = (latents / vae.config.scaling_factor).to(self.device, dtype)
-        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu")
-        with torch.inference_mode():
-            video = tiled.decode(z)
-        on_progress(1, 1)
-        return latents_to_frames(video)
+        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu",
+                         on_tile=on_progress)
+        return decode(vae, latents, self.device, vae_decode=tiled.decode)
 
 
 def build_stages(files: ModelFiles, profile: dict, device: torch.device, attention: str,

@@ -155,15 +155,18 @@ class TiledVAE:
 
     spatial_tile / temporal_tile: tile sizes in latents (multiples of 4; official 32 / 16).
     output_device: where the full output is assembled (default: the host).
+    on_tile(done, total): called after each tile (progress).
     """
 
-    def __init__(self, vae, spatial_tile: int = SPATIAL_TILE, temporal_tile: int = TEMPORAL_TILE, output_device="cpu"):
+    def __init__(self, vae, spatial_tile: int = SPATIAL_TILE, temporal_tile: int = TEMPORAL_TILE, output_device="cpu",
+                 on_tile: Callable[[int, int], None] | None = None):
         _check_tile(spatial_tile, "spatial tile")
         _check_tile(temporal_tile, "temporal tile")
         self.vae = vae
         self.spatial_tile = spatial_tile
         self.temporal_tile = temporal_tile
         self.output_device = torch.device(output_device)
+        self.on_tile = on_tile
         config = vae.config
         self.time_scale, self.space_scale = config.time_compression_ratio, config.spatial_compression_ratio
 
@@ -177,8 +180,18 @@ class TiledVAE:
         spans = encode_tiling(tuple(video.shape[2:]), self.spatial_tile, self.temporal_tile, self.time_scale, self.space_scale)
         return self._run(video, self.vae.encode, spans)
 
-    def _run(self, x: torch.Tensor, fn, spans) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, vae_fn, spans) -> torch.Tensor:
         t_spans, h_spans, w_spans = spans
+        total, done = len(t_spans) * len(h_spans) * len(w_spans), 0
+
+        def fn(tile):
+            nonlocal done
+            result = vae_fn(tile)
+            done += 1
+            if self.on_tile is not None:
+                self.on_tile(done, total)
+            return result
+
         out = None
         tail = None
         for k, ts in enumerate(t_spans):

@@ -228,3 +228,14 @@ def test_peak_memory_does_not_grow_with_length(vae):
                 out = tiled.decode(z)
             working.append(tracker.peak_bytes - out.numel() * out.element_size())
         assert working[-1] == working[-2] >= working[0], working
+
+
+def test_tile_progress_callback(vae):
+    """on_tile reports every tile once, in order, with the total (the CLI's decode progress)."""
+    seen = []
+    tiled = TiledVAE(vae, spatial_tile=4, temporal_tile=4, on_tile=lambda done, total: seen.append((done, total)))
+    z = torch.randn(1, 16, 9, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tiled.decode(z)
+    total = seen[0][1]
+    assert total > 1 and seen == [(i + 1, total) for i in range(total)]
