@@ -2,7 +2,8 @@
 # All GPU benchmarks in one device call (about 9 minutes on an H100/H200), each with its own time
 # limit so one slow or failing run cannot eat the others' time. Results land in $OUT (or
 # bench/results) as JSON + markdown, named by device.
-#   carry: .whl (diffusers, importlib_metadata, lazy_importer, optimum_quanto wheels; see README)
+# Wheels found in .whl/ (e.g. diffusers and optimum-quanto for a machine without a package index)
+# are installed into /tmp/site first.
 set -u
 out=${OUT:-bench/results}
 if ls .whl/*.whl >/dev/null 2>&1; then
