@@ -34,8 +34,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, warning
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-DEFAULT_CKPTS = Path("ckpts")
-HUB_REPOS = ("hunyuanvideo-community/HunyuanVideo", "tencent/HunyuanVideo")
 
 RunsDir = typer.Option(Path("runs"), "--runs-dir", envvar="LOWVRAM_RUNS_DIR", help="Where run folders live.")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
@@ -91,27 +89,6 @@ def _print_table(table) -> None:
     """Tables at the terminal's width; piped into a file or another program, at 120 columns
     rather than rich's default of 80 (which folds every path)."""
     (out if out.is_terminal else Console(highlight=False, width=120)).print(table)
-
-
-def default_model_dir() -> Path:
-    """./ckpts if it holds a model, else the huggingface_hub cache snapshot of one of the HF repos
-    (where `hf download REPO` puts it), else ./ckpts (the error then says how to download)."""
-    from hyvideo.checkpoint import detect_layout
-
-    if DEFAULT_CKPTS.is_dir() and detect_layout(DEFAULT_CKPTS):
-        return DEFAULT_CKPTS
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        return DEFAULT_CKPTS
-    for repo in HUB_REPOS:
-        try:
-            path = Path(snapshot_download(repo, local_files_only=True))
-        except Exception:  # not cached (LocalEntryNotFoundError and friends)
-            continue
-        if detect_layout(path):
-            return path
-    return DEFAULT_CKPTS
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -290,6 +267,8 @@ def generate(
         request = GenerationRequest(text, width=width, height=height, frames=frames, steps=steps,
                                     seed=random.randint(0, 1_000_000) if seed is None else seed,
                                     guidance=guidance, flow_shift=flow_shift)
+        from lowvram.download import default_model_dir
+
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path)
 
     def work(reporter, stop):
@@ -541,6 +520,7 @@ def doctor(
 ):
     """Check torch/CUDA, the GPU (VRAM, FP8 support), optional packages, RAM, disk and the weights."""
     from lowvram.doctor import run_doctor
+    from lowvram.download import default_model_dir
 
     model_dir = model_dir or default_model_dir()
     report = run_doctor(model_dir, runs_dir)
@@ -564,7 +544,7 @@ def doctor(
 
 @app.command()
 def download(
-    model_dir: Path = typer.Option(DEFAULT_CKPTS, "--model-dir", help="Where to put the weights."),
+    model_dir: Path = typer.Option(None, "--model-dir", help="Where to put the weights (default ./ckpts)."),
     layout: str = typer.Option("diffusers", "--layout", help="diffusers (one repo, complete) or official (Tencent's files)."),
     fp8: bool = typer.Option(False, "--fp8", help="Also Tencent's FP8 DiT pair (--layout official)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes, download nothing."),
@@ -574,6 +554,7 @@ def download(
     """Download the weights from huggingface.co into the folder layout lowvram reads."""
     from lowvram import download as dl
 
+    model_dir = model_dir or dl.DEFAULT_MODEL_DIR
     with user_errors(as_json):
         if dry_run:
             files = dl.plan_download(model_dir, layout, fp8)
@@ -621,6 +602,7 @@ def quantize(
     _quiet_libraries()
     with user_errors(as_json):
         from hyvideo.checkpoint import find_model_files, load_dit_state_dict
+        from lowvram.download import default_model_dir
         from lowvram.stages import dit_config_for
         from quant.cache import ensure_dit_cache
 

@@ -28,6 +28,7 @@ from hyvideo.errors import HyVideoError
 
 COMMUNITY_REPO = "hunyuanvideo-community/HunyuanVideo"
 OFFICIAL_REPO = "tencent/HunyuanVideo"
+DEFAULT_MODEL_DIR = Path("ckpts")
 LAYOUTS = ("diffusers", "official")
 TEXT_PARTS = ["text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*"]
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -236,3 +237,22 @@ def expected_files(root: Path) -> tuple[str | None, list[Path]]:
 def check_model_folder(root: Path) -> tuple[str | None, list[FileCheck]]:
     layout, paths = expected_files(root)
     return layout, [check_file(p) for p in dict.fromkeys(paths)]
+
+
+def default_model_dir() -> Path:
+    """./ckpts if it holds a model, else the huggingface_hub cache snapshot of one of the HF repos
+    (where `hf download REPO` puts it), else ./ckpts (the error then says how to download)."""
+    if DEFAULT_MODEL_DIR.is_dir() and detect_layout(DEFAULT_MODEL_DIR):
+        return DEFAULT_MODEL_DIR
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return DEFAULT_MODEL_DIR
+    for repo in (COMMUNITY_REPO, OFFICIAL_REPO):
+        try:
+            path = Path(snapshot_download(repo, local_files_only=True))
+        except Exception:  # not cached (LocalEntryNotFoundError and friends)
+            continue
+        if detect_layout(path):
+            return path
+    return DEFAULT_MODEL_DIR

@@ -19,6 +19,7 @@ from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 from lowvram import stages as stages_module
+from lowvram.download import default_model_dir
 from lowvram.profiles import load_profile
 from lowvram.runs import Run
 
@@ -408,9 +409,9 @@ def test_default_model_dir_prefers_ckpts_then_the_hub_cache(tiny_official, tiny_
         raise FileNotFoundError(repo)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", cached)
-    assert cli.default_model_dir() == Path(tiny_diffusers) and asked == ["hunyuanvideo-community/HunyuanVideo"]
+    assert default_model_dir() == Path(tiny_diffusers) and asked == ["hunyuanvideo-community/HunyuanVideo"]
     shutil.copytree(tiny_official, tmp_path / "ckpts")
-    assert cli.default_model_dir() == Path("ckpts")
+    assert default_model_dir() == Path("ckpts")
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **kw: (_ for _ in ()).throw(FileNotFoundError(repo)))
     shutil.rmtree(tmp_path / "ckpts")
-    assert cli.default_model_dir() == Path("ckpts")  # nothing anywhere: the error will name ./ckpts
+    assert default_model_dir() == Path("ckpts")  # nothing anywhere: the error will name ./ckpts
