@@ -22,7 +22,6 @@ within --budget-s are skipped and recorded as such.
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 import traceback
@@ -43,6 +42,7 @@ from lowvram.planner import plan
 from lowvram.profiles import Profile, profile_from_dict, shipped_profiles
 from lowvram.schedule import plan_schedule
 from lowvram.streaming import BlockStreamer, module_bytes
+from bench.common import random_init_
 from quant.fp8 import FP8Linear
 
 GIB = 2**30
@@ -57,18 +57,6 @@ def quantize_fp8_(module: nn.Module) -> nn.Module:
     return module
 
 
-def random_init_(module: nn.Module, gen: torch.Generator) -> None:
-    """Weights ~ N(0, 1/fan_in) / 2, biases 0, norm weights 1: activations stay finite."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.5 / math.sqrt(p[0].numel()), generator=gen)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
-
-
 def build_fp8_dit(config: DiTConfig, device: torch.device, seed: int = 0) -> HunyuanVideoDiT:
     """Random FP8 DiT: trunk (bf16) materialized on `device`; each block built, filled and quantized
     on `device` one at a time, then kept as a host master (the streamer decides what goes back)."""
@@ -79,7 +67,7 @@ def build_fp8_dit(config: DiTConfig, device: torch.device, seed: int = 0) -> Hun
         model = HunyuanVideoDiT(config)
     for child in dit_trunk(model):
         child.to_empty(device=device)
-        random_init_(child, gen)
+        random_init_(child, gen, scale=0.5)
         child.to(torch.bfloat16)
     hidden, heads, mlp = config.hidden_size, config.heads, config.mlp_hidden
     for blocks, cls in ((model.double_blocks, DoubleStreamBlock), (model.single_blocks, SingleStreamBlock)):
@@ -87,7 +75,7 @@ def build_fp8_dit(config: DiTConfig, device: torch.device, seed: int = 0) -> Hun
             with torch.device("meta"):
                 block = cls(hidden, heads, mlp)
             block.to_empty(device=device)
-            random_init_(block, gen)
+            random_init_(block, gen, scale=0.5)
             blocks[i] = quantize_fp8_(block.to(torch.bfloat16)).to("cpu")
             del block
     return model.eval().requires_grad_(False)
@@ -299,7 +287,7 @@ class Bench:
         with torch.device("meta"):
             model = HunyuanVideoTransformer3DModel(**kwargs)
         model.to(torch.bfloat16).to_empty(device=self.device)  # filled on the device, then cast and offloaded
-        random_init_(model, torch.Generator(device=self.device).manual_seed(2))
+        random_init_(model, torch.Generator(device=self.device).manual_seed(2), scale=0.5)
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
         return model.to("cpu").eval()
 
@@ -312,7 +300,7 @@ class Bench:
         with torch.device("meta"):
             vae = CausalVAE(config)
         vae.to(dtype).to_empty(device=self.device)
-        random_init_(vae, torch.Generator(device=self.device).manual_seed(3))
+        random_init_(vae, torch.Generator(device=self.device).manual_seed(3), scale=0.5)
         z = torch.randn(1, config.latent_channels, *shape, device=self.device, dtype=dtype)
         self._clean()
         base = torch.cuda.memory_allocated(self.device) if self.cuda else 0

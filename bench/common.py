@@ -25,20 +25,24 @@ def device_info(device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def random_dit(config: DiTConfig, device, dtype=torch.bfloat16, seed: int = 0) -> HunyuanVideoDiT:
-    """Build on meta, materialize on the device, fill with N(0, 1/fan_in) weights (norm weights 1,
-    biases 0): realistic activation scale without reading a checkpoint."""
-    with torch.device("meta"):
-        model = HunyuanVideoDiT(config)
-    model = model.to_empty(device=device).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
+def random_init_(module: torch.nn.Module, gen: torch.Generator, scale: float = 1.0) -> None:
+    """Weights ~ N(0, scale^2 / fan_in), norm weights 1, biases 0: realistic activation scale
+    without reading a checkpoint, drawn on the module's device."""
+    for name, p in module.named_parameters():
         if p.ndim >= 2:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+            p.normal_(0.0, scale / math.sqrt(p[0].numel()), generator=gen)
         elif "norm" in name:
             p.fill_(1.0)
         else:
             p.zero_()
+
+
+def random_dit(config: DiTConfig, device, dtype=torch.bfloat16, seed: int = 0) -> HunyuanVideoDiT:
+    """Build on meta, materialize on the device, fill with random weights."""
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(config)
+    model = model.to_empty(device=device).to(dtype)
+    random_init_(model, torch.Generator(device=device).manual_seed(seed))
     return model.eval().requires_grad_(False)
 
 

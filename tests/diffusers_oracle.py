@@ -8,7 +8,6 @@ turn the oracle into something else).
 
 import inspect
 
-import torch
 from diffusers import HunyuanVideoTransformer3DModel
 from diffusers.loaders import single_file_utils
 
@@ -45,18 +44,3 @@ def diffusers_transformer(config: DiTConfig, official_state_dict: dict) -> Hunyu
     converted = official_to_diffusers(official_state_dict, config.hidden_size)
     model.load_state_dict(converted, strict=True)
     return model.eval()
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Normal weights scaled by 1/sqrt(fan_in), non-trivial norm weights and biases, so that every
-    parameter influences the output and activations stay O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
-            elif name.endswith("norm.weight") or "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))

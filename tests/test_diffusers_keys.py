@@ -5,7 +5,8 @@ import torch
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.diffusers_keys import diffusers_to_official, official_to_diffusers
 from hyvideo.dit import HunyuanVideoDiT
-from tests.diffusers_oracle import official_to_diffusers as diffusers_convert, randomize_
+from tests.diffusers_oracle import official_to_diffusers as diffusers_convert
+from tests.random_weights import randomize_
 
 
 def tiny_official_sd():

@@ -5,7 +5,8 @@ import torch
 
 from hyvideo.config import DIT_CONFIGS, DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
-from tests.diffusers_oracle import diffusers_transformer, randomize_
+from tests.diffusers_oracle import diffusers_transformer
+from tests.random_weights import randomize_
 
 TINY = DIT_CONFIGS["tiny"]
 

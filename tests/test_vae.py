@@ -1,13 +1,12 @@
 """The causal VAE against diffusers' AutoencoderKLHunyuanVideo (the oracle), on the tiny config."""
 
-import math
-
 import pytest
 import torch
 
 from hyvideo.config import VAE_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.vae import CausalVAE, FrameCausalAttention, latent_shape, level_factors
+from tests.random_weights import randomize_
 
 try:  # the oracle; only the parity tests need it
     from diffusers import AutoencoderKLHunyuanVideo
@@ -49,27 +48,12 @@ def make_oracle(config):
     return model.eval()
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial weights that keep activations O(1): convs/linears ~ N(0, 1/fan_in), biases
-    N(0, 0.1^2), norm scales 1 + N(0, 0.1^2), so GroupNorm affine and biases are really exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-
-
 @pytest.fixture(scope="module")
 def pair():
     if AutoencoderKLHunyuanVideo is None:
         pytest.skip("diffusers not installed")
     oracle = make_oracle(TINY)
-    randomize_(oracle)
+    randomize_(oracle, seed=0)
     ours = CausalVAE(TINY).eval()
     ours.load_state_dict(oracle.state_dict(), strict=True)  # key names and shapes must match exactly
     return ours, oracle
