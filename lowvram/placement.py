@@ -1,27 +1,17 @@
-"""Stage placement: each stage's weights are on the GPU only while that stage works.
+"""Placement of the DiT for a run's memory plan, and freeing device memory between stages.
 
-The pipeline runs three stages in turn, and between them frees what the next one does not need:
+The runner loads each stage's models only while that stage works (text encoders -> embeddings
+kept, encoders freed -> DiT -> freed -> VAE) and calls `empty_cache` between stages. For the DiT:
 
-    places = StagePlacement("cuda")
-    with places.stage("text", llm.model, clip.model, release="meta"):   # encoders dropped after
-        embeddings = encode_prompts(llm, clip, prompt, frames)             # embeddings are kept
-    streamer = prepare_dit(dit, plan, "cuda")                              # trunk + resident blocks
-    with places.stage("dit", release=None):
-        ... denoise with dit(..., blocks=streamer.blocks_for_step()) ...
-    release_dit(dit, streamer, keep_on_host=False)
-    with places.stage("vae", vae.decoder, vae.post_quant_conv):
-        video = TiledVAE(vae, ...).decode(latents)
-    places.records  # per stage: seconds and peak device memory
+    streamer = prepare_dit(dit, plan, "cuda")       # token chunk, trunk + resident blocks on the GPU
+    ... denoise with dit(..., blocks=streamer.blocks_for_step()) ...
+    release_dit(dit, streamer, keep_on_host=False)  # ring, resident blocks and trunk freed
 
-`torch.cuda.empty_cache()` runs after every stage so the next one starts from an empty cache. On
-the CPU every step still runs (the moves are no-ops, the cache calls are skipped), so the code path
-is the same everywhere.
+On the CPU the same calls run (moves are no-ops, the cache call is skipped).
 """
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+import gc
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -33,7 +23,9 @@ BLOCK_LISTS = ("double_blocks", "single_blocks")
 
 
 def empty_cache(device) -> None:
-    """Return cached, unused device memory to the driver (CUDA only)."""
+    """Collect unreachable models (transformers' hold reference cycles), then return cached,
+    unused device memory to the driver (CUDA only)."""
+    gc.collect()
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -41,46 +33,6 @@ def empty_cache(device) -> None:
 def move(modules: Sequence[nn.Module], device) -> None:
     for module in modules:
         module.to(device)
-
-
-@dataclass
-class StageRecord:
-    name: str
-    seconds: float
-    peak_bytes: int | None  # torch.cuda.max_memory_allocated during the stage; None off CUDA
-
-
-class StagePlacement:
-    """Runs stages with their modules on `device`, records each stage's time and peak memory."""
-
-    def __init__(self, device, offload_device="cpu"):
-        self.device = torch.device(device)
-        self.offload_device = torch.device(offload_device)
-        self.records: list[StageRecord] = []
-
-    @property
-    def _cuda(self) -> bool:
-        return self.device.type == "cuda" and torch.cuda.is_available()
-
-    @contextmanager
-    def stage(self, name: str, *modules: nn.Module, release: str | None = "offload") -> Iterator[None]:
-        """Move `modules` to the device for the body; afterwards `release` them:
-        "offload" back to the offload device (kept for reuse), "meta" dropped (weights freed),
-        None left where they are. Then empty the CUDA cache."""
-        if release not in ("offload", "meta", None):
-            raise ValueError(f"release must be 'offload', 'meta' or None, got {release!r}")
-        if self._cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        began = time.perf_counter()
-        move(modules, self.device)
-        try:
-            yield
-        finally:
-            if release is not None:
-                move(modules, self.offload_device if release == "offload" else "meta")
-            peak = torch.cuda.max_memory_allocated(self.device) if self._cuda else None
-            self.records.append(StageRecord(name, time.perf_counter() - began, peak))
-            empty_cache(self.device)
 
 
 def dit_trunk(model: nn.Module) -> list[nn.Module]:

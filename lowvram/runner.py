@@ -18,7 +18,6 @@ raises KeyboardInterrupt at once, which is turned into `RunInterrupted` too (the
 stays valid: every file is written atomically).
 """
 
-import gc
 import platform
 import shutil
 import threading
@@ -36,6 +35,7 @@ from hyvideo.pipeline import GenerationRequest, denoise, validate_request
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 
+from .placement import empty_cache
 from .progress import Reporter
 from .stages import CPU_MAX_DIT_PARAMS, build_stages, dit_config_for, parameter_count, resolve_profile, vae_config_for
 from .runs import FIRST_FRAME, VIDEO, Run, file_fingerprint, find_run, fingerprint_mismatch
@@ -229,12 +229,6 @@ def _release(*models) -> None:
             model.release()
 
 
-def _empty_cache(device: torch.device) -> None:
-    gc.collect()  # transformers models hold reference cycles
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _peak_vram_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -287,7 +281,7 @@ def _execute(run: Run, files: ModelFiles, reporter: Reporter, stop: StopRequest)
             embeddings = encode_prompts(llm, clip, [request.prompt], request.frames)
             _release(llm, clip)
             del llm, clip
-            _empty_cache(device)
+            empty_cache(device)
             run.save_embeddings(embeddings)
             seconds["encoding"] = round(time.perf_counter() - start, 3)
         else:
@@ -322,7 +316,7 @@ def _execute(run: Run, files: ModelFiles, reporter: Reporter, stop: StopRequest)
     frames = stages.decode(vae, latents, lambda done, total: reporter.advance(done, total=total))
     _release(vae)
     del vae
-    _empty_cache(device)
+    empty_cache(device)
     reporter.stage("writing video")
     video, first_frame = write_outputs(frames, run.folder / VIDEO, run.folder / FIRST_FRAME)
     seconds["decoding"] = round(time.perf_counter() - start, 3)
@@ -368,7 +362,7 @@ def _denoise(run: Run, stages, embeddings, latents: torch.Tensor, step: int, req
     stop.stage = None
     _release(dit)
     del dit
-    _empty_cache(device)
+    empty_cache(device)
     return latents
 
 
