@@ -43,11 +43,6 @@ def _chunk_paths(config: DiTConfig, act_bytes: int) -> tuple[int, int]:
     return qkv, mlp_path
 
 
-def dit_chunk_bytes_per_token(config: DiTConfig, act_bytes: int = 2) -> int:
-    """Bytes per token of one chunk of per-token work (the larger of the QKV and MLP paths)."""
-    return max(_chunk_paths(config, act_bytes))
-
-
 def dit_activation_bytes(
     config: DiTConfig, tokens: int, chunk: int | None, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
 ) -> int:
