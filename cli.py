@@ -11,7 +11,6 @@ profiles, download, doctor), which returns data and reports progress through cal
 
 import json
 import os
-import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -325,19 +324,9 @@ def demo(
     model_root = save_model or runs_dir / "demo-model"
 
     def work(reporter, stop):
-        from hyvideo.checkpoint import detect_layout
-        from hyvideo.tiny_checkpoint import write_tiny_checkpoint
+        from lowvram.runner import ensure_demo_model
 
-        if not (model_root.is_dir() and detect_layout(model_root)):
-            if model_root.exists() and any(model_root.iterdir()):
-                raise UserError(f"{model_root} is a non-empty folder without a model; pass --save-model with an empty or new folder")
-            reporter.stage("writing tiny model")
-            partial = model_root.with_name(model_root.name + ".partial")  # renamed when complete
-            shutil.rmtree(partial, ignore_errors=True)
-            write_tiny_checkpoint(partial, "official", seed=0)
-            if model_root.exists():
-                model_root.rmdir()
-            partial.rename(model_root)
+        ensure_demo_model(model_root, reporter)
         run, files = start_run(RunOptions(request, model_root, runs_dir, "auto", "sdpa", device), reporter)
         return execute(run, files, reporter, stop)
 
@@ -350,26 +339,12 @@ def demo(
 # --- runs ------------------------------------------------------------------------------------
 
 
-def _run_row(entry) -> dict:
-    run = entry.run
-    if run is None:
-        return {"id": entry.id, "prompt": None, "size": None, "step": None, "steps": None, "state": "unreadable",
-                "running": False, "output": None, "folder": str(entry.folder), "problem": entry.problem}
-    s = run.settings
-    outputs = run.manifest.get("outputs") or {}
-    video = outputs.get("out") or run.folder / outputs.get("video", "")
-    return {"id": run.id, "prompt": s["prompt"], "size": f"{s['width']}x{s['height']}x{s['frames']}", "step": run.step,
-            "steps": run.steps, "state": run.state, "running": run.state != "done" and run.is_running(), "output": str(video) if run.finished else None, "folder": str(run.folder),
-            "seed": s["seed"], "profile": s["profile"]["name"], "created": run.manifest.get("created"),
-            "error": run.manifest.get("error")}
-
-
 @app.command("runs")
 def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
     """List runs: id, prompt, size x frames, step k/N, state, output."""
     from lowvram.runs import list_runs
 
-    rows = [_run_row(entry) for entry in list_runs(runs_dir)]
+    rows = [entry.summary() for entry in list_runs(runs_dir)]
     if as_json:
         _print_json({"runs_dir": str(runs_dir), "runs": rows})
         return
@@ -603,7 +578,7 @@ def quantize(
     with user_errors(as_json):
         from hyvideo.checkpoint import find_model_files, load_dit_state_dict
         from lowvram.download import default_model_dir
-        from lowvram.stages import dit_config_for
+        from lowvram.stages import dit_config_for, quant_cache_dir
         from quant.cache import ensure_dit_cache
 
         model_dir = model_dir or default_model_dir()
@@ -611,7 +586,7 @@ def quantize(
         if not files.dit_weights:
             raise UserError(f"{model_dir} has only Tencent's FP8 DiT; it is already quantized (profiles load it directly)")
         config = dit_config_for(files)
-        target = cache_dir or Path(model_dir) / "lowvram-cache"
+        target = cache_dir or quant_cache_dir(files)
         if not as_json:
             err.print(f"quantizing the DiT ({scheme}, policy {policy}) into {target} ...", markup=False)
         status = ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, target)

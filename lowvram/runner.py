@@ -233,6 +233,26 @@ def _peak_vram_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def ensure_demo_model(root: Path, reporter: Reporter) -> None:
+    """Write the tiny random checkpoint (official layout) into `root` unless a model is there.
+    It is written to `<root>.partial` and renamed when complete, so an interrupted write is never
+    taken for a model."""
+    from hyvideo.checkpoint import detect_layout
+    from hyvideo.tiny_checkpoint import write_tiny_checkpoint
+
+    if root.is_dir() and detect_layout(root):
+        return
+    if root.exists() and any(root.iterdir()):
+        raise HyVideoError(f"{root} is a non-empty folder without a model; pass --save-model with an empty or new folder")
+    reporter.stage("writing tiny model")
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_tiny_checkpoint(partial, "official", seed=0)
+    if root.exists():
+        root.rmdir()
+    partial.rename(root)
+
+
 def execute(run: Run, files: ModelFiles, reporter: Reporter | None = None, stop: StopRequest | None = None) -> RunResult:
     """Run (or continue) `run` to the end. Raises RunInterrupted on Ctrl-C, HyVideoError for user
     problems (recorded in the manifest as "failed"; the run can be resumed once fixed)."""

@@ -390,6 +390,21 @@ class RunEntry:
     def id(self) -> str:
         return self.run.id if self.run else self.folder.name
 
+    def summary(self) -> dict:
+        """One row of `lowvram runs` (also its --json output)."""
+        run = self.run
+        if run is None:
+            return {"id": self.id, "prompt": None, "size": None, "step": None, "steps": None, "state": "unreadable",
+                    "running": False, "output": None, "folder": str(self.folder), "problem": self.problem}
+        s = run.settings
+        outputs = run.manifest.get("outputs") or {}
+        video = outputs.get("out") or run.folder / outputs.get("video", "")
+        return {"id": run.id, "prompt": s["prompt"], "size": f"{s['width']}x{s['height']}x{s['frames']}",
+                "step": run.step, "steps": run.steps, "state": run.state,
+                "running": run.state != "done" and run.is_running(), "output": str(video) if run.finished else None,
+                "folder": str(run.folder), "seed": s["seed"], "profile": s["profile"]["name"],
+                "created": run.manifest.get("created"), "error": run.manifest.get("error")}
+
 
 def list_runs(runs_dir: Path) -> list[RunEntry]:
     """Every folder in `runs_dir` holding a manifest, oldest first (run ids start with the time)."""
