@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_info, dit_inputs, peak_gb, random_dit, reset_peak, timed, write_results
+from bench.common import device_info, dit_inputs, finish, measure_forward, random_dit
 from hyvideo.attention import flash_available
 from hyvideo.config import DIT_CONFIGS
 
@@ -41,18 +41,12 @@ def main(argv=None) -> dict:
             run = {"size": f"{width}x{height}x{frames}", "backend": backend}
             try:
                 inputs = dit_inputs(config, width, height, frames, device, dtype, text_len=256 if not args.tiny else 16, valid=120 if not args.tiny else 9)
-                reset_peak(device)
-                with torch.inference_mode():
-                    times = timed(lambda: model(*inputs), device, 1 + args.repeats)  # first run is warm-up
-                run.update(s_per_forward=round(min(times[1:]), 3), all_s=[round(t, 3) for t in times],
-                           peak_memory_gb=peak_gb(device), tokens=inputs[0].shape[2] * inputs[0].shape[3] * inputs[0].shape[4] // 4)
+                _, stats = measure_forward(model, inputs, device, args.repeats)
+                run.update(stats, tokens=inputs[0].shape[2] * inputs[0].shape[3] * inputs[0].shape[4] // 4)
             except torch.OutOfMemoryError as err:
                 run["error"] = f"out of memory: {str(err).splitlines()[0]}"
             results["runs"].append(run)
-            print(run, flush=True)
-    path = write_results(args.out, "dit_forward" + ("-tiny" if args.tiny else ""), results)
-    print(f"wrote {path}")
-    return results
+    return finish(args.out, "dit_forward" + ("-tiny" if args.tiny else ""), results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_info, dit_inputs, peak_gb, random_dit, reset_peak, timed, write_results
+from bench.common import device_info, dit_inputs, finish, measure_forward, random_dit
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.errors import HyVideoError
 from quant.fp8 import scaled_mm_supported, set_scaled_mm, swap_linears_fp8
@@ -41,14 +41,10 @@ def main(argv=None) -> dict:
     results = {"benchmark": "quant_forward", "device": device_info(device), "size": f"{width}x{height}x{frames}", "runs": []}
 
     def measure(name, model):
-        reset_peak(device)
-        outputs = []
-        with torch.inference_mode():
-            times = timed(lambda: outputs.append(model(*inputs)), device, 1 + args.repeats)
-        run = {"scheme": name, "s_per_forward": round(min(times[1:]), 4), "all_s": [round(t, 4) for t in times],
-               "peak_memory_gb": peak_gb(device), "weights_gb": weight_gb(model)}
+        out, stats = measure_forward(model, inputs, device, args.repeats, digits=4)
+        run = {"scheme": name, **stats, "weights_gb": weight_gb(model)}
         results["runs"].append(run)
-        return outputs[-1], run
+        return out, run
 
     model = random_dit(config, device, dtype, seed=0)
     reference, _ = measure("bf16", model)
@@ -69,11 +65,7 @@ def main(argv=None) -> dict:
         run["rel_error_vs_bf16"] = relative_error(out, reference)
     except HyVideoError as err:
         results["runs"].append({"scheme": "int8-quanto", "skipped": str(err)})
-    for run in results["runs"]:
-        print(run, flush=True)
-    path = write_results(args.out, "quant_forward" + ("-tiny" if args.tiny else ""), results)
-    print(f"wrote {path}")
-    return results
+    return finish(args.out, "quant_forward" + ("-tiny" if args.tiny else ""), results)
 
 
 if __name__ == "__main__":

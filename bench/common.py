@@ -93,3 +93,28 @@ def write_results(out_dir: Path, name: str, results: dict) -> Path:
     path = out_dir / f"{name}-{slug}.json"
     path.write_text(json.dumps(results, indent=2))
     return path
+
+
+def measure_forward(model, inputs, device, repeats: int, digits: int = 3) -> tuple[torch.Tensor, dict]:
+    """One warm-up and `repeats` timed forwards; returns the last output and its timings and
+    peak memory."""
+    reset_peak(device)
+    last = [None]
+
+    def forward():
+        last[0] = None  # free the previous output first
+        last[0] = model(*inputs)
+
+    with torch.inference_mode():
+        times = timed(forward, device, 1 + repeats)
+    stats = {"s_per_forward": round(min(times[1:]), digits), "all_s": [round(t, digits) for t in times],
+             "peak_memory_gb": peak_gb(device)}
+    return last[0], stats
+
+
+def finish(out_dir: Path, name: str, results: dict) -> dict:
+    """Print every run, save the JSON, say where."""
+    for run in results["runs"]:
+        print(run, flush=True)
+    print(f"wrote {write_results(out_dir, name, results)}")
+    return results
