@@ -90,6 +90,15 @@ def _print_table(table) -> None:
     (out if out.is_terminal else Console(highlight=False, width=120)).print(table)
 
 
+def _bytes(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
 # --- progress --------------------------------------------------------------------------------
 
 
@@ -510,8 +519,7 @@ def doctor(
         if report["files"]:
             files = Table("file", "size", "status", title=f"weights in {model_dir}")
             for row in report["files"]:
-                size = "-" if row["size"] is None else f"{row['size'] / 1e9:.2f} GB" if row["size"] > 1e7 else f"{row['size']} B"
-                files.add_row(row["file"], size, row["status"])
+                files.add_row(row["file"], _bytes(row["size"]), row["status"])
             _print_table(files)
     if not report["ok"]:
         raise typer.Exit(1)
@@ -556,15 +564,6 @@ def download(
         out.print(f"weights complete in {model_dir} ({layout_found} layout, {len(checks)} files)", markup=False)
 
 
-def _bytes(size: int | None) -> str:
-    if size is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{size} B"
-
-
 @app.command()
 def quantize(
     model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR", help="Weights folder."),
@@ -597,9 +596,5 @@ def quantize(
         out.print(status.message if status.state == "fresh" else f"done: {target}")
 
 
-def main():
-    app()
-
-
 if __name__ == "__main__":
-    main()
+    app()
