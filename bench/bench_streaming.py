@@ -41,7 +41,7 @@ from lowvram.memtrack import PeakTracker
 from lowvram.planner import plan
 from lowvram.profiles import Profile, profile_from_dict, shipped_profiles
 from lowvram.schedule import plan_schedule
-from lowvram.streaming import BlockStreamer, module_bytes
+from lowvram.streaming import BlockStreamer, leaf_bytes
 from bench.common import random_init_
 from quant.fp8 import FP8Linear
 
@@ -228,7 +228,7 @@ class Bench:
         if self.args.tiny:  # budgets in GiB mean nothing at tiny scale: cap 16 -> half resident
             n = len(schedule.kinds)
             resident = n if cap_gb is None or cap_gb >= 24 else n // 2
-            schedule = plan_schedule(schedule.kinds, [module_bytes(b) for b in self.model.all_blocks()],
+            schedule = plan_schedule(schedule.kinds, [leaf_bytes(b) for b in self.model.all_blocks()],
                                      prefetch_depth=profile.prefetch_depth, resident=resident)
         self._cap(cap_gb)
         self.model.token_chunk = profile.token_chunk

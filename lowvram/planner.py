@@ -20,7 +20,7 @@ straight to their device, shard by shard.
 "auto" resident blocks: the most blocks (spread evenly) that fit the budget left after the
 reserve, trunk, ring and activations.
 
-Weight bytes come from lowvram/weights.py, a stand-in for quant/bytes.py with the same signatures.
+Weight bytes come from quant/bytes.py, the accounting the quantized modules really use.
 """
 
 import dataclasses
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.vae import latent_shape
+from quant.bytes import block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes, trunk_bytes, vae_decoder_bytes
 
 from .activations import dit_activation_bytes, image_tokens, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
 from .profiles import Profile
 from .schedule import BlockSchedule, plan_schedule
 from .tiled_vae import temporal_decode_tiles
-from .weights import block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes, trunk_bytes, vae_decoder_bytes
 
 GIB = 2**30
 RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces + fragmentation
@@ -142,7 +142,7 @@ def align_up(value: int, multiple: int) -> int:
 def dit_schedule(profile: Profile, config: DiTConfig, fixed_bytes: int, budget_bytes: int) -> BlockSchedule:
     """The block schedule for this profile: `fixed_bytes` (trunk, activations) are on the GPU too."""
     kinds = dit_block_kinds(config)
-    sizes = [block_bytes(config, profile.dit_scheme, profile.quant_policy, kind) for kind in kinds]
+    sizes = [block_bytes(config, profile.dit_scheme, profile.quant_policy, kind).total for kind in kinds]
     if profile.resident_blocks == "auto":
         return plan_schedule(kinds, sizes, prefetch_depth=profile.prefetch_depth,
                              budget_bytes=max(0, budget_bytes - RESERVE_BYTES - fixed_bytes))

@@ -18,8 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from hyvideo.errors import HyVideoError
+from quant.bytes import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 
-from .weights import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 
 if sys.version_info >= (3, 11):
     import tomllib

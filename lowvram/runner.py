@@ -31,6 +31,7 @@ from hyvideo.attention import check_backend
 from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
+from hyvideo.files import file_fingerprint, fingerprint_mismatch
 from hyvideo.pipeline import GenerationRequest, denoise, validate_request
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
@@ -38,7 +39,7 @@ from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 from .placement import empty_cache
 from .progress import Reporter
 from .stages import CPU_MAX_DIT_PARAMS, build_stages, dit_config_for, parameter_count, resolve_profile, vae_config_for
-from .runs import FIRST_FRAME, VIDEO, Run, file_fingerprint, find_run, fingerprint_mismatch
+from .runs import FIRST_FRAME, VIDEO, Run, find_run
 from .video import write_outputs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

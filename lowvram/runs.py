@@ -25,10 +25,8 @@ steps, other prompt) would silently produce a different video than the one the r
 refused. An `fcntl` lock on the folder tells a live run from an interrupted one.
 """
 
-import errno
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hyvideo.errors import HyVideoError
+from hyvideo.files import write_atomic
 from hyvideo.text_encoder import TextEmbeddings
 
 try:
@@ -67,72 +66,8 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(canonical_json(settings).encode()).hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, what: str) -> None:
-    """Temp file, fsync, rename, fsync the folder. On failure the previous file at `path` is left
-    as it was, the temp file is removed, and a HyVideoError says why (disk full named as such)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise HyVideoError(f"the disk is full: could not save {what} to {path}") from None
-        raise HyVideoError(f"could not save {what} to {path}: {error.strerror or error}") from None
-    _fsync_dir(path.parent)
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_fingerprint(paths: list[Path], root: Path) -> list[dict]:
-    """Size and mtime (ns) of each weight file, by path relative to the model folder: cheap, and
-    changes when a file is replaced or re-downloaded."""
-    prints = []
-    for path in sorted({Path(p) for p in paths}):
-        stat = path.stat()
-        try:
-            name = str(path.relative_to(root))
-        except ValueError:
-            name = str(path)
-        prints.append({"file": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return prints
-
-
-def fingerprint_mismatch(recorded: list[dict], current: list[dict]) -> str | None:
-    """None if equal, else a short reason naming the first differing file."""
-    old, new = {p["file"]: p for p in recorded}, {p["file"]: p for p in current}
-    for name in sorted(old.keys() | new.keys()):
-        if name not in new:
-            return f"{name} is no longer there"
-        if name not in old:
-            return f"{name} was not part of the model the run started with"
-        if old[name]["size"] != new[name]["size"]:
-            return f"{name} changed size ({old[name]['size']} -> {new[name]['size']} bytes)"
-        if old[name]["mtime_ns"] != new[name]["mtime_ns"]:
-            return f"{name} was modified since the run started"
-    return None
 
 
 def _slug(prompt: str, words: int = 4, length: int = 32) -> str:

@@ -75,7 +75,7 @@ def tensor_leaves(module: nn.Module) -> list[torch.Tensor]:
     return [leaf for *_, t in _module_tensors(module) for leaf in _leaves_of(t)]
 
 
-def module_bytes(module: nn.Module) -> int:
+def leaf_bytes(module: nn.Module) -> int:
     return sum(leaf.numel() * leaf.element_size() for leaf in tensor_leaves(module))
 
 
@@ -231,7 +231,7 @@ class BlockStreamer:
         if self.cuda and pin_memory:
             self.pin_report = pin_leaves_(streamed_modules, pinned_cap_bytes)
         else:
-            total = sum(module_bytes(m) for m in streamed_modules)
+            total = sum(leaf_bytes(m) for m in streamed_modules)
             self.pin_report = PinReport(0, total, None if not total else
                                         "pinning off" if not pin_memory else "not a CUDA device")
 
@@ -246,7 +246,7 @@ class BlockStreamer:
             slots = min(depth + 1, len(members))
             self._rings[key] = [_Slot(empty_module_like(blocks[members[0]], self.device), self.cuda) for _ in range(slots)]
         self._next_slot = {key: 0 for key in self._rings}
-        self.ring_bytes = sum(module_bytes(slot.shell) for ring in self._rings.values() for slot in ring)
+        self.ring_bytes = sum(leaf_bytes(slot.shell) for ring in self._rings.values() for slot in ring)
 
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._issued: deque[tuple[int, _Slot]] = deque()  # (absolute streamed position, slot), in order
@@ -383,7 +383,7 @@ class BlockStreamer:
     @property
     def gpu_bytes(self) -> int:
         """Block weights this streamer keeps on the device: resident blocks and the ring."""
-        return sum(module_bytes(self._run[i]) for i in self.schedule.resident) + self.ring_bytes
+        return sum(leaf_bytes(self._run[i]) for i in self.schedule.resident) + self.ring_bytes
 
     def close(self, keep_on_host: bool = True) -> None:
         """Free the ring and the resident blocks' device memory. Resident blocks go back to host

@@ -1,15 +1,13 @@
 """Write a generated clip: H.264 mp4 (PyAV, yuv420p, 24 fps) and a PNG of its first frame.
 
 Frames come as uint8 [F, H, W, 3] (what `hyvideo.pipeline.latents_to_frames` returns). Both files
-are written to a temp name next to the target and renamed into place, so a reader never sees half a
-video and an interrupted write leaves the previous file (if any) alone.
+are written atomically (`hyvideo.files.write_atomic`): a reader never sees half a video and an
+interrupted write leaves the previous file (if any) alone.
 
 The PNG writer is the 20 lines the format needs (signature, IHDR, one zlib IDAT, IEND), so there is
 no image library dependency.
 """
 
-import errno
-import os
 import struct
 import zlib
 from fractions import Fraction
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyvideo.errors import HyVideoError
+from hyvideo.files import write_atomic
 
 FPS = 24  # the official saver's frame rate (facts §3.7)
 CRF = 17  # x264 quality: visually lossless for 8-bit video; the default 23 smears fine detail
@@ -37,31 +35,15 @@ def even_frames(array: np.ndarray) -> np.ndarray:
     return np.pad(array, pad, mode="edge") if height % 2 or width % 2 else array
 
 
-def _write_atomic(path: Path, write) -> Path:
-    """write(temp_path), then rename over `path`; OSErrors become one-line HyVideoErrors."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise HyVideoError(f"could not write {path}: {reason}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_mp4(frames, path: str | Path, fps: int = FPS, crf: int = CRF) -> Path:
     """H.264 (libx264), yuv420p, `fps` frames per second."""
     array = even_frames(_as_numpy(frames))
     _, height, width, _ = array.shape
 
-    def write(tmp: Path):
+    def write(f):
         import av
 
-        with av.open(str(tmp), mode="w", format="mp4") as container:
+        with av.open(f, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": str(crf)}
@@ -69,7 +51,7 @@ def write_mp4(frames, path: str | Path, fps: int = FPS, crf: int = CRF) -> Path:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
             container.mux(stream.encode())  # flush the encoder
 
-    return _write_atomic(Path(path), write)
+    return write_atomic(Path(path), write, "the video")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -88,7 +70,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 def write_png(image, path: str | Path) -> Path:
     array = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
     data = png_bytes(np.ascontiguousarray(array, dtype=np.uint8))
-    return _write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+    return write_atomic(Path(path), data, "the first frame")
 
 
 def write_outputs(frames, video_path: str | Path, png_path: str | Path, fps: int = FPS) -> tuple[Path, Path]:

@@ -1,35 +1,65 @@
-"""Byte accounting: how much memory the DiT's (or one block's) weights take under a scheme.
+"""Byte accounting: how much memory each component's weights take under a storage scheme.
 
-Counted from the module shapes of the model built on the meta device (no weights needed), with
-the storage each scheme really uses (the cache and the runtime modules use exactly these):
+Counted from module shapes on the meta device (no weights needed), with the storage each scheme
+really uses (the cache and the runtime modules use exactly these; the planner adds them up):
 
   bf16  every tensor 2 B/element (the compute dtype; `dtype` changes it)
   fp8   quantized weight 1 B/element + float32 scale per output channel (4 B x out)
   int8  quantized weight 1 B/element + scale per output channel in the compute dtype (2 B x out)
         + quanto's two scalar activation scales per layer (2 x 2 B)
-Non-quantized tensors (biases, norms, embedders, refiner, final layer) are 2 B/element in every
-scheme. For the 13B config the 320 block linears hold 12,457,082,880 weight elements and the rest
-363,929,664 (facts §1.1, §1.14).
+Only the nn.Linear layers inside the blocks named by the quant policy are quantized ("blocks": the
+320 layers of Tencent's FP8 release, facts §1.14); non-quantized tensors (biases, norms,
+embedders, refiner, final layer) are 2 B/element in every scheme. For the 13B config the 320 block
+linears hold 12,457,082,880 weight elements and the rest 363,929,664 (facts §1.1, §1.14).
 
-`llm_nf4_bytes` estimates the 4-bit text encoder: bitsandbytes NF4 packs 2 weights per byte with one
-absmax per 64-element block; double quantization stores that absmax as 1 byte plus one float32 per
-256 blocks (without it: a float32 per block). Embeddings and norms stay 2 B/element.
+Text encoders are not built here (their configs live in transformers); their sizes are fixed facts
+of the released checkpoints (facts §4): the Llama-3-8B base model (no lm_head) and CLIP-L's text
+tower. `llm_nf4_bytes` estimates the 4-bit text encoder: bitsandbytes NF4 packs 2 weights per byte
+with one absmax per 64-element block; double quantization stores that absmax as 1 byte plus one
+float32 per 256 blocks (without it: a float32 per block). Embeddings and norms stay 2 B/element.
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
 
 from hyvideo.blocks import DoubleStreamBlock, SingleStreamBlock
-from hyvideo.config import DiTConfig
+from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.dit import HunyuanVideoDiT
+from hyvideo.errors import HyVideoError
 
-from .policy import QuantPolicy, get_policy
+from .policy import POLICIES, QuantPolicy, get_policy
 
-DIT_SCHEMES = ("bf16", "fp8", "int8")
+DIT_SCHEMES = ("fp8", "int8", "bf16")  # fastest-to-load first, as profiles list them
+ENCODER_SCHEMES = ("nf4", "bf16")
+QUANT_POLICIES = tuple(POLICIES)
 NF4_BLOCKSIZE = 64
 NF4_DOUBLE_QUANT_BLOCKSIZE = 256
+
+
+# Llama-3-8B as saved by the official preprocessing (AutoModel: no lm_head): 32 layers, hidden 4096,
+# MLP 14336, 8 KV heads of 128, vocab 128256.
+LLM_EMBED_PARAMS = 128_256 * 4096  # 525,336,576: stays bf16 under NF4 (bitsandbytes skips embeddings)
+LLM_LINEAR_PARAMS = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # 6,979,321,856
+LLM_OTHER_PARAMS = 32 * 2 * 4096 + 4096  # RMSNorm weights (262,144 + 4,096)
+CLIP_TEXT_PARAMS = 123_060_480  # CLIP-L/14 text transformer (kept fp16 in every scheme)
+
+# Quantized linears whose dequantized weights are alive at the same time (hyvideo/blocks.py runs
+# each chunk loop inside `held_weights`: an MLP pair together, every other linear alone).
+HELD_TOGETHER = {"double": (("img_mlp.fc1", "img_mlp.fc2"), ("txt_mlp.fc1", "txt_mlp.fc2")), "single": (("linear1", "linear2"),)}
+
+
+def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise HyVideoError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+
+
+@lru_cache(maxsize=8)
+def _meta_dit(config: DiTConfig) -> HunyuanVideoDiT:
+    with torch.device("meta"):
+        return HunyuanVideoDiT(config)
 
 
 @dataclass(frozen=True)
@@ -48,11 +78,10 @@ def _quantized_linear_bytes(layer: nn.Linear, scheme: str, dtype_bytes: int) -> 
     return layer.weight.numel() + dtype_bytes * out_features + 2 * dtype_bytes  # int8
 
 
-def module_bytes(module: nn.Module, quantized: set[str], scheme: str, dtype: torch.dtype = torch.bfloat16) -> WeightBytes:
-    """Bytes of `module`'s parameters when the linears named in `quantized` (paths relative to
-    `module`) are stored with `scheme`."""
-    if scheme not in DIT_SCHEMES:
-        raise ValueError(f"scheme must be one of {DIT_SCHEMES}, not {scheme!r}")
+def scheme_bytes(module: nn.Module, quantized: set[str], scheme: str, dtype: torch.dtype = torch.bfloat16) -> WeightBytes:
+    """Bytes `module`'s parameters would take with the linears named in `quantized` (paths relative
+    to `module`) stored with `scheme` (the module itself may be unquantized, or on meta)."""
+    _check(scheme, DIT_SCHEMES, "DiT scheme")
     dtype_bytes = dtype.itemsize
     q_elements = q_bytes = u_elements = 0
     quantized = set() if scheme == "bf16" else quantized
@@ -70,19 +99,17 @@ def module_bytes(module: nn.Module, quantized: set[str], scheme: str, dtype: tor
 def weight_bytes(config: DiTConfig, scheme: str, policy: "str | QuantPolicy" = "blocks",
                  dtype: torch.dtype = torch.bfloat16) -> WeightBytes:
     """The whole DiT's weights under `scheme` ("bf16", "fp8", "int8") and `policy`."""
-    with torch.device("meta"):
-        model = HunyuanVideoDiT(config)
-    return module_bytes(model, set(get_policy(policy).module_names(config)), scheme, dtype)
+    return scheme_bytes(_meta_dit(config), set(get_policy(policy).module_names(config)), scheme, dtype)
 
 
 def block_bytes(config: DiTConfig, scheme: str, policy: "str | QuantPolicy" = "blocks", kind: str = "double",
                 dtype: torch.dtype = torch.bfloat16) -> WeightBytes:
     """One double- or single-stream block's weights: what a block streamer moves per block."""
-    names = get_policy(policy).block_names(kind)
+    names = get_policy(policy).block_names(kind)  # ValueError for an unknown kind
     block_class = DoubleStreamBlock if kind == "double" else SingleStreamBlock
     with torch.device("meta"):
         block = block_class(config.hidden_size, config.heads, config.mlp_hidden)
-    return module_bytes(block, set(names), scheme, dtype)
+    return scheme_bytes(block, set(names), scheme, dtype)
 
 
 def llm_nf4_bytes(quantized_params: int, unquantized_params: int = 0, double_quant: bool = True,
@@ -108,3 +135,59 @@ def llm_param_counts(llama_config) -> tuple[int, int]:
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     total = sum(p.numel() for p in model.parameters())
     return linear, total - linear
+
+
+def dit_block_kinds(config: DiTConfig) -> list[str]:
+    """Kind of each of the blocks in run order: the double blocks, then the single blocks."""
+    return ["double"] * config.double_blocks + ["single"] * config.single_blocks
+
+
+def trunk_bytes(config: DiTConfig) -> int:
+    """Bytes of everything outside the 60 blocks (embedders, token refiner, final layer), bf16."""
+    model = _meta_dit(config)
+    in_blocks = {id(p) for block in model.all_blocks() for p in block.parameters()}
+    return sum(p.numel() * 2 for p in model.parameters() if id(p) not in in_blocks)
+
+
+def dequantized_weight_bytes(config: DiTConfig, scheme: str, policy: str, act_bytes: int = 2) -> int:
+    """Transient GPU bytes of dequantized weights while a block runs: the weights held together by
+    one chunk loop, plus the `W_q.to(bf16)` temporary of building the largest of them. For the 13B
+    model the largest is the single block's linear1 + linear2 pair (0.33 GiB). 0 for bf16."""
+    if scheme == "bf16":
+        return 0
+    model = _meta_dit(config)
+    peak = 0
+    for kind, blocks in (("double", model.double_blocks), ("single", model.single_blocks)):
+        if not len(blocks):
+            continue
+        quantized = {name: blocks[0].get_submodule(name).weight.numel() for name in get_policy(policy).block_names(kind)}
+        groups = [(name,) for name in quantized] + list(HELD_TOGETHER[kind])
+        for group in groups:
+            sizes = [quantized[name] for name in group if name in quantized]
+            if sizes:
+                peak = max(peak, sum(sizes) + max(sizes))
+    return peak * act_bytes
+
+
+def llm_bytes(scheme: str) -> int:
+    """The LLM text encoder's weights: bf16 15.0 GB, nf4 4.6 GB (bitsandbytes, double quant)."""
+    _check(scheme, ENCODER_SCHEMES, "text encoder scheme")
+    other = LLM_EMBED_PARAMS + LLM_OTHER_PARAMS  # embeddings and norms stay bf16 under NF4
+    if scheme == "bf16":
+        return (LLM_LINEAR_PARAMS + other) * 2
+    return llm_nf4_bytes(LLM_LINEAR_PARAMS, other)
+
+
+def clip_bytes() -> int:
+    return CLIP_TEXT_PARAMS * 2  # fp16
+
+
+@lru_cache(maxsize=8)
+def vae_decoder_bytes(config: VAEConfig, bytes_per_element: int = 2) -> int:
+    """Decoder + post_quant_conv weights (fp16 by default, as the official VAE runs)."""
+    from hyvideo.vae import CausalVAE
+
+    with torch.device("meta"):
+        vae = CausalVAE(config)
+    params = sum(p.numel() for p in vae.decoder.parameters()) + sum(p.numel() for p in vae.post_quant_conv.parameters())
+    return params * bytes_per_element

@@ -8,8 +8,8 @@ fit in 24 GB of RAM, so it is done once, one tensor at a time, and written as
   {"format": 1, "scheme", "policy", "dtype", "config", "sources": [fingerprint per file],
    "versions": {"torch", "hyvideo-quant", "optimum-quanto"}, "file_size", "file_sha256"}
 
-- Fingerprint of a source file: size, mtime (ns) and sha256 of its first and last MiB. Cheap (2 MiB
-  read per file) and catches a replaced or re-downloaded checkpoint; a changed fingerprint, scheme,
+- Fingerprint of a source file (`hyvideo.files.file_fingerprint`): size, mtime (ns) and sha256 of
+  its first and last MiB. Cheap (2 MiB read per file) and catches a replaced or re-downloaded checkpoint; a changed fingerprint, scheme,
   policy, dtype, config or format makes the cache *stale*, and `ensure_dit_cache` rebuilds it.
 - `file_sha256` is computed while writing. A load re-hashes the file (one streaming read, which
   also warms the page cache) and refuses a truncated or corrupt file with a HyVideoError; a damaged
@@ -17,17 +17,14 @@ fit in 24 GB of RAM, so it is done once, one tensor at a time, and written as
 - Writes are atomic: temp file in the same folder, fsync, rename; the old header is removed first,
   so an interrupted rebuild leaves a cache that reads as missing, never as valid.
 
-The safetensors file is written by a small streaming writer (8-byte header length, JSON header,
-raw little-endian tensor bytes, as the safetensors spec says): the layout is computed by running the
-scheme's quantizer on meta tensors, then each real tensor is quantized, written, hashed and freed,
-so peak memory is one layer. Tensors start 64-byte aligned ("__padding__.N" filler tensors, which
-the loader drops). Loading uses safetensors' own reader, whose tensors point into the memory-mapped
+The safetensors file is written by `hyvideo.weight_io.write_safetensors_stream`: the layout is
+computed by running the scheme's quantizer on meta tensors, then each real tensor is quantized,
+written, hashed and freed, so peak memory is one layer. Loading uses safetensors' own reader, whose tensors point into the memory-mapped
 file: nothing is copied until a block is moved to the GPU.
 """
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +36,8 @@ from hyvideo.checkpoint import check_state_dict
 from hyvideo.config import DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
+from hyvideo.files import file_fingerprint, write_atomic
+from hyvideo.weight_io import PADDING_PREFIX, write_safetensors_stream
 
 from .fp8 import fp8_linear_state, swap_linears_fp8
 from .int8 import int8_linear_state, quanto_version, requantize_int8
@@ -48,12 +47,6 @@ CACHE_FORMAT = 1
 QUANT_VERSION = "1"  # bump when the quantizers' output changes
 SCHEMES = ("fp8", "int8")
 _MIB = 1 << 20
-_ALIGN = 64
-PADDING_PREFIX = "__padding__."
-_SAFETENSORS_DTYPES = {
-    torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-    torch.int8: "I8", torch.uint8: "U8",
-}
 
 
 @dataclass(frozen=True)
@@ -82,23 +75,6 @@ def cache_paths(out_dir: str | Path, scheme: str) -> tuple[Path, Path]:
 def _check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise HyVideoError(f"unknown DiT quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
-
-
-def source_fingerprint(files: list[Path]) -> list[dict]:
-    """Size, mtime and sha256 of the first and last MiB of each source file."""
-    prints = []
-    for path in map(Path, files):
-        try:
-            stat = path.stat()
-            with open(path, "rb") as f:
-                head = hashlib.sha256(f.read(_MIB)).hexdigest()
-                f.seek(max(0, stat.st_size - _MIB))
-                tail = hashlib.sha256(f.read(_MIB)).hexdigest()
-        except OSError as error:
-            raise HyVideoError(f"cannot read DiT source file {path}: {error.strerror or error}") from error
-        prints.append({"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                       "head_sha256": head, "tail_sha256": tail})
-    return prints
 
 
 def _header(scheme: str, policy: QuantPolicy, dtype: torch.dtype, config: DiTConfig, sources: list[dict]) -> dict:
@@ -131,75 +107,6 @@ def quantized_tensors(state_dict: dict[str, torch.Tensor], config: DiTConfig, sc
             yield key, tensor.to(dtype)
 
 
-def _tensor_bytes(tensor: torch.Tensor):
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the rename itself is still atomic
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    """write(file) into a temp file next to `path`, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        raise HyVideoError(f"could not write the quantized cache {path}: {error.strerror or error}") from error
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _write_safetensors(path: Path, layout: list[tuple[str, torch.dtype, tuple]], tensors: Iterator, metadata: dict) -> tuple[int, str]:
-    """Stream `tensors` (matching `layout`) into a safetensors file; returns (size, sha256).
-
-    Every tensor starts 64-byte aligned in the file (and so in memory when the file is mapped):
-    safetensors' reader returns tensors that point into the mapping, and some kernels need aligned
-    data (torch's int8 CPU matmul, used by quanto, crashes on unaligned weights). The format allows
-    no holes between tensors, so the gaps are filled by small "__padding__.N" uint8 tensors."""
-    header, offset, pads = {"__metadata__": metadata}, 0, {}
-    for key, dtype, shape in layout:
-        if offset % _ALIGN:
-            pad = _ALIGN - offset % _ALIGN
-            pads[key] = pad
-            header[f"{PADDING_PREFIX}{len(pads)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
-            offset += pad
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % _ALIGN)  # the data section starts aligned too
-    digest, size = hashlib.sha256(), 0
-
-    def write(f):
-        nonlocal size
-        for chunk in (len(blob).to_bytes(8, "little"), blob):
-            f.write(chunk)
-            digest.update(chunk)
-        for (key, dtype, shape), (name, tensor) in zip(layout, tensors, strict=True):
-            if name != key or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                raise RuntimeError(f"quantizer gave {name} {tensor.dtype} {tuple(tensor.shape)}, layout says {key} {dtype} {shape}")
-            for data in (bytes(pads.get(key, 0)), _tensor_bytes(tensor)):
-                f.write(data)
-                digest.update(data)
-        size = f.tell()
-
-    _write_atomic(path, write)
-    return size, digest.hexdigest()
-
-
 def quantize_dit_to_cache(state_dict_source_files: list[Path], state_dict: dict[str, torch.Tensor], config: DiTConfig,
                           scheme: str, policy: "str | QuantPolicy", out_dir: str | Path,
                           dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -213,17 +120,18 @@ def quantize_dit_to_cache(state_dict_source_files: list[Path], state_dict: dict[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, header_path = cache_paths(out_dir, scheme)
-    header = _header(scheme, policy, dtype, config, source_fingerprint(state_dict_source_files))
+    header = _header(scheme, policy, dtype, config, file_fingerprint(state_dict_source_files))
 
     meta_state = meta_model.state_dict()
     layout = [(k, t.dtype, tuple(t.shape)) for k, t in quantized_tensors(meta_state, config, scheme, policy, dtype)]
     ordered = {key: state_dict[key] for key in meta_state}
     header_path.unlink(missing_ok=True)  # from here until the new header exists, the cache reads as missing
     with torch.no_grad():
-        size, sha = _write_safetensors(weights, layout, quantized_tensors(ordered, config, scheme, policy, dtype),
-                                       {"format": "hyvideo-quant", "scheme": scheme, "policy": policy.name})
+        size, sha = write_safetensors_stream(weights, layout, quantized_tensors(ordered, config, scheme, policy, dtype),
+                                             {"format": "hyvideo-quant", "scheme": scheme, "policy": policy.name},
+                                             "the quantized cache")
     header.update(file_size=size, file_sha256=sha)
-    _write_atomic(header_path, lambda f: f.write(json.dumps(header, indent=1).encode()))
+    write_atomic(header_path, json.dumps(header, indent=1).encode(), "the quantized cache header")
     return weights
 
 
@@ -251,7 +159,7 @@ def cache_status(out_dir: str | Path, config: DiTConfig, scheme: str, policy: "s
     size = weights.stat().st_size
     if size != found["file_size"]:
         return CacheStatus("corrupt", f"{weights.name} is {size} bytes, expected {found['file_size']} (truncated?)", weights)
-    sources = source_fingerprint(source_files) if source_files is not None else found.get("sources")
+    sources = file_fingerprint(source_files) if source_files is not None else found.get("sources")
     wanted = _header(scheme, policy, dtype, config, sources)
     for field, reason in (("format", "cache format changed"), ("scheme", "scheme changed"), ("policy", "policy changed"),
                           ("dtype", "dtype changed"), ("config", "model config changed"), ("sources", "source changed")):

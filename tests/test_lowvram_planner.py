@@ -20,8 +20,8 @@ from lowvram.memtrack import PeakTracker
 from lowvram.placement import dit_trunk, prepare_dit, release_dit
 from lowvram.planner import plan
 from lowvram.profiles import load_profile, profile_from_dict
-from lowvram.streaming import module_bytes
-from lowvram.weights import block_bytes, trunk_bytes
+from lowvram.streaming import leaf_bytes
+from quant.bytes import block_bytes, trunk_bytes
 from tests.random_weights import randomize_
 
 
@@ -105,13 +105,13 @@ def test_explicit_resident_blocks_and_too_small_budget():
 def test_weight_bytes_match_real_modules():
     tiny = DIT_CONFIGS["tiny"]
     model = HunyuanVideoDiT(tiny).to(torch.bfloat16)
-    assert block_bytes(tiny, "bf16", "blocks", "double") == module_bytes(model.double_blocks[0])
-    assert block_bytes(tiny, "bf16", "blocks", "single") == module_bytes(model.single_blocks[0])
-    assert trunk_bytes(tiny) == sum(module_bytes(m) for m in dit_trunk(model))
+    assert block_bytes(tiny, "bf16", "blocks", "double").total == leaf_bytes(model.double_blocks[0])
+    assert block_bytes(tiny, "bf16", "blocks", "single").total == leaf_bytes(model.single_blocks[0])
+    assert trunk_bytes(tiny) == sum(leaf_bytes(m) for m in dit_trunk(model))
     fp8 = pytest.importorskip("quant.fp8")
     fp8.swap_linears_fp8(model, "blocks")
-    assert block_bytes(tiny, "fp8", "blocks", "double") == module_bytes(model.double_blocks[0])
-    assert block_bytes(tiny, "fp8", "blocks", "single") == module_bytes(model.single_blocks[0])
+    assert block_bytes(tiny, "fp8", "blocks", "double").total == leaf_bytes(model.double_blocks[0])
+    assert block_bytes(tiny, "fp8", "blocks", "single").total == leaf_bytes(model.single_blocks[0])
 
 
 @pytest.mark.parametrize("chunk", [None, 512, 128])
@@ -185,7 +185,7 @@ def test_dit_stage_predicted_vs_measured_with_streaming():
     inputs = small_inputs(frames=4, h=32, w=32, text=256)
     with torch.no_grad(), PeakTracker() as tracker:
         model(*inputs, blocks=streamer.blocks_for_step(prefetch_next_step=False))
-    weights = sum(module_bytes(m) for m in dit_trunk(model)) + streamer.gpu_bytes
+    weights = sum(leaf_bytes(m) for m in dit_trunk(model)) + streamer.gpu_bytes
     measured = weights + tracker.peak_bytes
     predicted = p.stages["dit"].vram_bytes - p.stages["dit"].parts["latents"]
     assert abs(predicted / measured - 1) <= 0.03

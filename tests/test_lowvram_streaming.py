@@ -11,8 +11,8 @@ import torch.nn as nn
 from hyvideo.config import DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from lowvram.schedule import BlockSchedule, plan_schedule, spread_evenly
-from lowvram.streaming import BlockStreamer, PinReport, empty_module_like, module_bytes, pin_leaves_, tensor_leaves
-from lowvram.weights import dit_block_kinds
+from lowvram.streaming import BlockStreamer, PinReport, empty_module_like, leaf_bytes, pin_leaves_, tensor_leaves
+from quant.bytes import dit_block_kinds
 from tests.random_weights import randomize_
 
 
@@ -38,7 +38,7 @@ def make_inputs(seed=0):
 
 
 def schedule_for(model, **kwargs) -> BlockSchedule:
-    return plan_schedule(dit_block_kinds(model.config), [module_bytes(b) for b in model.all_blocks()], **kwargs)
+    return plan_schedule(dit_block_kinds(model.config), [leaf_bytes(b) for b in model.all_blocks()], **kwargs)
 
 
 def run_steps(model, streamer, inputs, steps):
@@ -124,7 +124,7 @@ def test_streamed_equals_resident_bit_for_bit(model_and_reference, resident, dep
     for out in outs:
         assert torch.equal(out, reference)
     stats = streamer.step_stats()
-    per_step = sum(module_bytes(model.all_blocks()[i]) for i in streamer.schedule.streamed)
+    per_step = sum(leaf_bytes(model.all_blocks()[i]) for i in streamer.schedule.streamed)
     assert [s.bytes_copied for s in stats] == [per_step] * 3
     assert [s.blocks_copied for s in stats] == [8 - resident] * 3
 
@@ -132,7 +132,7 @@ def test_streamed_equals_resident_bit_for_bit(model_and_reference, resident, dep
 @pytest.mark.parametrize("budget_fraction", [0.0, 0.35, 0.7, 1.0])
 def test_budget_schedules_are_exact(model_and_reference, budget_fraction):
     model, inputs, reference = model_and_reference
-    total = sum(module_bytes(b) for b in model.all_blocks())
+    total = sum(leaf_bytes(b) for b in model.all_blocks())
     schedule = schedule_for(model, budget_bytes=int(total * budget_fraction), prefetch_depth=2)
     streamer = BlockStreamer(model.all_blocks(), schedule, "cpu")
     for out in run_steps(model, streamer, inputs, steps=2):

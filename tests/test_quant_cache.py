@@ -149,6 +149,6 @@ def test_cache_refuses_wrong_weights(source, tmp_path):
         quantize_dit_to_cache([path], broken, TINY, "fp8", "blocks", tmp_path)
     with pytest.raises(HyVideoError, match="unknown DiT quantization scheme"):
         quantize_dit_to_cache([path], state, TINY, "nf4", "blocks", tmp_path)
-    with pytest.raises(HyVideoError, match="cannot read DiT source"):
+    with pytest.raises(HyVideoError, match="cannot read weight file"):
         quantize_dit_to_cache([tmp_path / "gone.pt"], state, TINY, "fp8", "blocks", tmp_path)
     assert not list(tmp_path.glob("dit-*"))

@@ -21,7 +21,8 @@ from lowvram.doctor import run_doctor
 from lowvram.progress import Reporter
 from lowvram.runner import RunInterrupted, RunOptions, StopRequest, execute, resume_run, start_run
 from lowvram.stages import PlainStages
-from lowvram.runs import KEEP_CHECKPOINTS, Run, find_run, fingerprint_mismatch, list_runs
+from hyvideo.files import fingerprint_mismatch
+from lowvram.runs import KEEP_CHECKPOINTS, Run, find_run, list_runs
 from lowvram.video import png_bytes, write_mp4
 
 # 64x48 px, 9 frames: latents [1, 16, 3, 6, 8], the smallest clip with several latent frames and
