@@ -35,6 +35,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 RunsDir = typer.Option(Path("runs"), "--runs-dir", envvar="LOWVRAM_RUNS_DIR", help="Where run folders live.")
+CacheDir = typer.Option(None, "--cache-dir", envvar="LOWVRAM_CACHE_DIR",
+                        help="Where quantized weights are kept (default: MODEL_DIR/lowvram-cache).")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
 
@@ -257,6 +259,7 @@ def generate(
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
     attention: str = typer.Option("sdpa", "--attention", help="sdpa or flash (needs flash-attn)."),
     out_path: Path = typer.Option(None, "--out", help="Also copy the mp4 here (a file, or a folder)."),
+    cache_dir: Path = CacheDir,
     runs_dir: Path = RunsDir,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
     as_json: bool = Json,
@@ -277,13 +280,13 @@ def generate(
                                     guidance=guidance, flow_shift=flow_shift)
         from lowvram.download import default_model_dir
 
-        options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path)
+        options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir)
 
     def work(reporter, stop):
-        run, files = start_run(options, reporter)
+        run, files, plan = start_run(options, reporter)
         if not (as_json or quiet):
-            err.print(f"run {run.id} (seed {request.seed}, profile {run.settings['profile']['name']}) in {run.folder}", markup=False)
-        return execute(run, files, reporter, stop)
+            err.print(f"run {run.id} (seed {request.seed}, profile {plan.profile.name}) in {run.folder}", markup=False)
+        return execute(run, files, plan, reporter, stop)
 
     _run_and_report(work, as_json, quiet)
 
@@ -333,11 +336,11 @@ def demo(
     model_root = save_model or runs_dir / "demo-model"
 
     def work(reporter, stop):
-        from lowvram.runner import ensure_demo_model
+        from lowvram.runner import DEMO_PROFILE, ensure_demo_model
 
         ensure_demo_model(model_root, reporter)
-        run, files = start_run(RunOptions(request, model_root, runs_dir, "auto", "sdpa", device), reporter)
-        return execute(run, files, reporter, stop)
+        run, files, plan = start_run(RunOptions(request, model_root, runs_dir, DEMO_PROFILE, "sdpa", device), reporter)
+        return execute(run, files, plan, reporter, stop)
 
     _run_and_report(work, as_json, quiet)
     if not (as_json or quiet):
@@ -399,11 +402,8 @@ def plan(
         from hyvideo.errors import HyVideoError
         from hyvideo.pipeline import GenerationRequest, validate_request
         from lowvram.doctor import host_ram
-        from lowvram.planner import plan as make_plan
-        from lowvram.planner import with_budget
-        from lowvram.profiles import choose_profile, load_profile
+        from lowvram.planner import resolve, suggest_fit
         from lowvram.sizes import resolve_size
-        from lowvram.stages import suggest_fit
 
         width, height = resolve_size(size, resolution, aspect)
         validate_request(GenerationRequest("plan", width=width, height=height, frames=frames))
@@ -416,28 +416,21 @@ def plan(
             vram_bytes = None
         total, available = host_ram()
         ram_bytes = int(ram * gib) if ram is not None else (available or total)
-        if profile == "auto":
-            if vram_bytes is None:
-                raise UserError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
-            try:
-                chosen, reason = choose_profile(vram_bytes, ram_bytes or 0, width, height, frames), None
-            except HyVideoError as error:  # no profile fits: exit 1 with a suggestion, not 2
-                chosen, reason = None, str(error)
-            if chosen is None:
-                hint = suggest_fit(width, height, frames, vram_bytes, ram_bytes)
-                result = {"fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
-                          "reason": reason, "suggestion": hint}
-                if as_json:
-                    _print_json(result)
-                else:
-                    err.print(f"[red]does not fit:[/] {escape(reason)}" + (f"; try {hint}" if hint else ""))
-                raise typer.Exit(1)
-            found = make_plan(chosen, width, height, frames, host_ram_bytes=ram_bytes)
-        else:
-            chosen = load_profile(profile)
-            if vram_bytes is not None:
-                chosen = with_budget(chosen, min(vram_bytes, chosen.vram_budget_bytes))
-            found = make_plan(chosen, width, height, frames, host_ram_bytes=ram_bytes)
+        if profile == "auto" and vram_bytes is None:
+            raise UserError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
+        try:
+            chosen, found = resolve(profile, width, height, frames, vram_bytes=vram_bytes, ram_bytes=ram_bytes, must_fit=False)
+        except HyVideoError as error:
+            if profile != "auto":
+                raise
+            hint = suggest_fit(width, height, frames, vram_bytes, ram_bytes)  # no profile fits: exit 1 with a suggestion, not 2
+            result = {"fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
+                      "reason": str(error), "suggestion": hint}
+            if as_json:
+                _print_json(result)
+            else:
+                err.print(f"[red]does not fit:[/] {escape(str(error))}" + (f"; try {hint}" if hint else ""))
+            raise typer.Exit(1)
         result = found.to_dict()
         hint = None
         if not found.fits:
@@ -577,7 +570,7 @@ def quantize(
     with user_errors(as_json):
         from hyvideo.checkpoint import find_model_files, load_dit_state_dict
         from lowvram.download import default_model_dir
-        from lowvram.stages import dit_config_for, quant_cache_dir
+        from lowvram.stages import default_cache_dir, dit_config_for
         from quant.cache import ensure_dit_cache
 
         model_dir = model_dir or default_model_dir()
@@ -585,7 +578,7 @@ def quantize(
         if not files.dit_weights:
             raise UserError(f"{model_dir} has only Tencent's FP8 DiT; it is already quantized (profiles load it directly)")
         config = dit_config_for(files)
-        target = cache_dir or quant_cache_dir(files)
+        target = cache_dir or default_cache_dir(files)
         if not as_json:
             err.print(f"quantizing the DiT ({scheme}, policy {policy}) into {target} ...", markup=False)
         status = ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, target)

@@ -37,7 +37,7 @@ from hyvideo.blocks import DoubleStreamBlock, SingleStreamBlock
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from lowvram.activations import vae_decode_tile_bytes
-from lowvram.memtrack import PeakTracker
+from bench.memtrack import PeakTracker
 from lowvram.planner import plan
 from lowvram.profiles import Profile, profile_from_dict, shipped_profiles
 from lowvram.schedule import plan_schedule
@@ -60,7 +60,7 @@ def quantize_fp8_(module: nn.Module) -> nn.Module:
 def build_fp8_dit(config: DiTConfig, device: torch.device, seed: int = 0) -> HunyuanVideoDiT:
     """Random FP8 DiT: trunk (bf16) materialized on `device`; each block built, filled and quantized
     on `device` one at a time, then kept as a host master (the streamer decides what goes back)."""
-    from lowvram.placement import dit_trunk
+    from lowvram.streaming import dit_trunk
 
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):

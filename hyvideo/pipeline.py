@@ -1,21 +1,19 @@
-"""The plain text-to-video pipeline: prompt -> text states -> seeded noise -> Euler denoising ->
-VAE decode -> uint8 frames [F, H, W, 3].
+"""The text-to-video steps after text encoding: Euler denoising of seeded noise, then VAE decode to
+uint8 frames [F, H, W, 3].
 
-Everything runs on one device; lowvram/ wraps the same steps with stage placement, block
-streaming and tiled decoding. Each stage is its own method so a run can be checkpointed between
-steps and resumed (`denoise(start_step=k)`).
+Plain functions of tensors and modules on one device: lowvram/ runs them per stage, with the DiT's
+blocks coming from its streamer (`blocks_for_step`) and the VAE decoded in tiles (`vae_decode`),
+checkpointing after each step so a run resumes (`denoise(start_step=k)`).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import ModelFiles, load_dit, load_vae
-from .dit import HunyuanVideoDiT
 from .errors import HyVideoError
-from .sampler import embedded_guidance, euler_step, flow_sigmas, flow_timesteps, initial_noise
-from .text_encoder import ClipTextEncoder, LlamaTextEncoder, TextEmbeddings, encode_prompts
+from .sampler import embedded_guidance, euler_step, flow_sigmas, flow_timesteps
+from .text_encoder import TextEmbeddings
 from .vae import CausalVAE
 
 MAX_PIXELS = 1280 * 1280  # beyond the official buckets by a margin; larger is almost surely a typo
@@ -52,11 +50,6 @@ def validate_request(request: GenerationRequest) -> None:
         raise HyVideoError(f"--flow-shift must be positive; got {request.flow_shift}")
 
 
-def latent_shape_for(request: GenerationRequest, dit: HunyuanVideoDiT, vae: CausalVAE) -> tuple[int, ...]:
-    t_ratio, s_ratio = vae.config.time_compression_ratio, vae.config.spatial_compression_ratio
-    return (1, dit.config.in_channels, (request.frames - 1) // t_ratio + 1, request.height // s_ratio, request.width // s_ratio)
-
-
 def latents_to_frames(video: torch.Tensor) -> torch.Tensor:
     """VAE output [1, 3, F, H, W] in about [-1, 1] -> uint8 [F, H, W, 3] (clamp(x/2 + 0.5), x255,
     truncating cast, as the official saver)."""
@@ -68,9 +61,10 @@ def latents_to_frames(video: torch.Tensor) -> torch.Tensor:
 def denoise(
     dit, embeddings: TextEmbeddings, latents: torch.Tensor, request: GenerationRequest, device,
     start_step: int = 0, on_step: Callable[[int, torch.Tensor], None] | None = None,
+    blocks_for_step: Callable[[int], Iterable[torch.nn.Module]] | None = None,
 ) -> torch.Tensor:
     """Euler steps start_step..steps-1 from float32 `latents`; on_step(i, latents) after each.
-    `dit` is anything called like HunyuanVideoDiT with a `compute_dtype` (e.g. a streamed one)."""
+    blocks_for_step(i): the DiT's blocks for step i (streamed ones just in time); None: its own."""
     sigmas = flow_sigmas(request.steps, request.flow_shift).to(device)
     timesteps = flow_timesteps(sigmas)
     dtype = dit.compute_dtype
@@ -80,7 +74,8 @@ def denoise(
     text_states_2 = embeddings.text_states_2.to(device, dtype)
     latents = latents.to(device, torch.float32)
     for i in range(start_step, request.steps):
-        velocity = dit(latents, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance)
+        blocks = blocks_for_step(i) if blocks_for_step is not None else None
+        velocity = dit(latents, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance, blocks=blocks)
         latents = euler_step(latents, velocity, sigmas, i)
         if on_step is not None:
             on_step(i, latents)
@@ -94,36 +89,3 @@ def decode(vae: CausalVAE, latents: torch.Tensor, device, vae_decode: Callable |
     vae_dtype = next(vae.parameters()).dtype
     z = (latents / vae.config.scaling_factor).to(device, vae_dtype)
     return latents_to_frames((vae_decode or vae.decode)(z))
-
-
-class HunyuanVideoPipeline:
-    """All four models on one device: encode, denoise, decode."""
-
-    def __init__(self, dit: HunyuanVideoDiT, vae: CausalVAE, llm: LlamaTextEncoder, clip: ClipTextEncoder, device="cpu"):
-        self.dit, self.vae, self.llm, self.clip = dit, vae, llm, clip
-        self.device = torch.device(device)
-
-    @classmethod
-    def from_files(cls, files: ModelFiles, device="cpu", dit_dtype=torch.bfloat16, vae_dtype=torch.float16,
-                   text_dtype=torch.float16) -> "HunyuanVideoPipeline":
-        dit = load_dit(files, dit_dtype).to(device)
-        vae = load_vae(files, vae_dtype).to(device)
-        llm = LlamaTextEncoder.from_folder(files.llm, dtype=text_dtype, device=device, tokenizer_folder=files.llm_tokenizer)
-        clip = ClipTextEncoder.from_folder(files.clip, dtype=text_dtype, device=device, tokenizer_folder=files.clip_tokenizer)
-        return cls(dit, vae, llm, clip, device)
-
-    def encode_text(self, prompt: str, frames: int) -> TextEmbeddings:
-        return encode_prompts(self.llm, self.clip, [prompt], frames)
-
-    def denoise(self, embeddings, latents, request, start_step=0, on_step=None) -> torch.Tensor:
-        return denoise(self.dit, embeddings, latents, request, self.device, start_step, on_step)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode(self.vae, latents, self.device)
-
-    def generate(self, request: GenerationRequest, on_step=None) -> torch.Tensor:
-        validate_request(request)
-        embeddings = self.encode_text(request.prompt, request.frames)
-        noise = initial_noise(latent_shape_for(request, self.dit, self.vae), request.seed, self.device)
-        latents = self.denoise(embeddings, noise, request, on_step=on_step)
-        return self.decode(latents)

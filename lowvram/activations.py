@@ -1,7 +1,7 @@
 """Activation memory of each stage, as pure functions of sizes (bytes, batch 1).
 
 The formulas follow the code's allocation pattern; tests check them against tensor bytes measured
-with `memtrack.PeakTracker` on small configs of the same architecture.
+with `bench/memtrack.py:PeakTracker` on small configs of the same architecture.
 
 DiT (hyvideo/blocks.py), S = image tokens + text tokens, D hidden, h = S*D*act_bytes one hidden
 state (0.73 GB at 720x1280x129 in bf16), c the token chunk. Between blocks the hidden state and the

@@ -52,6 +52,14 @@ def host_ram() -> tuple[int | None, int | None]:
         return None, None
 
 
+def free_memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(free VRAM of `device`, available host RAM) in bytes, for choosing and checking a profile.
+    VRAM is None on the CPU (there is none to plan for); RAM None where it cannot be read."""
+    vram = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    total, available = host_ram()
+    return vram, available or total
+
+
 def pinned_memory_limit() -> int | None:
     """RLIMIT_MEMLOCK (`ulimit -l`) in bytes; None = unlimited or unknown. CUDA's pinned host
     allocations are not bound by it, but containers often cap locked memory in other ways."""

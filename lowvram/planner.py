@@ -1,10 +1,15 @@
-"""Memory plan: predicted peak VRAM and host RAM of each stage for a profile and a video size.
+"""Memory plan: predicted peak VRAM and host RAM of each stage for a profile and a video size,
+and the choice of profile for a run.
 
+    profile, p = resolve("auto", 1280, 720, 129, vram_bytes=free_vram, ram_bytes=available_ram)
     p = plan(load_profile("16gb"), width=1280, height=720, frames=129, host_ram_bytes=...)
     p.fits, p.peak_vram_gb, p.to_dict(), p.table_rows(), str(p.schedule)
 
-Stages run one after another, each with only its own weights on the GPU (lowvram/placement.py):
-- text: the LLM (nf4 or bf16), then CLIP; peak = the larger encoder + the LLM's activations.
+`resolve` is the one place a run's profile is chosen and planned (`lowvram plan`, `generate`,
+`resume`, "auto"); the Plan it returns is what the stages are built from.
+
+Stages run one after another, each with only its own weights on the GPU (lowvram/stages.py):
+- text: the LLM (nf4 or bf16) and CLIP, loaded together; peak = both encoders + the LLM's activations.
 - dit:  trunk (embedders, refiner, final layer; bf16) + resident blocks + the streaming ring +
         activations of one forward at the profile's token chunk (lowvram/activations.py) + the
         transient bf16 copy of the largest quantized linear being run + latents.
@@ -30,12 +35,13 @@ from dataclasses import dataclass
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.vae import latent_shape
-from quant.bytes import block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes, trunk_bytes, vae_decoder_bytes
+from quant.bytes import TextEncoderParams, block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes, trunk_bytes, vae_decoder_bytes
 
 from .activations import dit_activation_bytes, image_tokens, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
-from .profiles import Profile
+from .profiles import Profile, load_profile, shipped_profiles
 from .schedule import BlockSchedule, plan_schedule
-from .tiled_vae import temporal_decode_tiles
+from .sizes import SIZE_BUCKETS
+from .tiled_vae import decode_tiling
 
 GIB = 2**30
 RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces + fragmentation
@@ -67,6 +73,8 @@ class Plan:
     stages: dict[str, StagePlan]
     vram_budget_bytes: int
     host_ram_bytes: int | None  # None: RAM not checked
+    dit_config: DiTConfig
+    vae_config: VAEConfig
     reserve_bytes: int = RESERVE_BYTES
 
     @property
@@ -154,9 +162,9 @@ def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int],
     """VRAM of the tiled decode: weights + one tile's activations + assembly buffers."""
     frames_latent, h, w = latent
     spatial = profile.vae_spatial_tile
-    tiled_space = h > spatial or w > spatial
+    tiled_space = spatial and (h > spatial or w > spatial)
     tile_h, tile_w = (min(h, spatial), min(w, spatial)) if tiled_space else (h, w)
-    tiles_t = temporal_decode_tiles(frames_latent, profile.vae_temporal_tile)
+    tiles_t = decode_tiling(latent, spatial, profile.vae_temporal_tile)[0]
     tile_t = max(span.src_stop - span.src_start for span in tiles_t)
     out_frames, out_h, out_w = vae_tile_pixels(config, tile_t, h, w)  # one temporal tile, whole frame
     blend = max((span.blend for span in tiles_t), default=0)
@@ -172,11 +180,13 @@ def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int],
 def plan(
     profile: Profile, width: int, height: int, frames: int, *, host_ram_bytes: int | None = None,
     dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None, text_encoders: bool = True,
+    text_params: TextEncoderParams | None = None,
 ) -> Plan:
     """Predict each stage's peak memory for `profile` at width x height x frames (batch 1).
 
     width/height are rounded up to multiples of 16, as the sampler does (facts §5.4).
     text_encoders=False leaves out the text stage (e.g. embeddings computed elsewhere).
+    Configs and text encoder sizes default to the released 13B model's.
     """
     dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
     vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
@@ -190,7 +200,7 @@ def plan(
     latent_bytes = channels * t_lat * h_lat * w_lat * 4
     dit_parts = {
         "trunk": trunk_bytes(dit_config),
-        "activations": dit_activation_bytes(dit_config, tokens, profile.token_chunk),
+        "activations": dit_activation_bytes(dit_config, tokens, profile.token_chunk or None),
         "dequantized weight": dequantized_weight_bytes(dit_config, profile.dit_scheme, profile.quant_policy),
         "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
     }
@@ -200,17 +210,96 @@ def plan(
 
     stages = {}
     if text_encoders:
-        encoder = max(llm_bytes(profile.encoder_scheme), clip_bytes())
-        text_parts = {"encoder": encoder, "activations": text_activation_bytes()}
+        text_params = text_params or TextEncoderParams()
+        text_parts = {"llm": llm_bytes(profile.encoder_scheme, text_params), "clip": clip_bytes(text_params),
+                      "activations": text_activation_bytes()}
         stages["text"] = StagePlan(sum(text_parts.values()), HOST_BASELINE_BYTES, text_parts)
     stages["dit"] = StagePlan(sum(dit_parts.values()), HOST_BASELINE_BYTES + schedule.streamed_bytes_per_step, dit_parts)
     vae_vram, vae_parts = vae_stage(profile, vae_config, (t_lat, h_lat, w_lat))
     video_bytes = vae_config.out_channels * frames * height * width * 4  # float32 on the host
     stages["vae"] = StagePlan(vae_vram, HOST_BASELINE_BYTES + video_bytes, vae_parts)
     return Plan(profile, width, height, frames, (t_lat, h_lat, w_lat), tokens, schedule, profile.token_chunk,
-                stages, budget, host_ram_bytes)
+                stages, budget, host_ram_bytes, dit_config, vae_config)
 
 
 def with_budget(profile: Profile, vram_bytes: int) -> Profile:
     """The same profile with another VRAM budget (e.g. what the GPU has free)."""
     return dataclasses.replace(profile, vram_budget_gb=vram_bytes / GIB)
+
+
+def choose_profile(free_vram_bytes: int, host_ram_bytes: int, width: int, height: int, frames: int,
+                   profiles: list[Profile] | None = None, **plan_kwargs) -> tuple[Profile, Plan]:
+    """The fastest shipped profile whose plan fits the free VRAM and host RAM at this video size.
+
+    Profiles are tried fastest first with their budget lowered to the free VRAM when that is less,
+    so "auto" resident blocks use what this GPU really has. The returned profile carries that
+    budget. No profile fits -> HyVideoError saying what the smallest one needs.
+    """
+    candidates = profiles if profiles is not None else shipped_profiles()
+    last = None
+    for profile in sorted(candidates, key=lambda p: -p.vram_budget_gb):
+        if free_vram_bytes < profile.vram_budget_bytes:
+            profile = with_budget(profile, free_vram_bytes)
+        last = plan(profile, width, height, frames, host_ram_bytes=host_ram_bytes, **plan_kwargs)
+        if last.fits:
+            return profile, last
+    if last is None:
+        raise HyVideoError("no profiles to choose from")
+    raise HyVideoError(
+        f"no profile fits {width}x{height}x{frames} with {free_vram_bytes / GIB:.1f} GiB free VRAM and "
+        f"{host_ram_bytes / GIB:.1f} GiB RAM: the smallest ({last.profile.name}) needs "
+        f"{last.required_vram_gb:.1f} GiB VRAM and {last.peak_ram_gb:.1f} GiB RAM; try a smaller video"
+    )
+
+
+def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes: int | None, **plan_kwargs) -> str | None:
+    """What would fit this memory: `--profile NAME` (same video), else a smaller video."""
+    attempts = [("", (width, height, frames))]
+    aspect = next((a for buckets in SIZE_BUCKETS.values() for a, wh in buckets.items() if wh == (width, height)), "16:9")
+    shorter = [f for f in (65, 33) if f < frames]
+    attempts += [(f"--frames {f} ", (width, height, f)) for f in shorter]
+    if SIZE_BUCKETS["540p"][aspect] != (width, height):
+        small = SIZE_BUCKETS["540p"][aspect]
+        attempts[2:2] = [(f"--resolution 540p --aspect {aspect} ", (*small, frames))]
+        attempts += [(f"--resolution 540p --aspect {aspect} --frames {f} ", (*small, f)) for f in shorter]
+    for hint, size in attempts:
+        try:
+            chosen, _ = choose_profile(vram_bytes, ram_bytes or 0, *size, **plan_kwargs)
+        except HyVideoError:
+            continue
+        return f"{hint}--profile {chosen.name}"
+    return None
+
+
+def resolve(spec: "str | Profile", width: int, height: int, frames: int, *, vram_bytes: int | None, ram_bytes: int | None,
+            must_fit: bool = True, **plan_kwargs) -> tuple[Profile, Plan]:
+    """--profile (auto | a shipped name | a .toml path) -> the run's profile and its plan.
+
+    vram_bytes: free VRAM of the GPU the run uses; None when there is none (the CPU: "auto" is
+    "plain", and a named profile is planned against its own budget). A named profile's budget is
+    lowered to the free VRAM when that is less, as "auto" does. must_fit: a plan that does not fit
+    raises a HyVideoError naming what would (else the caller shows the plan). `spec` may also be a
+    Profile (the demo's). plan_kwargs: the model's configs and text encoder sizes (see `plan`)."""
+    kwargs = plan_kwargs
+    if isinstance(spec, Profile):
+        profile = spec
+    elif spec == "auto":
+        if vram_bytes is None:
+            profile = load_profile("plain")
+            return profile, plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **kwargs)
+        return choose_profile(vram_bytes, ram_bytes or 0, width, height, frames, **kwargs)
+    else:
+        profile = load_profile(spec)  # unknown name or malformed file -> HyVideoError
+    if vram_bytes is not None and vram_bytes < profile.vram_budget_bytes:
+        profile = with_budget(profile, vram_bytes)
+    found = plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **kwargs)
+    if must_fit and not found.fits:
+        hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes, **kwargs)
+        where = f"{vram_bytes / GIB:.1f} GiB free" if vram_bytes is not None else f"its {profile.vram_budget_gb:.1f} GiB budget"
+        ram = f"{ram_bytes / GIB:.1f} GiB available" if ram_bytes is not None else "not checked"
+        raise HyVideoError(
+            f"profile {profile.name} does not fit {width}x{height}x{frames} here: it needs {found.required_vram_gb:.1f} GiB "
+            f"VRAM ({where}) and {found.peak_ram_gb:.1f} GiB RAM ({ram}); "
+            + (f"try {hint}" if hint else "try a smaller --size or fewer --frames")
+        )
+    return profile, found

@@ -3,11 +3,14 @@
 A profile names the VRAM it is made for, how the DiT is stored (fp8 | int8 | bf16) and streamed
 (resident blocks, prefetch depth, token chunk), how the LLM text encoder is stored (nf4 | bf16),
 the VAE tile sizes and the pinned-memory policy. Shipped profiles live in the top-level
-`profiles/` folder (24gb, 16gb, 12gb, 8gb); users can pass their own TOML file instead.
+`profiles/` folder (plain, 24gb, 16gb, 12gb, 8gb); users can pass their own TOML file instead.
+Every profile runs the same code (loader, block streamer, token chunks, tiled VAE); "plain" just
+sets them so that nothing is quantized, streamed, chunked or tiled.
 
     profile = load_profile("16gb")            # a shipped one, by name
     profile = load_profile("my-card.toml")    # a user's file
-    profile = choose_profile(free_vram, host_ram, width=1280, height=720, frames=129)
+
+Which profile a run uses, and its memory plan, is `lowvram.planner.resolve`'s business.
 
 Every problem with a file is a one-line HyVideoError that names the file and the field.
 """
@@ -50,9 +53,9 @@ class Profile:
     encoder_scheme: str = "nf4"  # LLM text encoder: nf4 | bf16
     resident_blocks: int | str = "auto"  # DiT blocks kept on the GPU: "auto" (fit the budget) or a count
     prefetch_depth: int = 2  # streamed blocks copied ahead of use
-    token_chunk: int = 4096  # tokens per chunk of per-token DiT work (bounds activations)
-    vae_spatial_tile: int = 32  # VAE tile size in latents (multiple of 4; official 32 = 256 px)
-    vae_temporal_tile: int = 16  # VAE tile length in latent frames (multiple of 4; official 16)
+    token_chunk: int = 4096  # tokens per chunk of per-token DiT work (bounds activations); 0: no chunks
+    vae_spatial_tile: int = 32  # VAE tile size in latents (multiple of 4; official 32 = 256 px); 0: untiled
+    vae_temporal_tile: int = 16  # VAE tile length in latent frames (multiple of 4; official 16); 0: untiled
     pin_memory: bool = True  # page-lock the host copies of streamed blocks (faster copies)
     pinned_ram_cap_gb: float = 16.0  # GiB of host memory that may be page-locked
     source: str = dataclasses.field(default="", compare=False)  # file it was read from
@@ -100,9 +103,9 @@ def profile_from_dict(values: dict, source: str = "<dict>") -> Profile:
         "resident_blocks": ((str, int), lambda v: v == "auto" if isinstance(v, str) else v >= 0,
                             "must be \"auto\" or a block count >= 0"),
         "prefetch_depth": (int, lambda v: v >= 1, "must be an integer >= 1"),
-        "token_chunk": (int, lambda v: v >= 1, "must be a positive number of tokens"),
-        "vae_spatial_tile": (int, lambda v: v >= 4 and v % 4 == 0, "must be a positive multiple of 4 latents"),
-        "vae_temporal_tile": (int, lambda v: v >= 4 and v % 4 == 0, "must be a positive multiple of 4 latent frames"),
+        "token_chunk": (int, lambda v: v >= 0, "must be a number of tokens (0: the whole sequence)"),
+        "vae_spatial_tile": (int, lambda v: v >= 0 and v % 4 == 0, "must be a multiple of 4 latents (0: untiled)"),
+        "vae_temporal_tile": (int, lambda v: v >= 0 and v % 4 == 0, "must be a multiple of 4 latent frames (0: untiled)"),
         "pin_memory": (bool, None, "must be true or false"),
         "pinned_ram_cap_gb": (number, lambda v: v >= 0, "must be a number of GiB >= 0"),
     }
@@ -152,29 +155,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
     return _read(shipped)
 
 
-def choose_profile(free_vram_bytes: int, host_ram_bytes: int, width: int, height: int, frames: int,
-                   profiles: list[Profile] | None = None, **plan_kwargs) -> Profile:
-    """The fastest shipped profile whose plan fits the free VRAM and host RAM at this video size.
-
-    Profiles are tried fastest first with their budget lowered to the free VRAM when that is less,
-    so "auto" resident blocks use what this GPU really has. The returned profile carries that
-    budget. No profile fits -> HyVideoError saying what the smallest one needs.
-    """
-    from .planner import plan as make_plan
-
-    candidates = profiles if profiles is not None else shipped_profiles()
-    free_gb = free_vram_bytes / GIB
-    last = None
-    for profile in sorted(candidates, key=lambda p: -p.vram_budget_gb):
-        if free_gb < profile.vram_budget_gb:
-            profile = dataclasses.replace(profile, vram_budget_gb=free_gb)
-        last = make_plan(profile, width, height, frames, host_ram_bytes=host_ram_bytes, **plan_kwargs)
-        if last.fits:
-            return profile
-    if last is None:
-        raise HyVideoError("no profiles to choose from")
-    raise HyVideoError(
-        f"no profile fits {width}x{height}x{frames} with {free_gb:.1f} GiB free VRAM and "
-        f"{host_ram_bytes / GIB:.1f} GiB RAM: the smallest ({last.profile.name}) needs "
-        f"{last.required_vram_gb:.1f} GiB VRAM and {last.peak_ram_gb:.1f} GiB RAM; try a smaller video"
-    )
+def stored_profile(values: dict, run_id: str) -> Profile:
+    """The profile a run stored in its settings (`to_dict()` plus "source"), validated again."""
+    values = dict(values)
+    source = values.pop("source", None) or values.get("name", "?")
+    try:
+        return profile_from_dict(values, source)
+    except HyVideoError as error:
+        raise HyVideoError(f"run {run_id} was started by an older lowvram ({error}); start a new run with `lowvram generate`") from None

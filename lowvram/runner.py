@@ -2,15 +2,15 @@
 checkpoint after every step, VAE decode, mp4 + PNG. The CLI calls `start_run` / `resume_run` and
 draws what `Reporter` is told; nothing here prints.
 
-    run, files = start_run(RunOptions(request, model_dir, runs_dir))  # checks, creates the run folder
-    result = execute(run, files, reporter, stop)  # encoding -> denoising -> decoding -> done
+    run, files, plan = start_run(RunOptions(request, model_dir, runs_dir))  # checks, plan, run folder
+    result = execute(run, files, plan, reporter, stop)  # encoding -> denoising -> decoding -> done
     result = resume_run(runs_dir, "20250101-120000-a-fox", reporter=reporter, stop=stop)
 
-Each stage loads only its own models and frees them before the next (text encoders, then the DiT,
-then the VAE), so a resume in "decoding" never loads the DiT and a resume in "denoising" never loads
-the text encoders. How a stage gets its model onto the GPU (whole, quantized, block-streamed,
-tiled) is the `Stages` object's business: `build_stages` is the one seam to lowvram's profiles,
-placement, streaming and tiled VAE.
+The profile is resolved and planned once (`planner.resolve`), stored in the run's settings, and the
+Plan is what the `Stages` are built from. Each stage loads only its own models and frees them
+before the next (text encoders, then the DiT, then the VAE), also when it is interrupted, so a
+resume in "decoding" never loads the DiT and a resume in "denoising" never loads the text encoders.
+How a stage gets its model onto the GPU (quantized, block-streamed, tiled) is `Stages`' business.
 
 Ctrl-C: `StopRequest` is set by the CLI's SIGINT handler; during denoising the runner finishes the
 current step, saves it and raises `RunInterrupted`; a second Ctrl-C (or one outside the step loop)
@@ -29,18 +29,23 @@ import torch
 
 from hyvideo.attention import check_backend
 from hyvideo.checkpoint import ModelFiles, find_model_files
-from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
 from hyvideo.pipeline import GenerationRequest, denoise, validate_request
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
+from hyvideo.vae import latent_shape
 
-from .placement import empty_cache
+from .doctor import free_memory
+from .planner import Plan, plan, resolve
+from .profiles import Profile, stored_profile
 from .progress import Reporter
-from .stages import CPU_MAX_DIT_PARAMS, build_stages, dit_config_for, parameter_count, resolve_profile, vae_config_for
 from .runs import FIRST_FRAME, VIDEO, Run, find_run
+from .stages import Stages, model_sizes, parameter_count
+from .streaming import empty_cache
 from .video import write_outputs
+
+CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -93,6 +98,7 @@ class RunResult:
     resumed_from: str | None = None  # what a resume skipped: "step 7/50", "decoding", "done", None
     seconds: dict = field(default_factory=dict)
     peak_vram_gb: float | None = None
+    stats: dict = field(default_factory=dict)  # what was streamed and tiled (Stages.stats)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,10 +109,11 @@ class RunOptions:
     request: GenerationRequest
     model_dir: Path
     runs_dir: Path
-    profile: str = "auto"
+    profile: "str | Profile" = "auto"  # auto | a shipped name | a .toml path | a Profile (the demo's)
     attention: str = "sdpa"
     device: str | None = None  # None: cuda if available, else cpu
     out: Path | None = None
+    cache_dir: Path | None = None  # quantized weights; None: <model dir>/lowvram-cache
 
 
 # --- pre-flight ------------------------------------------------------------------------------
@@ -122,11 +129,6 @@ def check_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HyVideoError("--device cuda, but PyTorch sees no CUDA GPU (`lowvram doctor` says why); use --device cpu for the tiny demo model")
     return torch.device(device)
-
-
-def latent_shape(request: GenerationRequest, dit: DiTConfig, vae: VAEConfig) -> tuple[int, ...]:
-    t, s = vae.time_compression_ratio, vae.spatial_compression_ratio
-    return (1, dit.in_channels, (request.frames - 1) // t + 1, request.height // s, request.width // s)
 
 
 def weight_files(files: ModelFiles) -> list[Path]:
@@ -171,30 +173,46 @@ def versions() -> dict:
     return found
 
 
-def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Run, ModelFiles]:
-    """Every check that can fail before compute, then the run folder (state "encoding")."""
+def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Run, ModelFiles, Plan]:
+    """Every check that can fail before compute, the run's profile and plan, then the run folder
+    (state "encoding")."""
+    reporter = reporter or Reporter()
     request = options.request
     validate_request(request)
     check_backend(options.attention)
     device = check_device(options.device or default_device())
     files = find_model_files(Path(options.model_dir))
-    dit_config, vae_config = dit_config_for(files), vae_config_for(files)
+    sizes = model_sizes(files)
+    dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
     params = parameter_count(dit_config)
     if device.type == "cpu" and params >= CPU_MAX_DIT_PARAMS:
         raise HyVideoError(
             f"this is the full-size model ({params / 1e9:.1f} B parameters): it needs an NVIDIA GPU with CUDA and "
             "PyTorch sees none (`lowvram doctor` says why); `lowvram demo` runs a tiny model on the CPU"
         )
-    profile = resolve_profile(options.profile, device, dit_config, vae_config, request, params, reporter or Reporter())
+    vram, ram = free_memory(device)
+    profile, found = resolve(options.profile, request.width, request.height, request.frames, vram_bytes=vram,
+                             ram_bytes=ram, **sizes)
+    if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
+        reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
     out = check_output_path(options.out)
     settings = {
-        **asdict(request), "attention": options.attention, "device": str(device), "profile": profile,
+        **asdict(request), "attention": options.attention, "device": str(device),
+        "profile": {**profile.to_dict(), "source": profile.source},
         "model_dir": str(Path(options.model_dir).resolve()), "out": str(out.resolve()) if out else None,
-        "latent_shape": list(latent_shape(request, dit_config, vae_config)), "dit_parameters": params,
+        "cache_dir": str(Path(options.cache_dir).resolve()) if options.cache_dir else None,
+        "latent_shape": [1, *latent_shape(request.frames, request.height, request.width, vae_config)],
+        "dit_parameters": params,
     }
     model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
     run = Run.create(Path(options.runs_dir), settings, model, versions())
-    return run, files
+    return run, files, found
+
+
+def plan_for_run(run: Run, files: ModelFiles) -> Plan:
+    """The plan of a run that was started earlier: its stored profile at its size."""
+    s = run.settings
+    return plan(stored_profile(s["profile"], run.id), s["width"], s["height"], s["frames"], **model_sizes(files))
 
 
 def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = None,
@@ -216,22 +234,25 @@ def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = 
     if run.manifest.get("versions", {}).get("torch") != torch.__version__:
         reporter.warn(f"run {run.id} started with torch {run.manifest['versions'].get('torch')}, now {torch.__version__}: "
                       "the result may differ slightly from an uninterrupted run")
-    return execute(run, files, reporter, stop)
+    return execute(run, files, plan_for_run(run, files), reporter, stop)
 
 
 # --- the stages ------------------------------------------------------------------------------
 
 
-def _release(*models) -> None:
-    """Give back what a stage's models hold (a streamed DiT frees its GPU ring and pinned host
-    copies); the caller then drops its references and calls _empty_cache."""
-    for model in models:
-        if hasattr(model, "release"):
-            model.release()
-
-
 def _peak_vram_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+# The demo's profile: a 16 GB card's code path at the tiny model's scale, so the demo proves the
+# path users run: FP8 DiT from the quantize-once cache with one of its 4 blocks resident and the
+# rest streamed through the ring, per-token work in chunks, VAE decoded in 8x8-latent tiles of 4
+# latent frames (128x96x17: 12 tiles). The budget is nominal: on the CPU nothing checks it.
+DEMO_PROFILE = Profile(
+    name="demo", vram_budget_gb=2.0, description="the tiny model through the streamed, tiled low-VRAM path",
+    dit_scheme="fp8", encoder_scheme="bf16", resident_blocks=1, prefetch_depth=1, token_chunk=64,
+    vae_spatial_tile=8, vae_temporal_tile=4, pin_memory=True, pinned_ram_cap_gb=1.0, source="lowvram demo",
+)
 
 
 def ensure_demo_model(root: Path, reporter: Reporter) -> None:
@@ -254,14 +275,15 @@ def ensure_demo_model(root: Path, reporter: Reporter) -> None:
     partial.rename(root)
 
 
-def execute(run: Run, files: ModelFiles, reporter: Reporter | None = None, stop: StopRequest | None = None) -> RunResult:
+def execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter | None = None,
+            stop: StopRequest | None = None) -> RunResult:
     """Run (or continue) `run` to the end. Raises RunInterrupted on Ctrl-C, HyVideoError for user
     problems (recorded in the manifest as "failed"; the run can be resumed once fixed)."""
     reporter, stop = reporter or Reporter(), stop or StopRequest()
     lock = run.lock()
     try:
         run.remove_stray_files()
-        return _execute(run, files, reporter, stop)
+        return _execute(run, files, plan, reporter, stop)
     except (KeyboardInterrupt, RunInterrupted):
         raise RunInterrupted(run) from None
     except HyVideoError as error:
@@ -275,12 +297,11 @@ def execute(run: Run, files: ModelFiles, reporter: Reporter | None = None, stop:
         lock.close()
 
 
-def _execute(run: Run, files: ModelFiles, reporter: Reporter, stop: StopRequest) -> RunResult:
+def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: StopRequest) -> RunResult:
     settings = run.settings
     request = GenerationRequest(**{k: settings[k] for k in GenerationRequest.__dataclass_fields__})
     device = torch.device(settings["device"])
-    stages = build_stages(files, settings["profile"], device, settings["attention"],
-                          (request.width, request.height, request.frames), reporter)
+    stages = Stages(files, plan.profile, plan, device, settings["attention"], reporter, settings.get("cache_dir"))
     seconds = run.manifest.setdefault("seconds", {})
     resumed_from = None
     if device.type == "cuda":
@@ -298,11 +319,12 @@ def _execute(run: Run, files: ModelFiles, reporter: Reporter, stop: StopRequest)
             start = time.perf_counter()
             reporter.stage("loading text encoders")
             llm, clip = stages.text_encoders()
-            reporter.stage("encoding text")
-            embeddings = encode_prompts(llm, clip, [request.prompt], request.frames)
-            _release(llm, clip)
-            del llm, clip
-            empty_cache(device)
+            try:
+                reporter.stage("encoding text")
+                embeddings = encode_prompts(llm, clip, [request.prompt], request.frames)
+            finally:
+                del llm, clip
+                empty_cache(device)
             run.save_embeddings(embeddings)
             seconds["encoding"] = round(time.perf_counter() - start, 3)
         else:
@@ -334,10 +356,11 @@ def _execute(run: Run, files: ModelFiles, reporter: Reporter, stop: StopRequest)
     reporter.stage("loading VAE")
     vae = stages.vae()
     reporter.stage("decoding")
-    frames = stages.decode(vae, latents, lambda done, total: reporter.advance(done, total=total))
-    _release(vae)
-    del vae
-    empty_cache(device)
+    try:
+        frames = stages.decode(vae, latents, lambda done, total: reporter.advance(done, total=total))
+    finally:
+        del vae
+        empty_cache(device)
     reporter.stage("writing video")
     video, first_frame = write_outputs(frames, run.folder / VIDEO, run.folder / FIRST_FRAME)
     seconds["decoding"] = round(time.perf_counter() - start, 3)
@@ -351,39 +374,47 @@ def _execute(run: Run, files: ModelFiles, reporter: Reporter, stop: StopRequest)
             raise HyVideoError(f"could not copy the video to {out}: {error.strerror}; it is in {video}") from None
         outputs["out"] = str(out)
     run.manifest["outputs"] = outputs
+    run.manifest["stats"] = {**run.manifest.get("stats", {}), **stages.stats}
     run.set_state("done")
     return _result(run, resumed_from, _peak_vram_gb(device))
 
 
-def _denoise(run: Run, stages, embeddings, latents: torch.Tensor, step: int, request: GenerationRequest,
+def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: int, request: GenerationRequest,
              device: torch.device, reporter: Reporter, stop: StopRequest) -> torch.Tensor:
     """Euler steps step..N-1, a checkpoint after each; RunInterrupted after the step in which
-    a stop was requested."""
+    a stop was requested. The DiT's device and pinned memory are freed however this ends."""
     seconds = run.manifest["seconds"]
     reporter.stage("loading DiT")
     stop.stage = "loading DiT"
-    dit = stages.dit(calls=request.steps - step)
-    reporter.stage("denoising", total=request.steps, completed=step)
-    stop.stage = "denoising"
-    if stop.is_set():
-        raise RunInterrupted(run)
-    clock = {"last": time.perf_counter(), "total": seconds.get("denoising", 0.0)}
-
-    def on_step(i: int, current: torch.Tensor) -> None:
-        run.save_step(i + 1, current)
-        now = time.perf_counter()
-        elapsed, clock["last"] = now - clock["last"], now
-        clock["total"] += elapsed
-        seconds["denoising"] = round(clock["total"], 3)
-        reporter.advance(i + 1, s_per_step=elapsed, peak_vram_gb=_peak_vram_gb(device))
+    model, streamer = stages.dit()
+    try:
+        reporter.stage("denoising", total=request.steps, completed=step)
+        stop.stage = "denoising"
         if stop.is_set():
             raise RunInterrupted(run)
+        clock = {"last": time.perf_counter(), "total": seconds.get("denoising", 0.0)}
 
-    latents = denoise(dit, embeddings, latents, request, device, start_step=step, on_step=on_step)
-    stop.stage = None
-    _release(dit)
-    del dit
-    empty_cache(device)
+        def on_step(i: int, current: torch.Tensor) -> None:
+            run.save_step(i + 1, current)
+            now = time.perf_counter()
+            elapsed, clock["last"] = now - clock["last"], now
+            clock["total"] += elapsed
+            seconds["denoising"] = round(clock["total"], 3)
+            reporter.advance(i + 1, s_per_step=elapsed, peak_vram_gb=_peak_vram_gb(device))
+            if stop.is_set():
+                raise RunInterrupted(run)
+
+        def blocks_for_step(i: int):
+            return streamer.blocks_for_step(prefetch_next_step=i + 1 < request.steps)
+
+        latents = denoise(model, embeddings, latents, request, device, start_step=step, on_step=on_step,
+                          blocks_for_step=blocks_for_step)
+    finally:
+        stop.stage = None
+        stages.release_dit(model, streamer)
+        run.manifest.setdefault("stats", {})["dit"] = stages.stats["dit"]
+        del model, streamer
+        empty_cache(device)
     return latents
 
 
@@ -396,5 +427,5 @@ def _result(run: Run, resumed_from: str | None = None, peak_vram_gb: float | Non
         first_frame=str(run.folder / outputs["first_frame"]) if "first_frame" in outputs else None,
         out=outputs.get("out"), final_latents=str(run.folder / final["file"]) if final else None,
         settings=run.settings, resumed_from=resumed_from, seconds=dict(run.manifest.get("seconds", {})),
-        peak_vram_gb=peak_vram_gb,
+        peak_vram_gb=peak_vram_gb, stats=dict(run.manifest.get("stats", {})),
     )

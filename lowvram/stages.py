@@ -1,10 +1,21 @@
-"""How each stage gets its models onto the device for a run's memory profile.
+"""How each stage gets its models onto the device, for a run's profile and plan.
 
-`resolve_profile` turns --profile (auto | plain | a name | a .toml file) into the profile dict
-stored with the run (checking that it fits); `build_stages` turns that dict back into the object
-that loads each stage: whole models ("plain": the tiny model, big GPUs) or the profile's placement
-(NF4 LLM, quantized DiT with streamed blocks, tiled VAE decode). `reporter` is the runner's
-progress object (only `.warn` and `.stage` are used).
+One `Stages` type for every profile: the text encoders (LLM in NF4 or unquantized, CLIP), the DiT
+(unquantized, Tencent's FP8 file, or the quantize-once cache) placed by the block streamer per the
+plan's schedule, and the VAE decoded through the tiled decoder. Profile "plain" goes through the
+same code with all blocks resident, one token chunk and one tile.
+
+Unquantized weights run in the device's compute dtype: bfloat16 (DiT, LLM) and float16 (VAE, CLIP)
+on the GPU, as the official code; float32 on the CPU, where only the tiny model runs and
+half-precision matmuls are slow. Quantized DiT caches keep their non-quantized tensors in that
+same dtype.
+
+    stages = Stages(files, profile, plan, device, attention, reporter, cache_dir)
+    llm, clip = stages.text_encoders()
+    model, streamer = stages.dit()        # blocks via streamer.blocks_for_step(...)
+    stages.release_dit(model, streamer)
+    frames = stages.decode(stages.vae(), latents, on_progress)
+    stages.stats                          # what was streamed and tiled (recorded in the run)
 """
 
 import json
@@ -12,16 +23,19 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_vae, read_torch_file
+from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_dit_state_dict, load_vae, read_torch_file
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
-from hyvideo.pipeline import GenerationRequest, decode
+from hyvideo.pipeline import decode
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
 
-from .progress import Reporter
-from .sizes import SIZE_BUCKETS
+from quant.bytes import TextEncoderParams, llm_param_counts
 
-CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
+from .planner import Plan
+from .profiles import Profile
+from .progress import Reporter
+from .streaming import BlockStreamer, place_dit, release_dit
+from .tiled_vae import TiledVAE
 
 
 def dit_config_for(files: ModelFiles) -> DiTConfig:
@@ -43,6 +57,26 @@ def vae_config_for(files: ModelFiles) -> VAEConfig:
         raise HyVideoError(f"{files.vae_config} is not a VAE config ({error}); download it again") from None
 
 
+def text_encoder_params(files: ModelFiles) -> TextEncoderParams:
+    """The text encoders' parameter counts from their config.json (meta device, no weights read)."""
+    from transformers import AutoConfig, CLIPTextModel
+
+    try:
+        llm_config = AutoConfig.from_pretrained(files.llm, local_files_only=True)
+        clip_config = AutoConfig.from_pretrained(files.clip, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise HyVideoError(f"cannot read the text encoders' config.json in {files.root} ({error}); download them again") from None
+    llm_linear, llm_other = llm_param_counts(llm_config)
+    with torch.device("meta"):
+        clip = sum(p.numel() for p in CLIPTextModel(getattr(clip_config, "text_config", clip_config)).parameters())
+    return TextEncoderParams(llm_linear, llm_other, clip)
+
+
+def model_sizes(files: ModelFiles) -> dict:
+    """What the planner needs to know of this model: `plan(..., **model_sizes(files))`."""
+    return {"dit_config": dit_config_for(files), "vae_config": vae_config_for(files), "text_params": text_encoder_params(files)}
+
+
 def parameter_count(config: DiTConfig) -> int:
     from hyvideo.dit import HunyuanVideoDiT
 
@@ -50,161 +84,36 @@ def parameter_count(config: DiTConfig) -> int:
         return sum(p.numel() for p in HunyuanVideoDiT(config).parameters())
 
 
-# A run's profile is stored in its settings as a plain dict (what `Profile.to_dict()` gives, or
-# PLAIN below). `resolve_profile` turns --profile into that dict (checking that it fits), and
-# `build_stages` turns the dict back into the objects that load each stage's models.
-
-PLAIN = "plain"  # every model whole on the device, unquantized; the tiny model and big GPUs
-
-
-def plain_profile(device: torch.device) -> dict:
-    dtype = "float32" if device.type == "cpu" else "bfloat16"
-    return {"name": PLAIN, "description": "whole models on the device, unquantized", "dtype": dtype}
-
-
-def gpu_memory() -> tuple[int, int]:
-    """(free VRAM, available host RAM) in bytes, for choosing a profile."""
-    from .doctor import host_ram
-
-    free, _ = torch.cuda.mem_get_info()
-    total, available = host_ram()
-    return free, available or total or 0
-
-
-def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes: int | None,
-                dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None) -> str | None:
-    """What would fit this memory: `--profile NAME` (same video), else a smaller video."""
-    from .profiles import choose_profile
-
-    kwargs = {"dit_config": dit_config, "vae_config": vae_config}
-    try:
-        return f"--profile {choose_profile(vram_bytes, ram_bytes or 0, width, height, frames, **kwargs).name}"
-    except HyVideoError:
-        pass
-    aspect = next((a for buckets in SIZE_BUCKETS.values() for a, wh in buckets.items() if wh == (width, height)), "16:9")
-    shorter = [f for f in (65, 33) if f < frames]
-    smaller = [(f"--frames {f}", (width, height, f)) for f in shorter]
-    if SIZE_BUCKETS["540p"][aspect] != (width, height):
-        small = SIZE_BUCKETS["540p"][aspect]
-        smaller[1:1] = [(f"--resolution 540p --aspect {aspect}", (*small, frames))]
-        smaller += [(f"--resolution 540p --aspect {aspect} --frames {f}", (*small, f)) for f in shorter]
-    for hint, (w, h, f) in smaller:
-        try:
-            name = choose_profile(vram_bytes, ram_bytes or 0, w, h, f, **kwargs).name
-            return f"{hint} --profile {name}"
-        except HyVideoError:
-            continue
-    return None
-
-
-def resolve_profile(spec: str, device: torch.device, dit_config: DiTConfig, vae_config: VAEConfig,
-                    request: GenerationRequest, params: int, reporter: Reporter) -> dict:
-    """--profile (auto | plain | a shipped name | a .toml path) -> the profile dict for the run."""
-    from .profiles import choose_profile, load_profile
-
-    if spec not in ("auto", PLAIN):
-        profile = load_profile(spec)  # unknown name or malformed file -> HyVideoError
-        if device.type == "cpu":  # only the tiny model gets here: run the profile's code path as is
-            reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked")
-            return {**profile.to_dict(), "source": profile.source}
-    if device.type == "cpu" or spec == PLAIN or (spec == "auto" and params < CPU_MAX_DIT_PARAMS):
-        return plain_profile(device)
-    vram, ram = gpu_memory()
-    size = (request.width, request.height, request.frames)
-    if spec == "auto":
-        profile = choose_profile(vram, ram, *size, dit_config=dit_config, vae_config=vae_config)
-    else:
-        from .planner import plan, with_budget
-
-        if vram < profile.vram_budget_bytes:  # as choose_profile does: "auto" resident blocks use what is free
-            profile = with_budget(profile, vram)
-        found = plan(profile, *size, host_ram_bytes=ram, dit_config=dit_config, vae_config=vae_config)
-        if not found.fits:
-            hint = suggest_fit(*size, vram, ram, dit_config, vae_config)
-            raise HyVideoError(
-                f"profile {profile.name} does not fit {request.width}x{request.height}x{request.frames} here: it needs "
-                f"{found.required_vram_gb:.1f} GiB VRAM ({vram / 2**30:.1f} free) and {found.peak_ram_gb:.1f} GiB RAM "
-                f"({ram / 2**30:.1f} available); " + (f"try {hint}" if hint else "try a smaller --size or fewer --frames")
-            )
-    return {**profile.to_dict(), "source": profile.source}
-
-
-class PlainStages:
-    """Each stage's model loaded whole onto the device, unquantized (profile "plain")."""
-
-    def __init__(self, files: ModelFiles, profile: dict, device: torch.device, attention: str):
-        self.files, self.device, self.attention = files, device, attention
-        cpu = device.type == "cpu"
-        self.dit_dtype = torch.float32 if cpu else torch.bfloat16
-        self.vae_dtype = self.text_dtype = torch.float32 if cpu else torch.float16
-
-    def text_encoders(self) -> tuple[LlamaTextEncoder, ClipTextEncoder]:
-        files = self.files
-        llm = LlamaTextEncoder.from_folder(files.llm, dtype=self.text_dtype, device=self.device, tokenizer_folder=files.llm_tokenizer)
-        clip = ClipTextEncoder.from_folder(files.clip, dtype=self.text_dtype, device=self.device, tokenizer_folder=files.clip_tokenizer)
-        return llm, clip
-
-    def dit(self, calls: int = 1):
-        dit = load_dit(self.files, self.dit_dtype).to(self.device)
-        dit.attention_backend = self.attention
-        return dit
-
-    def vae(self):
-        return load_vae(self.files, self.vae_dtype).to(self.device)
-
-    def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
-        frames = decode(vae, latents, self.device)
-        on_progress(1, 1)
-        return frames
-
-
-class StreamedDiT:
-    """The DiT as the denoising loop calls it (`dit(x, t, ...)`, `.compute_dtype`), its blocks
-    coming from a BlockStreamer (lowvram/streaming.py) placed per the run's memory plan."""
-
-    def __init__(self, model, streamer, calls: int):
-        self.model, self.streamer, self.calls_left = model, streamer, calls
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self.model.compute_dtype
-
-    def __call__(self, *args):
-        self.calls_left -= 1
-        return self.model(*args, blocks=self.streamer.blocks_for_step(prefetch_next_step=self.calls_left > 0))
-
-    def release(self) -> None:
-        from .placement import release_dit
-
-        release_dit(self.model, self.streamer, keep_on_host=False)
-
-
-def quant_cache_dir(files: ModelFiles) -> Path:
-    """Where `lowvram quantize` and the fp8/int8 profiles keep the quantized DiT."""
+def default_cache_dir(files: ModelFiles) -> Path:
+    """Where quantized weights are kept unless --cache-dir says otherwise: beside the model."""
     return Path(files.root) / "lowvram-cache"
 
 
-class ProfileStages:
-    """Stages placed per a memory profile: the LLM in NF4 (or bf16), the DiT quantized (Tencent's
-    FP8 file, or the quantize-once cache) with its blocks resident or streamed per the memory plan,
-    the VAE decoded in tiles."""
+def compute_dtypes(device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(DiT/LLM dtype, VAE/CLIP dtype) for unquantized weights on `device`."""
+    if device.type == "cpu":
+        return torch.float32, torch.float32
+    return torch.bfloat16, torch.float16
 
-    def __init__(self, files: ModelFiles, profile: dict, device: torch.device, attention: str, size: tuple[int, int, int],
-                 reporter: Reporter):
-        from .planner import plan
-        from .profiles import profile_from_dict
 
-        values = {k: v for k, v in profile.items() if k != "source"}
-        self.profile = profile_from_dict(values, profile.get("source") or profile["name"])
-        self.files, self.device, self.attention, self.reporter = files, device, attention, reporter
-        self.dit_config, self.vae_config = dit_config_for(files), vae_config_for(files)
-        self.plan = plan(self.profile, *size, dit_config=self.dit_config, vae_config=self.vae_config)
+class Stages:
+    """Loads each stage's models for one run (see the module docstring)."""
+
+    def __init__(self, files: ModelFiles, profile: Profile, plan: Plan, device: torch.device, attention: str,
+                 reporter: Reporter | None = None, cache_dir: Path | None = None):
+        self.files, self.profile, self.plan, self.device = files, profile, plan, device
+        self.attention, self.reporter = attention, reporter or Reporter()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(files)
+        self.dtype, self.vae_dtype = compute_dtypes(device)
+        self.stats: dict = {}
+
+    # -- text -----------------------------------------------------------------------------------
 
     def text_encoders(self) -> tuple[LlamaTextEncoder, ClipTextEncoder]:
-        from transformers import AutoTokenizer
-
         files = self.files
         if self.profile.encoder_scheme == "nf4":
+            from transformers import AutoTokenizer
+
             from quant.nf4 import load_llm_nf4
 
             loaded = load_llm_nf4(files.llm, self.device)
@@ -213,55 +122,61 @@ class ProfileStages:
             tokenizer = AutoTokenizer.from_pretrained(files.llm_tokenizer, padding_side="right", local_files_only=True)
             llm = LlamaTextEncoder(loaded.model, tokenizer)
         else:
-            llm = LlamaTextEncoder.from_folder(files.llm, dtype=torch.bfloat16, device=self.device, tokenizer_folder=files.llm_tokenizer)
-        clip = ClipTextEncoder.from_folder(files.clip, dtype=torch.float16 if self.device.type == "cuda" else torch.float32,
-                                           device=self.device, tokenizer_folder=files.clip_tokenizer)
+            llm = LlamaTextEncoder.from_folder(files.llm, dtype=self.dtype, device=self.device, tokenizer_folder=files.llm_tokenizer)
+        clip = ClipTextEncoder.from_folder(files.clip, dtype=self.vae_dtype, device=self.device, tokenizer_folder=files.clip_tokenizer)
         return llm, clip
 
-    def _load_dit_on_host(self):
-        from hyvideo.checkpoint import load_dit_state_dict
+    # -- DiT ------------------------------------------------------------------------------------
 
+    def _load_dit_on_host(self):
         files, scheme = self.files, self.profile.dit_scheme
         if scheme == "bf16":
-            return load_dit(files, torch.bfloat16)
+            return load_dit(files, self.dtype)
         if scheme == "fp8" and files.dit_fp8 is not None:
             from quant.tencent_fp8 import load_tencent_fp8
 
-            return load_tencent_fp8(files.dit_fp8, self.dit_config, files.dit_fp8_map, device="cpu")
+            return load_tencent_fp8(files.dit_fp8, self.plan.dit_config, files.dit_fp8_map, dtype=self.dtype)
         from quant.cache import cache_status, ensure_dit_cache, load_cached_dit
 
-        policy = self.profile.quant_policy
-        cache = quant_cache_dir(files)
-        status = cache_status(cache, self.dit_config, scheme, policy, files.dit_weights)
+        policy, config = self.profile.quant_policy, self.plan.dit_config
+        status = cache_status(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
         if status.state != "fresh":
             self.reporter.stage(status.message)
-            ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], self.dit_config, scheme, policy, cache)
+            ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy,
+                             self.cache_dir, self.dtype)
             self.reporter.stage("loading DiT")
-        return load_cached_dit(cache, self.dit_config, scheme, policy, files.dit_weights, device="cpu")
+        return load_cached_dit(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
 
-    def dit(self, calls: int = 1):
-        from .placement import prepare_dit
-
+    def dit(self) -> tuple[torch.nn.Module, BlockStreamer]:
+        """The DiT with its trunk on the device and its blocks placed per the plan."""
         model = self._load_dit_on_host()
         model.attention_backend = self.attention
-        return StreamedDiT(model, prepare_dit(model, self.plan, self.device), calls)
+        streamer = place_dit(model, self.plan, self.device)
+        self.stats["dit"] = {"resident_blocks": len(self.plan.schedule.resident),
+                             "streamed_blocks": len(self.plan.schedule.streamed), "pinned_bytes": streamer.pin_report.pinned_bytes}
+        return model, streamer
+
+    def release_dit(self, model: torch.nn.Module, streamer: BlockStreamer) -> None:
+        """Free the DiT's device and pinned memory; record what was streamed per step."""
+        steps = streamer.step_stats()
+        self.stats["dit"]["blocks_copied_per_step"] = [s.blocks_copied for s in steps]
+        self.stats["dit"]["bytes_copied_per_step"] = [s.bytes_copied for s in steps]
+        release_dit(model, streamer, keep_on_host=False)
+
+    # -- VAE ------------------------------------------------------------------------------------
 
     def vae(self):
-        return load_vae(self.files, torch.float16 if self.device.type == "cuda" else torch.float32).to(self.device)
+        return load_vae(self.files, self.vae_dtype).to(self.device)
 
     def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
-        from .tiled_vae import TiledVAE
+        """Latents -> uint8 frames through the tiled decoder (one tile when the profile says 0)."""
+        tiles = []
 
-        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu",
-                         on_tile=on_progress)
-        return decode(vae, latents, self.device, vae_decode=tiled.decode)
+        def on_tile(done: int, total: int) -> None:
+            tiles[:] = [total]
+            on_progress(done, total)
 
-
-def build_stages(files: ModelFiles, profile: dict, device: torch.device, attention: str,
-                 size: tuple[int, int, int] = (0, 0, 0), reporter: Reporter | None = None):
-    """The object that loads each stage's models for `profile`: text_encoders() -> (llm, clip),
-    dit(calls) -> a callable DiT (with .compute_dtype, optionally .release()), vae(),
-    decode(vae, latents, on_progress) -> uint8 frames."""
-    if profile["name"] == PLAIN:
-        return PlainStages(files, profile, device, attention)
-    return ProfileStages(files, profile, device, attention, size, reporter or Reporter())
+        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu", on_tile=on_tile)
+        frames = decode(vae, latents, self.device, vae_decode=tiled.decode)
+        self.stats["vae"] = {"tiles": tiles[0] if tiles else 0}
+        return frames

@@ -1,9 +1,14 @@
-"""`BlockStreamer`: runs the DiT with only some blocks resident on the GPU.
+"""`BlockStreamer`: runs the DiT with only some blocks resident on the GPU, and the DiT's placement
+for a run's memory plan.
 
-    streamer = BlockStreamer(model.all_blocks(), schedule, "cuda")
+    streamer = place_dit(model, plan, "cuda")   # token chunk set, trunk + resident blocks on the GPU
     for step in range(steps):
         v = model(x, t, ..., blocks=streamer.blocks_for_step(prefetch_next_step=step + 1 < steps))
     print(streamer.schedule); stats = streamer.step_stats()
+    release_dit(model, streamer)                 # ring, resident blocks and trunk freed
+
+Every profile goes through here: with all blocks resident (profile "plain", or a 24 GB card at
+540p) the streamer yields the model's own blocks and copies nothing.
 
 Design:
 - Resident blocks are moved to the GPU once. Streamed blocks keep their master copy in host
@@ -32,6 +37,7 @@ the compute stream waited for copies (events around the wait). Timings are read 
 """
 
 import copy
+import gc
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +46,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .planner import Plan
 from .schedule import BlockSchedule
+
+BLOCK_LISTS = ("double_blocks", "single_blocks")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,3 +418,42 @@ class BlockStreamer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement of the DiT for a run's plan
+
+
+def empty_cache(device) -> None:
+    """Collect unreachable models (transformers' hold reference cycles), then return cached,
+    unused device memory to the driver (CUDA only)."""
+    gc.collect()
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def dit_trunk(model: nn.Module) -> list[nn.Module]:
+    """The DiT's modules outside the block lists (embedders, token refiner, final layer)."""
+    return [child for name, child in model.named_children() if name not in BLOCK_LISTS]
+
+
+def place_dit(model: nn.Module, plan: Plan, device, *, keep_host_copy: bool = False) -> BlockStreamer:
+    """Put the DiT in place for `plan`: token chunk set, trunk on the device, blocks resident or
+    streamed per the plan's schedule. Returns the streamer whose `blocks_for_step()` the denoising
+    loop passes as `blocks=`."""
+    model.token_chunk = plan.token_chunk or None
+    for module in dit_trunk(model):
+        module.to(device)
+    profile = plan.profile
+    return BlockStreamer(model.all_blocks(), plan.schedule, device, pin_memory=profile.pin_memory,
+                         pinned_cap_bytes=profile.pinned_ram_cap_bytes, keep_host_copy=keep_host_copy)
+
+
+def release_dit(model: nn.Module, streamer: BlockStreamer, keep_on_host: bool = True) -> None:
+    """Free the DiT's device memory: the streamer's ring and resident blocks, and the trunk
+    (back to the host with keep_on_host, else dropped to the meta device)."""
+    device = streamer.device
+    streamer.close(keep_on_host=keep_on_host)
+    for module in dit_trunk(model):
+        module.to("cpu" if keep_on_host else "meta")
+    empty_cache(device)

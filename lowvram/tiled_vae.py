@@ -1,11 +1,11 @@
-"""Tiled VAE decode and encode with the official overlap and linear blending (facts §3.8).
+"""Tiled VAE decode with the official overlap and linear blending (facts §3.8).
 
 Geometry (pure functions, one axis at a time) with the official sizes as defaults: decode tiles of
 32x32 latents every 24, blended over 64 px and cropped to 192 px; temporal tiles of 16+1 latent
 frames every 12, the first decoded frame of later tiles dropped, blended over 16 frames, 49 frames
 kept of the first tile and 48 of later ones. For a tile size L (a multiple of 4) the official
-ratios give: stride 3L/4, decode blend 2L px / L frames, crop 6L px / 3L frames; encode mirrors
-it (tiles of 8L px every 6L px blended over L/4 latents, 4L+1 frames every 3L frames).
+ratios give: stride 3L/4, blend 2L px / L frames, crop 6L px / 3L frames. (Text-to-video never
+encodes a video, so there is no tiled encoder.)
 
 Blend ramp (every axis): for x in [0, E), b[x] = a[-E + x] * (1 - x/E) + b[x] * (x/E), where a is
 the previous tile's output *after its own blending* (the official code blends in place),
@@ -92,44 +92,16 @@ def temporal_decode_tiles(latent_frames: int, tile: int = TEMPORAL_TILE, scale: 
                   int(tile * scale * 0.25), 1, True)
 
 
-def spatial_encode_tiles(pixel_len: int, tile: int = SPATIAL_TILE, scale: int = 8) -> list[TileSpan]:
-    """Spatial encode tiles of 8*tile px every 6*tile px along one axis (tiled)."""
-    _check_tile(tile, "spatial tile")
-    stride_latent = 3 * tile // 4
-    return _spans(pixel_len, tile * scale, stride_latent * scale, lambda a, b: (b - a) // scale,
-                  stride_latent, stride_latent, tile // 4, 0, False)
-
-
-def temporal_encode_tiles(frames: int, tile: int = TEMPORAL_TILE, scale: int = 4) -> list[TileSpan]:
-    """Temporal encode tiles of 4*tile+1 frames every 3*tile frames; one span when frames <= 4*tile."""
-    _check_tile(tile, "temporal tile")
-    if frames <= tile * scale:
-        return whole_span(frames, (frames - 1) // scale + 1)
-    stride_latent = 3 * tile // 4
-    return _spans(frames, tile * scale + 1, stride_latent * scale, lambda a, b: (b - a - 1) // scale + 1,
-                  stride_latent + 1, stride_latent, tile // 4, 1, True)
-
-
 def decode_tiling(shape: tuple[int, int, int], spatial: int = SPATIAL_TILE, temporal: int = TEMPORAL_TILE,
                   time_scale: int = 4, space_scale: int = 8) -> tuple[list[TileSpan], list[TileSpan], list[TileSpan]]:
     """(t, h, w) spans for decoding latents of shape (T', h, w). Spatial tiling applies to both
-    axes as soon as either exceeds the tile (as official)."""
+    axes as soon as either exceeds the tile (as official). A tile size of 0: that kind of tiling
+    is off (one span)."""
     t, h, w = shape
-    ts = temporal_decode_tiles(t, temporal, time_scale)
-    if h > spatial or w > spatial:
+    ts = temporal_decode_tiles(t, temporal, time_scale) if temporal else whole_span(t, time_scale * (t - 1) + 1)
+    if spatial and (h > spatial or w > spatial):
         return ts, spatial_decode_tiles(h, spatial, space_scale), spatial_decode_tiles(w, spatial, space_scale)
     return ts, whole_span(h, h * space_scale), whole_span(w, w * space_scale)
-
-
-def encode_tiling(shape: tuple[int, int, int], spatial: int = SPATIAL_TILE, temporal: int = TEMPORAL_TILE,
-                  time_scale: int = 4, space_scale: int = 8) -> tuple[list[TileSpan], list[TileSpan], list[TileSpan]]:
-    """(t, h, w) spans for encoding a video of shape (F, H, W)."""
-    f, h, w = shape
-    ts = temporal_encode_tiles(f, temporal, time_scale)
-    px = spatial * space_scale
-    if h > px or w > px:
-        return ts, spatial_encode_tiles(h, spatial, space_scale), spatial_encode_tiles(w, spatial, space_scale)
-    return ts, whole_span(h, h // space_scale), whole_span(w, w // space_scale)
 
 
 def blend_(b: torch.Tensor, a_tail: torch.Tensor, extent: int, dim: int) -> None:
@@ -151,17 +123,18 @@ def _tail(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 
 
 class TiledVAE:
-    """Tiled decode/encode around a `CausalVAE` (any object with .encode(video) and .decode(z)).
+    """Tiled decode around a `CausalVAE` (any object with .decode(z) and .config).
 
-    spatial_tile / temporal_tile: tile sizes in latents (multiples of 4; official 32 / 16).
+    spatial_tile / temporal_tile: tile sizes in latents (multiples of 4; official 32 / 16; 0: untiled).
     output_device: where the full output is assembled (default: the host).
     on_tile(done, total): called after each tile (progress).
     """
 
     def __init__(self, vae, spatial_tile: int = SPATIAL_TILE, temporal_tile: int = TEMPORAL_TILE, output_device="cpu",
                  on_tile: Callable[[int, int], None] | None = None):
-        _check_tile(spatial_tile, "spatial tile")
-        _check_tile(temporal_tile, "temporal tile")
+        for tile, what in ((spatial_tile, "spatial tile"), (temporal_tile, "temporal tile")):
+            if tile:
+                _check_tile(tile, what)
         self.vae = vae
         self.spatial_tile = spatial_tile
         self.temporal_tile = temporal_tile
@@ -174,11 +147,6 @@ class TiledVAE:
         """Latents [B, C, T', h, w] (on the compute device) -> video [B, 3, F, 8h, 8w] on output_device."""
         spans = decode_tiling(tuple(z.shape[2:]), self.spatial_tile, self.temporal_tile, self.time_scale, self.space_scale)
         return self._run(z, self.vae.decode, spans)
-
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Video [B, 3, F, H, W] -> latent means [B, 16, T', H/8, W/8] on output_device."""
-        spans = encode_tiling(tuple(video.shape[2:]), self.spatial_tile, self.temporal_tile, self.time_scale, self.space_scale)
-        return self._run(video, self.vae.encode, spans)
 
     def _run(self, x: torch.Tensor, vae_fn, spans) -> torch.Tensor:
         t_spans, h_spans, w_spans = spans

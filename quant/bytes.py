@@ -169,17 +169,25 @@ def dequantized_weight_bytes(config: DiTConfig, scheme: str, policy: str, act_by
     return peak * act_bytes
 
 
-def llm_bytes(scheme: str) -> int:
+@dataclass(frozen=True)
+class TextEncoderParams:
+    """Parameter counts of the two text encoders; the defaults are the released checkpoints'."""
+
+    llm_linear: int = LLM_LINEAR_PARAMS  # what NF4 quantizes
+    llm_other: int = LLM_EMBED_PARAMS + LLM_OTHER_PARAMS  # embeddings and norms stay bf16 under NF4
+    clip: int = CLIP_TEXT_PARAMS
+
+
+def llm_bytes(scheme: str, params: TextEncoderParams = TextEncoderParams()) -> int:
     """The LLM text encoder's weights: bf16 15.0 GB, nf4 4.6 GB (bitsandbytes, double quant)."""
     _check(scheme, ENCODER_SCHEMES, "text encoder scheme")
-    other = LLM_EMBED_PARAMS + LLM_OTHER_PARAMS  # embeddings and norms stay bf16 under NF4
     if scheme == "bf16":
-        return (LLM_LINEAR_PARAMS + other) * 2
-    return llm_nf4_bytes(LLM_LINEAR_PARAMS, other)
+        return (params.llm_linear + params.llm_other) * 2
+    return llm_nf4_bytes(params.llm_linear, params.llm_other)
 
 
-def clip_bytes() -> int:
-    return CLIP_TEXT_PARAMS * 2  # fp16
+def clip_bytes(params: TextEncoderParams = TextEncoderParams()) -> int:
+    return params.clip * 2  # fp16
 
 
 @lru_cache(maxsize=8)

@@ -108,17 +108,17 @@ def test_long_prompt_from_a_file_warns_and_continues(tiny_official, tmp_path):
 
 def test_interrupted_run_resumes_through_the_cli(tiny_official, tmp_path, done, monkeypatch):
     """Ctrl-C during the decode (KeyboardInterrupt) -> exit 130 and the resume command."""
-    real_decode = stages_module.PlainStages.decode
+    real_decode = stages_module.Stages.decode
 
     def ctrl_c(self, vae, latents, on_progress):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stages_module.PlainStages, "decode", ctrl_c)
+    monkeypatch.setattr(stages_module.Stages, "decode", ctrl_c)
     stopped = invoke("generate", "a red fox running through snow", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY)
     assert stopped.exit_code == 130
     run_id = Run.open(next(tmp_path.iterdir())).id
     assert f"lowvram resume {run_id}" in stopped.stderr
-    monkeypatch.setattr(stages_module.PlainStages, "decode", real_decode)
+    monkeypatch.setattr(stages_module.Stages, "decode", real_decode)
     resumed = invoke("resume", "--runs-dir", tmp_path, "--json")
     assert resumed.exit_code == 0 and as_json(resumed)["resumed_from"] == "decoding"
     same = Path(as_json(resumed)["final_latents"]).read_bytes() == Path(done["final_latents"]).read_bytes()
@@ -196,7 +196,7 @@ BAD_GENERATE = [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--size", "64x48", "--resolution", "540p"], "either --size or --resolution"),
     (["--resolution", "1080p"], "--resolution must be one of 540p, 720p"),
-    (["--profile", "nope"], "unknown profile 'nope'; available: 24gb"),
+    (["--profile", "nope"], "unknown profile 'nope'; available: plain, 24gb"),
     (["--out", "/nonexistent-dir/x.mp4"], "cannot write --out .*does not exist"),
 ]
 
@@ -243,14 +243,14 @@ def test_real_size_model_without_cuda(full_size_config_model, tmp_path):
     assert cuda.exit_code == 2 and "sees no CUDA" in one_line_error(cuda)
 
 
-def test_a_profile_that_does_not_fit_names_one_that_would(monkeypatch):
+def test_a_profile_that_does_not_fit_names_one_that_would():
     """The 13B model at 720p x 129 on an 8 GiB card: 24gb does not fit; 12gb would."""
-    monkeypatch.setattr(stages_module, "gpu_memory", lambda: (8 * 2**30, 64 * 2**30))
-    args = (torch.device("cuda"), DIT_CONFIGS["HYVideo-T/2-cfgdistill"], VAE_CONFIGS["884-16c-hy"],
-            GenerationRequest("a fox"), 12_821_012_544, stages_module.Reporter())
+    from lowvram.planner import resolve
+
+    memory = {"vram_bytes": 8 * 2**30, "ram_bytes": 64 * 2**30}
     with pytest.raises(HyVideoError, match=r"profile 24gb does not fit 1280x720x129 here.*try --profile \w+"):
-        stages_module.resolve_profile("24gb", *args)
-    assert stages_module.resolve_profile("auto", *args)["name"] != "24gb"
+        resolve("24gb", 1280, 720, 129, **memory)
+    assert resolve("auto", 1280, 720, 129, **memory)[0].name != "24gb"
 
 
 def test_corrupt_foreign_and_edited_run_folders(done, runs_dir, tmp_path):
@@ -387,8 +387,25 @@ def test_demo_saves_a_model_that_generate_uses(tmp_path):
     assert as_json(result)["state"] == "done" and as_json(result)["settings"]["model_dir"] == str(model.resolve())
     again = invoke("generate", "a fox", "--model-dir", model, "--runs-dir", tmp_path / "runs", "--json", *TINY)
     assert again.exit_code == 0 and as_json(again)["state"] == "done"
+    assert as_json(again)["settings"]["profile"]["name"] == "plain"  # auto on the CPU: all resident, one tile
+    assert as_json(again)["stats"]["dit"]["blocks_copied_per_step"] == [0, 0] and as_json(again)["stats"]["vae"]["tiles"] == 1
     default = invoke("demo", "--runs-dir", tmp_path / "other", *small)  # kept in RUNS_DIR/demo-model
     assert default.exit_code == 0 and (tmp_path / "other/demo-model/hunyuan-video-t2v-720p").is_dir()
+
+
+def test_demo_takes_the_streamed_and_tiled_path(tmp_path):
+    """The demo runs the low-VRAM code path users run: FP8 DiT from the quantize-once cache with 3 of
+    its 4 blocks streamed every step, token chunks, and the VAE decoded in tiles."""
+    result = invoke("demo", "--runs-dir", tmp_path, "--size", "128x96", "--frames", "17", "--steps", "2", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    data = as_json(result)
+    assert data["settings"]["profile"]["name"] == "demo" and data["settings"]["profile"]["dit_scheme"] == "fp8"
+    dit = data["stats"]["dit"]
+    assert (dit["resident_blocks"], dit["streamed_blocks"]) == (1, 3)
+    assert dit["blocks_copied_per_step"] == [3, 3] and all(b > 0 for b in dit["bytes_copied_per_step"])
+    # latents 5 x 12 x 16: 2 temporal tiles (4+1 frames every 3) x 2 x 3 spatial tiles (8 every 6)
+    assert data["stats"]["vae"]["tiles"] == 12
+    assert (tmp_path / "demo-model/lowvram-cache/dit-fp8.safetensors").is_file()
 
 
 def test_help_lists_every_command():

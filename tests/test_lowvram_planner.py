@@ -1,7 +1,7 @@
 """Planner: plans for the 13B model, and its predictions against memory measured on the CPU with
 small configs of the same architecture.
 
-Measurement (lowvram/memtrack.py): a TorchDispatchMode counts the bytes of every tensor storage an
+Measurement (bench/memtrack.py): a TorchDispatchMode counts the bytes of every tensor storage an
 op creates and releases them when the tensors die, so its peak is the most tensor bytes alive at
 once. Weights and inputs exist before it starts and are counted from the modules themselves. CUDA
 adds allocator rounding and library workspaces on top, which the planner's reserve covers."""
@@ -16,8 +16,9 @@ from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from hyvideo.vae import CausalVAE
 from lowvram.activations import dit_activation_bytes, vae_decode_tile_bytes
-from lowvram.memtrack import PeakTracker
-from lowvram.placement import dit_trunk, prepare_dit, release_dit
+from bench.memtrack import PeakTracker
+from quant.fp8 import swap_linears_fp8
+from lowvram.streaming import dit_trunk, place_dit, release_dit
 from lowvram.planner import plan
 from lowvram.profiles import load_profile, profile_from_dict
 from lowvram.streaming import leaf_bytes
@@ -108,8 +109,7 @@ def test_weight_bytes_match_real_modules():
     assert block_bytes(tiny, "bf16", "blocks", "double").total == leaf_bytes(model.double_blocks[0])
     assert block_bytes(tiny, "bf16", "blocks", "single").total == leaf_bytes(model.single_blocks[0])
     assert trunk_bytes(tiny) == sum(leaf_bytes(m) for m in dit_trunk(model))
-    fp8 = pytest.importorskip("quant.fp8")
-    fp8.swap_linears_fp8(model, "blocks")
+    swap_linears_fp8(model, "blocks")
     assert block_bytes(tiny, "fp8", "blocks", "double").total == leaf_bytes(model.double_blocks[0])
     assert block_bytes(tiny, "fp8", "blocks", "single").total == leaf_bytes(model.single_blocks[0])
 
@@ -180,7 +180,7 @@ def test_dit_stage_predicted_vs_measured_with_streaming():
                                  "prefetch_depth": 1, "token_chunk": 128, "dit_scheme": "bf16"})
     p = plan(profile, 256, 256, 13, dit_config=SMALL, vae_config=VAE_CONFIGS["tiny"], text_encoders=False)
     model = small_dit()
-    streamer = prepare_dit(model, p, "cpu")
+    streamer = place_dit(model, p, "cpu")
     assert model.token_chunk == 128 and len(streamer.schedule.streamed) == 2
     inputs = small_inputs(frames=4, h=32, w=32, text=256)
     with torch.no_grad(), PeakTracker() as tracker:
@@ -201,7 +201,7 @@ def test_chunked_equals_unchunked_through_the_profile_path():
         whole = model(*inputs)
     profile = profile_from_dict({"name": "chunky", "vram_budget_gb": 1.0, "token_chunk": 7, "dit_scheme": "bf16"})
     p = plan(profile, 80, 48, 9, dit_config=SMALL, vae_config=VAE_CONFIGS["tiny"], text_encoders=False)
-    streamer = prepare_dit(model, p, "cpu")
+    streamer = place_dit(model, p, "cpu")
     assert model.token_chunk == 7  # straddles the image/text boundary (45 image tokens)
     with torch.no_grad():
         chunked = model(*inputs, blocks=streamer.blocks_for_step(prefetch_next_step=False))

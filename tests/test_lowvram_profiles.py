@@ -6,17 +6,18 @@ import json
 import pytest
 
 from hyvideo.errors import HyVideoError
-from lowvram.profiles import PROFILES_DIR, available_profiles, choose_profile, load_profile, profile_from_dict, shipped_profiles
+from lowvram.planner import choose_profile
+from lowvram.profiles import PROFILES_DIR, available_profiles, load_profile, profile_from_dict, shipped_profiles
 
 GIB = 2**30
-SHIPPED = ["24gb", "16gb", "12gb", "8gb"]
+SHIPPED = ["plain", "24gb", "16gb", "12gb", "8gb"]
 
 
 def test_all_shipped_profiles_load():
     assert available_profiles() == SHIPPED  # fastest (largest budget) first
     for profile in shipped_profiles():
         assert (PROFILES_DIR / f"{profile.name}.toml").is_file()  # file name = profile name
-        assert profile.dit_scheme == "fp8" and profile.description
+        assert profile.dit_scheme == ("bf16" if profile.name == "plain" else "fp8") and profile.description
         assert load_profile(profile.name) == profile
     p24 = load_profile("24gb")
     assert (p24.vram_budget_gb, p24.encoder_scheme, p24.vae_spatial_tile, p24.vae_temporal_tile) == (24.0, "bf16", 32, 16)
@@ -71,7 +72,7 @@ def test_unknown_profile_name_lists_available():
 
 @pytest.mark.parametrize("free, expected", [(80, "24gb"), (23.5, "24gb"), (11, "12gb"), (7.5, "8gb")])
 def test_choose_profile_picks_the_fastest_that_fits(free, expected):
-    chosen = choose_profile(int(free * GIB), 64 * GIB, 1280, 720, 129)
+    chosen, _ = choose_profile(int(free * GIB), 64 * GIB, 1280, 720, 129)
     assert chosen.name == expected
     assert chosen.vram_budget_gb == min(free, load_profile(expected).vram_budget_gb)  # auto resident uses what is free
 
@@ -80,7 +81,7 @@ def test_choose_profile_is_monotonic_in_vram():
     order = {name: i for i, name in enumerate(SHIPPED)}
     previous = len(SHIPPED)
     for free in (7, 8, 10, 12, 14, 16, 20, 24, 40):
-        rank = order[choose_profile(int(free * GIB), 64 * GIB, 1280, 720, 129).name]
+        rank = order[choose_profile(int(free * GIB), 64 * GIB, 1280, 720, 129)[0].name]
         assert rank <= previous  # more VRAM never picks a slower profile
         previous = rank
 

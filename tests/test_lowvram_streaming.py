@@ -11,6 +11,9 @@ import torch.nn as nn
 from hyvideo.config import DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from lowvram.schedule import BlockSchedule, plan_schedule, spread_evenly
+import optimum.quanto as quanto
+
+from quant.fp8 import FP8Linear
 from lowvram.streaming import BlockStreamer, PinReport, empty_module_like, leaf_bytes, pin_leaves_, tensor_leaves
 from quant.bytes import dit_block_kinds
 from tests.random_weights import randomize_
@@ -150,26 +153,7 @@ def test_streamed_bf16_and_chunked(model_and_reference):
         assert torch.equal(out, reference)
 
 
-class TinyFP8Linear(nn.Module):
-    """FP8 layout as in quant/fp8.py: float8_e4m3fn weight parameter + float32 scale buffer."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1, keepdim=True) / 448
-        self.weight = nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)
-        self.register_buffer("scale", scale)
-        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
-
-
 def fp8_linear(linear):
-    try:
-        from quant.fp8 import FP8Linear
-    except ImportError:
-        return TinyFP8Linear(linear)
     return FP8Linear.from_linear(linear)
 
 
@@ -197,7 +181,6 @@ def test_fp8_blocks_stream_exactly():
 def test_int8_quanto_blocks_stream_exactly():
     """quanto's INT8 weights are tensor subclasses; their inner tensors (_data int8, _scale) are the
     leaves the streamer copies into shells rebuilt with __tensor_unflatten__."""
-    quanto = pytest.importorskip("optimum.quanto")
     model = make_model(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)

@@ -20,7 +20,7 @@ from lowvram import download as dl
 from lowvram.doctor import run_doctor
 from lowvram.progress import Reporter
 from lowvram.runner import RunInterrupted, RunOptions, StopRequest, execute, resume_run, start_run
-from lowvram.stages import PlainStages
+from lowvram.stages import Stages
 from hyvideo.files import fingerprint_mismatch
 from lowvram.runs import KEEP_CHECKPOINTS, Run, find_run, list_runs
 from lowvram.video import png_bytes, write_mp4
@@ -54,8 +54,8 @@ class StopAfter(Reporter):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_official, tmp_path_factory):
-    run, files = new_run(tiny_official, tmp_path_factory.mktemp("runs"))
-    result = execute(run, files)
+    run, files, plan = new_run(tiny_official, tmp_path_factory.mktemp("runs"))
+    result = execute(run, files, plan)
     return result, load_file(result.final_latents)["latents"]
 
 
@@ -80,38 +80,38 @@ def test_run_folder_contents(uninterrupted):
 
 
 def test_stop_and_resume_is_bit_exact_and_skips_text_encoding(tiny_official, tmp_path, uninterrupted, monkeypatch):
-    run, files = new_run(tiny_official, tmp_path)
+    run, files, plan = new_run(tiny_official, tmp_path)
     stop = StopRequest()
     with pytest.raises(RunInterrupted) as info:
-        execute(run, files, StopAfter(stop, 2), stop)
+        execute(run, files, plan, StopAfter(stop, 2), stop)
     assert info.value.run.step == 2 and Run.open(run.folder).state == "denoising"
 
     def no_text_encoders(self):
         raise AssertionError("a resume must use the cached embeddings")
 
-    monkeypatch.setattr(PlainStages, "text_encoders", no_text_encoders)
+    monkeypatch.setattr(Stages, "text_encoders", no_text_encoders)
     result = resume_run(tmp_path, run.id)
     assert result.resumed_from == "step 2/4" and result.state == "done"
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
 def test_interrupted_decode_resumes_without_the_dit(tiny_official, tmp_path, uninterrupted, monkeypatch):
-    run, files = new_run(tiny_official, tmp_path)
-    real_decode = PlainStages.decode
+    run, files, plan = new_run(tiny_official, tmp_path)
+    real_decode = Stages.decode
 
     def ctrl_c(self, vae, latents, on_progress):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PlainStages, "decode", ctrl_c)
+    monkeypatch.setattr(Stages, "decode", ctrl_c)
     with pytest.raises(RunInterrupted):
-        execute(run, files)
+        execute(run, files, plan)
     assert Run.open(run.folder).state == "decoding"
 
-    def no_dit(self, calls=1):
+    def no_dit(self):
         raise AssertionError("a resume in decoding must not load the DiT")
 
-    monkeypatch.setattr(PlainStages, "decode", real_decode)
-    monkeypatch.setattr(PlainStages, "dit", no_dit)
+    monkeypatch.setattr(Stages, "decode", real_decode)
+    monkeypatch.setattr(Stages, "dit", no_dit)
     result = resume_run(tmp_path)  # newest unfinished run
     assert result.resumed_from == "decoding" and Path(result.video).is_file()
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
@@ -119,25 +119,25 @@ def test_interrupted_decode_resumes_without_the_dit(tiny_official, tmp_path, uni
 
 def test_stopped_after_the_last_step_resumes_without_the_dit(tiny_official, tmp_path, uninterrupted, monkeypatch):
     """Stopped (or killed) after the step-4 checkpoint but before the final latents were saved."""
-    run, files = new_run(tiny_official, tmp_path)
+    run, files, plan = new_run(tiny_official, tmp_path)
     stop = StopRequest()
     with pytest.raises(RunInterrupted):
-        execute(run, files, StopAfter(stop, REQUEST.steps), stop)
+        execute(run, files, plan, StopAfter(stop, REQUEST.steps), stop)
     assert Run.open(run.folder).step == REQUEST.steps and Run.open(run.folder).manifest["final_latents"] is None
 
-    def no_dit(self, calls=1):
+    def no_dit(self):
         raise AssertionError("every step is done: the DiT is not needed")
 
-    monkeypatch.setattr(PlainStages, "dit", no_dit)
+    monkeypatch.setattr(Stages, "dit", no_dit)
     result = resume_run(tmp_path, run.id)
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_official, tmp_path, uninterrupted):
-    run, files = new_run(tiny_official, tmp_path)
+    run, files, plan = new_run(tiny_official, tmp_path)
     stop = StopRequest()
     with pytest.raises(RunInterrupted):
-        execute(run, files, StopAfter(stop, 3), stop)
+        execute(run, files, plan, StopAfter(stop, 3), stop)
     newest = Run.open(run.folder).manifest["checkpoints"][-1]
     path = run.folder / newest["file"]
     path.write_bytes(path.read_bytes()[:-8] + b"garbage!")  # same size, wrong checksum
@@ -151,10 +151,10 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_official, t
 def test_resume_refuses_other_weights(tiny_official, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_official, model)
-    run, files = new_run(model, tmp_path / "runs")
+    run, files, plan = new_run(model, tmp_path / "runs")
     stop = StopRequest()
     with pytest.raises(RunInterrupted):
-        execute(run, files, StopAfter(stop, 1), stop)
+        execute(run, files, plan, StopAfter(stop, 1), stop)
     vae = model / "hunyuan-video-t2v-720p/vae/pytorch_model.pt"
     os.utime(vae, ns=(vae.stat().st_atime_ns, vae.stat().st_mtime_ns + 10**9))  # "re-downloaded"
     with pytest.raises(HyVideoError, match="other weights: hunyuan-video-t2v-720p/vae/pytorch_model.pt was modified"):
@@ -162,7 +162,7 @@ def test_resume_refuses_other_weights(tiny_official, tmp_path):
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tiny_official, tmp_path, uninterrupted, monkeypatch):
-    run, files = new_run(tiny_official, tmp_path)
+    run, files, plan = new_run(tiny_official, tmp_path)
     real_save_step = Run.save_step
 
     def save_step(self, step, latents):
@@ -175,7 +175,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tiny_official, tmp_path, uninte
 
     monkeypatch.setattr(Run, "save_step", save_step)
     with pytest.raises(HyVideoError, match=r"the disk is full: could not save the step 3 checkpoint .*kept at step 2/4.*lowvram resume"):
-        execute(run, files)
+        execute(run, files, plan)
     monkeypatch.undo()  # space freed
     saved = Run.open(run.folder)
     # the manifest could not be updated either (still full when the failure was recorded): it
@@ -201,9 +201,9 @@ def test_sigint_handler_finishes_the_step_first():
 
 def test_long_prompt_warns_and_continues(tiny_official, tmp_path):
     request = GenerationRequest("snow " * 400, width=32, height=32, frames=1, steps=1, seed=0)
-    run, files = new_run(tiny_official, tmp_path, request)
+    run, files, plan = new_run(tiny_official, tmp_path, request)
     reporter = StopAfter(StopRequest(), 99)
-    assert execute(run, files, reporter).state == "done"
+    assert execute(run, files, plan, reporter).state == "done"
     assert any("longer than 256 tokens" in w for w in reporter.warnings)
 
 
@@ -216,14 +216,14 @@ def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     profile.write_text('name = "cpu-streamed"\nvram_budget_gb = 1\ndit_scheme = "fp8"\nencoder_scheme = "bf16"\n'
                        'resident_blocks = 2\nvae_spatial_tile = 4\nvae_temporal_tile = 4\n')
     reporter = StopAfter(StopRequest(), 99)
-    run, files = start_run(options(model, tmp_path / "a", profile=str(profile)), reporter)
+    run, files, plan = start_run(options(model, tmp_path / "a", profile=str(profile)), reporter)
     assert run.settings["profile"]["name"] == "cpu-streamed"
-    whole = load_file(execute(run, files, reporter).final_latents)["latents"]
+    whole = load_file(execute(run, files, plan, reporter).final_latents)["latents"]
 
-    run, files = start_run(options(model, tmp_path / "b", profile=str(profile)))
+    run, files, plan = start_run(options(model, tmp_path / "b", profile=str(profile)))
     stop = StopRequest()
     with pytest.raises(RunInterrupted):
-        execute(run, files, StopAfter(stop, 2), stop)
+        execute(run, files, plan, StopAfter(stop, 2), stop)
     resumed = resume_run(tmp_path / "b", run.id)
     assert resumed.resumed_from == "step 2/4"
     assert torch.equal(load_file(resumed.final_latents)["latents"], whole)
