@@ -70,7 +70,11 @@ def user_errors(as_json: bool = False):
 
 
 def _quiet_libraries() -> None:
-    """transformers/huggingface_hub progress bars and load reports would garble ours."""
+    """transformers/huggingface_hub progress bars and load reports would garble ours, and
+    bitsandbytes logs a warning about an optional CPU kernel package on import."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import transformers
     from huggingface_hub.utils import disable_progress_bars

@@ -165,10 +165,11 @@ class LlamaTextEncoder:
         tokenizer_path = path if tokenizer_folder is None else _check_folder(tokenizer_folder, "tokenizer (LLM)", model=False)
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, padding_side="right", local_files_only=True)
-            model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+            # Straight onto `device`, shard by shard: never the whole 15 GB bf16 model in host RAM.
+            model = AutoModel.from_pretrained(path, dtype=dtype, device_map={"": torch.device(device)}, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise _load_error("text encoder (LLM)", path, error) from error
-        return cls(model.to(device).eval(), tokenizer, text_len=text_len, skip_layers=skip_layers)
+        return cls(model.eval(), tokenizer, text_len=text_len, skip_layers=skip_layers)
 
     def crop_start(self, template: str) -> int:
         if template not in self._crop_starts:
@@ -224,10 +225,10 @@ class ClipTextEncoder:
         tokenizer_path = path if tokenizer_folder is None else _check_folder(tokenizer_folder, "tokenizer 2 (CLIP)", model=False)
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
-            model = CLIPTextModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+            model = CLIPTextModel.from_pretrained(path, dtype=dtype, device_map={"": torch.device(device)}, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise _load_error("text encoder 2 (CLIP)", path, error) from error
-        return cls(model.to(device).eval(), tokenizer)
+        return cls(model.eval(), tokenizer)
 
     def encode(self, prompts: str | Sequence[str]):
         """Returns (text_states_2 [B, D2] in the model's dtype, truncated: list[bool])."""

@@ -20,7 +20,6 @@ from .download import check_model_folder
 GIB = 2**30
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (RTX 4090, L4, L40) and Hopper have FP8 tensor cores
 MIN_VRAM_GIB = 15  # the smallest profile's target (16 GB cards report about 15.6 GiB)
-MIN_RAM_GIB = 30  # streamed DiT weights (FP8: 13.2 GB) plus the text encoder and working memory
 
 
 @dataclass
@@ -105,13 +104,29 @@ def package_checks() -> list[Check]:
     return checks
 
 
+def ram_check(total: int, available: int | None) -> Check:
+    """Which shipped profiles' host-RAM plan (lowvram/planner.py) fits this machine at 720p x 129."""
+    from .planner import plan
+    from .profiles import shipped_profiles
+
+    ram = available or total
+    needs = {p.name: plan(p, 1280, 720, 129).peak_ram_bytes for p in shipped_profiles()}
+    fitting = [name for name, need in needs.items() if need <= ram]
+    detail = f"{total / GIB:.1f} GiB total, {ram / GIB:.1f} GiB available"
+    if not fitting:
+        smallest = min(needs, key=needs.get)
+        return Check("host RAM", "fail", f"{detail}: no profile fits at 720p x 129 ({smallest} needs "
+                     f"{needs[smallest] / GIB:.1f} GiB); close other programs, or try 540p / fewer frames")
+    left_out = [f"{name} needs {need / GIB:.1f}" for name, need in needs.items() if name not in fitting]
+    return Check("host RAM", "ok" if len(left_out) <= 1 else "warn",
+                 f"{detail}: enough for {', '.join(fitting)} at 720p x 129" + (f" ({'; '.join(left_out)})" if left_out else ""))
+
+
 def host_checks(paths: list[Path]) -> list[Check]:
     checks = []
     total, available = host_ram()
     if total is not None:
-        status = "ok" if total / GIB >= MIN_RAM_GIB else "warn"
-        checks.append(Check("host RAM", status, f"{total / GIB:.1f} GiB total, {available / GIB:.1f} GiB available"
-                            + ("" if status == "ok" else f" (under {MIN_RAM_GIB} GiB: `lowvram plan` says whether a profile's streamed weights fit)")))
+        checks.append(ram_check(total, available))
     limit = pinned_memory_limit()
     if limit is None:
         checks.append(Check("pinned memory limit (ulimit -l)", "ok", "unlimited"))

@@ -18,9 +18,15 @@ Stages run one after another, each with only its own weights on the GPU (lowvram
 
 `peak_vram_*` is what torch.cuda.max_memory_allocated would report. Fitting also needs a reserve
 (`RESERVE_BYTES`: CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation) on top.
-Host RAM per stage: a baseline for the process, the weights that stage keeps on the host (streamed
-DiT blocks), and its outputs there (the decoded video, float32). Weights are assumed to be loaded
-straight to their device, shard by shard.
+Host RAM per stage, the process's own (anonymous) memory, which must fit in RAM: a baseline for the
+process (Python, torch, the CUDA runtime, tokenizers: 2 GiB, an allowance, not a measurement of
+every machine), the streamed DiT blocks' pinned copies (up to the profile's cap), the decoded video
+(float32), and what building a quantize-once cache costs the first time (`first use`: the DiT
+quantized one tensor at a time, whose float32 temporaries peak at the largest linear; the LLM's
+largest tensor while NF4 quantizes it on the GPU). Weights are otherwise loaded straight to their
+device, shard by shard, from read-only mapped files: those pages are page cache, listed apart
+(`page_cache`), which the kernel drops under pressure (a streamed block whose pages were dropped
+is read from disk again: slower, never an out-of-memory).
 
 "auto" resident blocks: the most blocks (spread evenly) that fit the budget left after the
 reserve, trunk, ring and activations.
@@ -45,19 +51,30 @@ from .tiled_vae import decode_tiling
 
 GIB = 2**30
 RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces + fragmentation
-HOST_BASELINE_BYTES = 2 * GIB  # Python, torch and CUDA runtime on the host side, tokenizers
+HOST_BASELINE_BYTES = 2 * GIB  # Python, torch and CUDA runtime on the host side, tokenizers (an allowance)
+F32 = 4
 STAGES = ("text", "dit", "vae")
 
 
 @dataclass
 class StagePlan:
     vram_bytes: int
-    ram_bytes: int
     parts: dict[str, int]  # what the VRAM figure is made of, in bytes
+    ram_parts: dict[str, int]  # the host's anonymous memory (pinned included), in bytes
+    page_cache_bytes: int = 0  # weight files read through the page cache (droppable)
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(self.ram_parts.values())
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.ram_parts.get("pinned blocks", 0)
 
     def to_dict(self) -> dict:
-        return {"vram_gb": self.vram_bytes / GIB, "ram_gb": self.ram_bytes / GIB,
-                "parts_gb": {k: v / GIB for k, v in self.parts.items()}}
+        return {"vram_gb": self.vram_bytes / GIB, "ram_gb": self.ram_bytes / GIB, "pinned_gb": self.pinned_bytes / GIB,
+                "page_cache_gb": self.page_cache_bytes / GIB, "parts_gb": {k: v / GIB for k, v in self.parts.items()},
+                "ram_parts_gb": {k: v / GIB for k, v in self.ram_parts.items()}}
 
 
 @dataclass
@@ -132,15 +149,28 @@ class Plan:
 
     def table_rows(self) -> list[list[str]]:
         """Header + one row per stage + a total row, as strings (the CLI renders them)."""
-        rows = [["stage", "VRAM GiB", "RAM GiB", "made of"]]
+        rows = [["stage", "VRAM GiB", "RAM GiB", "page cache GiB", "made of"]]
         for name, stage in self.stages.items():
             parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in stage.parts.items() if v)
-            rows.append([name, f"{stage.vram_bytes / GIB:.2f}", f"{stage.ram_bytes / GIB:.2f}", parts])
+            ram = ", ".join(f"{k} {v / GIB:.2f}" for k, v in stage.ram_parts.items() if v)
+            rows.append([name, f"{stage.vram_bytes / GIB:.2f}", f"{stage.ram_bytes / GIB:.2f}",
+                         f"{stage.page_cache_bytes / GIB:.2f}", f"VRAM: {parts}; RAM: {ram}"])
         verdict = "fits" if self.fits else "does NOT fit"
         rows.append(["peak", f"{self.peak_vram_gb:.2f} (+{self.reserve_bytes / GIB:.2f} reserve)",
-                     f"{self.peak_ram_gb:.2f}", f"{verdict} in {self.vram_budget_bytes / GIB:.1f} GiB VRAM"
+                     f"{self.peak_ram_gb:.2f}", "", f"{verdict} in {self.vram_budget_bytes / GIB:.1f} GiB VRAM"
                      + ("" if self.host_ram_bytes is None else f", {self.host_ram_bytes / GIB:.1f} GiB RAM")])
         return rows
+
+
+LARGEST_LLM_TENSOR = 128_256 * 4096  # Llama-3-8B's embedding, elements
+
+
+def first_use_quantize_bytes(config: DiTConfig) -> int:
+    """Anonymous memory of building the DiT cache (quant/cache.py), one tensor at a time: the
+    largest linear's fused bf16 weight plus its float32 copy, |w| and w / scale in the quantizer."""
+    largest = max(config.hidden_size * (3 * config.hidden_size + config.mlp_hidden),  # single block linear1
+                  config.mlp_hidden * config.hidden_size)  # MLP fc1 / fc2
+    return largest * (2 + 3 * F32)
 
 
 def align_up(value: int, multiple: int) -> int:
@@ -213,11 +243,22 @@ def plan(
         text_params = text_params or TextEncoderParams()
         text_parts = {"llm": llm_bytes(profile.encoder_scheme, text_params), "clip": clip_bytes(text_params),
                       "activations": text_activation_bytes()}
-        stages["text"] = StagePlan(sum(text_parts.values()), HOST_BASELINE_BYTES, text_parts)
-    stages["dit"] = StagePlan(sum(dit_parts.values()), HOST_BASELINE_BYTES + schedule.streamed_bytes_per_step, dit_parts)
+        text_ram = {"baseline": HOST_BASELINE_BYTES}
+        if profile.encoder_scheme == "nf4":  # first use: each bf16 tensor on the host while the GPU quantizes it
+            text_ram["first use (NF4 cache)"] = LARGEST_LLM_TENSOR * 2
+        text_files = llm_bytes(profile.encoder_scheme, text_params) + clip_bytes(text_params)
+        stages["text"] = StagePlan(sum(text_parts.values()), text_parts, text_ram, text_files)
+    streamed = schedule.streamed_bytes_per_step
+    pinned = min(streamed, profile.pinned_ram_cap_bytes) if profile.pin_memory else 0
+    dit_ram = {"baseline": HOST_BASELINE_BYTES, "pinned blocks": pinned}
+    if profile.dit_scheme != "bf16":
+        dit_ram["first use (DiT cache)"] = first_use_quantize_bytes(dit_config)
+    dit_files = trunk_bytes(dit_config) + sum(schedule.block_bytes)
+    stages["dit"] = StagePlan(sum(dit_parts.values()), dit_parts, dit_ram, dit_files)
     vae_vram, vae_parts = vae_stage(profile, vae_config, (t_lat, h_lat, w_lat))
     video_bytes = vae_config.out_channels * frames * height * width * 4  # float32 on the host
-    stages["vae"] = StagePlan(vae_vram, HOST_BASELINE_BYTES + video_bytes, vae_parts)
+    stages["vae"] = StagePlan(vae_vram, vae_parts, {"baseline": HOST_BASELINE_BYTES, "video": video_bytes},
+                              vae_decoder_bytes(vae_config))
     return Plan(profile, width, height, frames, (t_lat, h_lat, w_lat), tokens, schedule, profile.token_chunk,
                 stages, budget, host_ram_bytes, dit_config, vae_config)
 

@@ -143,7 +143,7 @@ def test_vae_tile_activations_predicted_vs_measured(shape):
 
 # Measured on an NVIDIA H200 (torch 2.11, bench/bench_streaming.py, random weights, FP8 DiT with
 # quant/fp8.py's FP8Linear): torch.cuda.max_memory_allocated in GiB. The planner must stay within
-# 2 % of these (it was 0.2-0.5 % off when recorded); the 0.75 GiB reserve covers the CUDA context.
+# 2 % of these (re-checked by the planner tests below); the 0.75 GiB reserve covers the CUDA context.
 GPU_MEASURED = {
     "vae tile 17x32x32 fp16": 13.20,
     "dit 544x960x129 resident, chunk 8192": 14.83,
