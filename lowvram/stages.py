@@ -180,7 +180,7 @@ class StreamedDiT:
 
 
 def quant_cache_dir(files: ModelFiles) -> Path:
-    """Where `lowvram quantize` and the fp8/int8 profiles keep the quantized DiT."""
+    """Where `lowvram quantize` and the profiles keep the quantized DiT and the NF4 text encoder."""
     return Path(files.root) / "lowvram-cache"
 
 
@@ -207,7 +207,7 @@ class ProfileStages:
         if self.profile.encoder_scheme == "nf4":
             from quant.nf4 import load_llm_nf4
 
-            loaded = load_llm_nf4(files.llm, self.device)
+            loaded = load_llm_nf4(files.llm, self.device, quant_cache_dir(files), on_status=lambda status: self.reporter.stage(status.message))
             if loaded.reason:
                 self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running it in bf16 on the CPU")
             tokenizer = AutoTokenizer.from_pretrained(files.llm_tokenizer, padding_side="right", local_files_only=True)
