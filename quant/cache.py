@@ -18,13 +18,14 @@ fit in 24 GB of RAM, so it is done once, one tensor at a time, and written as
   so an interrupted rebuild leaves a cache that reads as missing, never as valid. The temp file a
   killed build leaves behind is removed by the next build.
 
+The source tensors are fetched one at a time, in the model's key order, from the memory-mapped
+state dict or from the lazy view that fuses diffusers' q/k/v on access; no dict of all tensors is
+built. So the process's own memory grows by about one fused tensor and its quantizer temporaries
+(13B: the largest is a single block's linear1, 66 M elements), whichever layout the weights are in.
+
 The safetensors file is written by `hyvideo.weight_io.write_safetensors_stream`: the layout is
-computed by running the scheme's quantizer on meta tensors, then each real tensor is fetched from
-the source state dict (memory-mapped, or the lazy view that fuses diffusers' q/k/v on access),
-quantized, written, hashed and freed, in the model's key order. No dict of all tensors is built, so
-the process's own memory grows by about one fused tensor and its quantizer temporaries (13B: the
-largest is a single block's linear1, 66 M elements), whichever layout the weights come in.
-Loading uses safetensors' own reader, whose tensors point into the memory-mapped
+computed by running the scheme's quantizer on meta tensors, then each real tensor is quantized,
+written, hashed and freed, so peak memory is one layer. Loading uses safetensors' own reader, whose tensors point into the memory-mapped
 file: nothing is copied until a block is moved to the GPU.
 """
 
@@ -116,7 +117,7 @@ def quantized_tensors(state_dict: Mapping[str, torch.Tensor], config: DiTConfig,
 
 
 def _block_of(key: str) -> str | None:
-    """"double_blocks.3" for "double_blocks.3.img_mod.linear.weight"; None outside the blocks."""
+    """The block a key is in ("double_blocks.3" for "double_blocks.3.img_mod.linear.weight"), else None."""
     kind, index, *_ = key.split(".")
     return f"{kind}.{index}" if kind in ("double_blocks", "single_blocks") else None
 
