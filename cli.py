@@ -564,33 +564,73 @@ def download(
 @app.command()
 def quantize(
     model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR", help="Weights folder."),
-    scheme: str = typer.Option("fp8", "--scheme", help="fp8 or int8."),
-    policy: str = typer.Option("blocks", "--policy", help="Which linears to quantize: blocks or blocks-no-mod."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help="Where the quantized DiT goes (default: MODEL_DIR/lowvram-cache)."),
+    scheme: str = typer.Option("fp8", "--scheme", help="DiT scheme: fp8 or int8."),
+    policy: str = typer.Option("blocks", "--policy", help="Which DiT linears to quantize: blocks or blocks-no-mod."),
+    only: str = typer.Option(None, "--only", help="Build one cache only: dit or encoder (default: both)."),
+    cache_dir: Path = CacheDir,
     as_json: bool = Json,
 ):
-    """Quantize the DiT once into a cache (minutes); later runs load it directly."""
+    """Quantize once into the cache folder (minutes): the DiT (fp8/int8) and the LLM text encoder
+    (NF4); later runs (`generate` with the same --cache-dir) load them directly."""
     _quiet_libraries()
-    with user_errors(as_json):
+    reporter = make_reporter(enabled=not as_json)
+    result = {}
+    with user_errors(as_json), reporter:
+        import torch
+
         from hyvideo.checkpoint import find_model_files, load_dit_state_dict
         from lowvram.download import default_model_dir
-        from lowvram.stages import default_cache_dir, dit_config_for
-        from quant.cache import ensure_dit_cache
+        from lowvram.stages import compute_dtypes, default_cache_dir, dit_config_for
+        from quant.cache import cache_paths, ensure_dit_cache
+        from quant.nf4 import NF4Unavailable, ensure_llm_nf4_cache, llm_cache_path
 
+        if only not in (None, "dit", "encoder"):
+            raise UserError(f"--only takes dit or encoder, not {only!r}")
         model_dir = model_dir or default_model_dir()
         files = find_model_files(model_dir)
-        if not files.dit_weights:
-            raise UserError(f"{model_dir} has only Tencent's FP8 DiT; it is already quantized (profiles load it directly)")
-        config = dit_config_for(files)
-        target = cache_dir or default_cache_dir(files)
-        if not as_json:
-            err.print(f"quantizing the DiT ({scheme}, policy {policy}) into {target} ...", markup=False)
-        status = ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, target)
-    result = {"ok": True, "cache_dir": str(target), "scheme": scheme, "policy": policy, "found": status.state, "message": status.message}
+        cache = cache_dir or default_cache_dir(files)
+        result = {"ok": True, "cache_dir": str(cache)}
+        if only != "encoder" and not files.dit_weights:
+            if only == "dit":
+                raise UserError(f"{model_dir} has only Tencent's FP8 DiT; it is already quantized (profiles load it directly)")
+            result["dit"] = {"skipped": "only Tencent's FP8 DiT is here; it is already quantized"}
+        elif only != "encoder":
+            config = dit_config_for(files)
+            total = config.double_blocks + config.single_blocks + 1  # the blocks, then the trunk and header
+            reporter.stage(f"DiT {scheme} ({policy})", total=total)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = compute_dtypes(device)[0]  # what `generate` on this machine computes in, so it finds this cache
+            status = ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, cache,
+                                      dtype, on_progress=reporter.advance)
+            reporter.advance(total, total)  # also when the cache was fresh
+            result["dit"] = {"path": str(cache_paths(cache, scheme)[0]), "scheme": scheme, "policy": policy,
+                             "found": status.state, "reason": status.reason}
+        if only != "dit":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            reporter.stage(f"text encoder NF4 ({device.type})")
+            try:
+                status = ensure_llm_nf4_cache(files.llm, cache, device)
+            except NF4Unavailable as error:
+                if only == "encoder":
+                    raise UserError(f"cannot build the NF4 text encoder cache: {error}; runs use the bf16 encoder instead") from None
+                reporter.warn(f"NF4 text encoder not cached: {error} (runs use the bf16 encoder)")
+                result["encoder"] = {"skipped": str(error)}
+            else:
+                result["encoder"] = {"path": str(llm_cache_path(cache)), "device": device.type,
+                                     "found": status.state, "reason": status.reason}
     if as_json:
         _print_json(result)
-    else:
-        out.print(status.message if status.state == "fresh" else f"done: {target}")
+        return
+    for name, part in (("DiT", result.get("dit")), ("text encoder", result.get("encoder"))):
+        if part is None:
+            continue
+        if "skipped" in part:
+            line = f"skipped: {part['skipped']}"
+        elif part["found"] == "fresh":
+            line = f"already cached in {part['path']}"
+        else:
+            line = f"built {part['path']}" + (f" (was {part['found']}: {part['reason']})" if part["found"] != "missing" else "")
+        out.print(f"{name}: {line}", markup=False)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ diffusers (HF `hunyuanvideo-community/HunyuanVideo`):
 Models are built on the meta device and filled with `load_state_dict(assign=True)` from
 memory-mapped files (`torch.load(mmap=True)`, safetensors' zero-copy reader), so the 13B DiT is
 never held twice in RAM. The diffusers layout stores q/k/v (and a single block's MLP input) as
-separate tensors; fusing them into the official layout materializes those fused tensors (about
-7.6 GB of the 25.6 GB in bf16), the rest stays mapped.
+separate tensors: its state dict is a lazy official-layout view (`diffusers_keys.DiffusersAsOfficial`)
+that fuses a tensor when it is read. Quantizing reads one at a time; building the bf16 model
+materializes the fused ones (about 7.6 GB of the 25.6 GB in bf16), the rest stays mapped.
 """
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import DiTConfig, VAEConfig
-from .diffusers_keys import diffusers_to_official
+from .diffusers_keys import DiffusersAsOfficial, diffusers_to_official
 from .dit import HunyuanVideoDiT
 from .errors import HyVideoError
 from .vae import CausalVAE
@@ -191,8 +193,9 @@ def infer_dit_config(state_dict: dict) -> DiTConfig:
     )
 
 
-def load_dit_state_dict(files: ModelFiles) -> tuple[dict, DiTConfig]:
-    """The DiT's weights in official key names, plus its config."""
+def load_dit_state_dict(files: ModelFiles) -> tuple[Mapping[str, torch.Tensor], DiTConfig]:
+    """The DiT's weights in official key names (memory-mapped; for the diffusers layout a lazy view
+    whose key names were checked here), plus its config."""
     if files.layout == "official":
         if not files.dit_weights:
             raise HyVideoError(f"only the FP8 transformer is in {files.root}: load it with an fp8 profile")
@@ -222,18 +225,24 @@ def _raise_key_problems(where, missing, unexpected, misshaped: dict) -> None:
             )
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: dict, where) -> None:
-    """Missing, unexpected or mis-shaped keys -> one HyVideoError naming the file and first keys."""
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping, where) -> None:
+    """Missing, unexpected or mis-shaped keys -> one HyVideoError naming the file and first keys.
+    Reads shapes only (a lazy diffusers view answers them without fusing anything)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = {k: (state_dict[k].shape, expected[k]) for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]}
+    if isinstance(state_dict, DiffusersAsOfficial):
+        shapes = state_dict.shapes()
+    else:
+        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    misshaped = {k: (shapes[k], expected[k]) for k in expected if k in shapes and shapes[k] != expected[k]}
     _raise_key_problems(where, missing, unexpected, misshaped)
 
 
-def build_on_meta_and_assign(make_model, state_dict: dict, dtype: torch.dtype, where) -> torch.nn.Module:
+def build_on_meta_and_assign(make_model, state_dict: Mapping, dtype: torch.dtype, where) -> torch.nn.Module:
     """Construct without allocating (meta device), then adopt the loaded tensors as parameters.
-    Tensors already in `dtype` are used as they are (memory-mapped pages, no copy)."""
+    Tensors already in `dtype` are used as they are (memory-mapped pages, no copy); a lazy view's
+    fused tensors are made here, once each."""
     with torch.device("meta"):
         model = make_model()
     check_state_dict(model, state_dict, where)

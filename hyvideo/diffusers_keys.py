@@ -3,10 +3,13 @@
 `diffusers_parts(key)` says which diffusers tensors make up one official tensor: fused projections
 (qkv, single-block linear1) are concatenations of diffusers' separate q/k/v(/proj_mlp) along the
 output dimension, and the final layer's modulation has its (shift, scale) halves swapped in
-diffusers. Loading a diffusers checkpoint into our official-layout model walks this table backwards.
+diffusers. Loading a diffusers checkpoint into our official-layout model walks this table backwards,
+lazily (`DiffusersAsOfficial`): a fused tensor is made only when it is asked for, so quantizing the
+DiT one tensor at a time never holds more than one of them.
 """
 
 import re
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -90,22 +93,46 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def diffusers_to_official(diffusers_sd: dict, official_keys) -> tuple[dict, list[str], list[str]]:
-    """Build the official-layout state dict for `official_keys` from a diffusers one.
+class DiffusersAsOfficial(Mapping):
+    """Read-only official-layout state dict over a diffusers one (e.g. memory-mapped safetensors).
 
-    Returns (state_dict, missing diffusers keys, unused diffusers keys). Tensors are popped from
-    `diffusers_sd` as they are consumed, so peak memory stays near one copy.
-    """
-    out, missing = {}, []
-    for key in official_keys:
-        parts = diffusers_parts(key)
-        tensors = [diffusers_sd.pop(p, None) for p in parts]
-        if any(t is None for t in tensors):
-            missing.extend(p for p, t in zip(parts, tensors) if t is None)
-            continue
+    Keys come in the order given (the model's). Each lookup fuses, renames and swaps halves afresh
+    and keeps nothing, so memory grows only by what the caller holds on to. `shapes()` reads only
+    the parts' shapes, never their data."""
+
+    def __init__(self, diffusers_sd: Mapping, parts: dict[str, list[str]]):
+        self._source, self._parts = diffusers_sd, parts
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensors = [self._source[p] for p in self._parts[key]]
         tensor = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-        out[key] = swap_halves(tensor) if key.startswith(SWAPPED_HALVES) else tensor
-    return out, missing, sorted(diffusers_sd)
+        return swap_halves(tensor) if key.startswith(SWAPPED_HALVES) else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every fused tensor. A part whose trailing dims differ from the first part's
+        (so it could not be fused) stands in for the whole, so a shape check reports it."""
+        shapes = {}
+        for key, parts in self._parts.items():
+            part_shapes = [tuple(self._source[p].shape) for p in parts]
+            odd = [s for s in part_shapes if s[1:] != part_shapes[0][1:]]
+            shapes[key] = odd[0] if odd else (sum(s[0] for s in part_shapes), *part_shapes[0][1:])
+        return shapes
+
+
+def diffusers_to_official(diffusers_sd: Mapping, official_keys) -> tuple[DiffusersAsOfficial, list[str], list[str]]:
+    """The official-layout view of `diffusers_sd` for `official_keys` (those whose parts are all
+    there), the missing diffusers keys and the unused ones; names only, no tensor is read."""
+    parts = {key: diffusers_parts(key) for key in official_keys}
+    missing = [p for names in parts.values() for p in names if p not in diffusers_sd]
+    complete = {key: names for key, names in parts.items() if all(p in diffusers_sd for p in names)}
+    used = {p for names in parts.values() for p in names}
+    return DiffusersAsOfficial(diffusers_sd, complete), missing, sorted(k for k in diffusers_sd if k not in used)
 
 
 def official_to_diffusers(official_sd: dict) -> dict:

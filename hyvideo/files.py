@@ -3,7 +3,8 @@
 `write_atomic` is the one way this project writes a file that something later trusts (run
 manifests and checkpoints, videos, quantized caches): temp file in the same folder, fsync, rename
 over the target (atomic on POSIX), fsync the folder. A crash at any instant leaves either the old
-file or the new one, never a mix; the temp file is removed on failure.
+file or the new one, never a mix; the temp file is removed on failure. A killed process cannot
+remove its temp file (`temp_path`): `remove_dead_temps` clears those before a large rewrite.
 
 `file_fingerprint` identifies a weight file without reading it: size, mtime (ns) and the sha256 of
 its first and last MiB (2 MiB read per file). A re-downloaded, replaced or truncated file changes
@@ -13,6 +14,7 @@ it; resumable runs and the quantized caches both compare fingerprints with `fing
 import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -36,12 +38,40 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path) -> Path:
+    """Where this process builds `path` (a file or a folder) before renaming it into place."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_dead_temps(path: Path) -> None:
+    """Remove the temp files or folders for `path` left by processes that no longer run (a killed
+    quantize leaves one as large as the cache); those of running processes are kept."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def write_atomic(path: Path, data: "bytes | Callable[[BinaryIO], None]", what: str) -> Path:
     """Write `data` (bytes, or a function that writes into the open binary file) to `path`
     atomically. On failure the previous file at `path` is untouched and a HyVideoError names
     `what` and the cause (a full disk as such)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             if callable(data):

@@ -116,7 +116,7 @@ class Stages:
 
             from quant.nf4 import load_llm_nf4
 
-            loaded = load_llm_nf4(files.llm, self.device)
+            loaded = load_llm_nf4(files.llm, self.device, self.cache_dir, on_status=lambda status: self.reporter.stage(status.message))
             if loaded.reason:
                 self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running it in bf16 on the CPU")
             tokenizer = AutoTokenizer.from_pretrained(files.llm_tokenizer, padding_side="right", local_files_only=True)
@@ -141,9 +141,9 @@ class Stages:
         policy, config = self.profile.quant_policy, self.plan.dit_config
         status = cache_status(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
         if status.state != "fresh":
-            self.reporter.stage(status.message)
+            self.reporter.stage(status.message, total=config.double_blocks + config.single_blocks + 1)
             ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy,
-                             self.cache_dir, self.dtype)
+                             self.cache_dir, self.dtype, on_progress=lambda done, total: self.reporter.advance(done, total=total))
             self.reporter.stage("loading DiT")
         return load_cached_dit(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
 

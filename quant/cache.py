@@ -15,7 +15,13 @@ fit in 24 GB of RAM, so it is done once, one tensor at a time, and written as
   also warms the page cache) and refuses a truncated or corrupt file with a HyVideoError; a damaged
   cache is never loaded.
 - Writes are atomic: temp file in the same folder, fsync, rename; the old header is removed first,
-  so an interrupted rebuild leaves a cache that reads as missing, never as valid.
+  so an interrupted rebuild leaves a cache that reads as missing, never as valid. The temp file a
+  killed build leaves behind is removed by the next build.
+
+The source tensors are fetched one at a time, in the model's key order, from the memory-mapped
+state dict or from the lazy view that fuses diffusers' q/k/v on access; no dict of all tensors is
+built. So the process's own memory grows by about one fused tensor and its quantizer temporaries
+(13B: the largest is a single block's linear1, 66 M elements), whichever layout the weights are in.
 
 The safetensors file is written by `hyvideo.weight_io.write_safetensors_stream`: the layout is
 computed by running the scheme's quantizer on meta tensors, then each real tensor is quantized,
@@ -25,7 +31,7 @@ file: nothing is copied until a block is moved to the GPU.
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +42,7 @@ from hyvideo.checkpoint import check_state_dict
 from hyvideo.config import DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
-from hyvideo.files import file_fingerprint, write_atomic
+from hyvideo.files import file_fingerprint, remove_dead_temps, write_atomic
 from hyvideo.weight_io import PADDING_PREFIX, write_safetensors_stream
 
 from .fp8 import fp8_linear_state, swap_linears_fp8
@@ -87,31 +93,60 @@ def _header(scheme: str, policy: QuantPolicy, dtype: torch.dtype, config: DiTCon
     return json.loads(json.dumps(header))  # tuples -> lists, as they come back from the file
 
 
-def quantized_tensors(state_dict: dict[str, torch.Tensor], config: DiTConfig, scheme: str,
-                      policy: "str | QuantPolicy" = "blocks", dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
-    """The quantized state dict, one tensor at a time, in the model's key order.
+def quantized_tensors(state_dict: Mapping[str, torch.Tensor], config: DiTConfig, scheme: str,
+                      policy: "str | QuantPolicy" = "blocks", dtype: torch.dtype = torch.bfloat16,
+                      keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The quantized state dict, one tensor at a time, in the order of `keys` (default: the state
+    dict's own; the cache passes the model's).
 
     Policy linears go through the scheme's handler (fp8: weight + scale + bias; int8: quanto's
-    keys); every other tensor is cast to `dtype`. Works on meta tensors (gives the layout)."""
+    keys); every other tensor is cast to `dtype`. Each source tensor is looked up when it is needed
+    and not kept. Works on meta tensors (gives the layout)."""
     _check_scheme(scheme)
     quantized = set(get_policy(policy).module_names(config))
     handler = fp8_linear_state if scheme == "fp8" else int8_linear_state
-    for key, tensor in state_dict.items():
+    for key in state_dict if keys is None else keys:
         module, _, leaf = key.rpartition(".")
         if module in quantized and leaf == "bias":
             continue  # written with its weight
         if module in quantized and leaf == "weight":
-            for name, value in handler(tensor, state_dict.get(module + ".bias"), dtype).items():
+            for name, value in handler(state_dict[key], state_dict.get(module + ".bias"), dtype).items():
                 yield f"{module}.{name}", value
         else:
-            yield key, tensor.to(dtype)
+            yield key, state_dict[key].to(dtype)
 
 
-def quantize_dit_to_cache(state_dict_source_files: list[Path], state_dict: dict[str, torch.Tensor], config: DiTConfig,
+def _block_of(key: str) -> str | None:
+    """The block a key is in ("double_blocks.3" for "double_blocks.3.img_mod.linear.weight"), else None."""
+    kind, index, *_ = key.split(".")
+    return f"{kind}.{index}" if kind in ("double_blocks", "single_blocks") else None
+
+
+def _report_blocks(tensors: Iterator[tuple[str, torch.Tensor]], total: int,
+                   on_progress: Callable[[int, int], None]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass `tensors` through; when the writer asks for the first tensor after a block, that block
+    is written: call on_progress(blocks done, total)."""
+    done, block = 0, None
+    for key, tensor in tensors:
+        current = _block_of(key)
+        if block is not None and current != block:
+            done += 1
+            on_progress(done, total)
+        block = current
+        yield key, tensor
+
+
+def quantize_dit_to_cache(state_dict_source_files: list[Path], state_dict: Mapping[str, torch.Tensor], config: DiTConfig,
                           scheme: str, policy: "str | QuantPolicy", out_dir: str | Path,
-                          dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Quantize `state_dict` (the official DiT weights, e.g. memory-mapped from the files in
-    `state_dict_source_files`) with `scheme`/`policy` and write the cache; returns the safetensors path."""
+                          dtype: torch.dtype = torch.bfloat16,
+                          on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Quantize `state_dict` (the official DiT weights: memory-mapped from the files in
+    `state_dict_source_files`, or the lazy diffusers view) with `scheme`/`policy` and write the
+    cache; returns the safetensors path.
+
+    `on_progress(done, total)`: total = double + single blocks + 1. It is called as each block has
+    been written, then with (total, total) once the cache is complete: the last step stands for the
+    trunk (embedders, token refiner, final layer) and the header."""
     _check_scheme(scheme)
     policy = get_policy(policy)
     with torch.device("meta"):
@@ -124,14 +159,20 @@ def quantize_dit_to_cache(state_dict_source_files: list[Path], state_dict: dict[
 
     meta_state = meta_model.state_dict()
     layout = [(k, t.dtype, tuple(t.shape)) for k, t in quantized_tensors(meta_state, config, scheme, policy, dtype)]
-    ordered = {key: state_dict[key] for key in meta_state}
+    tensors = quantized_tensors(state_dict, config, scheme, policy, dtype, keys=meta_state)
+    total = config.double_blocks + config.single_blocks + 1
+    if on_progress is not None:
+        tensors = _report_blocks(tensors, total, on_progress)
     header_path.unlink(missing_ok=True)  # from here until the new header exists, the cache reads as missing
+    remove_dead_temps(weights)
     with torch.no_grad():
-        size, sha = write_safetensors_stream(weights, layout, quantized_tensors(ordered, config, scheme, policy, dtype),
+        size, sha = write_safetensors_stream(weights, layout, tensors,
                                              {"format": "hyvideo-quant", "scheme": scheme, "policy": policy.name},
                                              "the quantized cache")
     header.update(file_size=size, file_sha256=sha)
     write_atomic(header_path, json.dumps(header, indent=1).encode(), "the quantized cache header")
+    if on_progress is not None:
+        on_progress(total, total)
     return weights
 
 
@@ -172,14 +213,16 @@ def cache_status(out_dir: str | Path, config: DiTConfig, scheme: str, policy: "s
     return CacheStatus("fresh", "", weights)
 
 
-def ensure_dit_cache(source_files: list[Path], load_state_dict: Callable[[], dict], config: DiTConfig, scheme: str,
-                     policy: "str | QuantPolicy", out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> CacheStatus:
+def ensure_dit_cache(source_files: list[Path], load_state_dict: Callable[[], Mapping[str, torch.Tensor]], config: DiTConfig,
+                     scheme: str, policy: "str | QuantPolicy", out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                     on_progress: Callable[[int, int], None] | None = None) -> CacheStatus:
     """Build the cache if it is missing, stale or corrupt; returns the status found *before*
     (its `.message` is what the CLI prints, e.g. "rebuilding stale cache: source changed").
-    `load_state_dict` is only called when a build is needed."""
+    `load_state_dict` is only called when a build is needed; `on_progress` as in
+    `quantize_dit_to_cache` (not called when the cache is fresh)."""
     status = cache_status(out_dir, config, scheme, policy, source_files, dtype)
     if status.state != "fresh":
-        quantize_dit_to_cache(source_files, load_state_dict(), config, scheme, policy, out_dir, dtype)
+        quantize_dit_to_cache(source_files, load_state_dict(), config, scheme, policy, out_dir, dtype, on_progress)
     return status
 
 

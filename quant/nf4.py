@@ -11,8 +11,22 @@ on the target device with a tiny 4-bit quantize + matmul, loads the model, and r
 through it; if anything fails it loads the plain bf16 encoder on the CPU instead and says why
 (`LLMLoad.reason`), so the caller can keep it on the CPU or offload it. No traceback
 reaches the user for a missing or broken bitsandbytes; a broken model folder is a HyVideoError.
+
+Quantize once: given a cache folder, the NF4 model is saved after its first quantization
+(transformers + bitsandbytes serialize 4-bit weights with their quant states) into
+`<cache_dir>/llm-nf4/` and loaded from there, ~4.7 GB read instead of 16 GB read and quantized.
+The rules are the DiT cache's (quant/cache.py): a JSON header (`hyvideo-cache.json`) holds the
+source fingerprint (config + weight files), the quantization settings, the torch / transformers /
+bitsandbytes versions and every cached file's size and sha256. A changed source, setting, format
+or transformers / bitsandbytes version (they define the saved format) makes it stale; a wrong size
+or checksum makes it corrupt; both are rebuilt. A build is written into a temp folder, the header
+last, then renamed into place, so an interrupted build is never taken for a cache.
 """
 
+import json
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +34,12 @@ import torch
 import torch.nn as nn
 
 from hyvideo.errors import HyVideoError
+from hyvideo.files import file_fingerprint, fsync_dir, remove_dead_temps, temp_path, write_atomic
+
+from .cache import CacheStatus, file_sha256
+
+LLM_CACHE_FORMAT = 1
+LLM_CACHE_HEADER = "hyvideo-cache.json"
 
 
 @dataclass
@@ -30,6 +50,11 @@ class LLMLoad:
     scheme: str
     reason: str | None = None
     device: torch.device = torch.device("cpu")
+
+
+class NF4Unavailable(HyVideoError):
+    """bitsandbytes cannot run (or save) this model in NF4 here; the message says why.
+    `load_llm_nf4` turns it into the bf16 fallback."""
 
 
 def _one_line(error: BaseException) -> str:
@@ -87,31 +112,161 @@ def load_llm_bf16(folder: str | Path, device: "torch.device | str" = "cpu") -> n
     return model.to(device).eval()
 
 
-def load_llm_nf4(folder: str | Path, device: "torch.device | str" = "cuda") -> LLMLoad:
-    """The LLM encoder with NF4 linears on `device`, or (with the reason) the bf16 one on the CPU.
-
-    Embeddings and norms stay bf16 (transformers quantizes only nn.Linear)."""
+def _device(device: "torch.device | str") -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    path = _check_folder(folder)
-    reason = nf4_unavailable_reason(device)
-    if reason is None:
-        from transformers import AutoModel
+    return device
 
-        try:
-            model = AutoModel.from_pretrained(path, quantization_config=nf4_config(), dtype=torch.bfloat16,
-                                              device_map={"": device}, local_files_only=True)
-        except (OSError, KeyError) as error:
-            raise HyVideoError(f"could not load the text encoder (LLM) from {path}: {_one_line(error)}") from error
-        except Exception as error:  # transformers' bitsandbytes checks (versions, devices) raise various types
-            reason = f"transformers could not load it in NF4: {_one_line(error)}"
+
+def _load_nf4(folder: Path, device: torch.device, quantize: bool) -> nn.Module:
+    """AutoModel with NF4 linears on `device`: quantized from the bf16 encoder folder, or
+    (quantize=False) a saved NF4 model (the cache) as it is, without quantizing again."""
+    from transformers import AutoModel
+
+    extra = {"quantization_config": nf4_config()} if quantize else {}
+    try:
+        model = AutoModel.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device}, local_files_only=True, **extra)
+    except (OSError, KeyError) as error:
+        raise HyVideoError(f"could not load the text encoder (LLM) from {folder}: {_one_line(error)}") from error
+    except Exception as error:  # transformers' bitsandbytes checks (versions, devices) raise various types
+        raise NF4Unavailable(f"transformers could not load it in NF4: {_one_line(error)}") from error
+    return model.eval()
+
+
+def load_llm_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cache_dir: str | Path | None = None,
+                 on_status: Callable[[CacheStatus], None] | None = None) -> LLMLoad:
+    """The LLM encoder with NF4 linears on `device`, or (with the reason) the bf16 one on the CPU.
+
+    With `cache_dir`, the NF4 model comes from its cache there, built first if needed
+    (`ensure_llm_nf4_cache`; `on_status` hears about a build). Embeddings and norms stay bf16
+    (transformers quantizes only nn.Linear)."""
+    device, path = _device(device), _check_folder(folder)
+    try:
+        if cache_dir is None:
+            reason = nf4_unavailable_reason(device)
+            if reason is not None:
+                raise NF4Unavailable(reason)
+            model = _load_nf4(path, device, quantize=True)
         else:
-            reason = _smoke_test(model.eval(), device)
-            if reason is None:
-                return LLMLoad(model, "nf4", None, device)
-            del model
+            ensure_llm_nf4_cache(path, cache_dir, device, on_status)
+            model = _load_nf4(llm_cache_path(cache_dir), device, quantize=False)
+        reason = _smoke_test(model, device)
+        if reason is None:
+            return LLMLoad(model, "nf4", None, device)
+        del model
+    except NF4Unavailable as error:
+        reason = str(error)
     return LLMLoad(load_llm_bf16(path, "cpu"), "bf16", reason, torch.device("cpu"))
+
+
+def llm_cache_path(cache_dir: str | Path) -> Path:
+    """The NF4 encoder's folder inside the quantized-cache folder."""
+    return Path(cache_dir) / "llm-nf4"
+
+
+def _source_files(folder: Path) -> list[Path]:
+    """What the NF4 weights are made from: the config and the weight files (not the tokenizer)."""
+    weights = [p for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json"))]
+    return [folder / "config.json", *sorted(weights)]
+
+
+def _llm_header(folder: Path) -> dict:
+    """The part of the header that decides whether a cache is still valid."""
+    import bitsandbytes
+    import transformers
+
+    config = nf4_config()
+    return {
+        "format": LLM_CACHE_FORMAT,
+        "quantization": {"quant_type": config.bnb_4bit_quant_type, "double_quant": config.bnb_4bit_use_double_quant,
+                         "compute_dtype": str(config.bnb_4bit_compute_dtype).removeprefix("torch.")},
+        "sources": file_fingerprint(_source_files(folder), root=folder),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "bitsandbytes": bitsandbytes.__version__},
+    }
+
+
+def llm_cache_status(llm_folder: str | Path, cache_dir: str | Path, verify: bool = False) -> CacheStatus:
+    """Fresh, missing, stale (with the reason) or corrupt (unreadable header, a file missing or of
+    the wrong size; with `verify`, also a wrong sha256, which reads every file). Needs bitsandbytes."""
+    folder, path = Path(llm_folder), llm_cache_path(cache_dir)
+    header_path = path / LLM_CACHE_HEADER
+    if not header_path.exists():
+        return CacheStatus("missing", "no cache yet", path)
+    try:
+        found = json.loads(header_path.read_text())
+        files = {name: (int(entry["size"]), entry["sha256"]) for name, entry in found["files"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return CacheStatus("corrupt", f"unreadable header {header_path}", path)
+    for name, (size, _) in files.items():
+        if not (path / name).is_file():
+            return CacheStatus("corrupt", f"{name} is missing", path)
+        if (path / name).stat().st_size != size:
+            return CacheStatus("corrupt", f"{name} is {(path / name).stat().st_size} bytes, expected {size} (truncated?)", path)
+    wanted = _llm_header(folder)
+    for field, reason in (("format", "cache format changed"), ("quantization", "quantization settings changed"),
+                          ("sources", "source changed")):
+        if found.get(field) != wanted[field]:
+            return CacheStatus("stale", reason, path)
+    for library in ("transformers", "bitsandbytes"):
+        if found.get("versions", {}).get(library) != wanted["versions"][library]:
+            return CacheStatus("stale", f"{library} version changed", path)
+    if verify:
+        for name, (_, sha) in files.items():
+            if file_sha256(path / name) != sha:
+                return CacheStatus("corrupt", f"{name}: checksum mismatch", path)
+    return CacheStatus("fresh", "", path)
+
+
+def ensure_llm_nf4_cache(llm_folder: str | Path, cache_dir: str | Path, device: "torch.device | str",
+                         on_status: Callable[[CacheStatus], None] | None = None) -> CacheStatus:
+    """Build the NF4 encoder cache from `llm_folder` (quantizing on `device`) unless a verified one
+    is there; returns the status found before. A fresh cache is re-hashed (one read of ~4.7 GB, into
+    the page cache the load that follows reads from). `on_status(status)` is called before a build.
+    Raises NF4Unavailable when bitsandbytes cannot run (or save) this model in NF4 on `device`."""
+    device, folder = _device(device), _check_folder(llm_folder)
+    reason = nf4_unavailable_reason(device)
+    if reason is not None:
+        raise NF4Unavailable(reason)
+    status = llm_cache_status(folder, cache_dir, verify=True)
+    if status.state != "fresh":
+        if on_status is not None:
+            on_status(status)
+        _build_llm_cache(folder, llm_cache_path(cache_dir), device)
+    return status
+
+
+def _build_llm_cache(folder: Path, path: Path, device: torch.device) -> None:
+    """Quantize, save into a temp folder, smoke-test, write the header, rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(path)
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = _load_nf4(folder, device, quantize=True)
+        # Saved before any forward: bitsandbytes' CPU kernel repacks the weights on the first one,
+        # and a model saved after that loads back with (slightly) different outputs.
+        try:
+            model.save_pretrained(tmp)
+        except OSError:
+            raise  # a full disk or the like: reported below as a HyVideoError
+        except Exception as error:  # bitsandbytes / safetensors serialization errors have their own types
+            raise NF4Unavailable(f"bitsandbytes could not save the NF4 model: {_one_line(error)}") from error
+        reason = _smoke_test(model, device)
+        del model
+        if reason is not None:
+            raise NF4Unavailable(reason)
+        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        header = {**_llm_header(folder), "files": files}
+        write_atomic(tmp / LLM_CACHE_HEADER, json.dumps(header, indent=1).encode(), "the NF4 encoder cache header")
+        shutil.rmtree(path, ignore_errors=True)  # a stale or corrupt cache; until the rename the cache reads as missing
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as error:
+        raise HyVideoError(f"could not save the NF4 encoder cache to {path}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _smoke_test(model: nn.Module, device: torch.device) -> str | None:

@@ -18,10 +18,12 @@ import cli
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
+from hyvideo.tiny_text_encoders import write_tiny_llm
 from lowvram import stages as stages_module
 from lowvram.download import default_model_dir
 from lowvram.profiles import load_profile
 from lowvram.runs import Run
+from quant.nf4 import nf4_unavailable_reason
 
 RUNNER = CliRunner()
 # 64x48, 9 frames, 2 steps, float32 on the CPU: about a second per run.
@@ -367,16 +369,62 @@ def test_download_dry_run_and_offline(monkeypatch, tmp_path):
     assert "hf download hunyuanvideo-community/HunyuanVideo" in offline.stderr and str(tmp_path) in offline.stderr
 
 
-def test_quantize_builds_the_cache_once(tiny_official, tmp_path):
+def test_quantize_builds_both_caches_once(tiny_official, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_official, model)
-    first = invoke("quantize", "--model-dir", model, "--scheme", "fp8", "--json")
+    shutil.rmtree(model / "text_encoder")  # widths bitsandbytes' CPU kernel takes (see test_quant_nf4.py)
+    write_tiny_llm(model / "text_encoder", hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    nf4_reason = nf4_unavailable_reason("cuda" if CUDA else "cpu")
+    first = invoke("quantize", "--model-dir", model, "--json")
     assert first.exit_code == 0, first.output
-    assert as_json(first)["found"] == "missing" and (model / "lowvram-cache/dit-fp8.safetensors").is_file()
-    again = invoke("quantize", "--model-dir", model, "--scheme", "fp8", "--json")
-    assert as_json(again)["found"] == "fresh"
+    data = as_json(first)
+    assert data["cache_dir"] == str(model / "lowvram-cache")
+    assert data["dit"]["found"] == "missing" and (model / "lowvram-cache/dit-fp8.safetensors").is_file()
+    if nf4_reason is None:
+        assert data["encoder"]["found"] == "missing" and (model / "lowvram-cache/llm-nf4/hyvideo-cache.json").is_file()
+    else:  # no NF4 here: the DiT is still built, and the encoder's reason reported
+        assert data["encoder"] == {"skipped": nf4_reason}
+
+    again = as_json(invoke("quantize", "--model-dir", model, "--json"))
+    assert again["dit"]["found"] == "fresh"
+    assert (again["encoder"] == {"skipped": nf4_reason}) if nf4_reason else (again["encoder"]["found"] == "fresh")
+    summary = invoke("quantize", "--model-dir", model, "--only", "dit").stdout
+    assert summary.strip() == f"DiT: already cached in {model / 'lowvram-cache/dit-fp8.safetensors'}"
+    only = as_json(invoke("quantize", "--model-dir", model, "--only", "dit", "--scheme", "fp8", "--policy", "blocks-no-mod", "--json"))
+    assert "encoder" not in only and only["dit"]["found"] == "stale" and only["dit"]["reason"] == "policy changed"
+
     bad = invoke("quantize", "--model-dir", model, "--scheme", "int4")
     assert bad.exit_code == 2 and "unknown DiT quantization scheme" in one_line_error(bad)
+    bad = invoke("quantize", "--model-dir", model, "--only", "vae")
+    assert bad.exit_code == 2 and "--only takes dit or encoder" in one_line_error(bad)
+
+
+def test_quantize_cache_dir_is_what_generate_reads(tiny_official, tmp_path):
+    """`quantize --cache-dir X` then `generate --cache-dir X`: the run loads that cache as it is
+    (same dtype on this machine) and writes nothing beside the model."""
+    model, cache = tmp_path / "model", tmp_path / "cache"
+    shutil.copytree(tiny_official, model)
+    built = invoke("quantize", "--model-dir", model, "--cache-dir", cache, "--only", "dit", "--json")
+    assert built.exit_code == 0, built.output
+    weights = cache / "dit-fp8.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    result = invoke("generate", "a fox", "--model-dir", model, "--runs-dir", tmp_path / "runs", "--profile", "16gb",
+                    "--cache-dir", cache, "--json", *TINY)
+    assert result.exit_code == 0, result.output
+    assert as_json(result)["settings"]["cache_dir"] == str(cache.resolve())
+    assert weights.stat().st_mtime_ns == stamp and not (model / "lowvram-cache" / "dit-fp8.safetensors").exists()
+
+
+def test_quantize_encoder_alone_says_why_not(tiny_official, tmp_path):
+    """The default tiny LLM has 24-wide k/v layers; where NF4 cannot run them, `--only encoder`
+    fails with the reason (and writes no cache)."""
+    model = shutil.copytree(tiny_official, tmp_path / "model")
+    result = invoke("quantize", "--model-dir", model, "--only", "encoder")
+    if result.exit_code == 0:
+        assert "text encoder: built" in result.stdout and "DiT" not in result.stdout
+    else:
+        assert result.exit_code == 2 and "cannot build the NF4 text encoder cache" in one_line_error(result)
+        assert not (model / "lowvram-cache/llm-nf4").exists()
 
 
 def test_demo_saves_a_model_that_generate_uses(tmp_path):
