@@ -37,6 +37,7 @@ from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 from hyvideo.vae import latent_shape
 
 from .doctor import free_memory
+from .measure import StageMeter
 from .planner import Plan, plan, resolve
 from .profiles import Profile, stored_profile
 from .progress import Reporter
@@ -99,6 +100,7 @@ class RunResult:
     seconds: dict = field(default_factory=dict)
     peak_vram_gb: float | None = None
     stats: dict = field(default_factory=dict)  # what was streamed and tiled (Stages.stats)
+    measured: dict = field(default_factory=dict)  # per stage: seconds, peak VRAM / RAM (lowvram/measure.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -303,9 +305,9 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
     device = torch.device(settings["device"])
     stages = Stages(files, plan.profile, plan, device, settings["attention"], reporter, settings.get("cache_dir"))
     seconds = run.manifest.setdefault("seconds", {})
+    measured = run.manifest.setdefault("measured", {})
+    meter = StageMeter(device)
     resumed_from = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     latents = run.load_final()
     if latents is None:
@@ -316,17 +318,18 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
                 reporter.warn("the cached text embeddings are damaged; encoding the prompt again")
             run.set_state("encoding")
             stop.stage = "encoding"
-            start = time.perf_counter()
-            reporter.stage("loading text encoders")
-            llm, clip = stages.text_encoders()
-            try:
-                reporter.stage("encoding text")
-                embeddings = encode_prompts(llm, clip, [request.prompt], request.frames)
-            finally:
-                del llm, clip
-                empty_cache(device)
+            with meter.stage("text"):
+                reporter.stage("loading text encoders")
+                llm, clip = stages.text_encoders()
+                try:
+                    reporter.stage("encoding text")
+                    embeddings = encode_prompts(llm, clip, [request.prompt], request.frames)
+                finally:
+                    del llm, clip
+                    empty_cache(device)
+            measured["text"] = meter.results["text"]
             run.save_embeddings(embeddings)
-            seconds["encoding"] = round(time.perf_counter() - start, 3)
+            seconds["encoding"] = meter.results["text"]["seconds"]
         else:
             resumed_from = "cached text embeddings"
         if any(embeddings.truncated):
@@ -342,7 +345,9 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
             resumed_from = f"step {step}/{request.steps}"
         run.set_state("denoising")
         if step < request.steps:
-            latents = _denoise(run, stages, embeddings, saved, step, request, device, reporter, stop)
+            with meter.stage("dit"):
+                latents = _denoise(run, stages, embeddings, saved, step, request, device, reporter, stop)
+            measured["dit"] = {**measured.get("dit", {}), **meter.results["dit"]}
         else:  # killed between the last checkpoint and the final latents
             latents = saved
         run.save_final(latents)
@@ -353,14 +358,16 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
     run.set_state("decoding")
     stop.stage = "decoding"
     start = time.perf_counter()
-    reporter.stage("loading VAE")
-    vae = stages.vae()
-    reporter.stage("decoding")
-    try:
-        frames = stages.decode(vae, latents, lambda done, total: reporter.advance(done, total=total))
-    finally:
-        del vae
-        empty_cache(device)
+    with meter.stage("vae"):
+        reporter.stage("loading VAE")
+        vae = stages.vae()
+        reporter.stage("decoding")
+        try:
+            frames = stages.decode(vae, latents, lambda done, total: reporter.advance(done, total=total))
+        finally:
+            del vae
+            empty_cache(device)
+    measured["vae"] = meter.results["vae"]
     reporter.stage("writing video")
     video, first_frame = write_outputs(frames, run.folder / VIDEO, run.folder / FIRST_FRAME)
     seconds["decoding"] = round(time.perf_counter() - start, 3)
@@ -376,7 +383,8 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
     run.manifest["outputs"] = outputs
     run.manifest["stats"] = {**run.manifest.get("stats", {}), **stages.stats}
     run.set_state("done")
-    return _result(run, resumed_from, _peak_vram_gb(device))
+    peaks = [m["peak_vram_gb"] for m in meter.results.values() if m.get("peak_vram_gb") is not None]
+    return _result(run, resumed_from, max(peaks) if peaks else None)
 
 
 def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: int, request: GenerationRequest,
@@ -386,7 +394,11 @@ def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: 
     seconds = run.manifest["seconds"]
     reporter.stage("loading DiT")
     stop.stage = "loading DiT"
+    began = time.perf_counter()
     model, streamer = stages.dit()
+    measured = run.manifest["measured"].setdefault("dit", {})
+    measured["load_seconds"] = round(time.perf_counter() - began, 3)
+    step_seconds = measured.setdefault("step_seconds", [])
     try:
         reporter.stage("denoising", total=request.steps, completed=step)
         stop.stage = "denoising"
@@ -400,6 +412,7 @@ def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: 
             elapsed, clock["last"] = now - clock["last"], now
             clock["total"] += elapsed
             seconds["denoising"] = round(clock["total"], 3)
+            step_seconds.append(round(elapsed, 3))
             reporter.advance(i + 1, s_per_step=elapsed, peak_vram_gb=_peak_vram_gb(device))
             if stop.is_set():
                 raise RunInterrupted(run)
@@ -427,5 +440,5 @@ def _result(run: Run, resumed_from: str | None = None, peak_vram_gb: float | Non
         first_frame=str(run.folder / outputs["first_frame"]) if "first_frame" in outputs else None,
         out=outputs.get("out"), final_latents=str(run.folder / final["file"]) if final else None,
         settings=run.settings, resumed_from=resumed_from, seconds=dict(run.manifest.get("seconds", {})),
-        peak_vram_gb=peak_vram_gb, stats=dict(run.manifest.get("stats", {})),
+        peak_vram_gb=peak_vram_gb, stats=dict(run.manifest.get("stats", {})), measured=dict(run.manifest.get("measured", {})),
     )
