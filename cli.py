@@ -352,6 +352,68 @@ def demo(
                   f"--steps {steps}", markup=False)
 
 
+@app.command()
+def bench(
+    scratch: Path = typer.Option(Path("lowvram-bench"), "--scratch", help="Where the random-weight model (~42 GB at full size) and runs go."),
+    model_size: str = typer.Option("full", "--model-size", help="full (13B, the real sizes) or tiny."),
+    layout: str = typer.Option("official", "--layout", help="official or diffusers: which folder layout to write and load."),
+    profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16."),
+    resolution: str = typer.Option(None, "--resolution", help="540p or 720p (default 720p)."),
+    aspect: str = typer.Option(None, "--aspect", help="16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
+    frames: int = typer.Option(129, "--frames"),
+    steps: int = typer.Option(2, "--steps", help="Denoising steps to measure (the estimate scales to 50)."),
+    cap_gb: float = typer.Option(None, "--cap-gb", help="Emulate a card with this many GiB (caps PyTorch's allocations)."),
+    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Run the real pipeline on random weights of the real size: per stage, measured peak VRAM and
+    RAM next to the plan, s/step, and an estimate for a full run. The video is noise."""
+    _quiet_libraries()
+    reporter = make_reporter(enabled=not (as_json or quiet))
+    with user_errors(as_json):
+        from lowvram.bench import BenchOptions, run_bench
+        from lowvram.runner import RunInterrupted, StopRequest
+        from lowvram.sizes import resolve_size
+
+        if model_size not in ("full", "tiny"):
+            raise UserError(f"--model-size takes full or tiny, not {model_size!r}")
+        if layout not in ("official", "diffusers"):
+            raise UserError(f"--layout takes official or diffusers, not {layout!r}")
+        width, height = resolve_size(size, resolution, aspect)
+        options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
+                               None if cap_gb is None else int(cap_gb * 2**30), device)
+        stop = StopRequest()
+        try:
+            with sigint_saves(stop), reporter:
+                result = run_bench(options, reporter, stop)
+        except RunInterrupted:
+            raise UserError("stopped; the bench run is not resumed (run `lowvram bench` again)") from None
+    if as_json:
+        _print_json({"ok": True, **result, "warnings": reporter.warnings})
+        return
+    title = (f"{result['profile']} at {width}x{height}x{frames}, {steps} steps, {result['model']['size']} model"
+             + (f", capped at {result['cap_gb']:g} GiB" if result["cap_gb"] else "") + f" ({result['gpu'] or result['device']})")
+    table = Table("stage", "seconds", "VRAM GiB", "planned", "error", "RAM GiB", "planned", "error", "page cache GiB", title=title)
+
+    def number(value, fmt="{:.2f}"):
+        return "-" if value is None else fmt.format(value)
+
+    for name, st in result["stages"].items():
+        table.add_row(name, number(st["seconds"], "{:.1f}"), number(st["vram_gb"]), number(st["planned_vram_gb"]),
+                      number(st["vram_error_pct"], "{:+.1f} %"), number(st["ram_gb"]), number(st["planned_ram_gb"]),
+                      number(st["ram_error_pct"], "{:+.1f} %"), number(st["page_cache_gb"]))
+    _print_table(table)
+    dit = result["stats"].get("dit", {})
+    out.print(f"DiT: {dit.get('resident_blocks')} blocks resident, {dit.get('streamed_blocks')} streamed; "
+              f"load {result['dit_load_seconds']:.1f} s; s/step {number(result['s_per_step'])}", markup=False)
+    if result["estimate"]["seconds"] is not None:
+        minutes = result["estimate"]["seconds"] / 60
+        out.print(f"estimate for {result['estimate']['steps']} steps + encode + decode: {minutes:.1f} min on this machine", markup=False)
+    out.print(f"note: {result['note']} (video: {result['video_path']})", markup=False)
+
+
 # --- runs ------------------------------------------------------------------------------------
 
 

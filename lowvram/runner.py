@@ -116,6 +116,7 @@ class RunOptions:
     device: str | None = None  # None: cuda if available, else cpu
     out: Path | None = None
     cache_dir: Path | None = None  # quantized weights; None: <model dir>/lowvram-cache
+    vram_limit_bytes: int | None = None  # plan for at most this much VRAM (`lowvram bench --cap-gb`)
 
 
 # --- pre-flight ------------------------------------------------------------------------------
@@ -193,6 +194,8 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Ru
             "PyTorch sees none (`lowvram doctor` says why); `lowvram demo` runs a tiny model on the CPU"
         )
     vram, ram = free_memory(device)
+    if vram is not None and options.vram_limit_bytes is not None:
+        vram = min(vram, options.vram_limit_bytes)
     profile, found = resolve(options.profile, request.width, request.height, request.frames, vram_bytes=vram,
                              ram_bytes=ram, **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):

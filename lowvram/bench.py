@@ -1,0 +1,131 @@
+"""`lowvram bench`: the product's own path at full size with random weights, measured against the plan.
+
+Answers "will 720p x 129 run on my card, how fast, how much RAM?" before a 41 GB download. It writes
+(once, into `--scratch`) a complete random-weight model folder of the real size (or the tiny one),
+then runs exactly what `generate` runs (`runner.start_run` + `execute`: the same loaders, caches,
+stages, run folder and progress) for a few steps, and compares what each stage used (lowvram/measure.py)
+with the planner's prediction for the same profile and size.
+
+    result = run_bench(BenchOptions(scratch, steps=2, cap_bytes=16 * 2**30), reporter, stop)
+    result["stages"]   # per stage: measured and planned VRAM / RAM, error in %
+    result["estimate"] # seconds for a full run (50 steps) from the measured s/step
+
+`cap_bytes` emulates a smaller card: torch.cuda.set_per_process_memory_fraction caps what PyTorch
+may allocate, and the profile is chosen and planned for that much VRAM. The video is noise (random
+weights); the numbers are for this machine.
+"""
+
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hyvideo.checkpoint import detect_layout
+from hyvideo.errors import HyVideoError
+from hyvideo.pipeline import GenerationRequest
+
+from .progress import Reporter
+from .runner import RunOptions, StopRequest, execute, start_run
+
+GIB = 2**30
+FULL_RUN_STEPS = 50  # the official sampler's default
+PROMPT = "a red fox runs through fresh snow in a pine forest, morning light, the camera follows it"
+
+
+@dataclass
+class BenchOptions:
+    scratch: Path  # where the random-weight model and the bench runs go
+    width: int = 1280
+    height: int = 720
+    frames: int = 129
+    steps: int = 2
+    profile: str = "auto"
+    model_size: str = "full"  # full | tiny
+    layout: str = "official"  # official | diffusers
+    cap_bytes: int | None = None  # emulate a card with this much VRAM
+    device: str | None = None
+
+
+def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter) -> Path:
+    """The random-weight model folder for (size, layout) in `scratch`, written once. It is written
+    to `<folder>.partial` and renamed when complete, so an interrupted write is never reused."""
+    from hyvideo.synthetic_checkpoint import plan_folder, write_plan
+
+    root = Path(scratch) / f"model-{size}-{layout}"
+    if root.is_dir() and detect_layout(root):
+        return root
+    plan = plan_folder(layout, size, seed=0)
+    total = sum(f.nbytes for f in plan.weights)
+    free = shutil.disk_usage(_existing(Path(scratch))).free
+    if free < total * 1.05:
+        raise HyVideoError(f"the {size}-size random model needs {total / 1e9:.1f} GB in {scratch} and {free / 1e9:.1f} GB "
+                           "are free; pass --scratch on a larger disk")
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    reporter.stage(f"writing the {size}-size random model ({total / 1e9:.1f} GB, once)", total=total)
+    write_plan(partial, plan, lambda done, all_bytes: reporter.advance(done, total=all_bytes))
+    partial.rename(root)
+    return root
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _error_pct(measured: float | None, planned: float) -> float | None:
+    if measured is None or not planned:
+        return None
+    return round(100 * (measured - planned) / planned, 1)
+
+
+def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: StopRequest | None = None) -> dict:
+    """Write (or reuse) the model, run it like `generate`, return measured vs planned per stage."""
+    reporter = reporter or Reporter()
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if options.cap_bytes is not None:
+        if not device.startswith("cuda"):
+            raise HyVideoError("--cap-gb emulates a smaller GPU and needs CUDA; on the CPU there is no VRAM to cap")
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        if options.cap_bytes > total:
+            raise HyVideoError(f"--cap-gb {options.cap_bytes / GIB:.1f} is more than this GPU's {total / GIB:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(options.cap_bytes / total, torch.device(device))
+    root = ensure_synthetic_model(options.scratch, options.model_size, options.layout, reporter)
+    request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
+                                steps=options.steps, seed=0)
+    run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, "sdpa", device,
+                             vram_limit_bytes=options.cap_bytes)
+    run, files, plan = start_run(run_options, reporter)
+    result = execute(run, files, plan, reporter, stop)
+
+    stages = {}
+    for name, planned in plan.stages.items():
+        measured = result.measured.get(name, {})
+        stages[name] = {
+            "seconds": measured.get("seconds"),
+            "vram_gb": measured.get("peak_vram_gb"), "planned_vram_gb": round(planned.vram_bytes / GIB, 3),
+            "vram_error_pct": _error_pct(measured.get("peak_vram_gb"), planned.vram_bytes / GIB),
+            "ram_gb": measured.get("peak_ram_gb"), "planned_ram_gb": round(planned.ram_bytes / GIB, 3),
+            "ram_error_pct": _error_pct(measured.get("peak_ram_gb"), planned.ram_bytes / GIB),
+            "page_cache_gb": measured.get("peak_page_cache_gb"), "planned_page_cache_gb": round(planned.page_cache_bytes / GIB, 3),
+        }
+    dit = result.measured.get("dit", {})
+    steps = dit.get("step_seconds", [])
+    s_per_step = statistics.median(steps[1:] if len(steps) > 1 else steps) if steps else None  # the first step warms up
+    text_s, vae_s = result.measured.get("text", {}).get("seconds") or 0, result.measured.get("vae", {}).get("seconds") or 0
+    load_s = dit.get("load_seconds") or 0
+    estimate = None if s_per_step is None else round(text_s + load_s + FULL_RUN_STEPS * s_per_step + vae_s, 1)
+    return {
+        "model": {"size": options.model_size, "layout": options.layout, "folder": str(root)},
+        "video": {"width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps},
+        "device": str(result.settings["device"]), "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "cap_gb": None if options.cap_bytes is None else options.cap_bytes / GIB,
+        "profile": plan.profile.name, "schedule": plan.schedule.to_dict(), "stats": result.stats,
+        "stages": stages, "dit_load_seconds": load_s, "step_seconds": steps, "s_per_step": s_per_step,
+        "estimate": {"steps": FULL_RUN_STEPS, "seconds": estimate},
+        "run_id": result.run_id, "video_path": result.video,
+        "note": "random weights: the video is noise; the numbers are for this machine",
+    }
