@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_vae, read_torch_file
+from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_vae
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest, decode
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
+from hyvideo.weight_io import read_torch_file
 
 from .progress import Reporter
 from .sizes import SIZE_BUCKETS

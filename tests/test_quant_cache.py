@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hyvideo.checkpoint import read_torch_file
+from hyvideo.weight_io import read_torch_file
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.errors import HyVideoError
 from quant.cache import (
