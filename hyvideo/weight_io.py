@@ -166,14 +166,16 @@ def write_torch_stream(path: Path, layout: Layout, tensors: Iterable[tuple[str, 
     def write(f):
         nonlocal size
         writer = torch._C.PyTorchFileWriter(f, True, ALIGN)  # CRC-32 on, records 64-byte aligned (as torch.save)
-        for name, data in (("data.pkl", pickled.getvalue()), (".format_version", "1"),
-                           (".storage_alignment", str(ALIGN)), ("byteorder", sys.byteorder)):
-            writer.write_record(name, data, len(data))
-        for i, (_, tensor) in enumerate(_checked(layout, tensors)):
-            data = tensor.detach().contiguous()
-            start = data.storage_offset() * data.itemsize  # a view's bytes within its storage (no copy)
-            writer.write_record(f"data/{i}", data.untyped_storage()[start:start + data.nbytes], data.nbytes)
-        writer.write_end_of_file()
+        try:
+            for name, data in (("data.pkl", pickled.getvalue()), (".format_version", "1"),
+                               (".storage_alignment", str(ALIGN)), ("byteorder", sys.byteorder)):
+                writer.write_record(name, data, len(data))
+            for i, (_, tensor) in enumerate(_checked(layout, tensors)):
+                data = tensor.detach().contiguous()
+                start = data.storage_offset() * data.itemsize  # a view's bytes within its storage (no copy)
+                writer.write_record(f"data/{i}", data.untyped_storage()[start:start + data.nbytes], data.nbytes)
+        finally:  # also on errors: the writer's destructor would finish the file itself and abort the process
+            writer.write_end_of_file()
         size = f.tell()
 
     write_atomic(Path(path), write, what)
@@ -230,7 +232,8 @@ def _torch_records(path: Path, mapped: mmap.mmap) -> tuple[dict[str, tuple[int, 
                 raise _foreign(path, "PyTorch", "a zip without data.pkl")
             pickled = archive.read(pickles[0])  # checks its CRC-32
     except zipfile.BadZipFile as error:
-        raise _incomplete(path, f"zip: {error}") from None
+        no_directory = str(error) == "File is not a zip file"  # what zipfile says when the end record is missing
+        raise _incomplete(path, "the zip directory at its end is missing" if no_directory else f"zip: {error}") from None
     prefix = pickles[0].removesuffix("data.pkl")
     records = {}
     for info in infos:
