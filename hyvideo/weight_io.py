@@ -25,7 +25,15 @@ The tensors are read-only. Writing into one in place would crash the process (SI
 "non-writable buffer" warning is silenced knowingly: the loaders never write into weights in place
 (dtype casts, fusing q/k/v, quantization and device moves all make new tensors).
 
-MEASURED-NUMBERS-GO-HERE
+Measured here (2 cores, 24 GiB RAM, no swap; /work/scratch-a/measure_readers.py, not kept): a 1.66 GB
+file of 33 bf16 tensors, read in a fresh process and every tensor touched (`t.sum()`):
+  reader                  RssAnon   RssFile (before -> after)   Committed_AS   mapping
+  torch.load(mmap=True)   143 MiB   127 -> 1724 MiB             +1584 MiB      rw-p (private, writable)
+  safetensors load_file   143 MiB   127 -> 1724 MiB             +1584 MiB      rw-p
+  read_torch_file         144 MiB   127 -> 1724 MiB                +2 MiB      r--s (shared, read-only)
+  read_safetensors        144 MiB   127 -> 1724 MiB                +2 MiB      r--s
+Resident memory is the same page cache either way; the difference is the commit charge, which is
+what decides whether a file larger than RAM + swap can be mapped at all.
 
 Problems are told apart, each as a one-line `HyVideoError`: the system refused the mapping for lack
 of memory or address space (ENOMEM: a memory problem, not the file's), the file is incomplete (a zip
@@ -231,7 +239,7 @@ def _torch_records(path: Path, mapped: mmap.mmap) -> tuple[dict[str, tuple[int, 
             if not pickles:
                 raise _foreign(path, "PyTorch", "a zip without data.pkl")
             pickled = archive.read(pickles[0])  # checks its CRC-32
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, EOFError) as error:
         no_directory = str(error) == "File is not a zip file"  # what zipfile says when the end record is missing
         raise _incomplete(path, "the zip directory at its end is missing" if no_directory else f"zip: {error}") from None
     prefix = pickles[0].removesuffix("data.pkl")
@@ -247,8 +255,8 @@ def _torch_records(path: Path, mapped: mmap.mmap) -> tuple[dict[str, tuple[int, 
         if offset + info.file_size > size:
             raise _incomplete(path, f"{info.filename} ends past the end of the file")
         records[info.filename.removeprefix(prefix)] = (offset, info.file_size)
-    offset, size = records.get("byteorder", (0, 0))
-    if (mapped[offset:offset + size] or b"little") != sys.byteorder.encode():  # no record: little, as torch.load assumes
+    start, length = records.get("byteorder", (0, 0))
+    if (mapped[start:start + length] or b"little") != sys.byteorder.encode():  # no record: little, as torch.load assumes
         raise HyVideoError(f"{path} was saved with the other byte order; load and re-save it with torch.save on this machine")
     return records, pickled
 
