@@ -221,7 +221,7 @@ def dit_files(layout: str, size: SyntheticSize, seed: int) -> tuple[list[WeightF
 
 
 def vae_files(layout: str, size: SyntheticSize, seed: int) -> tuple[list[WeightFile], dict[str, dict]]:
-    """The VAE is one file in both layouts (the real one is 1 GB in float32)."""
+    """The VAE is one file in both layouts (246 M parameters: under any shard limit)."""
     weights = RandomWeights("vae", meta_layout(lambda: CausalVAE(size.vae), size.vae_dtype), seed)
     if layout == "official":
         file = WeightFile(f"{OFFICIAL_VAE}/pytorch_model.pt", weights.layout, weights.tensors)
@@ -245,17 +245,25 @@ def clip_config(size: SyntheticSize, tokenizer, **fields) -> CLIPTextConfig:
                           pad_token_id=tokenizer.pad_token_id, architectures=["CLIPTextModel"])
 
 
-def text_encoder_files(folder: str, config, size: SyntheticSize, seed: int) -> tuple[list[WeightFile], dict[str, dict]]:
+# kind: (tokenizer, config, the model class the official preprocessing saves); kind also seeds the weights
+TEXT_ENCODERS = {
+    "llm": (build_tiny_llama3_tokenizer, llm_config, LlamaForCausalLM),
+    "clip": (build_tiny_clip_tokenizer, clip_config, CLIPTextModel),
+}
+
+
+def text_encoder_files(folder: str, kind: str, size: SyntheticSize, seed: int,
+                       **fields) -> tuple[list[WeightFile], dict[str, dict], object]:
     """A transformers folder as `save_pretrained` writes it: config.json and safetensors (sharded
-    above `shard_bytes`). The official preprocessing saves the Llava language model, a
-    LlamaForCausalLM; HunyuanVideo loads it with AutoModel, which drops the LM head."""
-    model_class, component = (LlamaForCausalLM, "llm") if isinstance(config, LlamaConfig) else (CLIPTextModel, "clip")
-    weights = RandomWeights(component, meta_layout(lambda: model_class(config), size.text_dtype), seed, config.initializer_range)
+    above `shard_bytes`), and the tokenizer to save with it. The official preprocessing saves the
+    Llava language model, a LlamaForCausalLM; HunyuanVideo loads it with AutoModel, which drops the
+    LM head. `fields` override config fields."""
+    make_tokenizer, make_config, model_class = TEXT_ENCODERS[kind]
+    tokenizer = make_tokenizer()
+    config = make_config(size, tokenizer, **fields)
+    weights = RandomWeights(kind, meta_layout(lambda: model_class(config), size.text_dtype), seed, config.initializer_range)
     files, index = sharded(folder, "model", weights.layout, weights.tensors, size.shard_bytes)
-    return files, {f"{folder}/config.json": json.loads(config.to_json_string()), **index}
-
-
-TEXT_ENCODERS = {"llm": (build_tiny_llama3_tokenizer, llm_config), "clip": (build_tiny_clip_tokenizer, clip_config)}
+    return files, {f"{folder}/config.json": json.loads(config.to_json_string()), **index}, tokenizer
 
 
 def _size(size: "str | SyntheticSize") -> SyntheticSize:
@@ -270,9 +278,8 @@ def plan_folder(layout: str, size: "str | SyntheticSize" = "tiny", seed: int = 0
     plan = FolderPlan([], {}, {})
     parts = [dit_files(layout, size, seed), vae_files(layout, size, seed)]
     for kind, model_folder, tokenizer_folder in (("llm", "text_encoder", "tokenizer"), ("clip", "text_encoder_2", "tokenizer_2")):
-        make_tokenizer, make_config = TEXT_ENCODERS[kind]
-        tokenizer = make_tokenizer()
-        parts.append(text_encoder_files(model_folder, make_config(size, tokenizer), size, seed))
+        files, json_files, tokenizer = text_encoder_files(model_folder, kind, size, seed)
+        parts.append((files, json_files))
         plan.tokenizers[model_folder if layout == "official" else tokenizer_folder] = tokenizer
     for files, json_files in parts:
         plan.weights += files
@@ -319,8 +326,5 @@ def write_synthetic_checkpoint(root: Path, layout: str = "official", size: "str 
 def write_text_encoder(folder: Path, kind: str, size: "str | SyntheticSize" = "tiny", seed: int = 0, **fields) -> Path:
     """One text encoder folder alone, model and tokenizer, as the official layout's text_encoder/
     ("llm") or text_encoder_2/ ("clip"); `fields` override config fields (e.g. hidden_size)."""
-    size = _size(size)
-    make_tokenizer, make_config = TEXT_ENCODERS[kind]
-    tokenizer = make_tokenizer()
-    files, json_files = text_encoder_files(".", make_config(size, tokenizer, **fields), size, seed)
+    files, json_files, tokenizer = text_encoder_files(".", kind, _size(size), seed, **fields)
     return write_plan(folder, FolderPlan(files, json_files, {".": tokenizer}))
