@@ -11,9 +11,9 @@ diffusers (HF `hunyuanvideo-community/HunyuanVideo`):
 
 Models are built on the meta device and filled with `load_state_dict(assign=True)` from
 read-only memory-mapped files (`weight_io.read_torch_file` / `read_safetensors`), so the 13B DiT is
-never held twice in RAM, nor charged to memory as a private copy of the file. The diffusers layout stores q/k/v (and a single block's MLP input) as
-separate tensors; fusing them into the official layout materializes those fused tensors (about
-7.6 GB of the 25.6 GB in bf16), the rest stays mapped.
+never held twice in RAM, nor charged to memory as a private copy of the file. The diffusers layout
+stores q/k/v (and a single block's MLP input) as separate tensors; fusing them into the official
+layout materializes those fused tensors (about 7.6 GB of the 25.6 GB in bf16), the rest stays mapped.
 """
 
 import json
