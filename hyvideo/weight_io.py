@@ -25,8 +25,8 @@ The tensors are read-only. Writing into one in place would crash the process (SI
 "non-writable buffer" warning is silenced knowingly: the loaders never write into weights in place
 (dtype casts, fusing q/k/v, quantization and device moves all make new tensors).
 
-Measured here (2 cores, 24 GiB RAM, no swap; /work/scratch-a/measure_readers.py, not kept): a 1.66 GB
-file of 33 bf16 tensors, read in a fresh process and every tensor touched (`t.sum()`):
+Measured here (2 cores, 24 GiB RAM, no swap): a 1.66 GB file of 33 bf16 tensors, read in a fresh
+process and every tensor touched (`t.sum()`); RSS from /proc/self/status, commit from /proc/meminfo:
   reader                  RssAnon   RssFile (before -> after)   Committed_AS   mapping
   torch.load(mmap=True)   143 MiB   127 -> 1724 MiB             +1584 MiB      rw-p (private, writable)
   safetensors load_file   143 MiB   127 -> 1724 MiB             +1584 MiB      rw-p
