@@ -10,11 +10,12 @@ diffusers (HF `hunyuanvideo-community/HunyuanVideo`):
   text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/
 
 Models are built on the meta device and filled with `load_state_dict(assign=True)` from
-memory-mapped files (`torch.load(mmap=True)`, safetensors' zero-copy reader), so the 13B DiT is
-never held twice in RAM. The diffusers layout stores q/k/v (and a single block's MLP input) as
-separate tensors: its state dict is a lazy official-layout view (`diffusers_keys.DiffusersAsOfficial`)
-that fuses a tensor when it is read. Quantizing reads one at a time; building the bf16 model
-materializes the fused ones (about 7.6 GB of the 25.6 GB in bf16), the rest stays mapped.
+read-only memory-mapped files (`weight_io.read_torch_file` / `read_safetensors`), so the 13B DiT is
+never held twice in RAM, nor charged to memory as a private copy of the file. The diffusers layout
+stores q/k/v (and a single block's MLP input) as separate tensors: its state dict is a lazy
+official-layout view (`diffusers_keys.DiffusersAsOfficial`) that fuses a tensor when it is read.
+Quantizing reads one at a time; building the bf16 model materializes the fused ones (about 7.6 GB
+of the 25.6 GB in bf16), the rest stays mapped.
 """
 
 import json
@@ -23,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .config import DiTConfig, VAEConfig
 from .diffusers_keys import DiffusersAsOfficial, diffusers_to_official
 from .dit import HunyuanVideoDiT
 from .errors import HyVideoError
 from .vae import CausalVAE
+from .weight_io import read_safetensors, read_torch_file
 
 OFFICIAL_DIT = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
 OFFICIAL_DIT_FP8 = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8.pt"
@@ -139,31 +140,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise HyVideoError(f"cannot read {path}: {err}; the file is incomplete or corrupt, download it again") from None
-
-
-def read_torch_file(path: Path) -> dict:
-    """`torch.load` with mmap (no copy into RAM) and weights_only; unwraps "module" / "ema" /
-    "state_dict" / "model" wrappers as the official and diffusers loaders do."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated zip, wrong format, not a torch file
-        raise HyVideoError(f"cannot read {path}: {err.__class__.__name__}: {err}; the file is incomplete or corrupt, download it again") from None
-    for key in ("module", "ema", "state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            return data[key]
-    if not isinstance(data, dict):
-        raise HyVideoError(f"{path} does not hold a state dict")
-    return data
-
-
-def read_safetensors(paths: list[Path]) -> dict:
-    state_dict = {}
-    for path in paths:
-        try:
-            state_dict.update(load_file(path, device="cpu"))
-        except Exception as err:
-            raise HyVideoError(f"cannot read {path}: {err}; the file is incomplete or corrupt, download it again") from None
-    return state_dict
 
 
 def infer_dit_config(state_dict: dict) -> DiTConfig:

@@ -135,24 +135,21 @@ def diffusers_to_official(diffusers_sd: Mapping, official_keys) -> tuple[Diffuse
     return DiffusersAsOfficial(diffusers_sd, complete), missing, sorted(k for k in diffusers_sd if k not in used)
 
 
+def official_to_diffusers_tensors(key: str, tensor: torch.Tensor, hidden_size: int) -> list[tuple[str, torch.Tensor]]:
+    """The diffusers tensors one official tensor becomes: renamed; fused projections split along
+    dim 0 (qkv: three equal parts; a single block's linear1: q, k, v of `hidden_size` rows each,
+    then the MLP input rows); the final layer's modulation with its halves swapped."""
+    if key.startswith(SWAPPED_HALVES):
+        tensor = swap_halves(tensor)
+    parts = diffusers_parts(key)
+    if len(parts) == 1:
+        return [(parts[0], tensor)]
+    sizes = [hidden_size] * 3 + [tensor.shape[0] - 3 * hidden_size] if len(parts) == 4 else [tensor.shape[0] // 3] * 3
+    return [(name, piece.contiguous()) for name, piece in zip(parts, torch.split(tensor, sizes, dim=0))]
+
+
 def official_to_diffusers(official_sd: dict) -> dict:
-    """Split fused tensors and rename; used to write diffusers-layout checkpoints (tiny factory)."""
-    out = {}
-    for key, tensor in official_sd.items():
-        if key.startswith(SWAPPED_HALVES):
-            tensor = swap_halves(tensor)
-        parts = diffusers_parts(key)
-        if len(parts) == 1:
-            out[parts[0]] = tensor
-            continue
-        # qkv: three equal parts; linear1: q, k, v of the hidden width, then the MLP input rows.
-        hidden = tensor.shape[0] // 3 if len(parts) == 3 else _single_hidden(official_sd, key)
-        sizes = [hidden] * 3 + ([tensor.shape[0] - 3 * hidden] if len(parts) == 4 else [])
-        for name, piece in zip(parts, torch.split(tensor, sizes, dim=0)):
-            out[name] = piece.contiguous()
-    return out
-
-
-def _single_hidden(official_sd: dict, key: str) -> int:
-    """Hidden size for a single block's linear1: linear2's output width."""
-    return official_sd[key.replace("linear1", "linear2").replace(".bias", ".weight")].shape[0]
+    """A whole official state dict in diffusers' names and layout."""
+    hidden_size = official_sd["img_in.proj.weight"].shape[0]
+    return {name: piece for key, tensor in official_sd.items()
+            for name, piece in official_to_diffusers_tensors(key, tensor, hidden_size)}

@@ -12,19 +12,20 @@ Two layouts (hyvideo/checkpoint.py reads both):
 Any hub failure (offline, no network, gated repo) becomes a HyVideoError that prints the `hf
 download` commands to run by hand.
 
-`check_model_folder` checks each file without the network: present, non-empty, and not truncated
-(a safetensors file's header says how long it must be; a torch .pt file is a zip whose directory
-sits at its very end, so a truncated one does not open).
+`check_model_folder` checks each file without the network: present, non-empty, and readable the
+way the loader reads it (`hyvideo.weight_io.check_weight_file`: mapped as the loader maps it, the zip
+directory or safetensors header parsed and every tensor inside the file; no tensor data is read, so
+a 25 GB file takes milliseconds). A problem is reported with the loader's own message.
 """
 
 import json
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP, OFFICIAL_VAE, detect_layout
 from hyvideo.errors import HyVideoError
+from hyvideo.weight_io import check_weight_file
 
 COMMUNITY_REPO = "hunyuanvideo-community/HunyuanVideo"
 OFFICIAL_REPO = "tencent/HunyuanVideo"
@@ -159,32 +160,21 @@ def check_file(path: Path) -> FileCheck:
     size = path.stat().st_size
     if size == 0:
         return FileCheck(path, 0, "empty")
-    return FileCheck(path, size, _format_problem(path, size))
+    return FileCheck(path, size, _format_problem(path))
 
 
-def _format_problem(path: Path, size: int) -> str | None:
+def _format_problem(path: Path) -> str | None:
+    """The loader's own message if it could not read the file (weights: `check_weight_file`, which
+    maps the file as the loader does and checks its zip directory or safetensors header against the
+    file size, reading no tensor data), else None."""
     try:
-        if path.suffix == ".safetensors":
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                if header_len <= 0 or 8 + header_len > size:
-                    return "truncated (header cut off)"
-                header = json.loads(f.read(header_len))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            expected = 8 + header_len + end
-            if size < expected:
-                return f"truncated ({size} of {expected} bytes)"
-        elif path.suffix in (".pt", ".pth", ".bin"):
-            with open(path, "rb") as f:
-                zipped = f.read(4) == b"PK\x03\x04"  # torch.save's zip format (legacy files are pickles)
-            if zipped and not zipfile.is_zipfile(path):
-                return "truncated (the zip directory at the end is missing)"
-            if zipped:
-                with zipfile.ZipFile(path) as archive:
-                    archive.infolist()
+        if path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+            check_weight_file(path)
         elif path.suffix == ".json":
             json.loads(path.read_text())
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+    except HyVideoError as error:
+        return str(error)
+    except (OSError, ValueError) as error:
         return f"unreadable or truncated ({type(error).__name__})"
     return None
 

@@ -265,7 +265,7 @@ def ensure_demo_model(root: Path, reporter: Reporter) -> None:
     It is written to `<root>.partial` and renamed when complete, so an interrupted write is never
     taken for a model."""
     from hyvideo.checkpoint import detect_layout
-    from hyvideo.tiny_checkpoint import write_tiny_checkpoint
+    from hyvideo.synthetic_checkpoint import write_synthetic_checkpoint
 
     if root.is_dir() and detect_layout(root):
         return
@@ -274,7 +274,7 @@ def ensure_demo_model(root: Path, reporter: Reporter) -> None:
     reporter.stage("writing tiny model")
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    write_tiny_checkpoint(partial, "official", seed=0)
+    write_synthetic_checkpoint(partial, "official", "tiny", seed=0)
     if root.exists():
         root.rmdir()
     partial.rename(root)

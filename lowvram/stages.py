@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_dit_state_dict, load_vae, read_torch_file
+from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_dit_state_dict, load_vae
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import decode
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
+from hyvideo.weight_io import read_torch_file
 
 from quant.bytes import TextEncoderParams, llm_param_counts
 

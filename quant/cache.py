@@ -25,8 +25,8 @@ built. So the process's own memory grows by about one fused tensor and its quant
 
 The safetensors file is written by `hyvideo.weight_io.write_safetensors_stream`: the layout is
 computed by running the scheme's quantizer on meta tensors, then each real tensor is quantized,
-written, hashed and freed, so peak memory is one layer. Loading uses safetensors' own reader, whose tensors point into the memory-mapped
-file: nothing is copied until a block is moved to the GPU.
+written, hashed and freed, so peak memory is one layer. Loading uses `hyvideo.weight_io.read_safetensors`,
+whose tensors point into the read-only memory-mapped file: nothing is copied until a block is moved to the GPU.
 """
 
 import hashlib
@@ -36,14 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from hyvideo.checkpoint import check_state_dict
 from hyvideo.config import DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, remove_dead_temps, write_atomic
-from hyvideo.weight_io import PADDING_PREFIX, write_safetensors_stream
+from hyvideo.weight_io import read_safetensors, write_safetensors_stream
 
 from .fp8 import fp8_linear_state, swap_linears_fp8
 from .int8 import int8_linear_state, quanto_version, requantize_int8
@@ -246,10 +245,7 @@ def load_cached_dit(cache_dir: str | Path, config: DiTConfig, scheme: str, polic
     header = _read_header(cache_paths(cache_dir, scheme)[1])
     if verify and file_sha256(status.path) != header["file_sha256"]:
         raise HyVideoError(f"the quantized DiT cache {status.path} is corrupt (checksum mismatch); delete it to rebuild")
-    try:
-        state = {k: v for k, v in load_file(status.path, device="cpu").items() if not k.startswith(PADDING_PREFIX)}
-    except Exception as error:  # safetensors raises its own error types for malformed files
-        raise HyVideoError(f"the quantized DiT cache {status.path} is unreadable ({error}); delete it to rebuild") from error
+    state = read_safetensors([status.path])  # its own one-line errors (memory, truncated, not safetensors)
 
     with torch.device("meta"):
         model = HunyuanVideoDiT(config)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.checkpoint import check_state_dict, read_torch_file
+from hyvideo.checkpoint import check_state_dict
 from hyvideo.config import DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
+from hyvideo.weight_io import read_torch_file
 
 from .fp8 import FP8_DTYPE, quantize_fp8, swap_linears_fp8
 from .policy import POLICIES
@@ -36,7 +37,7 @@ def map_path_for(weights_path: str | Path) -> Path:
 def _read(path: Path, what: str) -> dict:
     if not path.is_file():
         raise HyVideoError(f"{what} not found: {path}. Download the HunyuanVideo FP8 checkpoint pair into that folder.")
-    return read_torch_file(path)  # mmap, weights_only, unwraps "module" / "ema"
+    return read_torch_file(path)  # read-only mmap, weights-only, unwraps "module" / "ema"
 
 
 def tencent_fp8_state_dict(weights_path: str | Path, map_path: str | Path | None, config: DiTConfig,

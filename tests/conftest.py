@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from hyvideo.tiny_checkpoint import write_tiny_checkpoint
+from hyvideo.synthetic_checkpoint import write_synthetic_checkpoint
 
 
 def pytest_configure(config):
@@ -22,9 +22,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_official(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_official"), "official", seed=0)
+    return write_synthetic_checkpoint(tmp_path_factory.mktemp("tiny_official"), "official", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_diffusers(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_diffusers"), "diffusers", seed=0)
+    return write_synthetic_checkpoint(tmp_path_factory.mktemp("tiny_diffusers"), "diffusers", "tiny", seed=0)

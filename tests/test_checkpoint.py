@@ -1,5 +1,6 @@
 """Checkpoint loading: both layouts, error cases, and single-copy (mmap + assign) memory."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -126,16 +127,12 @@ def test_loading_holds_one_copy(tmp_path):
     the file size must stay near 1 (mmap + assign); a loader that builds the model and then copies
     the state dict in would be near 2."""
     from hyvideo.config import DiTConfig
-    from hyvideo.tiny_checkpoint import write_tiny_checkpoint
+    from hyvideo.synthetic_checkpoint import SIZES, write_synthetic_checkpoint
 
     config = DiTConfig(hidden_size=512, heads=4, double_blocks=8, single_blocks=16, text_states_dim=64, text_states_dim_2=32)
     root = tmp_path / "mid"
-    write_tiny_checkpoint(root, "official", dit_config=config)
-    path = root / OFFICIAL_DIT
-    sd = torch.load(path, weights_only=True)["module"]
-    torch.save({"module": {k: v.to(torch.bfloat16) for k, v in sd.items()}}, path)
-    del sd
-    size = path.stat().st_size
+    write_synthetic_checkpoint(root, "official", dataclasses.replace(SIZES["tiny"], dit=config, dit_dtype=torch.bfloat16))
+    size = (root / OFFICIAL_DIT).stat().st_size
     out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(root)], capture_output=True, text=True, check=True)
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = (rss["after"] - rss["before"]) / size

@@ -18,7 +18,7 @@ import cli
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
-from hyvideo.tiny_text_encoders import write_tiny_llm
+from hyvideo.synthetic_checkpoint import write_text_encoder
 from lowvram import stages as stages_module
 from lowvram.download import default_model_dir
 from lowvram.profiles import load_profile
@@ -373,7 +373,7 @@ def test_quantize_builds_both_caches_once(tiny_official, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_official, model)
     shutil.rmtree(model / "text_encoder")  # widths bitsandbytes' CPU kernel takes (see test_quant_nf4.py)
-    write_tiny_llm(model / "text_encoder", hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128)
+    write_text_encoder(model / "text_encoder", "llm", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
     nf4_reason = nf4_unavailable_reason("cuda" if CUDA else "cpu")
     first = invoke("quantize", "--model-dir", model, "--json")
     assert first.exit_code == 0, first.output

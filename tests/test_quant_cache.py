@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hyvideo.checkpoint import find_model_files, load_dit, load_dit_state_dict, read_torch_file
+from hyvideo.checkpoint import find_model_files, load_dit, load_dit_state_dict
 from hyvideo.config import DIT_CONFIGS, DiTConfig
 from hyvideo.diffusers_keys import diffusers_parts, official_to_diffusers
 from hyvideo.dit import HunyuanVideoDiT
-from hyvideo.weight_io import write_safetensors_stream
+from hyvideo.weight_io import read_torch_file, write_safetensors_stream
 from hyvideo.errors import HyVideoError
 from quant.cache import (
     cache_paths, cache_status, ensure_dit_cache, load_cached_dit, quantize_dit_to_cache, quantized_tensors,

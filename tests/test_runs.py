@@ -5,6 +5,9 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_VAE
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 from lowvram import download as dl
@@ -328,9 +332,59 @@ def test_truncated_weights_are_named(tiny_official, tiny_diffusers, tmp_path):
         dit.write_bytes(dit.read_bytes()[: dit.stat().st_size // 2])
         _, checks = dl.check_model_folder(model)
         assert [c.path for c in checks if not c.ok] == [dit]
+        problem = next(c.problem for c in checks if not c.ok)
+        assert "incomplete or corrupt" in problem and "download it again" in problem  # the loader's own words
         report = run_doctor(model, tmp_path / "runs")
         weights = next(c for c in report["checks"] if c["name"] == "weights")
         assert weights["status"] == "fail" and dit.name in weights["detail"]
+
+
+def test_doctor_says_what_the_loader_would_say(tiny_official, tmp_path):
+    """A foreign file, and a 25.6 GB file cut after its first 64 KiB (sparse, so nothing is written):
+    found from the zip directory and header alone, without reading tensor data."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_official, model)
+    vae = model / OFFICIAL_VAE / "pytorch_model.pt"
+    vae.write_text("not weights")
+    dit = model / OFFICIAL_DIT
+    head = dit.read_bytes()[: 1 << 16]
+    with open(dit, "wb") as f:
+        f.write(head)
+        f.truncate(25_642_314_035)  # the full-size bf16 file's size (facts §8)
+    started = time.perf_counter()
+    _, checks = dl.check_model_folder(model)
+    elapsed = time.perf_counter() - started
+    problems = {c.path: c.problem for c in checks if not c.ok}
+    assert problems.keys() == {dit, vae}
+    assert "is not a PyTorch checkpoint" in problems[vae]
+    assert "incomplete or corrupt (the zip directory at its end is missing)" in problems[dit]
+    assert elapsed < 2.0, f"{elapsed:.2f} s: the check must not read the 25.6 GB"  # measured 3-8 ms for the folder
+
+
+DOCTOR_ADDRESS_SPACE_SCRIPT = """
+import json, os, resource, sys
+from lowvram.download import check_model_folder
+
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize:")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+print(json.dumps({str(c.path): c.problem for c in check_model_folder(sys.argv[1])[1] if not c.ok}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RLIMIT_AS and /proc")
+def test_doctor_reports_a_refused_mapping_as_memory(tiny_official, tmp_path):
+    """A DiT the loader cannot map (address space limited to 16 MiB more than the process uses; the
+    file is 48 MiB, every other file under 5 MiB): the doctor shows the loader's memory message,
+    not "incomplete"."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_official, model)
+    torch.save({"module": {"w": torch.zeros(12 << 20)}}, model / OFFICIAL_DIT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", DOCTOR_ADDRESS_SPACE_SCRIPT, str(model)],
+                         capture_output=True, text=True, env=env, check=True)
+    problems = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(problems) == [str(model / OFFICIAL_DIT)]
+    assert "short of memory or address space" in problems[str(model / OFFICIAL_DIT)]
 
 
 class FakeInfo:

@@ -1,4 +1,4 @@
-"""Text encoders (facts §4) on tiny random models written by hyvideo.tiny_text_encoders, plus the
+"""Text encoders (facts §4) on tiny random models written by hyvideo.synthetic_checkpoint, plus the
 crop_start check against the real Llama-3 tokenizer when Meta's `llama-models` package is installed.
 
 Everything runs in float32 on CPU; tolerances are for float32 reductions in different orders.
@@ -26,7 +26,7 @@ from hyvideo.text_encoder import (
     encode_prompts,
     template_for_frames,
 )
-from hyvideo.tiny_text_encoders import write_tiny_clip, write_tiny_llm
+from hyvideo.synthetic_checkpoint import write_text_encoder
 
 TEXT_LEN = 40  # short LLM window: SHORT (12 tiny tokens) and LONG (29) fit, 3 x LONG does not
 SHORT = "A cat walks on the grass."
@@ -37,7 +37,7 @@ ATOL = 1e-5  # float32, same ops, possibly different kernels/batching
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_encoders")
-    return write_tiny_llm(root / "text_encoder"), write_tiny_clip(root / "text_encoder_2")
+    return write_text_encoder(root / "text_encoder", "llm"), write_text_encoder(root / "text_encoder_2", "clip")
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_incomplete_folder_is_a_user_error(folders, tmp_path, remove, message):
 
 
 def test_tiny_writers_are_deterministic(folders, tmp_path):
-    again = write_tiny_llm(tmp_path / "llm"), write_tiny_clip(tmp_path / "clip")
+    again = write_text_encoder(tmp_path / "llm", "llm"), write_text_encoder(tmp_path / "clip", "clip")
     for first, second in zip(folders, again):
         for name in ("model.safetensors", "tokenizer.json", "config.json"):
             assert (first / name).read_bytes() == (second / name).read_bytes(), name

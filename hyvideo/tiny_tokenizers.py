@@ -1,28 +1,20 @@
-"""Tiny random-weight text encoders written to disk, for tests and the demo.
+"""Tiny tokenizers of the same *kind* as the real ones, built offline, for synthetic model folders
+(`hyvideo.synthetic_checkpoint`): the real Llama-3 and CLIP-L vocabularies cannot be downloaded here.
 
-The real encoders (LLaVA-Llama-3-8B, CLIP-L) cannot be downloaded here, so this module builds
-stand-ins of the same *kind* entirely offline and saves them exactly as the real checkpoint folders
-are laid out, so they load through the same `from_folder` code paths (facts §4):
-
-- `write_tiny_llm`: a byte-level BPE tokenizer with Llama-3's pre-tokenizer regex, its special tokens
+- `build_tiny_llama3_tokenizer`: byte-level BPE with Llama-3's pre-tokenizer regex, its special tokens
   (`<|begin_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, ...) and a
-  post-processor that adds BOS, its merges learnt in code from a small built-in corpus; plus a random
-  `LlamaForCausalLM` (the official preprocess script saves the Llava language model, a
-  `LlamaForCausalLM`; it is loaded back with `AutoModel`, which drops the LM head).
-- `write_tiny_clip`: a `CLIPTokenizer` (same normaliser / pre-tokeniser / `</w>` BPE as CLIP-L) with
-  a BPE vocabulary learnt from the same corpus, plus a random `CLIPTextModel` with 77 positions.
+  post-processor that adds BOS; its merges are learnt in code from a small built-in corpus.
+- `build_tiny_clip_tokenizer`: a `CLIPTokenizer` (same normaliser / pre-tokeniser / `</w>` BPE as
+  CLIP-L) with a BPE vocabulary learnt from the same corpus.
 
-Sizes default to what the tiny DiT config expects (`text_states_dim=48`, `text_states_dim_2=40`).
-Everything is seeded, so the same arguments always write the same weights and vocabulary.
+Both are deterministic: the same arguments always give the same vocabulary and token ids, and the ids
+stay far below the real vocabulary sizes, so they also drive full-size synthetic models.
 """
 
 from collections import Counter
-from pathlib import Path
 
-import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerFast
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 # Llama-3's pre-tokenizer split (from Meta's tokenizer.py / HF tokenizer.json).
 LLAMA3_SPLIT_PATTERN = (
@@ -62,14 +54,6 @@ TINY_CORPUS = (
     "Two people talk in a busy street at night, neon lights and reflections.",
     "A small boat sails across a calm blue lake surrounded by green mountains.",
 )
-
-
-def _seeded_init(seed: int, build):
-    """Run `build()` (which draws random init weights) under a fixed seed without touching the
-    caller's global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
 
 
 def learn_bpe_merges(words: list[tuple[str, ...]], num_merges: int) -> list[tuple[str, str]]:
@@ -140,45 +124,6 @@ def build_tiny_llama3_tokenizer(num_merges: int = 250) -> PreTrainedTokenizerFas
     )
 
 
-def write_tiny_llm(
-    folder: str | Path,
-    hidden_size: int = 48,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 96,
-    num_merges: int = 250,
-    max_positions: int = 1024,
-    seed: int = 0,
-) -> Path:
-    """Write a tiny random Llama text encoder (model + tokenizer) into `folder` and return it.
-
-    Laid out like the official `ckpts/text_encoder`: config.json + model.safetensors of a
-    `LlamaForCausalLM`, and the tokenizer files. `max_positions` must cover text_len + crop_start
-    (the video template prefix is 115 tokens with the default vocabulary).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_llama3_tokenizer(num_merges)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = _seeded_init(seed, lambda: LlamaForCausalLM(config))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def build_tiny_clip_tokenizer(num_merges: int = 200) -> CLIPTokenizer:
     """A `CLIPTokenizer` (lower-casing, CLIP split regex, byte-level BPE with `</w>` word ends,
     `<|startoftext|>` ... `<|endoftext|>` around the text, max length 77) whose merges are learnt
@@ -207,40 +152,3 @@ def build_tiny_clip_tokenizer(num_merges: int = 200) -> CLIPTokenizer:
     vocab[CLIP_BOS] = len(vocab)
     vocab[CLIP_EOS] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def write_tiny_clip(
-    folder: str | Path,
-    hidden_size: int = 40,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int = 80,
-    projection_dim: int | None = None,
-    num_merges: int = 200,
-    seed: int = 0,
-) -> Path:
-    """Write a tiny random CLIP text encoder (model + tokenizer) into `folder` and return it.
-
-    Laid out like the official `ckpts/text_encoder_2`. The pooled output (what HunyuanVideo uses) has
-    `hidden_size` features; `projection_dim` (default `hidden_size`) only matters to
-    `CLIPTextModelWithProjection` and is stored for completeness. 77 positions, as CLIP-L.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_clip_tokenizer(num_merges)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        projection_dim=projection_dim or hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,  # pooled = first EOS position
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = _seeded_init(seed, lambda: CLIPTextModel(config))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
