@@ -642,7 +642,8 @@ def quantize(
 
         from hyvideo.checkpoint import find_model_files, load_dit_state_dict
         from lowvram.download import default_model_dir
-        from lowvram.stages import compute_dtypes, default_cache_dir, dit_config_for
+        from lowvram.runner import CPU_MAX_DIT_PARAMS
+        from lowvram.stages import compute_dtypes, default_cache_dir, dit_config_for, parameter_count
         from quant.cache import cache_paths, ensure_dit_cache
         from quant.nf4 import NF4Unavailable, ensure_llm_nf4_cache, llm_cache_path
 
@@ -660,8 +661,10 @@ def quantize(
             config = dit_config_for(files)
             total = config.double_blocks + config.single_blocks + 1  # the blocks, then the trunk and header
             reporter.stage(f"DiT {scheme} ({policy})", total=total)
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            dtype = compute_dtypes(device)[0]  # what `generate` on this machine computes in, so it finds this cache
+            # The dtype `generate` will compute in, so it finds this cache: float32 only for a tiny
+            # model on a machine without CUDA (the full-size model runs on a GPU, in bf16).
+            gpu_run = torch.cuda.is_available() or parameter_count(config) >= CPU_MAX_DIT_PARAMS
+            dtype = compute_dtypes(torch.device("cuda" if gpu_run else "cpu"))[0]
             status = ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, cache,
                                       dtype, on_progress=reporter.advance)
             reporter.advance(total, total)  # also when the cache was fresh

@@ -27,7 +27,7 @@ GIB = 2**30
 RESULTS = Path(__file__).parent / "results"
 PY = sys.executable
 STEPS = ("write-official", "official-fp8", "load-fp8", "official-int8", "official-fp8-limited",
-         "write-diffusers", "diffusers-fp8", "diffusers-fp8-limited", "encoder-nf4")
+         "write-diffusers", "diffusers-fp8", "diffusers-fp8-limited", "encoder-nf4")  # in run order
 
 
 def tree_status(pid: int) -> tuple[int, int]:
@@ -151,8 +151,6 @@ def main(argv=None) -> int:
     run("load-fp8", [PY, "-c", load])
     run("official-int8", quantize(official, "int8"))
     run("official-fp8-limited", quantize(official, "fp8"), limited=True)
-    if "encoder-nf4" in steps:
-        run("encoder-nf4", quantize(official, "fp8", only="encoder"))
     if any(s.startswith(("write-diffusers", "diffusers")) for s in steps):
         shutil.rmtree(official / "lowvram-cache", ignore_errors=True)
         (official / "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt").unlink(missing_ok=True)
@@ -164,6 +162,7 @@ def main(argv=None) -> int:
     run("write-diffusers", write_folder(diffusers, "diffusers", only=("transformer", "vae")))
     run("diffusers-fp8", quantize(diffusers, "fp8"))
     run("diffusers-fp8-limited", quantize(diffusers, "fp8"), limited=True)
+    run("encoder-nf4", quantize(diffusers, "fp8", only="encoder"))
 
     machine = f"cpu-{os.cpu_count()}core-{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB)}gib"
     result = {"machine": machine, "python": platform.python_version(), "records": records,

@@ -162,9 +162,6 @@ class Plan:
         return rows
 
 
-LARGEST_LLM_TENSOR = 128_256 * 4096  # Llama-3-8B's embedding, elements
-
-
 def first_use_quantize_bytes(config: DiTConfig) -> int:
     """Anonymous memory of building the DiT cache (quant/cache.py), one tensor at a time: the
     largest linear's fused bf16 weight plus its float32 copy, |w| and w / scale in the quantizer."""
@@ -244,8 +241,8 @@ def plan(
         text_parts = {"llm": llm_bytes(profile.encoder_scheme, text_params), "clip": clip_bytes(text_params),
                       "activations": text_activation_bytes()}
         text_ram = {"baseline": HOST_BASELINE_BYTES}
-        if profile.encoder_scheme == "nf4":  # first use: each bf16 tensor on the host while the GPU quantizes it
-            text_ram["first use (NF4 cache)"] = LARGEST_LLM_TENSOR * 2
+        if profile.encoder_scheme == "nf4":  # first use: each bf16 tensor on the host while the GPU quantizes it;
+            text_ram["first use (NF4 cache)"] = text_params.llm_other * 2  # the largest is the embedding table
         text_files = llm_bytes(profile.encoder_scheme, text_params) + clip_bytes(text_params)
         stages["text"] = StagePlan(sum(text_parts.values()), text_parts, text_ram, text_files)
     streamed = schedule.streamed_bytes_per_step

@@ -1,0 +1,42 @@
+"""`lowvram bench` at tiny size on the CPU: it writes the random model once, runs the generate path
+(run folder, manifest, caches), and reports measured vs planned per stage."""
+
+import json
+from pathlib import Path
+
+from lowvram.runs import Run
+from tests.test_cli import as_json, invoke, one_line_error
+
+TINY_BENCH = ["--model-size", "tiny", "--size", "128x96", "--frames", "17", "--steps", "3", "--device", "cpu"]
+
+
+def test_bench_tiny_measures_every_stage_against_the_plan(tmp_path):
+    result = invoke("bench", "--scratch", tmp_path, "--profile", "16gb", "--json", *TINY_BENCH)
+    assert result.exit_code == 0, result.output
+    data = as_json(result)
+    assert data["profile"] == "16gb" and data["model"]["size"] == "tiny" and "noise" in data["note"]
+    for name in ("text", "dit", "vae"):
+        stage = data["stages"][name]
+        assert stage["seconds"] > 0 and stage["planned_vram_gb"] >= 0 and stage["planned_ram_gb"] > 0
+        assert stage["ram_gb"] > 0 and stage["vram_gb"] is None  # no VRAM on the CPU; host RAM measured
+    assert len(data["step_seconds"]) == 3 and data["s_per_step"] > 0
+    assert data["estimate"]["steps"] == 50 and data["estimate"]["seconds"] > 50 * data["s_per_step"]
+    # the generate path: a run folder with a manifest, the FP8 cache built beside the model
+    run = Run.open(Path(data["video_path"]).parent)
+    assert run.state == "done" and run.settings["profile"]["name"] == "16gb"
+    assert (Path(data["model"]["folder"]) / "lowvram-cache/dit-fp8.safetensors").is_file()
+
+    again = invoke("bench", "--scratch", tmp_path, "--profile", "demo.toml", "--json", *TINY_BENCH)
+    assert again.exit_code == 2 and "profile file not found" in one_line_error(again)
+
+
+def test_bench_reuses_the_model_and_refuses_a_cap_without_cuda(tmp_path):
+    first = invoke("bench", "--scratch", tmp_path, "--json", "--steps", "1", *TINY_BENCH[:-4], "--device", "cpu")
+    assert first.exit_code == 0, first.output
+    folder = Path(as_json(first)["model"]["folder"])
+    stamp = (folder / "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt").stat().st_mtime_ns
+    capped = invoke("bench", "--scratch", tmp_path, "--cap-gb", "8", *TINY_BENCH)
+    assert capped.exit_code == 2 and "needs CUDA" in one_line_error(capped)
+    second = invoke("bench", "--scratch", tmp_path, "--json", "--steps", "1", *TINY_BENCH[:-4], "--device", "cpu")
+    assert second.exit_code == 0 and json.loads(second.stdout)["model"]["folder"] == str(folder)
+    assert (folder / "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt").stat().st_mtime_ns == stamp
