@@ -356,7 +356,7 @@ def demo(
 def bench(
     scratch: Path = typer.Option(Path("lowvram-bench"), "--scratch", help="Where the random-weight model (~42 GB at full size) and runs go."),
     model_size: str = typer.Option("full", "--model-size", help="full (13B, the real sizes) or tiny."),
-    layout: str = typer.Option("official", "--layout", help="official or diffusers: which folder layout to write and load."),
+    layout: str = typer.Option("official", "--layout", help="official, official-fp8 (Tencent's FP8 DiT pair) or diffusers: the folder to write and load."),
     profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
     size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16."),
     resolution: str = typer.Option(None, "--resolution", help="540p or 720p (default 720p)."),
@@ -379,8 +379,8 @@ def bench(
 
         if model_size not in ("full", "tiny"):
             raise UserError(f"--model-size takes full or tiny, not {model_size!r}")
-        if layout not in ("official", "diffusers"):
-            raise UserError(f"--layout takes official or diffusers, not {layout!r}")
+        if layout not in ("official", "official-fp8", "diffusers"):
+            raise UserError(f"--layout takes official, official-fp8 or diffusers, not {layout!r}")
         width, height = resolve_size(size, resolution, aspect)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
                                None if cap_gb is None else int(cap_gb * 2**30), device)

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM
 
-from .checkpoint import OFFICIAL_DIT, OFFICIAL_VAE
+from .checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP, OFFICIAL_VAE
 from .config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from .diffusers_keys import diffusers_parts, official_to_diffusers_tensors
 from .dit import HunyuanVideoDiT
@@ -52,7 +52,8 @@ from .tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokeni
 from .vae import CausalVAE
 from .weight_io import Layout, write_safetensors_stream, write_torch_stream
 
-LAYOUTS = ("official", "diffusers")
+LAYOUTS = ("official", "diffusers", "official-fp8")  # official-fp8: Tencent's FP8 DiT pair instead of the bf16 .pt
+FP8_MAX = 448.0  # largest float8_e4m3fn value
 
 # LlamaConfig / CLIPTextConfig fields other than the hidden size (the DiT's text_states_dim /
 # text_states_dim_2) and the token ids (the tokenizer's); without a vocab_size, the tokenizer's length.
@@ -204,6 +205,8 @@ def dit_files(layout: str, size: SyntheticSize, seed: int) -> tuple[list[WeightF
     weights = RandomWeights("dit", meta_layout(lambda: HunyuanVideoDiT(size.dit), size.dit_dtype), seed)
     if layout == "official":
         return [WeightFile(OFFICIAL_DIT, weights.layout, weights.tensors, under="module")], {}
+    if layout == "official-fp8":
+        return tencent_fp8_files(weights), {}
     hidden = size.dit.hidden_size
     diffusers_layout = [(name, dtype, tuple(piece.shape)) for key, dtype, shape in weights.layout
                         for name, piece in official_to_diffusers_tensors(key, torch.empty(shape, device="meta"), hidden)]
@@ -220,10 +223,32 @@ def dit_files(layout: str, size: SyntheticSize, seed: int) -> tuple[list[WeightF
     return files, {"transformer/config.json": size.dit.to_diffusers(), **index}
 
 
+def tencent_fp8_files(weights: RandomWeights) -> list[WeightFile]:
+    """Tencent's FP8 pair (facts §1.14): every 2-D weight inside the blocks as float8_e4m3fn with one
+    float32 scale per layer in the map file (W = W_fp8 * scale), everything else as in the bf16 file.
+    The fp8 values are the bf16 draw divided by its layer's range / 448, as Tencent's amax rule gives."""
+    quantized = {name for name, _, shape in weights.layout
+                 if name.startswith(("double_blocks.", "single_blocks.")) and name.endswith(".weight") and len(shape) == 2}
+    layout = [(name, torch.float8_e4m3fn if name in quantized else dtype, shape) for name, dtype, shape in weights.layout]
+    scales = {name: weights.ranges[name][1] / FP8_MAX for name in quantized}
+    scale_layout = [(name.removesuffix(".weight"), torch.float32, ()) for name, _, _ in weights.layout if name in quantized]
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, dtype, shape in weights.layout:
+            tensor = weights.tensor(name, dtype, shape)
+            yield name, (tensor.float() / scales[name]).to(torch.float8_e4m3fn) if name in quantized else tensor
+
+    def scale_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for module, _, _ in scale_layout:
+            yield module, torch.tensor(scales[module + ".weight"], dtype=torch.float32)
+
+    return [WeightFile(OFFICIAL_DIT_FP8, layout, tensors, under="module"), WeightFile(OFFICIAL_DIT_FP8_MAP, scale_layout, scale_tensors)]
+
+
 def vae_files(layout: str, size: SyntheticSize, seed: int) -> tuple[list[WeightFile], dict[str, dict]]:
     """The VAE is one file in both layouts (246 M parameters: under any shard limit)."""
     weights = RandomWeights("vae", meta_layout(lambda: CausalVAE(size.vae), size.vae_dtype), seed)
-    if layout == "official":
+    if layout.startswith("official"):
         file = WeightFile(f"{OFFICIAL_VAE}/pytorch_model.pt", weights.layout, weights.tensors)
         return [file], {f"{OFFICIAL_VAE}/config.json": official_vae_config(size.vae)}
     file = WeightFile("vae/diffusion_pytorch_model.safetensors", weights.layout, weights.tensors)
@@ -280,7 +305,7 @@ def plan_folder(layout: str, size: "str | SyntheticSize" = "tiny", seed: int = 0
     for kind, model_folder, tokenizer_folder in (("llm", "text_encoder", "tokenizer"), ("clip", "text_encoder_2", "tokenizer_2")):
         files, json_files, tokenizer = text_encoder_files(model_folder, kind, size, seed)
         parts.append((files, json_files))
-        plan.tokenizers[model_folder if layout == "official" else tokenizer_folder] = tokenizer
+        plan.tokenizers[model_folder if layout.startswith("official") else tokenizer_folder] = tokenizer
     for files, json_files in parts:
         plan.weights += files
         plan.json_files |= json_files

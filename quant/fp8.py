@@ -30,6 +30,8 @@ weights): one 3072x3072 layer 2.67 % (dequant) -> 3.74 % (scaled_mm); the whole 
   bf16, then + bias.
 """
 
+from functools import lru_cache
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,19 +72,42 @@ def fp8_linear_state(weight: torch.Tensor, bias: torch.Tensor | None, dtype: tor
     return state
 
 
-def scaled_mm_supported(device: torch.device | str) -> bool:
-    """FP8 tensor-core matmul needs Ada/Hopper or newer (compute capability >= 8.9)."""
+@lru_cache(maxsize=None)
+def _probe_scaled_mm(device: str) -> str | None:
+    """Run one tiny row-wise-scaled FP8 matmul on `device`; None if it works, else why not."""
+    try:
+        x = torch.randn(16, 32, device=device).to(FP8_DTYPE)
+        w = torch.randn(16, 32, device=device).to(FP8_DTYPE)
+        out = torch._scaled_mm(x, w.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                               out_dtype=torch.bfloat16)
+        if not torch.isfinite(out).all():
+            return "torch._scaled_mm gives non-finite results here"
+    except Exception as error:  # unsupported scaling mode, architecture or torch build: many error types
+        return f"torch._scaled_mm with row-wise scales fails here ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    return None
+
+
+def scaled_mm_unavailable_reason(device: torch.device | str) -> str | None:
+    """None if the FP8 tensor-core matmul works on `device`, else why not. It needs Ada/Hopper or
+    newer (compute capability >= 8.9) *and* a torch build whose `_scaled_mm` takes row-wise scales
+    there (not every architecture / version does): probed once per device with a tiny matmul."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"it needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper), not {device}"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return "it needs compute capability >= 8.9 (Ada/Hopper)"
+    return _probe_scaled_mm(str(device))
+
+
+def scaled_mm_supported(device: torch.device | str) -> bool:
+    return scaled_mm_unavailable_reason(device) is None
 
 
 def scaled_mm_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ (W_fp8 * w_scale).T + bias with x quantized per token to e4m3 (see module docstring)."""
-    if not scaled_mm_supported(x.device):
-        raise HyVideoError(
-            f"the FP8 matmul (use_scaled_mm) needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); "
-            f"the input is on {x.device}. Turn it off to use the dequantizing FP8 path."
-        )
+    reason = scaled_mm_unavailable_reason(x.device)
+    if reason:
+        raise HyVideoError(f"the FP8 matmul (use_scaled_mm) cannot run: {reason}. Turn it off to use the dequantizing FP8 path.")
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()  # [M, K]
     x_scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=_TINY) / FP8_MAX  # [M, 1]
@@ -181,11 +206,9 @@ def swap_linears_fp8(model: nn.Module, policy: "str | QuantPolicy" = "blocks", p
 def set_scaled_mm(model: nn.Module, enabled: bool, device: "torch.device | str" = "cuda") -> int:
     """Turn the FP8 tensor-core path on or off for every FP8Linear; returns how many there are.
     Refuses to turn it on unless `device` (where the blocks will run) is a capable GPU."""
-    if enabled and not scaled_mm_supported(device):
-        raise HyVideoError(
-            f"the FP8 matmul (use_scaled_mm) needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); "
-            f"{device} is not one. Leave it off: the dequantizing FP8 path runs anywhere."
-        )
+    reason = scaled_mm_unavailable_reason(device) if enabled else None
+    if reason:
+        raise HyVideoError(f"the FP8 matmul (use_scaled_mm) cannot run: {reason}. Leave it off: the dequantizing FP8 path runs anywhere.")
     layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
     for layer in layers:
         layer.use_scaled_mm = enabled

@@ -40,8 +40,9 @@ def manifest(runs_dir: Path) -> dict | None:
     return json.loads(found[0].read_text()) if found else None
 
 
-def start_and_wait_for_step(runs_dir: Path, model_dir: Path, step: int = 1, timeout: float = 90) -> tuple[subprocess.Popen, dict]:
-    process = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", model_dir, "--runs-dir", runs_dir, *ARGS),
+def start_and_wait_for_step(runs_dir: Path, model_dir: Path, step: int = 1, timeout: float = 90,
+                            args: list[str] = ARGS) -> tuple[subprocess.Popen, dict]:
+    process = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", model_dir, "--runs-dir", runs_dir, *args),
                                cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -107,3 +108,22 @@ def test_console_script_and_module_help():
         pytest.skip("the `lowvram` console script is not installed (pip install -e .)")
     installed = subprocess.run([script, "profiles", "--json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert installed.returncode == 0 and json.loads(installed.stdout)["profiles"]
+
+
+@pytest.mark.cuda
+def test_cuda_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path):
+    """The GPU path (profile 16gb: FP8 DiT from the cache, blocks streamed from pinned memory on the
+    side stream, tiled VAE): SIGKILL mid-run, resume, same final latents as an uninterrupted run."""
+    args = [*ARGS[:-1], "cuda", "--profile", "16gb"]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_official, model)
+    done = run("generate", PROMPT, "--model-dir", model, "--runs-dir", tmp_path / "reference", "--json", *args)
+    assert done.returncode == 0, done.stderr
+    expected = load_file(json.loads(done.stdout)["final_latents"])["latents"]
+    process, _ = start_and_wait_for_step(tmp_path / "killed", model, args=args)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert manifest(tmp_path / "killed")["state"] == "denoising"
+    resumed = run("resume", "--runs-dir", tmp_path / "killed", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_file(json.loads(resumed.stdout)["final_latents"])["latents"].equal(expected)

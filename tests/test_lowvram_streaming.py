@@ -2,6 +2,7 @@
 DiT gives bit-for-bit the output of the resident one (same modules, same weights copied exactly).
 CPU runs the same streamer logic with synchronous copies; the CUDA tests add streams and events."""
 
+import copy
 import math
 
 import pytest
@@ -322,6 +323,74 @@ def test_cuda_streamed_equals_resident(depth):
         assert all(s.wait_ms >= 0 and s.copy_ms >= 0 for s in stats)
         streamer.close()
     del model
+
+
+STALL_CYCLES = 50_000_000  # ~25 ms of GPU spinning: far longer than a tiny block's copy or compute
+
+
+def stall_copies(streamer: BlockStreamer) -> None:
+    """Every copy issued from now on waits behind a spin on the copy stream."""
+    issue = streamer._issue
+
+    def slow_issue(position):
+        with torch.cuda.stream(streamer._copy_stream):
+            torch.cuda._sleep(STALL_CYCLES)
+        issue(position)
+
+    streamer._issue = slow_issue
+
+
+def stall_compute(blocks):
+    """Each block's compute waits behind a spin on the compute stream."""
+    for block in blocks:
+        torch.cuda._sleep(STALL_CYCLES)
+        yield block
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stalled", ["copy", "compute"])
+def test_cuda_streaming_is_exact_when_either_stream_lags(stalled):
+    """The two event waits are what keep streaming exact: with the copy stream stalled, a block that
+    ran without waiting for its `ready` event would read the slot's previous weights; with the
+    compute stream stalled, a copy that did not wait for the slot's `free` event would overwrite
+    weights still in use. Either mistake changes the output, so this fails if a wait is removed."""
+    device = torch.device("cuda")
+    model = make_model(dtype=torch.bfloat16)
+    inputs = [t.to(device) for t in make_inputs()]
+    with torch.no_grad():
+        reference = make_model(dtype=torch.bfloat16).to(device)(*inputs)
+    for name, child in model.named_children():
+        if name not in ("double_blocks", "single_blocks"):
+            child.to(device)
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=1, prefetch_depth=1), device)
+    if stalled == "copy":
+        stall_copies(streamer)
+    for step in range(3):
+        blocks = streamer.blocks_for_step(prefetch_next_step=step < 2)
+        with torch.no_grad():
+            out = model(*inputs, blocks=stall_compute(blocks) if stalled == "compute" else blocks)
+        assert torch.equal(out, reference)
+    streamer.close()
+
+
+@pytest.mark.cuda
+def test_cuda_int8_quanto_blocks_stream_exactly():
+    device = torch.device("cuda")
+    model = make_model(dtype=torch.bfloat16)
+    for block in model.all_blocks():
+        quanto.quantize(block, weights=quanto.qint8)
+        quanto.freeze(block)
+    inputs = [t.to(device) for t in make_inputs()]
+    resident = copy.deepcopy(model).to(device)
+    with torch.no_grad():
+        reference = resident(*inputs)
+    for name, child in model.named_children():
+        if name not in ("double_blocks", "single_blocks"):
+            child.to(device)
+    streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=2, prefetch_depth=2), device)
+    for out in run_steps(model, streamer, inputs, steps=2):
+        assert torch.equal(out, reference)
+    streamer.close()
 
 
 @pytest.mark.cuda

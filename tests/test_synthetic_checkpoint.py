@@ -162,3 +162,23 @@ def test_full_text_encoders_are_llama3_8b_and_clip_l(full_plans):
     with torch.device("meta"):
         assert sum(p.numel() for p in LlamaModel(llm_config(size, build_tiny_llama3_tokenizer())).parameters()) == 7_504_924_672
         assert sum(p.numel() for p in CLIPTextModel(clip_config(size, build_tiny_clip_tokenizer())).parameters()) == 123_060_480
+
+
+def test_official_fp8_layout_is_tencents_pair_of_the_same_weights(tmp_path):
+    """"official-fp8" writes Tencent's FP8 pair instead of the bf16 .pt: the block linears are the
+    same draw rounded to e4m3 (relative error ~2.6 %, e4m3's 3 mantissa bits), the rest identical."""
+    import torch
+
+    from hyvideo.checkpoint import find_model_files, load_dit
+    from lowvram.stages import dit_config_for
+    from quant.tencent_fp8 import load_tencent_fp8
+
+    bf16 = find_model_files(write_synthetic_checkpoint(tmp_path / "bf16", "official", "tiny"))
+    fp8 = find_model_files(write_synthetic_checkpoint(tmp_path / "fp8", "official-fp8", "tiny"))
+    assert fp8.dit_weights == [] and fp8.dit_fp8 is not None and fp8.dit_fp8_map is not None
+    model = load_tencent_fp8(fp8.dit_fp8, dit_config_for(fp8), fp8.dit_fp8_map, dtype=torch.float32)
+    reference = load_dit(bf16, torch.float32)
+    layer, ref = model.single_blocks[0].linear1, reference.single_blocks[0].linear1.weight
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert 0.01 < ((layer.dequantize(torch.float32) - ref).norm() / ref.norm()).item() < 0.04
+    assert torch.equal(model.img_in.proj.weight, reference.img_in.proj.weight)
