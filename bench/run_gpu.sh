@@ -1,17 +1,43 @@
 #!/usr/bin/env bash
-# All GPU benchmarks in one device call (about 9 minutes on an H100/H200), each with its own time
-# limit so one slow or failing run cannot eat the others' time. Results land in $OUT (or
-# bench/results) as JSON + markdown, named by device.
-# Wheels found in .whl/ (e.g. diffusers and optimum-quanto for a machine without a package index)
-# are installed into /tmp/site first.
+# Every GPU measurement in one device call (<= 9 minutes on an H100/H200), most important first,
+# each with its own time limit so one slow or failing step cannot eat the others' time. Results
+# land in $OUT (or bench/results) as JSON + markdown, named by device.
+#   bash bench/run_gpu.sh            # on the GPU machine (wheels in .whl/ are installed first)
+#   REHEARSE=1 bash bench/run_gpu.sh # every step on the CPU at tiny size (what to run before a device call)
+# The device has no package index: carry optimum-quanto, bitsandbytes and diffusers as wheels in .whl/.
 set -u
 out=${OUT:-bench/results}
+mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 120 python3 bench/bench_dit_forward.py --repeats 1 --out "$out"   # issue 2: bf16 forward, 544p + 720p
-timeout 90 python3 bench/bench_quant.py --out "$out"                      # issue 3: bf16 / fp8 / scaled_mm / int8
-timeout 330 python3 -m bench.bench_streaming --out "$out" --budget-s 300  # issue 4: streaming vs resident vs diffusers
+scratch=${SCRATCH:-/tmp/lowvram-bench}
+if [ -n "${REHEARSE:-}" ]; then
+  size="--model-size tiny --device cpu"; video() { echo "--size 128x96 --frames 17"; }; cap() { :; }; tiny=--tiny
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  size="--model-size full"; video() { echo "--resolution $1 --frames 129"; }; cap() { echo "--cap-gb $1"; }; tiny=
+fi
+bench() {  # NAME SECONDS ARGS...: one `lowvram bench` configuration -> $out/lowvram-bench-NAME.json
+  local name=$1 limit=$2; shift 2
+  echo "== bench $name ($limit s)"
+  timeout "$limit" python3 -m cli bench --scratch "$scratch" --layout official-fp8 --steps 2 $size "$@" --json \
+    > "$out/lowvram-bench-$name.json" 2> "$out/lowvram-bench-$name.log" || echo "   $name: exit $?"
+}
+# 1. the product's path end to end at 720p x 129 (writes the full-size model once: Tencent's FP8 DiT
+#    pair, Llama-3-8B, CLIP-L, VAE, ~30 GB; the first run also builds the NF4 encoder cache)
+bench 720p-16gb 240 $(video 720p) --profile 16gb $(cap 16)
+bench 720p-24gb 120 $(video 720p) --profile 24gb $(cap 24)
+# 2. smaller cards (the DiT steps are what matter; the decode runs too if time allows)
+bench 540p-8gb 75 $(video 540p) --profile 8gb $(cap 8)
+bench 720p-12gb 75 $(video 720p) --profile 12gb $(cap 12)
+python3 -m bench.summarize_bench "$out"
+# 3. CUDA tests that fail when streaming's event waits, INT8/NF4 on CUDA or resume on CUDA break
+timeout 60 python3 -m pytest -q -m cuda -p no:cacheprovider tests/ > "$out/cuda-tests.txt" 2>&1; tail -3 "$out/cuda-tests.txt"
+# 4. diffusers' group offloading with FP8 layerwise casting at the same caps, and the DiT-only streaming runs
+timeout 60 python3 -m bench.bench_streaming --out "$out" --budget-s 45 $tiny --caps 16
+# 5. bf16 / FP8 dequant / FP8 _scaled_mm / INT8 forward at 544p x 33
+timeout 40 python3 bench/bench_quant.py --out "$out" $tiny
+rm -rf "$scratch"
