@@ -339,5 +339,16 @@ def resolve(spec: "str | Profile", width: int, height: int, frames: int, *, vram
             f"profile {profile.name} does not fit {width}x{height}x{frames} here: it needs {found.required_vram_gb:.1f} GiB "
             f"VRAM ({where}) and {found.peak_ram_gb:.1f} GiB RAM ({ram}); "
             + (f"try {hint}" if hint else "try a smaller --size or fewer --frames")
+            + pinned_hint(found)
         )
     return profile, found
+
+
+def pinned_hint(found: Plan) -> str:
+    """When RAM is what is short and pinned blocks are part of it: how to pin less."""
+    pinned = found.stages["dit"].pinned_bytes
+    if found.fits_ram or not pinned:
+        return ""
+    return (f"; or pin less: the streamed blocks' pinned copies take {pinned / GIB:.1f} GiB, and a profile file "
+            f"(`lowvram profiles show {found.profile.name}`) with a lower pinned_ram_cap_gb keeps the rest in the "
+            "page cache (slower copies)")

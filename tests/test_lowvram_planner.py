@@ -212,3 +212,17 @@ def test_vae_config_sizes_are_used():
     vae_config = VAEConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4)
     small = plan(load_profile("8gb"), 1280, 720, 129, vae_config=vae_config)
     assert small.stages["vae"].vram_bytes < plan(load_profile("8gb"), 1280, 720, 129).stages["vae"].vram_bytes
+
+
+def test_a_profile_short_of_ram_is_refused_before_loading():
+    """8 GiB of VRAM is enough for profile 8gb at 720p x 129, 6 GiB of RAM is not (its streamed
+    blocks are pinned on the host): one line that says RAM, and how to pin less."""
+    from lowvram.planner import resolve
+
+    with pytest.raises(HyVideoError) as info:
+        resolve("8gb", 1280, 720, 129, vram_bytes=8 * GIB, ram_bytes=6 * GIB)
+    message = str(info.value)
+    assert "GiB RAM (6.0 GiB available)" in message and "pinned_ram_cap_gb" in message and "\n" not in message
+    profile, found = resolve("8gb", 1280, 720, 129, vram_bytes=8 * GIB, ram_bytes=16 * GIB)
+    assert found.fits and found.stages["dit"].pinned_bytes > 0
+    assert found.stages["dit"].ram_parts["first use (DiT cache)"] > 0 and found.stages["dit"].page_cache_bytes > 0
