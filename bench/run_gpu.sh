@@ -40,4 +40,6 @@ timeout 60 python3 -m pytest -q -m cuda -p no:cacheprovider tests/ > "$out/cuda-
 timeout 60 python3 -m bench.bench_streaming --out "$out" --budget-s 45 $tiny --caps 16
 # 5. bf16 / FP8 dequant / FP8 _scaled_mm / INT8 forward at 544p x 33
 timeout 40 python3 bench/bench_quant.py --out "$out" $tiny
+# 6. the bf16 13B forward (all resident), if time is left
+timeout 60 python3 bench/bench_dit_forward.py --repeats 1 --out "$out" $tiny
 rm -rf "$scratch"
