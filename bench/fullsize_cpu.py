@@ -48,12 +48,24 @@ def tree_status(pid: int) -> tuple[int, int]:
 
 
 def memory_cgroup(limit_bytes: int) -> Path | None:
-    """A cgroup with a memory limit this machine lets us make (v2 memory.max, else v1), or None."""
-    for root, limit_file in ((Path("/sys/fs/cgroup/unified"), "memory.max"), (Path("/sys/fs/cgroup"), "memory.max"),
-                             (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")):
+    """A real memory cgroup with this limit (v2 with the memory controller, else v1), or None.
+    Only files the kernel made count: /sys/fs/cgroup can be a plain tmpfs, where a written
+    "memory.max" would be an ordinary file that limits nothing."""
+    candidates = []
+    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):  # v2, where it has the memory controller
+        controllers = root / "cgroup.controllers"
+        if controllers.exists() and "memory" in controllers.read_text().split():
+            candidates.append((root, "memory.max"))
+    candidates.append((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"))
+    for root, limit_file in candidates:
+        if not (root / limit_file).exists() and not (root / "cgroup.procs").exists():
+            continue
         group = root / "lowvram-bench"
         try:
             group.mkdir(exist_ok=True)
+            if not (group / limit_file).exists():  # not made by the kernel: not a cgroup
+                group.rmdir()
+                continue
             (group / limit_file).write_text(str(limit_bytes))
             return group
         except OSError:
