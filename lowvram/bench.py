@@ -86,6 +86,9 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     """Write (or reuse) the model, run it like `generate`, return measured vs planned per stage."""
     reporter = reporter or Reporter()
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if options.model_size == "full" and not device.startswith("cuda"):
+        raise HyVideoError("the full-size model needs an NVIDIA GPU with CUDA and PyTorch sees none here (`lowvram doctor` "
+                           "says why); `--model-size tiny --device cpu` checks the install on the CPU")
     if options.cap_bytes is not None:
         if not device.startswith("cuda"):
             raise HyVideoError("--cap-gb emulates a smaller GPU and needs CUDA; on the CPU there is no VRAM to cap")

@@ -40,3 +40,9 @@ def test_bench_reuses_the_model_and_refuses_a_cap_without_cuda(tmp_path):
     second = invoke("bench", "--scratch", tmp_path, "--json", "--steps", "1", *TINY_BENCH[:-4], "--device", "cpu")
     assert second.exit_code == 0 and json.loads(second.stdout)["model"]["folder"] == str(folder)
     assert (folder / "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt").stat().st_mtime_ns == stamp
+
+
+def test_bench_full_size_without_cuda_is_refused_before_writing_anything(tmp_path):
+    result = invoke("bench", "--scratch", tmp_path / "scratch", "--device", "cpu")
+    assert result.exit_code == 2 and "needs an NVIDIA GPU" in one_line_error(result)
+    assert not (tmp_path / "scratch").exists()
