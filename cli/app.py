@@ -1,0 +1,96 @@
+"""The `lowvram` Typer app and what every command shares: the two consoles (results on stdout,
+progress and errors on stderr), common options, and one-line user errors (exit code 2)."""
+
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(
+    name="lowvram", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="HunyuanVideo 13B text-to-video on one 16-24 GB NVIDIA GPU, with resumable runs.",
+)
+profiles_app = typer.Typer(help="List the memory profiles, or show one (`profiles show NAME`).", invoke_without_command=True)
+app.add_typer(profiles_app, name="profiles")
+
+out = Console(highlight=False, soft_wrap=True)  # results: tables, paths, JSON
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, warnings, errors
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+RunsDir = typer.Option(Path("runs"), "--runs-dir", envvar="LOWVRAM_RUNS_DIR", help="Where run folders live.")
+CacheDir = typer.Option(None, "--cache-dir", envvar="LOWVRAM_CACHE_DIR",
+                        help="Where quantized weights are kept (default: MODEL_DIR/lowvram-cache).")
+Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
+
+
+# --- plumbing --------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """Raised by the CLI itself for bad arguments; same handling as HyVideoError."""
+
+
+def fail(message: str, as_json: bool = False, code: int = EXIT_USER_ERROR):
+    if as_json:
+        print_json({"ok": False, "error": message})
+    first, *rest = str(message).split("\n")
+    err.print(f"[bold red]error:[/] {escape(first)}")
+    for line in rest:
+        err.print(line, markup=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors(as_json: bool = False):
+    """HyVideoError (any layer) -> one line on stderr, exit code 2."""
+    from hyvideo.errors import HyVideoError
+
+    try:
+        yield
+    except (HyVideoError, UserError) as error:
+        fail(str(error), as_json)
+
+
+def quiet_libraries() -> None:
+    """transformers/huggingface_hub progress bars and load reports would garble ours, and
+    bitsandbytes logs a warning about an optional CPU kernel package on import."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def print_json(value) -> None:
+    """Exactly one JSON document on stdout (no colours, no wrapping)."""
+    sys.stdout.write(json.dumps(value, indent=1, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_table(table) -> None:
+    """Tables at the terminal's width; piped into a file or another program, at 120 columns
+    rather than rich's default of 80 (which folds every path)."""
+    (out if out.is_terminal else Console(highlight=False, width=120)).print(table)
+
+
+def format_bytes(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"

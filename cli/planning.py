@@ -1,0 +1,175 @@
+"""Commands that answer "will it fit, how fast": plan, profiles, bench."""
+
+import json
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .app import Json, Quiet, UserError, app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors
+from .progress import make_reporter, sigint_saves
+
+@app.command()
+def plan(
+    profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT."),
+    resolution: str = typer.Option(None, "--resolution", help="540p or 720p (default 720p)."),
+    aspect: str = typer.Option(None, "--aspect", help="16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
+    frames: int = typer.Option(129, "--frames"),
+    vram: float = typer.Option(None, "--vram", help="GiB of VRAM to plan for (default: this GPU's free VRAM, else the profile's budget)."),
+    ram: float = typer.Option(None, "--ram", help="GiB of host RAM to plan for (default: available RAM)."),
+    as_json: bool = Json,
+):
+    """Predict peak VRAM and RAM per stage (text, DiT, VAE); exit 1 if it does not fit."""
+    import torch
+
+    with user_errors(as_json):
+        from hyvideo.errors import HyVideoError
+        from hyvideo.pipeline import GenerationRequest, validate_request
+        from lowvram.doctor import host_ram
+        from lowvram.planner import resolve, suggest_fit
+        from lowvram.sizes import resolve_size
+
+        width, height = resolve_size(size, resolution, aspect)
+        validate_request(GenerationRequest("plan", width=width, height=height, frames=frames))
+        gib = 2**30
+        if vram is not None:
+            vram_bytes = int(vram * gib)
+        elif torch.cuda.is_available():
+            vram_bytes = torch.cuda.mem_get_info()[0]
+        else:
+            vram_bytes = None
+        total, available = host_ram()
+        ram_bytes = int(ram * gib) if ram is not None else (available or total)
+        if profile == "auto" and vram_bytes is None:
+            raise UserError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
+        try:
+            chosen, found = resolve(profile, width, height, frames, vram_bytes=vram_bytes, ram_bytes=ram_bytes, must_fit=False)
+        except HyVideoError as error:
+            if profile != "auto":
+                raise
+            hint = suggest_fit(width, height, frames, vram_bytes, ram_bytes)  # no profile fits: exit 1 with a suggestion, not 2
+            result = {"fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
+                      "reason": str(error), "suggestion": hint}
+            if as_json:
+                print_json(result)
+            else:
+                err.print(f"[red]does not fit:[/] {escape(str(error))}" + (f"; try {hint}" if hint else ""))
+            raise typer.Exit(1)
+        result = found.to_dict()
+        hint = None
+        if not found.fits:
+            hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes)
+            result["suggestion"] = hint
+    if as_json:
+        print_json(result)
+    else:
+        rows = found.table_rows()
+        table = Table(*rows[0], title=f"{chosen.name} at {found.width}x{found.height}x{frames}")
+        for row in rows[1:]:
+            table.add_row(*row)
+        print_table(table)
+        out.print(f"DiT blocks: {found.schedule}")
+        if not found.fits:
+            err.print("[red]does not fit[/]" + (f": try {hint}" if hint else ": try a smaller --size or fewer --frames"))
+    if not found.fits:
+        raise typer.Exit(1)
+
+
+@profiles_app.callback()
+def profiles_list(ctx: typer.Context, as_json: bool = Json):
+    """List the shipped memory profiles."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with user_errors(as_json):
+        from lowvram.profiles import shipped_profiles
+
+        profiles = shipped_profiles()
+    if as_json:
+        print_json({"profiles": [{**p.to_dict(), "source": p.source} for p in profiles]})
+        return
+    table = Table("name", "VRAM GiB", "DiT", "text encoder", "resident blocks", "description", title="profiles (fastest first)")
+    for p in profiles:
+        table.add_row(p.name, f"{p.vram_budget_gb:g}", p.dit_scheme, p.encoder_scheme, str(p.resident_blocks), p.description)
+    print_table(table)
+    out.print("use one with --profile NAME, or pass your own .toml file (`lowvram profiles show NAME` prints a starting point)")
+
+
+@profiles_app.command("show")
+def profiles_show(name: str = typer.Argument(..., help="Profile name or .toml path."), as_json: bool = Json):
+    """Show every field of one profile."""
+    with user_errors(as_json):
+        from lowvram.profiles import load_profile
+
+        profile = load_profile(name)
+    values = profile.to_dict()
+    if as_json:
+        print_json({**values, "source": profile.source})
+        return
+    out.print(f"# {profile.source}", markup=False)
+    for key, value in values.items():
+        out.print(f"{key} = {json.dumps(value)}", markup=False)
+
+
+
+@app.command()
+def bench(
+    scratch: Path = typer.Option(Path("lowvram-bench"), "--scratch", help="Where the random-weight model (~42 GB at full size) and runs go."),
+    model_size: str = typer.Option("full", "--model-size", help="full (13B, the real sizes) or tiny."),
+    layout: str = typer.Option("official", "--layout", help="official, official-fp8 (Tencent's FP8 DiT pair) or diffusers: the folder to write and load."),
+    profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16."),
+    resolution: str = typer.Option(None, "--resolution", help="540p or 720p (default 720p)."),
+    aspect: str = typer.Option(None, "--aspect", help="16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
+    frames: int = typer.Option(129, "--frames"),
+    steps: int = typer.Option(2, "--steps", help="Denoising steps to measure (the estimate scales to 50)."),
+    cap_gb: float = typer.Option(None, "--cap-gb", help="Emulate a card with this many GiB (caps PyTorch's allocations)."),
+    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Run the real pipeline on random weights of the real size: per stage, measured peak VRAM and
+    RAM next to the plan, s/step, and an estimate for a full run. The video is noise."""
+    quiet_libraries()
+    reporter = make_reporter(enabled=not (as_json or quiet))
+    with user_errors(as_json):
+        from lowvram.bench import BenchOptions, run_bench
+        from lowvram.runner import RunInterrupted, StopRequest
+        from lowvram.sizes import resolve_size
+
+        if model_size not in ("full", "tiny"):
+            raise UserError(f"--model-size takes full or tiny, not {model_size!r}")
+        if layout not in ("official", "official-fp8", "diffusers"):
+            raise UserError(f"--layout takes official, official-fp8 or diffusers, not {layout!r}")
+        width, height = resolve_size(size, resolution, aspect)
+        options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
+                               None if cap_gb is None else int(cap_gb * 2**30), device)
+        stop = StopRequest()
+        try:
+            with sigint_saves(stop), reporter:
+                result = run_bench(options, reporter, stop)
+        except RunInterrupted:
+            raise UserError("stopped; the bench run is not resumed (run `lowvram bench` again)") from None
+    if as_json:
+        print_json({"ok": True, **result, "warnings": reporter.warnings})
+        return
+    title = (f"{result['profile']} at {width}x{height}x{frames}, {steps} steps, {result['model']['size']} model"
+             + (f", capped at {result['cap_gb']:g} GiB" if result["cap_gb"] else "") + f" ({result['gpu'] or result['device']})")
+    table = Table("stage", "seconds", "VRAM GiB", "planned", "error", "RAM GiB", "planned", "error", "page cache GiB", title=title)
+
+    def number(value, fmt="{:.2f}"):
+        return "-" if value is None else fmt.format(value)
+
+    for name, st in result["stages"].items():
+        table.add_row(name, number(st["seconds"], "{:.1f}"), number(st["vram_gb"]), number(st["planned_vram_gb"]),
+                      number(st["vram_error_pct"], "{:+.1f} %"), number(st["ram_gb"]), number(st["planned_ram_gb"]),
+                      number(st["ram_error_pct"], "{:+.1f} %"), number(st["page_cache_gb"]))
+    print_table(table)
+    dit = result["stats"].get("dit", {})
+    out.print(f"DiT: {dit.get('resident_blocks')} blocks resident, {dit.get('streamed_blocks')} streamed; "
+              f"load {result['dit_load_seconds']:.1f} s; s/step {number(result['s_per_step'])}", markup=False)
+    if result["estimate"]["seconds"] is not None:
+        minutes = result["estimate"]["seconds"] / 60
+        out.print(f"estimate for {result['estimate']['steps']} steps + encode + decode: {minutes:.1f} min on this machine", markup=False)
+    out.print(f"note: {result['note']} (video: {result['video_path']})", markup=False)

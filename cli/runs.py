@@ -1,0 +1,158 @@
+"""Commands that make videos and show them: generate, resume, demo, runs."""
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .app import CacheDir, Json, Quiet, RunsDir, UserError, app, err, out, print_json, print_table, user_errors
+from .progress import run_and_report
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt_file is not None:
+        if prompt:
+            raise UserError("give the prompt as an argument or with --prompt-file, not both")
+        try:
+            return prompt_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read --prompt-file {prompt_file}: {getattr(error, 'strerror', None) or error}") from None
+    if prompt is None:
+        raise UserError('no prompt: lowvram generate "a red fox running through snow" (or --prompt-file FILE)')
+    return prompt
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(None, help="What the video shows (or use --prompt-file)."),
+    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR",
+                                   help="Weights folder (default: ./ckpts if it holds a model, else the huggingface_hub cache)."),
+    profile: str = typer.Option("auto", "--profile", help="Memory profile: auto, a name (`lowvram profiles`) or a .toml file."),
+    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 1280x720)."),
+    resolution: str = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p)."),
+    aspect: str = typer.Option(None, "--aspect", help="With --resolution: 16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
+    frames: int = typer.Option(129, "--frames", help="Number of frames, 4k+1 (129 = 5.4 s at 24 fps)."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (default: a random one, recorded in the run)."),
+    guidance: float = typer.Option(6.0, "--guidance", help="Embedded guidance scale."),
+    flow_shift: float = typer.Option(7.0, "--flow-shift", help="Flow-matching schedule shift."),
+    prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
+    attention: str = typer.Option("sdpa", "--attention", help="sdpa or flash (needs flash-attn)."),
+    out_path: Path = typer.Option(None, "--out", help="Also copy the mp4 here (a file, or a folder)."),
+    cache_dir: Path = CacheDir,
+    runs_dir: Path = RunsDir,
+    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Generate a video; the run is saved after every step and can be resumed."""
+    import random
+
+    with user_errors(as_json):
+        from hyvideo.pipeline import GenerationRequest
+        from lowvram.runner import RunOptions, execute, start_run
+        from lowvram.sizes import resolve_size
+
+        text = _read_prompt(prompt, prompt_file)
+        width, height = resolve_size(size, resolution, aspect)
+        request = GenerationRequest(text, width=width, height=height, frames=frames, steps=steps,
+                                    seed=random.randint(0, 1_000_000) if seed is None else seed,
+                                    guidance=guidance, flow_shift=flow_shift)
+        from lowvram.download import default_model_dir
+
+        options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir)
+
+    def work(reporter, stop):
+        run, files, plan = start_run(options, reporter)
+        if not (as_json or quiet):
+            err.print(f"run {run.id} (seed {request.seed}, profile {plan.profile.name}) in {run.folder}", markup=False)
+        return execute(run, files, plan, reporter, stop)
+
+    run_and_report(work, as_json, quiet)
+
+
+@app.command()
+def resume(
+    run: str = typer.Argument(None, help="Run id, id prefix or folder (default: the newest unfinished run)."),
+    runs_dir: Path = RunsDir,
+    model_dir: Path = typer.Option(None, "--model-dir", help="Where the weights are now, if they moved (they must be the same files)."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Continue an interrupted run from its last saved step (bit-identical to an uninterrupted run)."""
+    from lowvram.runner import resume_run
+
+    def work(reporter, stop):
+        return resume_run(runs_dir, run, model_dir, reporter, stop)
+
+    run_and_report(work, as_json, quiet)
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Argument("a red fox running through snow", help="Prompt for the tiny model."),
+    save_model: Path = typer.Option(None, "--save-model", help="Where to keep the tiny checkpoint (default: RUNS_DIR/demo-model); "
+                                    "then `generate --model-dir DIR` uses it."),
+    size: str = typer.Option("128x96", "--size", help="WIDTHxHEIGHT."),
+    frames: int = typer.Option(17, "--frames"),
+    steps: int = typer.Option(10, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+    runs_dir: Path = RunsDir,
+    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    as_json: bool = Json,
+    quiet: bool = Quiet,
+):
+    """Run a tiny random-weight HunyuanVideo end to end (CPU or GPU, well under a minute).
+
+    The video is noise-like (random weights); it proves the install, the run folder and the mp4.
+    The tiny checkpoint is written once and reused, so an interrupted demo can be resumed."""
+    with user_errors(as_json):
+        from hyvideo.pipeline import GenerationRequest
+        from lowvram.runner import RunOptions, execute, start_run
+        from lowvram.sizes import parse_size
+
+        width, height = parse_size(size)
+        request = GenerationRequest(prompt, width=width, height=height, frames=frames, steps=steps, seed=seed)
+    model_root = save_model or runs_dir / "demo-model"
+
+    def work(reporter, stop):
+        from lowvram.runner import DEMO_PROFILE, ensure_demo_model
+
+        ensure_demo_model(model_root, reporter)
+        run, files, plan = start_run(RunOptions(request, model_root, runs_dir, DEMO_PROFILE, "sdpa", device), reporter)
+        return execute(run, files, plan, reporter, stop)
+
+    run_and_report(work, as_json, quiet)
+    if not (as_json or quiet):
+        err.print(f"tiny model in {model_root}: lowvram generate \"...\" --model-dir {model_root} --size {size} --frames {frames} "
+                  f"--steps {steps}", markup=False)
+
+
+
+@app.command("runs")
+def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
+    """List runs: id, prompt, size x frames, step k/N, state, output."""
+    from lowvram.runs import list_runs
+
+    rows = [entry.summary() for entry in list_runs(runs_dir)]
+    if as_json:
+        print_json({"runs_dir": str(runs_dir), "runs": rows})
+        return
+    if not rows:
+        out.print(f"no runs in {runs_dir}", markup=False)
+        return
+    table = Table(title=f"runs in {runs_dir}", caption=f"outputs are in {runs_dir}/<id>/")
+    table.add_column("id", no_wrap=True)
+    table.add_column("prompt", min_width=16, max_width=40)
+    for name in ("size x frames", "step", "state", "output"):
+        table.add_column(name, no_wrap=True)
+    for row in rows:
+        prompt = row["prompt"] or row.get("problem", "")
+        prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+        step = f"{row['step']}/{row['steps']}" if row["steps"] else "-"
+        output = row["output"] or "-"
+        output = Path(output).name if Path(output).parent == Path(row["folder"]) else output
+        state = row["state"]
+        if state in ("encoding", "denoising", "decoding"):  # unfinished: live, or waiting for `lowvram resume`
+            state += " (running)" if row["running"] else " (stopped)"
+        table.add_row(row["id"], prompt, row["size"] or "-", step, state, output)
+    print_table(table)
