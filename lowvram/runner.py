@@ -306,7 +306,7 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
     settings = run.settings
     request = GenerationRequest(**{k: settings[k] for k in GenerationRequest.__dataclass_fields__})
     device = torch.device(settings["device"])
-    stages = Stages(files, plan.profile, plan, device, settings["attention"], reporter, settings.get("cache_dir"))
+    stages = Stages(files, plan, device, settings["attention"], reporter, settings.get("cache_dir"))
     seconds = run.manifest.setdefault("seconds", {})
     measured = run.manifest.setdefault("measured", {})
     meter = StageMeter(device)

@@ -10,7 +10,7 @@ on the GPU, as the official code; float32 on the CPU, where only the tiny model 
 half-precision matmuls are slow. Quantized DiT caches keep their non-quantized tensors in that
 same dtype.
 
-    stages = Stages(files, profile, plan, device, attention, reporter, cache_dir)
+    stages = Stages(files, plan, device, attention, reporter, cache_dir)   # plan.profile is the profile
     llm, clip = stages.text_encoders()
     model, streamer = stages.dit()        # blocks via streamer.blocks_for_step(...)
     stages.release_dit(model, streamer)
@@ -33,7 +33,6 @@ from hyvideo.weight_io import read_torch_file
 from quant.bytes import TextEncoderParams, llm_param_counts
 
 from .planner import Plan
-from .profiles import Profile
 from .progress import Reporter
 from .streaming import BlockStreamer, place_dit, release_dit
 from .tiled_vae import TiledVAE
@@ -100,9 +99,9 @@ def compute_dtypes(device: torch.device) -> tuple[torch.dtype, torch.dtype]:
 class Stages:
     """Loads each stage's models for one run (see the module docstring)."""
 
-    def __init__(self, files: ModelFiles, profile: Profile, plan: Plan, device: torch.device, attention: str,
+    def __init__(self, files: ModelFiles, plan: Plan, device: torch.device, attention: str,
                  reporter: Reporter | None = None, cache_dir: Path | None = None):
-        self.files, self.profile, self.plan, self.device = files, profile, plan, device
+        self.files, self.profile, self.plan, self.device = files, plan.profile, plan, device
         self.attention, self.reporter = attention, reporter or Reporter()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(files)
         self.dtype, self.vae_dtype = compute_dtypes(device)
@@ -171,13 +170,11 @@ class Stages:
 
     def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
         """Latents -> uint8 frames through the tiled decoder (one tile when the profile says 0)."""
-        tiles = []
+        self.stats["vae"] = {"tiles": 0}
 
         def on_tile(done: int, total: int) -> None:
-            tiles[:] = [total]
+            self.stats["vae"]["tiles"] = done
             on_progress(done, total)
 
         tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu", on_tile=on_tile)
-        frames = decode(vae, latents, self.device, vae_decode=tiled.decode)
-        self.stats["vae"] = {"tiles": tiles[0] if tiles else 0}
-        return frames
+        return decode(vae, latents, self.device, vae_decode=tiled.decode)
