@@ -28,6 +28,8 @@ EXIT_INTERRUPTED = 130
 RunsDir = typer.Option(Path("runs"), "--runs-dir", envvar="LOWVRAM_RUNS_DIR", help="Where run folders live.")
 CacheDir = typer.Option(None, "--cache-dir", envvar="LOWVRAM_CACHE_DIR",
                         help="Where quantized weights are kept (default: MODEL_DIR/lowvram-cache).")
+StepCache = typer.Option(None, "--cache", help="Skip the DiT's blocks on steps that change little (TeaCache): "
+                         "off, safe (published ~1.6x) or fast (~2.1x); default: the profile's (off).")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
 

@@ -7,7 +7,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import Json, Quiet, UserError, app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors
+from .app import Json, Quiet, StepCache, UserError, app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors
 from .progress import make_reporter, sigint_saves
 
 @app.command()
@@ -17,6 +17,8 @@ def plan(
     resolution: str = typer.Option(None, "--resolution", help="540p or 720p (default 720p)."),
     aspect: str = typer.Option(None, "--aspect", help="16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
     frames: int = typer.Option(129, "--frames"),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps (for the DiT forwards a step cache is expected to run)."),
+    step_cache: str = StepCache,
     vram: float = typer.Option(None, "--vram", help="GiB of VRAM to plan for (default: this GPU's free VRAM, else the profile's budget)."),
     ram: float = typer.Option(None, "--ram", help="GiB of host RAM to plan for (default: available RAM)."),
     as_json: bool = Json,
@@ -28,11 +30,12 @@ def plan(
         from hyvideo.errors import HyVideoError
         from hyvideo.pipeline import GenerationRequest, validate_request
         from lowvram.doctor import host_ram
+        from hyvideo.step_cache import expected_forwards
         from lowvram.planner import resolve, suggest_fit
         from lowvram.sizes import resolve_size
 
         width, height = resolve_size(size, resolution, aspect)
-        validate_request(GenerationRequest("plan", width=width, height=height, frames=frames))
+        validate_request(GenerationRequest("plan", width=width, height=height, frames=frames, steps=steps))
         gib = 2**30
         if vram is not None:
             vram_bytes = int(vram * gib)
@@ -45,7 +48,8 @@ def plan(
         if profile == "auto" and vram_bytes is None:
             raise UserError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
         try:
-            chosen, found = resolve(profile, width, height, frames, vram_bytes=vram_bytes, ram_bytes=ram_bytes, must_fit=False)
+            chosen, found = resolve(profile, width, height, frames, vram_bytes=vram_bytes, ram_bytes=ram_bytes, must_fit=False,
+                                    cache=step_cache)
         except HyVideoError as error:
             if profile != "auto":
                 raise
@@ -58,6 +62,9 @@ def plan(
                 err.print(f"[red]does not fit:[/] {escape(str(error))}" + (f"; try {hint}" if hint else ""))
             raise typer.Exit(1)
         result = found.to_dict()
+        forwards = expected_forwards(chosen.step_cache, chosen.step_cache_threshold, steps)
+        result["step_cache"] = {"method": chosen.step_cache, "threshold": chosen.step_cache_threshold, "steps": steps,
+                                "expected_dit_forwards": list(forwards)}
         hint = None
         if not found.fits:
             hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes)
@@ -71,6 +78,10 @@ def plan(
             table.add_row(*row)
         print_table(table)
         out.print(f"DiT blocks: {found.schedule}")
+        if chosen.step_cache != "off":
+            fewest, most = forwards
+            out.print(f"step cache: {chosen.step_cache} (threshold {chosen.step_cache_threshold:g}): the DiT's blocks are expected "
+                      f"to run on {fewest}-{most} of {steps} steps (published HunyuanVideo figures; random weights differ)")
         if not found.fits:
             err.print("[red]does not fit[/]" + (f": try {hint}" if hint else ": try a smaller --size or fewer --frames"))
     if not found.fits:

@@ -51,11 +51,13 @@ def make_reporter(enabled: bool):
             if self.lines:
                 err.print(f"{name}" + (f" ({completed}/{total} done)" if total and completed else ""))
 
-        def advance(self, completed, total=None, s_per_step=None, peak_vram_gb=None, **info):
+        def advance(self, completed, total=None, s_per_step=None, peak_vram_gb=None, dit_steps=None, **info):
             parts = []
             if s_per_step is not None:
                 parts.append(f"{s_per_step:.2f} s/step")
                 self.step_times.append(s_per_step)
+            if dit_steps is not None:  # a step cache: steps whose blocks ran vs reused
+                parts.append(f"DiT ran {dit_steps}, reused {completed - dit_steps}")
             if peak_vram_gb is not None:
                 parts.append(f"peak VRAM {peak_vram_gb:.1f} GiB")
             update = {"completed": completed, "info": "  ".join(parts)}

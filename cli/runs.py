@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .app import CacheDir, Json, Quiet, RunsDir, UserError, app, err, out, print_json, print_table, user_errors
+from .app import CacheDir, Json, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json, print_table, user_errors
 from .progress import run_and_report
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -38,6 +38,7 @@ def generate(
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
     attention: str = typer.Option("sdpa", "--attention", help="sdpa or flash (needs flash-attn)."),
     out_path: Path = typer.Option(None, "--out", help="Also copy the mp4 here (a file, or a folder)."),
+    step_cache: str = StepCache,
     cache_dir: Path = CacheDir,
     runs_dir: Path = RunsDir,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
@@ -59,7 +60,8 @@ def generate(
                                     guidance=guidance, flow_shift=flow_shift)
         from lowvram.download import default_model_dir
 
-        options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir)
+        options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir,
+                             step_cache=step_cache)
 
     def work(reporter, stop):
         run, files, plan = start_run(options, reporter)
@@ -96,6 +98,7 @@ def demo(
     frames: int = typer.Option(17, "--frames"),
     steps: int = typer.Option(10, "--steps"),
     seed: int = typer.Option(0, "--seed"),
+    step_cache: str = StepCache,
     runs_dir: Path = RunsDir,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
     as_json: bool = Json,
@@ -118,7 +121,8 @@ def demo(
         from lowvram.runner import DEMO_PROFILE, ensure_demo_model
 
         ensure_demo_model(model_root, reporter)
-        run, files, plan = start_run(RunOptions(request, model_root, runs_dir, DEMO_PROFILE, "sdpa", device), reporter)
+        options = RunOptions(request, model_root, runs_dir, DEMO_PROFILE, "sdpa", device, step_cache=step_cache)
+        run, files, plan = start_run(options, reporter)
         return execute(run, files, plan, reporter, stop)
 
     run_and_report(work, as_json, quiet)

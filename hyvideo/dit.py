@@ -58,32 +58,43 @@ class HunyuanVideoDiT(nn.Module):
         guidance: torch.Tensor | None = None,  # [B] embedded guidance * 1000
         blocks: Iterable[nn.Module] | None = None,
     ) -> torch.Tensor:
-        check_backend(self.attention_backend)
+        vec = self.conditioning(t, text_states_2, guidance)
+        img = self.embed_image(x)
+        img = self.transform(img, vec, t, text_states, text_mask, token_grid(x, self.config.patch_size), blocks)
+        return self.head(img, vec, x)
+
+    def conditioning(self, t: torch.Tensor, text_states_2: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """vec [B, D] = time_in(t) + vector_in(CLIP pooled) + guidance_in(g): what modulates every block."""
         dtype = self.compute_dtype
-        batch, _, frames, height, width = x.shape
-        pt, ph, pw = self.config.patch_size
-        grid = (frames // pt, height // ph, width // pw)
-
-        if batch == 1:
-            # Drop padded text tokens: valid tokens never attend to them, so results are unchanged
-            # and attention needs no mask (SDPA can use its flash kernel).
-            valid = int(text_mask[0].sum())
-            text_states, text_mask = text_states[:, :valid], None
-
         vec = self.time_in(t, dtype) + self.vector_in(text_states_2.to(dtype))
         if self.guidance_in is not None:
             if guidance is None:
                 raise ValueError("this DiT embeds guidance: pass guidance = embedded_guidance_scale * 1000")
             vec = vec + self.guidance_in(guidance, dtype)
-        img = self.img_in(x.to(dtype))  # [B, N_img, D]
-        txt = self.txt_in(text_states.to(dtype), t, text_mask)  # [B, L, D]
+        return vec
 
-        cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=x.device)
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, T, h, w] -> image tokens [B, N_img, D]."""
+        return self.img_in(x.to(self.compute_dtype))
+
+    def transform(self, img, vec, t, text_states, text_mask, grid, blocks=None) -> torch.Tensor:
+        """The 60 blocks: image tokens [B, N_img, D] (updated in place) -> image tokens after the last
+        block. The text tokens (refined from the LLM states) take part and are dropped at the end."""
+        check_backend(self.attention_backend)
+        if img.shape[0] == 1:
+            # Drop padded text tokens: valid tokens never attend to them, so results are unchanged
+            # and attention needs no mask (SDPA can use its flash kernel).
+            valid = int(text_mask[0].sum())
+            text_states, text_mask = text_states[:, :valid], None
+        txt = self.txt_in(text_states.to(self.compute_dtype), t, text_mask)  # [B, L, D]
+
+        cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)
         key_mask = None
         if text_mask is not None:
             key_mask = torch.cat([torch.ones_like(text_mask[:, :1]).expand(-1, img.shape[1]), text_mask], dim=1).bool()
         inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk)
 
+        n_img = img.shape[1]
         joint = None
         for block in self.all_blocks() if blocks is None else blocks:
             if isinstance(block, DoubleStreamBlock):
@@ -93,12 +104,18 @@ class HunyuanVideoDiT(nn.Module):
                     joint = torch.cat([img, txt], dim=1)  # image first, then text
                     del img, txt
                 joint = block(joint, vec, inputs)
-        if joint is None:
-            joint = img
-        img = joint[:, : grid[0] * grid[1] * grid[2]]
+        return img if joint is None else joint[:, :n_img]
 
+    def head(self, img: torch.Tensor, vec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Image tokens after the blocks -> velocity shaped like the latents `x`."""
         out = self.final_layer(img, vec, self.token_chunk)  # [B, N_img, pt*ph*pw*C]
-        return unpatchify(out, grid, self.config.patch_size, self.config.out_channels)
+        return unpatchify(out, token_grid(x, self.config.patch_size), self.config.patch_size, self.config.out_channels)
+
+
+def token_grid(x: torch.Tensor, patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Latents [B, C, T, H, W] -> the (t, h, w) grid of image tokens."""
+    (pt, ph, pw), (frames, height, width) = patch, x.shape[2:]
+    return frames // pt, height // ph, width // pw
 
 
 def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int) -> torch.Tensor:

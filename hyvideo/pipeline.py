@@ -13,6 +13,7 @@ import torch
 
 from .errors import HyVideoError
 from .sampler import embedded_guidance, euler_step, flow_sigmas, flow_timesteps
+from .step_cache import TeaCache
 from .text_encoder import TextEmbeddings
 from .vae import CausalVAE
 
@@ -61,10 +62,11 @@ def latents_to_frames(video: torch.Tensor) -> torch.Tensor:
 def denoise(
     dit, embeddings: TextEmbeddings, latents: torch.Tensor, request: GenerationRequest, device,
     start_step: int = 0, on_step: Callable[[int, torch.Tensor], None] | None = None,
-    blocks_for_step: Callable[[int], Iterable[torch.nn.Module]] | None = None,
+    blocks_for_step: Callable[[int], Iterable[torch.nn.Module]] | None = None, step_cache: TeaCache | None = None,
 ) -> torch.Tensor:
     """Euler steps start_step..steps-1 from float32 `latents`; on_step(i, latents) after each.
-    blocks_for_step(i): the DiT's blocks for step i (streamed ones just in time); None: its own."""
+    blocks_for_step(i): the DiT's blocks for step i (streamed ones just in time); None: its own.
+    step_cache: decides per step whether the blocks run (and asks blocks_for_step only then)."""
     sigmas = flow_sigmas(request.steps, request.flow_shift).to(device)
     timesteps = flow_timesteps(sigmas)
     dtype = dit.compute_dtype
@@ -74,8 +76,11 @@ def denoise(
     text_states_2 = embeddings.text_states_2.to(device, dtype)
     latents = latents.to(device, torch.float32)
     for i in range(start_step, request.steps):
-        blocks = blocks_for_step(i) if blocks_for_step is not None else None
-        velocity = dit(latents, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance, blocks=blocks)
+        if step_cache is not None:
+            velocity = step_cache.forward(dit, i, latents, timesteps, text_states, text_mask, text_states_2, guidance, blocks_for_step)
+        else:
+            blocks = blocks_for_step(i) if blocks_for_step is not None else None
+            velocity = dit(latents, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance, blocks=blocks)
         latents = euler_step(latents, velocity, sigmas, i)
         if on_step is not None:
             on_step(i, latents)

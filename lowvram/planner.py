@@ -12,7 +12,10 @@ Stages run one after another, each with only its own weights on the GPU (lowvram
 - text: the LLM (nf4 or bf16) and CLIP, loaded together; peak = both encoders + the LLM's activations.
 - dit:  trunk (embedders, refiner, final layer; bf16) + resident blocks + the streaming ring +
         activations of one forward at the profile's token chunk (lowvram/activations.py) + the
-        transient bf16 copy of the largest quantized linear being run + latents.
+        transient bf16 copy of the largest quantized linear being run + latents; with a step cache,
+        block 0's image modulation (the probe). The cache's own tensors (two image-token states
+        while deciding, or one plus the residual on a reused step) exist only between forwards,
+        when no block's activations do, and are smaller than those: they add no peak.
 - vae:  decoder weights (fp16) + one tile's activations + the assembled temporal tile and the tails
         kept for blending (lowvram/tiled_vae.py). The decoded video goes to host memory.
 
@@ -29,7 +32,8 @@ device, shard by shard, from read-only mapped files: those pages are page cache,
 is read from disk again: slower, never an out-of-memory).
 
 "auto" resident blocks: the most blocks (spread evenly) that fit the budget left after the
-reserve, trunk, ring and activations.
+reserve, trunk, ring and activations. Host RAM with a step cache adds its residual (one image-token
+state, bf16: 0.73 GB at 720p x 129) and that residual's serialized copy while a checkpoint is written.
 
 Weight bytes come from quant/bytes.py, the accounting the quantized modules really use.
 """
@@ -41,10 +45,11 @@ from dataclasses import dataclass
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.vae import latent_shape
-from quant.bytes import TextEncoderParams, block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes, trunk_bytes, vae_decoder_bytes
+from quant.bytes import (TextEncoderParams, block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes,
+                         modulation_probe_bytes, trunk_bytes, vae_decoder_bytes)
 
 from .activations import dit_activation_bytes, image_tokens, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
-from .profiles import Profile, load_profile, shipped_profiles
+from .profiles import Profile, load_profile, shipped_profiles, with_step_cache
 from .schedule import BlockSchedule, plan_schedule
 from .sizes import SIZE_BUCKETS
 from .tiled_vae import decode_tiling
@@ -231,6 +236,8 @@ def plan(
         "dequantized weight": dequantized_weight_bytes(dit_config, profile.dit_scheme, profile.quant_policy),
         "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
     }
+    if profile.step_cache != "off":
+        dit_parts["step cache probe"] = modulation_probe_bytes(dit_config, profile.dit_scheme, profile.quant_policy)
     schedule = dit_schedule(profile, dit_config, sum(dit_parts.values()), budget)
     dit_parts["resident blocks"] = schedule.resident_bytes
     dit_parts["ring"] = schedule.ring_bytes
@@ -250,6 +257,8 @@ def plan(
     dit_ram = {"baseline": HOST_BASELINE_BYTES, "pinned blocks": pinned}
     if profile.dit_scheme != "bf16":
         dit_ram["first use (DiT cache)"] = first_use_quantize_bytes(dit_config)
+    if profile.step_cache != "off":  # the residual, and its serialized copy while a checkpoint is written
+        dit_ram["step cache"] = 2 * tokens * dit_config.hidden_size * 2 + latent_bytes
     dit_files = trunk_bytes(dit_config) + sum(schedule.block_bytes)
     stages["dit"] = StagePlan(sum(dit_parts.values()), dit_parts, dit_ram, dit_files)
     vae_vram, vae_parts = vae_stage(profile, vae_config, (t_lat, h_lat, w_lat))
@@ -310,24 +319,26 @@ def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes
 
 
 def resolve(spec: "str | Profile", width: int, height: int, frames: int, *, vram_bytes: int | None, ram_bytes: int | None,
-            must_fit: bool = True, **plan_kwargs) -> tuple[Profile, Plan]:
+            must_fit: bool = True, cache: str | None = None, **plan_kwargs) -> tuple[Profile, Plan]:
     """--profile (auto | a shipped name | a .toml path) -> the run's profile and its plan.
 
     vram_bytes: free VRAM of the GPU the run uses; None when there is none (the CPU: "auto" is
     "plain", and a named profile is planned against its own budget). A named profile's budget is
     lowered to the free VRAM when that is less, as "auto" does. must_fit: a plan that does not fit
     raises a HyVideoError naming what would (else the caller shows the plan). `spec` may also be a
-    Profile (the demo's). plan_kwargs: the model's configs and text encoder sizes (see `plan`)."""
+    Profile (the demo's). cache: `--cache off|safe|fast` applied to the profile (None: as it says).
+    plan_kwargs: the model's configs and text encoder sizes (see `plan`)."""
     kwargs = plan_kwargs
     if isinstance(spec, Profile):
-        profile = spec
+        profile = with_step_cache(spec, cache)
     elif spec == "auto":
         if vram_bytes is None:
-            profile = load_profile("plain")
+            profile = with_step_cache(load_profile("plain"), cache)
             return profile, plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **kwargs)
-        return choose_profile(vram_bytes, ram_bytes or 0, width, height, frames, **kwargs)
+        candidates = [with_step_cache(p, cache) for p in shipped_profiles()]
+        return choose_profile(vram_bytes, ram_bytes or 0, width, height, frames, profiles=candidates, **kwargs)
     else:
-        profile = load_profile(spec)  # unknown name or malformed file -> HyVideoError
+        profile = with_step_cache(load_profile(spec), cache)  # unknown name or malformed file -> HyVideoError
     if vram_bytes is not None and vram_bytes < profile.vram_budget_bytes:
         profile = with_budget(profile, vram_bytes)
     found = plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **kwargs)

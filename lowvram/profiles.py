@@ -2,7 +2,8 @@
 
 A profile names the VRAM it is made for, how the DiT is stored (fp8 | int8 | bf16) and streamed
 (resident blocks, prefetch depth, token chunk), how the LLM text encoder is stored (nf4 | bf16),
-the VAE tile sizes and the pinned-memory policy. Shipped profiles live in the top-level
+the VAE tile sizes, the pinned-memory policy and the step cache (off by default; `--cache` sets it
+per run). Shipped profiles live in the top-level
 `profiles/` folder (plain, 24gb, 16gb, 12gb, 8gb); users can pass their own TOML file instead.
 Every profile runs the same code (loader, block streamer, token chunks, tiled VAE); "plain" just
 sets them so that nothing is quantized, streamed, chunked or tiled.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from hyvideo.errors import HyVideoError
+from hyvideo.step_cache import METHODS as CACHE_METHODS, PRESETS as CACHE_PRESETS
 from quant.bytes import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 
 
@@ -58,6 +60,8 @@ class Profile:
     vae_temporal_tile: int = 16  # VAE tile length in latent frames (multiple of 4; official 16); 0: untiled
     pin_memory: bool = True  # page-lock the host copies of streamed blocks (faster copies)
     pinned_ram_cap_gb: float = 16.0  # GiB of host memory that may be page-locked
+    step_cache: str = "off"  # skip the DiT's blocks on steps that change little: off | teacache
+    step_cache_threshold: float = 0.10  # TeaCache's accumulated rel-L1 threshold (0.10 safe, 0.15 fast)
     source: str = dataclasses.field(default="", compare=False)  # file it was read from
 
     @property
@@ -108,12 +112,14 @@ def profile_from_dict(values: dict, source: str = "<dict>") -> Profile:
         "vae_temporal_tile": (int, lambda v: v >= 0 and v % 4 == 0, "must be a multiple of 4 latent frames (0: untiled)"),
         "pin_memory": (bool, None, "must be true or false"),
         "pinned_ram_cap_gb": (number, lambda v: v >= 0, "must be a number of GiB >= 0"),
+        "step_cache": (str, lambda v: v in CACHE_METHODS, f"must be one of {', '.join(CACHE_METHODS)}"),
+        "step_cache_threshold": (number, lambda v: 0 < v < 10, "must be a positive number (0.10 safe, 0.15 fast)"),
     }
     for key, value in values.items():
         expected, check, hint = checks[key]
         _check_field(source, key, value, expected, check, hint)
     values = dict(values)
-    for key in ("vram_budget_gb", "pinned_ram_cap_gb"):
+    for key in ("vram_budget_gb", "pinned_ram_cap_gb", "step_cache_threshold"):
         if key in values:
             values[key] = float(values[key])
     return Profile(**values, source=source)
@@ -153,6 +159,16 @@ def load_profile(name_or_path: str | Path) -> Profile:
         raise HyVideoError(f"unknown profile {text!r}; available: {', '.join(available_profiles())} "
                            "(or pass the path of a .toml file)")
     return _read(shipped)
+
+
+def with_step_cache(profile: Profile, preset: str | None) -> Profile:
+    """The profile with `--cache off|safe|fast` applied (None: as the profile says)."""
+    if preset is None:
+        return profile
+    if preset not in CACHE_PRESETS:
+        raise HyVideoError(f"--cache must be one of {', '.join(CACHE_PRESETS)}, not {preset!r}")
+    method, threshold = CACHE_PRESETS[preset]
+    return dataclasses.replace(profile, step_cache=method, step_cache_threshold=threshold or profile.step_cache_threshold)
 
 
 def stored_profile(values: dict, run_id: str) -> Profile:

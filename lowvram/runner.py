@@ -116,6 +116,7 @@ class RunOptions:
     device: str | None = None  # None: cuda if available, else cpu
     out: Path | None = None
     cache_dir: Path | None = None  # quantized weights; None: <model dir>/lowvram-cache
+    step_cache: str | None = None  # --cache off | safe | fast; None: as the profile says (off in shipped ones)
     vram_limit_bytes: int | None = None  # plan for at most this much VRAM (`lowvram bench --cap-gb`)
 
 
@@ -197,7 +198,7 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Ru
     if vram is not None and options.vram_limit_bytes is not None:
         vram = min(vram, options.vram_limit_bytes)
     profile, found = resolve(options.profile, request.width, request.height, request.frames, vram_bytes=vram,
-                             ram_bytes=ram, **sizes)
+                             ram_bytes=ram, cache=options.step_cache, **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
     out = check_output_path(options.out)
@@ -339,7 +340,7 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
             reporter.warn(f"the prompt is longer than {TEXT_LEN} tokens: its end was cut off (the model reads {TEXT_LEN})")
 
         # ---- denoising, checkpointed after every step
-        step, saved, warnings = run.latest_latents()
+        step, saved, cache_state, warnings = run.latest_latents()
         for warning in warnings:
             reporter.warn(warning)
         if saved is None:
@@ -349,7 +350,7 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
         run.set_state("denoising")
         if step < request.steps:
             with meter.stage("dit"):
-                latents = _denoise(run, stages, embeddings, saved, step, request, device, reporter, stop)
+                latents = _denoise(run, stages, embeddings, saved, step, cache_state, request, device, reporter, stop)
             measured["dit"] = {**measured.get("dit", {}), **meter.results["dit"]}
         else:  # killed between the last checkpoint and the final latents
             latents = saved
@@ -390,19 +391,22 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
     return _result(run, resumed_from, max(peaks) if peaks else None)
 
 
-def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: int, request: GenerationRequest,
+def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: int, cache_state, request: GenerationRequest,
              device: torch.device, reporter: Reporter, stop: StopRequest) -> torch.Tensor:
-    """Euler steps step..N-1, a checkpoint after each; RunInterrupted after the step in which
-    a stop was requested. The DiT's device and pinned memory are freed however this ends."""
+    """Euler steps step..N-1, a checkpoint after each (with the step cache's state, if any);
+    RunInterrupted after the step in which a stop was requested. The DiT's device and pinned
+    memory are freed however this ends."""
     seconds = run.manifest["seconds"]
     reporter.stage("loading DiT")
     stop.stage = "loading DiT"
     began = time.perf_counter()
     model, streamer = stages.dit()
+    cache = None
     measured = run.manifest["measured"].setdefault("dit", {})
-    measured["load_seconds"] = round(time.perf_counter() - began, 3)
     step_seconds = measured.setdefault("step_seconds", [])
     try:
+        cache = stages.step_cache(model, request.steps, cache_state)
+        measured["load_seconds"] = round(time.perf_counter() - began, 3)
         reporter.stage("denoising", total=request.steps, completed=step)
         stop.stage = "denoising"
         if stop.is_set():
@@ -410,13 +414,14 @@ def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: 
         clock = {"last": time.perf_counter(), "total": seconds.get("denoising", 0.0)}
 
         def on_step(i: int, current: torch.Tensor) -> None:
-            run.save_step(i + 1, current)
+            run.save_step(i + 1, current, cache.state if cache else None)
             now = time.perf_counter()
             elapsed, clock["last"] = now - clock["last"], now
             clock["total"] += elapsed
             seconds["denoising"] = round(clock["total"], 3)
             step_seconds.append(round(elapsed, 3))
-            reporter.advance(i + 1, s_per_step=elapsed, peak_vram_gb=_peak_vram_gb(device))
+            computed = {"dit_steps": len(cache.state.computed)} if cache else {}
+            reporter.advance(i + 1, s_per_step=elapsed, peak_vram_gb=_peak_vram_gb(device), **computed)
             if stop.is_set():
                 raise RunInterrupted(run)
 
@@ -424,12 +429,16 @@ def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: 
             return streamer.blocks_for_step(prefetch_next_step=i + 1 < request.steps)
 
         latents = denoise(model, embeddings, latents, request, device, start_step=step, on_step=on_step,
-                          blocks_for_step=blocks_for_step)
+                          blocks_for_step=blocks_for_step, step_cache=cache)
     finally:
         stop.stage = None
         stages.release_dit(model, streamer)
-        run.manifest.setdefault("stats", {})["dit"] = stages.stats["dit"]
-        del model, streamer
+        dit_stats = stages.stats["dit"]
+        # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache
+        # they have one entry per computed step of this process.
+        dit_stats["computed_steps"] = list(cache.state.computed) if cache else list(range(request.steps))
+        run.manifest.setdefault("stats", {})["dit"] = dit_stats
+        model = streamer = cache = None  # (not del: the step closures above refer to them)
         empty_cache(device)
     return latents
 

@@ -4,6 +4,7 @@
       manifest.json                  settings, model fingerprint, versions, state, step k/N, checksums
       embeddings.safetensors         text encoder outputs (a resume never reloads the text encoders)
       latents-step0007.safetensors   latents after 7 of N Euler steps (the newest two are kept)
+      cache-residual-step0006.safetensors  with a step cache: the residual of the last computed step
       final_latents.safetensors      latents after step N (a resume in "decoding" skips the DiT)
       video.mp4, first_frame.png     the outputs
 
@@ -19,6 +20,13 @@ folder is fsynced. A new checkpoint gets a new name; the manifest is switched to
 only then is the oldest one deleted. SIGKILL at any instant therefore leaves a manifest that points
 at complete, checksummed files. Each file's sha256 is in the manifest and is checked when loaded;
 a damaged newest checkpoint falls back to the one before it (or to the seed's noise).
+
+With a step cache (hyvideo/step_cache.py) each checkpoint also holds the cache's state: the previous
+step's latents in its file, the accumulated distance and the computed steps in its manifest entry,
+and a reference to the residual file of the last computed step. A residual file is written once,
+on the step that computed it, and shared by the checkpoints of the skipped steps after it; it is
+deleted with the last checkpoint that refers to it, and all of them once the final latents are saved.
+A checkpoint whose residual is damaged counts as damaged.
 
 The manifest's settings are sealed by a sha256 (`settings_sha256`): a hand-edited manifest (other
 steps, other prompt) would silently produce a different video than the one the run started, so it is
@@ -38,6 +46,7 @@ from safetensors.torch import save as st_save
 
 from hyvideo.errors import HyVideoError
 from hyvideo.files import write_atomic
+from hyvideo.step_cache import CacheState
 from hyvideo.text_encoder import TextEmbeddings
 
 try:
@@ -77,6 +86,12 @@ def _slug(prompt: str, words: int = 4, length: int = 32) -> str:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _files_of(checkpoint: dict) -> list[str]:
+    """The files a checkpoint entry refers to: its latents, and its step cache's residual."""
+    cache = checkpoint.get("cache")
+    return [checkpoint["file"]] + ([cache["residual"]["file"]] if cache else [])
 
 
 @dataclass
@@ -223,12 +238,20 @@ class Run:
         return TextEmbeddings(tensors["text_states"], tensors["text_mask"], tensors["text_states_2"],
                               [bool(flags.get("llm"))], [bool(flags.get("clip"))])
 
-    def save_step(self, step: int, latents: torch.Tensor) -> None:
-        """Checkpoint the float32 latents after `step` completed Euler steps (1..N). If this fails
-        (disk full), the previous checkpoint and the manifest pointing at it are untouched."""
+    def save_step(self, step: int, latents: torch.Tensor, cache: CacheState | None = None) -> None:
+        """Checkpoint the float32 latents after `step` completed Euler steps (1..N), with the step
+        cache's state when there is one. If this fails (disk full), the previous checkpoint and the
+        manifest pointing at it are untouched."""
         name = f"latents-step{step:04d}.safetensors"
+        if step == self.steps:
+            cache = None  # after the last step only the latents matter
+        tensors = {"latents": latents}
+        if cache is not None:
+            tensors["cache_previous_latents"] = cache.previous_latents
         try:
-            entry = self._write_checked(name, {"latents": latents}, f"the step {step} checkpoint")
+            entry = self._write_checked(name, tensors, f"the step {step} checkpoint")
+            if cache is not None:
+                entry["cache"] = self._cache_entry(cache)
         except HyVideoError as error:
             raise HyVideoError(f"{error}; {self._kept_hint()}") from None
         entry["step"] = step
@@ -242,30 +265,54 @@ class Run:
         except HyVideoError as error:  # the manifest on disk still points at the previous checkpoint
             self.manifest["checkpoints"], self.manifest["step"] = previous
             raise HyVideoError(f"{error}; {self._kept_hint()}") from None
+        in_use = {f for c in kept for f in _files_of(c)}
         for old in dropped:  # only once the manifest no longer points at them
-            if old["file"] != name:
-                (self.folder / old["file"]).unlink(missing_ok=True)
+            for file in _files_of(old):
+                if file not in in_use:
+                    (self.folder / file).unlink(missing_ok=True)
+
+    def _cache_entry(self, cache: CacheState) -> dict:
+        """The manifest part of the cache state; writes the residual unless a kept checkpoint has it."""
+        residual_name = f"cache-residual-step{cache.residual_step:04d}.safetensors"
+        residual = next((c["cache"]["residual"] for c in self.manifest["checkpoints"]
+                         if c.get("cache", {}).get("residual", {}).get("file") == residual_name), None)
+        if residual is None:
+            residual = self._write_checked(residual_name, {"residual": cache.residual}, "the step cache's residual")
+        return {"accumulated": cache.accumulated, "computed": list(cache.computed), "residual_step": cache.residual_step,
+                "residual": residual}
 
     def _kept_hint(self) -> str:
         step = self.manifest["checkpoints"][-1]["step"] if self.manifest["checkpoints"] else 0
         return f"the run is kept at step {step}/{self.steps}: free some space, then `lowvram resume {self.id}`"
 
-    def latest_latents(self) -> tuple[int, torch.Tensor | None, list[str]]:
-        """(completed steps, latents or None for "start from the seed's noise", warnings). Checks
-        each checkpoint's sha256, newest first, and falls back past damaged ones."""
+    def latest_latents(self) -> tuple[int, torch.Tensor | None, CacheState | None, list[str]]:
+        """(completed steps, latents or None for "start from the seed's noise", the step cache's
+        state saved with them or None, warnings). Checks each checkpoint's sha256 (and its
+        residual's), newest first, and falls back past damaged ones."""
         warnings = []
         for entry in reversed(self.manifest["checkpoints"]):
             tensors = self._read_checked(entry)
-            if tensors is not None and "latents" in tensors:
-                return entry["step"], tensors["latents"], warnings
+            cache = entry.get("cache")
+            residual = self._read_checked(cache["residual"]) if cache else None
+            if tensors is not None and "latents" in tensors and (not cache or residual is not None):
+                state = None
+                if cache:
+                    state = CacheState(cache["accumulated"], list(cache["computed"]), tensors["cache_previous_latents"],
+                                       residual["residual"], cache["residual_step"])
+                return entry["step"], tensors["latents"], state, warnings
             warnings.append(f"checkpoint {entry['file']} is missing or damaged (checksum mismatch); using an earlier one")
         if self.manifest["checkpoints"]:
             warnings.append("no intact latents checkpoint: denoising restarts from step 0 (same seed, same result)")
-        return 0, None, warnings
+        return 0, None, None, warnings
 
     def save_final(self, latents: torch.Tensor) -> None:
+        """The final latents; the step cache's residuals (0.73 GB each at 720p) go with them: the
+        last checkpoint, which has the same latents, needs none."""
         self.manifest["final_latents"] = self._write_checked(FINAL_LATENTS, {"latents": latents}, "the final latents")
+        residuals = [c.pop("cache")["residual"]["file"] for c in self.manifest["checkpoints"] if "cache" in c]
         self.save()
+        for file in residuals:
+            (self.folder / file).unlink(missing_ok=True)
 
     def load_final(self) -> torch.Tensor | None:
         tensors = self._read_checked(self.manifest.get("final_latents"))
@@ -273,11 +320,11 @@ class Run:
 
     def remove_stray_files(self) -> None:
         """Temp files and checkpoints the manifest does not point at (left by a killed process)."""
-        listed = {c["file"] for c in self.manifest["checkpoints"]}
+        listed = {f for c in self.manifest["checkpoints"] for f in _files_of(c)}
         for path in self.folder.iterdir():
             if path.name.startswith(".") and ".tmp-" in path.name:
                 path.unlink(missing_ok=True)
-            elif path.name.startswith("latents-step") and path.name not in listed:
+            elif path.name.startswith(("latents-step", "cache-residual-step")) and path.name not in listed:
                 path.unlink(missing_ok=True)
 
     def output_path(self, name: str) -> Path:

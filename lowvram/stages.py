@@ -13,11 +13,13 @@ same dtype.
     stages = Stages(files, plan, device, attention, reporter, cache_dir)   # plan.profile is the profile
     llm, clip = stages.text_encoders()
     model, streamer = stages.dit()        # blocks via streamer.blocks_for_step(...)
+    cache = stages.step_cache(model, steps, state)   # None unless the profile caches steps
     stages.release_dit(model, streamer)
     frames = stages.decode(stages.vae(), latents, on_progress)
     stages.stats                          # what was streamed and tiled (recorded in the run)
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_dit_
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import decode
+from hyvideo.step_cache import CacheState, TeaCache
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
 from hyvideo.weight_io import read_torch_file
 
@@ -155,6 +158,14 @@ class Stages:
         self.stats["dit"] = {"resident_blocks": len(self.plan.schedule.resident),
                              "streamed_blocks": len(self.plan.schedule.streamed), "pinned_bytes": streamer.pin_report.pinned_bytes}
         return model, streamer
+
+    def step_cache(self, model: torch.nn.Module, steps: int, state: CacheState | None = None) -> TeaCache | None:
+        """The profile's step cache for `model` (None when off), its probe (double block 0's image
+        modulation) copied onto the device: deciding a step never waits for a streamed block."""
+        if self.profile.step_cache == "off":
+            return None
+        probe = copy.deepcopy(model.double_blocks[0].img_mod).to(self.device)
+        return TeaCache(self.profile.step_cache_threshold, steps, probe, state)
 
     def release_dit(self, model: torch.nn.Module, streamer: BlockStreamer) -> None:
         """Free the DiT's device and pinned memory; record what was streamed per step."""

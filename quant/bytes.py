@@ -112,6 +112,16 @@ def block_bytes(config: DiTConfig, scheme: str, policy: "str | QuantPolicy" = "b
     return scheme_bytes(block, set(names), scheme, dtype)
 
 
+def modulation_probe_bytes(config: DiTConfig, scheme: str, policy: "str | QuantPolicy" = "blocks") -> int:
+    """Double block 0's image modulation under `scheme`: the step cache's probe (hyvideo/step_cache.py),
+    which stays on the GPU beside the trunk when caching is on."""
+    prefix = "img_mod."
+    names = {name[len(prefix):] for name in get_policy(policy).block_names("double") if name.startswith(prefix)}
+    with torch.device("meta"):
+        block = DoubleStreamBlock(config.hidden_size, config.heads, config.mlp_hidden)
+    return scheme_bytes(block.img_mod, names, scheme).total
+
+
 def llm_nf4_bytes(quantized_params: int, unquantized_params: int = 0, double_quant: bool = True,
                   unquantized_bytes_per_param: int = 2) -> int:
     """Estimated bytes of a bitsandbytes NF4 LLM: `quantized_params` linear weights in NF4 (with
