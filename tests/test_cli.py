@@ -91,6 +91,15 @@ def test_resume_a_done_run_and_nothing_to_resume(done, runs_dir, tmp_path):
     assert empty.exit_code == 2 and "no unfinished run" in one_line_error(empty)
 
 
+def test_step_cache_progress_shows_computed_and_reused_steps(tiny_official, tmp_path):
+    args = [*TINY[:4], "--steps", "6", "--seed", "5", "--device", "cpu", "--cache", "fast"]
+    result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    last = [line for line in result.stderr.splitlines() if "step 6/6" in line][-1]
+    computed = Run.open(next(tmp_path.iterdir())).manifest["stats"]["dit"]["computed_steps"]
+    assert f"DiT ran {len(computed)}, reused {6 - len(computed)}" in last and len(computed) < 6
+
+
 def test_quiet_prints_only_the_video_path(tiny_official, tmp_path):
     result = invoke("generate", "a lighthouse", "--model-dir", tiny_official, "--runs-dir", tmp_path, "--quiet",
                     "--size", "32x32", "--frames", "1", "--steps", "1", "--device", "cpu")
@@ -200,6 +209,7 @@ BAD_GENERATE = [
     (["--resolution", "1080p"], "--resolution must be one of 540p, 720p"),
     (["--profile", "nope"], "unknown profile 'nope'; available: plain, 24gb"),
     (["--out", "/nonexistent-dir/x.mp4"], "cannot write --out .*does not exist"),
+    (["--cache", "faster"], "--cache must be one of off, safe, fast"),
 ]
 
 
@@ -304,6 +314,30 @@ def test_plan_that_does_not_fit_exits_1_and_names_what_would():
     assert plan["fits"] is False and plan["suggestion"].startswith("--profile")
     table = invoke("plan", "--profile", "24gb", "--vram", "8", "--ram", "64")
     assert table.exit_code == 1 and "peak" in table.stdout and "try --profile" in table.stderr
+
+
+def test_plan_with_a_step_cache_shows_its_forwards_and_memory(tmp_path):
+    """--cache adds the probe (block 0's FP8 image modulation, 3072 x 18432 + scales = 54 MiB) on the
+    GPU and on the host the residual (118,800 tokens x 3072 x bf16 = 0.68 GiB, twice while written) and
+    the previous step's latents."""
+    args = ["plan", "--profile", "16gb", "--resolution", "720p", "--frames", "129", "--vram", "16", "--ram", "64"]
+    off, fast = as_json(invoke(*args, "--json")), as_json(invoke(*args, "--cache", "fast", "--json"))
+    assert off["step_cache"] == {"method": "off", "threshold": 0.1, "steps": 50, "expected_dit_forwards": [50, 50]}
+    assert fast["step_cache"]["method"] == "teacache" and fast["step_cache"]["expected_dit_forwards"] == [22, 24]
+    dit = fast["stages"]["dit"]
+    assert dit["parts_gb"]["step cache probe"] * 1024 == pytest.approx(54.1, abs=0.1)
+    residual, previous_latents = 118_800 * 3072 * 2, 16 * 33 * 90 * 160 * 4  # bf16 tokens; float32 latents
+    assert dit["ram_parts_gb"]["step cache"] * 2**30 == 2 * residual + previous_latents
+    assert "step cache probe" not in off["stages"]["dit"]["parts_gb"]
+    table = invoke(*args, "--cache", "safe")
+    assert table.exit_code == 0 and "expected to run on 31-34 of 50 steps" in table.stdout
+    profile = tmp_path / "cached.toml"
+    profile.write_text('name = "cached"\nvram_budget_gb = 16\nstep_cache = "teacache"\nstep_cache_threshold = 0.12\n')
+    from_file = as_json(invoke("plan", "--profile", profile, "--vram", "16", "--ram", "64", "--json"))["step_cache"]
+    assert from_file["threshold"] == 0.12 and from_file["expected_dit_forwards"] == [2, 50]  # no published figure
+    profile.write_text('name = "cached"\nvram_budget_gb = 16\nstep_cache = "magic"\n')
+    bad = invoke("plan", "--profile", profile, "--vram", "16")
+    assert bad.exit_code == 2 and "field 'step_cache' must be one of off, teacache" in one_line_error(bad)
 
 
 def test_plan_auto_picks_a_profile():

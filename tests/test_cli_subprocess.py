@@ -56,29 +56,41 @@ def start_and_wait_for_step(runs_dir: Path, model_dir: Path, step: int = 1, time
     raise AssertionError("no step was saved in time")
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_official, tmp_path_factory):
+def uninterrupted(model_dir, runs_dir, args=ARGS):
     """Final latents of an uninterrupted run."""
-    runs_dir = tmp_path_factory.mktemp("reference")
-    done = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", runs_dir, "--json", *ARGS)
+    done = run("generate", PROMPT, "--model-dir", model_dir, "--runs-dir", runs_dir, "--json", *args)
     assert done.returncode == 0, done.stderr
     return load_file(json.loads(done.stdout)["final_latents"])["latents"]
 
 
-def test_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path, reference):
-    process, at_kill = start_and_wait_for_step(tmp_path, tiny_official)
+@pytest.fixture(scope="module")
+def reference(tiny_official, tmp_path_factory):
+    return uninterrupted(tiny_official, tmp_path_factory.mktemp("reference"))
+
+
+@pytest.mark.parametrize("step_cache", [None, "fast"])
+def test_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path, reference, step_cache):
+    """Also with a step cache, whose state (residual, previous latents, distance) is checkpointed."""
+    args = ARGS + (["--cache", step_cache] if step_cache else [])
+    if step_cache:
+        reference = uninterrupted(tiny_official, tmp_path / "reference", args)
+    runs_dir = tmp_path / "runs"
+    process, at_kill = start_and_wait_for_step(runs_dir, tiny_official, args=args)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
-    killed = manifest(tmp_path)
+    killed = manifest(runs_dir)
     assert killed["state"] == "denoising" and 1 <= killed["step"] < STEPS, killed["step"]
+    assert ("cache" in killed["checkpoints"][-1]) == bool(step_cache)
 
-    resumed = run("resume", "--runs-dir", tmp_path, "--json")
+    resumed = run("resume", "--runs-dir", runs_dir, "--json")
     assert resumed.returncode == 0, resumed.stderr
     result = json.loads(resumed.stdout)
     assert result["state"] == "done" and result["resumed_from"].startswith("step ")
     assert int(result["resumed_from"].split()[1].split("/")[0]) >= at_kill["step"]
     assert load_file(result["final_latents"])["latents"].equal(reference)
+    if step_cache:
+        assert len(result["stats"]["dit"]["computed_steps"]) < STEPS  # steps were skipped
     folder = Path(result["folder"])
     assert not [p.name for p in folder.iterdir() if ".tmp-" in p.name]  # a killed write's temp file is cleaned up
 

@@ -233,6 +233,47 @@ def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     assert torch.equal(load_file(resumed.final_latents)["latents"], whole)
 
 
+def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp_path):
+    """--cache fast on a streamed FP8 profile, 8 steps: stopped after step 3 and resumed (also past a
+    damaged newest residual) it ends with the uninterrupted run's final latents and computed steps;
+    residuals are shared by the checkpoints of skipped steps and gone once the run is done."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_official, model)
+    profile = tmp_path / "cpu.toml"
+    profile.write_text('name = "cpu-streamed"\nvram_budget_gb = 1\ndit_scheme = "fp8"\nencoder_scheme = "bf16"\n'
+                       'resident_blocks = 2\n')
+    request = GenerationRequest(REQUEST.prompt, width=64, height=48, frames=9, steps=8, seed=11)
+    run, files, plan = start_run(options(model, tmp_path / "a", request, profile=str(profile), step_cache="fast"))
+    assert run.settings["profile"]["step_cache"] == "teacache" and run.settings["profile"]["step_cache_threshold"] == 0.15
+    whole = execute(run, files, plan)
+    computed = whole.stats["dit"]["computed_steps"]
+    assert computed[0] == 0 and computed[-1] == 7 and len(computed) < 8  # steps were skipped
+    assert whole.stats["dit"]["blocks_copied_per_step"] == [2] * len(computed)  # 2 streamed blocks per forward
+    assert not list(Path(whole.folder).glob("cache-residual-*"))  # a finished run keeps no residual
+
+    for damage in (False, True):
+        runs = tmp_path / f"b{damage}"
+        run, files, plan = start_run(options(model, runs, request, profile=str(profile), step_cache="fast"))
+        stop = StopRequest()
+        with pytest.raises(RunInterrupted):
+            execute(run, files, plan, StopAfter(stop, 3), stop)
+        checkpoints = Run.open(run.folder).manifest["checkpoints"]
+        residuals = {c["cache"]["residual"]["file"] for c in checkpoints}
+        assert {p.name for p in run.folder.glob("cache-residual-*")} == residuals
+        if damage:
+            newest = run.folder / checkpoints[-1]["cache"]["residual"]["file"]
+            newest.write_bytes(newest.read_bytes()[:-8] + b"garbage!")
+        reporter = StopAfter(StopRequest(), 99)
+        resumed = resume_run(runs, run.id, reporter=reporter)
+        if not damage:
+            assert resumed.resumed_from == "step 3/8"
+        elif len(residuals) == 2:  # the checkpoint before has its own residual
+            assert resumed.resumed_from == "step 2/8" and any("damaged" in w for w in reporter.warnings)
+        else:  # both checkpoints share the damaged residual: denoising starts again from the noise
+            assert resumed.resumed_from == "cached text embeddings" and any("damaged" in w for w in reporter.warnings)
+        assert torch.equal(load_file(resumed.final_latents)["latents"], load_file(whole.final_latents)["latents"])
+
+
 # --- manifests -------------------------------------------------------------------------------
 
 
