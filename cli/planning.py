@@ -136,6 +136,7 @@ def bench(
     frames: int = typer.Option(129, "--frames"),
     steps: int = typer.Option(2, "--steps", help="Denoising steps to measure (the estimate scales to 50)."),
     cap_gb: float = typer.Option(None, "--cap-gb", help="Emulate a card with this many GiB (caps PyTorch's allocations)."),
+    step_cache: str = StepCache,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
     as_json: bool = Json,
     quiet: bool = Quiet,
@@ -155,7 +156,7 @@ def bench(
             raise UserError(f"--layout takes official, official-fp8 or diffusers, not {layout!r}")
         width, height = resolve_size(size, resolution, aspect)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
-                               None if cap_gb is None else int(cap_gb * 2**30), device)
+                               None if cap_gb is None else int(cap_gb * 2**30), device, step_cache)
         stop = StopRequest()
         try:
             with sigint_saves(stop), reporter:

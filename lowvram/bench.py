@@ -46,6 +46,7 @@ class BenchOptions:
     layout: str = "official"  # official | diffusers
     cap_bytes: int | None = None  # emulate a card with this much VRAM
     device: str | None = None
+    step_cache: str | None = None  # --cache off | safe | fast (None: the profile's)
 
 
 def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter) -> Path:
@@ -100,7 +101,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0)
     run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, "sdpa", device,
-                             vram_limit_bytes=options.cap_bytes)
+                             vram_limit_bytes=options.cap_bytes, step_cache=options.step_cache)
     run, files, plan = start_run(run_options, reporter)
     result = execute(run, files, plan, reporter, stop)
 
@@ -129,6 +130,6 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
         "profile": plan.profile.name, "schedule": plan.schedule.to_dict(), "stats": result.stats,
         "stages": stages, "dit_load_seconds": load_s, "step_seconds": steps, "s_per_step": s_per_step,
         "estimate": {"steps": FULL_RUN_STEPS, "seconds": estimate},
-        "run_id": result.run_id, "video_path": result.video,
+        "run_id": result.run_id, "video_path": result.video, "final_latents": result.final_latents,
         "note": "random weights: the video is noise; the numbers are for this machine",
     }

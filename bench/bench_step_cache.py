@@ -1,0 +1,108 @@
+"""Step cache presets (off / safe / fast) on full runs: DiT forwards, DiT time, and how far the
+result moves from the uncached run (final latents, and PSNR of the decoded frames).
+
+    python -m bench.bench_step_cache --tiny --out bench/results             # CPU, tiny model, 50 steps
+    python -m bench.bench_step_cache --cap-gb 16 --scratch /tmp/lowvram-bench  # GPU: 13B random weights,
+                                                                            # 960x544x33, 50 steps, 16gb profile
+
+Each preset is one `lowvram bench` run (the generate path end to end). The frames compared are
+decoded from each run's final latents by the run's own (tiled) decoder, in memory: the mp4 is lossy.
+Random weights: the skip pattern and the deviations say nothing about real-model quality (see
+hyvideo/step_cache.py for the published HunyuanVideo figures).
+"""
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from bench.common import device_info, finish
+from hyvideo.checkpoint import find_model_files
+from lowvram.bench import BenchOptions, run_bench
+from lowvram.runner import plan_for_run
+from lowvram.runs import find_run
+from lowvram.stages import Stages
+
+PRESETS = ("off", "safe", "fast")
+
+
+def psnr(frames: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of uint8 frames against uint8 reference frames (inf when equal)."""
+    mse = float((frames.float() - reference.float()).pow(2).mean())
+    return math.inf if mse == 0 else round(10 * math.log10(255**2 / mse), 2)
+
+
+def decoded_frames(result: dict, scratch: Path) -> torch.Tensor:
+    """The uint8 frames [F, H, W, 3] of a bench run, decoded again from its final latents."""
+    run = find_run(scratch / "runs", result["run_id"])
+    files = find_model_files(Path(result["model"]["folder"]))
+    stages = Stages(files, plan_for_run(run, files), torch.device(result["device"]), "sdpa")
+    vae = stages.vae()
+    frames = stages.decode(vae, load_file(result["final_latents"])["latents"], lambda done, total: None)
+    del vae
+    return frames
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--cap-gb", type=float, default=None)
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/lowvram-bench"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args(argv)
+
+    if args.tiny:
+        options = dict(width=128, height=96, frames=17, profile="plain", model_size="tiny", layout="official", device="cpu")
+    else:
+        options = dict(width=960, height=544, frames=33, profile="16gb", model_size="full", layout="official-fp8",
+                       cap_bytes=None if args.cap_gb is None else int(args.cap_gb * 2**30))
+    device = torch.device("cpu" if args.tiny else "cuda")
+    results = {"benchmark": "step_cache", "device": device_info(device), "steps": args.steps, "cap_gb": args.cap_gb,
+               "video": f"{options['width']}x{options['height']}x{options['frames']}", "model": options["model_size"],
+               "note": "random weights: the skip pattern and deviations say nothing about real-model quality", "runs": []}
+    reference_latents = reference_frames = None
+    for preset in PRESETS:
+        result = run_bench(BenchOptions(args.scratch, steps=args.steps, step_cache=preset, **options))
+        latents = load_file(result["final_latents"])["latents"]
+        frames = decoded_frames(result, args.scratch)
+        computed = result["stats"]["dit"]["computed_steps"]
+        run = {"preset": preset, "profile": result["profile"], "dit_forwards": len(computed), "computed_steps": computed,
+               "forward_ratio": round(args.steps / len(computed), 2), "peak_vram_gb": result["stages"]["dit"]["vram_gb"],
+               # the tiny model's CPU seconds are noise (other processes share 2 cores): not a speed figure
+               "dit_seconds": None if args.tiny else result["stages"]["dit"]["seconds"]}
+        if reference_latents is None:
+            reference_latents, reference_frames = latents, frames
+        else:
+            run["latents_rel_error"] = round(float((latents - reference_latents).norm() / reference_latents.norm()), 6)
+            run["frames_psnr_db"] = psnr(frames, reference_frames)
+        results["runs"].append(run)
+    off_seconds = results["runs"][0]["dit_seconds"]
+    for run in results["runs"][1:]:
+        if off_seconds and run["dit_seconds"]:
+            run["dit_speedup"] = round(off_seconds / run["dit_seconds"], 2)
+    name = "step_cache" + ("-tiny" if args.tiny else "")
+    finish(args.out, name, results)
+    write_markdown(args.out, name, results)
+    return results
+
+
+def write_markdown(out_dir: Path, name: str, results: dict) -> Path:
+    slug = results["device"].get("name", "cpu").replace(" ", "-").replace("/", "-")
+    cap = f", cap {results['cap_gb']:g} GiB" if results["cap_gb"] else ""
+    lines = [f"# Step cache presets on {results['device'].get('name')} ({results['model']} model, "
+             f"{results['video']}, {results['steps']} steps{cap})", "", results["note"] + ".", "",
+             "| preset | DiT forwards | fewer forwards | DiT s | DiT speedup | final latents rel. error | frames PSNR dB |",
+             "|---|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        lines.append(f"| {run['preset']} | {run['dit_forwards']} | {run['forward_ratio']}x | {run['dit_seconds'] or '-'} | "
+                     f"{run.get('dit_speedup', '-')} | {run.get('latents_rel_error', '-')} | {run.get('frames_psnr_db', '-')} |")
+    path = out_dir / f"{name}-{slug}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    main()
