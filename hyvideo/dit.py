@@ -59,8 +59,7 @@ class HunyuanVideoDiT(nn.Module):
         blocks: Iterable[nn.Module] | None = None,
     ) -> torch.Tensor:
         vec = self.conditioning(t, text_states_2, guidance)
-        img = self.embed_image(x)
-        img = self.transform(img, vec, t, text_states, text_mask, token_grid(x, self.config.patch_size), blocks)
+        img = self.transform(x, vec, t, text_states, text_mask, blocks)
         return self.head(img, vec, x)
 
     def conditioning(self, t: torch.Tensor, text_states_2: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
@@ -77,10 +76,14 @@ class HunyuanVideoDiT(nn.Module):
         """Latents [B, C, T, h, w] -> image tokens [B, N_img, D]."""
         return self.img_in(x.to(self.compute_dtype))
 
-    def transform(self, img, vec, t, text_states, text_mask, grid, blocks=None) -> torch.Tensor:
-        """The 60 blocks: image tokens [B, N_img, D] (updated in place) -> image tokens after the last
-        block. The text tokens (refined from the LLM states) take part and are dropped at the end."""
+    def transform(self, x, vec, t, text_states, text_mask, blocks=None) -> torch.Tensor:
+        """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] after the 60 blocks. The text tokens
+        (refined from the LLM states) take part and are dropped at the end. The image tokens are
+        embedded here, not passed in, so that no caller holds them while the blocks run (they are
+        updated in place, then replaced by the joint sequence)."""
         check_backend(self.attention_backend)
+        img = self.embed_image(x)  # [B, N_img, D]
+        grid = token_grid(x, self.config.patch_size)
         if img.shape[0] == 1:
             # Drop padded text tokens: valid tokens never attend to them, so results are unchanged
             # and attention needs no mask (SDPA can use its flash kernel).

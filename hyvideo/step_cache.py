@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocks import linear_rows, norm_modulate, token_chunks
-from .dit import HunyuanVideoDiT, token_grid
+from .dit import HunyuanVideoDiT
 
 METHODS = ("off", "teacache")
 PRESETS = {"off": ("off", 0.0), "safe": ("teacache", 0.10), "fast": ("teacache", 0.15)}
@@ -99,13 +99,13 @@ class TeaCache:
         previous_img = dit.embed_image(previous_x)  # [1, N, D]
         previous_vec = dit.conditioning(previous_t, text_states_2, guidance)
         (shift, scale), (previous_shift, previous_scale) = self._shift_scale(vec), self._shift_scale(previous_vec)
-        change = total = 0.0
+        change = total = torch.zeros((), dtype=torch.float32, device=img.device)
         for rows in token_chunks(img.shape[1], dit.token_chunk):
             before = norm_modulate(previous_img[:, rows], previous_shift, previous_scale).float()
             now = norm_modulate(img[:, rows], shift, scale).float()
-            change += float((now - before).abs().sum())
-            total += float(before.abs().sum())
-        return change / total
+            change = change + (now - before).abs().sum()
+            total = total + before.abs().sum()
+        return float(change / total)  # the one device sync of the decision
 
     def forward(
         self, dit: HunyuanVideoDiT, step: int, x: torch.Tensor, timesteps: torch.Tensor, text_states, text_mask,
@@ -127,8 +127,9 @@ class TeaCache:
         if not compute and state.residual is None:  # no residual to reuse (cannot happen after step 0)
             compute, state.accumulated = True, 0.0
         if compute:
+            del img  # transform embeds the tokens again: nothing but the blocks holds them meanwhile
             blocks = blocks_for_step(step) if blocks_for_step is not None else None
-            img = dit.transform(img, vec, t, text_states, text_mask, token_grid(x, dit.config.patch_size), blocks)
+            img = dit.transform(x, vec, t, text_states, text_mask, blocks)
             state.residual = (img - dit.embed_image(x)).to("cpu", copy=True)
             state.residual_step = step
             state.computed.append(step)

@@ -142,10 +142,10 @@ def test_disk_full_is_one_line_and_resumable(tiny_official, tmp_path, monkeypatc
 
     real_save_step = Run.save_step
 
-    def save_step(self, step, latents):
+    def save_step(self, step, latents, cache=None):
         if step == 2:
             monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
-        return real_save_step(self, step, latents)
+        return real_save_step(self, step, latents, cache)
 
     monkeypatch.setattr(Run, "save_step", save_step)
     result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY)

@@ -129,6 +129,33 @@ def test_dit_activations_predicted_vs_measured(chunk):
     assert -0.02 <= predicted / tracker.peak_bytes - 1 <= 0.05
 
 
+@pytest.mark.parametrize("compute", [True, False])
+def test_step_cache_adds_no_activation_peak(compute):
+    """The planner adds only the probe's weights for a step cache: its decision (two image-token
+    states) and a reused step (tokens + residual) run while no block's activations exist, and a
+    computed step holds nothing extra while the blocks run. Measured peaks (bf16, 1024 + 24 tokens)
+    must stay within the uncached forward's; the tokens' bytes are what an extra state would add."""
+    import copy
+
+    from hyvideo.step_cache import TeaCache
+
+    model = small_dit()
+    model.token_chunk = 128
+    x, t, text, mask, pooled, guidance = small_inputs()
+    with torch.no_grad(), PeakTracker() as plain:
+        model(x, t, text, mask, pooled, guidance)
+    timesteps = torch.tensor([1000.0, 500.0, 0.0])
+    cache = TeaCache(-1.0 if compute else 1e9, 3, copy.deepcopy(model.double_blocks[0].img_mod))
+    moved = x * 0.9  # the next step's latents, allocated outside the measurement as `x` is
+    with torch.no_grad():
+        cache.forward(model, 0, x, timesteps, text, mask, pooled, guidance)  # step 0 always computes
+        with PeakTracker() as cached:
+            cache.forward(model, 1, moved, timesteps, text, mask, pooled, guidance)
+    assert cache.state.computed == ([0, 1] if compute else [0])
+    one_state = 1024 * SMALL.hidden_size * 2
+    assert cached.peak_bytes <= plain.peak_bytes + one_state // 8, (cached.peak_bytes, plain.peak_bytes)  # 1/8: small temporaries
+
+
 @pytest.mark.parametrize("shape", [(5, 4, 4), (9, 8, 8), (3, 16, 16)])
 def test_vae_tile_activations_predicted_vs_measured(shape):
     """The tensors PyTorch holds while decoding a tile (tiny VAE, float32): predicted within 1 %

@@ -169,13 +169,13 @@ def test_disk_full_keeps_the_previous_checkpoint(tiny_official, tmp_path, uninte
     run, files, plan = new_run(tiny_official, tmp_path)
     real_save_step = Run.save_step
 
-    def save_step(self, step, latents):
+    def save_step(self, step, latents, cache=None):
         if step == 3:  # the disk fills up while writing the step 3 checkpoint
             def no_space(fd):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
             monkeypatch.setattr(os, "fsync", no_space)
-        return real_save_step(self, step, latents)
+        return real_save_step(self, step, latents, cache)
 
     monkeypatch.setattr(Run, "save_step", save_step)
     with pytest.raises(HyVideoError, match=r"the disk is full: could not save the step 3 checkpoint .*kept at step 2/4.*lowvram resume"):
@@ -231,6 +231,14 @@ def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     resumed = resume_run(tmp_path / "b", run.id)
     assert resumed.resumed_from == "step 2/4"
     assert torch.equal(load_file(resumed.final_latents)["latents"], whole)
+
+
+def test_cache_off_is_the_uncached_run(tiny_official, tmp_path, uninterrupted):
+    run, files, plan = new_run(tiny_official, tmp_path, step_cache="off")
+    result = execute(run, files, plan)
+    assert run.settings["profile"]["step_cache"] == "off" and result.stats["dit"]["computed_steps"] == [0, 1, 2, 3]
+    assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
+    assert "cache" not in Run.open(run.folder).manifest["checkpoints"][-1]
 
 
 def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp_path):
