@@ -145,6 +145,8 @@ class Bench:
         self.estimates: dict[str, float] = {}  # size -> seconds of one run, from the first one
         self.model = None  # the FP8 DiT (host masters + trunk on the device)
         self.diffusers = None  # diffusers' transformer with group offloading, once built
+        self.prepare = None  # called with each run's streamer before its steps (bench_speed: compile)
+        self.last_output = None  # the last step's output of the last run, float32 on the host
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -205,6 +207,7 @@ class Bench:
             times.append(time.perf_counter() - began)
             peaks.append(tracker.peak_bytes if tracker else None)
             record["finite"] = bool(torch.isfinite(out).all())
+            self.last_output = out.float().cpu()
             del out
         record["step_s"] = times
         record["peak_gb"] = (torch.cuda.max_memory_allocated(self.device) if self.cuda else max(peaks)) / GIB
@@ -235,6 +238,8 @@ class Bench:
         streamer = BlockStreamer(self.model.all_blocks(), schedule, self.device, keep_host_copy=True,
                                  pinned_cap_bytes=profile.pinned_ram_cap_bytes if not self.args.no_pin_cap else None)
         try:
+            if self.prepare is not None:
+                self.prepare(streamer)
             steps = self.args.steps
             self._steps(lambda s: self.model(*inputs, blocks=streamer.blocks_for_step(prefetch_next_step=s + 1 < steps)), record)
             stats = streamer.step_stats()

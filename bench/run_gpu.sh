@@ -3,7 +3,7 @@
 # first, each step with its own time limit so one slow or failing step cannot eat the others' time.
 # Results land in $OUT (or bench/results) as JSON + markdown, named by device.
 #   bash bench/run_gpu.sh            # call 1, the product path (wheels in .whl/ are installed first)
-#   bash bench/run_gpu.sh speed      # call 2, speed features: step cache presets on full 50-step runs
+#   bash bench/run_gpu.sh speed      # call 2, speed: attention kernels x compile x FP8 matmul, step cache
 #   REHEARSE=1 bash bench/run_gpu.sh [speed]  # every step on the CPU at tiny size (before a device call)
 # The device has no package index: carry optimum-quanto, bitsandbytes and diffusers as wheels in .whl/.
 set -u
@@ -22,13 +22,12 @@ else
   size="--model-size full"; video() { echo "--resolution $1 --frames 129"; }; cap() { echo "--cap-gb $1"; }; tiny=
 fi
 if [ "${1:-}" = speed ]; then
-  # Step cache off / safe / fast: full 50-step runs at 960x544x33 under a 16 GiB cap (DiT forwards,
-  # DiT seconds, PSNR of the decoded frames vs uncached). Writes the full-size model if call 1 did not.
-  if [ -n "${REHEARSE:-}" ]; then cache_args="--tiny --steps 6"; else cache_args="--cap-gb 16"; fi
-  timeout 500 python3 -m bench.bench_step_cache $cache_args --scratch "$scratch" --out "$out" \
-    > "$out/step-cache.log" 2>&1 || echo "   step cache: exit $?"
-  tail -4 "$out/step-cache.log"
-  rm -rf "$scratch"
+  # Every attention kernel x compile x FP8 dequant/_scaled_mm at 720p and 544p x 129 under a 16 GiB
+  # cap (s/step, peak VRAM, error vs default SDPA), then the step cache presets on full 50-step runs
+  # at 960x544x33 (DiT seconds, forwards, PSNR of decoded frames vs uncached). 13B random FP8 DiT.
+  if [ -n "${REHEARSE:-}" ]; then speed_args="--tiny --cache-steps 6 --budget-s 120"; else speed_args="--cap-gb 16 --budget-s 420"; fi
+  timeout 540 python3 -m bench.bench_speed $speed_args --out "$out" > "$out/speed.log" 2>&1 || echo "   speed: exit $?"
+  tail -4 "$out/speed.log"; ls "$out"/bench_speed-*.md
   exit 0
 fi
 bench() {  # NAME SECONDS ARGS...: one `lowvram bench` configuration -> $out/lowvram-bench-NAME.json

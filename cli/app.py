@@ -30,6 +30,10 @@ CacheDir = typer.Option(None, "--cache-dir", envvar="LOWVRAM_CACHE_DIR",
                         help="Where quantized weights are kept (default: MODEL_DIR/lowvram-cache).")
 StepCache = typer.Option(None, "--cache", help="Skip the DiT's blocks on steps that change little (TeaCache): "
                          "off, safe (published ~1.6x) or fast (~2.1x); default: the profile's (off).")
+Attention = typer.Option(None, "--attention", help="Attention kernel: auto (the fastest installed one that passes a probe on "
+                         "this GPU), sdpa, sage (pip install '.[sage]') or flash ('.[flash]'); default: the profile's (auto).")
+Compile = typer.Option(None, "--compile/--no-compile", help="torch.compile the DiT's blocks (first step compiles; cached on "
+                       "disk for the next run); default: the profile's (off).")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
 

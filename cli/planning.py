@@ -7,7 +7,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import Json, Quiet, StepCache, UserError, app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors
+from .app import Attention, Compile, Json, Quiet, StepCache, UserError, app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors
 from .progress import make_reporter, sigint_saves
 
 @app.command()
@@ -32,6 +32,7 @@ def plan(
         from lowvram.doctor import host_ram
         from hyvideo.step_cache import expected_forwards
         from lowvram.planner import resolve, suggest_fit
+        from lowvram.profiles import RunChoices
         from lowvram.sizes import resolve_size
 
         width, height = resolve_size(size, resolution, aspect)
@@ -49,7 +50,7 @@ def plan(
             raise UserError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
         try:
             chosen, found = resolve(profile, width, height, frames, vram_bytes=vram_bytes, ram_bytes=ram_bytes, must_fit=False,
-                                    cache=step_cache)
+                                    choices=RunChoices(cache=step_cache))
         except HyVideoError as error:
             if profile != "auto":
                 raise
@@ -137,6 +138,8 @@ def bench(
     steps: int = typer.Option(2, "--steps", help="Denoising steps to measure (the estimate scales to 50)."),
     cap_gb: float = typer.Option(None, "--cap-gb", help="Emulate a card with this many GiB (caps PyTorch's allocations)."),
     step_cache: str = StepCache,
+    attention: str = Attention,
+    compile_blocks: bool = Compile,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
     as_json: bool = Json,
     quiet: bool = Quiet,
@@ -156,7 +159,7 @@ def bench(
             raise UserError(f"--layout takes official, official-fp8 or diffusers, not {layout!r}")
         width, height = resolve_size(size, resolution, aspect)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
-                               None if cap_gb is None else int(cap_gb * 2**30), device, step_cache)
+                               None if cap_gb is None else int(cap_gb * 2**30), device, step_cache, attention, compile_blocks)
         stop = StopRequest()
         try:
             with sigint_saves(stop), reporter:

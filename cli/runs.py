@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .app import CacheDir, Json, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json, print_table, user_errors
+from .app import Attention, CacheDir, Compile, Json, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json, print_table, user_errors
 from .progress import run_and_report
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -36,7 +36,8 @@ def generate(
     guidance: float = typer.Option(6.0, "--guidance", help="Embedded guidance scale."),
     flow_shift: float = typer.Option(7.0, "--flow-shift", help="Flow-matching schedule shift."),
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
-    attention: str = typer.Option("sdpa", "--attention", help="sdpa or flash (needs flash-attn)."),
+    attention: str = Attention,
+    compile_blocks: bool = Compile,
     out_path: Path = typer.Option(None, "--out", help="Also copy the mp4 here (a file, or a folder)."),
     step_cache: str = StepCache,
     cache_dir: Path = CacheDir,
@@ -61,7 +62,7 @@ def generate(
         from lowvram.download import default_model_dir
 
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir,
-                             step_cache=step_cache)
+                             step_cache=step_cache, compile=compile_blocks)
 
     def work(reporter, stop):
         run, files, plan = start_run(options, reporter)
@@ -121,7 +122,7 @@ def demo(
         from lowvram.runner import DEMO_PROFILE, ensure_demo_model
 
         ensure_demo_model(model_root, reporter)
-        options = RunOptions(request, model_root, runs_dir, DEMO_PROFILE, "sdpa", device, step_cache=step_cache)
+        options = RunOptions(request, model_root, runs_dir, DEMO_PROFILE, None, device, step_cache=step_cache)
         run, files, plan = start_run(options, reporter)
         return execute(run, files, plan, reporter, stop)
 

@@ -1,33 +1,53 @@
-"""The one attention function of the DiT, with two backends.
+"""The one attention function of the DiT, with three kernel families.
 
 Joint sequences are [image tokens ; text tokens] with text right-padded. The rule that matters
 (facts §1.11): no valid token attends to a padded text key. For batch 1 the pipeline drops padded
-text tokens altogether, so no mask is needed and SDPA can pick its flash kernel. For batch > 1:
+text tokens altogether, so no mask is needed and any kernel applies. For batch > 1:
 - `sdpa`: a boolean key mask [B, 1, 1, S] (diffusers' semantics; padded query rows see valid keys,
   their outputs are never used);
 - `flash`: flash-attn varlen with the official segments: per item (image + valid text) and
-  (padding only), exactly as the official code.
+  (padding only), exactly as the official code;
+- `sage`: SageAttention (INT8 QK^T, FP16 PV; PyPI `sageattention`) takes no mask, so a masked
+  batch runs SDPA instead (a Python warning says so once; lowvram's runs are batch 1).
+
+Backend names: "sdpa" (PyTorch picks the kernel), "sdpa:flash" / "sdpa:cudnn" / "sdpa:efficient" /
+"sdpa:math" (that SDPA kernel only), "sage", "flash". Which one a run uses is lowvram's choice
+(lowvram/attention_choice.py: installed, probed, measured).
 """
 
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .errors import HyVideoError
 
-BACKENDS = ("sdpa", "flash")
+BACKENDS = ("sdpa", "sage", "flash")
+SDPA_KERNELS = ("flash", "cudnn", "efficient", "math")
+PACKAGES = {"sage": "sageattention", "flash": "flash_attn"}
+EXTRAS = {"sage": "sage", "flash": "flash"}  # pip install 'hyvideo-lowvram[EXTRA]'
 
 
-def flash_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+def split_backend(backend: str) -> tuple[str, str | None]:
+    """"sdpa:cudnn" -> ("sdpa", "cudnn"); "sage" -> ("sage", None)."""
+    name, _, kernel = backend.partition(":")
+    return name, kernel or None
+
+
+def installed(name: str) -> bool:
+    """Whether the package a backend family needs is importable (SDPA is part of torch)."""
+    return name not in PACKAGES or importlib.util.find_spec(PACKAGES[name]) is not None
 
 
 def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise HyVideoError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "flash" and not flash_available():
-        raise HyVideoError("attention backend 'flash' needs flash-attn: pip install 'hyvideo-lowvram[flash]', or use --attention sdpa")
+    name, kernel = split_backend(backend)
+    if name not in BACKENDS or (kernel is not None and (name != "sdpa" or kernel not in SDPA_KERNELS)):
+        choices = ", ".join([*BACKENDS, *(f"sdpa:{k}" for k in SDPA_KERNELS)])
+        raise HyVideoError(f"unknown attention backend {backend!r}; choose one of {choices}")
+    if not installed(name):
+        raise HyVideoError(f"attention backend {name!r} needs {PACKAGES[name]}: pip install 'hyvideo-lowvram[{EXTRAS[name]}]', "
+                           "or use --attention sdpa")
 
 
 def attention(
@@ -38,13 +58,33 @@ def attention(
     q, k, v: [B, S, H, D]; key_mask: [B, S] bool (True = valid key, valid positions form a prefix) or
     None. Returns [B, S, H*D].
     """
-    if backend == "flash":
+    name, kernel = split_backend(backend)
+    if name == "flash":
         out = _flash_attention(q, k, v, key_mask)
+    elif name == "sage" and key_mask is None:
+        from sageattention import sageattn
+
+        out = sageattn(q, k, v, tensor_layout="NHD", is_causal=False)  # [B, S, H, D] as given
     else:
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2)  # [B, S, H, D]
+        if name == "sage":
+            warnings.warn("SageAttention takes no mask: this masked batch ran SDPA", stacklevel=2)
+        out = _sdpa(q, k, v, key_mask, kernel)
     return out.flatten(2)
+
+
+def _sdpa(q, k, v, key_mask, kernel: str | None):
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, S, D]
+    if kernel is None:
+        out = F.scaled_dot_product_attention(*args, attn_mask=mask)
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                  "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]
+        with sdpa_kernel(chosen):
+            out = F.scaled_dot_product_attention(*args, attn_mask=mask)
+    return out.transpose(1, 2)  # [B, S, H, D]
 
 
 def _flash_attention(q, k, v, key_mask):

@@ -47,6 +47,8 @@ class BenchOptions:
     cap_bytes: int | None = None  # emulate a card with this much VRAM
     device: str | None = None
     step_cache: str | None = None  # --cache off | safe | fast (None: the profile's)
+    attention: str | None = None  # --attention (None: the profile's)
+    compile: bool | None = None  # --compile (None: the profile's)
 
 
 def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter) -> Path:
@@ -100,8 +102,8 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     root = ensure_synthetic_model(options.scratch, options.model_size, options.layout, reporter)
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0)
-    run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, "sdpa", device,
-                             vram_limit_bytes=options.cap_bytes, step_cache=options.step_cache)
+    run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.attention, device,
+                             vram_limit_bytes=options.cap_bytes, step_cache=options.step_cache, compile=options.compile)
     run, files, plan = start_run(run_options, reporter)
     result = execute(run, files, plan, reporter, stop)
 
@@ -128,6 +130,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
         "device": str(result.settings["device"]), "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "cap_gb": None if options.cap_bytes is None else options.cap_bytes / GIB,
         "profile": plan.profile.name, "schedule": plan.schedule.to_dict(), "stats": result.stats,
+        "attention": result.settings["attention"], "compile_seconds": dit.get("compile_seconds"),
         "stages": stages, "dit_load_seconds": load_s, "step_seconds": steps, "s_per_step": s_per_step,
         "estimate": {"steps": FULL_RUN_STEPS, "seconds": estimate},
         "run_id": result.run_id, "video_path": result.video, "final_latents": result.final_latents,

@@ -49,7 +49,7 @@ from quant.bytes import (TextEncoderParams, block_bytes, clip_bytes, dequantized
                          modulation_probe_bytes, trunk_bytes, vae_decoder_bytes)
 
 from .activations import dit_activation_bytes, image_tokens, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
-from .profiles import Profile, load_profile, shipped_profiles, with_step_cache
+from .profiles import Profile, RunChoices, load_profile, shipped_profiles
 from .schedule import BlockSchedule, plan_schedule
 from .sizes import SIZE_BUCKETS
 from .tiled_vae import decode_tiling
@@ -319,26 +319,26 @@ def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes
 
 
 def resolve(spec: "str | Profile", width: int, height: int, frames: int, *, vram_bytes: int | None, ram_bytes: int | None,
-            must_fit: bool = True, cache: str | None = None, **plan_kwargs) -> tuple[Profile, Plan]:
+            must_fit: bool = True, choices: RunChoices = RunChoices(), **plan_kwargs) -> tuple[Profile, Plan]:
     """--profile (auto | a shipped name | a .toml path) -> the run's profile and its plan.
 
     vram_bytes: free VRAM of the GPU the run uses; None when there is none (the CPU: "auto" is
     "plain", and a named profile is planned against its own budget). A named profile's budget is
     lowered to the free VRAM when that is less, as "auto" does. must_fit: a plan that does not fit
     raises a HyVideoError naming what would (else the caller shows the plan). `spec` may also be a
-    Profile (the demo's). cache: `--cache off|safe|fast` applied to the profile (None: as it says).
+    Profile (the demo's). choices: the run's --cache / --attention / --compile, applied to the profile.
     plan_kwargs: the model's configs and text encoder sizes (see `plan`)."""
     kwargs = plan_kwargs
     if isinstance(spec, Profile):
-        profile = with_step_cache(spec, cache)
+        profile = choices.apply(spec)
     elif spec == "auto":
         if vram_bytes is None:
-            profile = with_step_cache(load_profile("plain"), cache)
+            profile = choices.apply(load_profile("plain"))
             return profile, plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **kwargs)
-        candidates = [with_step_cache(p, cache) for p in shipped_profiles()]
+        candidates = [choices.apply(p) for p in shipped_profiles()]
         return choose_profile(vram_bytes, ram_bytes or 0, width, height, frames, profiles=candidates, **kwargs)
     else:
-        profile = with_step_cache(load_profile(spec), cache)  # unknown name or malformed file -> HyVideoError
+        profile = choices.apply(load_profile(spec))  # unknown name or malformed file -> HyVideoError
     if vram_bytes is not None and vram_bytes < profile.vram_budget_bytes:
         profile = with_budget(profile, vram_bytes)
     found = plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **kwargs)

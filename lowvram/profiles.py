@@ -21,9 +21,11 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from hyvideo.attention import BACKENDS as ATTENTION_BACKENDS
 from hyvideo.errors import HyVideoError
 from hyvideo.step_cache import METHODS as CACHE_METHODS, PRESETS as CACHE_PRESETS
 from quant.bytes import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
+from quant.fp8 import FP8_MATMULS
 
 
 if sys.version_info >= (3, 11):
@@ -42,6 +44,7 @@ def _profiles_dir() -> Path:
 
 
 PROFILES_DIR = _profiles_dir()
+ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
 GIB = 2**30
 
 
@@ -62,6 +65,9 @@ class Profile:
     pinned_ram_cap_gb: float = 16.0  # GiB of host memory that may be page-locked
     step_cache: str = "off"  # skip the DiT's blocks on steps that change little: off | teacache
     step_cache_threshold: float = 0.10  # TeaCache's accumulated rel-L1 threshold (0.10 safe, 0.15 fast)
+    attention: str = "auto"  # auto | sdpa | sage | flash (lowvram/attention_choice.py)
+    compile: bool = False  # torch.compile the DiT's blocks (lowvram/compile.py)
+    fp8_matmul: str = "dequant"  # FP8 linears: dequant | scaled_mm (FP8 tensor cores) | auto (if measured faster)
     source: str = dataclasses.field(default="", compare=False)  # file it was read from
 
     @property
@@ -114,6 +120,9 @@ def profile_from_dict(values: dict, source: str = "<dict>") -> Profile:
         "pinned_ram_cap_gb": (number, lambda v: v >= 0, "must be a number of GiB >= 0"),
         "step_cache": (str, lambda v: v in CACHE_METHODS, f"must be one of {', '.join(CACHE_METHODS)}"),
         "step_cache_threshold": (number, lambda v: 0 < v < 10, "must be a positive number (0.10 safe, 0.15 fast)"),
+        "attention": (str, lambda v: v in ATTENTION_CHOICES, f"must be one of {', '.join(ATTENTION_CHOICES)}"),
+        "compile": (bool, None, "must be true or false"),
+        "fp8_matmul": (str, lambda v: v in FP8_MATMULS, f"must be one of {', '.join(FP8_MATMULS)}"),
     }
     for key, value in values.items():
         expected, check, hint = checks[key]
@@ -161,14 +170,31 @@ def load_profile(name_or_path: str | Path) -> Profile:
     return _read(shipped)
 
 
-def with_step_cache(profile: Profile, preset: str | None) -> Profile:
-    """The profile with `--cache off|safe|fast` applied (None: as the profile says)."""
-    if preset is None:
-        return profile
-    if preset not in CACHE_PRESETS:
-        raise HyVideoError(f"--cache must be one of {', '.join(CACHE_PRESETS)}, not {preset!r}")
-    method, threshold = CACHE_PRESETS[preset]
-    return dataclasses.replace(profile, step_cache=method, step_cache_threshold=threshold or profile.step_cache_threshold)
+@dataclass(frozen=True)
+class RunChoices:
+    """Per-run options that override the profile's fields (None: as the profile says)."""
+
+    cache: str | None = None  # --cache off | safe | fast
+    attention: str | None = None  # --attention auto | sdpa | sage | flash
+    compile: bool | None = None  # --compile / --no-compile
+
+    def check(self) -> None:
+        if self.cache is not None and self.cache not in CACHE_PRESETS:
+            raise HyVideoError(f"--cache must be one of {', '.join(CACHE_PRESETS)}, not {self.cache!r}")
+        if self.attention is not None and self.attention not in ATTENTION_CHOICES:
+            raise HyVideoError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
+
+    def apply(self, profile: Profile) -> Profile:
+        self.check()
+        fields = {}
+        if self.cache is not None:
+            method, threshold = CACHE_PRESETS[self.cache]
+            fields.update(step_cache=method, step_cache_threshold=threshold or profile.step_cache_threshold)
+        if self.attention is not None:
+            fields["attention"] = self.attention
+        if self.compile is not None:
+            fields["compile"] = self.compile
+        return dataclasses.replace(profile, **fields)
 
 
 def stored_profile(values: dict, run_id: str) -> Profile:

@@ -20,6 +20,7 @@ stays valid: every file is written atomically).
 
 import platform
 import shutil
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.attention import check_backend
 from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
@@ -36,10 +36,11 @@ from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 from hyvideo.vae import latent_shape
 
+from .attention_choice import resolve_attention, usable_backend
 from .doctor import free_memory
 from .measure import StageMeter
 from .planner import Plan, plan, resolve
-from .profiles import Profile, stored_profile
+from .profiles import Profile, RunChoices, stored_profile
 from .progress import Reporter
 from .runs import FIRST_FRAME, VIDEO, Run, find_run
 from .stages import Stages, model_sizes, parameter_count
@@ -112,11 +113,12 @@ class RunOptions:
     model_dir: Path
     runs_dir: Path
     profile: "str | Profile" = "auto"  # auto | a shipped name | a .toml path | a Profile (the demo's)
-    attention: str = "sdpa"
+    attention: str | None = None  # auto | sdpa | sage | flash; None: the profile's (auto)
     device: str | None = None  # None: cuda if available, else cpu
     out: Path | None = None
     cache_dir: Path | None = None  # quantized weights; None: <model dir>/lowvram-cache
     step_cache: str | None = None  # --cache off | safe | fast; None: as the profile says (off in shipped ones)
+    compile: bool | None = None  # --compile: torch.compile the DiT's blocks; None: the profile's (off)
     vram_limit_bytes: int | None = None  # plan for at most this much VRAM (`lowvram bench --cap-gb`)
 
 
@@ -183,7 +185,8 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Ru
     reporter = reporter or Reporter()
     request = options.request
     validate_request(request)
-    check_backend(options.attention)
+    choices = RunChoices(options.step_cache, options.attention, options.compile)
+    choices.check()
     device = check_device(options.device or default_device())
     files = find_model_files(Path(options.model_dir))
     sizes = model_sizes(files)
@@ -198,12 +201,15 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Ru
     if vram is not None and options.vram_limit_bytes is not None:
         vram = min(vram, options.vram_limit_bytes)
     profile, found = resolve(options.profile, request.width, request.height, request.frames, vram_bytes=vram,
-                             ram_bytes=ram, cache=options.step_cache, **sizes)
+                             ram_bytes=ram, choices=choices, **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
     out = check_output_path(options.out)
+    attention = resolve_attention(profile.attention, str(device))
+    for note in attention.notes:
+        reporter.warn(note)
     settings = {
-        **asdict(request), "attention": options.attention, "device": str(device),
+        **asdict(request), "attention": attention.backend, "device": str(device),
         "profile": {**profile.to_dict(), "source": profile.source},
         "model_dir": str(Path(options.model_dir).resolve()), "out": str(out.resolve()) if out else None,
         "cache_dir": str(Path(options.cache_dir).resolve()) if options.cache_dir else None,
@@ -307,7 +313,10 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
     settings = run.settings
     request = GenerationRequest(**{k: settings[k] for k in GenerationRequest.__dataclass_fields__})
     device = torch.device(settings["device"])
-    stages = Stages(files, plan, device, settings["attention"], reporter, settings.get("cache_dir"))
+    attention = usable_backend(settings["attention"], settings["device"])
+    for note in attention.notes:
+        reporter.warn(note)
+    stages = Stages(files, plan, device, attention.backend, reporter, settings.get("cache_dir"))
     seconds = run.manifest.setdefault("seconds", {})
     measured = run.manifest.setdefault("measured", {})
     meter = StageMeter(device)
@@ -404,6 +413,7 @@ def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: 
     cache = None
     measured = run.manifest["measured"].setdefault("dit", {})
     step_seconds = measured.setdefault("step_seconds", [])
+    earlier_steps = len(step_seconds)
     try:
         cache = stages.step_cache(model, request.steps, cache_state)
         measured["load_seconds"] = round(time.perf_counter() - began, 3)
@@ -437,6 +447,9 @@ def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: 
         # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache
         # they have one entry per computed step of this process.
         dit_stats["computed_steps"] = list(cache.state.computed) if cache else list(range(request.steps))
+        ours = step_seconds[earlier_steps:]
+        if stages.profile.compile and len(ours) >= 2:  # compiling happens in this process's first step
+            measured["compile_seconds"] = round(ours[0] - statistics.median(ours[1:]), 3)
         run.manifest.setdefault("stats", {})["dit"] = dit_stats
         model = streamer = cache = None  # (not del: the step closures above refer to them)
         empty_cache(device)

@@ -34,7 +34,9 @@ from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
 from hyvideo.weight_io import read_torch_file
 
 from quant.bytes import TextEncoderParams, llm_param_counts
+from quant.fp8 import choose_fp8_matmul, set_scaled_mm
 
+from .compile import compile_blocks, dynamo_graphs
 from .planner import Plan
 from .progress import Reporter
 from .streaming import BlockStreamer, place_dit, release_dit
@@ -154,9 +156,18 @@ class Stages:
         """The DiT with its trunk on the device and its blocks placed per the plan."""
         model = self._load_dit_on_host()
         model.attention_backend = self.attention
+        scaled_mm = False
+        if self.profile.dit_scheme == "fp8":  # before placing: the ring's shells copy the flag
+            scaled_mm, note = choose_fp8_matmul(self.profile.fp8_matmul, self.device)
+            if note:
+                self.reporter.warn(note)
+            set_scaled_mm(model, scaled_mm, self.device)
         streamer = place_dit(model, self.plan, self.device)
-        self.stats["dit"] = {"resident_blocks": len(self.plan.schedule.resident),
+        self.stats["dit"] = {"resident_blocks": len(self.plan.schedule.resident), "attention": self.attention,
+                             "fp8_matmul": "scaled_mm" if scaled_mm else "dequant" if self.profile.dit_scheme == "fp8" else None,
                              "streamed_blocks": len(self.plan.schedule.streamed), "pinned_bytes": streamer.pin_report.pinned_bytes}
+        if self.profile.compile:
+            self.stats["dit"]["compiled_modules"] = compile_blocks(streamer, self.cache_dir)
         return model, streamer
 
     def step_cache(self, model: torch.nn.Module, steps: int, state: CacheState | None = None) -> TeaCache | None:
@@ -170,6 +181,8 @@ class Stages:
     def release_dit(self, model: torch.nn.Module, streamer: BlockStreamer) -> None:
         """Free the DiT's device and pinned memory; record what was streamed per step."""
         steps = streamer.step_stats()
+        if self.profile.compile:
+            self.stats["dit"]["dynamo_graphs"] = dynamo_graphs()  # one per block kind unless something recompiled
         self.stats["dit"]["blocks_copied_per_step"] = [s.blocks_copied for s in steps]
         self.stats["dit"]["bytes_copied_per_step"] = [s.bytes_copied for s in steps]
         release_dit(model, streamer, keep_on_host=False)

@@ -389,6 +389,10 @@ class BlockStreamer:
             out.append(StepStats(step, c.blocks, c.bytes, copy_ms, wait_ms))
         return out
 
+    def block_modules(self) -> list[nn.Module]:
+        """Every module this streamer yields as a block: the resident blocks and the ring shells."""
+        return [self._run[i] for i in self.schedule.resident] + [slot.shell for ring in self._rings.values() for slot in ring]
+
     @property
     def gpu_bytes(self) -> int:
         """Block weights this streamer keeps on the device: resident blocks and the ring."""

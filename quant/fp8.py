@@ -189,6 +189,61 @@ class FP8Linear(nn.Module):
                 f"scale={kind}, use_scaled_mm={self.use_scaled_mm}")
 
 
+FP8_MATMULS = ("dequant", "scaled_mm", "auto")
+# `auto` takes _scaled_mm when it is this much faster on the probe layer ...
+SCALED_MM_MIN_SPEEDUP = 1.10
+# ... and its error vs float32 is at most this multiple of the dequant path's (H200: 3.74 / 2.67 = 1.4).
+SCALED_MM_MAX_ERROR_RATIO = 1.5
+
+
+def measure_scaled_mm(device, in_features: int = 3072, out_features: int = 12288, tokens: int = 8192) -> dict:
+    """One FP8 linear (the 13B MLP's fc1 shape; a token chunk of 8192) both ways on `device`:
+    milliseconds per call and relative error vs float32, for the dequant path and _scaled_mm."""
+    import time
+
+    device = torch.device(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    linear = nn.Linear(in_features, out_features, dtype=torch.float32)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen) / in_features**0.5)
+        linear.bias.zero_()
+    x = torch.randn(1, tokens, in_features, generator=gen).to(device)
+    reference = linear.to(device)(x)
+    layer = FP8Linear.from_linear(linear.to(torch.bfloat16)).to(device)
+    result = {}
+    for name, flag in (("dequant", False), ("scaled_mm", True)):
+        layer.use_scaled_mm = flag
+        with torch.no_grad():
+            out = layer(x.to(torch.bfloat16))
+            torch.cuda.synchronize(device)
+            began = time.perf_counter()
+            for _ in range(5):
+                layer(x.to(torch.bfloat16))
+            torch.cuda.synchronize(device)
+        result[name] = {"ms": (time.perf_counter() - began) * 200,
+                        "rel_error": float((out.float() - reference).norm() / reference.norm())}
+    return result
+
+
+def choose_fp8_matmul(requested: str, device) -> tuple[bool, str | None]:
+    """(use _scaled_mm?, a note for the user or None) for `fp8_matmul` = dequant | scaled_mm | auto.
+    A request that cannot be met falls back to the dequant path with a note, never an error."""
+    if requested not in FP8_MATMULS:
+        raise HyVideoError(f"fp8_matmul must be one of {', '.join(FP8_MATMULS)}, not {requested!r}")
+    if requested == "dequant":
+        return False, None
+    reason = scaled_mm_unavailable_reason(device)
+    if reason:
+        return False, None if requested == "auto" else f"FP8 matmul (_scaled_mm) unavailable: {reason}; dequantizing instead"
+    if requested == "scaled_mm":
+        return True, None
+    measured = measure_scaled_mm(device)
+    dequant, scaled = measured["dequant"], measured["scaled_mm"]
+    faster = dequant["ms"] / scaled["ms"] >= SCALED_MM_MIN_SPEEDUP
+    accurate = scaled["rel_error"] <= SCALED_MM_MAX_ERROR_RATIO * dequant["rel_error"]
+    return faster and accurate, None
+
+
 def swap_linears_fp8(model: nn.Module, policy: "str | QuantPolicy" = "blocks", per_channel: bool = True,
                      use_scaled_mm: bool = False) -> list[str]:
     """Replace the policy's nn.Linear modules of a HunyuanVideoDiT by FP8Linear, in place.

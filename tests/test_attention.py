@@ -1,6 +1,8 @@
-"""Attention backends: the flash-attn varlen path's segmenting (run here through a stand-in
-flash_attn module built on SDPA, since flash-attn needs CUDA) and the SDPA key mask."""
+"""Attention backends: the flash-attn varlen path's segmenting and SageAttention's call (run here
+through stand-in modules built on SDPA, since both need CUDA), the SDPA key mask, and how a run's
+kernel is chosen (probe, fallback, fastest)."""
 
+import importlib.machinery
 import sys
 import types
 
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 
 from hyvideo.attention import attention, check_backend
 from hyvideo.errors import HyVideoError
+from lowvram.attention_choice import AttentionChoice, candidates, choose, probe, resolve_attention
 
 
 def fake_flash_attn():
@@ -50,6 +53,78 @@ def test_flash_varlen_matches_masked_sdpa_on_valid_tokens(monkeypatch):
 def test_unknown_or_missing_backend_is_a_user_error(monkeypatch):
     with pytest.raises(HyVideoError, match="unknown attention backend"):
         check_backend("xformers")
-    monkeypatch.setattr("hyvideo.attention.flash_available", lambda: False)
-    with pytest.raises(HyVideoError, match="needs flash-attn"):
+    with pytest.raises(HyVideoError, match="unknown attention backend 'sdpa:fast'"):
+        check_backend("sdpa:fast")
+    monkeypatch.setattr("hyvideo.attention.installed", lambda name: name == "sdpa")
+    with pytest.raises(HyVideoError, match=r"needs flash_attn: pip install 'hyvideo-lowvram\[flash\]'"):
         check_backend("flash")
+
+
+# --- SageAttention's plumbing and the choice of kernel (lowvram/attention_choice.py) -------------
+
+
+def stand_in_sage(result=None, fail=False):
+    """A `sageattention` module whose sageattn is SDPA on [B, S, H, D] ("NHD"), or a broken one."""
+    calls = []
+
+    def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None):
+        calls.append((tensor_layout, is_causal, tuple(q.shape)))
+        if fail:
+            raise RuntimeError("no kernel image is available for execution on the device")
+        if result is not None:
+            return result(q, k, v)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    module = types.ModuleType("sageattention")
+    module.__spec__ = importlib.machinery.ModuleSpec("sageattention", None)
+    module.sageattn, module.calls = sageattn, calls
+    return module
+
+
+def test_sage_gets_nhd_tensors_and_a_masked_batch_runs_sdpa(monkeypatch):
+    fake = stand_in_sage()
+    monkeypatch.setitem(sys.modules, "sageattention", fake)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 10, 2, 8, generator=gen) for _ in range(3))
+    assert torch.equal(attention(q, k, v, backend="sage"), attention(q, k, v, backend="sdpa"))
+    assert fake.calls == [("NHD", False, (1, 10, 2, 8))]
+    mask = torch.arange(10)[None] < 7
+    with pytest.warns(UserWarning, match="SageAttention takes no mask"):
+        assert torch.equal(attention(q, k, v, mask, backend="sage"), attention(q, k, v, mask, backend="sdpa"))
+    assert len(fake.calls) == 1  # the masked call never reached sage
+
+
+def test_probe_passes_a_good_kernel_and_names_what_is_wrong_with_bad_ones(monkeypatch):
+    device, tokens = torch.device("cpu"), 64
+    monkeypatch.setitem(sys.modules, "sageattention", stand_in_sage())
+    ms, why = probe("sage", device, tokens)
+    assert ms is not None and ms > 0 and why is None
+    monkeypatch.setitem(sys.modules, "sageattention", stand_in_sage(result=lambda q, k, v: v))  # not attention
+    assert probe("sage", device, tokens)[1].startswith("failed its probe (relative error")
+    monkeypatch.setitem(sys.modules, "sageattention", stand_in_sage(fail=True))
+    assert probe("sage", device, tokens)[1] == ("failed its probe (RuntimeError: no kernel image is available for "
+                                               "execution on the device)")
+    monkeypatch.setattr("lowvram.attention_choice.installed", lambda name: name == "sdpa")
+    assert probe("flash", device, tokens) == (None, "is not installed (pip install 'hyvideo-lowvram[flash]' for flash_attn)")
+    assert probe("sdpa:math", device, tokens)[0] is not None
+
+
+def test_choice_takes_the_fastest_kernel_that_passed():
+    probed = {"sage": (None, "is not installed (...)"), "flash": (4.0, None), "sdpa:flash": (5.0, None),
+              "sdpa:cudnn": (3.0, None), "sdpa:efficient": (None, "failed its probe (...)")}
+    assert choose("auto", probed).backend == "sdpa:cudnn" and not choose("auto", probed).notes
+    sdpa_only = {b: r for b, r in probed.items() if b.startswith("sdpa")}
+    assert choose("sdpa", sdpa_only).backend == "sdpa:cudnn"
+    assert choose("flash", probed).backend == "flash"  # asked for and passed: taken even if not the fastest
+    fallback = choose("sage", probed)
+    assert fallback.backend == "sdpa:cudnn" and fallback.notes == ["attention 'sage' is not installed (...); using SDPA"]
+    nothing = choose("auto", {"sdpa:flash": (None, "failed")})
+    assert nothing.backend == "sdpa" and "no attention kernel passed" in nothing.notes[0]
+    assert candidates("sage") == ["sage", "sdpa:flash", "sdpa:cudnn", "sdpa:efficient"]
+
+
+def test_on_the_cpu_every_choice_is_sdpa():
+    assert resolve_attention("auto", "cpu") == AttentionChoice("sdpa", [])
+    assert resolve_attention("flash", "cpu").notes == ["attention 'flash' needs CUDA; using sdpa on the CPU"]
+    with pytest.raises(HyVideoError, match="--attention must be one of auto, sdpa, sage, flash"):
+        resolve_attention("xformers", "cpu")

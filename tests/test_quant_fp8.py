@@ -252,3 +252,26 @@ def test_block_dequantizes_each_weight_once_not_per_chunk(monkeypatch):
     calls.clear()
     assert torch.equal(run(model, inputs), held)
     assert len(calls) > 3 * expected
+
+
+def test_fp8_matmul_choice_falls_back_to_dequantizing_with_a_note():
+    from quant.fp8 import choose_fp8_matmul
+
+    assert choose_fp8_matmul("dequant", "cpu") == (False, None)
+    assert choose_fp8_matmul("auto", "cpu") == (False, None)  # nothing to measure: no FP8 tensor cores here
+    used, note = choose_fp8_matmul("scaled_mm", "cpu")
+    assert not used and note.startswith("FP8 matmul (_scaled_mm) unavailable: it needs a CUDA GPU") and "dequantizing instead" in note
+    with pytest.raises(HyVideoError, match="fp8_matmul must be one of dequant, scaled_mm, auto"):
+        choose_fp8_matmul("fast", "cpu")
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_matmul_measurement():
+    from quant.fp8 import choose_fp8_matmul, measure_scaled_mm, scaled_mm_supported
+
+    if not scaled_mm_supported("cuda"):
+        pytest.skip("no _scaled_mm on this GPU")
+    measured = measure_scaled_mm("cuda", 256, 512, 1024)
+    for path in ("dequant", "scaled_mm"):
+        assert measured[path]["ms"] > 0 and 0 < measured[path]["rel_error"] < 0.1  # e4m3: a few % vs float32
+    assert choose_fp8_matmul("auto", "cuda")[1] is None
