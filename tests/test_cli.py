@@ -210,6 +210,7 @@ BAD_GENERATE = [
     (["--profile", "nope"], "unknown profile 'nope'; available: plain, 24gb"),
     (["--out", "/nonexistent-dir/x.mp4"], "cannot write --out .*does not exist"),
     (["--cache", "faster"], "--cache must be one of off, safe, fast"),
+    (["--attention", "xformers"], "--attention must be one of auto, sdpa, sage, flash"),
 ]
 
 

@@ -241,6 +241,29 @@ def test_cache_off_is_the_uncached_run(tiny_official, tmp_path, uninterrupted):
     assert "cache" not in Run.open(run.folder).manifest["checkpoints"][-1]
 
 
+def test_compile_and_attention_choices_reach_the_run(tiny_official, tmp_path, uninterrupted, monkeypatch):
+    """--compile compiles the blocks (aot_eager here: dynamo's tracing without generating C++, which
+    tests/test_compile.py covers) and records it; --attention sage on the CPU says why not and runs SDPA."""
+    import torch._dynamo
+
+    from lowvram import stages as stages_module
+    from lowvram.compile import compile_blocks
+
+    monkeypatch.setattr(stages_module, "compile_blocks", lambda streamer, cache_dir: compile_blocks(streamer, cache_dir, "aot_eager"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    torch._dynamo.reset()
+    reporter = StopAfter(StopRequest(), 99)
+    run, files, plan = start_run(options(tiny_official, tmp_path, compile=True, attention="sage"), reporter)
+    assert run.settings["profile"]["compile"] is True and run.settings["attention"] == "sdpa"
+    assert reporter.warnings == ["attention 'sage' needs CUDA; using sdpa on the CPU"]
+    result = execute(run, files, plan, reporter)
+    torch._dynamo.reset()
+    dit = result.stats["dit"]
+    assert dit["compiled_modules"] == 4 and dit["dynamo_graphs"] == 2  # the tiny model's 4 blocks, resident (plain); 2 kinds
+    assert "compile_seconds" in result.measured["dit"]
+    assert torch.allclose(load_file(result.final_latents)["latents"], uninterrupted[1], rtol=1e-4, atol=1e-5)
+
+
 def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp_path):
     """--cache fast on a streamed FP8 profile, 8 steps: stopped after step 3 and resumed (also past a
     damaged newest residual) it ends with the uninterrupted run's final latents and computed steps;
