@@ -128,3 +128,49 @@ def test_on_the_cpu_every_choice_is_sdpa():
     assert resolve_attention("flash", "cpu").notes == ["attention 'flash' needs CUDA; using sdpa on the CPU"]
     with pytest.raises(HyVideoError, match="--attention must be one of auto, sdpa, sage, flash"):
         resolve_attention("xformers", "cpu")
+
+
+# --- each kernel's error on a whole DiT forward --------------------------------------------------
+
+
+def tiny_forward(backend: str, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """A small DiT with the 13B model's head_dim (128, which every kernel supports)."""
+    from hyvideo.config import DiTConfig
+    from hyvideo.dit import HunyuanVideoDiT
+    from tests.random_weights import randomize_
+    from tests.test_lowvram_streaming import make_inputs
+
+    config = DiTConfig(hidden_size=256, heads=2, double_blocks=2, single_blocks=2, refiner_blocks=1,
+                       text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(16, 56, 56))
+    model = HunyuanVideoDiT(config).eval()
+    randomize_(model, seed=1)
+    model = model.to(device, dtype)
+    model.attention_backend = backend
+    x, t, text, mask, pooled, guidance = (v.to(device) for v in make_inputs())
+    with torch.no_grad():
+        return model(x, t, text.to(dtype), mask, pooled.to(dtype), guidance).float().cpu()
+
+
+def test_sdpa_kernels_agree_on_the_cpu():
+    """float32 on the CPU: PyTorch's default SDPA kernel and the math kernel differ only by the
+    order of float32 sums."""
+    reference = tiny_forward("sdpa:math", "cpu", torch.float32)
+    assert float((tiny_forward("sdpa", "cpu", torch.float32) - reference).norm() / reference.norm()) < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,bound", [("sdpa:flash", 1e-2), ("sdpa:cudnn", 1e-2), ("sdpa:efficient", 1e-2),
+                                           ("flash", 1e-2), ("sage", 5e-2)])
+def test_cuda_kernel_error_on_a_dit_forward(backend, bound):
+    """bf16 forward of the small DiT with each kernel vs the same bf16 model with float32-accurate
+    attention (math kernel). Exact kernels: bf16 rounding of attention outputs through 4 blocks
+    (< 1 %). sage: INT8 Q/K with per-block scales and FP16 P.V add their rounding (< 5 %)."""
+    from lowvram.attention_choice import probe
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ms, why = probe(backend, torch.device("cuda"), tokens=256)
+    if ms is None:
+        pytest.skip(f"{backend} {why}")
+    reference = tiny_forward("sdpa:math", "cuda", torch.bfloat16)
+    assert float((tiny_forward(backend, "cuda", torch.bfloat16) - reference).norm() / reference.norm()) < bound
