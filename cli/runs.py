@@ -43,6 +43,8 @@ def generate(
     cache_dir: Path = CacheDir,
     runs_dir: Path = RunsDir,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    lora: list[str] = typer.Option(None, "--lora", help="PATH[:STRENGTH] of a LoRA .safetensors (diffusers, kohya/musubi "
+                                   "or official names; strength default 1). Repeat to add several."),
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):
@@ -50,6 +52,7 @@ def generate(
     import random
 
     with user_errors(as_json):
+        from hyvideo.lora import LoraSpec
         from hyvideo.pipeline import GenerationRequest
         from lowvram.runner import RunOptions, execute, start_run
         from lowvram.sizes import resolve_size
@@ -62,7 +65,7 @@ def generate(
         from lowvram.download import default_model_dir
 
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir,
-                             step_cache=step_cache, compile=compile_blocks)
+                             step_cache=step_cache, compile=compile_blocks, loras=[LoraSpec.parse(text) for text in lora or []])
 
     def work(reporter, stop):
         run, files, plan = start_run(options, reporter)

@@ -144,8 +144,16 @@ def official_to_diffusers_tensors(key: str, tensor: torch.Tensor, hidden_size: i
     parts = diffusers_parts(key)
     if len(parts) == 1:
         return [(parts[0], tensor)]
-    sizes = [hidden_size] * 3 + [tensor.shape[0] - 3 * hidden_size] if len(parts) == 4 else [tensor.shape[0] // 3] * 3
+    sizes = part_sizes(len(parts), tensor.shape[0], hidden_size)
     return [(name, piece.contiguous()) for name, piece in zip(parts, torch.split(tensor, sizes, dim=0))]
+
+
+def part_sizes(parts: int, rows: int, hidden_size: int) -> list[int]:
+    """Rows of each diffusers part of a fused official tensor with `rows` rows: qkv is three equal
+    parts; a single block's linear1 is q, k, v of `hidden_size` rows each, then the MLP input."""
+    if parts == 1:
+        return [rows]
+    return [hidden_size] * 3 + [rows - 3 * hidden_size] if parts == 4 else [rows // 3] * 3
 
 
 def official_to_diffusers(official_sd: dict) -> dict:

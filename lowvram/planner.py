@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
+from hyvideo.lora import LoraBytes
 from hyvideo.vae import latent_shape
 from quant.bytes import (TextEncoderParams, block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes,
                          modulation_probe_bytes, trunk_bytes, vae_decoder_bytes)
@@ -179,10 +180,12 @@ def align_up(value: int, multiple: int) -> int:
     return math.ceil(value / multiple) * multiple
 
 
-def dit_schedule(profile: Profile, config: DiTConfig, fixed_bytes: int, budget_bytes: int) -> BlockSchedule:
-    """The block schedule for this profile: `fixed_bytes` (trunk, activations) are on the GPU too."""
+def dit_schedule(profile: Profile, config: DiTConfig, fixed_bytes: int, budget_bytes: int,
+                 lora: LoraBytes = LoraBytes()) -> BlockSchedule:
+    """The block schedule for this profile: `fixed_bytes` (trunk, activations) are on the GPU too;
+    a LoRA's tensors travel with their blocks."""
     kinds = dit_block_kinds(config)
-    sizes = [block_bytes(config, profile.dit_scheme, profile.quant_policy, kind).total for kind in kinds]
+    sizes = [block_bytes(config, profile.dit_scheme, profile.quant_policy, kind).total + lora.block(kind) for kind in kinds]
     if profile.resident_blocks == "auto":
         return plan_schedule(kinds, sizes, prefetch_depth=profile.prefetch_depth,
                              budget_bytes=max(0, budget_bytes - RESERVE_BYTES - fixed_bytes))
@@ -212,13 +215,14 @@ def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int],
 def plan(
     profile: Profile, width: int, height: int, frames: int, *, host_ram_bytes: int | None = None,
     dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None, text_encoders: bool = True,
-    text_params: TextEncoderParams | None = None,
+    text_params: TextEncoderParams | None = None, lora_bytes: LoraBytes | None = None,
 ) -> Plan:
     """Predict each stage's peak memory for `profile` at width x height x frames (batch 1).
 
     width/height are rounded up to multiples of 16, as the sampler does (facts §5.4).
     text_encoders=False leaves out the text stage (e.g. embeddings computed elsewhere).
-    Configs and text encoder sizes default to the released 13B model's.
+    Configs and text encoder sizes default to the released 13B model's. lora_bytes: what the
+    run's LoRAs add (hyvideo.lora.lora_bytes), in the blocks and outside them.
     """
     dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
     vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
@@ -238,7 +242,10 @@ def plan(
     }
     if profile.step_cache != "off":
         dit_parts["step cache probe"] = modulation_probe_bytes(dit_config, profile.dit_scheme, profile.quant_policy)
-    schedule = dit_schedule(profile, dit_config, sum(dit_parts.values()), budget)
+    lora_bytes = lora_bytes or LoraBytes()
+    if lora_bytes.trunk:
+        dit_parts["lora (trunk)"] = lora_bytes.trunk
+    schedule = dit_schedule(profile, dit_config, sum(dit_parts.values()), budget, lora_bytes)
     dit_parts["resident blocks"] = schedule.resident_bytes
     dit_parts["ring"] = schedule.ring_bytes
 
@@ -259,7 +266,9 @@ def plan(
         dit_ram["first use (DiT cache)"] = first_use_quantize_bytes(dit_config)
     if profile.step_cache != "off":  # the residual, and its serialized copy while a checkpoint is written
         dit_ram["step cache"] = 2 * tokens * dit_config.hidden_size * 2 + latent_bytes
-    dit_files = trunk_bytes(dit_config) + sum(schedule.block_bytes)
+    if lora_bytes.total(dit_config):  # built on the host, then moved with their blocks
+        dit_ram["lora"] = lora_bytes.total(dit_config)
+    dit_files = trunk_bytes(dit_config) + sum(schedule.block_bytes) - (lora_bytes.total(dit_config) - lora_bytes.trunk)
     stages["dit"] = StagePlan(sum(dit_parts.values()), dit_parts, dit_ram, dit_files)
     vae_vram, vae_parts = vae_stage(profile, vae_config, (t_lat, h_lat, w_lat))
     video_bytes = vae_config.out_channels * frames * height * width * 4  # float32 on the host

@@ -31,6 +31,7 @@ import torch
 from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
+from hyvideo.lora import LoraSpec, lora_bytes
 from hyvideo.pipeline import GenerationRequest, denoise, validate_request
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
@@ -120,6 +121,7 @@ class RunOptions:
     step_cache: str | None = None  # --cache off | safe | fast; None: as the profile says (off in shipped ones)
     compile: bool | None = None  # --compile: torch.compile the DiT's blocks; None: the profile's (off)
     vram_limit_bytes: int | None = None  # plan for at most this much VRAM (`lowvram bench --cap-gb`)
+    loras: list[LoraSpec] = field(default_factory=list)  # --lora PATH[:STRENGTH], their updates add
 
 
 # --- pre-flight ------------------------------------------------------------------------------
@@ -191,6 +193,8 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Ru
     files = find_model_files(Path(options.model_dir))
     sizes = model_sizes(files)
     dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
+    loras = [LoraSpec(Path(spec.path).resolve(), spec.strength) for spec in options.loras]
+    sizes["lora_bytes"] = lora_bytes(loras, dit_config)  # every key checked against the model here
     params = parameter_count(dit_config)
     if device.type == "cpu" and params >= CPU_MAX_DIT_PARAMS:
         raise HyVideoError(
@@ -215,16 +219,38 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Ru
         "cache_dir": str(Path(options.cache_dir).resolve()) if options.cache_dir else None,
         "latent_shape": [1, *latent_shape(request.frames, request.height, request.width, vae_config)],
         "dit_parameters": params,
+        "loras": [{"path": str(spec.path), "strength": spec.strength, "fingerprint": file_fingerprint([spec.path])[0]}
+                  for spec in loras],
     }
     model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
     run = Run.create(Path(options.runs_dir), settings, model, versions())
     return run, files, found
 
 
+def run_loras(settings: dict) -> list[LoraSpec]:
+    """The LoRAs a run was started with (none for runs from before LoRA support)."""
+    return [LoraSpec(Path(entry["path"]), entry["strength"]) for entry in settings.get("loras", [])]
+
+
 def plan_for_run(run: Run, files: ModelFiles) -> Plan:
     """The plan of a run that was started earlier: its stored profile at its size."""
     s = run.settings
-    return plan(stored_profile(s["profile"], run.id), s["width"], s["height"], s["frames"], **model_sizes(files))
+    sizes = model_sizes(files)
+    sizes["lora_bytes"] = lora_bytes(run_loras(s), sizes["dit_config"])
+    return plan(stored_profile(s["profile"], run.id), s["width"], s["height"], s["frames"], **sizes)
+
+
+def check_loras_unchanged(run: Run) -> None:
+    """A run continues only with the LoRA files it started with, as with its weights."""
+    for entry in run.settings.get("loras", []):
+        path = Path(entry["path"])
+        reason = (fingerprint_mismatch([entry["fingerprint"]], file_fingerprint([path])) if path.is_file()
+                  else f"{path} is no longer there")
+        if reason:
+            raise HyVideoError(
+                f"cannot resume run {run.id} with another LoRA: {reason}. The same LoRA files are needed to continue "
+                "the same video; restore them, or start a new run with `lowvram generate`"
+            )
 
 
 def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = None,
@@ -243,6 +269,7 @@ def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = 
             f"cannot resume run {run.id} with other weights: {reason}. The same weights are needed to continue "
             "the same video; restore them, or start a new run with `lowvram generate`"
         )
+    check_loras_unchanged(run)
     if run.manifest.get("versions", {}).get("torch") != torch.__version__:
         reporter.warn(f"run {run.id} started with torch {run.manifest['versions'].get('torch')}, now {torch.__version__}: "
                       "the result may differ slightly from an uninterrupted run")
@@ -316,7 +343,7 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
     attention = usable_backend(settings["attention"], settings["device"])
     for note in attention.notes:
         reporter.warn(note)
-    stages = Stages(files, plan, device, attention.backend, reporter, settings.get("cache_dir"))
+    stages = Stages(files, plan, device, attention.backend, reporter, settings.get("cache_dir"), run_loras(settings))
     seconds = run.manifest.setdefault("seconds", {})
     measured = run.manifest.setdefault("measured", {})
     meter = StageMeter(device)

@@ -28,6 +28,7 @@ import torch
 from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_dit_state_dict, load_vae
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
+from hyvideo.lora import LoraSpec, apply_loras
 from hyvideo.pipeline import decode
 from hyvideo.step_cache import CacheState, TeaCache
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
@@ -105,8 +106,9 @@ class Stages:
     """Loads each stage's models for one run (see the module docstring)."""
 
     def __init__(self, files: ModelFiles, plan: Plan, device: torch.device, attention: str,
-                 reporter: Reporter | None = None, cache_dir: Path | None = None):
+                 reporter: Reporter | None = None, cache_dir: Path | None = None, loras: list[LoraSpec] = ()):
         self.files, self.profile, self.plan, self.device = files, plan.profile, plan, device
+        self.loras = list(loras)
         self.attention, self.reporter = attention, reporter or Reporter()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(files)
         self.dtype, self.vae_dtype = compute_dtypes(device)
@@ -153,8 +155,11 @@ class Stages:
         return load_cached_dit(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
 
     def dit(self) -> tuple[torch.nn.Module, BlockStreamer]:
-        """The DiT with its trunk on the device and its blocks placed per the plan."""
+        """The DiT with its trunk on the device and its blocks placed per the plan; LoRAs wrap the
+        loaded (possibly quantized) linears before placement, so they stream with their blocks."""
         model = self._load_dit_on_host()
+        if self.loras:
+            self.stats["lora"] = apply_loras(model, self.loras)
         model.attention_backend = self.attention
         scaled_mm = False
         if self.profile.dit_scheme == "fp8":  # before placing: the ring's shells copy the flag

@@ -9,18 +9,52 @@ turn the oracle into something else).
 import inspect
 
 from diffusers import HunyuanVideoTransformer3DModel
-from diffusers.loaders import single_file_utils
+from diffusers.loaders import lora_conversion_utils, single_file_utils
 
 from hyvideo.config import DiTConfig
 
 
-def official_to_diffusers(state_dict: dict, hidden_size: int) -> dict:
-    source = inspect.getsource(single_file_utils.convert_hunyuan_video_transformer_to_diffusers)
+def _with_hidden_size(function, hidden_size: int):
+    """`function` (a diffusers converter that hard-codes the 13B hidden size) for `hidden_size`."""
+    source = inspect.getsource(function)
     constant = "hidden_size = 3072"
     assert source.count(constant) == 1, "diffusers' converter changed; review the oracle"
-    namespace = dict(vars(single_file_utils))
+    namespace = dict(vars(inspect.getmodule(function)))
     exec(source.replace(constant, f"hidden_size = {hidden_size}"), namespace)
-    return namespace["convert_hunyuan_video_transformer_to_diffusers"](dict(state_dict))
+    return namespace[function.__name__]
+
+
+def official_to_diffusers(state_dict: dict, hidden_size: int) -> dict:
+    return _with_hidden_size(single_file_utils.convert_hunyuan_video_transformer_to_diffusers, hidden_size)(dict(state_dict))
+
+
+def musubi_to_official_names(state_dict: dict) -> dict:
+    """musubi-tuner's own conversion of its (kohya) LoRA format to official names with lora_A/lora_B
+    (`convert_lora.py --target other`, which diffusers' HunyuanVideo loader reads): dots restored
+    by its HunyuanVideo rules, alpha / rank folded into both factors as sqrt."""
+    alphas = {k.partition(".")[0]: v for k, v in state_dict.items() if k.endswith(".alpha")}
+    out = {}
+    for key, weight in state_dict.items():
+        lora_name, _, kind = key.partition(".")
+        if kind == "alpha":
+            continue
+        module = lora_name.removeprefix("lora_unet_").replace("_", ".")
+        for old, new in (("double.blocks.", "double_blocks."), ("single.blocks.", "single_blocks."),
+                         ("img.", "img_"), ("txt.", "txt_"), ("attn.", "attn_")):
+            module = module.replace(old, new)
+        down = kind.startswith("lora_down")
+        rank = weight.shape[0] if down else weight.shape[1]
+        out[f"diffusion_model.{module}.{'lora_A' if down else 'lora_B'}.weight"] = weight * (alphas[lora_name] / rank).sqrt()
+    return out
+
+
+def load_lora(model: HunyuanVideoTransformer3DModel, state_dict: dict, hidden_size: int, name: str,
+              metadata: dict | None = None) -> None:
+    """Load a LoRA as diffusers' HunyuanVideo pipeline does (`load_lora_weights`): official-format
+    keys (img_attn_qkv, ...) go through its converter (at this hidden size), then PEFT adapters."""
+    if any("img_attn_qkv" in k for k in state_dict):  # the test HunyuanVideoLoraLoaderMixin.lora_state_dict makes
+        state_dict = _with_hidden_size(lora_conversion_utils._convert_hunyuan_video_lora_to_diffusers, hidden_size)(dict(state_dict))
+    model.load_lora_adapter(dict(state_dict), prefix="transformer", adapter_name=name, metadata=metadata)
 
 
 def diffusers_transformer(config: DiTConfig, official_state_dict: dict) -> HunyuanVideoTransformer3DModel:
