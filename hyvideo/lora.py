@@ -83,7 +83,8 @@ class LoraLinear(nn.Module):
 
     def forward_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """Output features `rows` only (what `hyvideo.blocks.linear_rows` asks for)."""
-        return linear_rows(self.base, x, rows) + F.linear(F.linear(x, self.down), self.up[rows])
+        # added in place: one output-sized temporary (the LoRA's), not two
+        return linear_rows(self.base, x, rows).add_(F.linear(F.linear(x, self.down), self.up[rows]))
 
 
 # --- reading files onto our module names ------------------------------------------------------

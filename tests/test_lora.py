@@ -2,24 +2,31 @@
 arithmetic (strength, adding LoRAs), every weight format and the block streamer, and bad files."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from hyvideo.blocks import held_weights
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
-from hyvideo.lora import LoraLinear, LoraSpec, apply_loras, linear_shapes, lora_bytes, lora_updates
-from lowvram.streaming import BlockStreamer, leaf_bytes
+from hyvideo.lora import LoraBytes, LoraLinear, LoraSpec, apply_loras, linear_shapes, lora_bytes, lora_updates
+from lowvram.planner import plan
+from lowvram.profiles import load_profile
+from lowvram.runner import RunInterrupted, StopRequest, execute, resume_run
+from lowvram.streaming import BlockStreamer
 from quant.fp8 import FP8Linear, swap_linears_fp8
 from quant.int8 import quantize_int8
 from tests.diffusers_oracle import diffusers_transformer, load_lora, musubi_to_official_names
 from tests.random_weights import randomize_
+from tests.test_cli import TINY as TINY_RUN, as_json, invoke, one_line_error
 from tests.test_dit import make_inputs, rel_err
 from tests.test_lowvram_streaming import run_steps, schedule_for
+from tests.test_runs import StopAfter, new_run
 
 TINY = DIT_CONFIGS["tiny"]
 # float32 on the CPU, as test_dit's parity: the two implementations order a few reductions
@@ -297,3 +304,63 @@ def test_many_unknown_keys_are_counted(tmp_path):
 def test_lora_option_parsing(text, path, strength):
     spec = LoraSpec.parse(text)
     assert str(spec.path) == path and spec.strength == strength
+
+
+# --- runs: recorded, resumed only with the same files, never re-quantized ---------------------
+
+
+def test_plan_counts_lora_bytes_in_blocks_and_trunk():
+    profile = load_profile("16gb")
+    lora = LoraBytes(double_block=3_000_000, single_block=1_000_000, trunk=500_000)
+    base, with_lora = plan(profile, 1280, 720, 129), plan(profile, 1280, 720, 129, lora_bytes=lora)
+    kinds = with_lora.schedule.kinds
+    assert [b - a for a, b in zip(base.schedule.block_bytes, with_lora.schedule.block_bytes)] == [lora.block(k) for k in kinds]
+    assert with_lora.stages["dit"].parts["lora (trunk)"] == lora.trunk
+    assert with_lora.stages["dit"].ram_parts["lora"] == lora.total(with_lora.dit_config)
+
+
+def test_run_records_the_lora_and_resume_refuses_a_changed_file(tiny_official, tmp_path):
+    path = write(tmp_path, "style.safetensors", kohya_lora(10, BLOCK_LINEARS))
+    whole = execute(*new_run(tiny_official, tmp_path / "runs", loras=[LoraSpec(path, 0.8)]))
+    plain = execute(*new_run(tiny_official, tmp_path / "runs"))
+    assert whole.settings["loras"] == [{"path": str(path.resolve()), "strength": 0.8,
+                                        "fingerprint": whole.settings["loras"][0]["fingerprint"]}]
+    assert whole.settings["loras"][0]["fingerprint"]["size"] == path.stat().st_size
+    assert whole.stats["lora"]["linears"] == len(BLOCK_LINEARS) and plain.settings["loras"] == []
+    assert not torch.equal(load_file(whole.final_latents)["latents"], load_file(plain.final_latents)["latents"])
+
+    run, files, found = new_run(tiny_official, tmp_path / "runs", loras=[LoraSpec(path, 0.8)])
+    stop = StopRequest()
+    with pytest.raises(RunInterrupted):
+        execute(run, files, found, StopAfter(stop, 2), stop)
+    original, stamp = path.read_bytes(), path.stat().st_mtime_ns
+    save_file(kohya_lora(11, BLOCK_LINEARS), path)
+    with pytest.raises(HyVideoError, match="with another LoRA: style.safetensors"):
+        resume_run(tmp_path / "runs", run.id)
+    path.unlink()
+    with pytest.raises(HyVideoError, match="is no longer there"):
+        resume_run(tmp_path / "runs", run.id)
+    path.write_bytes(original)
+    os.utime(path, ns=(stamp, stamp))
+    resumed = resume_run(tmp_path / "runs", run.id)
+    assert torch.equal(load_file(resumed.final_latents)["latents"], load_file(whole.final_latents)["latents"])
+
+
+def test_cli_lora_option_and_switching_lora_keeps_the_quantized_cache(tiny_official, tmp_path):
+    """`generate --lora PATH:0.5` on an FP8 profile: recorded, and another LoRA (or strength) loads
+    the same quantize-once cache without rewriting it."""
+    model, cache = shutil.copytree(tiny_official, tmp_path / "model"), tmp_path / "cache"
+    a = write(tmp_path, "a.safetensors", kohya_lora(12, BLOCK_LINEARS))
+    b = write(tmp_path, "b:c.safetensors", diffusers_lora(13, list(DIFFUSERS_SHAPES)[:20]))
+    common = ["--model-dir", model, "--runs-dir", tmp_path / "runs", "--profile", "16gb", "--cache-dir", cache, "--json", *TINY_RUN]
+    first = invoke("generate", "a fox", "--lora", f"{a}:0.5", *common)
+    assert first.exit_code == 0, first.output
+    assert [(e["path"], e["strength"]) for e in as_json(first)["settings"]["loras"]] == [(str(a), 0.5)]
+    weights = next(cache.glob("dit-*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    second = invoke("generate", "a fox", "--lora", b, "--lora", f"{a}:-1", *common)
+    assert second.exit_code == 0, second.output
+    assert [(e["path"], e["strength"]) for e in as_json(second)["settings"]["loras"]] == [(str(b), 1.0), (str(a), -1.0)]
+    assert weights.stat().st_mtime_ns == stamp
+    missing = invoke("generate", "a fox", "--lora", tmp_path / "none.safetensors:0.7", *common)
+    assert missing.exit_code == 2 and "none.safetensors does not exist" in one_line_error(missing)
