@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .blocks import linear_rows
 from .config import DiTConfig
 from .diffusers_keys import SWAPPED_HALVES, diffusers_parts, part_sizes, swap_halves
+from .dit import HunyuanVideoDiT
 from .errors import HyVideoError
 from .weight_io import read_safetensors
 
@@ -107,8 +108,6 @@ class _Part:
 
 def linear_shapes(config: DiTConfig) -> dict[str, tuple[int, int]]:
     """(out, in) of every linear of the DiT, by module name (meta device: nothing allocated)."""
-    from .dit import HunyuanVideoDiT
-
     with torch.device("meta"):
         model = HunyuanVideoDiT(config)
     return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if type(m) is nn.Linear}
@@ -129,14 +128,12 @@ def _targets(shapes: dict[str, tuple[int, int]], hidden_size: int) -> dict[str, 
 
 def _split_key(key: str, targets: dict[str, _Target]) -> tuple[str | None, str | None]:
     """(module name as in `targets`, role) of a file's key; None for what is not understood."""
-    role = next(((suffix, r) for suffix, r in _ROLES.items() if key.endswith("." + suffix)), None)
-    if role is None:
-        return None, None
-    source = key[: -len(role[0]) - 1]
-    for name in (source, *(source.removeprefix(p) for p in _PREFIXES if source.startswith(p))):
-        if name in targets:
-            return name, role[1]
-    return None, role[1]
+    for suffix, role in _ROLES.items():
+        if key.endswith(f".{suffix}"):
+            source = key.removesuffix(f".{suffix}")
+            names = [source] + [source.removeprefix(p) for p in _PREFIXES if source.startswith(p)]
+            return next((name for name in names if name in targets), None), role
+    return None, None
 
 
 def _adapter_config(path: Path) -> dict | None:
