@@ -261,6 +261,8 @@ class LoraBytes:
 
 def lora_bytes(specs: list[LoraSpec], config: DiTConfig, dtype_bytes: int = 2) -> LoraBytes:
     """LoraBytes of `specs` from the files' headers (and alphas): checks every key, reads no weights."""
+    if not specs:
+        return LoraBytes()
     shapes, _, ranks = _layout(specs, config)
     sizes = {"double_blocks": 0, "single_blocks": 0, "trunk": 0}
     for module, rank in ranks.items():
