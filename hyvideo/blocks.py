@@ -47,9 +47,8 @@ def linear_rows(layer: nn.Module, x: torch.Tensor, rows: slice) -> torch.Tensor:
 @contextmanager
 def held_weights(*layers: nn.Module):
     """Layers offering `hold_weight()` / `release_weight()` keep the weight they build on the first
-    call until the scope ends; plain nn.Linear has nothing to hold. A wrapping layer (a LoRA's
-    `LoraLinear`) holds through the layers inside it."""
-    held = [module for layer in layers for module in layer.modules() if hasattr(module, "hold_weight")]
+    call until the scope ends; plain nn.Linear has nothing to hold."""
+    held = [layer for layer in layers if hasattr(layer, "hold_weight")]
     for layer in held:
         layer.hold_weight()
     try:

@@ -87,6 +87,15 @@ class LoraLinear(nn.Module):
         # added in place: one output-sized temporary (the LoRA's), not two
         return linear_rows(self.base, x, rows).add_(F.linear(F.linear(x, self.down), self.up[rows]))
 
+    # `hyvideo.blocks.held_weights`: an FP8 base dequantizes once per block, as it does unwrapped.
+    def hold_weight(self) -> None:
+        if hasattr(self.base, "hold_weight"):
+            self.base.hold_weight()
+
+    def release_weight(self) -> None:
+        if hasattr(self.base, "release_weight"):
+            self.base.release_weight()
+
 
 # --- reading files onto our module names ------------------------------------------------------
 
