@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from bench.common import device_info, dit_inputs, finish, measure_forward, random_dit
-from hyvideo.attention import flash_available
+from hyvideo.attention import installed
 from hyvideo.config import DIT_CONFIGS
 
 FULL_SIZES = [(960, 544, 129), (1280, 720, 129)]
@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     model = random_dit(config, device, dtype)
     model.token_chunk = args.token_chunk
     results["weights_gb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 3)
-    backends = ["sdpa"] + (["flash"] if flash_available() and device.type == "cuda" else [])
+    backends = ["sdpa"] + [b for b in ("flash", "sage") if installed(b) and device.type == "cuda"]
     for width, height, frames in TINY_SIZES if args.tiny else FULL_SIZES:
         for backend in backends:
             model.attention_backend = backend
