@@ -172,6 +172,7 @@ class Stages:
                              "fp8_matmul": "scaled_mm" if scaled_mm else "dequant" if self.profile.dit_scheme == "fp8" else None,
                              "streamed_blocks": len(self.plan.schedule.streamed), "pinned_bytes": streamer.pin_report.pinned_bytes}
         if self.profile.compile:
+            self._graphs_before = dynamo_graphs()
             self.stats["dit"]["compiled_modules"] = compile_blocks(streamer, self.cache_dir)
         return model, streamer
 
@@ -187,7 +188,8 @@ class Stages:
         """Free the DiT's device and pinned memory; record what was streamed per step."""
         steps = streamer.step_stats()
         if self.profile.compile:
-            self.stats["dit"]["dynamo_graphs"] = dynamo_graphs()  # one per block kind unless something recompiled
+            # graphs compiled for this DiT: one per block kind unless something recompiled
+            self.stats["dit"]["dynamo_graphs"] = dynamo_graphs() - self._graphs_before
         self.stats["dit"]["blocks_copied_per_step"] = [s.blocks_copied for s in steps]
         self.stats["dit"]["bytes_copied_per_step"] = [s.bytes_copied for s in steps]
         release_dit(model, streamer, keep_on_host=False)

@@ -28,12 +28,13 @@ def compiled_streamed_steps(backend: str, tmp_path, steps: int = 3):
     eager = run_steps(model, BlockStreamer(model.all_blocks(), schedule_for(model, resident=8), "cpu"), inputs, steps)
     streamed = copy.deepcopy(model)
     streamer = BlockStreamer(streamed.all_blocks(), schedule_for(streamed, resident=2, prefetch_depth=1), "cpu")
+    before = dynamo_graphs()  # a process-wide counter: other tests may have compiled already
     compiled = compile_blocks(streamer, tmp_path, backend=backend)
     outs, graphs = [], []
     with torch.no_grad():
         for step in range(steps):
             outs.append(streamed(*inputs, blocks=streamer.blocks_for_step(prefetch_next_step=step + 1 < steps)))
-            graphs.append(dynamo_graphs())
+            graphs.append(dynamo_graphs() - before)
     return eager, outs, graphs, compiled
 
 
