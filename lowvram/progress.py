@@ -8,6 +8,9 @@ class Reporter:
     "denoising", "loading VAE", "decoding", "writing video"); total = number of units (steps, tiles)
     or None. advance(completed, **info): units done so far (info: s_per_step, peak_vram_gb).
     warn(message): something the user should know that does not stop the run.
+    clip(number, total, run_id, steps_left): several runs go stage by stage (a batch); the next
+    stage messages are about clip `number` of `total`; steps_left: denoising steps the batch has
+    still to run (its ETA at the measured s/step).
     """
 
     def stage(self, name: str, total: int | None = None, completed: int = 0) -> None:
@@ -17,4 +20,7 @@ class Reporter:
         pass
 
     def warn(self, message: str) -> None:
+        pass
+
+    def clip(self, number: int, total: int, run_id: str, steps_left: int) -> None:
         pass

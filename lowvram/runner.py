@@ -11,6 +11,9 @@ Plan is what the `Stages` are built from. Each stage loads only its own models a
 before the next (text encoders, then the DiT, then the VAE), also when it is interrupted, so a
 resume in "decoding" never loads the DiT and a resume in "denoising" never loads the text encoders.
 How a stage gets its model onto the GPU (quantized, block-streamed, tiled) is `Stages`' business.
+Several runs (a batch, lowvram/batch.py) go through `execute_runs` stage by stage: every run's
+text encoding, then every run's denoising, then every decode, so each model is loaded once; each
+run folder is still exactly a single run's, and resumes the same way.
 
 Ctrl-C: `StopRequest` is set by the CLI's SIGINT handler; during denoising the runner finishes the
 current step, saves it and raises `RunInterrupted`; a second Ctrl-C (or one outside the step loop)
@@ -23,6 +26,7 @@ import shutil
 import statistics
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -318,102 +322,192 @@ def execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter | None =
             stop: StopRequest | None = None) -> RunResult:
     """Run (or continue) `run` to the end. Raises RunInterrupted on Ctrl-C, HyVideoError for user
     problems (recorded in the manifest as "failed"; the run can be resumed once fixed)."""
+    return execute_runs([run], files, plan, reporter, stop)[0]
+
+
+def execute_runs(runs: list[Run], files: ModelFiles, plan: Plan, reporter: Reporter | None = None,
+                 stop: StopRequest | None = None) -> list[RunResult]:
+    """Run (or continue) several runs stage by stage, each model loaded once: every run's text
+    encoding, then every run's denoising, then every run's decoding. The runs share the model,
+    device, attention backend, cache dir and profile (a batch's do); `plan` is the plan of the
+    largest of them, which the DiT is placed by: its resident blocks leave room for the largest
+    clip's activations, so they fit every smaller one (same profile, same token chunk), and where
+    a block sits never changes a result. RunInterrupted / a failure names the run in progress."""
     reporter, stop = reporter or Reporter(), stop or StopRequest()
-    lock = run.lock()
-    try:
-        run.remove_stray_files()
-        return _execute(run, files, plan, reporter, stop)
-    except (KeyboardInterrupt, RunInterrupted):
-        raise RunInterrupted(run) from None
-    except HyVideoError as error:
-        run.record_failure(str(error))
-        raise
-    except Exception as error:
-        run.record_failure(f"{type(error).__name__}: {error}")
-        raise
-    finally:
-        stop.stage = None
-        lock.close()
-
-
-def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: StopRequest) -> RunResult:
-    settings = run.settings
-    request = GenerationRequest(**{k: settings[k] for k in GenerationRequest.__dataclass_fields__})
-    device = torch.device(settings["device"])
-    attention = usable_backend(settings["attention"], settings["device"])
-    for note in attention.notes:
-        reporter.warn(note)
-    stages = Stages(files, plan, device, attention.backend, reporter, settings.get("cache_dir"), run_loras(settings))
-    seconds = run.manifest.setdefault("seconds", {})
-    measured = run.manifest.setdefault("measured", {})
-    meter = StageMeter(device)
-    resumed_from = None
-
-    latents = run.load_final()
-    if latents is None:
-        # ---- text embeddings (cached in the run folder)
-        embeddings = run.load_embeddings()
-        if embeddings is None:
-            if run.manifest.get("embeddings"):
-                reporter.warn("the cached text embeddings are damaged; encoding the prompt again")
-            run.set_state("encoding")
-            stop.stage = "encoding"
-            with meter.stage("text"):
-                reporter.stage("loading text encoders")
-                llm, clip = stages.text_encoders()
-                try:
-                    reporter.stage("encoding text")
-                    embeddings = encode_prompts(llm, clip, [request.prompt], request.frames)
-                finally:
-                    del llm, clip
-                    empty_cache(device)
-            measured["text"] = meter.results["text"]
-            run.save_embeddings(embeddings)
-            seconds["encoding"] = meter.results["text"]["seconds"]
-        else:
-            resumed_from = "cached text embeddings"
-        if any(embeddings.truncated):
-            reporter.warn(f"the prompt is longer than {TEXT_LEN} tokens: its end was cut off (the model reads {TEXT_LEN})")
-
-        # ---- denoising, checkpointed after every step
-        step, saved, cache_state, warnings = run.latest_latents()
-        for warning in warnings:
-            reporter.warn(warning)
-        if saved is None:
-            saved = initial_noise(tuple(settings["latent_shape"]), request.seed)
-        else:
-            resumed_from = f"step {step}/{request.steps}"
-        run.set_state("denoising")
-        if step < request.steps:
-            with meter.stage("dit"):
-                latents = _denoise(run, stages, embeddings, saved, step, cache_state, request, device, reporter, stop)
-            measured["dit"] = {**measured.get("dit", {}), **meter.results["dit"]}
-        else:  # killed between the last checkpoint and the final latents
-            latents = saved
-        run.save_final(latents)
-    else:
-        resumed_from = "decoding"
-
-    # ---- decode and write
-    run.set_state("decoding")
-    stop.stage = "decoding"
-    start = time.perf_counter()
-    with meter.stage("vae"):
-        reporter.stage("loading VAE")
-        vae = stages.vae()
-        reporter.stage("decoding")
+    execution = _Execution(runs, files, plan, reporter, stop)
+    with ExitStack() as locks:
+        for run in runs:
+            locks.enter_context(run.lock())
         try:
-            frames = stages.decode(vae, latents, lambda done, total: reporter.advance(done, total=total))
+            for run in runs:
+                run.remove_stray_files()
+            return execution.run()
+        except (KeyboardInterrupt, RunInterrupted):
+            raise RunInterrupted(execution.current) from None
+        except HyVideoError as error:
+            execution.current.record_failure(str(error))
+            raise
+        except Exception as error:
+            execution.current.record_failure(f"{type(error).__name__}: {error}")
+            raise
         finally:
-            del vae
-            empty_cache(device)
-    measured["vae"] = meter.results["vae"]
-    reporter.stage("writing video")
+            stop.stage = None
+
+
+class _Execution:
+    """One `execute_runs` call: the shared Stages, the run being worked on (`current`), and each
+    run's meter and what its resume skipped. Each run's seconds and measured peaks are its own
+    part of a stage, the model's loading included for the run that loaded it."""
+
+    def __init__(self, runs: list[Run], files: ModelFiles, plan: Plan, reporter: Reporter, stop: StopRequest):
+        settings = runs[0].settings
+        self.runs, self.reporter, self.stop = runs, reporter, stop
+        self.device = torch.device(settings["device"])
+        attention = usable_backend(settings["attention"], settings["device"])
+        for note in attention.notes:
+            reporter.warn(note)
+        self.stages = Stages(files, plan, self.device, attention.backend, reporter, settings.get("cache_dir"), run_loras(settings))
+        self.current = runs[0]
+        self.meters = {run.id: StageMeter(self.device) for run in runs}
+        self.resumed_from: dict[str, str | None] = {run.id: None for run in runs}
+        self.steps_left = sum(run.steps - run.step for run in runs if run.manifest.get("final_latents") is None)
+        for run in runs:
+            run.manifest.setdefault("seconds", {})
+            run.manifest.setdefault("measured", {})
+
+    def run(self) -> list[RunResult]:
+        to_denoise = []
+        for run in self.runs:
+            if run.load_final() is None:
+                to_denoise.append(run)
+            else:
+                self.resumed_from[run.id] = "decoding"
+        to_encode = []
+        for run in to_denoise:
+            if run.load_embeddings() is None:
+                if run.manifest.get("embeddings"):
+                    self.reporter.warn(f"the cached text embeddings of run {run.id} are damaged; encoding the prompt again")
+                to_encode.append(run)
+            else:
+                self.resumed_from[run.id] = "cached text embeddings"
+        self.encode(to_encode)
+        self.denoise(to_denoise)
+        return self.decode()
+
+    def _clip(self, run: Run) -> None:
+        """Tell the reporter which clip of several is worked on now."""
+        self.current = run
+        if len(self.runs) > 1:
+            self.reporter.clip(self.runs.index(run) + 1, len(self.runs), run.id, self.steps_left)
+
+    # ---- text embeddings (cached in each run folder), the encoders loaded once
+
+    def encode(self, runs: list[Run]) -> None:
+        encoders = None
+        try:
+            for run in runs:
+                self._clip(run)
+                run.set_state("encoding")
+                self.stop.stage = "encoding"
+                meter = self.meters[run.id]
+                with meter.stage("text"):
+                    if encoders is None:
+                        self.reporter.stage("loading text encoders")
+                        encoders = self.stages.text_encoders()
+                    self.reporter.stage("encoding text")
+                    embeddings = encode_prompts(*encoders, [run.settings["prompt"]], run.settings["frames"])
+                run.manifest["measured"]["text"] = meter.results["text"]
+                run.manifest["seconds"]["encoding"] = meter.results["text"]["seconds"]
+                run.save_embeddings(embeddings)
+        finally:
+            encoders = None
+            empty_cache(self.device)
+
+    # ---- denoising, checkpointed after every step, the DiT placed once
+
+    def denoise(self, runs: list[Run]) -> None:
+        model = streamer = None
+        try:
+            for run in runs:
+                self._clip(run)
+                settings = run.settings
+                request = GenerationRequest(**{k: settings[k] for k in GenerationRequest.__dataclass_fields__})
+                embeddings = run.load_embeddings()
+                if embeddings is None:  # saved a moment ago by `encode`: the disk lost it
+                    raise HyVideoError(f"the text embeddings of run {run.id} cannot be read back; "
+                                       f"`lowvram resume {run.id}` encodes them again")
+                if any(embeddings.truncated):
+                    self.reporter.warn(f"the prompt is longer than {TEXT_LEN} tokens: its end was cut off (the model reads {TEXT_LEN})")
+                step, saved, cache_state, warnings = run.latest_latents()
+                for warning in warnings:
+                    self.reporter.warn(warning)
+                if saved is None:
+                    saved = initial_noise(tuple(settings["latent_shape"]), request.seed)
+                else:
+                    self.resumed_from[run.id] = f"step {step}/{request.steps}"
+                run.set_state("denoising")
+                if step < request.steps:
+                    meter = self.meters[run.id]
+                    with meter.stage("dit"):
+                        began = time.perf_counter()
+                        if model is None:
+                            self.reporter.stage("loading DiT")
+                            self.stop.stage = "loading DiT"
+                            model, streamer = self.stages.dit()
+                        latents = _denoise(run, self.stages, model, streamer, began, embeddings, saved, step, cache_state,
+                                           request, self.device, self.reporter, self.stop)
+                    measured = run.manifest["measured"]
+                    measured["dit"] = {**measured.get("dit", {}), **meter.results["dit"]}
+                else:  # killed between the last checkpoint and the final latents
+                    latents = saved
+                self.steps_left -= request.steps - step
+                run.save_final(latents)
+                run.set_state("decoding")
+        finally:
+            self.stop.stage = None
+            if model is not None:
+                self.stages.release_dit(model, streamer)
+            model = streamer = None
+            empty_cache(self.device)
+
+    # ---- decode and write, the VAE loaded once
+
+    def decode(self) -> list[RunResult]:
+        results, vae = [], None
+        try:
+            for run in self.runs:
+                self._clip(run)
+                run.set_state("decoding")
+                self.stop.stage = "decoding"
+                start = time.perf_counter()
+                meter = self.meters[run.id]
+                with meter.stage("vae"):
+                    if vae is None:
+                        self.reporter.stage("loading VAE")
+                        vae = self.stages.vae()
+                    self.reporter.stage("decoding")
+                    frames = self.stages.decode(vae, run.load_final(), lambda done, total: self.reporter.advance(done, total=total))
+                run.manifest["measured"]["vae"] = meter.results["vae"]
+                self.reporter.stage("writing video")
+                _write_outputs(run, frames)
+                run.manifest["seconds"]["decoding"] = round(time.perf_counter() - start, 3)
+                shared = {k: v for k, v in self.stages.stats.items() if k != "dit"}  # "dit" is each run's own (_denoise)
+                run.manifest["stats"] = {**run.manifest.get("stats", {}), **shared}
+                run.set_state("done")
+                peaks = [m["peak_vram_gb"] for m in meter.results.values() if m.get("peak_vram_gb") is not None]
+                results.append(_result(run, self.resumed_from[run.id], max(peaks) if peaks else None))
+        finally:
+            vae = None
+            empty_cache(self.device)
+        return results
+
+
+def _write_outputs(run: Run, frames: torch.Tensor) -> None:
+    """video.mp4 and first_frame.png in the run folder, and the copy --out asked for."""
     video, first_frame = write_outputs(frames, run.folder / VIDEO, run.folder / FIRST_FRAME)
-    seconds["decoding"] = round(time.perf_counter() - start, 3)
     outputs = {"video": VIDEO, "first_frame": FIRST_FRAME}
-    if settings.get("out"):
-        out = Path(settings["out"])
+    if run.settings.get("out"):
+        out = Path(run.settings["out"])
         out = out / f"{run.id}.mp4" if out.is_dir() else out
         try:
             shutil.copyfile(video, out)
@@ -421,22 +515,16 @@ def _execute(run: Run, files: ModelFiles, plan: Plan, reporter: Reporter, stop: 
             raise HyVideoError(f"could not copy the video to {out}: {error.strerror}; it is in {video}") from None
         outputs["out"] = str(out)
     run.manifest["outputs"] = outputs
-    run.manifest["stats"] = {**run.manifest.get("stats", {}), **stages.stats}
-    run.set_state("done")
-    peaks = [m["peak_vram_gb"] for m in meter.results.values() if m.get("peak_vram_gb") is not None]
-    return _result(run, resumed_from, max(peaks) if peaks else None)
 
 
-def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: int, cache_state, request: GenerationRequest,
-             device: torch.device, reporter: Reporter, stop: StopRequest) -> torch.Tensor:
-    """Euler steps step..N-1, a checkpoint after each (with the step cache's state, if any);
-    RunInterrupted after the step in which a stop was requested. The DiT's device and pinned
-    memory are freed however this ends."""
+def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: float, embeddings, latents: torch.Tensor,
+             step: int, cache_state, request: GenerationRequest, device: torch.device, reporter: Reporter,
+             stop: StopRequest) -> torch.Tensor:
+    """Euler steps step..N-1 on the placed DiT, a checkpoint after each (with the step cache's
+    state, if any); RunInterrupted after the step in which a stop was requested. `began`: when
+    this run's DiT stage began (its time to the first step is recorded as load_seconds)."""
     seconds = run.manifest["seconds"]
-    reporter.stage("loading DiT")
-    stop.stage = "loading DiT"
-    began = time.perf_counter()
-    model, streamer = stages.dit()
+    first_forward = streamer.forwards
     cache = None
     measured = run.manifest["measured"].setdefault("dit", {})
     step_seconds = measured.setdefault("step_seconds", [])
@@ -469,17 +557,15 @@ def _denoise(run: Run, stages: Stages, embeddings, latents: torch.Tensor, step: 
                           blocks_for_step=blocks_for_step, step_cache=cache)
     finally:
         stop.stage = None
-        stages.release_dit(model, streamer)
-        dit_stats = stages.stats["dit"]
         # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache
         # they have one entry per computed step of this process.
-        dit_stats["computed_steps"] = list(cache.state.computed) if cache else list(range(request.steps))
+        computed_steps = list(cache.state.computed) if cache else list(range(request.steps))
         ours = step_seconds[earlier_steps:]
-        if stages.profile.compile and len(ours) >= 2:  # compiling happens in this process's first step
+        if stages.profile.compile and first_forward == 0 and len(ours) >= 2:  # compiling happens in the DiT's first step
             measured["compile_seconds"] = round(ours[0] - statistics.median(ours[1:]), 3)
-        run.manifest.setdefault("stats", {})["dit"] = dit_stats
-        model = streamer = cache = None  # (not del: the step closures above refer to them)
-        empty_cache(device)
+        run.manifest.setdefault("stats", {})["dit"] = {**stages.stats["dit"], **stages.forward_stats(streamer, first_forward),
+                                                       "computed_steps": computed_steps}
+        cache = None  # (not del: the step closures above refer to it)
     return latents
 
 

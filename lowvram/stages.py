@@ -14,6 +14,7 @@ same dtype.
     llm, clip = stages.text_encoders()
     model, streamer = stages.dit()        # blocks via streamer.blocks_for_step(...)
     cache = stages.step_cache(model, steps, state)   # None unless the profile caches steps
+    stages.forward_stats(streamer, first)  # blocks/bytes streamed per forward since forward `first`
     stages.release_dit(model, streamer)
     frames = stages.decode(stages.vae(), latents, on_progress)
     stages.stats                          # what was streamed and tiled (recorded in the run)
@@ -103,7 +104,7 @@ def compute_dtypes(device: torch.device) -> tuple[torch.dtype, torch.dtype]:
 
 
 class Stages:
-    """Loads each stage's models for one run (see the module docstring)."""
+    """Loads each stage's models for a run, or for runs that share them (see the module docstring)."""
 
     def __init__(self, files: ModelFiles, plan: Plan, device: torch.device, attention: str,
                  reporter: Reporter | None = None, cache_dir: Path | None = None, loras: list[LoraSpec] = ()):
@@ -184,14 +185,18 @@ class Stages:
         probe = copy.deepcopy(model.double_blocks[0].img_mod).to(self.device)
         return TeaCache(self.profile.step_cache_threshold, steps, probe, state)
 
-    def release_dit(self, model: torch.nn.Module, streamer: BlockStreamer) -> None:
-        """Free the DiT's device and pinned memory; record what was streamed per step."""
-        steps = streamer.step_stats()
+    def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
+        """What was streamed per forward from forward `first` on (one run's, when runs share the
+        DiT), and with --compile the graphs compiled for this DiT so far."""
+        steps = [s for s in streamer.step_stats() if s.step >= first]
+        stats = {"blocks_copied_per_step": [s.blocks_copied for s in steps], "bytes_copied_per_step": [s.bytes_copied for s in steps]}
         if self.profile.compile:
-            # graphs compiled for this DiT: one per block kind unless something recompiled
-            self.stats["dit"]["dynamo_graphs"] = dynamo_graphs() - self._graphs_before
-        self.stats["dit"]["blocks_copied_per_step"] = [s.blocks_copied for s in steps]
-        self.stats["dit"]["bytes_copied_per_step"] = [s.bytes_copied for s in steps]
+            # graphs compiled for this DiT so far: one per block kind unless something recompiled
+            stats["dynamo_graphs"] = dynamo_graphs() - self._graphs_before
+        return stats
+
+    def release_dit(self, model: torch.nn.Module, streamer: BlockStreamer) -> None:
+        """Free the DiT's device and pinned memory."""
         release_dit(model, streamer, keep_on_host=False)
 
     # -- VAE ------------------------------------------------------------------------------------

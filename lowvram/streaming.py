@@ -394,6 +394,11 @@ class BlockStreamer:
         return [self._run[i] for i in self.schedule.resident] + [slot.shell for ring in self._rings.values() for slot in ring]
 
     @property
+    def forwards(self) -> int:
+        """Forwards started so far: the index `step_stats()` gives the next one."""
+        return self._step
+
+    @property
     def gpu_bytes(self) -> int:
         """Block weights this streamer keeps on the device: resident blocks and the ring."""
         return sum(leaf_bytes(self._run[i]) for i in self.schedule.resident) + self.ring_bytes
