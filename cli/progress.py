@@ -29,6 +29,9 @@ def make_reporter(enabled: bool):
             )
             self.task = None
             self.step_times: list[float] = []
+            self.clip_label = ""  # "clip 2/6 " in a batch
+            self.batch_steps_left = None  # a batch's denoising steps left when this clip's stage began
+            self.first_step = 0
 
         def __enter__(self):
             self.progress.start()
@@ -47,9 +50,16 @@ def make_reporter(enabled: bool):
 
         def stage(self, name, total=None, completed=0):
             self._finish()
-            self.task = self.progress.add_task(name, total=total, completed=completed, info="")
+            self.first_step = completed
+            self.task = self.progress.add_task(self.clip_label + name, total=total, completed=completed, info="")
             if self.lines:
-                err.print(f"{name}" + (f" ({completed}/{total} done)" if total and completed else ""))
+                err.print(f"{self.clip_label}{name}" + (f" ({completed}/{total} done)" if total and completed else ""))
+
+        def clip(self, number, total, run_id, steps_left):
+            self.clip_label = f"clip {number}/{total} "
+            self.batch_steps_left = steps_left
+            if self.lines:
+                err.print(f"clip {number}/{total}: run {run_id}")
 
         def advance(self, completed, total=None, s_per_step=None, peak_vram_gb=None, dit_steps=None, **info):
             parts = []
@@ -60,6 +70,9 @@ def make_reporter(enabled: bool):
                 parts.append(f"DiT ran {dit_steps}, reused {completed - dit_steps}")
             if peak_vram_gb is not None:
                 parts.append(f"peak VRAM {peak_vram_gb:.1f} GiB")
+            if self.batch_steps_left is not None and s_per_step is not None:  # the whole batch's denoising
+                left = (self.batch_steps_left - (completed - self.first_step)) * sum(self.step_times) / len(self.step_times)
+                parts.append(f"batch eta {int(left // 60)}:{int(left % 60):02d}")
             update = {"completed": completed, "info": "  ".join(parts)}
             if total is not None:
                 update["total"] = total
@@ -103,10 +116,10 @@ def run_and_report(work, as_json: bool, quiet: bool):
             result = work(reporter, stop)
     except RunInterrupted as stopped:
         run = stopped.run
-        message = f"stopped at step {run.step}/{run.steps} ({run.state}); continue with: lowvram resume {run.id}"
+        message = f"stopped at step {run.step}/{run.steps} ({run.state}); continue with: {stopped.resume}"
         if as_json:
             print_json({"ok": False, "interrupted": True, "run_id": run.id, "step": run.step, "steps": run.steps,
-                         "resume": f"lowvram resume {run.id}"})
+                         "resume": stopped.resume})
         err.print(f"[yellow]{escape(message)}[/]")
         raise typer.Exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
@@ -117,7 +130,11 @@ def run_and_report(work, as_json: bool, quiet: bool):
 
 
 def report_result(result, warnings, as_json, quiet):
-    if as_json:
+    from lowvram.batch import BatchResult
+
+    if isinstance(result, BatchResult):
+        report_batch(result, warnings, as_json, quiet)
+    elif as_json:
         print_json({"ok": True, **result.to_dict(), "warnings": warnings})
     elif quiet:
         out.print(result.out or result.video, markup=False)
@@ -131,3 +148,16 @@ def report_result(result, warnings, as_json, quiet):
         out.print(f"first frame: {result.first_frame}", markup=False)
         if result.out:
             out.print(f"copied to: {result.out}", markup=False)
+
+
+def report_batch(result, warnings, as_json, quiet):
+    """A batch (or `resume --all`): one line per run, its video's path on stdout."""
+    if as_json:
+        print_json({"ok": True, **result.to_dict(), "warnings": warnings})
+        return
+    if not quiet:
+        done = sum(r.resumed_from == "done" for r in result.runs)
+        name = f"batch {result.batch_id}" if result.batch_id else "resume --all"
+        err.print(f"[green]done[/] {escape(name)}: {len(result.runs)} runs" + (f" ({done} were already done)" if done else ""))
+    for run in result.runs:
+        out.print(run.out or run.video if quiet else f"{run.run_id}: {run.out or run.video}", markup=False)

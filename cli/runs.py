@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from .app import Attention, CacheDir, Compile, Json, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json, print_table, user_errors
 from .progress import run_and_report
@@ -36,6 +37,9 @@ def generate(
     guidance: float = typer.Option(6.0, "--guidance", help="Embedded guidance scale."),
     flow_shift: float = typer.Option(7.0, "--flow-shift", help="Flow-matching schedule shift."),
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
+    prompts: Path = typer.Option(None, "--prompts", help="A batch: one prompt per line, or JSON lines with overrides "
+                                 '({"prompt": ..., "seed": 3, "size": "960x544", "frames": 33, "steps": 30}).'),
+    seeds: str = typer.Option(None, "--seeds", help="A batch: one clip per seed and prompt, e.g. 1,2,3 or 10..19."),
     attention: str = Attention,
     compile_blocks: bool = Compile,
     out_path: Path = typer.Option(None, "--out", help="Also copy the mp4 here (a file, or a folder)."),
@@ -48,7 +52,8 @@ def generate(
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):
-    """Generate a video; the run is saved after every step and can be resumed."""
+    """Generate a video; the run is saved after every step and can be resumed. With --prompts or
+    --seeds, a batch: one run per clip, the models loaded once for all of them."""
     import random
 
     with user_errors(as_json):
@@ -57,15 +62,23 @@ def generate(
         from lowvram.runner import RunOptions, execute, start_run
         from lowvram.sizes import resolve_size
 
-        text = _read_prompt(prompt, prompt_file)
         width, height = resolve_size(size, resolution, aspect)
+        loras = [LoraSpec.parse(text) for text in lora or []]
+        if prompts is not None or seeds is not None:
+            defaults = GenerationRequest("", width=width, height=height, frames=frames, steps=steps, seed=seed,
+                                         guidance=guidance, flow_shift=flow_shift)
+            options = RunOptions(defaults, model_dir, runs_dir, profile, attention, device, out_path, cache_dir,
+                                 step_cache=step_cache, compile=compile_blocks, loras=loras)
+            _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet)
+            return
+        text = _read_prompt(prompt, prompt_file)
         request = GenerationRequest(text, width=width, height=height, frames=frames, steps=steps,
                                     seed=random.randint(0, 1_000_000) if seed is None else seed,
                                     guidance=guidance, flow_shift=flow_shift)
         from lowvram.download import default_model_dir
 
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir,
-                             step_cache=step_cache, compile=compile_blocks, loras=[LoraSpec.parse(text) for text in lora or []])
+                             step_cache=step_cache, compile=compile_blocks, loras=loras)
 
     def work(reporter, stop):
         run, files, plan = start_run(options, reporter)
@@ -76,18 +89,58 @@ def generate(
     run_and_report(work, as_json, quiet)
 
 
+def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet):
+    """`generate --prompts FILE` / `--seeds`: every line checked before anything loads."""
+    from dataclasses import replace
+
+    from lowvram.batch import clips_for, execute_batch, parse_seeds, read_prompts, start_batch
+    from lowvram.download import default_model_dir
+
+    with user_errors(as_json):
+        if seeds is not None and options.request.seed is not None:
+            raise UserError("give --seed or --seeds, not both")
+        seed_list = parse_seeds(seeds) if seeds is not None else None
+        if prompts is not None:
+            if prompt is not None or prompt_file is not None:
+                raise UserError("give the prompts with --prompts FILE, or one prompt with --seeds, not both")
+            clips = read_prompts(prompts, options.request, seed_list)
+        else:
+            clips = clips_for(_read_prompt(prompt, prompt_file), options.request, seed_list)
+        options = replace(options, model_dir=options.model_dir or default_model_dir())
+
+    def work(reporter, stop):
+        batch, runs, files, plan = start_batch(options, clips, reporter, prompts)
+        if not (as_json or quiet):
+            err.print(f"batch {batch.id}: {len(runs)} clips (profile {plan.profile.name}) in {options.runs_dir}", markup=False)
+        return execute_batch(batch, runs, files, plan, reporter, stop)
+
+    run_and_report(work, as_json, quiet)
+
+
 @app.command()
 def resume(
     run: str = typer.Argument(None, help="Run id, id prefix or folder (default: the newest unfinished run)."),
+    batch: str = typer.Option(None, "--batch", help="Continue every unfinished run of this batch (id or id prefix)."),
+    every: bool = typer.Option(False, "--all", help="Continue every unfinished run and batch in the runs folder."),
     runs_dir: Path = RunsDir,
     model_dir: Path = typer.Option(None, "--model-dir", help="Where the weights are now, if they moved (they must be the same files)."),
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):
-    """Continue an interrupted run from its last saved step (bit-identical to an uninterrupted run)."""
+    """Continue an interrupted run from its last saved step (bit-identical to an uninterrupted run),
+    or every unfinished run of a batch (--batch), or everything unfinished (--all)."""
+    from lowvram.batch import BatchResult, resume_all, resume_batch
     from lowvram.runner import resume_run
 
+    with user_errors(as_json):
+        if sum((run is not None, batch is not None, every)) > 1:
+            raise UserError("give one of: a run id, --batch ID, --all")
+
     def work(reporter, stop):
+        if batch is not None:
+            return resume_batch(runs_dir, batch, model_dir, reporter, stop)
+        if every:
+            return BatchResult(None, None, resume_all(runs_dir, model_dir, reporter, stop))
         return resume_run(runs_dir, run, model_dir, reporter, stop)
 
     run_and_report(work, as_json, quiet)
@@ -138,14 +191,16 @@ def demo(
 
 @app.command("runs")
 def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
-    """List runs: id, prompt, size x frames, step k/N, state, output."""
-    from lowvram.runs import list_runs
+    """List runs, grouped by batch: id, prompt, size x frames, step k/N, state, output."""
+    from lowvram.batch import group_runs
 
-    rows = [entry.summary() for entry in list_runs(runs_dir)]
+    groups = [(batch, [entry.summary() for entry in entries]) for batch, entries in group_runs(runs_dir)]
     if as_json:
-        print_json({"runs_dir": str(runs_dir), "runs": rows})
+        rows = [{**row, "batch": batch.id if batch else None} for batch, members in groups for row in members]
+        batches = [{"id": batch.id, "source": batch.source, "runs": [row["id"] for row in members]} for batch, members in groups if batch]
+        print_json({"runs_dir": str(runs_dir), "runs": rows, "batches": batches})
         return
-    if not rows:
+    if not groups:
         out.print(f"no runs in {runs_dir}", markup=False)
         return
     table = Table(title=f"runs in {runs_dir}", caption=f"outputs are in {runs_dir}/<id>/")
@@ -153,6 +208,17 @@ def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
     table.add_column("prompt", min_width=16, max_width=40)
     for name in ("size x frames", "step", "state", "output"):
         table.add_column(name, no_wrap=True)
+    for batch, rows in groups:
+        if batch is not None or len(groups) > 1:
+            table.add_section()
+            done = sum(row["state"] == "done" for row in rows)
+            title = batch.id + (f" ({Path(batch.source).name})" if batch.source else "") if batch else "single runs"
+            table.add_row(Text(title, style="bold"), "", "", "", f"{done}/{len(rows)} done" if batch else "", "")
+        _add_run_rows(table, rows)
+    print_table(table)
+
+
+def _add_run_rows(table: Table, rows: list[dict]) -> None:
     for row in rows:
         prompt = row["prompt"] or row.get("problem", "")
         prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
@@ -163,4 +229,3 @@ def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
         if state in ("encoding", "denoising", "decoding"):  # unfinished: live, or waiting for `lowvram resume`
             state += " (running)" if row["running"] else " (stopped)"
         table.add_row(row["id"], prompt, row["size"] or "-", step, state, output)
-    print_table(table)

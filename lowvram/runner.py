@@ -88,6 +88,7 @@ class RunInterrupted(Exception):
     def __init__(self, run: Run):
         super().__init__(f"run {run.id} stopped at step {run.step}/{run.steps}")
         self.run = run
+        self.resume = f"lowvram resume {run.id}"  # the command that continues it (a batch's: resume --batch)
 
 
 @dataclass
@@ -188,6 +189,13 @@ def versions() -> dict:
 def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Run, ModelFiles, Plan]:
     """Every check that can fail before compute, the run's profile and plan, then the run folder
     (state "encoding")."""
+    settings, model, files, found = prepare_run(options, reporter)
+    return Run.create(Path(options.runs_dir), settings, model, versions()), files, found
+
+
+def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[dict, dict, ModelFiles, Plan]:
+    """Every check that can fail before compute: the run's settings, model fingerprint, files and
+    plan; nothing is written (a batch checks all its clips before it creates any run folder)."""
     reporter = reporter or Reporter()
     request = options.request
     validate_request(request)
@@ -227,8 +235,7 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Ru
                   for spec in loras],
     }
     model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
-    run = Run.create(Path(options.runs_dir), settings, model, versions())
-    return run, files, found
+    return settings, model, files, found
 
 
 def run_loras(settings: dict) -> list[LoraSpec]:
@@ -262,8 +269,19 @@ def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = 
     """Continue a run from what its folder holds. Refuses other weights than it started with."""
     reporter = reporter or Reporter()
     run = find_run(Path(runs_dir), ref)
-    if run.finished and (run.folder / VIDEO).is_file():
-        return _result(run, resumed_from="done")
+    if is_done(run):
+        return done_result(run)
+    files = resumable_files(run, model_dir, reporter)
+    return execute(run, files, plan_for_run(run, files), reporter, stop)
+
+
+def is_done(run: Run) -> bool:
+    return run.finished and (run.folder / VIDEO).is_file()
+
+
+def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter | None = None) -> ModelFiles:
+    """The model files to continue `run` with: refuses other weights than it started with."""
+    reporter = reporter or Reporter()
     settings = run.settings
     check_device(settings["device"])
     files = find_model_files(Path(model_dir or settings["model_dir"]))
@@ -277,7 +295,7 @@ def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = 
     if run.manifest.get("versions", {}).get("torch") != torch.__version__:
         reporter.warn(f"run {run.id} started with torch {run.manifest['versions'].get('torch')}, now {torch.__version__}: "
                       "the result may differ slightly from an uninterrupted run")
-    return execute(run, files, plan_for_run(run, files), reporter, stop)
+    return files
 
 
 # --- the stages ------------------------------------------------------------------------------
@@ -567,6 +585,11 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
                                                        "computed_steps": computed_steps}
         cache = None  # (not del: the step closures above refer to it)
     return latents
+
+
+def done_result(run: Run) -> RunResult:
+    """The result of a run that was already done."""
+    return _result(run, resumed_from="done")
 
 
 def _result(run: Run, resumed_from: str | None = None, peak_vram_gb: float | None = None) -> RunResult:
