@@ -18,9 +18,9 @@ lines and lines starting with # are skipped. Each line gives one clip per seed o
 clip with its own "seed". Every line is checked before any run folder is made or model loaded.
 
 One profile for the whole batch: the one chosen (or given) for its largest clip, since one DiT is
-loaded; with `--profile auto` a smaller clip may therefore get a larger card's profile than it
-would alone. The DiT is placed once by the largest clip's plan (runner.execute_runs says why that
-fits every clip).
+loaded; with `--profile auto` a smaller clip may therefore run with a smaller card's profile than
+it would alone. The DiT is placed once by the largest clip's plan (runner.execute_runs says why
+that fits every clip and changes no result).
 """
 
 import json

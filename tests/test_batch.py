@@ -5,9 +5,11 @@ is one error naming the line, before anything is created or loaded."""
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -39,7 +41,7 @@ def latents(result) -> torch.Tensor:
     return load_file(result.final_latents)["latents"]
 
 
-def run_alone(model_dir, runs_dir, request: GenerationRequest):
+def run_alone(model_dir, runs_dir, request: GenerationRequest, profile: str = "auto"):
     """(settings, final latents) of `request` run alone, loading its own models. The final latents
     are saved before the decode, which is skipped here (blank frames): it takes most of a tiny run's
     time and cannot change them."""
@@ -47,7 +49,7 @@ def run_alone(model_dir, runs_dir, request: GenerationRequest):
         stages.stats["vae"] = {"tiles": 0}
         return torch.zeros(request.frames, 8, 8, 3, dtype=torch.uint8)
 
-    run, files, plan = start_run(options(model_dir, runs_dir, request))
+    run, files, plan = start_run(replace(options(model_dir, runs_dir, request), profile=profile))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Stages, "decode", blank_decode)
         return run.settings, latents(execute(run, files, plan))
@@ -96,6 +98,21 @@ def test_batch_is_bit_identical_to_separate_runs_with_each_model_loaded_once(tin
     assert grouped.id == batch.id and [e.id for e in entries] == [r.run_id for r in result.runs]
 
 
+def test_where_the_blocks_sit_changes_no_result(tiny_official, tmp_path):
+    """Why a batch may place the DiT by its largest clip's plan: an FP8 DiT with every block
+    streamed and with every block resident gives the same latents, bit for bit."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_official, model)  # the FP8 cache is written next to the weights
+    found = []
+    for resident in (0, 4):
+        profile = tmp_path / f"resident{resident}.toml"
+        profile.write_text(f'name = "r{resident}"\nvram_budget_gb = 1\ndit_scheme = "fp8"\nencoder_scheme = "bf16"\n'
+                           f'resident_blocks = {resident}\n')
+        request = GenerationRequest(PROMPTS[0], 64, 48, 9, 2, 1)
+        found.append(run_alone(model, tmp_path / "runs", request, str(profile))[1])
+    assert torch.equal(*found)
+
+
 class StopInClip(Reporter):
     """Asks the runner to stop (the first Ctrl-C) once clip `clip` has done `step` steps."""
 
@@ -133,6 +150,11 @@ def test_stopped_batch_and_single_run_resume_with_all(tiny_official, tmp_path, s
     for result, key in zip(results, [(PROMPTS[0], 1), (PROMPTS[0], 2), (PROMPTS[1], 1)]):
         assert torch.equal(latents(result), separate[key][1])
     assert [e["state"] for e in Batch.open(batch.path).runs] == ["done", "done"]
+    listed = json.loads(invoke("runs", "--runs-dir", runs_dir, "--json").stdout)
+    assert listed["batches"] == [{"id": batch.id, "source": None, "runs": [r.id for r in runs]}]
+    assert [(r["id"], r["batch"]) for r in listed["runs"]] == [(r.id, batch.id) for r in runs] + [(single.id, None)]
+    table = invoke("runs", "--runs-dir", runs_dir).stdout
+    assert table.index(batch.id) < table.index(runs[0].id) < table.index("single runs") < table.index(single.id)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -179,8 +201,9 @@ def test_sigkill_mid_batch_then_resume_batch_is_bit_identical(tiny_official, tmp
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
-    process.communicate()
+    _, progress = process.communicate()
     assert process.returncode == -signal.SIGKILL, "the batch ended before it was killed"
+    assert "clip 2/2 denoising" in progress and "batch eta" in progress, progress
     [batch] = runs_dir.glob("*.batch.json")
     killed = [json.loads((runs_dir / e["id"] / "manifest.json").read_text()) for e in json.loads(batch.read_text())["runs"]]
     assert [m["state"] for m in killed] == ["decoding", "denoising"] and 1 <= killed[1]["step"] < steps
