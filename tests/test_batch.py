@@ -29,6 +29,9 @@ from .test_cli_subprocess import ROOT, env, lowvram, run
 
 PROMPTS = ["a red fox running through snow", "a lighthouse at night", "waves on a pebble beach"]
 SEEDS = [1, 2]
+# (width, height, frames) per prompt: the third one's line overrides the size, so the batch mixes
+# latent shapes (the DiT is placed by the larger clip's plan).
+SIZES = {PROMPTS[0]: (64, 48, 9), PROMPTS[1]: (64, 48, 9), PROMPTS[2]: (48, 32, 5)}
 # 64x48 px, 9 frames (latents [1, 16, 3, 6, 8]), 2 steps: the smallest clip that exercises every stage.
 DEFAULTS = GenerationRequest("", width=64, height=48, frames=9, steps=2, seed=None)
 
@@ -58,7 +61,7 @@ def run_alone(model_dir, runs_dir, request: GenerationRequest, profile: str = "a
 @pytest.fixture(scope="module")
 def separate(tiny_official, tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("separate")
-    return {(p, s): run_alone(tiny_official, runs_dir, GenerationRequest(p, 64, 48, 9, 2, s)) for p in PROMPTS for s in SEEDS}
+    return {(p, s): run_alone(tiny_official, runs_dir, GenerationRequest(p, *SIZES[p], 2, s)) for p in PROMPTS for s in SEEDS}
 
 
 class Loads:
@@ -78,7 +81,8 @@ class Loads:
 
 def test_batch_is_bit_identical_to_separate_runs_with_each_model_loaded_once(tiny_official, tmp_path, separate, monkeypatch):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join([PROMPTS[0], "", "# a comment", *PROMPTS[1:]]) + "\n")
+    third = json.dumps({"prompt": PROMPTS[2], "size": "48x32", "frames": 5})
+    prompts.write_text("\n".join([PROMPTS[0], "", "# a comment", PROMPTS[1], third]) + "\n")
     clips = read_prompts(prompts, DEFAULTS, SEEDS)
     assert [(c.line, c.request.prompt, c.request.seed) for c in clips] == [
         (line, p, s) for line, p in zip((1, 4, 5), PROMPTS) for s in SEEDS]
