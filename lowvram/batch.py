@@ -114,8 +114,9 @@ def parse_line(text: str) -> tuple[str, dict]:
         return text, {}
     try:
         values = json.loads(text)
-    except ValueError as error:
-        raise HyVideoError(f"not valid JSON ({error}); a line is a prompt, or a JSON object like {{\"prompt\": \"...\"}}") from None
+    except json.JSONDecodeError as error:
+        raise HyVideoError(f"not valid JSON ({error.msg} at column {error.colno}); a line is a prompt, "
+                           'or a JSON object like {"prompt": "..."}') from None
     if not isinstance(values, dict) or not isinstance(values.get("prompt"), str):
         raise HyVideoError('a JSON line needs a "prompt" text, e.g. {"prompt": "a red fox", "seed": 3}')
     for key, value in values.items():
