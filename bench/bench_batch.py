@@ -7,7 +7,8 @@ batch and as 3 separate runs, each of which loads every model.
 
 Both go through the generate path (`start_batch` + `execute_batch`, `start_run` + `execute`). The
 batch runs first; the weights are then in the page cache for the separate runs, if they were not
-already (run_gpu.sh runs this after the step cache benchmark, which reads the same model).
+already: run it where `--scratch` holds the full-size model an earlier benchmark wrote and read
+(e.g. after run_gpu.sh's `lowvram bench` configurations, before their scratch is removed).
 """
 
 import argparse
