@@ -137,15 +137,18 @@ def report_result(result, warnings, as_json, quiet):
     elif as_json:
         print_json({"ok": True, **result.to_dict(), "warnings": warnings})
     elif quiet:
-        out.print(result.out or result.video, markup=False)
+        out.print(result.out or result.image or result.video, markup=False)
     else:
         if result.resumed_from == "done":
             err.print(f"run {result.run_id} is already done")
         else:
             seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
             err.print(f"[green]done[/] run {result.run_id}" + (f" ({seconds})" if seconds else ""))
-        out.print(f"video: {result.video}", markup=False)
-        out.print(f"first frame: {result.first_frame}", markup=False)
+        if result.image:
+            out.print(f"image: {result.image}", markup=False)
+        else:
+            out.print(f"video: {result.video}", markup=False)
+            out.print(f"first frame: {result.first_frame}", markup=False)
         if result.out:
             out.print(f"copied to: {result.out}", markup=False)
 

@@ -5,8 +5,8 @@ class Reporter:
     """Progress callbacks; these do nothing. The CLI subclasses it with rich progress bars.
 
     stage(name, total): a stage starts ("loading text encoders", "encoding text", "loading DiT",
-    "denoising", "loading VAE", "decoding", "writing video"); total = number of units (steps, tiles)
-    or None. advance(completed, **info): units done so far (info: s_per_step, peak_vram_gb).
+    "denoising", "loading VAE", "decoding", "writing video" or "writing image"); total = number of
+    units (steps, tiles) or None. advance(completed, **info): units done so far (info: s_per_step, peak_vram_gb).
     warn(message): something the user should know that does not stop the run.
     clip(number, total, run_id, steps_left): several runs go stage by stage (a batch); the next
     stage messages are about clip `number` of `total`; steps_left: denoising steps the batch has

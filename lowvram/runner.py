@@ -1,6 +1,6 @@
 """One generation as a resumable run: pre-flight checks, text encoding, Euler steps with a
-checkpoint after every step, VAE decode, mp4 + PNG. The CLI calls `start_run` / `resume_run` and
-draws what `Reporter` is told; nothing here prints.
+checkpoint after every step, VAE decode, mp4 + PNG (one frame: a PNG image alone). The CLI calls
+`start_run` / `resume_run` and draws what `Reporter` is told; nothing here prints.
 
     run, files, plan = start_run(RunOptions(request, model_dir, runs_dir))  # checks, plan, run folder
     result = execute(run, files, plan, reporter, stop)  # encoding -> denoising -> decoding -> done
@@ -47,10 +47,10 @@ from .measure import StageMeter
 from .planner import Plan, plan, resolve
 from .profiles import Profile, RunChoices, stored_profile
 from .progress import Reporter
-from .runs import FIRST_FRAME, VIDEO, Run, find_run
+from .runs import FIRST_FRAME, IMAGE, VIDEO, Run, find_run
 from .stages import Stages, model_sizes, parameter_count
 from .streaming import empty_cache
-from .video import write_outputs
+from .video import write_outputs, write_png
 
 CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
@@ -100,6 +100,7 @@ class RunResult:
     steps: int
     video: str | None
     first_frame: str | None
+    image: str | None  # the result of a one-frame run instead of video + first_frame
     out: str | None
     final_latents: str | None
     settings: dict
@@ -153,11 +154,17 @@ def weight_files(files: ModelFiles) -> list[Path]:
     return [p for p in paths if p.is_file()]
 
 
-def check_output_path(out: Path | None) -> Path | None:
-    """--out must be writable before an hour of compute, not after."""
+def check_output_path(out: Path | None, frames: int) -> Path | None:
+    """--out must be writable before an hour of compute, not after, and name the right kind of
+    file: a one-frame run makes a PNG image, any other an mp4 video."""
     if out is None:
         return None
     out = Path(out)
+    if not out.is_dir() and out.suffix.lower() in (".png", ".mp4"):
+        wanted = ".png" if frames == 1 else ".mp4"
+        if out.suffix.lower() != wanted:
+            made = "a PNG image" if frames == 1 else "an mp4 video"
+            raise HyVideoError(f"--out {out}: --frames {frames} makes {made}; name it {out.with_suffix(wanted).name} or pass a folder")
     folder = out if out.is_dir() else out.parent
     if not folder.is_dir():
         raise HyVideoError(f"cannot write --out {out}: the folder {folder} does not exist; create it or choose another path")
@@ -220,7 +227,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
                              ram_bytes=ram, choices=choices, **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
-    out = check_output_path(options.out)
+    out = check_output_path(options.out, request.frames)
     attention = resolve_attention(profile.attention, str(device))
     for note in attention.notes:
         reporter.warn(note)
@@ -276,7 +283,7 @@ def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = 
 
 
 def is_done(run: Run) -> bool:
-    return run.finished and (run.folder / VIDEO).is_file()
+    return run.finished and run.result_file.is_file()
 
 
 def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter | None = None) -> ModelFiles:
@@ -506,7 +513,7 @@ class _Execution:
                     self.reporter.stage("decoding")
                     frames = self.stages.decode(vae, run.load_final(), lambda done, total: self.reporter.advance(done, total=total))
                 run.manifest["measured"]["vae"] = meter.results["vae"]
-                self.reporter.stage("writing video")
+                self.reporter.stage("writing image" if run.settings["frames"] == 1 else "writing video")
                 _write_outputs(run, frames)
                 run.manifest["seconds"]["decoding"] = round(time.perf_counter() - start, 3)
                 shared = {k: v for k, v in self.stages.stats.items() if k != "dit"}  # "dit" is each run's own (_denoise)
@@ -521,16 +528,22 @@ class _Execution:
 
 
 def _write_outputs(run: Run, frames: torch.Tensor) -> None:
-    """video.mp4 and first_frame.png in the run folder, and the copy --out asked for."""
-    video, first_frame = write_outputs(frames, run.folder / VIDEO, run.folder / FIRST_FRAME)
-    outputs = {"video": VIDEO, "first_frame": FIRST_FRAME}
+    """video.mp4 and first_frame.png in the run folder (one frame: image.png), and the copy --out
+    asked for."""
+    if run.settings["frames"] == 1:
+        write_png(frames[0], run.folder / IMAGE)
+        outputs = {"image": IMAGE}
+    else:
+        write_outputs(frames, run.folder / VIDEO, run.folder / FIRST_FRAME)
+        outputs = {"video": VIDEO, "first_frame": FIRST_FRAME}
+    result = run.result_file
     if run.settings.get("out"):
         out = Path(run.settings["out"])
-        out = out / f"{run.id}.mp4" if out.is_dir() else out
+        out = out / f"{run.id}{result.suffix}" if out.is_dir() else out
         try:
-            shutil.copyfile(video, out)
+            shutil.copyfile(result, out)
         except OSError as error:
-            raise HyVideoError(f"could not copy the video to {out}: {error.strerror}; it is in {video}") from None
+            raise HyVideoError(f"could not copy {result.name} to {out}: {error.strerror}; it is in {result}") from None
         outputs["out"] = str(out)
     run.manifest["outputs"] = outputs
 
@@ -599,6 +612,7 @@ def _result(run: Run, resumed_from: str | None = None, peak_vram_gb: float | Non
         run_id=run.id, folder=str(run.folder), state=run.state, step=run.step, steps=run.steps,
         video=str(run.folder / outputs["video"]) if "video" in outputs else None,
         first_frame=str(run.folder / outputs["first_frame"]) if "first_frame" in outputs else None,
+        image=str(run.folder / outputs["image"]) if "image" in outputs else None,
         out=outputs.get("out"), final_latents=str(run.folder / final["file"]) if final else None,
         settings=run.settings, resumed_from=resumed_from, seconds=dict(run.manifest.get("seconds", {})),
         peak_vram_gb=peak_vram_gb, stats=dict(run.manifest.get("stats", {})), measured=dict(run.manifest.get("measured", {})),

@@ -6,7 +6,7 @@
       latents-step0007.safetensors   latents after 7 of N Euler steps (the newest two are kept)
       cache-residual-step0006.safetensors  with a step cache: the residual of the last computed step
       final_latents.safetensors      latents after step N (a resume in "decoding" skips the DiT)
-      video.mp4, first_frame.png     the outputs
+      video.mp4, first_frame.png     the outputs (image.png alone for a one-frame run)
 
 States, in order: encoding -> denoising -> decoding -> done; "failed" records an error (the run can
 still be resumed once the cause is fixed).
@@ -62,6 +62,7 @@ EMBEDDINGS = "embeddings.safetensors"
 FINAL_LATENTS = "final_latents.safetensors"
 VIDEO = "video.mp4"
 FIRST_FRAME = "first_frame.png"
+IMAGE = "image.png"  # the result of a one-frame run: HunyuanVideo is a joint image/video model
 LOCK = ".lock"
 KEEP_CHECKPOINTS = 2  # the newest is what a resume uses; the one before covers a damaged newest
 REQUIRED_KEYS = ("format", "version", "id", "settings", "settings_sha256", "model", "state", "step", "checkpoints")
@@ -184,6 +185,11 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.state == "done"
+
+    @property
+    def result_file(self) -> Path:
+        """The run's result in its folder: image.png for one frame, else video.mp4."""
+        return self.folder / (IMAGE if self.settings["frames"] == 1 else VIDEO)
 
     # --- manifest --------------------------------------------------------------------------------
 
@@ -327,9 +333,6 @@ class Run:
             elif path.name.startswith(("latents-step", "cache-residual-step")) and path.name not in listed:
                 path.unlink(missing_ok=True)
 
-    def output_path(self, name: str) -> Path:
-        return self.folder / name
-
     # --- liveness --------------------------------------------------------------------------------
 
     def lock(self):
@@ -379,11 +382,10 @@ class RunEntry:
             return {"id": self.id, "prompt": None, "size": None, "step": None, "steps": None, "state": "unreadable",
                     "running": False, "output": None, "folder": str(self.folder), "problem": self.problem}
         s = run.settings
-        outputs = run.manifest.get("outputs") or {}
-        video = outputs.get("out") or run.folder / outputs.get("video", "")
+        output = (run.manifest.get("outputs") or {}).get("out") or run.result_file
         return {"id": run.id, "prompt": s["prompt"], "size": f"{s['width']}x{s['height']}x{s['frames']}",
                 "step": run.step, "steps": run.steps, "state": run.state,
-                "running": run.state != "done" and run.is_running(), "output": str(video) if run.finished else None,
+                "running": run.state != "done" and run.is_running(), "output": str(output) if run.finished else None,
                 "folder": str(run.folder), "seed": s["seed"], "profile": s["profile"]["name"],
                 "created": run.manifest.get("created"), "error": run.manifest.get("error")}
 

@@ -1,4 +1,5 @@
-"""Write a generated clip: H.264 mp4 (PyAV, yuv420p, 24 fps) and a PNG of its first frame.
+"""Write a generated clip: H.264 mp4 (PyAV, yuv420p, 24 fps) and a PNG of its first frame; a
+one-frame run is just the PNG.
 
 Frames come as uint8 [F, H, W, 3] (what `hyvideo.pipeline.latents_to_frames` returns). Both files
 are written atomically (`hyvideo.files.write_atomic`): a reader never sees half a video and an
@@ -67,12 +68,12 @@ def png_bytes(image: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b"")
 
 
-def write_png(image, path: str | Path) -> Path:
+def write_png(image, path: str | Path, what: str = "the image") -> Path:
     array = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
     data = png_bytes(np.ascontiguousarray(array, dtype=np.uint8))
-    return write_atomic(Path(path), data, "the first frame")
+    return write_atomic(Path(path), data, what)
 
 
 def write_outputs(frames, video_path: str | Path, png_path: str | Path, fps: int = FPS) -> tuple[Path, Path]:
     array = _as_numpy(frames)
-    return write_mp4(array, video_path, fps), write_png(array[0], png_path)
+    return write_mp4(array, video_path, fps), write_png(array[0], png_path, "the first frame")

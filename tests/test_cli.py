@@ -100,11 +100,25 @@ def test_step_cache_progress_shows_computed_and_reused_steps(tiny_official, tmp_
     assert f"DiT ran {len(computed)}, reused {6 - len(computed)}" in last and len(computed) < 6
 
 
-def test_quiet_prints_only_the_video_path(tiny_official, tmp_path):
+def test_quiet_prints_only_the_result_path(tiny_official, tmp_path):
     result = invoke("generate", "a lighthouse", "--model-dir", tiny_official, "--runs-dir", tmp_path, "--quiet",
-                    "--size", "32x32", "--frames", "1", "--steps", "1", "--device", "cpu")
+                    "--size", "32x32", "--frames", "5", "--steps", "1", "--device", "cpu")
     assert result.exit_code == 0
     assert result.stdout.strip().endswith("video.mp4") and len(result.stdout.strip().splitlines()) == 1
+
+
+def test_one_frame_writes_a_png_and_runs_lists_it(tiny_official, tmp_path):
+    out = tmp_path / "lighthouse.png"
+    result = invoke("generate", "a lighthouse", "--model-dir", tiny_official, "--runs-dir", tmp_path / "runs", "--out", out,
+                    "--size", "32x32", "--frames", "1", "--steps", "1", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    done = as_json(result)
+    assert done["image"].endswith("image.png") and done["video"] is None and done["out"] == str(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.read_bytes() == Path(done["image"]).read_bytes()
+    listed = as_json(invoke("runs", "--runs-dir", tmp_path / "runs", "--json"))["runs"]
+    assert [(r["size"], r["output"]) for r in listed] == [("32x32x1", str(out))]
+    text = invoke("resume", done["run_id"], "--runs-dir", tmp_path / "runs")
+    assert text.exit_code == 0 and f"image: {done['image']}" in text.stdout and "video:" not in text.stdout
 
 
 def test_long_prompt_from_a_file_warns_and_continues(tiny_official, tmp_path):
@@ -211,6 +225,8 @@ BAD_GENERATE = [
     (["--out", "/nonexistent-dir/x.mp4"], "cannot write --out .*does not exist"),
     (["--cache", "faster"], "--cache must be one of off, safe, fast"),
     (["--attention", "xformers"], "--attention must be one of auto, sdpa, sage, flash"),
+    (["--out", "x.png"], "--frames 9 makes an mp4 video; name it x.mp4 or pass a folder"),
+    (["--frames", "1", "--out", "x.mp4"], "--frames 1 makes a PNG image; name it x.png"),
 ]
 
 

@@ -137,6 +137,43 @@ def test_stopped_after_the_last_step_resumes_without_the_dit(tiny_official, tmp_
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
+def test_one_frame_is_an_image_and_resumes(tiny_official, tmp_path, monkeypatch):
+    """--frames 1 writes image.png (no mp4), copies it to an --out folder as <run-id>.png, and a
+    run stopped in its decode, or already done, resumes to the same image."""
+    request = GenerationRequest("a lighthouse at dusk", width=64, height=48, frames=1, steps=2, seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    run, files, plan = new_run(tiny_official, tmp_path / "runs", request, out=out)
+
+    def ctrl_c(self, vae, latents, on_progress):
+        raise KeyboardInterrupt
+
+    real_decode = Stages.decode
+    monkeypatch.setattr(Stages, "decode", ctrl_c)
+    with pytest.raises(RunInterrupted):
+        execute(run, files, plan)
+    monkeypatch.setattr(Stages, "decode", real_decode)
+    result = resume_run(tmp_path / "runs", run.id)
+    assert result.resumed_from == "decoding" and result.video is None and result.first_frame is None
+    assert Path(result.image) == run.folder / "image.png" and not (run.folder / "video.mp4").exists()
+    assert Run.open(run.folder).manifest["outputs"] == {"image": "image.png", "out": str(out / f"{run.id}.png")}
+    with av.open(result.image) as container:  # an independent PNG decoder
+        image = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert image.shape == (48, 64, 3) and (out / f"{run.id}.png").read_bytes() == Path(result.image).read_bytes()
+    again = resume_run(tmp_path / "runs", run.id)
+    assert again.resumed_from == "done" and again.image == result.image
+    assert list_runs(tmp_path / "runs")[0].summary()["output"] == str(out / f"{run.id}.png")
+
+
+def test_out_must_name_the_kind_of_file_the_run_makes(tiny_official, tmp_path):
+    for frames, out, message in ((1, "x.mp4", "--frames 1 makes a PNG image; name it x.png"),
+                                 (9, "x.png", "--frames 9 makes an mp4 video; name it x.mp4")):
+        request = GenerationRequest("a fox", width=64, height=48, frames=frames, steps=1)
+        with pytest.raises(HyVideoError, match=message):
+            new_run(tiny_official, tmp_path / "runs", request, out=tmp_path / out)
+    assert not (tmp_path / "runs").exists()  # refused before the run folder
+
+
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_official, tmp_path, uninterrupted):
     run, files, plan = new_run(tiny_official, tmp_path)
     stop = StopRequest()
