@@ -40,32 +40,40 @@ def doctor(
 @app.command()
 def download(
     model_dir: Path = typer.Option(None, "--model-dir", help="Where to put the weights (default ./ckpts)."),
-    layout: str = typer.Option("diffusers", "--layout", help="diffusers (one repo, complete) or official (Tencent's files)."),
+    layout: str = typer.Option(None, "--layout", help="diffusers (one repo, complete; the huggingface default) or official (Tencent's files)."),
+    source: str = typer.Option("huggingface", "--source", help="huggingface or modelscope (official layout; needs the [modelscope] extra)."),
     fp8: bool = typer.Option(False, "--fp8", help="Also Tencent's FP8 DiT pair (--layout official)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes, download nothing."),
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):
-    """Download the weights from huggingface.co into the folder layout lowvram reads."""
+    """Download the weights from huggingface.co (or modelscope.cn) into the folder layout lowvram reads."""
     from lowvram import download as dl
 
     model_dir = model_dir or dl.DEFAULT_MODEL_DIR
     with user_errors(as_json):
+        layout = dl.check_source(source, layout)
         if dry_run:
-            files = dl.plan_download(model_dir, layout, fp8)
+            files = dl.plan_download(model_dir, layout, fp8, source)
             total = sum(f.size or 0 for f in files)
             missing = sum(f.size or 0 for f in files if not f.present)
+            known = all(f.size is not None for f in files)
             if as_json:
-                print_json({"ok": True, "model_dir": str(model_dir), "layout": layout, "total_bytes": total, "to_download_bytes": missing,
-                             "files": [{"repo": f.repo, "file": f.file, "size": f.size, "present": f.present} for f in files]})
+                print_json({"ok": True, "model_dir": str(model_dir), "layout": layout, "source": source,
+                            "total_bytes": total if known else None, "to_download_bytes": missing if known else None,
+                            "files": [{"repo": f.repo, "file": f.file, "size": f.size, "present": f.present} for f in files]})
                 return
-            table = Table("repo", "file", "size", "", title=f"download into {model_dir} ({layout} layout)")
+            table = Table("repo", "file", "size", "", title=f"download into {model_dir} ({layout} layout, from {source})")
             for f in files:
                 table.add_row(f.repo, f.file, format_bytes(f.size), "present" if f.present else "")
             print_table(table)
-            out.print(f"total {format_bytes(total)}, to download {format_bytes(missing)}")
+            if known:
+                out.print(f"total {format_bytes(total)}, to download {format_bytes(missing)}")
+            else:
+                out.print("sizes unknown: a ModelScope dry run does not ask the server; text_encoder/ is extracted locally "
+                          "(Llama-3-8B in fp16, ~16 GB, besides the LLaVA download)")
             return
-        dl.download(model_dir, layout, fp8, progress=not (as_json or quiet))
+        dl.download(model_dir, layout, fp8, progress=not (as_json or quiet), source=source)
         layout_found, checks = dl.check_model_folder(model_dir)
         bad = [c for c in checks if not c.ok]
         if bad:

@@ -7,10 +7,19 @@ Two layouts (hyvideo/checkpoint.py reads both):
   its FP8 DiT pair (--fp8), plus the text encoders from the community repo moved into the official
   folders (the official text_encoder/ is otherwise made by a preprocessing script, facts §4.1).
 
-`download` uses huggingface_hub's `snapshot_download` (resumable, skips files already there);
-`plan_download` is the same call with `dry_run=True` (file names, sizes, what is already there).
-Any hub failure (offline, no network, gated repo) becomes a HyVideoError that prints the `hf
-download` commands to run by hand.
+Two sources:
+- "huggingface" (default): huggingface_hub's `snapshot_download` (resumable, skips files already
+  there); `plan_download` is the same call with `dry_run=True` (file names, sizes, what is there).
+- "modelscope" (`pip install "hyvideo-lowvram[modelscope]"`, for where huggingface.co is slow or
+  blocked): ModelScope's copies of the three repos the official ckpts/README.md names, in the
+  official layout: AI-ModelScope/HunyuanVideo (DiT, VAE), AI-ModelScope/clip-vit-large-patch14
+  (text_encoder_2/) and AI-ModelScope/llava-llama-3-8b-v1_1-transformers, whose language model is
+  then extracted into text_encoder/ as the official preprocessing script does (`llava.py`). A part
+  whose files are all there already is not asked for again, so after a download by hand the same
+  command only extracts, offline. A dry run lists the repos and patterns; ModelScope is not asked
+  for sizes.
+Any failure (offline, no network, gated repo, package missing) becomes a HyVideoError that prints
+the `hf download` / `modelscope download` commands to run by hand.
 
 `check_model_folder` checks each file without the network: present, non-empty, and readable the
 way the loader reads it (`hyvideo.weight_io.check_weight_file`: mapped as the loader maps it, the zip
@@ -29,20 +38,29 @@ from hyvideo.weight_io import check_weight_file
 
 COMMUNITY_REPO = "hunyuanvideo-community/HunyuanVideo"
 OFFICIAL_REPO = "tencent/HunyuanVideo"
+# ModelScope's copies of tencent/HunyuanVideo, openai/clip-vit-large-patch14 and
+# xtuner/llava-llama-3-8b-v1_1-transformers (ids as DiffSynth-Studio's and ms-swift's model tables use them)
+MS_OFFICIAL_REPO = "AI-ModelScope/HunyuanVideo"
+MS_CLIP_REPO = "AI-ModelScope/clip-vit-large-patch14"
+MS_LLAVA_REPO = "AI-ModelScope/llava-llama-3-8b-v1_1-transformers"
+LLAVA_FOLDER = "llava-llama-3-8b-v1_1-transformers"  # where the official README puts it, under ckpts/
 DEFAULT_MODEL_DIR = Path("ckpts")
 LAYOUTS = ("diffusers", "official")
+SOURCES = ("huggingface", "modelscope")
 TEXT_PARTS = ["text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*"]
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
 class RepoPart:
-    """One snapshot_download: which files of which repo, and folders to rename afterwards
-    (repo folder -> layout folder; files are moved into it)."""
+    """One snapshot_download: which files of which repo, into which subfolder of the model folder
+    ("": the folder itself), and folders to rename afterwards (repo folder -> layout folder; files
+    are moved into it)."""
 
     repo: str
     patterns: tuple[str, ...]
     moves: tuple[tuple[str, str], ...] = ()
+    into: str = ""
 
 
 @dataclass
@@ -53,13 +71,33 @@ class PlannedFile:
     present: bool  # already downloaded (same revision)
 
 
-def download_parts(layout: str = "diffusers", fp8: bool = False) -> list[RepoPart]:
+def check_source(source: str, layout: str | None) -> str:
+    """The layout a download makes: ModelScope has the official layout only (its copy of the
+    community diffusers repo is not known)."""
+    if source not in SOURCES:
+        raise HyVideoError(f"unknown source {source!r}: choose huggingface or modelscope")
+    if source == "modelscope":
+        if layout not in (None, "official"):
+            raise HyVideoError("--source modelscope downloads the official layout only; drop --layout or pass --layout official")
+        return "official"
+    return layout or "diffusers"
+
+
+def download_parts(layout: str | None = None, fp8: bool = False, source: str = "huggingface") -> list[RepoPart]:
+    layout = check_source(source, layout)
     if layout not in LAYOUTS:
         raise HyVideoError(f"unknown layout {layout!r}: choose diffusers or official")
     if layout == "diffusers":
         if fp8:
             raise HyVideoError("--fp8 (Tencent's FP8 DiT file) needs --layout official")
         return [RepoPart(COMMUNITY_REPO, ("transformer/*", "vae/*", *TEXT_PARTS))]
+    if source == "modelscope":  # exact names: a part whose files are all there is not downloaded again
+        dit = [OFFICIAL_DIT] + ([OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP] if fp8 else [])
+        return [
+            RepoPart(MS_OFFICIAL_REPO, (*dit, f"{OFFICIAL_VAE}/config.json", f"{OFFICIAL_VAE}/pytorch_model.pt")),
+            RepoPart(MS_CLIP_REPO, ("*.json", "*.txt", "model.safetensors"), into="text_encoder_2"),  # not the TF/Flax/.bin copies
+            RepoPart(MS_LLAVA_REPO, ("*.json", "*.safetensors"), into=LLAVA_FOLDER),
+        ]
     official = [OFFICIAL_DIT, f"{OFFICIAL_VAE}/*"] + ([OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP] if fp8 else [])
     return [
         RepoPart(OFFICIAL_REPO, tuple(official)),
@@ -67,22 +105,42 @@ def download_parts(layout: str = "diffusers", fp8: bool = False) -> list[RepoPar
     ]
 
 
-def manual_commands(model_dir: Path, layout: str = "diffusers", fp8: bool = False) -> list[str]:
+def manual_commands(model_dir: Path, layout: str | None = None, fp8: bool = False, source: str = "huggingface") -> list[str]:
     """What to run by hand (any machine with network; copy the folder over afterwards)."""
     commands = []
-    for part in download_parts(layout, fp8):
+    for part in download_parts(layout, fp8, source):
         includes = " ".join(f'--include "{p}"' for p in part.patterns)
-        commands.append(f"hf download {part.repo} {includes} --local-dir {model_dir}")
-        for source, target in part.moves:
-            commands.append(f"mv {model_dir}/{source}/* {model_dir}/{target}/ && rmdir {model_dir}/{source}")
+        target = f"{model_dir}/{part.into}" if part.into else f"{model_dir}"
+        if source == "modelscope":
+            commands.append(f"modelscope download --model {part.repo} {includes} --local_dir {target}")
+        else:
+            commands.append(f"hf download {part.repo} {includes} --local-dir {target}")
+        for folder, into in part.moves:
+            commands.append(f"mv {model_dir}/{folder}/* {model_dir}/{into}/ && rmdir {model_dir}/{folder}")
+    if source == "modelscope":
+        commands.append(f"lowvram download --source modelscope --model-dir {model_dir}   "
+                        f"# then, offline: extracts text_encoder/ from {LLAVA_FOLDER}/")
     return commands
+
+
+def _manual(model_dir: Path, layout: str | None, fp8: bool, source: str) -> str:
+    commands = "\n  ".join(manual_commands(model_dir, layout, fp8, source))
+    if source == "modelscope":
+        return f"\nto download by hand (`pip install modelscope` gives the `modelscope` command):\n  {commands}"
+    return f"\nto download by hand (huggingface_hub < 1.0 calls it `huggingface-cli download`):\n  {commands}"
+
+
+def _modelscope_error(error: Exception, model_dir: Path, fp8: bool) -> HyVideoError:
+    manual = _manual(model_dir, "official", fp8, "modelscope")
+    if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
+        return HyVideoError(f"the disk is full while downloading into {model_dir}; free space and run the same command again (it resumes)")
+    return HyVideoError(f"cannot download from modelscope.cn ({type(error).__name__}: {_one_line(error)}); offline or no network?{manual}")
 
 
 def _hub_error(error: Exception, model_dir: Path, layout: str, fp8: bool) -> HyVideoError:
     from huggingface_hub import errors
 
-    commands = "\n  ".join(manual_commands(model_dir, layout, fp8))
-    manual = f"\nto download by hand (huggingface_hub < 1.0 calls it `huggingface-cli download`):\n  {commands}"
+    manual = _manual(model_dir, layout, fp8, "huggingface")
     if isinstance(error, errors.GatedRepoError):
         return HyVideoError(f"the repo needs you to accept its licence on huggingface.co and log in (`hf auth login`): {_one_line(error)}{manual}")
     if isinstance(error, errors.RepositoryNotFoundError):
@@ -98,8 +156,15 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())[:300]
 
 
-def plan_download(model_dir: Path, layout: str = "diffusers", fp8: bool = False) -> list[PlannedFile]:
-    """The files a download would fetch, with sizes (asks the hub; downloads nothing)."""
+def plan_download(model_dir: Path, layout: str | None = None, fp8: bool = False, source: str = "huggingface") -> list[PlannedFile]:
+    """The files a download would fetch, with sizes (asks the hub; downloads nothing). ModelScope:
+    one row per pattern, size None (not asked), present when the whole part is there."""
+    if source == "modelscope":
+        model_dir = Path(model_dir)
+        planned = [PlannedFile(part.repo, f"{part.into}/{p}" if part.into else p, None, _part_present(model_dir, part))
+                   for part in download_parts(layout, fp8, source) for p in part.patterns]
+        extracted = _text_encoder_present(model_dir)
+        return planned + [PlannedFile(f"{LLAVA_FOLDER}/ (extracted here)", "text_encoder/", None, extracted)]
     from huggingface_hub import snapshot_download
 
     planned = []
@@ -112,8 +177,11 @@ def plan_download(model_dir: Path, layout: str = "diffusers", fp8: bool = False)
     return planned
 
 
-def download(model_dir: Path, layout: str = "diffusers", fp8: bool = False, progress: bool = True) -> Path:
+def download(model_dir: Path, layout: str | None = None, fp8: bool = False, progress: bool = True,
+             source: str = "huggingface") -> Path:
     """Fetch what is missing into `model_dir` in `layout`; returns the folder."""
+    if source == "modelscope":
+        return _download_modelscope(Path(model_dir), layout, fp8)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
@@ -128,6 +196,41 @@ def download(model_dir: Path, layout: str = "diffusers", fp8: bool = False, prog
         for source, target in part.moves:
             _move_into(model_dir / source, model_dir / target)
     return model_dir
+
+
+def _download_modelscope(model_dir: Path, layout: str | None, fp8: bool) -> Path:
+    """The three ModelScope repos (parts already complete are skipped, without the network), then
+    text_encoder/ extracted from the LLaVA checkpoint unless it is there."""
+    from .llava import extract_language_model
+
+    parts = [part for part in download_parts(layout, fp8, "modelscope") if not _part_present(model_dir, part)]
+    if parts:
+        try:
+            from modelscope import snapshot_download
+        except ImportError:
+            raise HyVideoError('--source modelscope needs the modelscope package: pip install "hyvideo-lowvram[modelscope]"'
+                               + _manual(model_dir, "official", fp8, "modelscope")) from None
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        try:
+            snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns))
+        except Exception as error:  # requests, HTTP and ModelScope's own errors alike
+            raise _modelscope_error(error, model_dir, fp8) from None
+    if not _text_encoder_present(model_dir):
+        extract_language_model(model_dir / LLAVA_FOLDER, model_dir / "text_encoder")
+    return model_dir
+
+
+def _part_present(model_dir: Path, part: RepoPart) -> bool:
+    """Every file of a ModelScope part is there and readable: its exact names, and a complete
+    transformers folder for a part downloaded into a subfolder."""
+    paths = [model_dir / part.into / p for p in part.patterns if "*" not in p]
+    paths += _transformers_folder(model_dir / part.into, None) if part.into else []
+    return all(check_file(p).ok for p in paths)
+
+
+def _text_encoder_present(model_dir: Path) -> bool:
+    return all(check_file(p).ok for p in _transformers_folder(model_dir / "text_encoder", None))
 
 
 def _move_into(source: Path, target: Path) -> None:
