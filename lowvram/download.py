@@ -203,7 +203,9 @@ def _download_modelscope(model_dir: Path, layout: str | None, fp8: bool) -> Path
     text_encoder/ extracted from the LLaVA checkpoint unless it is there."""
     from .llava import extract_language_model
 
-    parts = [part for part in download_parts(layout, fp8, "modelscope") if not _part_present(model_dir, part)]
+    extracted = _text_encoder_present(model_dir)  # then the LLaVA download is not needed (it may be deleted)
+    parts = [part for part in download_parts(layout, fp8, "modelscope")
+             if not _part_present(model_dir, part) and not (extracted and part.repo == MS_LLAVA_REPO)]
     if parts:
         try:
             from modelscope import snapshot_download
@@ -216,7 +218,7 @@ def _download_modelscope(model_dir: Path, layout: str | None, fp8: bool) -> Path
             snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns))
         except Exception as error:  # requests, HTTP and ModelScope's own errors alike
             raise _modelscope_error(error, model_dir, fp8) from None
-    if not _text_encoder_present(model_dir):
+    if not extracted:
         extract_language_model(model_dir / LLAVA_FOLDER, model_dir / "text_encoder")
     return model_dir
 
