@@ -11,7 +11,7 @@ Both layouts as downloaded (facts §1.13):
              hunyuan-video-t2v-720p/vae/{config.json, pytorch_model.pt}, text_encoder/ and
              text_encoder_2/ (transformers folders, tokenizer included)
   diffusers: transformer/ (config.json, safetensors shards + index, diffusers key names), vae/,
-             text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/
+             text_encoder/ (a LlamaModel: no LM head), tokenizer/, text_encoder_2/, tokenizer_2/
 Text encoder folders are what `save_pretrained` writes: config.json and model.safetensors, or shards
 of at most `shard_bytes` plus model.safetensors.index.json. The tokenizers are the tiny ones at both
 sizes (`tiny_tokenizers`): their ids stay far below the real vocabulary sizes.
@@ -277,17 +277,27 @@ TEXT_ENCODERS = {
 }
 
 
-def text_encoder_files(folder: str, kind: str, size: SyntheticSize, seed: int,
+def text_encoder_files(folder: str, kind: str, size: SyntheticSize, seed: int, headless: bool = False,
                        **fields) -> tuple[list[WeightFile], dict[str, dict], object]:
     """A transformers folder as `save_pretrained` writes it: config.json and safetensors (sharded
     above `shard_bytes`), and the tokenizer to save with it. The official preprocessing saves the
     Llava language model, a LlamaForCausalLM; HunyuanVideo loads it with AutoModel, which drops the
-    LM head. `fields` override config fields."""
+    LM head. `headless` (the diffusers layout's LLM): a LlamaModel, i.e. the same tensors less the
+    LM head and without the "model." prefix, drawn under the causal LM's names so that both layouts
+    hold the same weights. `fields` override config fields."""
     make_tokenizer, make_config, model_class = TEXT_ENCODERS[kind]
     tokenizer = make_tokenizer()
     config = make_config(size, tokenizer, **fields)
     weights = RandomWeights(kind, meta_layout(lambda: model_class(config), size.text_dtype), seed, config.initializer_range)
-    files, index = sharded(folder, "model", weights.layout, weights.tensors, size.shard_bytes)
+    layout, tensors = weights.layout, weights.tensors
+    if headless:
+        config.architectures = ["LlamaModel"]
+        layout = [(name.removeprefix("model."), dtype, shape) for name, dtype, shape in layout if name.startswith("model.")]
+
+        def tensors(shard: Layout) -> Iterator[tuple[str, torch.Tensor]]:
+            return ((name, weights.tensor(f"model.{name}", dtype, shape)) for name, dtype, shape in shard)
+
+    files, index = sharded(folder, "model", layout, tensors, size.shard_bytes)
     return files, {f"{folder}/config.json": json.loads(config.to_json_string()), **index}, tokenizer
 
 
@@ -303,7 +313,8 @@ def plan_folder(layout: str, size: "str | SyntheticSize" = "tiny", seed: int = 0
     plan = FolderPlan([], {}, {})
     parts = [dit_files(layout, size, seed), vae_files(layout, size, seed)]
     for kind, model_folder, tokenizer_folder in (("llm", "text_encoder", "tokenizer"), ("clip", "text_encoder_2", "tokenizer_2")):
-        files, json_files, tokenizer = text_encoder_files(model_folder, kind, size, seed)
+        headless = kind == "llm" and layout == "diffusers"  # diffusers saves the LLM as a LlamaModel
+        files, json_files, tokenizer = text_encoder_files(model_folder, kind, size, seed, headless)
         parts.append((files, json_files))
         plan.tokenizers[model_folder if layout.startswith("official") else tokenizer_folder] = tokenizer
     for files, json_files in parts:

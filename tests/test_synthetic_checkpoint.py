@@ -154,7 +154,11 @@ def test_full_text_encoders_are_llama3_8b_and_clip_l(full_plans):
         clip = [e for f in plan.weights if f.path.startswith("text_encoder_2/") for e in f.layout]
         base = sum(math.prod(shape) for name, _, shape in llm if not name.startswith("lm_head."))
         assert base == 7_504_924_672
-        assert dict((n, s) for n, _, s in llm)["lm_head.weight"] == (128256, 4096)  # a LlamaForCausalLM, untied
+        shapes = dict((n, s) for n, _, s in llm)
+        if layout == "official":  # a LlamaForCausalLM, untied (the head --rewrite generates with)
+            assert shapes["lm_head.weight"] == (128256, 4096) and "model.embed_tokens.weight" in shapes
+        else:  # diffusers: a LlamaModel, headless, without the "model." prefix
+            assert "embed_tokens.weight" in shapes and not any(n.startswith(("lm_head", "model.")) for n in shapes)
         assert sum(math.prod(shape) for _, _, shape in clip) == 123_060_480
         assert {dtype for _, dtype, _ in llm + clip} == {torch.float16}
         config = plan.json_files["text_encoder/config.json"]
