@@ -82,6 +82,10 @@ def make_reporter(enabled: bool):
                 left = (task.total - completed) * sum(self.step_times) / len(self.step_times)
                 err.print(f"  step {completed}/{task.total}  {'  '.join(parts)}  eta {int(left // 60)}:{int(left % 60):02d}")
 
+        def rewritten(self, prompt):
+            if enabled:
+                self.progress.console.print(f"[cyan]rewritten prompt:[/] {escape(prompt)}")
+
         def warn(self, message):
             self.warnings.append(message)
             self.progress.console.print(f"[yellow]warning:[/] {escape(message)}")

@@ -43,6 +43,9 @@ def generate(
     attention: str = Attention,
     compile_blocks: bool = Compile,
     step_cache: str = StepCache,
+    rewrite: str = typer.Option(None, "--rewrite", help="Rewrite the prompt first with a local LLM: normal (clarify) or master "
+                                "(add composition, lighting, camera motion). The text encoder by default (official layout)."),
+    rewrite_model: Path = typer.Option(None, "--rewrite-model", help="With --rewrite: a local transformers causal-LM folder to rewrite with."),
     out_path: Path = typer.Option(None, "--out", help="Also copy the result here: a file (.mp4; .png with --frames 1) or a folder."),
     cache_dir: Path = CacheDir,
     runs_dir: Path = RunsDir,
@@ -68,7 +71,8 @@ def generate(
             defaults = GenerationRequest("", width=width, height=height, frames=frames, steps=steps, seed=seed,
                                          guidance=guidance, flow_shift=flow_shift)
             options = RunOptions(defaults, model_dir, runs_dir, profile, attention, device, out_path, cache_dir,
-                                 step_cache=step_cache, compile=compile_blocks, loras=loras)
+                                 step_cache=step_cache, compile=compile_blocks, loras=loras, rewrite=rewrite,
+                                 rewrite_model=rewrite_model)
             _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet)
             return
         text = _read_prompt(prompt, prompt_file)
@@ -78,7 +82,8 @@ def generate(
         from lowvram.download import default_model_dir
 
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir,
-                             step_cache=step_cache, compile=compile_blocks, loras=loras)
+                             step_cache=step_cache, compile=compile_blocks, loras=loras,
+                             rewrite=rewrite, rewrite_model=rewrite_model)
 
     def work(reporter, stop):
         run, files, plan = start_run(options, reporter)
@@ -115,6 +120,33 @@ def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet
         return execute_batch(batch, runs, files, plan, reporter, stop)
 
     run_and_report(work, as_json, quiet)
+
+
+@app.command("rewrite")
+def rewrite_command(
+    prompt: str = typer.Argument(..., help="The prompt to rewrite."),
+    mode: str = typer.Option("normal", "--mode", help="normal (clarify the intent) or master (add composition, lighting, camera motion)."),
+    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR", help="Weights folder whose text encoder rewrites (official layout)."),
+    rewrite_model: Path = typer.Option(None, "--rewrite-model", help="A local transformers causal-LM folder to rewrite with instead."),
+    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    as_json: bool = Json,
+):
+    """Print the prompt `generate --rewrite MODE` would encode, without generating."""
+    from .app import quiet_libraries
+    from .progress import make_reporter
+
+    quiet_libraries()
+    reporter = make_reporter(enabled=not as_json)
+    with user_errors(as_json), reporter:
+        from lowvram.download import default_model_dir
+        from lowvram.rewrite import rewrite_only
+        from lowvram.runner import check_device, default_device
+
+        text = rewrite_only(prompt, mode, model_dir or default_model_dir(), rewrite_model, check_device(device or default_device()), reporter)
+    if as_json:
+        print_json({"ok": True, "mode": mode, "prompt": prompt, "rewritten_prompt": text})
+    else:
+        out.print(text, markup=False)
 
 
 @app.command()

@@ -11,6 +11,7 @@ class Reporter:
     clip(number, total, run_id, steps_left): several runs go stage by stage (a batch); the next
     stage messages are about clip `number` of `total`; steps_left: denoising steps the batch has
     still to run (its ETA at the measured s/step).
+    rewritten(prompt): --rewrite's prompt, the one that is encoded.
     """
 
     def stage(self, name: str, total: int | None = None, completed: int = 0) -> None:
@@ -23,4 +24,7 @@ class Reporter:
         pass
 
     def clip(self, number: int, total: int, run_id: str, steps_left: int) -> None:
+        pass
+
+    def rewritten(self, prompt: str) -> None:
         pass

@@ -47,6 +47,7 @@ from .measure import StageMeter
 from .planner import Plan, plan, resolve
 from .profiles import Profile, RunChoices, stored_profile
 from .progress import Reporter
+from .rewrite import prompt_for_encoding, rewrite_settings
 from .runs import FIRST_FRAME, IMAGE, VIDEO, Run, find_run
 from .stages import Stages, model_sizes, parameter_count
 from .streaming import empty_cache
@@ -105,6 +106,7 @@ class RunResult:
     final_latents: str | None
     settings: dict
     resumed_from: str | None = None  # what a resume skipped: "step 7/50", "decoding", "done", None
+    rewritten_prompt: str | None = None  # --rewrite: the prompt that was encoded
     seconds: dict = field(default_factory=dict)
     peak_vram_gb: float | None = None
     stats: dict = field(default_factory=dict)  # what was streamed and tiled (Stages.stats)
@@ -128,6 +130,8 @@ class RunOptions:
     compile: bool | None = None  # --compile: torch.compile the DiT's blocks; None: the profile's (off)
     vram_limit_bytes: int | None = None  # plan for at most this much VRAM (`lowvram bench --cap-gb`)
     loras: list[LoraSpec] = field(default_factory=list)  # --lora PATH[:STRENGTH], their updates add
+    rewrite: str | None = None  # "normal" | "master": rewrite the prompt before encoding (lowvram/rewrite.py)
+    rewrite_model: Path | None = None  # the rewrite LLM's folder; None: the text encoder (official layout)
 
 
 # --- pre-flight ------------------------------------------------------------------------------
@@ -237,7 +241,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         "model_dir": str(Path(options.model_dir).resolve()), "out": str(out.resolve()) if out else None,
         "cache_dir": str(Path(options.cache_dir).resolve()) if options.cache_dir else None,
         "latent_shape": [1, *latent_shape(request.frames, request.height, request.width, vae_config)],
-        "dit_parameters": params,
+        "dit_parameters": params, "rewrite": rewrite_settings(options.rewrite, files, options.rewrite_model),
         "loras": [{"path": str(spec.path), "strength": spec.strength, "fingerprint": file_fingerprint([spec.path])[0]}
                   for spec in loras],
     }
@@ -428,6 +432,14 @@ class _Execution:
     # ---- text embeddings (cached in each run folder), the encoders loaded once
 
     def encode(self, runs: list[Run]) -> None:
+        prompts = {run.id: run.settings["prompt"] for run in runs}
+        for run in (run for run in runs if run.settings.get("rewrite")):  # before the encoders load: its LLM is freed first
+            self._clip(run)
+            run.set_state("encoding")
+            with self.meters[run.id].stage("rewrite"):
+                prompts[run.id] = prompt_for_encoding(run, self.stages.files, self.device, self.stages.dtype,
+                                                      self.stages.profile.encoder_scheme == "nf4", self.reporter)
+            run.manifest["measured"]["rewrite"] = self.meters[run.id].results["rewrite"]
         encoders = None
         try:
             for run in runs:
@@ -440,7 +452,7 @@ class _Execution:
                         self.reporter.stage("loading text encoders")
                         encoders = self.stages.text_encoders()
                     self.reporter.stage("encoding text")
-                    embeddings = encode_prompts(*encoders, [run.settings["prompt"]], run.settings["frames"])
+                    embeddings = encode_prompts(*encoders, [prompts[run.id]], run.settings["frames"])
                 run.manifest["measured"]["text"] = meter.results["text"]
                 run.manifest["seconds"]["encoding"] = meter.results["text"]["seconds"]
                 run.save_embeddings(embeddings)
@@ -614,6 +626,6 @@ def _result(run: Run, resumed_from: str | None = None, peak_vram_gb: float | Non
         first_frame=str(run.folder / outputs["first_frame"]) if "first_frame" in outputs else None,
         image=str(run.folder / outputs["image"]) if "image" in outputs else None,
         out=outputs.get("out"), final_latents=str(run.folder / final["file"]) if final else None,
-        settings=run.settings, resumed_from=resumed_from, seconds=dict(run.manifest.get("seconds", {})),
+        settings=run.settings, resumed_from=resumed_from, rewritten_prompt=run.rewritten_prompt, seconds=dict(run.manifest.get("seconds", {})),
         peak_vram_gb=peak_vram_gb, stats=dict(run.manifest.get("stats", {})), measured=dict(run.manifest.get("measured", {})),
     )

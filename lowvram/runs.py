@@ -2,6 +2,7 @@
 
     <runs-dir>/<id>/
       manifest.json                  settings, model fingerprint, versions, state, step k/N, checksums
+                                     (and the rewritten prompt of a --rewrite run)
       embeddings.safetensors         text encoder outputs (a resume never reloads the text encoders)
       latents-step0007.safetensors   latents after 7 of N Euler steps (the newest two are kept)
       cache-residual-step0006.safetensors  with a step cache: the residual of the last computed step
@@ -158,6 +159,12 @@ class Run:
                 f"the settings in {path} were changed after run {folder.name} started (checksum mismatch), so resuming "
                 "would not give the video it began; start a new run with `lowvram generate` instead"
             )
+        rewritten = manifest.get("rewritten_prompt")
+        if rewritten and sha256_bytes(str(rewritten.get("text")).encode()) != rewritten.get("sha256"):
+            raise HyVideoError(
+                f"the rewritten prompt in {path} was changed after run {folder.name} rewrote it (checksum mismatch); "
+                "start a new run with `lowvram generate` instead"
+            )
         return cls(folder, manifest)
 
     # --- properties ----------------------------------------------------------------------------
@@ -243,6 +250,16 @@ class Run:
         flags = self.manifest.get("truncated") or {}
         return TextEmbeddings(tensors["text_states"], tensors["text_mask"], tensors["text_states_2"],
                               [bool(flags.get("llm"))], [bool(flags.get("clip"))])
+
+    def save_rewritten_prompt(self, prompt: str) -> None:
+        """--rewrite's result, kept so that a resume encodes the same prompt without rewriting."""
+        self.manifest["rewritten_prompt"] = {"text": prompt, "sha256": sha256_bytes(prompt.encode())}
+        self.save()
+
+    @property
+    def rewritten_prompt(self) -> str | None:
+        entry = self.manifest.get("rewritten_prompt")
+        return entry["text"] if entry else None
 
     def save_step(self, step: int, latents: torch.Tensor, cache: CacheState | None = None) -> None:
         """Checkpoint the float32 latents after `step` completed Euler steps (1..N), with the step
@@ -387,7 +404,8 @@ class RunEntry:
                 "step": run.step, "steps": run.steps, "state": run.state,
                 "running": run.state != "done" and run.is_running(), "output": str(output) if run.finished else None,
                 "folder": str(run.folder), "seed": s["seed"], "profile": s["profile"]["name"],
-                "created": run.manifest.get("created"), "error": run.manifest.get("error")}
+                "created": run.manifest.get("created"), "error": run.manifest.get("error"),
+                "rewritten_prompt": run.rewritten_prompt}
 
 
 def list_runs(runs_dir: Path) -> list[RunEntry]:

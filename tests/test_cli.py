@@ -509,7 +509,7 @@ def test_demo_takes_the_streamed_and_tiled_path(tmp_path):
 
 def test_help_lists_every_command():
     result = invoke("--help")
-    for command in ("generate", "resume", "runs", "plan", "profiles", "doctor", "download", "quantize", "demo"):
+    for command in ("generate", "resume", "runs", "plan", "profiles", "doctor", "download", "quantize", "demo", "rewrite"):
         assert command in result.stdout
 
 
