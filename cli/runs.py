@@ -6,8 +6,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .app import Attention, CacheDir, Compile, Json, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json, print_table, user_errors
-from .progress import run_and_report
+from .app import (Attention, CacheDir, Compile, Json, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json,
+                  print_table, quiet_libraries, user_errors)
+from .progress import make_reporter, run_and_report
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt_file is not None:
@@ -132,9 +133,6 @@ def rewrite_command(
     as_json: bool = Json,
 ):
     """Print the prompt `generate --rewrite MODE` would encode, without generating."""
-    from .app import quiet_libraries
-    from .progress import make_reporter
-
     quiet_libraries()
     reporter = make_reporter(enabled=not as_json)
     with user_errors(as_json), reporter:
