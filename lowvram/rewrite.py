@@ -62,26 +62,23 @@ def rewrite_settings(mode: str | None, files: ModelFiles, rewrite_model: Path | 
 
 def load_rewriter(folder: Path, tokenizer_folder: Path, device: torch.device, dtype: torch.dtype, nf4: bool,
                   reporter: Reporter):
-    """(causal LM, tokenizer) on `device`: NF4 linears when `nf4` and bitsandbytes runs here, else
-    `dtype` (NF4 unavailable: bf16 on the CPU, with a warning, as the encoder's fallback)."""
+    """(causal LM, tokenizer): NF4 linears on `device` when `nf4` (quant/nf4.py; where bitsandbytes
+    cannot run it, bf16 on the CPU with a warning, as the encoder's fallback), else `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quant.nf4 import nf4_config, nf4_unavailable_reason
+    from quant.nf4 import load_llm_nf4
 
-    extra = {}
-    if nf4:
-        reason = nf4_unavailable_reason(device)
-        if reason is None:
-            extra = {"quantization_config": nf4_config()}
-            dtype = torch.bfloat16
-        else:
-            reporter.warn(f"NF4 unavailable for the rewrite model ({reason}); running it in bf16 on the CPU")
-            device, dtype = torch.device("cpu"), torch.bfloat16
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}, local_files_only=True, **extra)
+        if not nf4:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise HyVideoError(f"could not load the rewrite model from {folder}: {' '.join(str(error).split())[:300]}") from None
+    if nf4:
+        loaded = load_llm_nf4(folder, device, causal=True)
+        if loaded.reason:
+            reporter.warn(f"NF4 unavailable for the rewrite model ({loaded.reason}); running it in bf16 on the CPU")
+        model = loaded.model
     return model.eval(), tokenizer
 
 

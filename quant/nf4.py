@@ -100,13 +100,18 @@ def _check_folder(folder: str | Path) -> Path:
     return path
 
 
-def load_llm_bf16(folder: str | Path, device: "torch.device | str" = "cpu") -> nn.Module:
-    """The plain encoder (transformers AutoModel, i.e. the Llama without its LM head) in bf16."""
-    from transformers import AutoModel
+def _auto_class(causal: bool):
+    """AutoModel (the encoder: the Llama without its LM head) or, for `--rewrite`, the causal LM."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
+    return AutoModelForCausalLM if causal else AutoModel
+
+
+def load_llm_bf16(folder: str | Path, device: "torch.device | str" = "cpu", causal: bool = False) -> nn.Module:
+    """The plain encoder (or with `causal`, the LM with its head) in bf16."""
     path = _check_folder(folder)
     try:
-        model = AutoModel.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True)
+        model = _auto_class(causal).from_pretrained(path, dtype=torch.bfloat16, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise HyVideoError(f"could not load the text encoder (LLM) from {path}: {_one_line(error)}") from error
     return model.to(device).eval()
@@ -119,14 +124,12 @@ def _device(device: "torch.device | str") -> torch.device:
     return device
 
 
-def _load_nf4(folder: Path, device: torch.device, quantize: bool) -> nn.Module:
-    """AutoModel with NF4 linears on `device`: quantized from the bf16 encoder folder, or
-    (quantize=False) a saved NF4 model (the cache) as it is, without quantizing again."""
-    from transformers import AutoModel
-
+def _load_nf4(folder: Path, device: torch.device, quantize: bool, causal: bool = False) -> nn.Module:
+    """AutoModel (or the causal LM) with NF4 linears on `device`: quantized from the bf16 encoder
+    folder, or (quantize=False) a saved NF4 model (the cache) as it is, without quantizing again."""
     extra = {"quantization_config": nf4_config()} if quantize else {}
     try:
-        model = AutoModel.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device}, local_files_only=True, **extra)
+        model = _auto_class(causal).from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device}, local_files_only=True, **extra)
     except (OSError, KeyError) as error:
         raise HyVideoError(f"could not load the text encoder (LLM) from {folder}: {_one_line(error)}") from error
     except Exception as error:  # transformers' bitsandbytes checks (versions, devices) raise various types
@@ -135,19 +138,22 @@ def _load_nf4(folder: Path, device: torch.device, quantize: bool) -> nn.Module:
 
 
 def load_llm_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cache_dir: str | Path | None = None,
-                 on_status: Callable[[CacheStatus], None] | None = None) -> LLMLoad:
+                 on_status: Callable[[CacheStatus], None] | None = None, causal: bool = False) -> LLMLoad:
     """The LLM encoder with NF4 linears on `device`, or (with the reason) the bf16 one on the CPU.
 
     With `cache_dir`, the NF4 model comes from its cache there, built first if needed
     (`ensure_llm_nf4_cache`; `on_status` hears about a build). Embeddings and norms stay bf16
-    (transformers quantizes only nn.Linear)."""
+    (transformers quantizes only nn.Linear; in a causal LM the head stays bf16 too). `causal`:
+    the LM with its head (`--rewrite`), quantized on load; the cache holds the encoder only."""
+    if causal and cache_dir is not None:
+        raise ValueError("the NF4 cache holds the encoder without its LM head; load the causal LM without cache_dir")
     device, path = _device(device), _check_folder(folder)
     try:
         if cache_dir is None:
             reason = nf4_unavailable_reason(device)
             if reason is not None:
                 raise NF4Unavailable(reason)
-            model = _load_nf4(path, device, quantize=True)
+            model = _load_nf4(path, device, quantize=True, causal=causal)
         else:
             ensure_llm_nf4_cache(path, cache_dir, device, on_status)
             model = _load_nf4(llm_cache_path(cache_dir), device, quantize=False)
@@ -157,7 +163,7 @@ def load_llm_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cach
         del model
     except NF4Unavailable as error:
         reason = str(error)
-    return LLMLoad(load_llm_bf16(path, "cpu"), "bf16", reason, torch.device("cpu"))
+    return LLMLoad(load_llm_bf16(path, "cpu", causal), "bf16", reason, torch.device("cpu"))
 
 
 def llm_cache_path(cache_dir: str | Path) -> Path:

@@ -150,3 +150,26 @@ def test_cli_download_source_modelscope(tiny_official, tiny_llava, tmp_path, mon
     done = invoke("download", "--source", "modelscope", "--model-dir", tmp_path / "ckpts")
     assert done.exit_code == 0, done.output
     assert "weights complete" in done.stdout and "official layout" in done.stdout
+
+
+def test_a_full_clip_checkpoint_serves_as_text_encoder_2(tmp_path):
+    """AI-ModelScope/clip-vit-large-patch14 (like openai's) is a whole CLIPModel, text and vision:
+    as text_encoder_2/ it loads as the text model alone, with the CLIPModel's own pooled output."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from hyvideo.text_encoder import ClipTextEncoder
+    from hyvideo.tiny_tokenizers import build_tiny_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_clip_tokenizer()
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    clip.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    encoder = ClipTextEncoder.from_folder(tmp_path, dtype=torch.float32)
+    ids = tokenizer(["a red fox running through snow"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(encoder.model(**ids).pooler_output, clip.text_model(**ids).pooler_output)

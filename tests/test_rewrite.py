@@ -148,3 +148,25 @@ def test_cli_rewrite_prints_the_prompt_and_generate_reports_it(tiny_official, ti
                                         str(tmp_path), "--size", "32x32", "--frames", "1", "--steps", "1", "--device", "cpu"])
     assert generated.exit_code == 0, generated.output
     assert "rewritten prompt: " + rewritten_run[0].rewritten_prompt[:20] in generated.stderr
+
+
+def test_nf4_rewrite_model_or_its_bf16_fallback(tiny_official):
+    """Where the profile runs the encoder in NF4, the rewrite LLM loads through quant/nf4.py: NF4
+    linears, or (bitsandbytes cannot run these tiny shapes on the CPU: its kernel wants out
+    features in blocks of 32) a warning and the bf16 model on the CPU, never a traceback."""
+    from lowvram.progress import Reporter
+    from lowvram.rewrite import load_rewriter
+
+    class Warnings(Reporter):
+        def __init__(self):
+            self.messages = []
+
+        def warn(self, message):
+            self.messages.append(message)
+
+    folder, reporter = tiny_official / "text_encoder", Warnings()
+    model, tokenizer = load_rewriter(folder, folder, torch.device("cpu"), torch.float32, True, reporter)
+    quantized = type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert quantized != bool(reporter.messages)
+    assert quantized or ("NF4 unavailable for the rewrite model" in reporter.messages[0] and model.lm_head.weight.dtype == torch.bfloat16)
+    assert type(model).__name__ == "LlamaForCausalLM" and rewrite_prompt(model, tokenizer, PROMPT, "normal", max_new_tokens=4)
