@@ -22,7 +22,8 @@ from hyvideo.pipeline import GenerationRequest
 from lowvram.batch import Clip, execute_batch, start_batch
 from lowvram.bench import PROMPT, ensure_synthetic_model
 from lowvram.progress import Reporter
-from lowvram.runner import RunOptions, execute, start_run
+from lowvram.preflight import RunOptions, start_run
+from lowvram.runner import execute
 
 CLIPS, STEPS = 3, 2
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from bench.common import device_info, finish
 from hyvideo.checkpoint import find_model_files
 from lowvram.bench import BenchOptions, run_bench
-from lowvram.runner import plan_for_run
+from lowvram.preflight import plan_for_run
 from lowvram.runs import find_run
 from lowvram.stages import Stages
 

@@ -63,7 +63,8 @@ def generate(
     with user_errors(as_json):
         from hyvideo.lora import LoraSpec
         from hyvideo.pipeline import GenerationRequest
-        from lowvram.runner import RunOptions, execute, start_run
+        from lowvram.preflight import RunOptions, start_run
+        from lowvram.runner import execute
         from lowvram.sizes import resolve_size
 
         width, height = resolve_size(size, resolution, aspect)
@@ -138,7 +139,7 @@ def rewrite_command(
     with user_errors(as_json), reporter:
         from lowvram.download import default_model_dir
         from lowvram.rewrite import rewrite_only
-        from lowvram.runner import check_device, default_device
+        from lowvram.preflight import check_device, default_device
 
         text = rewrite_only(prompt, mode, model_dir or default_model_dir(), rewrite_model, check_device(device or default_device()), reporter)
     if as_json:
@@ -197,7 +198,8 @@ def demo(
     The tiny checkpoint is written once and reused, so an interrupted demo can be resumed."""
     with user_errors(as_json):
         from hyvideo.pipeline import GenerationRequest
-        from lowvram.runner import RunOptions, execute, start_run
+        from lowvram.preflight import RunOptions, start_run
+        from lowvram.runner import execute
         from lowvram.sizes import parse_size
 
         width, height = parse_size(size)

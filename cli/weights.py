@@ -103,7 +103,7 @@ def quantize(
 
         from hyvideo.checkpoint import find_model_files, load_dit_state_dict
         from lowvram.download import default_model_dir
-        from lowvram.runner import CPU_MAX_DIT_PARAMS
+        from lowvram.preflight import CPU_MAX_DIT_PARAMS
         from lowvram.stages import compute_dtypes, default_cache_dir, dit_config_for, parameter_count
         from quant.cache import cache_paths, ensure_dit_cache
         from quant.nf4 import NF4Unavailable, ensure_llm_nf4_cache, llm_cache_path

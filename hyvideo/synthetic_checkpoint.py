@@ -294,9 +294,10 @@ def text_encoder_files(folder: str, kind: str, size: SyntheticSize, seed: int, h
         config.architectures = ["LlamaModel"]
         layout = [(name.removeprefix("model."), dtype, shape) for name, dtype, shape in layout if name.startswith("model.")]
 
-        def tensors(shard: Layout) -> Iterator[tuple[str, torch.Tensor]]:
+        def headless_tensors(shard: Layout) -> Iterator[tuple[str, torch.Tensor]]:
             return ((name, weights.tensor(f"model.{name}", dtype, shape)) for name, dtype, shape in shard)
 
+        tensors = headless_tensors
     files, index = sharded(folder, "model", layout, tensors, size.shard_bytes)
     return files, {f"{folder}/config.json": json.loads(config.to_json_string()), **index}, tokenizer
 

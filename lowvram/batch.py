@@ -34,8 +34,8 @@ from hyvideo.files import write_atomic
 from hyvideo.pipeline import GenerationRequest, validate_request
 
 from .progress import Reporter
-from .runner import (RunInterrupted, RunOptions, RunResult, StopRequest, done_result, execute_runs, is_done, plan_for_run,
-                     prepare_run, resumable_files, resume_run, versions)
+from .preflight import RunOptions, plan_for_run, prepare_run, resumable_files, versions
+from .runner import RunInterrupted, RunResult, StopRequest, done_result, execute_runs, is_done, resume_run
 from .runs import Run, RunEntry, glob_escape, list_runs
 from .sizes import resolve_size
 

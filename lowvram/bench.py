@@ -2,7 +2,7 @@
 
 Answers "will 720p x 129 run on my card, how fast, how much RAM?" before a 41 GB download. It writes
 (once, into `--scratch`) a complete random-weight model folder of the real size (or the tiny one),
-then runs exactly what `generate` runs (`runner.start_run` + `execute`: the same loaders, caches,
+then runs exactly what `generate` runs (`preflight.start_run` + `runner.execute`: the same loaders, caches,
 stages, run folder and progress) for a few steps, and compares what each stage used (lowvram/measure.py)
 with the planner's prediction for the same profile and size.
 
@@ -27,7 +27,8 @@ from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 
 from .progress import Reporter
-from .runner import RunOptions, StopRequest, execute, start_run
+from .preflight import RunOptions, start_run
+from .runner import StopRequest, execute
 
 GIB = 2**30
 FULL_RUN_STEPS = 50  # the official sampler's default

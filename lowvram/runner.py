@@ -1,8 +1,9 @@
-"""One generation as a resumable run: pre-flight checks, text encoding, Euler steps with a
-checkpoint after every step, VAE decode, mp4 + PNG (one frame: a PNG image alone). The CLI calls
-`start_run` / `resume_run` and draws what `Reporter` is told; nothing here prints.
+"""One generation as a resumable run: text encoding, Euler steps with a checkpoint after every
+step, VAE decode, mp4 + PNG (one frame: a PNG image alone), after the checks of
+lowvram/preflight.py. The CLI calls `start_run` / `execute` / `resume_run` and draws what
+`Reporter` is told; nothing here prints.
 
-    run, files, plan = start_run(RunOptions(request, model_dir, runs_dir))  # checks, plan, run folder
+    run, files, plan = start_run(RunOptions(request, model_dir, runs_dir))  # preflight: checks, plan, run folder
     result = execute(run, files, plan, reporter, stop)  # encoding -> denoising -> decoding -> done
     result = resume_run(runs_dir, "20250101-120000-a-fox", reporter=reporter, stop=stop)
 
@@ -21,7 +22,6 @@ raises KeyboardInterrupt at once, which is turned into `RunInterrupted` too (the
 stays valid: every file is written atomically).
 """
 
-import platform
 import shutil
 import statistics
 import threading
@@ -32,31 +32,23 @@ from pathlib import Path
 
 import torch
 
-from hyvideo.checkpoint import ModelFiles, find_model_files
+from hyvideo.checkpoint import ModelFiles
 from hyvideo.errors import HyVideoError
-from hyvideo.files import file_fingerprint, fingerprint_mismatch
-from hyvideo.lora import LoraSpec, lora_bytes
-from hyvideo.pipeline import GenerationRequest, denoise, validate_request
+from hyvideo.pipeline import GenerationRequest, denoise
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
-from hyvideo.vae import latent_shape
 
-from .attention_choice import resolve_attention, usable_backend
-from .doctor import free_memory
+from .attention_choice import usable_backend
 from .measure import StageMeter
-from .planner import Plan, plan, resolve
-from .profiles import Profile, RunChoices, stored_profile
+from .planner import Plan
+from .preflight import plan_for_run, resumable_files, run_loras
+from .profiles import Profile
 from .progress import Reporter
-from .rewrite import prompt_for_encoding, rewrite_settings
+from .rewrite import prompt_for_encoding
 from .runs import FIRST_FRAME, IMAGE, VIDEO, Run, find_run
-from .stages import Stages, model_sizes, parameter_count
+from .stages import Stages
 from .streaming import empty_cache
 from .video import write_outputs, write_png
-
-CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
 
 # --- progress, interrupts, results -----------------------------------------------------------
 
@@ -116,165 +108,6 @@ class RunResult:
         return asdict(self)
 
 
-@dataclass
-class RunOptions:
-    request: GenerationRequest
-    model_dir: Path
-    runs_dir: Path
-    profile: "str | Profile" = "auto"  # auto | a shipped name | a .toml path | a Profile (the demo's)
-    attention: str | None = None  # auto | sdpa | sage | flash; None: the profile's (auto)
-    device: str | None = None  # None: cuda if available, else cpu
-    out: Path | None = None
-    cache_dir: Path | None = None  # quantized weights; None: <model dir>/lowvram-cache
-    step_cache: str | None = None  # --cache off | safe | fast; None: as the profile says (off in shipped ones)
-    compile: bool | None = None  # --compile: torch.compile the DiT's blocks; None: the profile's (off)
-    vram_limit_bytes: int | None = None  # plan for at most this much VRAM (`lowvram bench --cap-gb`)
-    loras: list[LoraSpec] = field(default_factory=list)  # --lora PATH[:STRENGTH], their updates add
-    rewrite: str | None = None  # "normal" | "master": rewrite the prompt before encoding (lowvram/rewrite.py)
-    rewrite_model: Path | None = None  # the rewrite LLM's folder; None: the text encoder (official layout)
-
-
-# --- pre-flight ------------------------------------------------------------------------------
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(device: str) -> torch.device:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise HyVideoError(f"--device must be cpu or cuda, not {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HyVideoError("--device cuda, but PyTorch sees no CUDA GPU (`lowvram doctor` says why); use --device cpu for the tiny demo model")
-    return torch.device(device)
-
-
-def weight_files(files: ModelFiles) -> list[Path]:
-    """Every file whose bytes decide the output: DiT (+ FP8 pair), VAE, both text encoders."""
-    paths = [*files.dit_weights, files.vae_weights]
-    paths += [p for p in (files.dit_fp8, files.dit_fp8_map) if p is not None]
-    for folder in (files.llm, files.clip):
-        paths += [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES] if folder.is_dir() else []
-    return [p for p in paths if p.is_file()]
-
-
-def check_output_path(out: Path | None, frames: int) -> Path | None:
-    """--out must be writable before an hour of compute, not after, and name the right kind of
-    file: a one-frame run makes a PNG image, any other an mp4 video."""
-    if out is None:
-        return None
-    out = Path(out)
-    if not out.is_dir() and out.suffix.lower() in (".png", ".mp4"):
-        wanted = ".png" if frames == 1 else ".mp4"
-        if out.suffix.lower() != wanted:
-            made = "a PNG image" if frames == 1 else "an mp4 video"
-            raise HyVideoError(f"--out {out}: --frames {frames} makes {made}; name it {out.with_suffix(wanted).name} or pass a folder")
-    folder = out if out.is_dir() else out.parent
-    if not folder.is_dir():
-        raise HyVideoError(f"cannot write --out {out}: the folder {folder} does not exist; create it or choose another path")
-    probe = folder / f".lowvram-write-test-{id(out)}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise HyVideoError(f"cannot write --out {out}: {folder} is not writable ({error.strerror}); choose another path") from None
-    return out
-
-
-def versions() -> dict:
-    import transformers
-
-    try:
-        from importlib.metadata import version
-
-        ours = version("hyvideo-lowvram")
-    except Exception:
-        ours = "dev"
-    found = {"hyvideo-lowvram": ours, "torch": torch.__version__, "transformers": transformers.__version__,
-             "python": platform.python_version(), "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        found["gpu"] = torch.cuda.get_device_name()
-    return found
-
-
-def start_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[Run, ModelFiles, Plan]:
-    """Every check that can fail before compute, the run's profile and plan, then the run folder
-    (state "encoding")."""
-    settings, model, files, found = prepare_run(options, reporter)
-    return Run.create(Path(options.runs_dir), settings, model, versions()), files, found
-
-
-def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[dict, dict, ModelFiles, Plan]:
-    """Every check that can fail before compute: the run's settings, model fingerprint, files and
-    plan; nothing is written (a batch checks all its clips before it creates any run folder)."""
-    reporter = reporter or Reporter()
-    request = options.request
-    validate_request(request)
-    choices = RunChoices(options.step_cache, options.attention, options.compile)
-    choices.check()
-    device = check_device(options.device or default_device())
-    files = find_model_files(Path(options.model_dir))
-    sizes = model_sizes(files)
-    dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
-    loras = [LoraSpec(Path(spec.path).resolve(), spec.strength) for spec in options.loras]
-    sizes["lora_bytes"] = lora_bytes(loras, dit_config)  # every key checked against the model here
-    params = parameter_count(dit_config)
-    if device.type == "cpu" and params >= CPU_MAX_DIT_PARAMS:
-        raise HyVideoError(
-            f"this is the full-size model ({params / 1e9:.1f} B parameters): it needs an NVIDIA GPU with CUDA and "
-            "PyTorch sees none (`lowvram doctor` says why); `lowvram demo` runs a tiny model on the CPU"
-        )
-    vram, ram = free_memory(device)
-    if vram is not None and options.vram_limit_bytes is not None:
-        vram = min(vram, options.vram_limit_bytes)
-    profile, found = resolve(options.profile, request.width, request.height, request.frames, vram_bytes=vram,
-                             ram_bytes=ram, choices=choices, **sizes)
-    if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
-        reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
-    out = check_output_path(options.out, request.frames)
-    attention = resolve_attention(profile.attention, str(device))
-    for note in attention.notes:
-        reporter.warn(note)
-    settings = {
-        **asdict(request), "attention": attention.backend, "device": str(device),
-        "profile": {**profile.to_dict(), "source": profile.source},
-        "model_dir": str(Path(options.model_dir).resolve()), "out": str(out.resolve()) if out else None,
-        "cache_dir": str(Path(options.cache_dir).resolve()) if options.cache_dir else None,
-        "latent_shape": [1, *latent_shape(request.frames, request.height, request.width, vae_config)],
-        "dit_parameters": params, "rewrite": rewrite_settings(options.rewrite, files, options.rewrite_model),
-        "loras": [{"path": str(spec.path), "strength": spec.strength, "fingerprint": file_fingerprint([spec.path])[0]}
-                  for spec in loras],
-    }
-    model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
-    return settings, model, files, found
-
-
-def run_loras(settings: dict) -> list[LoraSpec]:
-    """The LoRAs a run was started with (none for runs from before LoRA support)."""
-    return [LoraSpec(Path(entry["path"]), entry["strength"]) for entry in settings.get("loras", [])]
-
-
-def plan_for_run(run: Run, files: ModelFiles) -> Plan:
-    """The plan of a run that was started earlier: its stored profile at its size."""
-    s = run.settings
-    sizes = model_sizes(files)
-    sizes["lora_bytes"] = lora_bytes(run_loras(s), sizes["dit_config"])
-    return plan(stored_profile(s["profile"], run.id), s["width"], s["height"], s["frames"], **sizes)
-
-
-def check_loras_unchanged(run: Run) -> None:
-    """A run continues only with the LoRA files it started with, as with its weights."""
-    for entry in run.settings.get("loras", []):
-        path = Path(entry["path"])
-        reason = (fingerprint_mismatch([entry["fingerprint"]], file_fingerprint([path])) if path.is_file()
-                  else f"{path} is no longer there")
-        if reason:
-            raise HyVideoError(
-                f"cannot resume run {run.id} with another LoRA: {reason}. The same LoRA files are needed to continue "
-                "the same video; restore them, or start a new run with `lowvram generate`"
-            )
-
-
 def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = None,
                reporter: Reporter | None = None, stop: StopRequest | None = None) -> RunResult:
     """Continue a run from what its folder holds. Refuses other weights than it started with."""
@@ -288,25 +121,6 @@ def resume_run(runs_dir: Path, ref: str | None = None, model_dir: Path | None = 
 
 def is_done(run: Run) -> bool:
     return run.finished and run.result_file.is_file()
-
-
-def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter | None = None) -> ModelFiles:
-    """The model files to continue `run` with: refuses other weights than it started with."""
-    reporter = reporter or Reporter()
-    settings = run.settings
-    check_device(settings["device"])
-    files = find_model_files(Path(model_dir or settings["model_dir"]))
-    reason = fingerprint_mismatch(run.manifest["model"]["fingerprint"], file_fingerprint(weight_files(files), files.root))
-    if reason:
-        raise HyVideoError(
-            f"cannot resume run {run.id} with other weights: {reason}. The same weights are needed to continue "
-            "the same video; restore them, or start a new run with `lowvram generate`"
-        )
-    check_loras_unchanged(run)
-    if run.manifest.get("versions", {}).get("torch") != torch.__version__:
-        reporter.warn(f"run {run.id} started with torch {run.manifest['versions'].get('torch')}, now {torch.__version__}: "
-                      "the result may differ slightly from an uninterrupted run")
-    return files
 
 
 # --- the stages ------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 from lowvram.batch import Batch, clips_for, execute_batch, group_runs, parse_seeds, read_prompts, resume_all, start_batch
 from lowvram.progress import Reporter
-from lowvram.runner import RunInterrupted, RunOptions, StopRequest, execute, start_run
+from lowvram.preflight import RunOptions, start_run
+from lowvram.runner import RunInterrupted, StopRequest, execute
 from lowvram.runs import Run
 from lowvram.stages import Stages
 

@@ -17,7 +17,8 @@ from hyvideo.pipeline import GenerationRequest
 from hyvideo.prompt_rewrite import INSTRUCTIONS, chat_input_ids, rewrite_prompt
 from lowvram import rewrite as rewrite_module
 from lowvram import runner as runner_module
-from lowvram.runner import RunInterrupted, RunOptions, StopRequest, execute, resume_run, start_run
+from lowvram.preflight import RunOptions, start_run
+from lowvram.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.runs import Run
 
 from .test_runs import StopAfter

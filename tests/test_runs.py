@@ -23,7 +23,8 @@ from hyvideo.pipeline import GenerationRequest
 from lowvram import download as dl
 from lowvram.doctor import run_doctor
 from lowvram.progress import Reporter
-from lowvram.runner import RunInterrupted, RunOptions, StopRequest, execute, resume_run, start_run
+from lowvram.preflight import RunOptions, start_run
+from lowvram.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.stages import Stages
 from hyvideo.files import fingerprint_mismatch
 from lowvram.runs import KEEP_CHECKPOINTS, Run, find_run, list_runs
