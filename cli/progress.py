@@ -87,6 +87,8 @@ def make_reporter(enabled: bool):
                 self.progress.console.print(f"[cyan]rewritten prompt:[/] {escape(prompt)}")
 
         def warn(self, message):
+            if message in self.warnings:  # e.g. the same attention fallback for every clip of a batch
+                return
             self.warnings.append(message)
             self.progress.console.print(f"[yellow]warning:[/] {escape(message)}")
 

@@ -100,6 +100,14 @@ def test_step_cache_progress_shows_computed_and_reused_steps(tiny_official, tmp_
     assert f"DiT ran {len(computed)}, reused {6 - len(computed)}" in last and len(computed) < 6
 
 
+def test_a_warning_is_said_once_per_invocation(tiny_official, tmp_path):
+    """Each clip of a batch chooses its attention kernel: the CPU fallback note is printed once."""
+    args = [*TINY[:4], "--steps", "1", "--device", "cpu", "--seeds", "1,2", "--attention", "sage"]
+    result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("attention 'sage' needs CUDA; using sdpa on the CPU") == 1
+
+
 def test_quiet_prints_only_the_result_path(tiny_official, tmp_path):
     result = invoke("generate", "a lighthouse", "--model-dir", tiny_official, "--runs-dir", tmp_path, "--quiet",
                     "--size", "32x32", "--frames", "5", "--steps", "1", "--device", "cpu")
