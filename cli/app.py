@@ -34,6 +34,8 @@ Attention = typer.Option(None, "--attention", help="Attention kernel: auto (the 
                          "this GPU), sdpa, sage (pip install '.[sage]') or flash ('.[flash]'); default: the profile's (auto).")
 Compile = typer.Option(None, "--compile/--no-compile", help="torch.compile the DiT's blocks (first step compiles; cached on "
                        "disk for the next run); default: the profile's (off).")
+Loras = typer.Option(None, "--lora", help="PATH[:STRENGTH] of a LoRA .safetensors (diffusers, kohya/musubi or official "
+                     "names; strength default 1). Repeat to add several.")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
 

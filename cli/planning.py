@@ -7,7 +7,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import Attention, Compile, Json, Quiet, StepCache, UserError, app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors
+from .app import Attention, Compile, Json, Loras, Quiet, StepCache, UserError, app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors
 from .progress import make_reporter, sigint_saves
 
 @app.command()
@@ -19,6 +19,7 @@ def plan(
     frames: int = typer.Option(129, "--frames"),
     steps: int = typer.Option(50, "--steps", help="Denoising steps (for the DiT forwards a step cache is expected to run)."),
     step_cache: str = StepCache,
+    lora: list[str] = Loras,
     vram: float = typer.Option(None, "--vram", help="GiB of VRAM to plan for (default: this GPU's free VRAM, else the profile's budget)."),
     ram: float = typer.Option(None, "--ram", help="GiB of host RAM to plan for (default: available RAM)."),
     as_json: bool = Json,
@@ -27,7 +28,9 @@ def plan(
     import torch
 
     with user_errors(as_json):
+        from hyvideo.config import DIT_CONFIGS
         from hyvideo.errors import HyVideoError
+        from hyvideo.lora import LoraSpec, lora_bytes
         from hyvideo.pipeline import GenerationRequest, validate_request
         from lowvram.doctor import host_ram
         from hyvideo.step_cache import expected_forwards
@@ -37,6 +40,8 @@ def plan(
 
         width, height = resolve_size(size, resolution, aspect)
         validate_request(GenerationRequest("plan", width=width, height=height, frames=frames, steps=steps))
+        # what the LoRAs add to the released 13B DiT (every key checked against it, no weights read)
+        sizes = {"lora_bytes": lora_bytes([LoraSpec.parse(text) for text in lora or []], DIT_CONFIGS["HYVideo-T/2-cfgdistill"])}
         gib = 2**30
         if vram is not None:
             vram_bytes = int(vram * gib)
@@ -50,11 +55,11 @@ def plan(
             raise UserError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
         try:
             chosen, found = resolve(profile, width, height, frames, vram_bytes=vram_bytes, ram_bytes=ram_bytes, must_fit=False,
-                                    choices=RunChoices(cache=step_cache))
+                                    choices=RunChoices(cache=step_cache), **sizes)
         except HyVideoError as error:
             if profile != "auto":
                 raise
-            hint = suggest_fit(width, height, frames, vram_bytes, ram_bytes)  # no profile fits: exit 1 with a suggestion, not 2
+            hint = suggest_fit(width, height, frames, vram_bytes, ram_bytes, **sizes)  # no profile fits: exit 1 with a suggestion, not 2
             result = {"fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
                       "reason": str(error), "suggestion": hint}
             if as_json:
@@ -68,7 +73,7 @@ def plan(
                                 "expected_dit_forwards": list(forwards)}
         hint = None
         if not found.fits:
-            hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes)
+            hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes, **sizes)
             result["suggestion"] = hint
     if as_json:
         print_json(result)

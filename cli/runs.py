@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .app import (Attention, CacheDir, Compile, Json, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json,
+from .app import (Attention, CacheDir, Compile, Json, Loras, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json,
                   print_table, quiet_libraries, user_errors)
 from .progress import make_reporter, run_and_report
 
@@ -51,8 +51,7 @@ def generate(
     cache_dir: Path = CacheDir,
     runs_dir: Path = RunsDir,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
-    lora: list[str] = typer.Option(None, "--lora", help="PATH[:STRENGTH] of a LoRA .safetensors (diffusers, kohya/musubi "
-                                   "or official names; strength default 1). Repeat to add several."),
+    lora: list[str] = Loras,
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):

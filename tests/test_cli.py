@@ -365,6 +365,27 @@ def test_plan_with_a_step_cache_shows_its_forwards_and_memory(tmp_path):
     assert bad.exit_code == 2 and "field 'step_cache' must be one of off, teacache" in one_line_error(bad)
 
 
+def test_plan_counts_a_lora_for_the_13b_model(tmp_path):
+    """A kohya LoRA of rank 8 on every double block's img_attn_qkv (3072 -> 9216): each double block
+    gains 8 x (3072 + 9216) bf16 elements = 192 KiB in the resident blocks and the ring."""
+    from safetensors.torch import save_file
+
+    rank, path = 8, tmp_path / "style.safetensors"
+    tensors = {}
+    for i in range(20):
+        key = f"lora_unet_double_blocks_{i}_img_attn_qkv"
+        tensors[f"{key}.lora_down.weight"] = torch.zeros(rank, 3072, dtype=torch.bfloat16)
+        tensors[f"{key}.lora_up.weight"] = torch.zeros(9216, rank, dtype=torch.bfloat16)
+    save_file(tensors, path)
+    args = ["plan", "--profile", "24gb", "--resolution", "540p", "--frames", "33", "--vram", "80", "--ram", "64", "--json"]
+    without, with_lora = as_json(invoke(*args))["stages"]["dit"], as_json(invoke(*args, "--lora", f"{path}:0.5"))["stages"]["dit"]
+    blocks = lambda dit: dit["parts_gb"]["resident blocks"] + dit["parts_gb"]["ring"]
+    assert (blocks(with_lora) - blocks(without)) * 2**30 == pytest.approx(20 * rank * (3072 + 9216) * 2)
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(rank, 64)}, tmp_path / "bad.safetensors")
+    bad = invoke("plan", "--profile", "24gb", "--vram", "24", "--lora", tmp_path / "bad.safetensors")
+    assert bad.exit_code == 2 and one_line_error(bad).startswith("error:")
+
+
 def test_plan_auto_picks_a_profile():
     result = invoke("plan", "--resolution", "540p", "--aspect", "9:16", "--vram", "16", "--ram", "64", "--json")
     assert result.exit_code == 0 and as_json(result)["video"] == {"width": 544, "height": 960, "frames": 129}
