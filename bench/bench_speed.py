@@ -19,15 +19,24 @@ against the uncached run's. Writes OUT/bench_speed-<device>.{json,md}.
 """
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
 import torch
 
 from bench.bench_streaming import Bench, Recorder, _fmt, build_fp8_dit, make_inputs, parse_sizes
-from hyvideo.config import DIT_CONFIGS
+from bench.common import psnr, random_init_
+from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
+from hyvideo.pipeline import GenerationRequest, decode, denoise
+from hyvideo.step_cache import PRESETS, TeaCache
+from hyvideo.text_encoder import TextEmbeddings
+from hyvideo.vae import CausalVAE
 from lowvram.attention_choice import candidates, probe
 from lowvram.compile import compile_blocks
+from lowvram.planner import plan
+from lowvram.streaming import BlockStreamer
+from lowvram.tiled_vae import TiledVAE
 from quant.fp8 import scaled_mm_unavailable_reason, set_scaled_mm
 
 
@@ -144,18 +153,6 @@ def main(argv=None) -> int:
 
 def step_cache_runs(bench: Bench, size, args) -> None:
     """off / safe / fast over `args.cache_steps` steps: DiT seconds, forwards, PSNR vs off."""
-    import copy
-    import math
-
-    from bench.common import random_init_
-    from hyvideo.config import VAE_CONFIGS
-    from hyvideo.pipeline import GenerationRequest, decode, denoise
-    from hyvideo.step_cache import PRESETS, TeaCache
-    from hyvideo.text_encoder import TextEmbeddings
-    from hyvideo.vae import CausalVAE
-    from lowvram.streaming import BlockStreamer
-    from lowvram.tiled_vae import TiledVAE
-
     height, width, frames = size
     key = f"{height}x{width}x{frames}"
     x, _, text, mask, pooled, _ = make_inputs(bench.config, height, width, frames, bench.device)
@@ -169,8 +166,6 @@ def step_cache_runs(bench: Bench, size, args) -> None:
 
     def run(preset, record):
         profile = bench.profile_for(args.cap_gb)
-        from lowvram.planner import plan
-
         schedule = plan(profile, width, height, frames, dit_config=bench.config, text_encoders=False).schedule
         bench._cap(args.cap_gb)
         bench.model.token_chunk = profile.token_chunk
@@ -194,8 +189,7 @@ def step_cache_runs(bench: Bench, size, args) -> None:
             reference.update(latents=latents.cpu(), frames=frames_out)
             return
         record["rel_error"] = float((latents.cpu() - reference["latents"]).norm() / reference["latents"].norm())
-        mse = float((frames_out.float() - reference["frames"].float()).pow(2).mean())
-        record["psnr_db"] = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+        record["psnr_db"] = psnr(frames_out, reference["frames"])
 
     for preset in ("off", "safe", "fast"):
         base = {"size": key, "run": "step cache", "cap_gb": args.cap_gb, "attention": "sdpa", "compile": False,

@@ -12,13 +12,12 @@ hyvideo/step_cache.py for the published HunyuanVideo figures).
 """
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from bench.common import device_info, finish
+from bench.common import device_info, finish, psnr
 from hyvideo.checkpoint import find_model_files
 from lowvram.bench import BenchOptions, run_bench
 from lowvram.preflight import plan_for_run
@@ -26,12 +25,6 @@ from lowvram.runs import find_run
 from lowvram.stages import Stages
 
 PRESETS = ("off", "safe", "fast")
-
-
-def psnr(frames: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB of uint8 frames against uint8 reference frames (inf when equal)."""
-    mse = float((frames.float() - reference.float()).pow(2).mean())
-    return math.inf if mse == 0 else round(10 * math.log10(255**2 / mse), 2)
 
 
 def decoded_frames(result: dict, scratch: Path) -> torch.Tensor:

@@ -112,6 +112,12 @@ def measure_forward(model, inputs, device, repeats: int, digits: int = 3) -> tup
     return last[0], stats
 
 
+def psnr(frames: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of uint8 frames against uint8 reference frames (inf when equal)."""
+    mse = float((frames.float() - reference.float()).pow(2).mean())
+    return math.inf if mse == 0 else round(10 * math.log10(255**2 / mse), 2)
+
+
 def finish(out_dir: Path, name: str, results: dict) -> dict:
     """Print every run, save the JSON, say where."""
     for run in results["runs"]:

@@ -28,6 +28,11 @@ EXIT_INTERRUPTED = 130
 RunsDir = typer.Option(Path("runs"), "--runs-dir", envvar="LOWVRAM_RUNS_DIR", help="Where run folders live.")
 CacheDir = typer.Option(None, "--cache-dir", envvar="LOWVRAM_CACHE_DIR",
                         help="Where quantized weights are kept (default: MODEL_DIR/lowvram-cache).")
+# The video's size, as generate, plan and bench take it (lowvram.sizes.resolve_size).
+Size = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 1280x720).")
+Resolution = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p).")
+Aspect = typer.Option(None, "--aspect", help="With --resolution: 16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9).")
+Frames = typer.Option(129, "--frames", help="Number of frames, 4k+1 (129 = 5.4 s at 24 fps; 1 = a PNG image).")
 StepCache = typer.Option(None, "--cache", help="Skip the DiT's blocks on steps that change little (TeaCache): "
                          "off, safe (published ~1.6x) or fast (~2.1x); default: the profile's (off).")
 Attention = typer.Option(None, "--attention", help="Attention kernel: auto (the fastest installed one that passes a probe on "

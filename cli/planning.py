@@ -7,16 +7,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import Attention, Compile, Json, Loras, Quiet, StepCache, UserError, app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors
+from .app import (Aspect, Attention, Compile, Frames, Json, Loras, Quiet, Resolution, Size, StepCache, UserError, app, err, out,
+                  print_json, print_table, profiles_app, quiet_libraries, user_errors)
 from .progress import make_reporter, sigint_saves
 
 @app.command()
 def plan(
     profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
-    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT."),
-    resolution: str = typer.Option(None, "--resolution", help="540p or 720p (default 720p)."),
-    aspect: str = typer.Option(None, "--aspect", help="16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
-    frames: int = typer.Option(129, "--frames"),
+    size: str = Size,
+    resolution: str = Resolution,
+    aspect: str = Aspect,
+    frames: int = Frames,
     steps: int = typer.Option(50, "--steps", help="Denoising steps (for the DiT forwards a step cache is expected to run)."),
     step_cache: str = StepCache,
     lora: list[str] = Loras,
@@ -136,10 +137,10 @@ def bench(
     model_size: str = typer.Option("full", "--model-size", help="full (13B, the real sizes) or tiny."),
     layout: str = typer.Option("official", "--layout", help="official, official-fp8 (Tencent's FP8 DiT pair) or diffusers: the folder to write and load."),
     profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
-    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16."),
-    resolution: str = typer.Option(None, "--resolution", help="540p or 720p (default 720p)."),
-    aspect: str = typer.Option(None, "--aspect", help="16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
-    frames: int = typer.Option(129, "--frames"),
+    size: str = Size,
+    resolution: str = Resolution,
+    aspect: str = Aspect,
+    frames: int = Frames,
     steps: int = typer.Option(2, "--steps", help="Denoising steps to measure (the estimate scales to 50)."),
     cap_gb: float = typer.Option(None, "--cap-gb", help="Emulate a card with this many GiB (caps PyTorch's allocations)."),
     step_cache: str = StepCache,

@@ -6,8 +6,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .app import (Attention, CacheDir, Compile, Json, Loras, Quiet, RunsDir, StepCache, UserError, app, err, out, print_json,
-                  print_table, quiet_libraries, user_errors)
+from .app import (Aspect, Attention, CacheDir, Compile, Frames, Json, Loras, Quiet, Resolution, RunsDir, Size, StepCache,
+                  UserError, app, err, out, print_json, print_table, quiet_libraries, user_errors)
 from .progress import make_reporter, run_and_report
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -29,10 +29,10 @@ def generate(
     model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR",
                                    help="Weights folder (default: ./ckpts if it holds a model, else the huggingface_hub cache)."),
     profile: str = typer.Option("auto", "--profile", help="Memory profile: auto, a name (`lowvram profiles`) or a .toml file."),
-    size: str = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 1280x720)."),
-    resolution: str = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p)."),
-    aspect: str = typer.Option(None, "--aspect", help="With --resolution: 16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9)."),
-    frames: int = typer.Option(129, "--frames", help="Number of frames, 4k+1 (129 = 5.4 s at 24 fps; 1 = a PNG image)."),
+    size: str = Size,
+    resolution: str = Resolution,
+    aspect: str = Aspect,
+    frames: int = Frames,
     steps: int = typer.Option(50, "--steps", help="Denoising steps."),
     seed: int = typer.Option(None, "--seed", help="Random seed (default: a random one, recorded in the run)."),
     guidance: float = typer.Option(6.0, "--guidance", help="Embedded guidance scale."),
