@@ -54,6 +54,28 @@ def test_extracted_language_model_keeps_the_head_and_encodes_as_llava(tiny_llava
     assert not any("vision" in name or "projector" in name for name, _ in causal.named_parameters())
 
 
+def test_extraction_streams_sharded_and_torch_file_checkpoints(tiny_llava, tmp_path):
+    """The 8B LLaVA is 4 shards; older uploads are torch files. Each is copied tensor by tensor
+    from a read-only mapping (no whole model in RAM) and gives LLaVA's own logits."""
+    folder, llava = tiny_llava
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        expected = llava(input_ids=ids).logits
+    sharded, torch_file = tmp_path / "sharded", tmp_path / "torch-file"
+    llava.save_pretrained(sharded, max_shard_size="200KB")
+    shutil.copytree(folder, torch_file)
+    for weights in torch_file.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(llava.state_dict(), torch_file / "pytorch_model.bin")
+    for source in (sharded, torch_file):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(folder / name, source / name)
+        out = extract_language_model(source, tmp_path / f"{source.name}-text_encoder")
+        with torch.no_grad():
+            assert torch.equal(LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits, expected), source.name
+    assert len(list((tmp_path / "sharded-text_encoder").glob("*.safetensors"))) > 1
+
+
 def test_extraction_of_a_missing_or_broken_checkpoint_says_what(tmp_path):
     with pytest.raises(HyVideoError, match="no LLaVA checkpoint"):
         extract_language_model(tmp_path / "nothing", tmp_path / "text_encoder")
