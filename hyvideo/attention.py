@@ -10,6 +10,10 @@ text tokens altogether, so no mask is needed and any kernel applies. For batch >
 - `sage`: SageAttention (INT8 QK^T, FP16 PV; PyPI `sageattention`) takes no mask, so a masked
   batch runs SDPA instead (a Python warning says so once; lowvram's runs are batch 1).
 
+`attention_with_lse` is the same attention returning the log-sum-exp of each query's scores too,
+which is what lets partial results over key blocks be merged exactly (ring attention,
+lowvram/parallel.py).
+
 Backend names: "sdpa" (PyTorch picks the kernel), "sdpa:flash" / "sdpa:cudnn" / "sdpa:efficient" /
 "sdpa:math" (that SDPA kernel only), "sage", "flash". Which one a run uses is lowvram's choice
 (lowvram/attention_choice.py: installed, probed, measured).
@@ -104,3 +108,29 @@ def _flash_attention(q, k, v, key_mask):
         cu_seqlens, cu_seqlens, seq, seq,
     )
     return out.view(batch, seq, heads, dim)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention of q [B, Sq, H, D] over k, v [B, Sk, H, D] -> (out [B, Sq, H, D] in q's dtype,
+    lse [B, H, Sq] float32, the log-sum-exp of each query's scaled scores). flash-attn and
+    SageAttention return it themselves; otherwise PyTorch's flash SDPA op (the CPU's own on the CPU,
+    the efficient kernel's on a GPU where flash does not apply: float32 or head_dim > 256)."""
+    name, _ = split_backend(backend)
+    if name == "flash":
+        from flash_attn import flash_attn_func
+
+        out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+        return out, lse
+    if name == "sage":
+        from sageattention import sageattn
+
+        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, return_lse=True)
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, S, D]
+    ops = torch.ops.aten
+    if q.device.type == "cpu":
+        out, lse = ops._scaled_dot_product_flash_attention_for_cpu(*args, 0.0, False)[:2]
+    elif q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = ops._scaled_dot_product_flash_attention(*args, 0.0, False)[:2]
+    else:
+        out, lse = ops._scaled_dot_product_efficient_attention(*args, None, True)[:2]
+    return out.transpose(1, 2), lse.float()

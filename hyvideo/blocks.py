@@ -104,17 +104,25 @@ class MLP(nn.Module):
 
 class JointAttentionInputs:
     """What every block's attention needs besides its tokens: RoPE tables for the image tokens,
-    the text key mask (None when padding was dropped), the backend and the token chunk."""
+    the text key mask (None when padding was dropped), the backend, the token chunk, and with
+    sequence parallelism the object that runs attention across processes (see dit.py)."""
 
-    def __init__(self, cos, sin, key_mask, backend: str = "sdpa", chunk: int | None = None):
-        self.cos, self.sin = cos, sin  # [N_img, head_dim] float32
+    def __init__(self, cos, sin, key_mask, backend: str = "sdpa", chunk: int | None = None, sequence_parallel=None):
+        self.cos, self.sin = cos, sin  # [N_img, head_dim] float32 (this process's image tokens)
         self.key_mask = key_mask  # [B, N_img + L_txt] bool or None
         self.backend = backend
         self.chunk = chunk
+        self.sequence_parallel = sequence_parallel
 
     @property
     def image_tokens(self) -> int:
         return self.cos.shape[0]
+
+    def attend(self, q, k, v):
+        """Joint attention of [image ; text] q, k, v [B, S, H, D] -> [B, S, H*D]."""
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel.attention(q, k, v, self.image_tokens, self.backend)
+        return attention(q, k, v, self.key_mask, self.backend)
 
 
 def project_qkv(x, shift, scale, qkv_layer, q_norm, k_norm, heads, q, k, v, offset, inputs, rotate_until):
@@ -164,7 +172,7 @@ class DoubleStreamBlock(nn.Module):
             with held_weights(qkv_layer):
                 project_qkv(x, shift1, scale1, qkv_layer, getattr(self, f"{stream}_attn_q_norm"),
                             getattr(self, f"{stream}_attn_k_norm"), self.heads, q, k, v, offset, inputs, rotate_until=n_img)
-        attn = attention(q, k, v, inputs.key_mask, inputs.backend)  # [B, S, D]
+        attn = inputs.attend(q, k, v)  # [B, S, D]
         del q, k, v
         for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
             _, _, gate1, shift2, scale2, gate2 = mods[stream]
@@ -202,7 +210,7 @@ class SingleStreamBlock(nn.Module):
         with held_weights(self.linear1):
             project_qkv(x, shift, scale, self.linear1, self.q_norm, self.k_norm, self.heads, q, k, v, 0, inputs,
                         rotate_until=inputs.image_tokens)
-        attn = attention(q, k, v, inputs.key_mask, inputs.backend)  # [B, S, D]
+        attn = inputs.attend(q, k, v)  # [B, S, D]
         del q, k, v
         mlp_rows = slice(3 * self.hidden_size, self.linear1.out_features)
         with held_weights(self.linear1, self.linear2):

@@ -8,6 +8,14 @@ state dicts load with `strict=True`. The forward reads like facts §1.2:
 
 `blocks` lets a caller supply the 60 blocks in order (e.g. streamed onto the GPU just in time by
 lowvram/); by default the model's own blocks run.
+
+Sequence parallelism (`sequence_parallel`, set by lowvram/parallel.py): every process runs this
+forward on the full latents but embeds, transforms and projects only its share of the image tokens
+(a slab of the latent height or width, as the official xDiT integration splits them); every
+process holds all text tokens; attention runs across the processes; the final layer's output is
+gathered, so each process returns the full velocity. The object offers shard_latents(x),
+shard_tokens(tokens, grid), gather_tokens(tokens, grid), attention(q, k, v, image_tokens,
+backend) and all_sum(tensor).
 """
 
 from collections.abc import Iterable
@@ -39,6 +47,7 @@ class HunyuanVideoDiT(nn.Module):
         self.final_layer = FinalLayer(hidden, pt * ph * pw * config.out_channels)
         self.attention_backend = "sdpa"
         self.token_chunk: int | None = None  # per-token work in chunks of this many tokens (None: whole sequence)
+        self.sequence_parallel = None  # this process's share of the image tokens (module docstring)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -73,8 +82,23 @@ class HunyuanVideoDiT(nn.Module):
         return vec
 
     def embed_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, T, h, w] -> image tokens [B, N_img, D]."""
+        """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] (this process's share of them)."""
+        if self.sequence_parallel is not None:
+            x = self.sequence_parallel.shard_latents(x)
         return self.img_in(x.to(self.compute_dtype))
+
+    def shard_image_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """All image tokens [B, N_img, ...] of latents `x` -> this process's share (all without
+        sequence parallelism)."""
+        if self.sequence_parallel is None:
+            return tokens
+        return self.sequence_parallel.shard_tokens(tokens, token_grid(x, self.config.patch_size))
+
+    def gather_image_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """This process's share of the image tokens of latents `x` -> all of them, on every process."""
+        if self.sequence_parallel is None:
+            return tokens
+        return self.sequence_parallel.gather_tokens(tokens, token_grid(x, self.config.patch_size))
 
     def transform(self, x, vec, t, text_states, text_mask, blocks=None) -> torch.Tensor:
         """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] after the 60 blocks. The text tokens
@@ -92,10 +116,11 @@ class HunyuanVideoDiT(nn.Module):
         txt = self.txt_in(text_states.to(self.compute_dtype), t, text_mask)  # [B, L, D]
 
         cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)
+        cos, sin = (self.shard_image_tokens(table[None], x)[0] for table in (cos, sin))  # [N_img, head_dim]
         key_mask = None
         if text_mask is not None:
             key_mask = torch.cat([torch.ones_like(text_mask[:, :1]).expand(-1, img.shape[1]), text_mask], dim=1).bool()
-        inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk)
+        inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk, self.sequence_parallel)
 
         n_img = img.shape[1]
         joint = None
@@ -112,6 +137,7 @@ class HunyuanVideoDiT(nn.Module):
     def head(self, img: torch.Tensor, vec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Image tokens after the blocks -> velocity shaped like the latents `x`."""
         out = self.final_layer(img, vec, self.token_chunk)  # [B, N_img, pt*ph*pw*C]
+        out = self.gather_image_tokens(out, x)
         return unpatchify(out, token_grid(x, self.config.patch_size), self.config.patch_size, self.config.out_channels)
 
 

@@ -75,7 +75,7 @@ class CacheState:
     accumulated: float = 0.0
     computed: list[int] = field(default_factory=list)  # steps whose DiT blocks ran, in order
     previous_latents: torch.Tensor | None = None  # x_(i-1), float32, on the host
-    residual: torch.Tensor | None = None  # [1, N_img, D] compute dtype, on the host
+    residual: torch.Tensor | None = None  # [1, N_img, D] compute dtype, on the host (all tokens, also when sharded)
     residual_step: int | None = None  # the step that computed `residual`
 
 
@@ -105,6 +105,8 @@ class TeaCache:
             now = norm_modulate(img[:, rows], shift, scale).float()
             change = change + (now - before).abs().sum()
             total = total + before.abs().sum()
+        if dit.sequence_parallel is not None:  # each process holds a share of the tokens
+            change, total = dit.sequence_parallel.all_sum(torch.stack([change, total]))
         return float(change / total)  # the one device sync of the decision
 
     def forward(
@@ -130,11 +132,11 @@ class TeaCache:
             del img  # transform embeds the tokens again: nothing but the blocks holds them meanwhile
             blocks = blocks_for_step(step) if blocks_for_step is not None else None
             img = dit.transform(x, vec, t, text_states, text_mask, blocks)
-            state.residual = (img - dit.embed_image(x)).to("cpu", copy=True)
+            state.residual = dit.gather_image_tokens(img - dit.embed_image(x), x).to("cpu", copy=True)
             state.residual_step = step
             state.computed.append(step)
         else:
-            img = img + state.residual.to(x.device)
+            img = img + dit.shard_image_tokens(state.residual.to(x.device), x)
         state.previous_latents = x.to("cpu", torch.float32, copy=True)
         return dit.head(img, vec, x)
 
