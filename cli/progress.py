@@ -112,6 +112,7 @@ def sigint_saves(stop):
 
 def run_and_report(work, as_json: bool, quiet: bool):
     """Run `work(reporter, stop)` -> RunResult with progress, Ctrl-C and error handling."""
+    from lowvram.ranks import leave_ranks
     from lowvram.runner import RunInterrupted, StopRequest
 
     quiet_libraries()
@@ -131,6 +132,8 @@ def run_and_report(work, as_json: bool, quiet: bool):
     except KeyboardInterrupt:
         err.print("[yellow]interrupted before the run started; nothing to resume[/]")
         raise typer.Exit(EXIT_INTERRUPTED)
+    finally:
+        leave_ranks()  # rank 0 of several: the followers stop with it, whatever happened
     report_result(result, reporter.warnings, as_json, quiet)
     return result
 

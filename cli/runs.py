@@ -1,14 +1,16 @@
 """Commands that make videos and show them: generate, resume, demo, runs."""
 
+import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from .app import (Aspect, Attention, CacheDir, Compile, Frames, Json, Loras, Quiet, Resolution, RunsDir, Size, StepCache,
-                  UserError, app, err, out, print_json, print_table, quiet_libraries, user_errors)
+from .app import (Aspect, Attention, CacheDir, Compile, Frames, Gpus, Json, Loras, Parallel, Quiet, Resolution, RunsDir, Size,
+                  StepCache, UserError, app, err, out, print_json, print_table, quiet_libraries, user_errors)
 from .progress import make_reporter, run_and_report
+from .ranks import as_rank
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if prompt_file is not None:
@@ -52,11 +54,14 @@ def generate(
     runs_dir: Path = RunsDir,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
     lora: list[str] = Loras,
+    gpus: int = Gpus,
+    parallel: str = Parallel,
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):
     """Generate a video; the run is saved after every step and can be resumed. With --prompts or
-    --seeds, a batch: one run per clip, the models loaded once for all of them."""
+    --seeds, a batch: one run per clip, the models loaded once for all of them. With --gpus N, the
+    clip's tokens are split across N GPUs."""
     import random
 
     with user_errors(as_json):
@@ -74,7 +79,7 @@ def generate(
             options = RunOptions(defaults, model_dir, runs_dir, profile, attention, device, out_path, cache_dir,
                                  step_cache=step_cache, compile=compile_blocks, loras=loras, rewrite=rewrite,
                                  rewrite_model=rewrite_model)
-            _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet)
+            _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel)
             return
         text = _read_prompt(prompt, prompt_file)
         request = GenerationRequest(text, width=width, height=height, frames=frames, steps=steps,
@@ -85,6 +90,7 @@ def generate(
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir,
                              step_cache=step_cache, compile=compile_blocks, loras=loras,
                              rewrite=rewrite, rewrite_model=rewrite_model)
+        _ranks_for(options, gpus, parallel, as_json)
 
     def work(reporter, stop):
         run, files, plan = start_run(options, reporter)
@@ -95,7 +101,22 @@ def generate(
     run_and_report(work, as_json, quiet)
 
 
-def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet):
+def _ranks_for(options, gpus: int | None, parallel: str, as_json: bool):
+    """generate --gpus N: launch the ranks, or be one (cli/ranks.py)."""
+
+    def latent():
+        from hyvideo.checkpoint import find_model_files
+        from hyvideo.vae import latent_shape
+        from lowvram.stages import vae_config_for
+
+        request = options.request
+        return [1, *latent_shape(request.frames, request.height, request.width, vae_config_for(find_model_files(options.model_dir)))]
+
+    gpus_hint = f" --gpus {gpus}" if gpus else ""
+    return as_rank(gpus, parallel, options.device, lambda: options.model_dir, latent, as_json, f"lowvram resume{gpus_hint}")
+
+
+def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel):
     """`generate --prompts FILE` / `--seeds`: every line checked before anything loads."""
     from dataclasses import replace
 
@@ -113,6 +134,7 @@ def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet
         else:
             clips = clips_for(_read_prompt(prompt, prompt_file), options.request, seed_list)
         options = replace(options, model_dir=options.model_dir or default_model_dir())
+        _ranks_for(options, gpus, parallel, as_json)
 
     def work(reporter, stop):
         batch, runs, files, plan = start_batch(options, clips, reporter, prompts)
@@ -154,6 +176,9 @@ def resume(
     every: bool = typer.Option(False, "--all", help="Continue every unfinished run and batch in the runs folder."),
     runs_dir: Path = RunsDir,
     model_dir: Path = typer.Option(None, "--model-dir", help="Where the weights are now, if they moved (they must be the same files)."),
+    gpus: int = typer.Option(None, "--gpus", help="Continue on this many GPUs (default: as many as the run used; "
+                             "another number continues it too, slightly differently)."),
+    parallel: str = Parallel,
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):
@@ -165,6 +190,7 @@ def resume(
     with user_errors(as_json):
         if sum((run is not None, batch is not None, every)) > 1:
             raise UserError("give one of: a run id, --batch ID, --all")
+        _resume_ranks(runs_dir, run if batch is None and not every else None, model_dir, gpus, parallel, as_json)
 
     def work(reporter, stop):
         if batch is not None:
@@ -174,6 +200,23 @@ def resume(
         return resume_run(runs_dir, run, model_dir, reporter, stop)
 
     run_and_report(work, as_json, quiet)
+
+
+def _resume_ranks(runs_dir: Path, ref: str | None, model_dir: Path | None, gpus: int | None, parallel: str, as_json: bool):
+    """resume --gpus N (default: as many as the run used): launch the ranks, or be one. Only the
+    launcher and rank 0 read the run (followers may be on machines without its folder)."""
+    from lowvram.ranks import rank_environment
+    from lowvram.runs import find_run
+
+    launcher_or_single = rank_environment() is None
+    found = find_run(runs_dir, ref) if launcher_or_single or int(os.environ.get("RANK", 0)) == 0 else None
+    settings = found.settings if found else {}
+    if gpus is None and launcher_or_single:
+        gpus = (settings.get("parallel") or {}).get("ranks", 1)
+    model = model_dir or settings.get("model_dir")
+    latent = settings.get("latent_shape") if ref is not None else None  # --batch/--all: rank 0 checks each run
+    return as_rank(gpus, parallel, settings.get("device"), lambda: Path(model), lambda: latent, as_json,
+                   " ".join(["lowvram resume", *([found.id] if ref is not None and found else []), f"--gpus {gpus}"]))
 
 
 @app.command()

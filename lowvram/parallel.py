@@ -2,8 +2,8 @@
 Unified Sequence Parallelism (USP) does for HunyuanVideo.
 
     layout = choose_layout("usp", world=4, heads=24)   # Ulysses 4 x ring 1
-    sp = SequenceParallel.start(layout, rank, patch=(1, 2, 2))
-    model.sequence_parallel = sp                      # hyvideo/dit.py's seam
+    model.sequence_parallel = SequenceParallel(layout, rank, (1, 2, 2), ulysses_group, ring_group)
+    # (the groups: lowvram/ranks.py makes them with yunchang's set_seq_parallel_pg)
 
 Each rank holds a slab of the latent grid (its token rows, or columns when the rows do not divide:
 the official integration's rule) and every text token. Attention for a [image ; text] sequence:
@@ -110,16 +110,6 @@ class SequenceParallel:
     def __init__(self, layout: Layout, rank: int, patch: tuple[int, int, int], ulysses_group, ring_group):
         self.layout, self.rank, self.patch = layout, rank, patch
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
-
-    @classmethod
-    def start(cls, layout: Layout, rank: int, patch: tuple[int, int, int]) -> "SequenceParallel":
-        """The Ulysses and ring process groups (yunchang's layout: Ulysses groups of consecutive
-        ranks) on the default process group, which must be initialized."""
-        yunchang = require_yunchang()
-        from yunchang.globals import PROCESS_GROUP
-
-        yunchang.set_seq_parallel_pg(layout.ulysses, layout.ring, rank, layout.world)
-        return cls(layout, rank, patch, PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG)
 
     # -- which tokens are this rank's
 

@@ -26,12 +26,14 @@ from hyvideo.vae import latent_shape
 
 from .attention_choice import resolve_attention
 from .doctor import free_memory
+from .parallel import Layout, check_parallel, choose_layout, require_yunchang, split_axis
 from .planner import Plan, plan, resolve
 from .profiles import Profile, RunChoices, stored_profile
 from .progress import Reporter
+from .ranks import current_ranks
 from .rewrite import rewrite_settings
 from .runs import Run
-from .stages import model_sizes, parameter_count
+from .stages import dit_config_for, model_sizes, parameter_count
 
 CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
@@ -144,6 +146,11 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
             "PyTorch sees none (`lowvram doctor` says why); `lowvram demo` runs a tiny model on the CPU"
         )
     vram, ram = free_memory(device)
+    ranks = current_ranks()
+    if ranks and vram is not None:
+        vram = ranks.free_vram  # each rank's plan must fit the GPU with the least free
+    shape = [1, *latent_shape(request.frames, request.height, request.width, vae_config)]
+    check_split(shape, dit_config.patch_size)
     if vram is not None and options.vram_limit_bytes is not None:
         vram = min(vram, options.vram_limit_bytes)
     profile, found = resolve(options.profile, request.width, request.height, request.frames, vram_bytes=vram,
@@ -159,13 +166,61 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         "profile": {**profile.to_dict(), "source": profile.source},
         "model_dir": str(Path(options.model_dir).resolve()), "out": str(out.resolve()) if out else None,
         "cache_dir": str(Path(options.cache_dir).resolve()) if options.cache_dir else None,
-        "latent_shape": [1, *latent_shape(request.frames, request.height, request.width, vae_config)],
+        "latent_shape": shape, "parallel": parallel_settings(),
         "dit_parameters": params, "rewrite": rewrite_settings(options.rewrite, files, options.rewrite_model),
         "loras": [{"path": str(spec.path), "strength": spec.strength, "fingerprint": file_fingerprint([spec.path])[0]}
                   for spec in loras],
     }
     model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
     return settings, model, files, found
+
+
+def check_launch(world: int, mode: str, device: str, files: ModelFiles, latent: list[int] | None) -> Layout:
+    """`--gpus N` on this machine, before any rank starts: enough GPUs, yunchang installed, and the
+    layout (`parallel_layout`). On the CPU, N processes talk gloo (what the tests run)."""
+    if world < 1:
+        raise HyVideoError(f"--gpus must be at least 1, not {world}")
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count()
+        if world > count:
+            raise HyVideoError(f"--gpus {world}, but {count} CUDA GPU{'s are' if count != 1 else ' is'} visible"
+                               " (CUDA_VISIBLE_DEVICES may hide some; `lowvram doctor` lists them); use --gpus "
+                               f"{max(count, 1)}")
+    require_yunchang()
+    return parallel_layout(world, mode, files, latent)
+
+
+def parallel_layout(world: int, mode: str, files: ModelFiles, latent: list[int] | None) -> Layout:
+    """--parallel MODE on `world` ranks for this model and (if given) latent shape [1, C, T, H, W]:
+    the DiT's heads must allow the Ulysses degree and the token grid must split evenly."""
+    config = dit_config_for(files)
+    if latent is None:
+        return choose_layout(mode, world, config.heads)
+    (pt, ph, pw), (_, _, frames, height, width) = config.patch_size, latent
+    return check_parallel(mode, world, config.heads, (frames // pt, height // ph, width // pw))
+
+
+def parallel_settings() -> dict | None:
+    """How this run's ranks split it (None: one process), recorded in its settings."""
+    ranks = current_ranks()
+    if ranks is None:
+        return None
+    layout = ranks.layout
+    return {"ranks": layout.world, "ulysses": layout.ulysses, "ring": layout.ring}
+
+
+def check_split(latent_shape: list[int], patch: tuple[int, int, int]) -> None:
+    """With several ranks, the token grid must split evenly (one line saying which --gpus would)."""
+    ranks = current_ranks()
+    if ranks is not None:
+        _, _, frames, height, width = latent_shape
+        split_axis((frames // patch[0], height // patch[1], width // patch[2]), ranks.world)
+
+
+def describe_parallel(parallel: dict | None) -> str:
+    if not parallel:
+        return "1 process"
+    return f"{parallel['ranks']} ranks (Ulysses {parallel['ulysses']} x ring {parallel['ring']})"
 
 
 def run_loras(settings: dict) -> list[LoraSpec]:
@@ -207,6 +262,12 @@ def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter 
             "the same video; restore them, or start a new run with `lowvram generate`"
         )
     check_loras_unchanged(run)
+    started, now = settings.get("parallel"), parallel_settings()
+    if started != now:
+        check_split(settings["latent_shape"], dit_config_for(files).patch_size)
+        reporter.warn(f"run {run.id} ran its first {run.step} steps on {describe_parallel(started)}, now on "
+                      f"{describe_parallel(now)}: attention sums its parts in another order, so the video may differ "
+                      "slightly from an uninterrupted run (resuming on the same layout is bit-identical)")
     if run.manifest.get("versions", {}).get("torch") != torch.__version__:
         reporter.warn(f"run {run.id} started with torch {run.manifest['versions'].get('torch')}, now {torch.__version__}: "
                       "the result may differ slightly from an uninterrupted run")

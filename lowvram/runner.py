@@ -16,6 +16,10 @@ Several runs (a batch, lowvram/batch.py) go through `execute_runs` stage by stag
 text encoding, then every run's denoising, then every decode, so each model is loaded once; each
 run folder is still exactly a single run's, and resumes the same way.
 
+Several GPUs (`--gpus N`, lowvram/ranks.py): this code runs on rank 0, which sends the other ranks
+the DiT to place and each clip to denoise with it (sequence parallel), and their agreement to stop
+after a step; everything else (text, checkpoints, decode, outputs) is rank 0's alone.
+
 Ctrl-C: `StopRequest` is set by the CLI's SIGINT handler; during denoising the runner finishes the
 current step, saves it and raises `RunInterrupted`; a second Ctrl-C (or one outside the step loop)
 raises KeyboardInterrupt at once, which is turned into `RunInterrupted` too (the last saved step
@@ -44,6 +48,7 @@ from .planner import Plan
 from .preflight import plan_for_run, resumable_files, run_loras
 from .profiles import Profile
 from .progress import Reporter
+from .ranks import ClipJob, DitJob, Ranks, current_ranks
 from .rewrite import prompt_for_encoding
 from .runs import FIRST_FRAME, IMAGE, VIDEO, Run, find_run
 from .stages import Stages
@@ -210,6 +215,7 @@ class _Execution:
         for note in attention.notes:
             reporter.warn(note)
         self.stages = Stages(files, plan, self.device, attention.backend, reporter, settings.get("cache_dir"), run_loras(settings))
+        self.ranks = current_ranks()
         self.current = runs[0]
         self.meters = {run.id: StageMeter(self.device) for run in runs}
         self.resumed_from: dict[str, str | None] = {run.id: None for run in runs}
@@ -304,9 +310,11 @@ class _Execution:
                         if model is None:
                             self.reporter.stage("loading DiT")
                             self.stop.stage = "loading DiT"
-                            model, streamer = self.stages.dit()
+                            model, streamer = self._place_dit()
+                        if self.ranks:
+                            self.ranks.send(ClipJob(request, embeddings, saved, step, cache_state))
                         latents = _denoise(run, self.stages, model, streamer, began, embeddings, saved, step, cache_state,
-                                           request, self.device, self.reporter, self.stop)
+                                           request, self.device, self.reporter, self.stop, self.ranks)
                     measured = run.manifest["measured"]
                     measured["dit"] = {**measured.get("dit", {}), **meter.results["dit"]}
                 else:  # killed between the last checkpoint and the final latents
@@ -316,10 +324,22 @@ class _Execution:
                 run.set_state("decoding")
         finally:
             self.stop.stage = None
+            if self.ranks:
+                self.ranks.finish()
             if model is not None:
                 self.stages.release_dit(model, streamer)
             model = streamer = None
             empty_cache(self.device)
+
+    def _place_dit(self):
+        """The DiT on this device; with several ranks, on theirs too (after this rank's, so that a
+        quantized cache built here is complete before they read it), each for its share of tokens."""
+        model, streamer = self.stages.dit()
+        if self.ranks:
+            stages = self.stages
+            self.ranks.send(DitJob(stages.files, stages.plan, stages.attention, stages.cache_dir, stages.loras))
+            model.sequence_parallel = self.ranks.sequence_parallel(model.config.patch_size)
+        return model, streamer
 
     # ---- decode and write, the VAE loaded once
 
@@ -376,10 +396,11 @@ def _write_outputs(run: Run, frames: torch.Tensor) -> None:
 
 def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: float, embeddings, latents: torch.Tensor,
              step: int, cache_state, request: GenerationRequest, device: torch.device, reporter: Reporter,
-             stop: StopRequest) -> torch.Tensor:
+             stop: StopRequest, ranks: Ranks | None = None) -> torch.Tensor:
     """Euler steps step..N-1 on the placed DiT, a checkpoint after each (with the step cache's
-    state, if any); RunInterrupted after the step in which a stop was requested. `began`: when
-    this run's DiT stage began (its time to the first step is recorded as load_seconds)."""
+    state, if any); RunInterrupted after the step in which a stop was requested (every rank stops
+    after that step). `began`: when this run's DiT stage began (its time to the first step is
+    recorded as load_seconds)."""
     seconds = run.manifest["seconds"]
     first_forward = streamer.forwards
     cache = None
@@ -404,7 +425,7 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
             step_seconds.append(round(elapsed, 3))
             computed = {"dit_steps": len(cache.state.computed)} if cache else {}
             reporter.advance(i + 1, s_per_step=elapsed, peak_vram_gb=_peak_vram_gb(device), **computed)
-            if stop.is_set():
+            if ranks.agree_to_stop(stop.is_set()) if ranks else stop.is_set():
                 raise RunInterrupted(run)
 
         def blocks_for_step(i: int):
