@@ -102,7 +102,10 @@ class Ranks:
         """Rank 0: denoising is over; the followers free their GPU and exit (sent once)."""
         if self.leads and not self.finished:
             self.finished = True
-            self.send(FINISH)
+            try:
+                self.send(FINISH)
+            except RuntimeError:  # a follower has ended: the launcher stops the others, rank 0 reports why
+                pass
 
 
 _CURRENT: Ranks | None = None

@@ -1,0 +1,144 @@
+"""`lowvram generate/resume --gpus N` as real processes on the CPU (ranks talk gloo): the split run
+equals a one-process run within float32 rounding, a SIGKILL of a rank leaves a run that resumes
+bit-identically on the same number of ranks and closely on another, and impossible requests are
+one-line errors before any rank starts."""
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+
+from .test_cli_subprocess import PROMPT, manifest, run, start_and_wait_for_step, uninterrupted
+
+pytest.importorskip("yunchang")
+
+# 64x48 px (a 4 x 3 token grid: its 4 rows halve), 9 frames, 12 steps: 0.1-0.3 s per step on two
+# CPU ranks, a window of 1-3 s to kill a rank in after step 1 is saved.
+STEPS = 12
+ARGS = ["--size", "64x48", "--frames", "9", "--steps", str(STEPS), "--seed", "21", "--device", "cpu"]
+# A streamed FP8 profile at the tiny model's scale (one block resident, the rest through the ring,
+# per-token work in chunks): each rank places its DiT this way.
+STREAMED = """name = "streamed"
+description = "tiny FP8 DiT, one block resident"
+vram_budget_gb = 2.0
+dit_scheme = "fp8"
+resident_blocks = 1
+prefetch_depth = 1
+token_chunk = 16
+encoder_scheme = "bf16"
+vae_spatial_tile = 8
+vae_temporal_tile = 4
+pin_memory = true
+pinned_ram_cap_gb = 1.0
+"""
+# Float32 on both sides; the ranks add the same terms in another order each step (keys permuted by
+# the all-to-all, ring blocks merged by log-sum-exp) and the Euler steps carry it on: measured
+# up to ~2e-6 on latents of about 4. 1e-4 leaves room and still fails on any real mistake
+# (a token in the wrong place or a text key counted twice changes latents by ~1e-1).
+ATOL = 1e-4
+
+
+def final_of(result: str) -> torch.Tensor:
+    return load_file(json.loads(result)["final_latents"])["latents"]
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the launcher's child that runs `rank` (its environment says RANK=<rank>)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == launcher_pid and f"RANK={rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    raise AssertionError(f"no rank {rank} under process {launcher_pid}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_official, tmp_path_factory):
+    return uninterrupted(tiny_official, tmp_path_factory.mktemp("one"), ARGS)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_official, tmp_path_factory):
+    return uninterrupted(tiny_official, tmp_path_factory.mktemp("two"), ARGS + ["--gpus", "2"])
+
+
+def test_two_ranks_equal_one_process(two_ranks, one_process):
+    torch.testing.assert_close(two_ranks, one_process, rtol=0, atol=ATOL)
+
+
+def test_ring_on_a_streamed_fp8_profile_with_a_step_cache(tiny_official, tmp_path):
+    """Each rank places the DiT per the profile (FP8, one block resident, the rest streamed); the
+    step cache decides on sums over every rank's tokens, so the ranks skip the same steps as one
+    process does."""
+    profile = tmp_path / "streamed.toml"
+    profile.write_text(STREAMED)
+    args = ARGS + ["--profile", profile, "--cache", "fast"]
+    alone = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "one", "--json", *args)
+    split = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "two", "--json", *args,
+                "--gpus", "2", "--parallel", "ring")
+    assert alone.returncode == 0 and split.returncode == 0, split.stderr
+    result = json.loads(split.stdout)  # one JSON document: the followers print nothing on stdout
+    assert result["settings"]["parallel"] == {"ranks": 2, "ulysses": 1, "ring": 2}
+    assert result["stats"]["dit"]["streamed_blocks"] == 3
+    assert result["stats"]["dit"]["computed_steps"] == json.loads(alone.stdout)["stats"]["dit"]["computed_steps"]
+    assert len(result["stats"]["dit"]["computed_steps"]) < STEPS
+    torch.testing.assert_close(final_of(split.stdout), final_of(alone.stdout), rtol=0, atol=ATOL)
+
+
+def test_sigkill_of_a_rank_then_resume(tiny_official, tmp_path, two_ranks, one_process):
+    runs = tmp_path / "killed"
+    launcher, _ = start_and_wait_for_step(runs, tiny_official, args=ARGS + ["--gpus", "2"])
+    os.kill(rank_pid(launcher.pid, 1), signal.SIGKILL)  # a follower, not the launcher
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 1
+    last = stderr.strip().splitlines()[-1]
+    assert "rank 1 was killed by signal 9 (SIGKILL)" in last and "lowvram resume --gpus 2" in last, stderr
+    assert "Traceback" not in stderr
+    killed = manifest(runs)
+    assert killed["state"] in ("denoising", "failed") and 1 <= killed["step"] < STEPS
+
+    elsewhere = tmp_path / "on-one"
+    shutil.copytree(runs, elsewhere)
+    resumed = run("resume", "--runs-dir", runs, "--json")  # as many ranks as the run used
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.equal(final_of(resumed.stdout), two_ranks)
+
+    alone = run("resume", "--runs-dir", elsewhere, "--json", "--gpus", "1")
+    assert alone.returncode == 0, alone.stderr
+    warnings = json.loads(alone.stdout)["warnings"]
+    assert any("on 2 ranks (Ulysses 2 x ring 1), now on 1 process" in w for w in warnings), warnings
+    torch.testing.assert_close(final_of(alone.stdout), one_process, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--gpus", "3", "--parallel", "ulysses"], "2 heads do not divide into 3"),
+    (["--gpus", "2", "--size", "48x48"], "3x3 token grid"),
+    (["--gpus", "0"], "--gpus must be at least 1"),
+])
+def test_impossible_requests_fail_before_any_rank_starts(tiny_official, tmp_path, extra, words):
+    args = [*ARGS, *extra] if "--size" not in extra else [*ARGS[2:], *extra]  # ARGS[:2] is its --size
+    result = CliRunner().invoke(app, ["generate", PROMPT, "--model-dir", str(tiny_official), "--runs-dir",
+                                      str(tmp_path), *map(str, args)])
+    assert result.exit_code == 2, result.output
+    assert words in result.output and result.output.count("error:") == 1, result.output
+    assert not list(tmp_path.iterdir())  # no run folder
+
+
+def test_more_gpus_than_visible_is_one_line(tiny_official, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = CliRunner().invoke(app, ["generate", PROMPT, "--model-dir", str(tiny_official), "--runs-dir", str(tmp_path),
+                                      "--device", "cuda", "--gpus", "3"])
+    assert result.exit_code == 2
+    assert "--gpus 3, but 2 CUDA GPUs are visible" in result.output and "use --gpus 2" in result.output
