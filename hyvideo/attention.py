@@ -132,5 +132,5 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backen
     elif q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
         out, lse = ops._scaled_dot_product_flash_attention(*args, 0.0, False)[:2]
     else:
-        out, lse = ops._scaled_dot_product_efficient_attention(*args, None, True)[:2]
-    return out.transpose(1, 2), lse.float()
+        out, lse = ops._scaled_dot_product_efficient_attention(*args, None, True)[:2]  # lse padded to 32 rows
+    return out.transpose(1, 2), lse[..., : q.shape[1]].float()

@@ -118,6 +118,8 @@ class HunyuanVideoDiT(nn.Module):
         cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)
         cos, sin = (self.shard_image_tokens(table[None], x)[0] for table in (cos, sin))  # [N_img, head_dim]
         key_mask = None
+        if text_mask is not None and self.sequence_parallel is not None:
+            raise ValueError("sequence parallelism runs batch 1 (its attention takes no text mask)")
         if text_mask is not None:
             key_mask = torch.cat([torch.ones_like(text_mask[:, :1]).expand(-1, img.shape[1]), text_mask], dim=1).bool()
         inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk, self.sequence_parallel)

@@ -93,13 +93,14 @@ def gpu_checks() -> list[Check]:
 
 def package_checks() -> list[Check]:
     checks = []
-    for label, dist, module, needed in (
-        ("bitsandbytes", "bitsandbytes", "bitsandbytes", "NF4 text encoder (profiles for 16 GB cards)"),
-        ("optimum-quanto", "optimum-quanto", "optimum.quanto", "INT8 DiT profiles"),
-        ("flash-attn", "flash-attn", "flash_attn", "--attention flash (optional; sdpa is the default)"),
+    for label, dist, module, needed, optional in (
+        ("bitsandbytes", "bitsandbytes", "bitsandbytes", "NF4 text encoder (profiles for 16 GB cards)", False),
+        ("optimum-quanto", "optimum-quanto", "optimum.quanto", "INT8 DiT profiles", False),
+        ("flash-attn", "flash-attn", "flash_attn", "--attention flash (optional; sdpa is the default)", True),
+        ("yunchang", "yunchang", "yunchang", "--gpus N, several GPUs per clip (optional extra [multigpu])", True),
     ):
         version = _package(dist, module)
-        status = "ok" if version else ("warn" if label != "flash-attn" else "ok")
+        status = "ok" if version or optional else "warn"
         checks.append(Check(label, status, f"{version}" if version else f"not installed: needed for {needed}"))
     return checks
 

@@ -38,6 +38,7 @@ from hyvideo.text_encoder import TextEmbeddings
 
 from .parallel import Layout, SequenceParallel, require_yunchang
 from .planner import Plan
+from .stages import Stages
 
 FINISH = "finish"
 # Rank 0 may spend a long time alone (text encoding, building a quantized cache) while the others
@@ -117,17 +118,19 @@ def current_ranks() -> Ranks | None:
 
 
 def rank_environment() -> dict[str, int] | None:
-    """torchrun's variables if this process was started as a rank (by `lowvram ... --gpus N` or by
-    torchrun itself, also across machines), else None."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+    """torchrun's variables if this process was started as one of several ranks (by `lowvram ...
+    --gpus N` or by torchrun itself, also across machines), else None. Without LOCAL_* variables
+    the ranks are taken to be on one machine."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    raw = {"RANK": os.environ["RANK"], "WORLD_SIZE": os.environ["WORLD_SIZE"],
+           "LOCAL_RANK": os.environ.get("LOCAL_RANK", os.environ["RANK"]),
+           "LOCAL_WORLD_SIZE": os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])}
     try:
-        values = {name: int(os.environ.get(name, os.environ["RANK"] if name == "LOCAL_RANK" else os.environ["WORLD_SIZE"]))
-                  for name in names}
+        env = {name: int(value) for name, value in raw.items()}
     except ValueError:
-        raise HyVideoError(f"torchrun variables are not numbers: {', '.join(f'{n}={os.environ.get(n)}' for n in names)}") from None
-    return values if values["WORLD_SIZE"] > 1 else None
+        raise HyVideoError(f"torchrun's variables are not numbers: {raw}") from None
+    return env if env["WORLD_SIZE"] > 1 else None
 
 
 class RankZeroFailed(Exception):
@@ -198,8 +201,6 @@ def follow(ranks: Ranks) -> None:
     """A follower's life: place the DiT when told, denoise each clip rank 0 sends, until FINISH.
     Ctrl-C is rank 0's to handle (the terminal sends it to every rank): followers ignore it and
     stop with rank 0."""
-    from .stages import Stages
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stages = model = streamer = None
     try:
@@ -216,7 +217,7 @@ def follow(ranks: Ranks) -> None:
             stages.release_dit(model, streamer)
 
 
-def _denoise_clip(ranks: Ranks, stages, model, streamer, job: ClipJob) -> None:
+def _denoise_clip(ranks: Ranks, stages: Stages, model, streamer, job: ClipJob) -> None:
     steps = job.request.steps
     cache = stages.step_cache(model, steps, job.cache_state)
 

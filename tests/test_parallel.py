@@ -97,3 +97,22 @@ def test_split_forward_equals_one_process(tmp_path, mode, world, layout):
         expected = model(*inputs)
     for rank in range(world):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend, bound", [("sdpa", 0.02), ("flash", 0.02), ("sage", 0.05)])
+def test_cuda_attention_with_lse(backend, bound):
+    """What a ring step runs on a GPU, in bf16, against float32 on the CPU: the output within the
+    kernel's tolerance (test_attention.py's bounds), the log-sum-exp within bf16 input rounding."""
+    from hyvideo.attention import installed, split_backend
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not installed(split_backend(backend)[0]):
+        pytest.skip(f"{backend} is not installed")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 4, 128) for _ in range(3))
+    expected, expected_lse = attention_with_lse(q, k, v)
+    out, lse = attention_with_lse(*(t.cuda().bfloat16() for t in (q, k, v)), backend)
+    assert float((out.float().cpu() - expected).norm() / expected.norm()) < bound
+    torch.testing.assert_close(lse.float().cpu(), expected_lse, rtol=0, atol=0.05)
