@@ -74,6 +74,16 @@ def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Repo
     return root
 
 
+def cap_vram(cap_bytes: int, device: str) -> None:
+    """Let PyTorch allocate at most `cap_bytes` on `device` (each rank caps its own GPU)."""
+    if not device.startswith("cuda"):
+        raise HyVideoError("--cap-gb emulates a smaller GPU and needs CUDA; on the CPU there is no VRAM to cap")
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if cap_bytes > total:
+        raise HyVideoError(f"--cap-gb {cap_bytes / GIB:.1f} is more than this GPU's {total / GIB:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap_bytes / total, torch.device(device))
+
+
 def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -94,12 +104,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
         raise HyVideoError("the full-size model needs an NVIDIA GPU with CUDA and PyTorch sees none here (`lowvram doctor` "
                            "says why); `--model-size tiny --device cpu` checks the install on the CPU")
     if options.cap_bytes is not None:
-        if not device.startswith("cuda"):
-            raise HyVideoError("--cap-gb emulates a smaller GPU and needs CUDA; on the CPU there is no VRAM to cap")
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        if options.cap_bytes > total:
-            raise HyVideoError(f"--cap-gb {options.cap_bytes / GIB:.1f} is more than this GPU's {total / GIB:.1f} GiB")
-        torch.cuda.set_per_process_memory_fraction(options.cap_bytes / total, torch.device(device))
+        cap_vram(options.cap_bytes, device)
     root = ensure_synthetic_model(options.scratch, options.model_size, options.layout, reporter)
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0)
@@ -130,6 +135,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
         "video": {"width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps},
         "device": str(result.settings["device"]), "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "cap_gb": None if options.cap_bytes is None else options.cap_bytes / GIB,
+        "parallel": result.settings.get("parallel"),
         "profile": plan.profile.name, "schedule": plan.schedule.to_dict(), "stats": result.stats,
         "attention": result.settings["attention"], "compile_seconds": dit.get("compile_seconds"),
         "stages": stages, "dit_load_seconds": load_s, "step_seconds": steps, "s_per_step": s_per_step,
