@@ -14,6 +14,21 @@ run in float32); mlp_per_token = 2 MLP-wide tensors (linear1's MLP rows and GELU
 [attn, mlp] concat + 2 D-wide outputs (linear2, gate product). For the 13B model (MLP = 4D) both are
 30*D bytes per token in bf16: 92 KB, so a chunk of 8192 tokens costs 0.75 GB.
 
+DiT with sequence parallelism (lowvram/parallel.py, `layout`: world = u x r ranks), per rank: the
+same forward over its N/world image tokens and all the text tokens (h, g = its joint and image-only
+states), except the attention, which allocates beyond the caller's q, k, v (`attention_bytes`):
+- Ulysses (u > 1): the all-to-all's receive buffers kept as q, k, v of the group's tokens for this
+  rank's heads (h + 2g; with u = 1 they are views);
+- r = 1: the text keys/values joined to those (2 (g + t/u), t = the text's state) + the output (h);
+- ring (r > 1): yunchang's next k/v receive buffers (2g; 4g with r > 2, when the received pair is in
+  use while the next arrives) + its LSE merge: the float32 running output (2h), the block's output
+  (h), then its float32 copy and (out - block) in turn (4h): 7h. The text block merged after the
+  ring holds the ring's output and the text block's (2h), a float32 copy (2h) and the merge's 4h: 8h;
+- the reverse all-to-all: the output, its head-major copy, the receive buffer (u > 1) and the
+  token-major result (4h; 3h with u = 1), after the gathered q, k, v are freed;
+plus the float32 log-sum-exps (S x H x 4 bytes each, 2/head_dim of a state: one per kernel call, three
+alive in a merge). With the profiles' token chunks (8192) this attention is the block's peak.
+
 VAE decoder (hyvideo/vae.py), per decoded tile: walks the decoder levels and takes the largest
 set of tensors alive at once in a resnet (input, norm/SiLU outputs, the replicate-padded copy, conv
 output, shortcut) or an upsampler (input, nearest-upsampled parts, concat, padded copy, conv
@@ -26,13 +41,16 @@ also sees, the difference 4.14 GiB = the full-resolution upsampler conv's padded
 
 from hyvideo.config import DiTConfig, VAEConfig
 
+from .parallel import Layout
+
 TEXT_TOKENS = 256  # the LLM text length; padding is dropped for batch 1, so this is the worst case
 F32 = 4
 
 
-def image_tokens(config: DiTConfig, latent_frames: int, latent_h: int, latent_w: int) -> int:
+def token_grid(config: DiTConfig, latent_frames: int, latent_h: int, latent_w: int) -> tuple[int, int, int]:
+    """(t, h, w) of the DiT's image tokens for latents of this size."""
     pt, ph, pw = config.patch_size
-    return (latent_frames // pt) * (latent_h // ph) * (latent_w // pw)
+    return latent_frames // pt, latent_h // ph, latent_w // pw
 
 
 def _chunk_paths(config: DiTConfig, act_bytes: int) -> tuple[int, int]:
@@ -43,16 +61,40 @@ def _chunk_paths(config: DiTConfig, act_bytes: int) -> tuple[int, int]:
     return qkv, mlp_path
 
 
+def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
+                    layout: Layout | None = None) -> int:
+    """Peak bytes one joint attention call allocates on a rank beyond its q, k, v (`tokens`: this
+    rank's image tokens): the output alone on one GPU; the cross-rank buffers with a layout."""
+    seq = tokens + text_tokens
+    d = config.hidden_size
+    hidden, image, text = seq * d * act_bytes, tokens * d * act_bytes, text_tokens * d * act_bytes
+    lse = seq * config.heads * F32
+    if layout is None or layout.world == 1:
+        return hidden
+    u, r = layout.ulysses, layout.ring
+    gathered = hidden + 2 * image if u > 1 else 0  # q, k, v of the Ulysses group's tokens, this rank's heads
+    if r == 1:
+        kernel = 2 * (image + text // u) + hidden + lse  # keys/values joined with the text's; output
+    else:
+        received = (2 if r == 2 else 4) * image
+        kernel = max(received + 7 * hidden + 3 * lse, 8 * hidden + 3 * lse)  # ring steps; the text block's merge
+    reverse = (4 if u > 1 else 3) * hidden
+    return max(gathered + kernel, reverse)
+
+
 def dit_activation_bytes(
     config: DiTConfig, tokens: int, chunk: int | None, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
+    layout: Layout | None = None,
 ) -> int:
-    """Peak activation bytes of one DiT forward over `tokens` image tokens (weights excluded)."""
+    """Peak activation bytes of one DiT forward over `tokens` image tokens (weights excluded); with
+    a sequence-parallel layout, of one rank, `tokens` being its share (N / world)."""
     seq = tokens + text_tokens
     hidden = seq * config.hidden_size * act_bytes
     rope = 2 * tokens * config.head_dim * F32  # cos and sin tables, float32
     c = seq if not chunk else min(chunk, seq)
     qkv_path, mlp_path = _chunk_paths(config, act_bytes)
-    inside = max(3 * hidden + c * qkv_path, 4 * hidden, hidden + c * mlp_path)
+    attend = 3 * hidden + attention_bytes(config, tokens, text_tokens, act_bytes, layout)
+    inside = max(3 * hidden + c * qkv_path, attend, hidden + c * mlp_path)
     return hidden + rope + inside
 
 

@@ -36,6 +36,14 @@ reserve, trunk, ring and activations. Host RAM with a step cache adds its residu
 state, bf16: 0.73 GB at 720p x 129) and that residual's serialized copy while a checkpoint is written.
 
 Weight bytes come from quant/bytes.py, the accounting the quantized modules really use.
+
+Several GPUs (`layout`, lowvram/parallel.py: one process per GPU, the clip's image tokens split
+across them): VRAM is per GPU. Each rank's DiT stage is the profile's placement for N / world image
+tokens plus all the text, with the cross-rank attention's buffers as their own part; the text
+encoders and the VAE run on rank 0's GPU alone. Host RAM is per machine: each of the `local_ranks`
+processes on it holds its own DiT-stage RAM (its own pinned copy of the streamed blocks), and while
+rank 0 encodes or decodes the others wait holding their process baseline. The weight files' page
+cache is shared by the processes. `Plan.communication`: the bytes each rank sends per forward.
 """
 
 import dataclasses
@@ -49,7 +57,9 @@ from hyvideo.vae import latent_shape
 from quant.bytes import (TextEncoderParams, block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes,
                          modulation_probe_bytes, trunk_bytes, vae_decoder_bytes)
 
-from .activations import dit_activation_bytes, image_tokens, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
+from .activations import dit_activation_bytes, text_activation_bytes, token_grid, vae_decode_tile_bytes, vae_tile_pixels
+from .communication import Communication, communication
+from .parallel import Layout, check_parallel, split_axis
 from .profiles import Profile, RunChoices, load_profile, shipped_profiles
 from .schedule import BlockSchedule, plan_schedule
 from .sizes import SIZE_BUCKETS
@@ -99,6 +109,28 @@ class Plan:
     dit_config: DiTConfig
     vae_config: VAEConfig
     reserve_bytes: int = RESERVE_BYTES
+    layout: Layout | None = None  # sequence parallelism: VRAM per GPU, RAM per machine
+    local_ranks: int = 1  # processes on this machine
+
+    @property
+    def world(self) -> int:
+        return self.layout.world if self.layout else 1
+
+    @property
+    def rank_tokens(self) -> int:
+        """Image tokens each rank holds."""
+        return self.tokens // self.world
+
+    @property
+    def per_gpu(self) -> str:
+        """How the VRAM figures read: " per GPU" with several GPUs."""
+        return " per GPU" if self.layout else ""
+
+    @property
+    def communication(self) -> Communication | None:
+        if self.layout is None:
+            return None
+        return communication(self.dit_config, self.rank_tokens, self.layout)
 
     @property
     def peak_vram_bytes(self) -> int:
@@ -151,11 +183,23 @@ class Plan:
             "token_chunk": self.token_chunk,
             "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
             "schedule": self.schedule.to_dict(),
+            "parallel": self.parallel_dict(),
         }
+
+    def parallel_dict(self) -> dict | None:
+        if self.layout is None:
+            return None
+        return {"world": self.layout.world, "ulysses": self.layout.ulysses, "ring": self.layout.ring, "layout": str(self.layout),
+                "local_ranks": self.local_ranks, "image_tokens_per_rank": self.rank_tokens,
+                "vram": "per GPU: each rank's DiT stage; rank 0's GPU also runs the text encoders and the VAE",
+                "ram": f"per machine: {self.local_ranks} processes, each with its own DiT-stage RAM (pinned blocks "
+                       "included); the text and VAE stages add the waiting processes' baselines",
+                "communication": self.communication.to_dict()}
 
     def table_rows(self) -> list[list[str]]:
         """Header + one row per stage + a total row, as strings (the CLI renders them)."""
-        rows = [["stage", "VRAM GiB", "RAM GiB", "page cache GiB", "made of"]]
+        rows = [["stage", f"VRAM GiB{self.per_gpu}", "RAM GiB" + (" per machine" if self.layout else ""), "page cache GiB",
+                 "made of"]]
         for name, stage in self.stages.items():
             parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in stage.parts.items() if v)
             ram = ", ".join(f"{k} {v / GIB:.2f}" for k, v in stage.ram_parts.items() if v)
@@ -163,7 +207,7 @@ class Plan:
                          f"{stage.page_cache_bytes / GIB:.2f}", f"VRAM: {parts}; RAM: {ram}"])
         verdict = "fits" if self.fits else "does NOT fit"
         rows.append(["peak", f"{self.peak_vram_gb:.2f} (+{self.reserve_bytes / GIB:.2f} reserve)",
-                     f"{self.peak_ram_gb:.2f}", "", f"{verdict} in {self.vram_budget_bytes / GIB:.1f} GiB VRAM"
+                     f"{self.peak_ram_gb:.2f}", "", f"{verdict} in {self.vram_budget_bytes / GIB:.1f} GiB VRAM{self.per_gpu}"
                      + ("" if self.host_ram_bytes is None else f", {self.host_ram_bytes / GIB:.1f} GiB RAM")])
         return rows
 
@@ -216,6 +260,7 @@ def plan(
     profile: Profile, width: int, height: int, frames: int, *, host_ram_bytes: int | None = None,
     dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None, text_encoders: bool = True,
     text_params: TextEncoderParams | None = None, lora_bytes: LoraBytes | None = None,
+    layout: Layout | None = None, local_ranks: int | None = None,
 ) -> Plan:
     """Predict each stage's peak memory for `profile` at width x height x frames (batch 1).
 
@@ -223,6 +268,8 @@ def plan(
     text_encoders=False leaves out the text stage (e.g. embeddings computed elsewhere).
     Configs and text encoder sizes default to the released 13B model's. lora_bytes: what the
     run's LoRAs add (hyvideo.lora.lora_bytes), in the blocks and outside them.
+    layout: sequence parallelism over layout.world GPUs (module docstring), `local_ranks` of them
+    on this machine (default: all).
     """
     dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
     vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
@@ -230,16 +277,28 @@ def plan(
         raise HyVideoError(f"video size must be positive, got {width}x{height}")
     width, height = align_up(width, 16), align_up(height, 16)
     channels, t_lat, h_lat, w_lat = latent_shape(frames, height, width, vae_config)
-    tokens = image_tokens(dit_config, t_lat, h_lat, w_lat)
+    grid = token_grid(dit_config, t_lat, h_lat, w_lat)
+    tokens = math.prod(grid)
     budget = profile.vram_budget_bytes
+    world = layout.world if layout else 1
+    if layout:
+        split_axis(grid, world)  # the ranks' shares are equal, else a HyVideoError naming the fix
+    local_ranks = world if local_ranks is None else local_ranks
+    if not 1 <= local_ranks <= world:
+        raise HyVideoError(f"local_ranks must be 1..{world} (the ranks on this machine), not {local_ranks}")
+    rank_tokens = tokens // world
 
     latent_bytes = channels * t_lat * h_lat * w_lat * 4
+    chunk = profile.token_chunk or None
+    activations = dit_activation_bytes(dit_config, rank_tokens, chunk)
     dit_parts = {
         "trunk": trunk_bytes(dit_config),
-        "activations": dit_activation_bytes(dit_config, tokens, profile.token_chunk or None),
+        "activations": activations,
         "dequantized weight": dequantized_weight_bytes(dit_config, profile.dit_scheme, profile.quant_policy),
         "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
     }
+    if world > 1:  # what the cross-rank attention adds to the forward's peak
+        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, layout=layout) - activations
     if profile.step_cache != "off":
         dit_parts["step cache probe"] = modulation_probe_bytes(dit_config, profile.dit_scheme, profile.quant_policy)
     lora_bytes = lora_bytes or LoraBytes()
@@ -258,6 +317,8 @@ def plan(
         if profile.encoder_scheme == "nf4":  # first use: each bf16 tensor on the host while the GPU quantizes it;
             text_ram["first use (NF4 cache)"] = text_params.llm_other * 2  # the largest is the embedding table
         text_files = llm_bytes(profile.encoder_scheme, text_params) + clip_bytes(text_params)
+        if local_ranks > 1:
+            text_ram["waiting ranks' baselines"] = (local_ranks - 1) * HOST_BASELINE_BYTES
         stages["text"] = StagePlan(sum(text_parts.values()), text_parts, text_ram, text_files)
     streamed = schedule.streamed_bytes_per_step
     pinned = min(streamed, profile.pinned_ram_cap_bytes) if profile.pin_memory else 0
@@ -265,17 +326,29 @@ def plan(
     if profile.dit_scheme != "bf16":
         dit_ram["first use (DiT cache)"] = first_use_quantize_bytes(dit_config)
     if profile.step_cache != "off":  # the residual, and its serialized copy while a checkpoint is written
-        dit_ram["step cache"] = 2 * tokens * dit_config.hidden_size * 2 + latent_bytes
+        dit_ram["step cache"] = 2 * rank_tokens * dit_config.hidden_size * 2 + latent_bytes
     if lora_bytes.total(dit_config):  # built on the host, then moved with their blocks
         dit_ram["lora"] = lora_bytes.total(dit_config)
+    dit_ram = {name: local_ranks * value for name, value in dit_ram.items()}  # every rank on this machine holds its own
     dit_files = trunk_bytes(dit_config) + sum(schedule.block_bytes) - (lora_bytes.total(dit_config) - lora_bytes.trunk)
     stages["dit"] = StagePlan(sum(dit_parts.values()), dit_parts, dit_ram, dit_files)
     vae_vram, vae_parts = vae_stage(profile, vae_config, (t_lat, h_lat, w_lat))
     video_bytes = vae_config.out_channels * frames * height * width * 4  # float32 on the host
-    stages["vae"] = StagePlan(vae_vram, vae_parts, {"baseline": HOST_BASELINE_BYTES, "video": video_bytes},
-                              vae_decoder_bytes(vae_config))
+    vae_ram = {"baseline": HOST_BASELINE_BYTES, "video": video_bytes}
+    if local_ranks > 1:
+        vae_ram["waiting ranks' baselines"] = (local_ranks - 1) * HOST_BASELINE_BYTES
+    stages["vae"] = StagePlan(vae_vram, vae_parts, vae_ram, vae_decoder_bytes(vae_config))
     return Plan(profile, width, height, frames, (t_lat, h_lat, w_lat), tokens, schedule, profile.token_chunk,
-                stages, budget, host_ram_bytes, dit_config, vae_config)
+                stages, budget, host_ram_bytes, dit_config, vae_config, layout=layout, local_ranks=local_ranks)
+
+
+def parallel_layout(mode: str, gpus: int, width: int, height: int, frames: int, dit_config: DiTConfig | None = None,
+                    vae_config: VAEConfig | None = None) -> Layout:
+    """--parallel MODE --gpus N for this video: the layout, or one HyVideoError naming the fix
+    (heads that do not divide for Ulysses, a token grid that does not split, fewer than 1 GPU)."""
+    dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
+    _, *latent = latent_shape(frames, align_up(height, 16), align_up(width, 16), vae_config or VAE_CONFIGS["884-16c-hy"])
+    return check_parallel(mode, gpus, dit_config.heads, token_grid(dit_config, *latent))
 
 
 def with_budget(profile: Profile, vram_bytes: int) -> Profile:
@@ -302,9 +375,9 @@ def choose_profile(free_vram_bytes: int, host_ram_bytes: int, width: int, height
     if last is None:
         raise HyVideoError("no profiles to choose from")
     raise HyVideoError(
-        f"no profile fits {width}x{height}x{frames} with {free_vram_bytes / GIB:.1f} GiB free VRAM and "
+        f"no profile fits {width}x{height}x{frames} with {free_vram_bytes / GIB:.1f} GiB free VRAM{last.per_gpu} and "
         f"{host_ram_bytes / GIB:.1f} GiB RAM: the smallest ({last.profile.name}) needs "
-        f"{last.required_vram_gb:.1f} GiB VRAM and {last.peak_ram_gb:.1f} GiB RAM; try a smaller video"
+        f"{last.required_vram_gb:.1f} GiB VRAM{last.per_gpu} and {last.peak_ram_gb:.1f} GiB RAM; try a smaller video"
     )
 
 
@@ -357,7 +430,7 @@ def resolve(spec: "str | Profile", width: int, height: int, frames: int, *, vram
         ram = f"{ram_bytes / GIB:.1f} GiB available" if ram_bytes is not None else "not checked"
         raise HyVideoError(
             f"profile {profile.name} does not fit {width}x{height}x{frames} here: it needs {found.required_vram_gb:.1f} GiB "
-            f"VRAM ({where}) and {found.peak_ram_gb:.1f} GiB RAM ({ram}); "
+            f"VRAM{found.per_gpu} ({where}) and {found.peak_ram_gb:.1f} GiB RAM ({ram}); "
             + (f"try {hint}" if hint else "try a smaller --size or fewer --frames")
             + pinned_hint(found)
         )
