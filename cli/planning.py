@@ -23,6 +23,12 @@ def plan(
     lora: list[str] = Loras,
     vram: float = typer.Option(None, "--vram", help="GiB of VRAM to plan for (default: this GPU's free VRAM, else the profile's budget)."),
     ram: float = typer.Option(None, "--ram", help="GiB of host RAM to plan for (default: available RAM)."),
+    gpus: int = typer.Option(None, "--gpus", help="Plan for N GPUs on this machine, one clip's tokens split across them "
+                             "(sequence parallelism); --vram is then per GPU, --ram for the machine."),
+    parallel: str = typer.Option("usp", "--parallel", help="With --gpus: usp (Ulysses as far as the 24 heads divide, "
+                                 "the rest ring), ulysses or ring."),
+    link_gbs: float = typer.Option(None, "--link-gbs", help="With --gpus: GB/s each GPU's link carries, for the communication "
+                                   "estimate (default 12: PCIe 4.0 x8, what a two-card consumer board gives each card)."),
     as_json: bool = Json,
 ):
     """Predict peak VRAM and RAM per stage (text, DiT, VAE); exit 1 if it does not fit."""
@@ -35,7 +41,8 @@ def plan(
         from hyvideo.pipeline import GenerationRequest, validate_request
         from lowvram.doctor import host_ram
         from hyvideo.step_cache import expected_forwards
-        from lowvram.planner import resolve, suggest_fit
+        from lowvram.communication import PCIE4_X8_GBS
+        from lowvram.planner import parallel_layout, resolve, suggest_fit
         from lowvram.profiles import RunChoices
         from lowvram.sizes import resolve_size
 
@@ -43,6 +50,11 @@ def plan(
         validate_request(GenerationRequest("plan", width=width, height=height, frames=frames, steps=steps))
         # what the LoRAs add to the released 13B DiT (every key checked against it, no weights read)
         sizes = {"lora_bytes": lora_bytes([LoraSpec.parse(text) for text in lora or []], DIT_CONFIGS["HYVideo-T/2-cfgdistill"])}
+        link_gbs = PCIE4_X8_GBS if link_gbs is None else link_gbs
+        if gpus is not None:
+            if link_gbs <= 0:
+                raise UserError(f"--link-gbs must be positive, not {link_gbs:g}")
+            sizes["layout"] = parallel_layout(parallel, gpus, width, height, frames)
         gib = 2**30
         if vram is not None:
             vram_bytes = int(vram * gib)
@@ -68,7 +80,7 @@ def plan(
             else:
                 err.print(f"[red]does not fit:[/] {escape(str(error))}" + (f"; try {hint}" if hint else ""))
             raise typer.Exit(1)
-        result = found.to_dict()
+        result = found.to_dict(link_gbs)
         forwards = expected_forwards(chosen.step_cache, chosen.step_cache_threshold, steps)
         result["step_cache"] = {"method": chosen.step_cache, "threshold": chosen.step_cache_threshold, "steps": steps,
                                 "expected_dit_forwards": list(forwards)}
@@ -84,7 +96,9 @@ def plan(
         for row in rows[1:]:
             table.add_row(*row)
         print_table(table)
-        out.print(f"DiT blocks: {found.schedule}")
+        out.print(f"DiT blocks{found.per_gpu}: {found.schedule}")
+        if found.layout:
+            print_parallel(found, link_gbs, steps, forwards[1])
         if chosen.step_cache != "off":
             fewest, most = forwards
             out.print(f"step cache: {chosen.step_cache} (threshold {chosen.step_cache_threshold:g}): the DiT's blocks are expected "
@@ -93,6 +107,18 @@ def plan(
             err.print("[red]does not fit[/]" + (f": try {hint}" if hint else ": try a smaller --size or fewer --frames"))
     if not found.fits:
         raise typer.Exit(1)
+
+
+def print_parallel(found, link_gbs: float, steps: int, forwards: int) -> None:
+    """Several GPUs: the layout, what is per GPU and per machine, and the communication estimate."""
+    comm = found.communication
+    out.print(f"{found.layout} ({found.rank_tokens:,} of {found.tokens:,} image tokens each, and all the text tokens); "
+              f"VRAM is per GPU (rank 0's also runs the text encoders and the VAE), RAM is for the machine "
+              f"({found.local_ranks} processes, each pinning its own streamed blocks)", markup=False)
+    out.print(f"communication per step (one DiT forward): {comm.per_forward / 1e9:.1f} GB sent per rank "
+              f"({comm.per_block / 1e6:.0f} MB per block), ~{comm.seconds(link_gbs):.1f} s at {link_gbs:g} GB/s; "
+              f"{forwards} forwards: ~{forwards * comm.seconds(link_gbs) / 60:.1f} min (an estimate, not measured: "
+              "bytes / bandwidth; cards without peer-to-peer access go through host memory)", markup=False)
 
 
 @profiles_app.callback()

@@ -58,7 +58,7 @@ from quant.bytes import (TextEncoderParams, block_bytes, clip_bytes, dequantized
                          modulation_probe_bytes, trunk_bytes, vae_decoder_bytes)
 
 from .activations import dit_activation_bytes, text_activation_bytes, token_grid, vae_decode_tile_bytes, vae_tile_pixels
-from .communication import Communication, communication
+from .communication import PCIE4_X8_GBS, Communication, communication
 from .parallel import Layout, check_parallel, split_axis
 from .profiles import Profile, RunChoices, load_profile, shipped_profiles
 from .schedule import BlockSchedule, plan_schedule
@@ -165,7 +165,8 @@ class Plan:
     def fits(self) -> bool:
         return self.fits_vram and self.fits_ram
 
-    def to_dict(self) -> dict:
+    def to_dict(self, link_gbs: float = PCIE4_X8_GBS) -> dict:
+        """link_gbs: the GPUs' link bandwidth for the communication estimate (several GPUs)."""
         return {
             "fits": self.fits,
             "fits_vram": self.fits_vram,
@@ -183,10 +184,10 @@ class Plan:
             "token_chunk": self.token_chunk,
             "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
             "schedule": self.schedule.to_dict(),
-            "parallel": self.parallel_dict(),
+            "parallel": self.parallel_dict(link_gbs),
         }
 
-    def parallel_dict(self) -> dict | None:
+    def parallel_dict(self, link_gbs: float = PCIE4_X8_GBS) -> dict | None:
         if self.layout is None:
             return None
         return {"world": self.layout.world, "ulysses": self.layout.ulysses, "ring": self.layout.ring, "layout": str(self.layout),
@@ -194,7 +195,7 @@ class Plan:
                 "vram": "per GPU: each rank's DiT stage; rank 0's GPU also runs the text encoders and the VAE",
                 "ram": f"per machine: {self.local_ranks} processes, each with its own DiT-stage RAM (pinned blocks "
                        "included); the text and VAE stages add the waiting processes' baselines",
-                "communication": self.communication.to_dict()}
+                "communication": self.communication.to_dict(link_gbs)}
 
     def table_rows(self) -> list[list[str]]:
         """Header + one row per stage + a total row, as strings (the CLI renders them)."""
