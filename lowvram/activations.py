@@ -27,7 +27,9 @@ states), except the attention, which allocates beyond the caller's q, k, v (`att
 - the reverse all-to-all: the output, its head-major copy, the receive buffer (u > 1) and the
   token-major result (4h; 3h with u = 1), after the gathered q, k, v are freed;
 plus the float32 log-sum-exps (S x H x 4 bytes each, 2/head_dim of a state: one per kernel call, three
-alive in a merge). With the profiles' token chunks (8192) this attention is the block's peak.
+alive in a merge). At 720p x 129 with the profiles' 8192-token chunks this attention is the block's
+peak. Counted as the CPU allocates (tests: equal to PeakTracker's measurement in gloo runs); on CUDA
+TorchScript may fuse the merge's element-wise steps, and then the ring's figures are upper bounds.
 
 VAE decoder (hyvideo/vae.py), per decoded tile: walks the decoder levels and takes the largest
 set of tensors alive at once in a resnet (input, norm/SiLU outputs, the replicate-padded copy, conv

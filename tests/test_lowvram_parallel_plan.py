@@ -190,6 +190,20 @@ def test_ulysses_bytes_scale_with_the_share_it_sends():
     assert per_block == {u: everything * (u - 1) // u for u in per_block}
 
 
+def test_readme_communication_table_is_the_functions():
+    """README.md's "Several GPUs" table (720p x 129: 118,800 image tokens) from `communication`."""
+    from pathlib import Path
+
+    readme = Path(__file__).parents[1] / "README.md"
+    rows = [line.split("|")[1:-1] for line in readme.read_text().splitlines() if line.startswith("| ") and " x ring " in line]
+    assert len(rows) == 4
+    for gpus, _, layout, block, step, seconds, run in (map(str.strip, row) for row in rows):
+        u, r = (int(n) for n in layout.removeprefix("Ulysses ").split(" x ring "))
+        comm = communication(CONFIG_13B, 118_800 // int(gpus), Layout(int(gpus), u, r))
+        assert (block, step) == (f"{comm.per_block / 1e6:.0f} MB", f"{comm.per_forward / 1e9:.1f} GB")
+        assert (seconds, run) == (f"{comm.seconds(12.0):.1f} s", f"{50 * comm.seconds(12.0) / 60:.1f} min")
+
+
 # ---------------------------------------------------------------------------------------------
 # Plans for the 13B model
 
