@@ -98,7 +98,7 @@ def plan(
         print_table(table)
         out.print(f"DiT blocks{found.per_gpu}: {found.schedule}")
         if found.layout:
-            print_parallel(found, link_gbs, steps, forwards[1])
+            print_parallel(found, link_gbs, forwards[1])
         if chosen.step_cache != "off":
             fewest, most = forwards
             out.print(f"step cache: {chosen.step_cache} (threshold {chosen.step_cache_threshold:g}): the DiT's blocks are expected "
@@ -109,7 +109,7 @@ def plan(
         raise typer.Exit(1)
 
 
-def print_parallel(found, link_gbs: float, steps: int, forwards: int) -> None:
+def print_parallel(found, link_gbs: float, forwards: int) -> None:
     """Several GPUs: the layout, what is per GPU and per machine, and the communication estimate."""
     comm = found.communication
     out.print(f"{found.layout} ({found.rank_tokens:,} of {found.tokens:,} image tokens each, and all the text tokens); "
