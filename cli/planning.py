@@ -7,8 +7,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import (Aspect, Attention, Compile, Frames, Json, Loras, Quiet, Resolution, Size, StepCache, UserError, app, err, out,
-                  print_json, print_table, profiles_app, quiet_libraries, user_errors)
+from .app import (Aspect, Attention, Compile, Frames, Gpus, Json, Loras, Parallel, Quiet, Resolution, Size, StepCache, UserError,
+                  app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors)
 from .progress import make_reporter, sigint_saves
 
 @app.command()
@@ -21,12 +21,12 @@ def plan(
     steps: int = typer.Option(50, "--steps", help="Denoising steps (for the DiT forwards a step cache is expected to run)."),
     step_cache: str = StepCache,
     lora: list[str] = Loras,
-    vram: float = typer.Option(None, "--vram", help="GiB of VRAM to plan for (default: this GPU's free VRAM, else the profile's budget)."),
-    ram: float = typer.Option(None, "--ram", help="GiB of host RAM to plan for (default: available RAM)."),
-    gpus: int = typer.Option(None, "--gpus", help="Plan for N GPUs on this machine, one clip's tokens split across them "
-                             "(sequence parallelism); --vram is then per GPU, --ram for the machine."),
-    parallel: str = typer.Option("usp", "--parallel", help="With --gpus: usp (Ulysses as far as the 24 heads divide, "
-                                 "the rest ring), ulysses or ring."),
+    vram: float = typer.Option(None, "--vram", help="GiB of VRAM to plan for, per GPU with --gpus (default: this GPU's "
+                               "free VRAM, else the profile's budget)."),
+    ram: float = typer.Option(None, "--ram", help="GiB of host RAM to plan for, for all --gpus processes "
+                              "(default: available RAM)."),
+    gpus: int = Gpus,
+    parallel: str = Parallel,
     link_gbs: float = typer.Option(None, "--link-gbs", help="With --gpus: GB/s each GPU's link carries, for the communication "
                                    "estimate (default 12: PCIe 4.0 x8, what a two-card consumer board gives each card)."),
     as_json: bool = Json,

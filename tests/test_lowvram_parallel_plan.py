@@ -52,6 +52,15 @@ class SentBytes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _sequence_parallel(mode: str, world: int, rank: int) -> SequenceParallel:
+    """This rank's share and attention for SMALL (yunchang's groups, as lowvram/ranks.py makes them)."""
+    from yunchang.globals import PROCESS_GROUP, set_seq_parallel_pg
+
+    layout = choose_layout(mode, world, SMALL.heads)
+    set_seq_parallel_pg(layout.ulysses, layout.ring, rank, world)
+    return SequenceParallel(layout, rank, SMALL.patch_size, PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG)
+
+
 def _measure(rank: int, world: int, folder: str) -> None:
     """One rank: per mode, the attention's peak beyond its q, k, v (inputs made outside the
     tracker) for 24 and 600 text tokens, and a whole forward's peak and bytes sent (chunk 128)."""
@@ -62,12 +71,13 @@ def _measure(rank: int, world: int, folder: str) -> None:
     inputs = small_inputs(text=TEXT)
     results = {}
     for mode in ("ulysses", "ring"):
-        layout = choose_layout(mode, world, SMALL.heads)
-        model.sequence_parallel = SequenceParallel.start(layout, rank, SMALL.patch_size)
+        model.sequence_parallel = _sequence_parallel(mode, world, rank)
+        layout = model.sequence_parallel.layout
         attention = {}
         for text in (TEXT, 600):
             gen = torch.Generator().manual_seed(rank)
-            q, k, v = (torch.randn(1, IMAGE // world + text, SMALL.heads, SMALL.head_dim, generator=gen).bfloat16() for _ in "qkv")
+            shape = (1, IMAGE // world + text, SMALL.heads, SMALL.head_dim)
+            q, k, v = (torch.randn(shape, generator=gen).bfloat16() for _ in "qkv")
             with torch.no_grad(), PeakTracker() as tracker:
                 model.sequence_parallel.attention(q, k, v, IMAGE // world, "sdpa")
             attention[text] = tracker.peak_bytes
@@ -88,7 +98,7 @@ def _measure_attention(rank: int, world: int, folder: str) -> None:
                             timeout=timedelta(seconds=60))  # a stuck rank fails the test instead of hanging it
     results = {}
     for mode in ("usp", "ring"):
-        sp = SequenceParallel.start(choose_layout(mode, world, SMALL.heads), rank, SMALL.patch_size)
+        sp = _sequence_parallel(mode, world, rank)
         gen = torch.Generator().manual_seed(rank)
         q, k, v = (torch.randn(1, 128 + TEXT, SMALL.heads, SMALL.head_dim, generator=gen).bfloat16() for _ in "qkv")
         with torch.no_grad(), PeakTracker() as tracker:
