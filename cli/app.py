@@ -42,7 +42,7 @@ Compile = typer.Option(None, "--compile/--no-compile", help="torch.compile the D
 Loras = typer.Option(None, "--lora", help="PATH[:STRENGTH] of a LoRA .safetensors (diffusers, kohya/musubi or official "
                      "names; strength default 1). Repeat to add several.")
 Gpus = typer.Option(None, "--gpus", help="Split the video's tokens across this many GPUs (one process each, sequence parallel; "
-                    "needs the [multigpu] extra). Every GPU runs the profile's plan for its share.")
+                    "needs the \\[multigpu] extra). Every GPU runs the profile's plan for its share.")
 Parallel = typer.Option("usp", "--parallel", help="With --gpus: usp (Ulysses as far as the 24 heads divide, then ring), ulysses or ring.")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")

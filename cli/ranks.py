@@ -1,6 +1,6 @@
 """`--gpus N`: this command as one of N ranks (lowvram/ranks.py), or the launcher of N ranks.
 
-    ranks = as_rank(gpus, parallel, device, model_dir, latent, as_json)   # before the work starts
+    ranks = as_rank(gpus, parallel, device, model_dir, video, as_json, resume_hint)   # before the work starts
     # returns: None (one process) or rank 0's Ranks; launchers and followers never return
 
 Started by a person, `--gpus N` re-runs the same command line as N ranks (lowvram/launch.py) and
@@ -18,13 +18,13 @@ from .app import err, fail
 
 
 def as_rank(gpus: int | None, parallel: str, device: str | None, model_dir: Callable[[], Path],
-            latent: Callable[[], list[int] | None], as_json: bool, resume_hint: str):
-    """Launch, follow or lead; see the module docstring. model_dir/latent: the run's model folder
-    and latent shape [1, C, T, H, W] (read by the launcher and rank 0 only; latent None: rank 0
-    checks each run's); resume_hint: the command that continues the run."""
+            video: Callable[[], tuple[int, int, int] | None], as_json: bool, resume_hint: str):
+    """Launch, follow or lead; see the module docstring. model_dir/video: the run's model folder
+    and (width, height, frames), asked by the launcher and rank 0 only (video None: a batch, whose
+    clips rank 0 checks one by one); resume_hint: the command that continues the run."""
     from hyvideo.checkpoint import find_model_files
     from lowvram.launch import launch_ranks
-    from lowvram.preflight import check_launch, default_device, parallel_layout
+    from lowvram.preflight import check_launch, default_device, run_layout
     from lowvram.ranks import RankZeroFailed, follow, join_ranks, leave_ranks, rank_environment
 
     env = rank_environment()
@@ -32,7 +32,7 @@ def as_rank(gpus: int | None, parallel: str, device: str | None, model_dir: Call
     if env is None:
         if gpus is None or gpus == 1:
             return None
-        check_launch(gpus, parallel, device, find_model_files(model_dir()), latent())
+        check_launch(gpus, parallel, device, find_model_files(model_dir()), video())
         outcome = launch_ranks([sys.executable, "-m", "cli", *sys.argv[1:]], gpus)
         if outcome.failure:
             fail(f"{outcome.failure}; the run stopped at its last saved step: `{resume_hint}` continues it", as_json,
@@ -42,7 +42,7 @@ def as_rank(gpus: int | None, parallel: str, device: str | None, model_dir: Call
         fail(f"--gpus {gpus}, but this process was started as one of {env['WORLD_SIZE']} ranks (WORLD_SIZE); "
              "give the same number or leave --gpus out", as_json)
     try:
-        ranks = join_ranks(lambda world: (parallel_layout(world, parallel, find_model_files(model_dir()), latent()), device))
+        ranks = join_ranks(lambda world: (run_layout(world, parallel, find_model_files(model_dir()), video()), device))
     except RankZeroFailed:  # rank 0 prints why
         raise typer.Exit(2) from None
     if ranks.leads:

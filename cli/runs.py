@@ -103,17 +103,10 @@ def generate(
 
 def _ranks_for(options, gpus: int | None, parallel: str, as_json: bool):
     """generate --gpus N: launch the ranks, or be one (cli/ranks.py)."""
-
-    def latent():
-        from hyvideo.checkpoint import find_model_files
-        from hyvideo.vae import latent_shape
-        from lowvram.stages import vae_config_for
-
-        request = options.request
-        return [1, *latent_shape(request.frames, request.height, request.width, vae_config_for(find_model_files(options.model_dir)))]
-
+    request = options.request
     gpus_hint = f" --gpus {gpus}" if gpus else ""
-    return as_rank(gpus, parallel, options.device, lambda: options.model_dir, latent, as_json, f"lowvram resume{gpus_hint}")
+    return as_rank(gpus, parallel, options.device, lambda: options.model_dir,
+                   lambda: (request.width, request.height, request.frames), as_json, f"lowvram resume{gpus_hint}")
 
 
 def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel):
@@ -214,8 +207,8 @@ def _resume_ranks(runs_dir: Path, ref: str | None, model_dir: Path | None, gpus:
     if gpus is None and launcher_or_single:
         gpus = (settings.get("parallel") or {}).get("ranks", 1)
     model = model_dir or settings.get("model_dir")
-    latent = settings.get("latent_shape") if ref is not None else None  # --batch/--all: rank 0 checks each run
-    return as_rank(gpus, parallel, settings.get("device"), lambda: Path(model), lambda: latent, as_json,
+    video = (settings["width"], settings["height"], settings["frames"]) if ref is not None and found else None
+    return as_rank(gpus, parallel, settings.get("device"), lambda: Path(model), lambda: video, as_json,
                    " ".join(["lowvram resume", *([found.id] if ref is not None and found else []), f"--gpus {gpus}"]))
 
 

@@ -26,14 +26,14 @@ from hyvideo.vae import latent_shape
 
 from .attention_choice import resolve_attention
 from .doctor import free_memory
-from .parallel import Layout, check_parallel, choose_layout, require_yunchang, split_axis
-from .planner import Plan, plan, resolve
+from .parallel import Layout, choose_layout, require_yunchang
+from .planner import Plan, parallel_layout, plan, resolve
 from .profiles import Profile, RunChoices, stored_profile
 from .progress import Reporter
 from .ranks import current_ranks
 from .rewrite import rewrite_settings
 from .runs import Run
-from .stages import dit_config_for, model_sizes, parameter_count
+from .stages import dit_config_for, model_sizes, parameter_count, vae_config_for
 
 CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
@@ -149,8 +149,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     ranks = current_ranks()
     if ranks and vram is not None:
         vram = ranks.free_vram  # each rank's plan must fit the GPU with the least free
-    shape = [1, *latent_shape(request.frames, request.height, request.width, vae_config)]
-    check_split(shape, dit_config.patch_size)
+    sizes.update(rank_sizes(ranks))
     if vram is not None and options.vram_limit_bytes is not None:
         vram = min(vram, options.vram_limit_bytes)
     profile, found = resolve(options.profile, request.width, request.height, request.frames, vram_bytes=vram,
@@ -166,7 +165,8 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         "profile": {**profile.to_dict(), "source": profile.source},
         "model_dir": str(Path(options.model_dir).resolve()), "out": str(out.resolve()) if out else None,
         "cache_dir": str(Path(options.cache_dir).resolve()) if options.cache_dir else None,
-        "latent_shape": shape, "parallel": parallel_settings(),
+        "latent_shape": [1, *latent_shape(request.frames, request.height, request.width, vae_config)],
+        "parallel": parallel_settings(),
         "dit_parameters": params, "rewrite": rewrite_settings(options.rewrite, files, options.rewrite_model),
         "loras": [{"path": str(spec.path), "strength": spec.strength, "fingerprint": file_fingerprint([spec.path])[0]}
                   for spec in loras],
@@ -175,9 +175,10 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     return settings, model, files, found
 
 
-def check_launch(world: int, mode: str, device: str, files: ModelFiles, latent: list[int] | None) -> Layout:
-    """`--gpus N` on this machine, before any rank starts: enough GPUs, yunchang installed, and the
-    layout (`parallel_layout`). On the CPU, N processes talk gloo (what the tests run)."""
+def check_launch(world: int, mode: str, device: str, files: ModelFiles, video: tuple[int, int, int] | None) -> Layout:
+    """`--gpus N` on this machine, before any rank starts: enough GPUs, yunchang installed, and a
+    layout the DiT's heads and this video's (width, height, frames) token grid allow (video None: a
+    batch, whose clips rank 0 checks one by one). On the CPU, N processes talk gloo (the tests)."""
     if world < 1:
         raise HyVideoError(f"--gpus must be at least 1, not {world}")
     if device.startswith("cuda"):
@@ -187,17 +188,19 @@ def check_launch(world: int, mode: str, device: str, files: ModelFiles, latent: 
                                " (CUDA_VISIBLE_DEVICES may hide some; `lowvram doctor` lists them); use --gpus "
                                f"{max(count, 1)}")
     require_yunchang()
-    return parallel_layout(world, mode, files, latent)
+    return run_layout(world, mode, files, video)
 
 
-def parallel_layout(world: int, mode: str, files: ModelFiles, latent: list[int] | None) -> Layout:
-    """--parallel MODE on `world` ranks for this model and (if given) latent shape [1, C, T, H, W]:
-    the DiT's heads must allow the Ulysses degree and the token grid must split evenly."""
-    config = dit_config_for(files)
-    if latent is None:
-        return choose_layout(mode, world, config.heads)
-    (pt, ph, pw), (_, _, frames, height, width) = config.patch_size, latent
-    return check_parallel(mode, world, config.heads, (frames // pt, height // ph, width // pw))
+def run_layout(world: int, mode: str, files: ModelFiles, video: tuple[int, int, int] | None) -> Layout:
+    """--parallel MODE on `world` ranks for this model and, if given, video (width, height, frames)."""
+    if video is None:
+        return choose_layout(mode, world, dit_config_for(files).heads)
+    return parallel_layout(mode, world, *video, dit_config_for(files), vae_config_for(files))
+
+
+def rank_sizes(ranks) -> dict:
+    """The planner's per-rank arguments for this process's ranks (none for one process)."""
+    return {} if ranks is None else {"layout": ranks.layout, "local_ranks": ranks.local_world}
 
 
 def parallel_settings() -> dict | None:
@@ -207,14 +210,6 @@ def parallel_settings() -> dict | None:
         return None
     layout = ranks.layout
     return {"ranks": layout.world, "ulysses": layout.ulysses, "ring": layout.ring}
-
-
-def check_split(latent_shape: list[int], patch: tuple[int, int, int]) -> None:
-    """With several ranks, the token grid must split evenly (one line saying which --gpus would)."""
-    ranks = current_ranks()
-    if ranks is not None:
-        _, _, frames, height, width = latent_shape
-        split_axis((frames // patch[0], height // patch[1], width // patch[2]), ranks.world)
 
 
 def describe_parallel(parallel: dict | None) -> str:
@@ -233,6 +228,7 @@ def plan_for_run(run: Run, files: ModelFiles) -> Plan:
     s = run.settings
     sizes = model_sizes(files)
     sizes["lora_bytes"] = lora_bytes(run_loras(s), sizes["dit_config"])
+    sizes.update(rank_sizes(current_ranks()))  # the layout it continues on, which may be another than it started on
     return plan(stored_profile(s["profile"], run.id), s["width"], s["height"], s["frames"], **sizes)
 
 
@@ -264,7 +260,6 @@ def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter 
     check_loras_unchanged(run)
     started, now = settings.get("parallel"), parallel_settings()
     if started != now:
-        check_split(settings["latent_shape"], dit_config_for(files).patch_size)
         reporter.warn(f"run {run.id} ran its first {run.step} steps on {describe_parallel(started)}, now on "
                       f"{describe_parallel(now)}: attention sums its parts in another order, so the video may differ "
                       "slightly from an uninterrupted run (resuming on the same layout is bit-identical)")

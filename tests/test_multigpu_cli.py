@@ -84,7 +84,7 @@ def test_ring_on_a_streamed_fp8_profile_with_a_step_cache(tiny_official, tmp_pat
     process does."""
     profile = tmp_path / "streamed.toml"
     profile.write_text(STREAMED)
-    args = ARGS + ["--profile", profile, "--cache", "fast"]
+    args = ARGS + ["--profile", profile, "--cache", "fast", "--cache-dir", tmp_path / "fp8"]  # not beside the shared model
     alone = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "one", "--json", *args)
     split = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "two", "--json", *args,
                 "--gpus", "2", "--parallel", "ring")
