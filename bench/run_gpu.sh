@@ -4,6 +4,7 @@
 # Results land in $OUT (or bench/results) as JSON + markdown, named by device.
 #   bash bench/run_gpu.sh            # call 1, the product path (wheels in .whl/ are installed first)
 #   bash bench/run_gpu.sh speed      # call 2, speed: attention kernels x compile x FP8 matmul, step cache
+#   bash bench/run_gpu.sh multigpu   # a machine with several GPUs: s/step on 1, 2, 4 GPUs under 16 GiB caps
 #   REHEARSE=1 bash bench/run_gpu.sh [speed]  # every step on the CPU at tiny size (before a device call)
 # The device has no package index: carry optimum-quanto, bitsandbytes and diffusers as wheels in .whl/.
 set -u
@@ -28,6 +29,20 @@ if [ "${1:-}" = speed ]; then
   if [ -n "${REHEARSE:-}" ]; then speed_args="--tiny --cache-steps 6 --budget-s 120"; else speed_args="--cap-gb 16 --budget-s 420"; fi
   timeout 540 python3 -m bench.bench_speed $speed_args --out "$out" > "$out/speed.log" 2>&1 || echo "   speed: exit $?"
   tail -4 "$out/speed.log"; ls "$out"/bench_speed-*.md
+  exit 0
+fi
+if [ "${1:-}" = multigpu ]; then
+  # Needs a machine with >= 2 GPUs: s/step at 720p x 129 on 1, 2 and 4 GPUs (sequence parallel, usp),
+  # every GPU capped at 16 GiB with the 16gb profile; the summary's s/step column gives the speedup.
+  if [ -n "${REHEARSE:-}" ]; then gpus=2; else gpus=$(nvidia-smi -L | wc -l); fi
+  if [ "$gpus" -lt 2 ]; then echo "multigpu: $gpus GPU visible, nothing to measure"; exit 0; fi
+  for n in 1 2 4; do
+    [ "$n" -le "$gpus" ] || break
+    timeout 240 python3 -m cli bench --scratch "$scratch" --layout official-fp8 --steps 3 $size $(video 720p) --profile 16gb \
+      $(cap 16) --gpus $n --json > "$out/lowvram-bench-720p-16gb-gpus$n.json" 2> "$out/lowvram-bench-720p-16gb-gpus$n.log" \
+      || echo "   gpus $n: exit $?"
+  done
+  python3 -m bench.summarize_bench "$out"
   exit 0
 fi
 bench() {  # NAME SECONDS ARGS...: one `lowvram bench` configuration -> $out/lowvram-bench-NAME.json

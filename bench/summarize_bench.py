@@ -35,7 +35,8 @@ def main(argv=None) -> int:
             continue
         video = run["video"]
         lines += [f"## {run['config']}: {run['profile']} at {video['width']}x{video['height']}x{video['frames']}, "
-                  f"cap {fmt(run['cap_gb'], '{:g}')} GiB", "",
+                  f"cap {fmt(run['cap_gb'], '{:g}')} GiB" + (f" per GPU, {run['parallel']['ranks']} GPUs (Ulysses "
+                  f"{run['parallel']['ulysses']} x ring {run['parallel']['ring']})" if run.get("parallel") else ""), "",
                   f"s/step {fmt(run['s_per_step'])}, DiT load {fmt(run['dit_load_seconds'], '{:.1f}')} s, "
                   f"estimate for {run['estimate']['steps']} steps {fmt(run['estimate']['seconds'], '{:.0f}')} s; "
                   f"blocks resident/streamed {run['schedule']['resident'].__len__()}/{run['schedule']['streamed'].__len__()}", "",

@@ -10,6 +10,7 @@ from rich.table import Table
 from .app import (Aspect, Attention, Compile, Frames, Gpus, Json, Loras, Parallel, Quiet, Resolution, Size, StepCache, UserError,
                   app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors)
 from .progress import make_reporter, sigint_saves
+from .ranks import as_rank
 
 @app.command()
 def plan(
@@ -173,15 +174,20 @@ def bench(
     attention: str = Attention,
     compile_blocks: bool = Compile,
     device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    gpus: int = Gpus,
+    parallel: str = Parallel,
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):
     """Run the real pipeline on random weights of the real size: per stage, measured peak VRAM and
-    RAM next to the plan, s/step, and an estimate for a full run. The video is noise."""
+    RAM next to the plan, s/step, and an estimate for a full run. The video is noise. With --gpus N
+    and --cap-gb, every GPU is capped."""
     quiet_libraries()
     reporter = make_reporter(enabled=not (as_json or quiet))
     with user_errors(as_json):
-        from lowvram.bench import BenchOptions, run_bench
+        from lowvram.bench import BenchOptions, cap_vram, ensure_synthetic_model, run_bench
+        from lowvram.preflight import describe_parallel
+        from lowvram.ranks import leave_ranks, rank_environment
         from lowvram.runner import RunInterrupted, StopRequest
         from lowvram.sizes import resolve_size
 
@@ -192,16 +198,28 @@ def bench(
         width, height = resolve_size(size, resolution, aspect)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
                                None if cap_gb is None else int(cap_gb * 2**30), device, step_cache, attention, compile_blocks)
+        env = rank_environment()
+        if env is not None and options.cap_bytes is not None:  # each rank caps its own GPU
+            cap_vram(options.cap_bytes, f"cuda:{env['LOCAL_RANK']}")
+
+        def model_dir():  # written by the launcher, before any rank starts
+            with reporter:
+                return ensure_synthetic_model(scratch, model_size, layout, reporter)
+
+        as_rank(gpus, parallel, device, model_dir, lambda: (width, height, frames), as_json, "lowvram bench")
         stop = StopRequest()
         try:
             with sigint_saves(stop), reporter:
                 result = run_bench(options, reporter, stop)
         except RunInterrupted:
             raise UserError("stopped; the bench run is not resumed (run `lowvram bench` again)") from None
+        finally:
+            leave_ranks()  # rank 0 of several: the followers stop with it
     if as_json:
         print_json({"ok": True, **result, "warnings": reporter.warnings})
         return
     title = (f"{result['profile']} at {width}x{height}x{frames}, {steps} steps, {result['model']['size']} model"
+             + (f", {describe_parallel(result['parallel'])}" if result["parallel"] else "")
              + (f", capped at {result['cap_gb']:g} GiB" if result["cap_gb"] else "") + f" ({result['gpu'] or result['device']})")
     table = Table("stage", "seconds", "VRAM GiB", "planned", "error", "RAM GiB", "planned", "error", "page cache GiB", title=title)
 

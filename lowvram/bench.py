@@ -10,6 +10,7 @@ with the planner's prediction for the same profile and size.
     result["stages"]   # per stage: measured and planned VRAM / RAM, error in %
     result["estimate"] # seconds for a full run (50 steps) from the measured s/step
 
+With `--gpus N` (cli/ranks.py) this runs on rank 0 of N, each rank capped to `cap_bytes`.
 `cap_bytes` emulates a smaller card: torch.cuda.set_per_process_memory_fraction caps what PyTorch
 may allocate, and the profile is chosen and planned for that much VRAM. The video is noise (random
 weights); the numbers are for this machine.
@@ -141,5 +142,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
         "stages": stages, "dit_load_seconds": load_s, "step_seconds": steps, "s_per_step": s_per_step,
         "estimate": {"steps": FULL_RUN_STEPS, "seconds": estimate},
         "run_id": result.run_id, "video_path": result.video, "final_latents": result.final_latents,
-        "note": "random weights: the video is noise; the numbers are for this machine",
+        "note": "random weights: the video is noise; the numbers are for this machine"
+                + ("; with several ranks, measured VRAM and RAM are rank 0's (its GPU, its process), planned RAM is "
+                   "the machine's" if result.settings.get("parallel") else ""),
     }
