@@ -67,13 +67,14 @@ class ClipJob:
 class Ranks:
     """This process's place in the run's process group, and the messages between the ranks."""
 
-    def __init__(self, env: dict[str, int], layout: Layout, device: torch.device, control, ulysses_group, ring_group):
+    def __init__(self, env: dict[str, int], layout: Layout, device: torch.device, control, ulysses_group, ring_group,
+                 free_vram: int | None):
         self.rank, self.world = env["RANK"], env["WORLD_SIZE"]
         self.local_rank, self.local_world = env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]
         self.layout, self.device = layout, device
         self.control = control  # a gloo group: messages between the ranks are CPU objects
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
-        self.free_vram: int | None = None  # the least free VRAM of any rank (what each rank's plan must fit)
+        self.free_vram = free_vram  # the least free VRAM of any rank (what each rank's plan must fit); None on CPUs
         self.finished = False
 
     @property
@@ -172,11 +173,11 @@ def join_ranks(layout_for: Callable[[int], tuple[Layout, str]]) -> Ranks | None:
     else:
         place = torch.device("cpu")
     set_seq_parallel_pg(layout.ulysses, layout.ring, env["RANK"], env["WORLD_SIZE"])
-    ranks = Ranks(env, layout, place, control, PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG)
-    free = [None] * ranks.world
+    free = [None] * env["WORLD_SIZE"]
     mine = torch.cuda.mem_get_info(place)[0] if place.type == "cuda" else None
     dist.all_gather_object(free, mine, group=control)
-    ranks.free_vram = min(free) if mine is not None else None
+    ranks = Ranks(env, layout, place, control, PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG,
+                  min(free) if mine is not None else None)
     _CURRENT = ranks
     return ranks
 

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from typer.testing import CliRunner
 
 from cli import app
 
-from .test_cli_subprocess import PROMPT, manifest, run, start_and_wait_for_step, uninterrupted
+from .test_cli_subprocess import PROMPT, ROOT, env, lowvram, manifest, run, start_and_wait_for_step, uninterrupted
 
 pytest.importorskip("yunchang")
 
@@ -120,6 +122,27 @@ def test_sigkill_of_a_rank_then_resume(tiny_official, tmp_path, two_ranks, one_p
     warnings = json.loads(alone.stdout)["warnings"]
     assert any("on 2 ranks (Ulysses 2 x ring 1), now on 1 process" in w for w in warnings), warnings
     torch.testing.assert_close(final_of(alone.stdout), one_process, rtol=0, atol=ATOL)
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step(tiny_official, tmp_path, two_ranks):
+    """The terminal's Ctrl-C reaches every process of its group: rank 0 finishes the step, every
+    rank stops after it, rank 0 says how to continue, and the run continues bit-identically."""
+    runs = tmp_path / "stopped"
+    launcher = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", runs, *ARGS,
+                                        "--gpus", "2"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while not (manifest(runs) or {}).get("step"):
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.01)
+    os.killpg(launcher.pid, signal.SIGINT)  # what the terminal does
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130, stderr
+    assert "continue with: lowvram resume" in stderr and "Traceback" not in stderr and "rank 1" not in stderr
+    stopped = manifest(runs)
+    assert stopped["state"] == "denoising" and stopped["step"] < STEPS
+    resumed = run("resume", "--runs-dir", runs, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.equal(final_of(resumed.stdout), two_ranks)
 
 
 @pytest.mark.parametrize("extra, words", [
