@@ -67,7 +67,7 @@ def generate(
     with user_errors(as_json):
         from hyvideo.lora import LoraSpec
         from hyvideo.pipeline import GenerationRequest
-        from lowvram.preflight import RunOptions, start_run
+        from lowvram.preflight import RunOptions, describe_parallel, start_run
         from lowvram.runner import execute
         from lowvram.sizes import resolve_size
 
@@ -95,7 +95,9 @@ def generate(
     def work(reporter, stop):
         run, files, plan = start_run(options, reporter)
         if not (as_json or quiet):
-            err.print(f"run {run.id} (seed {request.seed}, profile {plan.profile.name}) in {run.folder}", markup=False)
+            ranks = run.settings["parallel"]
+            on = f", on {describe_parallel(ranks)}" if ranks else ""
+            err.print(f"run {run.id} (seed {request.seed}, profile {plan.profile.name}{on}) in {run.folder}", markup=False)
         return execute(run, files, plan, reporter, stop)
 
     run_and_report(work, as_json, quiet)
