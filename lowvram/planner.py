@@ -41,9 +41,10 @@ Several GPUs (`layout`, lowvram/parallel.py: one process per GPU, the clip's ima
 across them): VRAM is per GPU. Each rank's DiT stage is the profile's placement for N / world image
 tokens plus all the text, with the cross-rank attention's buffers as their own part; the text
 encoders and the VAE run on rank 0's GPU alone. Host RAM is per machine: each of the `local_ranks`
-processes on it holds its own DiT-stage RAM (its own pinned copy of the streamed blocks), and while
-rank 0 encodes or decodes the others wait holding their process baseline. The weight files' page
-cache is shared by the processes. `Plan.communication`: the bytes each rank sends per forward.
+processes on it holds its own DiT-stage RAM (its own pinned copy of the streamed blocks; a quantized
+cache is built once, by rank 0, before the others load), while rank 0 encodes the others wait
+holding their process baseline, and after denoising they exit, so rank 0 decodes alone. The weight
+files' page cache is shared by the processes. `Plan.communication`: the bytes each rank sends per forward.
 """
 
 import dataclasses
@@ -194,7 +195,7 @@ class Plan:
                 "local_ranks": self.local_ranks, "image_tokens_per_rank": self.rank_tokens,
                 "vram": "per GPU: each rank's DiT stage; rank 0's GPU also runs the text encoders and the VAE",
                 "ram": f"per machine: {self.local_ranks} processes, each with its own DiT-stage RAM (pinned blocks "
-                       "included); the text and VAE stages add the waiting processes' baselines",
+                       "included); the text stage adds the waiting processes' baselines; the others exit before the VAE",
                 "communication": self.communication.to_dict(link_gbs)}
 
     def table_rows(self) -> list[list[str]]:
@@ -324,20 +325,18 @@ def plan(
     streamed = schedule.streamed_bytes_per_step
     pinned = min(streamed, profile.pinned_ram_cap_bytes) if profile.pin_memory else 0
     dit_ram = {"baseline": HOST_BASELINE_BYTES, "pinned blocks": pinned}
-    if profile.dit_scheme != "bf16":
-        dit_ram["first use (DiT cache)"] = first_use_quantize_bytes(dit_config)
-    if profile.step_cache != "off":  # the residual, and its serialized copy while a checkpoint is written
-        dit_ram["step cache"] = 2 * rank_tokens * dit_config.hidden_size * 2 + latent_bytes
+    if profile.step_cache != "off":  # the residual (all tokens, gathered on every rank), and its serialized copy at a checkpoint
+        dit_ram["step cache"] = 2 * tokens * dit_config.hidden_size * 2 + latent_bytes
     if lora_bytes.total(dit_config):  # built on the host, then moved with their blocks
         dit_ram["lora"] = lora_bytes.total(dit_config)
     dit_ram = {name: local_ranks * value for name, value in dit_ram.items()}  # every rank on this machine holds its own
+    if profile.dit_scheme != "bf16":  # rank 0 alone builds it, before the other ranks load the DiT
+        dit_ram["first use (DiT cache)"] = first_use_quantize_bytes(dit_config)
     dit_files = trunk_bytes(dit_config) + sum(schedule.block_bytes) - (lora_bytes.total(dit_config) - lora_bytes.trunk)
     stages["dit"] = StagePlan(sum(dit_parts.values()), dit_parts, dit_ram, dit_files)
     vae_vram, vae_parts = vae_stage(profile, vae_config, (t_lat, h_lat, w_lat))
     video_bytes = vae_config.out_channels * frames * height * width * 4  # float32 on the host
-    vae_ram = {"baseline": HOST_BASELINE_BYTES, "video": video_bytes}
-    if local_ranks > 1:
-        vae_ram["waiting ranks' baselines"] = (local_ranks - 1) * HOST_BASELINE_BYTES
+    vae_ram = {"baseline": HOST_BASELINE_BYTES, "video": video_bytes}  # the other ranks have exited after denoising
     stages["vae"] = StagePlan(vae_vram, vae_parts, vae_ram, vae_decoder_bytes(vae_config))
     return Plan(profile, width, height, frames, (t_lat, h_lat, w_lat), tokens, schedule, profile.token_chunk,
                 stages, budget, host_ram_bytes, dit_config, vae_config, layout=layout, local_ranks=local_ranks)
