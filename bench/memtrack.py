@@ -5,8 +5,16 @@ counts every tensor storage created by an op while it is active, and releases it
 tensor seen on that storage is garbage collected, so `peak_bytes` is the most bytes of tensor
 storage alive at once. It sees what Python sees: storages created before the tracker (weights,
 inputs) are not counted (also when an op returns a view of them), and scratch memory that a kernel
-allocates and frees inside one op (im2col, attention workspaces) is invisible. Use it to check
-memory estimates on small configs:
+allocates and frees inside one op (im2col, attention workspaces) is invisible.
+
+Collectives (c10d ops) get detached copies of their tensors (same storage, another tensor object):
+gloo's worker thread holds a collective's tensors until it drops its Work, which it may do after
+the caller has seen the collective complete and moved on (in a 2-rank test, 28 % of all-to-alls
+were still held on return), whenever the OS and the GIL let that thread run. Handed the program's
+own tensors, it would decide when their storages count as released, and the peak would depend on
+thread timing; this way a storage is released where the program drops its last tensor on it.
+
+Use it to check memory estimates on small configs:
 
     with torch.no_grad(), PeakTracker() as tracker:
         model(...)
@@ -17,7 +25,7 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 
 def _storage_key(t: torch.Tensor):
@@ -67,6 +75,9 @@ class PeakTracker(TorchDispatchMode):
                 key, _ = _storage_key(t)
                 if key not in self._live:
                     self._external.add(key)
+        if func.namespace == "c10d":  # (the docstring) a collective returns its arguments: nothing new
+            args, kwargs = tree_map_only(torch.Tensor, torch.Tensor.detach, (args, kwargs))
+            return func(*args, **kwargs)
         out = func(*args, **kwargs)
         outputs, _ = tree_flatten(out)
         for t in outputs:
