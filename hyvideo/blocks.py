@@ -118,20 +118,25 @@ class JointAttentionInputs:
     def image_tokens(self) -> int:
         return self.cos.shape[0]
 
-    def attend(self, q, k, v):
-        """Joint attention of [image ; text] q, k, v [B, S, H, D] -> [B, S, H*D]."""
+    def attend(self, qkv: list) -> torch.Tensor:
+        """Joint attention of [image ; text] q, k, v [B, S, H, D] -> [B, S, H*D]. Takes the list's
+        tensors (it empties it), so that the cross-rank attention can free each as soon as its
+        all-to-all has sent it; on one GPU they live until the kernel returns, as before."""
         if self.sequence_parallel is not None:
-            return self.sequence_parallel.attention(q, k, v, self.image_tokens, self.backend)
+            return self.sequence_parallel.attention(qkv, self.image_tokens, self.backend)
+        q, k, v = qkv
+        qkv.clear()
         return attention(q, k, v, self.key_mask, self.backend)
 
 
-def project_qkv(x, shift, scale, qkv_layer, q_norm, k_norm, heads, q, k, v, offset, inputs, rotate_until):
-    """Chunked norm-modulate -> QKV -> qk-RMSNorm -> RoPE, written into q/k/v [B, S, H, D] at
-    positions offset + chunk. Tokens at joint positions < rotate_until get RoPE."""
+def project_qkv(x, shift, scale, qkv_layer, q_norm, k_norm, heads, qkv, offset, inputs, rotate_until):
+    """Chunked norm-modulate -> QKV -> qk-RMSNorm -> RoPE, written into qkv = [q, k, v] [B, S, H, D]
+    at positions offset + chunk. Tokens at joint positions < rotate_until get RoPE."""
+    q, k, v = qkv
     width = q.shape[-1] * heads
     for rows in token_chunks(x.shape[1], inputs.chunk):
-        qkv = linear_rows(qkv_layer, norm_modulate(x[:, rows], shift, scale), slice(0, 3 * width))
-        cq, ck, cv = qkv.unflatten(-1, (3, heads, -1)).unbind(2)  # each [B, c, H, D]
+        fused = linear_rows(qkv_layer, norm_modulate(x[:, rows], shift, scale), slice(0, 3 * width))
+        cq, ck, cv = fused.unflatten(-1, (3, heads, -1)).unbind(2)  # each [B, c, H, D]
         cq, ck = q_norm(cq).to(cv.dtype), k_norm(ck).to(cv.dtype)
         start, stop = offset + rows.start, offset + rows.stop
         if start < rotate_until:
@@ -163,7 +168,7 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img, txt, vec, inputs: JointAttentionInputs):
         """img [B, N, D], txt [B, L, D], vec [B, D] -> updated (img, txt); img/txt are updated in place."""
         n_img = img.shape[1]
-        q, k, v = empty_qkv(img.shape[0], n_img + txt.shape[1], self.heads, img.shape[-1] // self.heads, img)
+        qkv = empty_qkv(img.shape[0], n_img + txt.shape[1], self.heads, img.shape[-1] // self.heads, img)
         mods = {}
         for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
             mods[stream] = getattr(self, f"{stream}_mod")(vec)
@@ -171,9 +176,8 @@ class DoubleStreamBlock(nn.Module):
             qkv_layer = getattr(self, f"{stream}_attn_qkv")
             with held_weights(qkv_layer):
                 project_qkv(x, shift1, scale1, qkv_layer, getattr(self, f"{stream}_attn_q_norm"),
-                            getattr(self, f"{stream}_attn_k_norm"), self.heads, q, k, v, offset, inputs, rotate_until=n_img)
-        attn = inputs.attend(q, k, v)  # [B, S, D]
-        del q, k, v
+                            getattr(self, f"{stream}_attn_k_norm"), self.heads, qkv, offset, inputs, rotate_until=n_img)
+        attn = inputs.attend(qkv)  # [B, S, D]; frees q, k, v
         for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
             _, _, gate1, shift2, scale2, gate2 = mods[stream]
             proj, mlp = getattr(self, f"{stream}_attn_proj"), getattr(self, f"{stream}_mlp")
@@ -206,12 +210,11 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x, vec, inputs: JointAttentionInputs):
         """x [B, N_img + L, D], vec [B, D] -> x updated in place."""
         shift, scale, gate = self.modulation(vec)
-        q, k, v = empty_qkv(x.shape[0], x.shape[1], self.heads, self.hidden_size // self.heads, x)
+        qkv = empty_qkv(x.shape[0], x.shape[1], self.heads, self.hidden_size // self.heads, x)
         with held_weights(self.linear1):
-            project_qkv(x, shift, scale, self.linear1, self.q_norm, self.k_norm, self.heads, q, k, v, 0, inputs,
+            project_qkv(x, shift, scale, self.linear1, self.q_norm, self.k_norm, self.heads, qkv, 0, inputs,
                         rotate_until=inputs.image_tokens)
-        attn = inputs.attend(q, k, v)  # [B, S, D]
-        del q, k, v
+        attn = inputs.attend(qkv)  # [B, S, D]; frees q, k, v
         mlp_rows = slice(3 * self.hidden_size, self.linear1.out_features)
         with held_weights(self.linear1, self.linear2):
             for rows in token_chunks(x.shape[1], inputs.chunk):

@@ -15,11 +15,15 @@ run in float32); mlp_per_token = 2 MLP-wide tensors (linear1's MLP rows and GELU
 30*D bytes per token in bf16: 92 KB, so a chunk of 8192 tokens costs 0.75 GB.
 
 DiT with sequence parallelism (lowvram/parallel.py, `layout`: world = u x r ranks), per rank: the
-same forward over its N/world image tokens and all the text tokens (h, g = its joint and image-only
-states), except the attention, which allocates beyond the caller's q, k, v (`attention_bytes`):
-- Ulysses (u > 1): the all-to-all's receive buffers kept as q, k, v of the group's tokens for this
-  rank's heads (h + 2g; with u = 1 they are views);
-- r = 1: the text keys/values joined to those (2 (g + t/u), t = the text's state) + the output (h);
+same forward over its N/world image tokens and all the text tokens (h, g, t = its joint, image-only
+and text states), except the attention (`attention_bytes`), which is handed q, k, v (3h) and frees
+each once its all-to-all has sent it:
+- the text's keys/values for this rank's heads, copied (2t/u), for the whole call;
+- Ulysses (u > 1): the all-to-all of q with q, k, v alive: yunchang's head-major input copy and its
+  receive buffer (2h: 5h in all; at batch 1 the token-major result is a view of the buffer); then
+  q, k, v are gone and the group's tokens for this rank's heads remain (h + 2g); with u = 1 the
+  "all-to-all" returns views of q, k, v (3h stay);
+- r = 1: the text keys/values joined to the image's (2 (g + t/u)) + the output (h);
 - ring (r > 1): yunchang's next k/v receive buffers (2g; 4g with r > 2, when the received pair is in
   use while the next arrives) + its LSE merge: the float32 running output (2h), the block's output
   (h), then its float32 copy and (out - block) in turn (4h): 7h. The text block merged after the
@@ -27,9 +31,11 @@ states), except the attention, which allocates beyond the caller's q, k, v (`att
 - the reverse all-to-all: the output, its head-major copy, the receive buffer (u > 1) and the
   token-major result (4h; 3h with u = 1), after the gathered q, k, v are freed;
 plus the float32 log-sum-exps (S x H x 4 bytes each, 2/head_dim of a state: one per kernel call, three
-alive in a merge). At 720p x 129 with the profiles' 8192-token chunks this attention is the block's
-peak. Counted as the CPU allocates (tests: equal to PeakTracker's measurement in gloo runs); on CUDA
-TorchScript may fuse the merge's element-wise steps, and then the ring's figures are upper bounds.
+alive in a merge). At 720p x 129 on two GPUs with the profiles' 8192-token chunks the Ulysses
+attention (about 6h, at the joined keys/values) is the block's peak; before the blocks handed q, k,
+v over it was 9h. Counted as the
+CPU allocates (tests: equal to PeakTracker's measurement in gloo runs); on CUDA TorchScript may fuse
+the merge's element-wise steps, and then the ring's figures are upper bounds.
 
 VAE decoder (hyvideo/vae.py), per decoded tile: walks the decoder levels and takes the largest
 set of tensors alive at once in a resnet (input, norm/SiLU outputs, the replicate-padded copy, conv
@@ -65,23 +71,25 @@ def _chunk_paths(config: DiTConfig, act_bytes: int) -> tuple[int, int]:
 
 def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
                     layout: Layout | None = None) -> int:
-    """Peak bytes one joint attention call allocates on a rank beyond its q, k, v (`tokens`: this
-    rank's image tokens): the output alone on one GPU; the cross-rank buffers with a layout."""
+    """Peak bytes of one joint attention call on a rank, the q, k, v it is handed included (`tokens`:
+    this rank's image tokens): q, k, v and the output on one GPU; the cross-rank buffers with a layout."""
     seq = tokens + text_tokens
     d = config.hidden_size
     hidden, image, text = seq * d * act_bytes, tokens * d * act_bytes, text_tokens * d * act_bytes
     lse = seq * config.heads * F32
     if layout is None or layout.world == 1:
-        return hidden
+        return 4 * hidden
     u, r = layout.ulysses, layout.ring
-    gathered = hidden + 2 * image if u > 1 else 0  # q, k, v of the Ulysses group's tokens, this rank's heads
+    text_kv = 2 * text // u  # the text's keys/values for this rank's heads, copied
+    scatter = 5 * hidden if u > 1 else 0  # q, k, v + the all-to-all of q (input copy, receive buffer)
+    gathered = hidden + 2 * image if u > 1 else 3 * hidden  # q, k, v of the group's tokens, this rank's heads
     if r == 1:
         kernel = 2 * (image + text // u) + hidden + lse  # keys/values joined with the text's; output
     else:
         received = (2 if r == 2 else 4) * image
         kernel = max(received + 7 * hidden + 3 * lse, 8 * hidden + 3 * lse)  # ring steps; the text block's merge
     reverse = (4 if u > 1 else 3) * hidden
-    return max(gathered + kernel, reverse)
+    return max(text_kv + scatter, text_kv + gathered + kernel, reverse)
 
 
 def dit_activation_bytes(
@@ -95,7 +103,7 @@ def dit_activation_bytes(
     rope = 2 * tokens * config.head_dim * F32  # cos and sin tables, float32
     c = seq if not chunk else min(chunk, seq)
     qkv_path, mlp_path = _chunk_paths(config, act_bytes)
-    attend = 3 * hidden + attention_bytes(config, tokens, text_tokens, act_bytes, layout)
+    attend = attention_bytes(config, tokens, text_tokens, act_bytes, layout)
     inside = max(3 * hidden + c * qkv_path, attend, hidden + c * mlp_path)
     return hidden + rope + inside
 

@@ -61,9 +61,19 @@ def _sequence_parallel(mode: str, world: int, rank: int) -> SequenceParallel:
     return SequenceParallel(layout, rank, SMALL.patch_size, PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG)
 
 
+def _attention_peak(sp: SequenceParallel, rank: int, image: int, text: int) -> int:
+    """The cross-rank attention's peak, the q, k, v it is handed (and frees) included."""
+    gen = torch.Generator().manual_seed(rank)
+    with torch.no_grad(), PeakTracker() as tracker:
+        qkv = [torch.randn(1, image + text, SMALL.heads, SMALL.head_dim, generator=gen, dtype=torch.bfloat16)
+               for _ in "qkv"]
+        sp.attention(qkv, image, "sdpa")
+    return tracker.peak_bytes
+
+
 def _measure(rank: int, world: int, folder: str) -> None:
-    """One rank: per mode, the attention's peak beyond its q, k, v (inputs made outside the
-    tracker) for 24 and 600 text tokens, and a whole forward's peak and bytes sent (chunk 128)."""
+    """One rank: per mode, the attention's peak for 24 and 600 text tokens, and a whole forward's
+    peak and bytes sent (chunk 128)."""
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))  # a stuck rank fails the test instead of hanging it
     model = small_dit()
@@ -75,12 +85,7 @@ def _measure(rank: int, world: int, folder: str) -> None:
         layout = model.sequence_parallel.layout
         attention = {}
         for text in (TEXT, 600):
-            gen = torch.Generator().manual_seed(rank)
-            shape = (1, IMAGE // world + text, SMALL.heads, SMALL.head_dim)
-            q, k, v = (torch.randn(shape, generator=gen).bfloat16() for _ in "qkv")
-            with torch.no_grad(), PeakTracker() as tracker:
-                model.sequence_parallel.attention(q, k, v, IMAGE // world, "sdpa")
-            attention[text] = tracker.peak_bytes
+            attention[text] = _attention_peak(model.sequence_parallel, rank, IMAGE // world, text)
         with torch.no_grad(), PeakTracker() as tracker:
             model(*inputs)
         with torch.no_grad(), SentBytes(layout.ulysses, world) as sent:
@@ -111,12 +116,7 @@ def _measure_attention(rank: int, world: int, folder: str) -> None:
                             timeout=timedelta(seconds=60))  # a stuck rank fails the test instead of hanging it
     results = {}
     for mode in ("usp", "ring"):
-        sp = _sequence_parallel(mode, world, rank)
-        gen = torch.Generator().manual_seed(rank)
-        q, k, v = (torch.randn(1, 128 + TEXT, SMALL.heads, SMALL.head_dim, generator=gen).bfloat16() for _ in "qkv")
-        with torch.no_grad(), PeakTracker() as tracker:
-            sp.attention(q, k, v, 128, "sdpa")
-        results[mode] = tracker.peak_bytes
+        results[mode] = _attention_peak(_sequence_parallel(mode, world, rank), rank, 128, TEXT)
     with open(f"{folder}/rank{rank}.json", "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
@@ -148,8 +148,9 @@ def test_tensors_gloo_still_holds_are_released_where_the_program_drops_them(two_
 
 @pytest.mark.parametrize("mode, text", [("ulysses", TEXT), ("ulysses", 600), ("ring", TEXT), ("ring", 600)])
 def test_cross_rank_attention_bytes_predicted_vs_measured(two_ranks, mode, text):
-    """Measured equal to the formula on both ranks (Ulysses 809,152 B and ring 1,235,520 B at 512 +
-    24 tokens per rank; 600 text tokens make the ring's text merge the peak instead of its steps).
+    """Measured equal to the formula on both ranks, the q, k, v handed over included (Ulysses
+    815,296 B and ring 1,659,456 B at 512 + 24 tokens per rank; 600 text tokens make the ring's text
+    merge the peak instead of its steps).
     Tolerance 1 %: every tensor the code allocates is counted; the margin is for small tensors a
     torch version may add or drop (the float32 log-sum-exps are 2/head_dim = 3 % of a state each)."""
     layout = choose_layout(mode, 2, SMALL.heads)
@@ -160,7 +161,7 @@ def test_cross_rank_attention_bytes_predicted_vs_measured(two_ranks, mode, text)
 
 def test_cross_rank_attention_bytes_on_four_ranks(tmp_path):
     """USP and a ring of more than two, where a received key/value pair is in use while the next
-    arrives: measured equal to the formula (842,304 B and 770,624 B per rank); tolerance as above."""
+    arrives: measured equal to the formula (452,160 B and 536,128 B per rank); tolerance as above."""
     measured = run_ranks(_measure_attention, 4, tmp_path)
     for mode in ("usp", "ring"):
         predicted = attention_bytes(SMALL, 128, TEXT, layout=choose_layout(mode, 4, SMALL.heads))
@@ -170,13 +171,15 @@ def test_cross_rank_attention_bytes_on_four_ranks(tmp_path):
 
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
 def test_forward_per_rank_predicted_vs_measured(two_ranks, mode):
-    """A whole forward per rank (bf16, chunk 128): measured 1,623,488 B (Ulysses) and 2,049,856 B
-    (ring), predicted 0.2 % less (small per-block tensors: modulation vectors, norms' statistics).
-    Tolerance -2 % .. +5 %, the single-GPU activation test's. The cross-rank attention is the peak
-    here, as at the profiles' 8192-token chunks for the 13B model."""
+    """A whole forward per rank (bf16, chunk 128): measured 1,304,320 B (Ulysses) and 2,062,144 B
+    (ring), predicted 0.1 % and 0.2 % less (small per-block tensors: modulation vectors, norms'
+    statistics). Tolerance -2 % .. +5 %, the single-GPU activation test's. The ring's cross-rank
+    attention is the peak; Ulysses frees q, k, v as its all-to-alls send them, and a chunk's work
+    is the peak, as for one rank's tokens without the attention's buffers."""
     layout = choose_layout(mode, 2, SMALL.heads)
     predicted = dit_activation_bytes(SMALL, IMAGE // 2, 128, text_tokens=TEXT, layout=layout)
-    assert predicted > dit_activation_bytes(SMALL, IMAGE // 2, 128, text_tokens=TEXT)  # the attention is the peak
+    without_buffers = dit_activation_bytes(SMALL, IMAGE // 2, 128, text_tokens=TEXT)
+    assert predicted > without_buffers if mode == "ring" else predicted == without_buffers
     for rank in two_ranks:
         assert -0.02 <= predicted / rank[mode]["forward"] - 1 <= 0.05
 
@@ -194,9 +197,9 @@ def test_bytes_sent_per_forward_predicted_vs_counted(two_ranks, mode):
 # Formulas
 
 
-def test_one_gpu_attention_is_its_output_and_sends_nothing():
+def test_one_gpu_attention_is_q_k_v_and_its_output_and_sends_nothing():
     hidden = (512 + TEXT) * SMALL.hidden_size * 2
-    assert attention_bytes(SMALL, 512, TEXT) == attention_bytes(SMALL, 512, TEXT, layout=Layout(1, 1, 1)) == hidden
+    assert attention_bytes(SMALL, 512, TEXT) == attention_bytes(SMALL, 512, TEXT, layout=Layout(1, 1, 1)) == 4 * hidden
     assert communication(CONFIG_13B, 118_800, Layout(1, 1, 1)).per_forward == 0
 
 
@@ -239,11 +242,11 @@ def test_readme_communication_table_is_the_functions():
 
 def test_two_12gb_cards_fit_720p_x_129():
     """Does 720p x 129 fit on two 12 GB cards? Yes: per GPU the 12gb profile's plan fits (it fits
-    one 12 GB card too, streaming 33 of 60 blocks; two cards give each half the tokens, not
-    more room for blocks). Per rank the hidden states, RoPE tables and q, k, v halve, the
-    8192-token chunk's work (0.70 GiB) does not: activations 0.60 of one GPU's. The Ulysses
-    buffers (the all-to-all copies of q, k, v and the text joined to k, v) then take about what
-    was saved: together within 3 % of one GPU's activations, so as many blocks stay resident."""
+    one 12 GB card too, streaming 33 of 60 blocks). Per rank the hidden states, RoPE tables and
+    q, k, v halve, the 8192-token chunk's work (0.70 GiB) does not: activations 0.60 of one GPU's.
+    The Ulysses buffers (the all-to-all's copies of q, k, v, which replace q, k, v as each is
+    sent, and the text joined to k, v) add 0.32 GiB: 0.69 of one GPU's together, which leaves
+    room for 5 more resident blocks (28 streamed instead of 33)."""
     layout = parallel_layout("usp", 2, 1280, 720, 129)
     assert str(layout) == "2 ranks: Ulysses 2 x ring 1"
     profile = with_budget(load_profile("12gb"), 12 * GIB)
@@ -254,8 +257,8 @@ def test_two_12gb_cards_fit_720p_x_129():
     dit_one, dit_two = one.stages["dit"].parts, two.stages["dit"].parts
     assert 0.5 < dit_two["activations"] / dit_one["activations"] < 0.65
     together = dit_two["activations"] + dit_two["sequence-parallel buffers"]
-    assert abs(together / dit_one["activations"] - 1) < 0.03
-    assert len(two.schedule.resident) == len(one.schedule.resident) == 27
+    assert 0.65 < together / dit_one["activations"] < 0.72
+    assert (len(one.schedule.resident), len(two.schedule.resident)) == (27, 32)
     # unchunked (the plain profile), per-token work dominates and the activations halve
     plain = (dit_activation_bytes(CONFIG_13B, 59_400, None), dit_activation_bytes(CONFIG_13B, 118_800, None))
     assert 0.49 < plain[0] / plain[1] < 0.51
