@@ -20,10 +20,12 @@ and text states), except the attention (`attention_bytes`), which is handed q, k
 each once its all-to-all has sent it:
 - the text's keys/values for this rank's heads, copied (2t/u), for the whole call;
 - Ulysses (u > 1): the all-to-all of q with q, k, v alive: yunchang's head-major input copy and its
-  receive buffer (2h: 5h in all; at batch 1 the token-major result is a view of the buffer); then
-  q, k, v are gone and the group's tokens for this rank's heads remain (h + 2g); with u = 1 the
-  "all-to-all" returns views of q, k, v (3h stay);
-- r = 1: the text keys/values joined to the image's (2 (g + t/u)) + the output (h);
+  receive buffer (2h: 5h in all; at batch 1 the token-major result is a view of the buffer); each
+  of q, k, v is freed once sent, leaving the group's tokens for this rank's heads (h + 2g in all);
+  with u = 1 the "all-to-all" returns views of q, k, v (3h stay);
+- r = 1: k is joined to the text's keys (g + t/u) before v is sent and joined (2h + 3g + t/u), then
+  one kernel call: its output (h) and LSE with the group's q, k, v (2 (h + g + t/u) + lse): less
+  than 5h, which is the Ulysses attention's peak;
 - ring (r > 1): yunchang's next k/v receive buffers (2g; 4g with r > 2, when the received pair is in
   use while the next arrives) + its LSE merge: the float32 running output (2h), the block's output
   (h), then its float32 copy and (out - block) in turn (4h): 7h. The text block merged after the
@@ -31,11 +33,11 @@ each once its all-to-all has sent it:
 - the reverse all-to-all: the output, its head-major copy, the receive buffer (u > 1) and the
   token-major result (4h; 3h with u = 1), after the gathered q, k, v are freed;
 plus the float32 log-sum-exps (S x H x 4 bytes each, 2/head_dim of a state: one per kernel call, three
-alive in a merge). At 720p x 129 on two GPUs with the profiles' 8192-token chunks the Ulysses
-attention (about 6h, at the joined keys/values) is the block's peak; before the blocks handed q, k,
-v over it was 9h. Counted as the
-CPU allocates (tests: equal to PeakTracker's measurement in gloo runs); on CUDA TorchScript may fuse
-the merge's element-wise steps, and then the ring's figures are upper bounds.
+alive in a merge). At 720p x 129 on two GPUs the Ulysses attention (5h) stays below the 8192-token
+chunk's projection work (3h + the chunk), so it adds nothing to the rank's peak; before q, k, v were
+handed over and k, v joined as gathered it was 9h. Counted as the CPU allocates (tests: equal to
+PeakTracker's measurement in gloo runs); on CUDA TorchScript may fuse the merge's element-wise
+steps, and then the ring's figures are upper bounds.
 
 VAE decoder (hyvideo/vae.py), per decoded tile: walks the decoder levels and takes the largest
 set of tensors alive at once in a resnet (input, norm/SiLU outputs, the replicate-padded copy, conv
@@ -82,14 +84,13 @@ def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_TOKE
     u, r = layout.ulysses, layout.ring
     text_kv = 2 * text // u  # the text's keys/values for this rank's heads, copied
     scatter = 5 * hidden if u > 1 else 0  # q, k, v + the all-to-all of q (input copy, receive buffer)
+    if r == 1:  # the later steps hold less (g < h): 2h + 3g + t/u, then 2 (h + g + t/u) + lse; reverse 4h
+        return text_kv + scatter
     gathered = hidden + 2 * image if u > 1 else 3 * hidden  # q, k, v of the group's tokens, this rank's heads
-    if r == 1:
-        kernel = 2 * (image + text // u) + hidden + lse  # keys/values joined with the text's; output
-    else:
-        received = (2 if r == 2 else 4) * image
-        kernel = max(received + 7 * hidden + 3 * lse, 8 * hidden + 3 * lse)  # ring steps; the text block's merge
+    received = (2 if r == 2 else 4) * image
+    ring = max(received + 7 * hidden + 3 * lse, 8 * hidden + 3 * lse)  # ring steps; the text block's merge
     reverse = (4 if u > 1 else 3) * hidden
-    return max(text_kv + scatter, text_kv + gathered + kernel, reverse)
+    return max(text_kv + scatter, text_kv + gathered + ring, reverse)
 
 
 def dit_activation_bytes(

@@ -144,28 +144,27 @@ class SequenceParallel:
 
     def attention(self, qkv: list, image_tokens: int, backend: str) -> torch.Tensor:
         """Joint attention of this rank's [image ; text] qkv = [q, k, v] [B, n + L, H, D] over every
-        rank's image tokens and the text -> [B, n + L, H*D] for this rank's tokens. Empties `qkv`
-        and frees each tensor once its all-to-all has sent it (with u = 1 the all-to-all returns
+        rank's image tokens and the text -> [B, n + L, H*D] for this rank's tokens. Empties `qkv`:
+        each tensor is freed once its all-to-all has sent it (with u = 1 the all-to-all returns
         views: they live on as the ring's inputs); the text's keys/values are copied first."""
         from yunchang.comm.all_to_all import SeqAllToAll4D
 
-        q, k, v = qkv
-        qkv.clear()
-        heads, u = q.shape[2], self.layout.ulysses
+        heads, u = qkv[0].shape[2], self.layout.ulysses
         head_rank = dist.get_rank(self.ulysses_group)
         mine = slice(head_rank * heads // u, (head_rank + 1) * heads // u)  # this rank's heads after the all-to-all
-        text_k, text_v = k[:, image_tokens:, mine].clone(), v[:, image_tokens:, mine].clone()  # [B, L, H/u, D]
-        # [B, n + L, H, D] -> [B, u (n + L), H/u, D]: the Ulysses group's tokens, this rank's heads
-        q_all = SeqAllToAll4D.apply(self.ulysses_group, q, 2, 1)
-        del q
-        k_all = SeqAllToAll4D.apply(self.ulysses_group, k[:, :image_tokens], 2, 1)
-        del k
-        v_all = SeqAllToAll4D.apply(self.ulysses_group, v[:, :image_tokens], 2, 1)
-        del v
-        if self.layout.ring == 1:
-            out = attention(q_all, torch.cat([k_all, text_k], dim=1), torch.cat([v_all, text_v], dim=1), None, backend)
-            out = out.unflatten(-1, (heads // u, -1))
+        text_k, text_v = (t[:, image_tokens:, mine].clone() for t in qkv[1:])  # [B, L, H/u, D]
+
+        def gather(t):  # [B, n (+ L), H, D] -> [B, u n (+ u L), H/u, D]: the Ulysses group's tokens, this rank's heads
+            return SeqAllToAll4D.apply(self.ulysses_group, t, 2, 1)
+
+        q_all = gather(qkv.pop(0))
+        k_all = gather(qkv.pop(0)[:, :image_tokens])
+        if self.layout.ring == 1:  # k joined to the text's before v is gathered: one pair of copies at a time
+            k_all = torch.cat([k_all, text_k], dim=1)
+            v_all = torch.cat([gather(qkv.pop(0)[:, :image_tokens]), text_v], dim=1)
+            out = attention(q_all, k_all, v_all, None, backend).unflatten(-1, (heads // u, -1))
         else:
+            v_all = gather(qkv.pop(0)[:, :image_tokens])
             out = self._ring(q_all, k_all, v_all, text_k, text_v, backend)
         del q_all, k_all, v_all, text_k, text_v
         return SeqAllToAll4D.apply(self.ulysses_group, out, 1, 2).flatten(2)  # [B, n + L, H*D]
