@@ -322,6 +322,13 @@ class _Execution:
                 self.steps_left -= request.steps - step
                 run.save_final(latents)
                 run.set_state("decoding")
+        except RuntimeError as error:
+            if self.ranks is None or isinstance(error, torch.OutOfMemoryError):
+                raise
+            # A message or collective failed: another rank ended (the launcher names it); checkpoints are whole.
+            run, detail = self.current, str(error).splitlines()[0][:160]
+            raise HyVideoError(f"lost the other ranks ({detail}); run {run.id} is saved at step {run.step}/{run.steps}: "
+                               f"`lowvram resume {run.id} --gpus {self.ranks.world}` continues it") from None
         finally:
             self.stop.stage = None
             if self.ranks:
@@ -433,13 +440,6 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
 
         latents = denoise(model, embeddings, latents, request, device, start_step=step, on_step=on_step,
                           blocks_for_step=blocks_for_step, step_cache=cache)
-    except RuntimeError as error:
-        if ranks is None or isinstance(error, torch.OutOfMemoryError):
-            raise
-        # A collective failed: another rank ended (the launcher names it); this rank's checkpoints are whole.
-        detail = str(error).splitlines()[0][:160]
-        raise HyVideoError(f"lost the other ranks during step {run.step + 1} ({detail}); run {run.id} is saved at step "
-                           f"{run.step}/{run.steps}: `lowvram resume {run.id} --gpus {ranks.world}` continues it") from None
     finally:
         stop.stage = None
         # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache
