@@ -339,12 +339,14 @@ class _Execution:
             empty_cache(self.device)
 
     def _place_dit(self):
-        """The DiT on this device; with several ranks, on theirs too (after this rank's, so that a
-        quantized cache built here is complete before they read it), each for its share of tokens."""
-        model, streamer = self.stages.dit()
+        """The DiT on this device; with several ranks, on theirs too, each for its share of tokens.
+        A quantized cache is built here first, so the ranks then load it at the same time."""
         if self.ranks:
             stages = self.stages
+            stages.ensure_dit_cache()
             self.ranks.send(DitJob(stages.files, stages.plan, stages.attention, stages.cache_dir, stages.loras))
+        model, streamer = self.stages.dit()
+        if self.ranks:
             model.sequence_parallel = self.ranks.sequence_parallel(model.config.patch_size)
         return model, streamer
 

@@ -144,7 +144,18 @@ class Stages:
             from quant.tencent_fp8 import load_tencent_fp8
 
             return load_tencent_fp8(files.dit_fp8, self.plan.dit_config, files.dit_fp8_map, dtype=self.dtype)
-        from quant.cache import cache_status, ensure_dit_cache, load_cached_dit
+        from quant.cache import load_cached_dit
+
+        self.ensure_dit_cache()
+        return load_cached_dit(self.cache_dir, self.plan.dit_config, scheme, self.profile.quant_policy, files.dit_weights, self.dtype)
+
+    def ensure_dit_cache(self) -> None:
+        """Build the quantize-once DiT cache if the profile reads one and it is missing or stale
+        (with several ranks, rank 0 does this before the others load from it)."""
+        files, scheme = self.files, self.profile.dit_scheme
+        if scheme == "bf16" or (scheme == "fp8" and files.dit_fp8 is not None):
+            return
+        from quant.cache import cache_status, ensure_dit_cache
 
         policy, config = self.profile.quant_policy, self.plan.dit_config
         status = cache_status(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
@@ -153,7 +164,6 @@ class Stages:
             ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy,
                              self.cache_dir, self.dtype, on_progress=lambda done, total: self.reporter.advance(done, total=total))
             self.reporter.stage("loading DiT")
-        return load_cached_dit(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
 
     def dit(self) -> tuple[torch.nn.Module, BlockStreamer]:
         """The DiT with its trunk on the device and its blocks placed per the plan; LoRAs wrap the
