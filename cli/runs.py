@@ -185,7 +185,7 @@ def resume(
     with user_errors(as_json):
         if sum((run is not None, batch is not None, every)) > 1:
             raise UserError("give one of: a run id, --batch ID, --all")
-        _resume_ranks(runs_dir, run if batch is None and not every else None, model_dir, gpus, parallel, as_json)
+        _resume_ranks(runs_dir, run, batch, every, model_dir, gpus, parallel, as_json)
 
     def work(reporter, stop):
         if batch is not None:
@@ -197,21 +197,31 @@ def resume(
     run_and_report(work, as_json, quiet)
 
 
-def _resume_ranks(runs_dir: Path, ref: str | None, model_dir: Path | None, gpus: int | None, parallel: str, as_json: bool):
-    """resume --gpus N (default: as many as the run used): launch the ranks, or be one. Only the
-    launcher and rank 0 read the run (followers may be on machines without its folder)."""
+def _resume_ranks(runs_dir: Path, ref: str | None, batch: str | None, every: bool, model_dir: Path | None,
+                  gpus: int | None, parallel: str, as_json: bool):
+    """resume --gpus N (default: as many as the run used; for --batch, its first run; for --all, the
+    newest unfinished): launch the ranks, or be one. Only the launcher and rank 0 read the runs
+    (followers may be on machines without the runs folder)."""
+    from lowvram.batch import find_batch
     from lowvram.ranks import rank_environment
-    from lowvram.runs import find_run
+    from lowvram.runs import Run, find_run
 
     launcher_or_single = rank_environment() is None
-    found = find_run(runs_dir, ref) if launcher_or_single or int(os.environ.get("RANK", 0)) == 0 else None
+    found = None
+    if launcher_or_single or int(os.environ["RANK"]) == 0:
+        if batch is not None:
+            folders = [runs_dir / entry["id"] for entry in find_batch(runs_dir, batch).runs]
+            found = next((Run.open(folder) for folder in folders if folder.is_dir()), None)
+        else:
+            found = find_run(runs_dir, ref)
     settings = found.settings if found else {}
     if gpus is None and launcher_or_single:
         gpus = (settings.get("parallel") or {}).get("ranks", 1)
     model = model_dir or settings.get("model_dir")
-    video = (settings["width"], settings["height"], settings["frames"]) if ref is not None and found else None
-    return as_rank(gpus, parallel, settings.get("device"), lambda: Path(model), lambda: video, as_json,
-                   " ".join(["lowvram resume", *([found.id] if ref is not None and found else []), f"--gpus {gpus}"]))
+    single = batch is None and not every and found is not None
+    video = (settings["width"], settings["height"], settings["frames"]) if single else None  # else rank 0 checks each run
+    command = "lowvram resume " + (f"{found.id} " if single else f"--batch {batch} " if batch else "--all " if every else "")
+    return as_rank(gpus, parallel, settings.get("device"), lambda: Path(model), lambda: video, as_json, f"{command}--gpus {gpus}")
 
 
 @app.command()

@@ -80,6 +80,19 @@ def test_two_ranks_equal_one_process(two_ranks, one_process):
     torch.testing.assert_close(two_ranks, one_process, rtol=0, atol=ATOL)
 
 
+def test_a_batch_on_two_ranks(tiny_official, tmp_path, two_ranks):
+    """A batch places the DiT once on every rank and sends each clip in turn (mixed sizes); a clip
+    gives what the same clip gives alone on two ranks, bit for bit."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f'{PROMPT}\n{{"prompt": "{PROMPT}", "size": "64x64"}}\n')
+    batch = run("generate", "--prompts", prompts, "--model-dir", tiny_official, "--runs-dir", tmp_path, "--json", *ARGS,
+                "--gpus", "2")
+    assert batch.returncode == 0, batch.stderr
+    first, second = json.loads(batch.stdout)["runs"]
+    assert torch.equal(load_file(first["final_latents"])["latents"], two_ranks)
+    assert second["settings"]["width"] == 64 and second["settings"]["parallel"]["ranks"] == 2
+
+
 def test_ring_on_a_streamed_fp8_profile_with_a_step_cache(tiny_official, tmp_path):
     """Each rank places the DiT per the profile (FP8, one block resident, the rest streamed); the
     step cache decides on sums over every rank's tokens, so the ranks skip the same steps as one
