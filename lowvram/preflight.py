@@ -30,7 +30,7 @@ from .parallel import Layout, choose_layout, require_yunchang
 from .planner import Plan, parallel_layout, plan, resolve
 from .profiles import Profile, RunChoices, stored_profile
 from .progress import Reporter
-from .ranks import current_ranks
+from .ranks import Ranks, current_ranks
 from .rewrite import rewrite_settings
 from .runs import Run
 from .stages import dit_config_for, model_sizes, parameter_count, vae_config_for
@@ -198,7 +198,7 @@ def run_layout(world: int, mode: str, files: ModelFiles, video: tuple[int, int, 
     return parallel_layout(mode, world, *video, dit_config_for(files), vae_config_for(files))
 
 
-def rank_sizes(ranks) -> dict:
+def rank_sizes(ranks: Ranks | None) -> dict:
     """The planner's per-rank arguments for this process's ranks (none for one process)."""
     return {} if ranks is None else {"layout": ranks.layout, "local_ranks": ranks.local_world}
 
@@ -259,7 +259,7 @@ def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter 
         )
     check_loras_unchanged(run)
     started, now = settings.get("parallel"), parallel_settings()
-    if started != now:
+    if started != now and run.manifest.get("final_latents") is None:  # steps are left to run on another layout
         reporter.warn(f"run {run.id} ran its first {run.step} steps on {describe_parallel(started)}, now on "
                       f"{describe_parallel(now)}: attention sums its parts in another order, so the video may differ "
                       "slightly from an uninterrupted run (resuming on the same layout is bit-identical)")
