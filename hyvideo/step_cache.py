@@ -136,7 +136,7 @@ class TeaCache:
             state.residual_step = step
             state.computed.append(step)
         else:
-            img = img + dit.shard_image_tokens(state.residual.to(x.device), x)
+            img = img + dit.shard_image_tokens(state.residual, x).to(x.device)  # this process's share, moved alone
         state.previous_latents = x.to("cpu", torch.float32, copy=True)
         return dit.head(img, vec, x)
 
