@@ -136,11 +136,17 @@ class Stages:
 
     # -- DiT ------------------------------------------------------------------------------------
 
+    @property
+    def reads_dit_cache(self) -> bool:
+        """Whether the DiT comes from the quantize-once cache (not bf16, not Tencent's FP8 file)."""
+        scheme = self.profile.dit_scheme
+        return scheme != "bf16" and not (scheme == "fp8" and self.files.dit_fp8 is not None)
+
     def _load_dit_on_host(self):
         files, scheme = self.files, self.profile.dit_scheme
         if scheme == "bf16":
             return load_dit(files, self.dtype)
-        if scheme == "fp8" and files.dit_fp8 is not None:
+        if not self.reads_dit_cache:
             from quant.tencent_fp8 import load_tencent_fp8
 
             return load_tencent_fp8(files.dit_fp8, self.plan.dit_config, files.dit_fp8_map, dtype=self.dtype)
@@ -152,11 +158,11 @@ class Stages:
     def ensure_dit_cache(self) -> None:
         """Build the quantize-once DiT cache if the profile reads one and it is missing or stale
         (with several ranks, rank 0 does this before the others load from it)."""
-        files, scheme = self.files, self.profile.dit_scheme
-        if scheme == "bf16" or (scheme == "fp8" and files.dit_fp8 is not None):
+        if not self.reads_dit_cache:
             return
         from quant.cache import cache_status, ensure_dit_cache
 
+        files, scheme = self.files, self.profile.dit_scheme
         policy, config = self.profile.quant_policy, self.plan.dit_config
         status = cache_status(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
         if status.state != "fresh":
