@@ -19,11 +19,11 @@ import torch
 
 from bench.common import device_info, finish
 from hyvideo.pipeline import GenerationRequest
-from lowvram.batch import Clip, execute_batch, start_batch
-from lowvram.bench import PROMPT, ensure_synthetic_model
+from lowvram.generation.batch import Clip, execute_batch, start_batch
+from lowvram.generation.bench import PROMPT, ensure_synthetic_model
 from lowvram.progress import Reporter
-from lowvram.preflight import RunOptions, start_run
-from lowvram.runner import execute
+from lowvram.generation.preflight import RunOptions, start_run
+from lowvram.generation.runner import execute
 
 CLIPS, STEPS = 3, 2
 

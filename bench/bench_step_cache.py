@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from bench.common import device_info, finish, psnr
 from hyvideo.checkpoint import find_model_files
-from lowvram.bench import BenchOptions, run_bench
-from lowvram.preflight import plan_for_run
-from lowvram.runs import find_run
+from lowvram.generation.bench import BenchOptions, run_bench
+from lowvram.generation.preflight import plan_for_run
+from lowvram.generation.run_folder import find_run
 from lowvram.stages import Stages
 
 PRESETS = ("off", "safe", "fast")

@@ -123,7 +123,7 @@ def measure(name: str, command: list[str], env: dict, cgroup: Path | None = None
 def write_folder(root: Path, layout: str, only: tuple[str, ...] | None = None) -> list[str]:
     """The command that writes the full-size folder (only the given top folders, if set)."""
     code = (
-        "import sys; from pathlib import Path; from hyvideo.synthetic_checkpoint import plan_folder, write_plan\n"
+        "import sys; from pathlib import Path; from lowvram.setup.synthetic_checkpoint import plan_folder, write_plan\n"
         f"plan = plan_folder({layout!r}, 'full', seed=0)\n"
         f"only = {only!r}\n"
         "if only:\n"

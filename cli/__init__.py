@@ -5,7 +5,7 @@
     lowvram runs | plan | profiles | bench | doctor | download | quantize | demo
 
 This package only parses arguments and draws (and is the only code that prints): the work is in
-lowvram/ (runner, runs, planner, profiles, bench, download, doctor), which returns data and reports
+lowvram/ (the engine; generation/: runner, run folders, bench; setup/: download, doctor), which returns data and reports
 progress through callbacks. User errors (`HyVideoError`) print one line and exit 2; Ctrl-C saves the
 run and exits 130. One module per group of commands: runs.py (generate, resume, demo, runs),
 planning.py (plan, profiles, bench), weights.py (doctor, download, quantize).

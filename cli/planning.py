@@ -40,7 +40,7 @@ def plan(
         from hyvideo.errors import HyVideoError
         from hyvideo.lora import LoraSpec, lora_bytes
         from hyvideo.pipeline import GenerationRequest, validate_request
-        from lowvram.doctor import host_ram
+        from lowvram.memory import host_ram
         from hyvideo.step_cache import expected_forwards
         from lowvram.communication import PCIE4_X8_GBS
         from lowvram.planner import parallel_layout, resolve, suggest_fit
@@ -185,10 +185,10 @@ def bench(
     quiet_libraries()
     reporter = make_reporter(enabled=not (as_json or quiet))
     with user_errors(as_json):
-        from lowvram.bench import BenchOptions, cap_vram, ensure_synthetic_model, run_bench
-        from lowvram.preflight import describe_parallel
-        from lowvram.ranks import leave_ranks, rank_environment
-        from lowvram.runner import RunInterrupted, StopRequest
+        from lowvram.generation.bench import BenchOptions, cap_vram, ensure_synthetic_model, run_bench
+        from lowvram.generation.preflight import describe_parallel
+        from lowvram.generation.ranks import leave_ranks, rank_environment
+        from lowvram.generation.runner import RunInterrupted, StopRequest
         from lowvram.sizes import resolve_size
 
         if model_size not in ("full", "tiny"):

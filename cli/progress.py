@@ -112,8 +112,8 @@ def sigint_saves(stop):
 
 def run_and_report(work, as_json: bool, quiet: bool):
     """Run `work(reporter, stop)` -> RunResult with progress, Ctrl-C and error handling."""
-    from lowvram.ranks import leave_ranks
-    from lowvram.runner import RunInterrupted, StopRequest
+    from lowvram.generation.ranks import leave_ranks
+    from lowvram.generation.runner import RunInterrupted, StopRequest
 
     quiet_libraries()
     stop = StopRequest()
@@ -139,7 +139,7 @@ def run_and_report(work, as_json: bool, quiet: bool):
 
 
 def report_result(result, warnings, as_json, quiet):
-    from lowvram.batch import BatchResult
+    from lowvram.generation.batch import BatchResult
 
     if isinstance(result, BatchResult):
         report_batch(result, warnings, as_json, quiet)

@@ -1,9 +1,9 @@
-"""`--gpus N`: this command as one of N ranks (lowvram/ranks.py), or the launcher of N ranks.
+"""`--gpus N`: this command as one of N ranks (lowvram/generation/ranks.py), or the launcher of N ranks.
 
     ranks = as_rank(gpus, parallel, device, model_dir, video, as_json, resume_hint)   # before the work starts
     # returns: None (one process) or rank 0's Ranks; launchers and followers never return
 
-Started by a person, `--gpus N` re-runs the same command line as N ranks (lowvram/launch.py) and
+Started by a person, `--gpus N` re-runs the same command line as N ranks (lowvram/generation/launch.py) and
 waits for them; started as a rank (by that launcher or by torchrun, whose variables say so), the
 command joins the group: rank 0 carries on as the run, the others follow it and exit.
 """
@@ -23,9 +23,9 @@ def as_rank(gpus: int | None, parallel: str, device: str | None, model_dir: Call
     and (width, height, frames), asked by the launcher and rank 0 only (video None: a batch, whose
     clips rank 0 checks one by one); resume_hint: the command that continues the run."""
     from hyvideo.checkpoint import find_model_files
-    from lowvram.launch import launch_ranks
-    from lowvram.preflight import check_launch, default_device, run_layout
-    from lowvram.ranks import RankZeroFailed, follow, join_ranks, leave_ranks, rank_environment
+    from lowvram.generation.launch import launch_ranks
+    from lowvram.generation.preflight import check_launch, default_device, run_layout
+    from lowvram.generation.ranks import RankZeroFailed, follow, join_ranks, leave_ranks, rank_environment
 
     env = rank_environment()
     device = device or default_device()

@@ -67,8 +67,8 @@ def generate(
     with user_errors(as_json):
         from hyvideo.lora import LoraSpec
         from hyvideo.pipeline import GenerationRequest
-        from lowvram.preflight import RunOptions, describe_parallel, start_run
-        from lowvram.runner import execute
+        from lowvram.generation.preflight import RunOptions, describe_parallel, start_run
+        from lowvram.generation.runner import execute
         from lowvram.sizes import resolve_size
 
         width, height = resolve_size(size, resolution, aspect)
@@ -85,7 +85,7 @@ def generate(
         request = GenerationRequest(text, width=width, height=height, frames=frames, steps=steps,
                                     seed=random.randint(0, 1_000_000) if seed is None else seed,
                                     guidance=guidance, flow_shift=flow_shift)
-        from lowvram.download import default_model_dir
+        from lowvram.setup.download import default_model_dir
 
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir,
                              step_cache=step_cache, compile=compile_blocks, loras=loras,
@@ -115,8 +115,8 @@ def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet
     """`generate --prompts FILE` / `--seeds`: every line checked before anything loads."""
     from dataclasses import replace
 
-    from lowvram.batch import clips_for, execute_batch, parse_seeds, read_prompts, start_batch
-    from lowvram.download import default_model_dir
+    from lowvram.generation.batch import clips_for, execute_batch, parse_seeds, read_prompts, start_batch
+    from lowvram.setup.download import default_model_dir
 
     with user_errors(as_json):
         if seeds is not None and options.request.seed is not None:
@@ -153,9 +153,9 @@ def rewrite_command(
     quiet_libraries()
     reporter = make_reporter(enabled=not as_json)
     with user_errors(as_json), reporter:
-        from lowvram.download import default_model_dir
-        from lowvram.rewrite import rewrite_only
-        from lowvram.preflight import check_device, default_device
+        from lowvram.setup.download import default_model_dir
+        from lowvram.generation.rewrite import rewrite_only
+        from lowvram.generation.preflight import check_device, default_device
 
         text = rewrite_only(prompt, mode, model_dir or default_model_dir(), rewrite_model, check_device(device or default_device()), reporter)
     if as_json:
@@ -179,8 +179,8 @@ def resume(
 ):
     """Continue an interrupted run from its last saved step (bit-identical to an uninterrupted run),
     or every unfinished run of a batch (--batch), or everything unfinished (--all)."""
-    from lowvram.batch import BatchResult, resume_all, resume_batch
-    from lowvram.runner import resume_run
+    from lowvram.generation.batch import BatchResult, resume_all, resume_batch
+    from lowvram.generation.runner import resume_run
 
     with user_errors(as_json):
         if sum((run is not None, batch is not None, every)) > 1:
@@ -202,9 +202,9 @@ def _resume_ranks(runs_dir: Path, ref: str | None, batch: str | None, every: boo
     """resume --gpus N (default: as many as the run used; for --batch, its first run; for --all, the
     newest unfinished): launch the ranks, or be one. Only the launcher and rank 0 read the runs
     (followers may be on machines without the runs folder)."""
-    from lowvram.batch import find_batch
-    from lowvram.ranks import rank_environment
-    from lowvram.runs import Run, find_run
+    from lowvram.generation.batch import find_batch
+    from lowvram.generation.ranks import rank_environment
+    from lowvram.generation.run_folder import Run, find_run
 
     launcher_or_single = rank_environment() is None
     found = None
@@ -245,8 +245,8 @@ def demo(
     The tiny checkpoint is written once and reused, so an interrupted demo can be resumed."""
     with user_errors(as_json):
         from hyvideo.pipeline import GenerationRequest
-        from lowvram.preflight import RunOptions, start_run
-        from lowvram.runner import execute
+        from lowvram.generation.preflight import RunOptions, start_run
+        from lowvram.generation.runner import execute
         from lowvram.sizes import parse_size
 
         width, height = parse_size(size)
@@ -254,7 +254,7 @@ def demo(
     model_root = save_model or runs_dir / "demo-model"
 
     def work(reporter, stop):
-        from lowvram.runner import DEMO_PROFILE, ensure_demo_model
+        from lowvram.generation.runner import DEMO_PROFILE, ensure_demo_model
 
         ensure_demo_model(model_root, reporter)
         options = RunOptions(request, model_root, runs_dir, DEMO_PROFILE, None, device, step_cache=step_cache)
@@ -271,7 +271,7 @@ def demo(
 @app.command("runs")
 def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
     """List runs, grouped by batch: id, prompt, size x frames, step k/N, state, output."""
-    from lowvram.batch import group_runs
+    from lowvram.generation.batch import group_runs
 
     groups = [(batch, [entry.summary() for entry in entries]) for batch, entries in group_runs(runs_dir)]
     if as_json:

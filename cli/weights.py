@@ -15,8 +15,8 @@ def doctor(
     as_json: bool = Json,
 ):
     """Check torch/CUDA, the GPU (VRAM, FP8 support), optional packages, RAM, disk and the weights."""
-    from lowvram.doctor import run_doctor
-    from lowvram.download import default_model_dir
+    from lowvram.setup.doctor import run_doctor
+    from lowvram.setup.download import default_model_dir
 
     model_dir = model_dir or default_model_dir()
     report = run_doctor(model_dir, runs_dir)
@@ -48,7 +48,7 @@ def download(
     quiet: bool = Quiet,
 ):
     """Download the weights from huggingface.co (or modelscope.cn) into the folder layout lowvram reads."""
-    from lowvram import download as dl
+    from lowvram.setup import download as dl
 
     model_dir = model_dir or dl.DEFAULT_MODEL_DIR
     with user_errors(as_json):
@@ -102,8 +102,8 @@ def quantize(
         import torch
 
         from hyvideo.checkpoint import find_model_files, load_dit_state_dict
-        from lowvram.download import default_model_dir
-        from lowvram.preflight import CPU_MAX_DIT_PARAMS
+        from lowvram.setup.download import default_model_dir
+        from lowvram.generation.preflight import CPU_MAX_DIT_PARAMS
         from lowvram.stages import compute_dtypes, default_cache_dir, dit_config_for, parameter_count
         from quant.cache import cache_paths, ensure_dit_cache
         from quant.nf4 import NF4Unavailable, ensure_llm_nf4_cache, llm_cache_path

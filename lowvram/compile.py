@@ -14,8 +14,6 @@ compiling again. The runner reports the compile time apart (the first step's ext
 import os
 from pathlib import Path
 
-import torch
-
 from .streaming import BlockStreamer
 
 

@@ -3,7 +3,7 @@ Unified Sequence Parallelism (USP) does for HunyuanVideo.
 
     layout = choose_layout("usp", world=4, heads=24)   # Ulysses 4 x ring 1
     model.sequence_parallel = SequenceParallel(layout, rank, (1, 2, 2), ulysses_group, ring_group)
-    # (the groups: lowvram/ranks.py makes them with yunchang's set_seq_parallel_pg)
+    # (the groups: lowvram/generation/ranks.py makes them with yunchang's set_seq_parallel_pg)
 
 Each rank holds a slab of the latent grid (its token rows, or columns when the rows do not divide:
 the official integration's rule) and every text token. Attention for a [image ; text] sequence:

@@ -4,4 +4,6 @@ One concept per module: `policy` (which linears), `fp8` / `int8` (one handler pe
 quantized state dict, swap modules for runtime), `tencent_fp8` (Tencent's FP8 release), `nf4` (4-bit
 LLM encoder), `cache` (quantize once, load many times), `bytes` (memory accounting).
 Nothing is imported here, so `import quant.bytes` does not pull in quanto or bitsandbytes.
+
+May import: `hyvideo`, optimum-quanto, bitsandbytes. Never `lowvram` or `cli`; nothing prints.
 """

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from hyvideo.synthetic_checkpoint import write_synthetic_checkpoint
+from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
 
 
 def pytest_configure(config):

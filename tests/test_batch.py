@@ -1,4 +1,4 @@
-"""Batches (lowvram/batch.py, runner.execute_runs) on the tiny model, float32 on the CPU: many clips
+"""Batches (lowvram/generation/batch.py, runner.execute_runs) on the tiny model, float32 on the CPU: many clips
 with each model loaded once give, clip for clip, the final latents of separate runs; a batch
 stopped (Ctrl-C) or killed (SIGKILL) mid-way resumes to the same latents; a bad prompt-file line
 is one error naming the line, before anything is created or loaded."""
@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
-from lowvram.batch import Batch, clips_for, execute_batch, group_runs, parse_seeds, read_prompts, resume_all, start_batch
+from lowvram.generation.batch import Batch, clips_for, execute_batch, group_runs, parse_seeds, read_prompts, resume_all, start_batch
 from lowvram.progress import Reporter
-from lowvram.preflight import RunOptions, start_run
-from lowvram.runner import RunInterrupted, StopRequest, execute
-from lowvram.runs import Run
+from lowvram.generation.preflight import RunOptions, start_run
+from lowvram.generation.runner import RunInterrupted, StopRequest, execute
+from lowvram.generation.run_folder import Run
 from lowvram.stages import Stages
 
 from .test_cli import invoke, one_line_error

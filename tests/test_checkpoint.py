@@ -127,7 +127,7 @@ def test_loading_holds_one_copy(tmp_path):
     the file size must stay near 1 (mmap + assign); a loader that builds the model and then copies
     the state dict in would be near 2."""
     from hyvideo.config import DiTConfig
-    from hyvideo.synthetic_checkpoint import SIZES, write_synthetic_checkpoint
+    from lowvram.setup.synthetic_checkpoint import SIZES, write_synthetic_checkpoint
 
     config = DiTConfig(hidden_size=512, heads=4, double_blocks=8, single_blocks=16, text_states_dim=64, text_states_dim_2=32)
     root = tmp_path / "mid"

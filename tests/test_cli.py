@@ -18,11 +18,11 @@ import cli
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
-from hyvideo.synthetic_checkpoint import write_text_encoder
+from lowvram.setup.synthetic_checkpoint import write_text_encoder
 from lowvram import stages as stages_module
-from lowvram.download import default_model_dir
+from lowvram.setup.download import default_model_dir
 from lowvram.profiles import load_profile
-from lowvram.runs import Run
+from lowvram.generation.run_folder import Run
 from quant.nf4 import nf4_unavailable_reason
 
 RUNNER = CliRunner()

@@ -18,7 +18,7 @@ from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraBytes, LoraLinear, LoraSpec, apply_loras, linear_shapes, lora_bytes, lora_updates
 from lowvram.planner import plan
 from lowvram.profiles import load_profile
-from lowvram.runner import RunInterrupted, StopRequest, execute, resume_run
+from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.streaming import BlockStreamer
 from quant.fp8 import FP8Linear, swap_linears_fp8
 from quant.int8 import quantize_int8

@@ -53,7 +53,7 @@ class SentBytes(TorchDispatchMode):
 
 
 def _sequence_parallel(mode: str, world: int, rank: int) -> SequenceParallel:
-    """This rank's share and attention for SMALL (yunchang's groups, as lowvram/ranks.py makes them)."""
+    """This rank's share and attention for SMALL (yunchang's groups, as lowvram/generation/ranks.py makes them)."""
     from yunchang.globals import PROCESS_GROUP, set_seq_parallel_pg
 
     layout = choose_layout(mode, world, SMALL.heads)

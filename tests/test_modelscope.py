@@ -1,5 +1,5 @@
 """`lowvram download --source modelscope`: the official layout from ModelScope's three repos and the
-LLaVA -> text_encoder/ extraction (lowvram/download.py, lowvram/llava.py). The `modelscope`
+LLaVA -> text_encoder/ extraction (lowvram/setup/download.py, lowvram/setup/llava.py). The `modelscope`
 package is replaced at its boundary (`snapshot_download`) by a fake that copies tiny folders."""
 
 import shutil
@@ -13,11 +13,11 @@ from transformers import CLIPVisionConfig, LlamaForCausalLM, LlavaConfig, LlavaF
 
 from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_VAE
 from hyvideo.errors import HyVideoError
-from hyvideo.synthetic_checkpoint import SIZES, llm_config
+from lowvram.setup.synthetic_checkpoint import SIZES, llm_config
 from hyvideo.text_encoder import LlamaTextEncoder
-from hyvideo.tiny_tokenizers import build_tiny_llama3_tokenizer
-from lowvram import download as dl
-from lowvram.llava import extract_language_model
+from lowvram.setup.tiny_tokenizers import build_tiny_llama3_tokenizer
+from lowvram.setup import download as dl
+from lowvram.setup.llava import extract_language_model
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_a_full_clip_checkpoint_serves_as_text_encoder_2(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
     from hyvideo.text_encoder import ClipTextEncoder
-    from hyvideo.tiny_tokenizers import build_tiny_clip_tokenizer
+    from lowvram.setup.tiny_tokenizers import build_tiny_clip_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tiny_clip_tokenizer()

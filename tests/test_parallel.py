@@ -14,7 +14,7 @@ from hyvideo.attention import attention_with_lse
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
-from lowvram.launch import free_port
+from lowvram.generation.launch import free_port
 from lowvram.parallel import Layout, SequenceParallel, check_parallel, choose_layout, split_axis
 
 pytest.importorskip("yunchang")

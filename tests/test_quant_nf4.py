@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hyvideo.errors import HyVideoError
-from hyvideo.synthetic_checkpoint import write_text_encoder
+from lowvram.setup.synthetic_checkpoint import write_text_encoder
 from quant import nf4
 from quant.nf4 import (
     LLM_CACHE_HEADER, ensure_llm_nf4_cache, llm_cache_path, llm_cache_status, load_llm_bf16, load_llm_nf4,

@@ -1,6 +1,6 @@
 """--rewrite: the instructions and chat the LLM gets, greedy decoding, the rewritten prompt stored in
 the run and encoded, resume without rewriting, and the diffusers layout's headless encoder
-(hyvideo/prompt_rewrite.py, lowvram/rewrite.py), on the tiny official text encoder (a random
+(hyvideo/prompt_rewrite.py, lowvram/generation/rewrite.py), on the tiny official text encoder (a random
 LlamaForCausalLM: its rewrites are gibberish, but deterministic)."""
 
 import json
@@ -17,9 +17,9 @@ from hyvideo.pipeline import GenerationRequest
 from hyvideo.prompt_rewrite import INSTRUCTIONS, chat_input_ids, rewrite_prompt
 from lowvram import rewrite as rewrite_module
 from lowvram import runner as runner_module
-from lowvram.preflight import RunOptions, start_run
-from lowvram.runner import RunInterrupted, StopRequest, execute, resume_run
-from lowvram.runs import Run
+from lowvram.generation.preflight import RunOptions, start_run
+from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
+from lowvram.generation.run_folder import Run
 
 from .test_runs import StopAfter
 
@@ -156,7 +156,7 @@ def test_nf4_rewrite_model_or_its_bf16_fallback(tiny_official):
     linears, or (bitsandbytes cannot run these tiny shapes on the CPU: its kernel wants out
     features in blocks of 32) a warning and the bf16 model on the CPU, never a traceback."""
     from lowvram.progress import Reporter
-    from lowvram.rewrite import load_rewriter
+    from lowvram.generation.rewrite import load_rewriter
 
     class Warnings(Reporter):
         def __init__(self):

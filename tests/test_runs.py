@@ -1,4 +1,4 @@
-"""Run folders, resume, video files, weight checks and downloads, below the CLI (lowvram/runs.py,
+"""Run folders, resume, video files, weight checks and downloads, below the CLI (lowvram/generation/run_folder.py,
 runner.py, video.py, download.py, doctor.py) on the tiny model, float32 on the CPU."""
 
 import errno
@@ -20,15 +20,15 @@ from safetensors.torch import load_file
 from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_VAE
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
-from lowvram import download as dl
-from lowvram.doctor import run_doctor
+from lowvram.setup import download as dl
+from lowvram.setup.doctor import run_doctor
 from lowvram.progress import Reporter
-from lowvram.preflight import RunOptions, start_run
-from lowvram.runner import RunInterrupted, StopRequest, execute, resume_run
+from lowvram.generation.preflight import RunOptions, start_run
+from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.stages import Stages
 from hyvideo.files import fingerprint_mismatch
-from lowvram.runs import KEEP_CHECKPOINTS, Run, find_run, list_runs
-from lowvram.video import png_bytes, write_mp4
+from lowvram.generation.run_folder import KEEP_CHECKPOINTS, Run, find_run, list_runs
+from lowvram.generation.video import png_bytes, write_mp4
 
 # 64x48 px, 9 frames: latents [1, 16, 3, 6, 8], the smallest clip with several latent frames and
 # both spatial dims even after the 2x2 patching; 4 steps are enough to stop and resume mid-way.
@@ -473,7 +473,7 @@ def test_doctor_says_what_the_loader_would_say(tiny_official, tmp_path):
 
 DOCTOR_ADDRESS_SPACE_SCRIPT = """
 import json, os, resource, sys
-from lowvram.download import check_model_folder
+from lowvram.setup.download import check_model_folder
 
 vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize:")).split()[1]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))

@@ -13,11 +13,11 @@ from hyvideo.checkpoint import OFFICIAL_DIT, find_model_files, load_dit
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.diffusers_keys import diffusers_to_official
 from hyvideo.dit import HunyuanVideoDiT
-from hyvideo.synthetic_checkpoint import (
+from lowvram.setup.synthetic_checkpoint import (
     SIZES, RandomWeights, clip_config, llm_config, meta_layout, plan_folder, write_synthetic_checkpoint,
 )
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
-from hyvideo.tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokenizer
+from lowvram.setup.tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokenizer
 from hyvideo.weight_io import read_torch_file
 
 

@@ -1,4 +1,4 @@
-"""Text encoders (facts §4) on tiny random models written by hyvideo.synthetic_checkpoint, plus the
+"""Text encoders (facts §4) on tiny random models written by lowvram.setup.synthetic_checkpoint, plus the
 crop_start check against the real Llama-3 tokenizer when Meta's `llama-models` package is installed.
 
 Everything runs in float32 on CPU; tolerances are for float32 reductions in different orders.
@@ -26,7 +26,7 @@ from hyvideo.text_encoder import (
     encode_prompts,
     template_for_frames,
 )
-from hyvideo.synthetic_checkpoint import write_text_encoder
+from lowvram.setup.synthetic_checkpoint import write_text_encoder
 
 TEXT_LEN = 40  # short LLM window: SHORT (12 tiny tokens) and LONG (29) fit, 3 x LONG does not
 SHORT = "A cat walks on the grass."

@@ -2,7 +2,7 @@
 
     ranks = join_ranks(layout_for)        # from torchrun's variables (RANK, WORLD_SIZE, ...); None: one process
     if ranks.rank > 0: follow(ranks)      # the followers' whole life
-    else: ... the usual run; _Execution (lowvram/runner.py) drives the followers through `ranks`
+    else: ... the usual run; _Execution (lowvram/generation/runner.py) drives the followers through `ranks`
 
 Rank 0 is the only one that touches the run folder, reports progress and writes outputs: it runs
 the pre-flight checks, the text encoders and the VAE on its own GPU as a one-GPU run does. For the
@@ -36,9 +36,9 @@ from hyvideo.pipeline import GenerationRequest, denoise
 from hyvideo.step_cache import CacheState
 from hyvideo.text_encoder import TextEmbeddings
 
-from .parallel import Layout, SequenceParallel, require_yunchang
-from .planner import Plan
-from .stages import Stages
+from lowvram.parallel import Layout, SequenceParallel, require_yunchang
+from lowvram.planner import Plan
+from lowvram.stages import Stages
 
 FINISH = "finish"
 # Rank 0 may spend a long time alone (text encoding, building a quantized cache) while the others

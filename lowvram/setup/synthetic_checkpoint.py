@@ -44,13 +44,13 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM
 
-from .checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP, OFFICIAL_VAE
-from .config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
-from .diffusers_keys import diffusers_parts, official_to_diffusers_tensors
-from .dit import HunyuanVideoDiT
+from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP, OFFICIAL_VAE
+from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
+from hyvideo.diffusers_keys import diffusers_parts, official_to_diffusers_tensors
+from hyvideo.dit import HunyuanVideoDiT
 from .tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokenizer
-from .vae import CausalVAE
-from .weight_io import Layout, write_safetensors_stream, write_torch_stream
+from hyvideo.vae import CausalVAE
+from hyvideo.weight_io import Layout, write_safetensors_stream, write_torch_stream
 
 LAYOUTS = ("official", "diffusers", "official-fp8")  # official-fp8: Tencent's FP8 DiT pair instead of the bf16 .pt
 FP8_MAX = 448.0  # largest float8_e4m3fn value

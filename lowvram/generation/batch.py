@@ -5,7 +5,7 @@
     result = execute_batch(batch, runs, files, plan, reporter, stop)      # encode all, denoise all, decode all
     result = resume_batch(runs_dir, "batch-20250101-120000", reporter=reporter, stop=stop)
 
-Each clip is an ordinary run folder (lowvram/runs.py), with the settings and manifest a single
+Each clip is an ordinary run folder (lowvram/generation/run_folder.py), with the settings and manifest a single
 `generate` of that clip would write: it resumes alone (`lowvram resume ID`) or with its batch, and
 its result is bit-identical to running it alone. The batch itself is one small file beside them,
 `<runs-dir>/<batch id>.batch.json`: the runs in order, the prompt-file line each came from, and
@@ -33,11 +33,11 @@ from hyvideo.errors import HyVideoError
 from hyvideo.files import write_atomic
 from hyvideo.pipeline import GenerationRequest, validate_request
 
-from .progress import Reporter
+from lowvram.progress import Reporter
 from .preflight import RunOptions, plan_for_run, prepare_run, resumable_files, versions
 from .runner import RunInterrupted, RunResult, StopRequest, done_result, execute_runs, is_done, resume_run
-from .runs import Run, RunEntry, glob_escape, list_runs
-from .sizes import resolve_size
+from .run_folder import Run, RunEntry, glob_escape, list_runs
+from lowvram.sizes import resolve_size
 
 BATCH_FORMAT = "hyvideo-lowvram-batch"
 BATCH_SUFFIX = ".batch.json"

@@ -22,9 +22,9 @@ from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.errors import HyVideoError
 from hyvideo.prompt_rewrite import check_mode, rewrite_prompt
 
-from .progress import Reporter
-from .runs import Run
-from .streaming import empty_cache
+from lowvram.progress import Reporter
+from .run_folder import Run
+from lowvram.streaming import empty_cache
 
 
 def rewrite_folders(files: ModelFiles | None, rewrite_model: Path | None) -> tuple[Path, Path]:
@@ -113,7 +113,7 @@ def prompt_for_encoding(run: Run, files: ModelFiles, device: torch.device, dtype
 def rewrite_only(prompt: str, mode: str, model_dir: Path | None, rewrite_model: Path | None, device: torch.device,
                  reporter: Reporter) -> str:
     """`lowvram rewrite`: the rewritten prompt alone (NF4 on a GPU, the compute dtype on the CPU)."""
-    from .stages import compute_dtypes
+    from lowvram.stages import compute_dtypes
 
     check_mode(mode)
     if not prompt or not prompt.strip():

@@ -1,6 +1,6 @@
 """One generation as a resumable run: text encoding, Euler steps with a checkpoint after every
 step, VAE decode, mp4 + PNG (one frame: a PNG image alone), after the checks of
-lowvram/preflight.py. The CLI calls `start_run` / `execute` / `resume_run` and draws what
+lowvram/generation/preflight.py. The CLI calls `start_run` / `execute` / `resume_run` and draws what
 `Reporter` is told; nothing here prints.
 
     run, files, plan = start_run(RunOptions(request, model_dir, runs_dir))  # preflight: checks, plan, run folder
@@ -12,11 +12,11 @@ Plan is what the `Stages` are built from. Each stage loads only its own models a
 before the next (text encoders, then the DiT, then the VAE), also when it is interrupted, so a
 resume in "decoding" never loads the DiT and a resume in "denoising" never loads the text encoders.
 How a stage gets its model onto the GPU (quantized, block-streamed, tiled) is `Stages`' business.
-Several runs (a batch, lowvram/batch.py) go through `execute_runs` stage by stage: every run's
+Several runs (a batch, lowvram/generation/batch.py) go through `execute_runs` stage by stage: every run's
 text encoding, then every run's denoising, then every decode, so each model is loaded once; each
 run folder is still exactly a single run's, and resumes the same way.
 
-Several GPUs (`--gpus N`, lowvram/ranks.py): this code runs on rank 0, which sends the other ranks
+Several GPUs (`--gpus N`, lowvram/generation/ranks.py): this code runs on rank 0, which sends the other ranks
 the DiT to place and each clip to denoise with it (sequence parallel), and their agreement to stop
 after a step; everything else (text, checkpoints, decode, outputs) is rank 0's alone.
 
@@ -42,17 +42,17 @@ from hyvideo.pipeline import GenerationRequest, denoise
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 
-from .attention_choice import usable_backend
+from lowvram.attention_choice import usable_backend
 from .measure import StageMeter
-from .planner import Plan
+from lowvram.planner import Plan
 from .preflight import plan_for_run, resumable_files, run_loras
-from .profiles import Profile
-from .progress import Reporter
+from lowvram.profiles import Profile
+from lowvram.progress import Reporter
 from .ranks import ClipJob, DitJob, Ranks, current_ranks
 from .rewrite import prompt_for_encoding
-from .runs import FIRST_FRAME, IMAGE, VIDEO, Run, find_run
-from .stages import Stages
-from .streaming import empty_cache
+from .run_folder import FIRST_FRAME, IMAGE, VIDEO, Run, find_run
+from lowvram.stages import Stages
+from lowvram.streaming import empty_cache
 from .video import write_outputs, write_png
 
 # --- progress, interrupts, results -----------------------------------------------------------
@@ -107,7 +107,7 @@ class RunResult:
     seconds: dict = field(default_factory=dict)
     peak_vram_gb: float | None = None
     stats: dict = field(default_factory=dict)  # what was streamed and tiled (Stages.stats)
-    measured: dict = field(default_factory=dict)  # per stage: seconds, peak VRAM / RAM (lowvram/measure.py)
+    measured: dict = field(default_factory=dict)  # per stage: seconds, peak VRAM / RAM (lowvram/generation/measure.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +151,7 @@ def ensure_demo_model(root: Path, reporter: Reporter) -> None:
     It is written to `<root>.partial` and renamed when complete, so an interrupted write is never
     taken for a model."""
     from hyvideo.checkpoint import detect_layout
-    from hyvideo.synthetic_checkpoint import write_synthetic_checkpoint
+    from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
 
     if root.is_dir() and detect_layout(root):
         return

@@ -7,7 +7,7 @@ config files and the weights' shapes.
     files = resumable_files(run)                          # same weights and LoRA files as it started with
 
 The profile is resolved and planned here, once (`planner.resolve`), and stored in the run's
-settings with the attention kernel chosen for this device; the runner (lowvram/runner.py) builds
+settings with the attention kernel chosen for this device; the runner (lowvram/generation/runner.py) builds
 its stages from that Plan.
 """
 
@@ -24,16 +24,16 @@ from hyvideo.lora import LoraSpec, lora_bytes
 from hyvideo.pipeline import GenerationRequest, validate_request
 from hyvideo.vae import latent_shape
 
-from .attention_choice import resolve_attention
-from .doctor import free_memory
-from .parallel import Layout, choose_layout, require_yunchang
-from .planner import Plan, parallel_layout, plan, resolve
-from .profiles import Profile, RunChoices, stored_profile
-from .progress import Reporter
+from lowvram.attention_choice import resolve_attention
+from lowvram.memory import free_memory
+from lowvram.parallel import Layout, choose_layout, require_yunchang
+from lowvram.planner import Plan, parallel_layout, plan, resolve
+from lowvram.profiles import Profile, RunChoices, stored_profile
+from lowvram.progress import Reporter
 from .ranks import Ranks, current_ranks
 from .rewrite import rewrite_settings
-from .runs import Run
-from .stages import dit_config_for, model_sizes, parameter_count, vae_config_for
+from .run_folder import Run
+from lowvram.stages import dit_config_for, model_sizes, parameter_count, vae_config_for
 
 CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
@@ -54,7 +54,7 @@ class RunOptions:
     compile: bool | None = None  # --compile: torch.compile the DiT's blocks; None: the profile's (off)
     vram_limit_bytes: int | None = None  # plan for at most this much VRAM (`lowvram bench --cap-gb`)
     loras: list[LoraSpec] = field(default_factory=list)  # --lora PATH[:STRENGTH], their updates add
-    rewrite: str | None = None  # "normal" | "master": rewrite the prompt before encoding (lowvram/rewrite.py)
+    rewrite: str | None = None  # "normal" | "master": rewrite the prompt before encoding (lowvram/generation/rewrite.py)
     rewrite_model: Path | None = None  # the rewrite LLM's folder; None: the text encoder (official layout)
 
 

@@ -1,5 +1,5 @@
 """Tiny tokenizers of the same *kind* as the real ones, built offline, for synthetic model folders
-(`hyvideo.synthetic_checkpoint`): the real Llama-3 and CLIP-L vocabularies cannot be downloaded here.
+(`lowvram.setup.synthetic_checkpoint`): the real Llama-3 and CLIP-L vocabularies cannot be downloaded here.
 
 - `build_tiny_llama3_tokenizer`: byte-level BPE with Llama-3's pre-tokenizer regex, its special tokens
   (`<|begin_of_text|>`, `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, ...) and a

@@ -3,7 +3,7 @@
 Answers "will 720p x 129 run on my card, how fast, how much RAM?" before a 41 GB download. It writes
 (once, into `--scratch`) a complete random-weight model folder of the real size (or the tiny one),
 then runs exactly what `generate` runs (`preflight.start_run` + `runner.execute`: the same loaders, caches,
-stages, run folder and progress) for a few steps, and compares what each stage used (lowvram/measure.py)
+stages, run folder and progress) for a few steps, and compares what each stage used (lowvram/generation/measure.py)
 with the planner's prediction for the same profile and size.
 
     result = run_bench(BenchOptions(scratch, steps=2, cap_bytes=16 * 2**30), reporter, stop)
@@ -27,7 +27,7 @@ from hyvideo.checkpoint import detect_layout
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 
-from .progress import Reporter
+from lowvram.progress import Reporter
 from .preflight import RunOptions, start_run
 from .runner import StopRequest, execute
 
@@ -56,7 +56,7 @@ class BenchOptions:
 def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter) -> Path:
     """The random-weight model folder for (size, layout) in `scratch`, written once. It is written
     to `<folder>.partial` and renamed when complete, so an interrupted write is never reused."""
-    from hyvideo.synthetic_checkpoint import plan_folder, write_plan
+    from lowvram.setup.synthetic_checkpoint import plan_folder, write_plan
 
     root = Path(scratch) / f"model-{size}-{layout}"
     if root.is_dir() and detect_layout(root):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lowvram.memory import host_ram, pinned_memory_limit
 from .download import check_model_folder
 
 GIB = 2**30
@@ -40,35 +41,6 @@ def _package(name: str, module: str | None = None) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "installed"
-
-
-def host_ram() -> tuple[int | None, int | None]:
-    """(total, available) bytes from /proc/meminfo (Linux), else (None, None)."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        return int(fields["MemTotal"].split()[0]) * 1024, int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None, None
-
-
-def free_memory(device: torch.device) -> tuple[int | None, int | None]:
-    """(free VRAM of `device`, available host RAM) in bytes, for choosing and checking a profile.
-    VRAM is None on the CPU (there is none to plan for); RAM None where it cannot be read."""
-    vram = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    total, available = host_ram()
-    return vram, available or total
-
-
-def pinned_memory_limit() -> int | None:
-    """RLIMIT_MEMLOCK (`ulimit -l`) in bytes; None = unlimited or unknown. CUDA's pinned host
-    allocations are not bound by it, but containers often cap locked memory in other ways."""
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    except (ImportError, OSError, ValueError):
-        return None
-    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def gpu_checks() -> list[Check]:
@@ -107,8 +79,8 @@ def package_checks() -> list[Check]:
 
 def ram_check(total: int, available: int | None) -> Check:
     """Which shipped profiles' host-RAM plan (lowvram/planner.py) fits this machine at 720p x 129."""
-    from .planner import plan
-    from .profiles import shipped_profiles
+    from lowvram.planner import plan
+    from lowvram.profiles import shipped_profiles
 
     ram = available or total
     needs = {p.name: plan(p, 1280, 720, 129).peak_ram_bytes for p in shipped_profiles()}
