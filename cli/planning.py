@@ -10,7 +10,7 @@ from rich.table import Table
 from .app import (Aspect, Attention, Compile, Device, Fp8Matmul, Frames, Gpus, Json, Loras, Parallel, Pin, ProfileName, Quiet,
                   Resolution, Size, StepCache, UserError, app, err, out, overrides, print_json, print_table, profiles_app,
                   quiet_libraries, user_errors)
-from .progress import make_reporter, sigint_saves
+from .progress import RichReporter, sigint_saves
 from .ranks import as_rank
 
 @app.command()
@@ -152,18 +152,13 @@ def bench(
     RAM next to the plan, s/step, and an estimate for a full run. The video is noise. With --gpus N
     and --cap-gb, every GPU is capped."""
     quiet_libraries()
-    reporter = make_reporter(enabled=not (as_json or quiet))
+    reporter = RichReporter(enabled=not (as_json or quiet))
     with user_errors(as_json):
         from lowvram.generation.bench import BenchOptions, cap_vram, ensure_synthetic_model, run_bench
-        from lowvram.generation.preflight import describe_parallel
         from lowvram.generation.ranks import leave_ranks, rank_environment
         from lowvram.generation.runner import RunInterrupted, StopRequest
         from lowvram.sizes import resolve_size
 
-        if model_size not in ("full", "tiny"):
-            raise UserError(f"--model-size takes full or tiny, not {model_size!r}")
-        if layout not in ("official", "official-fp8", "diffusers"):
-            raise UserError(f"--layout takes official, official-fp8 or diffusers, not {layout!r}")
         width, height = resolve_size(size, resolution, aspect)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
                                None if cap_gb is None else int(cap_gb * 2**30), device,
@@ -187,8 +182,15 @@ def bench(
             leave_ranks()  # rank 0 of several: the followers stop with it
     if as_json:
         print_json({"ok": True, **result, "warnings": reporter.warnings})
-        return
-    title = (f"{result['profile']} at {width}x{height}x{frames}, {steps} steps, {result['model']['size']} model"
+    else:
+        print_bench(result, f"{width}x{height}x{frames}, {steps} steps")
+
+
+def print_bench(result: dict, video: str) -> None:
+    """Measured vs planned per stage as a table, then s/step and the estimate for a whole run."""
+    from lowvram.generation.preflight import describe_parallel
+
+    title = (f"{result['profile']} at {video}, {result['model']['size']} model"
              + (f", {describe_parallel(result['parallel'])}" if result["parallel"] else "")
              + (f", capped at {result['cap_gb']:g} GiB" if result["cap_gb"] else "") + f" ({result['gpu'] or result['device']})")
     table = Table("stage", "seconds", "VRAM GiB", "planned", "error", "RAM GiB", "planned", "error", "page cache GiB", title=title)

@@ -10,7 +10,7 @@ from rich.text import Text
 from .app import (Aspect, Attention, CacheDir, Compile, Device, Fp8Matmul, Frames, Gpus, Json, Loras, ModelDir, Parallel, Pin,
                   ProfileName, Quiet, Resolution, RunsDir, Size, StepCache, UserError, app, err, out, overrides, print_json,
                   print_table, quiet_libraries, user_errors)
-from .progress import make_reporter, run_and_report
+from .progress import RichReporter, run_and_report
 from .ranks import as_rank
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -151,7 +151,7 @@ def rewrite_command(
 ):
     """Print the prompt `generate --rewrite MODE` would encode, without generating."""
     quiet_libraries()
-    reporter = make_reporter(enabled=not as_json)
+    reporter = RichReporter(enabled=not as_json)
     with user_errors(as_json), reporter:
         from lowvram.setup.download import default_model_dir
         from lowvram.generation.rewrite import rewrite_only

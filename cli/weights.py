@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 
 from .app import CacheDir, Json, ModelDir, Quiet, RunsDir, UserError, app, format_bytes, out, print_json, print_table, quiet_libraries, user_errors
-from .progress import make_reporter
+from .progress import RichReporter
 
 @app.command()
 def doctor(
@@ -96,7 +96,7 @@ def quantize(
     """Quantize once into the cache folder (minutes): the DiT (fp8/int8) and the LLM text encoder
     (NF4); later runs (`generate` with the same --cache-dir) load them directly."""
     quiet_libraries()
-    reporter = make_reporter(enabled=not as_json)
+    reporter = RichReporter(enabled=not as_json)
     with user_errors(as_json), reporter:
         from lowvram.setup.download import default_model_dir
         from lowvram.setup.quantize import quantize_model

@@ -164,12 +164,17 @@ class Stages:
 
     def __init__(self, files: ModelFiles, plan: Plan, device: torch.device, attention: str,
                  reporter: Reporter | None = None, cache_dir: Path | None = None, loras: list[LoraSpec] = ()):
-        self.files, self.profile, self.plan, self.device = files, plan.profile, plan, device
+        self.files, self.plan, self.device = files, plan, device
         self.loras = list(loras)
         self.attention, self.reporter = attention, reporter or Reporter()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(files)
         self.dtype, self.vae_dtype = compute_dtypes(device)
         self.stats: dict = {}
+
+    @property
+    def profile(self):
+        """The run's settled profile: the plan's."""
+        return self.plan.profile
 
     # -- text -----------------------------------------------------------------------------------
 

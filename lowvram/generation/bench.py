@@ -34,6 +34,8 @@ from .runner import StopRequest, execute
 
 GIB = 2**30
 FULL_RUN_STEPS = 50  # the official sampler's default
+MODEL_SIZES = ("full", "tiny")
+LAYOUTS = ("official", "official-fp8", "diffusers")
 PROMPT = "a red fox runs through fresh snow in a pine forest, morning light, the camera follows it"
 
 
@@ -46,10 +48,16 @@ class BenchOptions:
     steps: int = 2
     profile: str = "auto"
     model_size: str = "full"  # full | tiny
-    layout: str = "official"  # official | diffusers
+    layout: str = "official"  # official | official-fp8 | diffusers (LAYOUTS)
     cap_bytes: int | None = None  # emulate a card with this much VRAM
     device: str | None = None
     overrides: Overrides = Overrides()  # --cache, --attention, --compile, ... (lowvram.profiles)
+
+    def __post_init__(self):
+        if self.model_size not in MODEL_SIZES:
+            raise HyVideoError(f"--model-size takes {' or '.join(MODEL_SIZES)}, not {self.model_size!r}")
+        if self.layout not in LAYOUTS:
+            raise HyVideoError(f"--layout takes {', '.join(LAYOUTS)}, not {self.layout!r}")
 
 
 def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter) -> Path:
