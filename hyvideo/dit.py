@@ -92,13 +92,13 @@ class HunyuanVideoDiT(nn.Module):
         sequence parallelism)."""
         if self.sequence_parallel is None:
             return tokens
-        return self.sequence_parallel.shard_tokens(tokens, token_grid(x, self.config.patch_size))
+        return self.sequence_parallel.shard_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
 
     def gather_image_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """This process's share of the image tokens of latents `x` -> all of them, on every process."""
         if self.sequence_parallel is None:
             return tokens
-        return self.sequence_parallel.gather_tokens(tokens, token_grid(x, self.config.patch_size))
+        return self.sequence_parallel.gather_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
 
     def transform(self, x, vec, t, text_states, text_mask, blocks=None) -> torch.Tensor:
         """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] after the 60 blocks. The text tokens
@@ -107,7 +107,7 @@ class HunyuanVideoDiT(nn.Module):
         updated in place, then replaced by the joint sequence)."""
         check_backend(self.attention_backend)
         img = self.embed_image(x)  # [B, N_img, D]
-        grid = token_grid(x, self.config.patch_size)
+        grid = token_grid(x.shape[2:], self.config.patch_size)
         if img.shape[0] == 1:
             # Drop padded text tokens: valid tokens never attend to them, so results are unchanged
             # and attention needs no mask (SDPA can use its flash kernel).
@@ -140,12 +140,13 @@ class HunyuanVideoDiT(nn.Module):
         """Image tokens after the blocks -> velocity shaped like the latents `x`."""
         out = self.final_layer(img, vec, self.token_chunk)  # [B, N_img, pt*ph*pw*C]
         out = self.gather_image_tokens(out, x)
-        return unpatchify(out, token_grid(x, self.config.patch_size), self.config.patch_size, self.config.out_channels)
+        return unpatchify(out, token_grid(x.shape[2:], self.config.patch_size), self.config.patch_size, self.config.out_channels)
 
 
-def token_grid(x: torch.Tensor, patch: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Latents [B, C, T, H, W] -> the (t, h, w) grid of image tokens."""
-    (pt, ph, pw), (frames, height, width) = patch, x.shape[2:]
+def token_grid(latent_size: "tuple[int, int, int] | torch.Size", patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Latent (frames, height, width), e.g. `x.shape[2:]` of [B, C, T, H, W] latents -> the (t, h, w)
+    grid of image tokens."""
+    (pt, ph, pw), (frames, height, width) = patch, latent_size
     return frames // pt, height // ph, width // pw
 
 

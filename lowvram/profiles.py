@@ -31,6 +31,7 @@ from hyvideo.step_cache import PRESETS as CACHE_PRESETS
 from quant.bytes import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 from quant.fp8 import FP8_MATMULS
 
+from .units import GIB
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +50,6 @@ def _profiles_dir() -> Path:
 
 PROFILES_DIR = _profiles_dir()
 ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
-GIB = 2**30
 
 
 @dataclass(frozen=True)
