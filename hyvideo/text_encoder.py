@@ -250,8 +250,8 @@ class LlavaTextEncoder(LlamaTextEncoder):
     """The I2V encoder: LLaVA reads the image and the prompt in the I2V template (official
     `TextEncoder.encode` with `i2v_mode`; diffusers' `_get_llama_prompt_embeds`).
 
-    `<image>` (one token at `image_start` in the tokenized template) is expanded to the vision
-    tower's `image_tokens` positions, which LLaVA fills with the projected patch embeddings. Of the
+    `<image>` (one token of the template's system part: position 5 with Llama-3) is expanded to
+    the vision tower's `image_tokens` positions (576 = 24 x 24 patches of 14 px at 336 px), which LLaVA fills with the projected patch embeddings. Of the
     hidden states, kept: the image positions, every `interleave`-th; then the prompt's positions from
     crop_start on, without the 4 assistant-header tokens before the final "\n\n" (which stays, as
     do the pads). The mask is 1 for the kept image states, then the prompt's mask.

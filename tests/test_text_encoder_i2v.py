@@ -69,7 +69,8 @@ def test_layout_image_then_prompt(llava, image):
     states, mask, _ = encoder.encode(SHORT, image)
     tokenizer = llava[1]
     prompt_tokens = len(tokenizer(SHORT, add_special_tokens=False)["input_ids"])
-    # 1 image state, the prompt, <|eot_id|> ... no: the eot and assistant header are cut, "\n\n" kept
+    # 4 image tokens / 4 = 1 state, the prompt's tokens, the final "\n\n" (the 4 tokens between
+    # them, <|eot_id|> and the assistant header, are cut), then pads.
     assert mask[0].tolist() == [1] + [1] * (prompt_tokens + 1) + [0] * (TEXT_LEN - ASSISTANT_HEADER_TOKENS - prompt_tokens - 1)
     other = Image.new("RGB", image.size, (0, 0, 0))
     states_other, _, _ = encoder.encode(SHORT, other)
