@@ -93,7 +93,7 @@ def resize_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image
         padded = Image.new(image.mode, (max(crop_w, new_w), max(crop_h, new_h)))
         padded.paste(image, (left, top))
         image, (new_w, new_h) = padded, padded.size
-    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+    top, left = round((new_h - crop_h) / 2.0), round((new_w - crop_w) / 2.0)  # Python round: half to even
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 

@@ -311,7 +311,7 @@ class LlavaTextEncoder(LlamaTextEncoder):
             raise ValueError(f"the template must hold one {IMAGE_TOKEN} before the prompt")
         start = image_at[0]
         pixels = self.image_processor(image, return_tensors="pt")["pixel_values"].to(input_ids.device)
-        pixels = pixels.to(self.model.dtype).expand(batch, -1, -1, -1)
+        pixels = pixels.to(self.model.vision_tower.dtype).expand(batch, -1, -1, -1)  # [B, 3, 336, 336]
         states = self.hidden_states(  # [B, L + n - 1, D]: the image token became n positions
             input_ids=torch.cat([input_ids[:, :start], input_ids.new_full((batch, n), self.image_token_id), input_ids[:, start + 1 :]], 1),
             attention_mask=torch.cat([mask[:, :start], mask.new_ones(batch, n), mask[:, start + 1 :]], 1),

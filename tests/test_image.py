@@ -6,7 +6,14 @@ import torch
 from PIL import Image
 
 from hyvideo.errors import HyVideoError
-from hyvideo.image import bucket_sizes, closest_bucket, i2v_bucket, image_to_pixels, open_image, resize_center_crop
+from hyvideo.image import (
+    bucket_sizes,
+    closest_bucket,
+    i2v_bucket,
+    image_to_pixels,
+    open_image,
+    resize_center_crop,
+)
 
 
 def test_bucket_lists_follow_the_official_rule():

@@ -13,10 +13,20 @@ from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.image import image_to_pixels, open_image, resize_center_crop
 from hyvideo.pipeline import (
-    GenerationRequest, ImageCondition, denoise, encode_image, image_initial_latents,
+    GenerationRequest,
+    ImageCondition,
+    denoise,
+    encode_image,
+    image_initial_latents,
 )
 from hyvideo.sampler import initial_noise
-from hyvideo.text_encoder import IMAGE_EMBED_INTERLEAVE, PROMPT_TEMPLATE_I2V, ClipTextEncoder, LlavaTextEncoder, encode_prompts
+from hyvideo.text_encoder import (
+    IMAGE_EMBED_INTERLEAVE,
+    PROMPT_TEMPLATE_I2V,
+    ClipTextEncoder,
+    LlavaTextEncoder,
+    encode_prompts,
+)
 from hyvideo.vae import CausalVAE, latent_shape
 from lowvram.setup.synthetic_checkpoint import write_text_encoder
 from tests.diffusers_oracle import diffusers_transformer

@@ -10,7 +10,11 @@ from diffusers import HunyuanVideoImageToVideoPipeline
 from PIL import Image
 
 from hyvideo.errors import HyVideoError
-from hyvideo.text_encoder import ASSISTANT_HEADER_TOKENS, PROMPT_TEMPLATE_I2V, LlavaTextEncoder
+from hyvideo.text_encoder import (
+    ASSISTANT_HEADER_TOKENS,
+    PROMPT_TEMPLATE_I2V,
+    LlavaTextEncoder,
+)
 from tests.tiny_llava import tiny_llava, write_tiny_llava
 
 TEXT_LEN = 40

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.text_encoder import IMAGE_TOKEN, clip_image_processor_class
