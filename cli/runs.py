@@ -39,9 +39,14 @@ def generate(
     seed: int = typer.Option(None, "--seed", help="Random seed (default: a random one, recorded in the run)."),
     guidance: float = typer.Option(6.0, "--guidance", help="Embedded guidance scale."),
     flow_shift: float = typer.Option(7.0, "--flow-shift", help="Flow-matching schedule shift."),
+    image: Path = typer.Option(None, "--image", help="Image-to-video: the first frame (PNG, JPEG, WebP) on HunyuanVideo-I2V "
+                               "weights; the size is the --resolution bucket closest to its aspect unless --size is given."),
+    stability: bool = typer.Option(True, "--stability/--no-stability", help="With --image: start from 0.999 noise + 0.001 "
+                                   "image latent (official stable mode, with --flow-shift 7); --no-stability --flow-shift 17 "
+                                   "is the official dynamic mode."),
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
     prompts: Path = typer.Option(None, "--prompts", help="A batch: one prompt per line, or JSON lines with overrides "
-                                 '({"prompt": ..., "seed": 3, "size": "960x544", "frames": 33, "steps": 30}).'),
+                                 '({"prompt": ..., "seed": 3, "size": "960x544", "frames": 33, "steps": 30, "image": "a.png"}).'),
     seeds: str = typer.Option(None, "--seeds", help="A batch: one clip per seed and prompt, e.g. 1,2,3 or 10..19."),
     attention: str = Attention,
     compile_blocks: bool = Compile,
@@ -73,12 +78,13 @@ def generate(
         from lowvram.setup.download import default_model_dir
         from lowvram.sizes import resolve_size
 
-        width, height = resolve_size(size, resolution, aspect)
+        width, height = resolve_size(size, resolution, aspect, image)
         batch = prompts is not None or seeds is not None
         if not batch:
             seed = random.randint(0, 1_000_000) if seed is None else seed
         request = GenerationRequest("" if batch else _read_prompt(prompt, prompt_file), width=width, height=height, frames=frames,
-                                    steps=steps, seed=seed, guidance=guidance, flow_shift=flow_shift)
+                                    steps=steps, seed=seed, guidance=guidance, flow_shift=flow_shift,
+                                    image=None if image is None else str(image), stability=stability)
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile,
                              overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), device, out_path, cache_dir,
                              loras=[LoraSpec.parse(text) for text in lora or []], rewrite=rewrite, rewrite_model=rewrite_model)
@@ -100,7 +106,8 @@ def _generate_one(options, as_json: bool, quiet: bool, gpus: int | None, paralle
         if not (as_json or quiet):
             ranks = run.settings["parallel"]
             on = f", on {describe_parallel(ranks)}" if ranks else ""
-            err.print(f"run {run.id} (seed {options.request.seed}, profile {plan.profile.name}{on}) in {run.folder}", markup=False)
+            image = f", from {run.settings['image']} at {plan.width}x{plan.height}" if run.settings.get("image") else ""
+            err.print(f"run {run.id} (seed {options.request.seed}, profile {plan.profile.name}{on}{image}) in {run.folder}", markup=False)
         return execute(run, files, plan, reporter, stop)
 
     run_and_report(work, as_json, quiet)
@@ -300,6 +307,7 @@ def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
 def _add_run_rows(table: Table, rows: list[dict]) -> None:
     for row in rows:
         prompt = row["prompt"] or row.get("problem", "")
+        prompt = f"[{Path(row['image']).name}] {prompt}" if row.get("image") else prompt
         prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
         step = f"{row['step']}/{row['steps']}" if row["steps"] else "-"
         output = row["output"] or "-"

@@ -5,9 +5,15 @@ Official (HF `tencent/HunyuanVideo` in ckpts/):
   hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8.pt + ..._fp8_map.pt (optional)
   hunyuan-video-t2v-720p/vae/{config.json, pytorch_model.pt}
   text_encoder/ (Llama + tokenizer), text_encoder_2/ (CLIP + tokenizer)
+Official image-to-video (HF `tencent/HunyuanVideo-I2V` in ckpts/, beside the above or alone):
+  hunyuan-video-i2v-720p/transformers/mp_rank_00_model_states.pt, hunyuan-video-i2v-720p/vae/,
+  text_encoder_i2v/ (the whole LLaVA: model, tokenizer, preprocessor_config.json), text_encoder_2/
 diffusers (HF `hunyuanvideo-community/HunyuanVideo`):
   transformer/{config.json, *.safetensors [+ index]}, vae/{config.json, *.safetensors},
   text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/
+diffusers image-to-video (`hunyuanvideo-community/HunyuanVideo-I2V`): the same folders, text_encoder/
+  a LlavaForConditionalGeneration, and image_processor/ (LLaVA's CLIP image processor); the
+  transformer config names its image_condition_type.
 
 Models are built on the meta device and filled with `load_state_dict(assign=True)` from
 read-only memory-mapped files (`weight_io.read_torch_file` / `read_safetensors`), so the 13B DiT is
@@ -36,6 +42,9 @@ OFFICIAL_DIT = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt"
 OFFICIAL_DIT_FP8 = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8.pt"
 OFFICIAL_DIT_FP8_MAP = "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states_fp8_map.pt"
 OFFICIAL_VAE = "hunyuan-video-t2v-720p/vae"
+OFFICIAL_I2V_DIT = "hunyuan-video-i2v-720p/transformers/mp_rank_00_model_states.pt"
+OFFICIAL_I2V_VAE = "hunyuan-video-i2v-720p/vae"
+OFFICIAL_I2V_TEXT_ENCODER = "text_encoder_i2v"
 DOWNLOAD_HINT = "run `lowvram download --model-dir {root}` (or see the README's quick start)"
 
 
@@ -55,10 +64,17 @@ class ModelFiles:
     clip_tokenizer: Path
     dit_fp8: Path | None = None  # Tencent's pre-quantized FP8 DiT
     dit_fp8_map: Path | None = None
+    image_processor: Path | None = None  # image-to-video only: the folder of LLaVA's preprocessor_config.json
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def image_to_video(self) -> bool:
+        """HunyuanVideo-I2V weights (a LLaVA text encoder with its image processor)."""
+        return self.image_processor is not None
 
     def all_files(self) -> list[Path]:
         files = [*self.dit_weights, self.vae_weights, self.vae_config]
+        files += [self.image_processor / "preprocessor_config.json"] if self.image_processor else []
         return files + ([self.dit_config] if self.dit_config else [])
 
 
@@ -66,13 +82,15 @@ def detect_layout(root: Path) -> str | None:
     root = Path(root)
     if (root / "transformer").is_dir():
         return "diffusers"
-    if (root / "hunyuan-video-t2v-720p").is_dir():
+    if (root / "hunyuan-video-t2v-720p").is_dir() or (root / "hunyuan-video-i2v-720p").is_dir():
         return "official"
     return None
 
 
-def find_model_files(root: Path) -> ModelFiles:
-    """Detect the layout of `root` and check that every needed file is there."""
+def find_model_files(root: Path, image_to_video: bool = False) -> ModelFiles:
+    """Detect the layout of `root` and check that every needed file is there. An official ckpts/
+    folder may hold both releases: `image_to_video` picks the I2V one there (each alone is taken
+    whatever is asked; the caller says when it is the wrong one)."""
     root = Path(root)
     if not root.is_dir():
         raise HyVideoError(f"model folder {root} does not exist; {DOWNLOAD_HINT.format(root=root)}")
@@ -80,10 +98,11 @@ def find_model_files(root: Path) -> ModelFiles:
     if layout == "diffusers":
         files = _diffusers_files(root)
     elif layout == "official":
-        files = _official_files(root)
+        has_i2v = (root / "hunyuan-video-i2v-720p").is_dir()
+        files = _official_files(root, has_i2v and (image_to_video or not (root / "hunyuan-video-t2v-720p").is_dir()))
     else:
         raise HyVideoError(
-            f"{root} holds neither the official layout (hunyuan-video-t2v-720p/) nor the diffusers layout "
+            f"{root} holds neither the official layout (hunyuan-video-t2v-720p/ or hunyuan-video-i2v-720p/) nor the diffusers layout "
             f"(transformer/); {DOWNLOAD_HINT.format(root=root)}"
         )
     missing = [p for p in files.all_files() if not p.is_file()]
@@ -99,7 +118,14 @@ def find_model_files(root: Path) -> ModelFiles:
     return files
 
 
-def _official_files(root: Path) -> ModelFiles:
+def _official_files(root: Path, image_to_video: bool) -> ModelFiles:
+    if image_to_video:  # no FP8 file in the I2V release
+        return ModelFiles(
+            layout="official", root=root, dit_weights=[root / OFFICIAL_I2V_DIT], dit_config=None,
+            vae_weights=root / OFFICIAL_I2V_VAE / "pytorch_model.pt", vae_config=root / OFFICIAL_I2V_VAE / "config.json",
+            llm=root / OFFICIAL_I2V_TEXT_ENCODER, llm_tokenizer=root / OFFICIAL_I2V_TEXT_ENCODER,
+            clip=root / "text_encoder_2", clip_tokenizer=root / "text_encoder_2", image_processor=root / OFFICIAL_I2V_TEXT_ENCODER,
+        )
     fp8, fp8_map = root / OFFICIAL_DIT_FP8, root / OFFICIAL_DIT_FP8_MAP
     has_fp8 = fp8.is_file() and fp8_map.is_file()
     dit = root / OFFICIAL_DIT
@@ -121,6 +147,7 @@ def _diffusers_files(root: Path) -> ModelFiles:
         vae_weights=_safetensors_files(root / "vae")[0], vae_config=root / "vae" / "config.json",
         llm=root / "text_encoder", llm_tokenizer=root / "tokenizer",
         clip=root / "text_encoder_2", clip_tokenizer=root / "tokenizer_2",
+        image_processor=root / "image_processor" if (root / "image_processor").is_dir() else None,
     )
 
 
@@ -140,6 +167,11 @@ def _read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise HyVideoError(f"cannot read {path}: {err}; the file is incomplete or corrupt, download it again") from None
+
+
+def official_dit_config(files: ModelFiles, state_dict: Mapping) -> DiTConfig:
+    """An official folder's DiT config: from the tensor shapes, and from the folder for an I2V DiT."""
+    return infer_dit_config(state_dict, token_replace=files.image_to_video)
 
 
 def infer_dit_config(state_dict: dict, token_replace: bool = False) -> DiTConfig:
@@ -182,7 +214,7 @@ def load_dit_state_dict(files: ModelFiles) -> tuple[Mapping[str, torch.Tensor], 
         if not files.dit_weights:
             raise HyVideoError(f"only the FP8 transformer is in {files.root}: load it with an fp8 profile")
         state_dict = read_torch_file(files.dit_weights[0])
-        return state_dict, infer_dit_config(state_dict)
+        return state_dict, official_dit_config(files, state_dict)
     try:
         config = DiTConfig.from_diffusers(_read_json(files.dit_config))
     except (KeyError, ValueError) as err:

@@ -44,6 +44,8 @@ class GenerationRequest:
     seed: int = 0
     guidance: float = 6.0  # embedded (distilled) guidance scale
     flow_shift: float = 7.0
+    image: str | None = None  # image-to-video: the conditioning image's file
+    stability: bool = True  # image-to-video: start from 0.999 noise + 0.001 image latent (official i2v_stability)
 
 
 def validate_request(request: GenerationRequest) -> None:
@@ -61,6 +63,8 @@ def validate_request(request: GenerationRequest) -> None:
         raise HyVideoError(f"{request.width}x{request.height} is larger than any HunyuanVideo bucket (720p max: 1280x720)")
     if request.steps < 1:
         raise HyVideoError(f"--steps must be at least 1; got {request.steps}")
+    if request.image is not None and request.frames == 1:
+        raise HyVideoError("--frames 1 with --image: image-to-video makes a video from the image; use --frames 5 or more (4k+1)")
     if request.flow_shift <= 0:
         raise HyVideoError(f"--flow-shift must be positive; got {request.flow_shift}")
 

@@ -151,6 +151,28 @@ def vae_decode_tile_bytes(config: VAEConfig, latent_frames: int, latent_h: int, 
     return int((max(peaks) + (conv_io if cudnn_copies else 0)) * act_bytes)
 
 
+def vae_encode_frame_bytes(config: VAEConfig, height: int, width: int, act_bytes: int = 2) -> int:
+    """Peak activation bytes of encoding one frame [1, 3, 1, H, W] (image-to-video's image), an
+    estimate on the decoder's terms: per level, a resnet's peak with the block's input kept, and the
+    largest conv's padded input and output (cuDNN's copies); the first level, at full size, decides."""
+    from hyvideo.vae import level_factors
+
+    widths = config.block_out_channels
+    t, h, w = 1, height, width
+    c_prev = widths[0]
+    peaks = [(config.in_channels + widths[0]) * _padded(t, h, w)]  # conv_in
+    conv_io = 0
+    for i, (ft, fs, _) in enumerate(level_factors(config)):
+        c = widths[i]
+        n, n_pad = t * h * w, _padded(t, h, w)
+        peaks.append(c_prev * n + _resnet_peak(c_prev, c, n, n_pad))
+        conv_io = max(conv_io, c_prev * n_pad + c * n)
+        if (ft, fs) != (1, 1):
+            t, h, w = 1 + (t - 1) // ft, max(1, h // fs), max(1, w // fs)
+        c_prev = c
+    return int((max(peaks) + conv_io) * act_bytes)
+
+
 def vae_tile_pixels(config: VAEConfig, latent_frames: int, latent_h: int, latent_w: int) -> tuple[int, int, int]:
     """(frames, height, width) decoded from a latent tile."""
     return (1 + config.time_compression_ratio * (latent_frames - 1), latent_h * config.spatial_compression_ratio,

@@ -57,9 +57,12 @@ from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from hyvideo.dit import token_grid
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraBytes
+from hyvideo.text_encoder import ASSISTANT_HEADER_TOKENS, IMAGE_EMBED_INTERLEAVE, OFFICIAL_CROP_START_I2V, TEXT_LEN
 from hyvideo.vae import latent_shape
 from quant.bytes import (
     CLIP_TEXT_PARAMS,
+    LLAVA_IMAGE_TOKENS,
+    LLAVA_VISION_PARAMS,
     LLM_EMBED_PARAMS,
     LLM_LINEAR_PARAMS,
     LLM_OTHER_PARAMS,
@@ -70,9 +73,16 @@ from quant.bytes import (
     modulation_probe_bytes,
     trunk_bytes,
     vae_decoder_bytes,
+    vae_parameters,
 )
 
-from .activations import dit_activation_bytes, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
+from .activations import (
+    dit_activation_bytes,
+    text_activation_bytes,
+    vae_decode_tile_bytes,
+    vae_encode_frame_bytes,
+    vae_tile_pixels,
+)
 from .communication import PCIE4_X8_GBS, Communication, communication
 from .parallel import Layout, check_parallel, split_axis
 from .profiles import Profile
@@ -85,6 +95,9 @@ RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces 
 HOST_BASELINE_BYTES = 2 * GIB  # Python, torch and CUDA runtime on the host side, tokenizers (an allowance)
 F32 = 4
 STAGES = ("text", "dit", "vae")
+# The conditioning image is encoded at the video's size, a bucket of the tier (hyvideo/image.py):
+# at 720p (base 960) at most 30 x 30 patches of 32 px, 960 x 960 the largest.
+I2V_IMAGE_SIZE = (960, 960)
 
 
 @dataclass
@@ -236,6 +249,30 @@ def hunyuan_text_encoders(llm_linear: int = LLM_LINEAR_PARAMS, llm_other: int = 
     return (TextEncoderSize("llm", llm_linear, llm_other, text_activation_bytes()), TextEncoderSize("clip", 0, clip))
 
 
+def hunyuan_i2v_text_encoders(llm_linear: int = LLM_LINEAR_PARAMS, llm_other: int = LLM_EMBED_PARAMS + LLM_OTHER_PARAMS,
+                              vision: int = LLAVA_VISION_PARAMS, clip: int = CLIP_TEXT_PARAMS,
+                              image_tokens: int = LLAVA_IMAGE_TOKENS, vision_layers: int = 24, vision_hidden: int = 1024,
+                              vision_mlp: int = 4096, vae_config: VAEConfig | None = None,
+                              image_size: tuple[int, int] = I2V_IMAGE_SIZE) -> tuple[TextEncoderSize, ...]:
+    """HunyuanVideo-I2V's text stage, as the runner loads it: LLaVA's language model (per the
+    encoder scheme) over the I2V template with the image's `image_tokens` positions in it (351 ->
+    934 at full size), its CLIP vision tower and projector (16-bit), CLIP-L's text model, and the
+    VAE (fp16) that encodes the conditioning image right after the text, one frame at the video's
+    bucket size (default: the largest 720p bucket's pixels). The defaults are the released counts."""
+    vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
+    positions = TEXT_LEN + OFFICIAL_CROP_START_I2V + image_tokens - 1
+    vision_tokens = image_tokens + 1  # the class token runs through the tower too
+    return (TextEncoderSize("llm", llm_linear, llm_other, text_activation_bytes(positions)),
+            TextEncoderSize("vision", 0, vision, text_activation_bytes(vision_tokens, vision_hidden, vision_layers, vision_mlp)),
+            TextEncoderSize("clip", 0, clip),
+            TextEncoderSize("image encode", 0, vae_parameters(vae_config), vae_encode_frame_bytes(vae_config, *image_size)))
+
+
+def i2v_text_tokens(image_condition_type: str, image_tokens: int = LLAVA_IMAGE_TOKENS) -> int:
+    """Text tokens the I2V DiT reads at most: the kept image states, then the prompt's."""
+    return image_tokens // IMAGE_EMBED_INTERLEAVE[image_condition_type] + TEXT_LEN - ASSISTANT_HEADER_TOKENS
+
+
 def first_use_quantize_bytes(config: DiTConfig) -> int:
     """Anonymous memory of building the DiT cache (quant/cache.py), one tensor at a time: the
     largest linear's fused bf16 weight plus its float32 copy, |w| and w / scale in the quantizer."""
@@ -284,7 +321,7 @@ def plan(
     profile: Profile, width: int, height: int, frames: int, *, host_ram_bytes: int | None = None,
     dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None,
     text_encoders: tuple[TextEncoderSize, ...] | None = None, lora_bytes: LoraBytes | None = None,
-    layout: Layout | None = None, local_ranks: int | None = None,
+    layout: Layout | None = None, local_ranks: int | None = None, text_tokens: int = TEXT_LEN,
 ) -> Plan:
     """Predict each stage's peak memory for `profile` at width x height x frames (batch 1).
 
@@ -294,7 +331,8 @@ def plan(
     embeddings computed elsewhere); all default to the released 13B model's. lora_bytes: what the
     run's LoRAs add (hyvideo.lora.lora_bytes), in the blocks and outside them.
     layout: sequence parallelism over layout.world GPUs (module docstring), `local_ranks` of them
-    on this machine (default: all).
+    on this machine (default: all). text_tokens: the most text tokens the DiT reads (I2V: the
+    image's states too, `i2v_text_tokens`).
     """
     dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
     vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
@@ -315,7 +353,7 @@ def plan(
 
     latent_bytes = channels * t_lat * h_lat * w_lat * 4
     chunk = profile.token_chunk or None
-    activations = dit_activation_bytes(dit_config, rank_tokens, chunk)
+    activations = dit_activation_bytes(dit_config, rank_tokens, chunk, text_tokens)
     dit_parts = {
         "trunk": trunk_bytes(dit_config),
         "activations": activations,
@@ -323,7 +361,7 @@ def plan(
         "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
     }
     if world > 1:  # what the cross-rank attention adds to the forward's peak
-        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, layout=layout) - activations
+        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, text_tokens, layout=layout) - activations
     if profile.step_cache != "off":
         dit_parts["step cache probe"] = modulation_probe_bytes(dit_config, profile.dit_scheme, profile.quant_policy)
     lora_bytes = lora_bytes or LoraBytes()

@@ -20,12 +20,21 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def resolve_size(size: str | None, resolution: str | None, aspect: str | None) -> tuple[int, int]:
-    """--size WxH, or an official bucket from --resolution and --aspect (default 720p 16:9)."""
+def resolve_size(size: str | None, resolution: str | None, aspect: str | None, image: str | None = None) -> tuple[int, int]:
+    """--size WxH, or an official bucket from --resolution and --aspect (default 720p 16:9); with
+    --image, the image-to-video bucket closest to the image's aspect at --resolution (720p, 540p,
+    360p), as the official I2V sampler picks it."""
     if size is not None:
         if resolution is not None or aspect is not None:
             raise HyVideoError("give either --size or --resolution/--aspect, not both")
         return parse_size(size)
+    if image is not None:
+        from hyvideo.image import i2v_bucket, open_image
+
+        if aspect is not None:
+            raise HyVideoError("--aspect with --image: the video takes the image's aspect (or give --size WxH)")
+        height, width = i2v_bucket(open_image(image).size, resolution or DEFAULT_RESOLUTION)
+        return width, height
     resolution, aspect = resolution or DEFAULT_RESOLUTION, aspect or DEFAULT_ASPECT
     if resolution not in SIZE_BUCKETS:
         raise HyVideoError(f"--resolution must be one of {', '.join(SIZE_BUCKETS)}; got {resolution!r} (or use --size WxH)")

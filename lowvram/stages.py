@@ -11,7 +11,8 @@ half-precision matmuls are slow. Quantized DiT caches keep their non-quantized t
 same dtype.
 
     stages = Stages(files, plan, device, attention, reporter, cache_dir)   # plan.profile is the profile
-    llm, clip = stages.text_encoders()
+    llm, clip = stages.text_encoders()           # image-to-video: LLaVA and CLIP
+    condition = stages.encode_image(stages.vae(), image, height, width)  # image-to-video, in the text stage
     model, streamer = stages.dit(sequence_parallel)  # configured (configure_dit) and placed per the plan
     latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=k, on_step=..., cache_state=state)
     stages.forward_stats(streamer, first)  # blocks/bytes streamed per forward since forward `first`
@@ -29,21 +30,22 @@ from pathlib import Path
 import torch
 
 from hyvideo.attention import check_backend
-from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_dit_state_dict, load_vae
+from hyvideo.checkpoint import ModelFiles, load_dit, load_dit_state_dict, load_vae, official_dit_config
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraSpec, apply_loras
-from hyvideo.pipeline import GenerationRequest, decode, denoise
+from hyvideo.image import image_to_pixels, resize_center_crop
+from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, ImageCondition, decode, denoise, encode_image
 from hyvideo.step_cache import PRESETS as STEP_CACHE_PRESETS
 from hyvideo.step_cache import CacheState, TeaCache
-from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder, TextEmbeddings
+from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder, LlavaTextEncoder, TextEmbeddings
 from hyvideo.weight_io import read_torch_file
 from quant.bytes import TextEncoderSize, llm_param_counts
 from quant.fp8 import set_scaled_mm
 from quant.schemes import QUANT_SCHEMES
 
 from .compile import compile_blocks, dynamo_graphs
-from .planner import Plan, hunyuan_text_encoders
+from .planner import Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens
 from .progress import Reporter
 from .streaming import BlockStreamer, place_dit, release_dit
 from .tiled_vae import TiledVAE
@@ -60,7 +62,7 @@ def dit_config_for(files: ModelFiles) -> DiTConfig:
         except (OSError, ValueError, KeyError) as error:
             raise HyVideoError(f"{files.dit_config} is not a HunyuanVideo transformer config ({error}); download it again") from None
     source = files.dit_weights[0] if files.dit_weights else files.dit_fp8
-    return infer_dit_config(read_torch_file(source))
+    return official_dit_config(files, read_torch_file(source))
 
 
 def vae_config_for(files: ModelFiles) -> VAEConfig:
@@ -70,26 +72,48 @@ def vae_config_for(files: ModelFiles) -> VAEConfig:
         raise HyVideoError(f"{files.vae_config} is not a VAE config ({error}); download it again") from None
 
 
-def text_encoder_sizes(files: ModelFiles) -> tuple[TextEncoderSize, ...]:
-    """The text encoders' sizes from their config.json (meta device, no weights read)."""
-    from transformers import AutoConfig, CLIPTextModel
+def text_encoder_sizes(files: ModelFiles, vae_config: VAEConfig) -> tuple[TextEncoderSize, ...]:
+    """The text encoders' sizes from their config.json (meta device, no weights read); for
+    image-to-video LLaVA's language model and vision tower, and the VAE that encodes the image."""
+    from transformers import AutoConfig, CLIPTextModel, CLIPVisionModel
 
     try:
         llm_config = AutoConfig.from_pretrained(files.llm, local_files_only=True)
         clip_config = AutoConfig.from_pretrained(files.clip, local_files_only=True)
     except (OSError, ValueError) as error:
         raise HyVideoError(f"cannot read the text encoders' config.json in {files.root} ({error}); download them again") from None
-    llm_linear, llm_other = llm_param_counts(llm_config)
+    llm_linear, llm_other = llm_param_counts(llm_config.get_text_config())
     with torch.device("meta"):
         clip = sum(p.numel() for p in CLIPTextModel(getattr(clip_config, "text_config", clip_config)).parameters())
-    return hunyuan_text_encoders(llm_linear, llm_other, clip)
+    if not files.image_to_video:
+        return hunyuan_text_encoders(llm_linear, llm_other, clip)
+    vision_config = llm_config.vision_config
+    with torch.device("meta"):
+        vision = sum(p.numel() for p in CLIPVisionModel(vision_config).parameters())
+    text_hidden, vision_hidden = llm_config.get_text_config().hidden_size, vision_config.hidden_size
+    projector = vision_hidden * text_hidden + text_hidden + text_hidden * text_hidden + text_hidden  # 2 linears with biases
+    return hunyuan_i2v_text_encoders(llm_linear, llm_other, vision + projector, clip, image_tokens(vision_config),
+                                     vision_config.num_hidden_layers, vision_hidden, vision_config.intermediate_size, vae_config)
+
+
+def image_tokens(vision_config) -> int:
+    """The positions LLaVA fills with one image (its vision tower's patches)."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
 def model_sizes(files: ModelFiles) -> dict:
     """What this model contributes to each stage, as the planner counts it (no weights read):
     `plan(..., **model_sizes(files))`. The seam where another model (image-to-video, 1.5) enters
-    the planner: its DiT config, its VAE config, its text encoders."""
-    return {"dit_config": dit_config_for(files), "vae_config": vae_config_for(files), "text_encoders": text_encoder_sizes(files)}
+    the planner: its DiT config, its VAE config, its text encoders (I2V: with the image's encoding),
+    and the text tokens its DiT reads."""
+    dit_config, vae_config = dit_config_for(files), vae_config_for(files)
+    sizes = {"dit_config": dit_config, "vae_config": vae_config, "text_encoders": text_encoder_sizes(files, vae_config)}
+    if dit_config.image_condition_type:
+        from transformers import AutoConfig
+
+        vision_config = AutoConfig.from_pretrained(files.llm, local_files_only=True).vision_config  # read above: it loads
+        sizes["text_tokens"] = i2v_text_tokens(dit_config.image_condition_type, image_tokens(vision_config))
+    return sizes
 
 
 def parameter_count(config: DiTConfig) -> int:
@@ -181,6 +205,8 @@ class Stages:
 
     def text_encoders(self) -> tuple[LlamaTextEncoder, ClipTextEncoder]:
         files = self.files
+        if files.image_to_video:
+            return self._llava(), self._clip()
         if self.profile.encoder_scheme == "nf4":
             from transformers import AutoTokenizer
 
@@ -193,8 +219,29 @@ class Stages:
             llm = LlamaTextEncoder(loaded.model, tokenizer)
         else:
             llm = LlamaTextEncoder.from_folder(files.llm, dtype=self.dtype, device=self.device, tokenizer_folder=files.llm_tokenizer)
-        clip = ClipTextEncoder.from_folder(files.clip, dtype=self.vae_dtype, device=self.device, tokenizer_folder=files.clip_tokenizer)
-        return llm, clip
+        return llm, self._clip()
+
+    def _clip(self) -> ClipTextEncoder:
+        files = self.files
+        return ClipTextEncoder.from_folder(files.clip, dtype=self.vae_dtype, device=self.device, tokenizer_folder=files.clip_tokenizer)
+
+    def _llava(self) -> LlavaTextEncoder:
+        """Image-to-video's LLaVA (language model, vision tower, projector) in the compute dtype.
+        The NF4 path (quant/nf4.py) loads a bare Llama and does not take LLaVA yet: an nf4 profile
+        runs LLaVA in bf16, said in one line (the plan counts it as nf4: 10.6 GB more at full size)."""
+        files = self.files
+        if self.profile.encoder_scheme == "nf4":
+            self.reporter.warn("the NF4 text encoder does not take LLaVA (image-to-video) yet; running it in bf16")
+        return LlavaTextEncoder.from_folder(
+            files.llm, self.plan.dit_config.image_condition_type, dtype=self.dtype, device=self.device,
+            tokenizer_folder=None if files.llm_tokenizer == files.llm else files.llm_tokenizer,
+            image_processor_folder=files.image_processor)
+
+    def encode_image(self, vae, image, height: int, width: int) -> ImageCondition:
+        """The conditioning image (PIL RGB), resized and center-cropped to the video's size, through
+        the VAE's encoder (one frame, whole: at most 960 x 960 pixels at 720p, counted in the text stage)."""
+        pixels = image_to_pixels(resize_center_crop(image, (height, width)))
+        return ImageCondition(self.plan.dit_config.image_condition_type, encode_image(vae, pixels, self.device))
 
     # -- DiT ------------------------------------------------------------------------------------
 
@@ -250,13 +297,15 @@ class Stages:
         return make_step_cache(model, self.profile.step_cache, steps, self.device, state)
 
     def denoise(self, model: torch.nn.Module, streamer: BlockStreamer, embeddings: TextEmbeddings, latents: torch.Tensor,
-                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None) -> torch.Tensor:
+                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None,
+                image: ImageCondition | None = None) -> torch.Tensor:
         """Euler steps start_step..N-1 on the placed DiT, its blocks from the streamer, the next
         step's first copies issued during this one's last blocks: the one denoising call that one
-        process and every rank of several make."""
+        process and every rank of several make. image: an I2V run's conditioning image."""
         steps = request.steps
         return denoise(model, embeddings, latents, request, self.device, start_step=start_step, on_step=on_step,
-                       blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache)
+                       blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache,
+                       image=image)
 
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
         """What was streamed per forward from forward `first` on (one run's, when runs share the
@@ -286,4 +335,7 @@ class Stages:
             on_progress(done, total)
 
         tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu", on_tile=on_tile)
-        return decode(vae, latents, self.device, vae_decode=tiled.decode)
+        frames = decode(vae, latents, self.device, vae_decode=tiled.decode)
+        if self.plan.dit_config.image_condition_type == "latent_concat":  # official: its video starts 4 frames in
+            frames = frames[LATENT_CONCAT_DROPPED_FRAMES:]
+        return frames

@@ -47,6 +47,8 @@ LLM_EMBED_PARAMS = 128_256 * 4096  # 525,336,576: stays bf16 under NF4 (bitsandb
 LLM_LINEAR_PARAMS = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)  # 6,979,321,856
 LLM_OTHER_PARAMS = 32 * 2 * 4096 + 4096  # RMSNorm weights (262,144 + 4,096)
 CLIP_TEXT_PARAMS = 123_060_480  # CLIP-L/14 text transformer (kept fp16 in every scheme)
+LLAVA_VISION_PARAMS = 303_507_456 + 20_979_712  # HunyuanVideo-I2V's LLaVA: CLIP-ViT-L/14-336 tower + projector (16-bit)
+LLAVA_IMAGE_TOKENS = 576  # 24 x 24 patches of 14 px at 336 px
 
 # Quantized linears whose dequantized weights are alive at the same time (hyvideo/blocks.py runs
 # each chunk loop inside `held_weights`: an MLP pair together, every other linear alone).
@@ -202,3 +204,12 @@ def vae_decoder_bytes(config: VAEConfig, bytes_per_element: int = 2) -> int:
         vae = CausalVAE(config)
     params = sum(p.numel() for p in vae.decoder.parameters()) + sum(p.numel() for p in vae.post_quant_conv.parameters())
     return params * bytes_per_element
+
+
+@lru_cache(maxsize=8)
+def vae_parameters(config: VAEConfig) -> int:
+    """The whole VAE's parameters (encoder and decoder: image-to-video loads both)."""
+    from hyvideo.vae import CausalVAE
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in CausalVAE(config).parameters())

@@ -13,6 +13,7 @@ attention kernel chosen for this device; the runner (lowvram/generation/runner.p
 its stages from that Plan.
 """
 
+import dataclasses
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
+from hyvideo.image import open_image
 from hyvideo.lora import LoraSpec, lora_bytes
 from hyvideo.pipeline import GenerationRequest, validate_request
 from hyvideo.step_cache import expected_forwards
@@ -132,8 +134,11 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     reporter = reporter or Reporter()
     request = options.request
     validate_request(request)
+    if request.image is not None:
+        open_image(request.image)  # missing, unreadable, corrupt or another format: one line, now
     device = check_device(options.device or default_device())
-    files = find_model_files(Path(options.model_dir))
+    files = find_model_files(Path(options.model_dir), image_to_video=request.image is not None)
+    check_model_kind(files, request.image)
     sizes = model_sizes(files)
     dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
     loras = [LoraSpec(Path(spec.path).resolve(), spec.strength) for spec in options.loras]
@@ -152,8 +157,13 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     if vram is not None and options.vram_limit_bytes is not None:
         vram = min(vram, options.vram_limit_bytes)
     candidates = settle_profile(options.profile, options.overrides, gpu=vram is not None)
+    alternatives = settle_profile("auto", options.overrides)
+    if request.image is not None:
+        if ranks:
+            raise HyVideoError("--gpus with --image: image-to-video runs on one GPU for now; leave out --gpus")
+        candidates, alternatives = without_step_cache(candidates, options.overrides, reporter), without_step_cache(alternatives)
     profile, found = resolve(candidates, request.width, request.height, request.frames, vram_bytes=vram, ram_bytes=ram,
-                             alternatives=settle_profile("auto", options.overrides), **sizes)
+                             alternatives=alternatives, **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
     out = check_output_path(options.out, request.frames)
@@ -171,8 +181,36 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         "loras": [{"path": str(spec.path), "strength": spec.strength, "fingerprint": file_fingerprint([spec.path])[0]}
                   for spec in loras],
     }
+    if request.image is not None:
+        image = Path(request.image).resolve()
+        settings.update(image=str(image), image_fingerprint=file_fingerprint([image])[0],
+                        image_condition=dit_config.image_condition_type)
     model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
     return settings, model, files, found
+
+
+I2V_WEIGHTS = "HunyuanVideo-I2V weights (tencent/HunyuanVideo-I2V or hunyuanvideo-community/HunyuanVideo-I2V)"
+
+
+def check_model_kind(files: ModelFiles, image: str | None) -> None:
+    """--image needs image-to-video weights, and those weights need an image."""
+    if image is not None and not files.image_to_video:
+        raise HyVideoError(f"--image needs {I2V_WEIGHTS}; {files.root} holds the text-to-video model: "
+                           "pass --model-dir with the I2V folder")
+    if image is None and files.image_to_video:
+        raise HyVideoError(f"{files.root} holds the image-to-video model (HunyuanVideo-I2V): pass --image PATH, "
+                           "or --model-dir with the text-to-video weights")
+
+
+def without_step_cache(profiles: list[Profile], overrides: Overrides = Overrides(), reporter: Reporter | None = None) -> list[Profile]:
+    """Image-to-video runs without the step cache: its coefficients were fit on the text-to-video
+    DiT. --cache safe/fast is refused; a profile's own step cache is turned off, said in one line."""
+    if overrides.step_cache not in (None, "off"):
+        raise HyVideoError(f"--cache {overrides.step_cache} with --image: the step cache's coefficients were fit on the "
+                           "text-to-video DiT, so image-to-video runs without it; leave out --cache")
+    if reporter and any(p.step_cache != "off" for p in profiles):
+        reporter.warn("the step cache is off for image-to-video (its coefficients were fit on the text-to-video DiT)")
+    return [dataclasses.replace(p, step_cache="off") for p in profiles]
 
 
 @dataclass
@@ -304,12 +342,25 @@ def check_loras_unchanged(run: Run) -> None:
             )
 
 
+def check_image_unchanged(run: Run) -> None:
+    """An image-to-video run continues only with the image file it started with, as with its weights."""
+    image = run.settings.get("image")
+    if image is None:
+        return
+    path = Path(image)
+    reason = (fingerprint_mismatch([run.settings["image_fingerprint"]], file_fingerprint([path])) if path.is_file()
+              else f"{path} is no longer there")
+    if reason:
+        raise HyVideoError(f"cannot resume run {run.id} with another image: {reason}. The same image is needed to continue "
+                           "the same video; restore it, or start a new run with `lowvram generate --image`")
+
+
 def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter | None = None) -> ModelFiles:
     """The model files to continue `run` with: refuses other weights than it started with."""
     reporter = reporter or Reporter()
     settings = run.settings
     check_device(settings["device"])
-    files = find_model_files(Path(model_dir or settings["model_dir"]))
+    files = find_model_files(Path(model_dir or settings["model_dir"]), image_to_video=settings.get("image") is not None)
     reason = fingerprint_mismatch(run.manifest["model"]["fingerprint"], file_fingerprint(weight_files(files), files.root))
     if reason:
         raise HyVideoError(
@@ -317,6 +368,7 @@ def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter 
             "the same video; restore them, or start a new run with `lowvram generate`"
         )
     check_loras_unchanged(run)
+    check_image_unchanged(run)
     started, now = settings.get("parallel"), parallel_settings()
     if started != now and run.manifest.get("final_latents") is None:  # steps are left to run on another layout
         reporter.warn(f"run {run.id} ran its first {run.step} steps on {describe_parallel(started)}, now on "

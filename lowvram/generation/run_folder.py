@@ -4,6 +4,7 @@
       manifest.json                  settings, model fingerprint, versions, state, step k/N, checksums
                                      (and the rewritten prompt of a --rewrite run)
       embeddings.safetensors         text encoder outputs (a resume never reloads the text encoders)
+      image_latent.safetensors       image-to-video: the conditioning image's scaled VAE latent
       latents-step0007.safetensors   latents after 7 of N Euler steps (the newest two are kept)
       cache-residual-step0006.safetensors  with a step cache: the residual of the last computed step
       final_latents.safetensors      latents after step N (a resume in "decoding" skips the DiT)
@@ -60,6 +61,7 @@ RUN_VERSION = 1
 STATES = ("encoding", "denoising", "decoding", "done", "failed")
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.safetensors"
+IMAGE_LATENT = "image_latent.safetensors"
 FINAL_LATENTS = "final_latents.safetensors"
 VIDEO = "video.mp4"
 FIRST_FRAME = "first_frame.png"
@@ -251,6 +253,15 @@ class Run:
         return TextEmbeddings(tensors["text_states"], tensors["text_mask"], tensors["text_states_2"],
                               [bool(flags.get("llm"))], [bool(flags.get("clip"))])
 
+    def save_image_latent(self, latent: torch.Tensor) -> None:
+        """Image-to-video: the image's latent, so a resume never reloads the VAE before denoising."""
+        self.manifest["image_latent"] = self._write_checked(IMAGE_LATENT, {"latent": latent}, "the image latent")
+        self.save()
+
+    def load_image_latent(self) -> torch.Tensor | None:
+        tensors = self._read_checked(self.manifest.get("image_latent"))
+        return None if tensors is None else tensors["latent"]
+
     def save_rewritten_prompt(self, prompt: str) -> None:
         """--rewrite's result, kept so that a resume encodes the same prompt without rewriting."""
         self.manifest["rewritten_prompt"] = {"text": prompt, "sha256": sha256_bytes(prompt.encode())}
@@ -405,7 +416,7 @@ class RunEntry:
                 "running": run.state != "done" and run.is_running(), "output": str(output) if run.finished else None,
                 "folder": str(run.folder), "seed": s["seed"], "profile": s["profile"]["name"],
                 "created": run.manifest.get("created"), "error": run.manifest.get("error"),
-                "rewritten_prompt": run.rewritten_prompt}
+                "rewritten_prompt": run.rewritten_prompt, "image": s.get("image")}
 
 
 def list_runs(runs_dir: Path) -> list[RunEntry]:

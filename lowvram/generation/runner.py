@@ -38,7 +38,8 @@ import torch
 
 from hyvideo.checkpoint import ModelFiles
 from hyvideo.errors import HyVideoError
-from hyvideo.pipeline import GenerationRequest
+from hyvideo.image import open_image
+from hyvideo.pipeline import GenerationRequest, ImageCondition, image_initial_latents
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 from lowvram.attention_choice import usable_backend
@@ -233,9 +234,10 @@ class _Execution:
                 self.resumed_from[run.id] = "decoding"
         to_encode = []
         for run in to_denoise:
-            if run.load_embeddings() is None:
-                if run.manifest.get("embeddings"):
-                    self.reporter.warn(f"the cached text embeddings of run {run.id} are damaged; encoding the prompt again")
+            image_missing = run.settings.get("image") is not None and run.load_image_latent() is None
+            if run.load_embeddings() is None or image_missing:
+                if run.manifest.get("embeddings") or run.manifest.get("image_latent"):
+                    self.reporter.warn(f"the cached text embeddings or image latent of run {run.id} are damaged; encoding again")
                 to_encode.append(run)
             else:
                 self.resumed_from[run.id] = "cached text embeddings"
@@ -260,24 +262,34 @@ class _Execution:
                 prompts[run.id] = prompt_for_encoding(run, self.stages.files, self.device, self.stages.dtype,
                                                       self.stages.profile.encoder_scheme == "nf4", self.reporter)
             run.manifest["measured"]["rewrite"] = self.meters[run.id].results["rewrite"]
-        encoders = None
+        encoders = vae = None
         try:
             for run in runs:
                 self._clip(run)
                 run.set_state("encoding")
                 self.stop.stage = "encoding"
                 meter = self.meters[run.id]
+                settings = run.settings
+                image = open_image(settings["image"]) if settings.get("image") else None
                 with meter.stage("text"):
                     if encoders is None:
                         self.reporter.stage("loading text encoders")
                         encoders = self.stages.text_encoders()
                     self.reporter.stage("encoding text")
-                    embeddings = encode_prompts(*encoders, [prompts[run.id]], run.settings["frames"])
+                    embeddings = encode_prompts(*encoders, [prompts[run.id]], settings["frames"], image=image)
+                    if image is not None:  # image-to-video: the VAE encodes the image in the same stage
+                        if vae is None:
+                            self.reporter.stage("loading VAE")
+                            vae = self.stages.vae()
+                        self.reporter.stage("encoding image")
+                        condition = self.stages.encode_image(vae, image, settings["height"], settings["width"])
                 run.manifest["measured"]["text"] = meter.results["text"]
                 run.manifest["seconds"]["encoding"] = meter.results["text"]["seconds"]
+                if image is not None:
+                    run.save_image_latent(condition.latent)
                 run.save_embeddings(embeddings)
         finally:
-            encoders = None
+            encoders = vae = None
             empty_cache(self.device)
 
     # ---- denoising, checkpointed after every step, the DiT placed once
@@ -288,18 +300,21 @@ class _Execution:
             for run in runs:
                 self._clip(run)
                 settings = run.settings
-                request = GenerationRequest(**{k: settings[k] for k in GenerationRequest.__dataclass_fields__})
+                request = GenerationRequest(**{k: settings[k] for k in GenerationRequest.__dataclass_fields__ if k in settings})
                 embeddings = run.load_embeddings()
                 if embeddings is None:  # saved a moment ago by `encode`: the disk lost it
                     raise HyVideoError(f"the text embeddings of run {run.id} cannot be read back; "
                                        f"`lowvram resume {run.id}` encodes them again")
                 if any(embeddings.truncated):
                     self.reporter.warn(f"the prompt is longer than {TEXT_LEN} tokens: its end was cut off (the model reads {TEXT_LEN})")
+                condition = self._image_condition(run)
                 step, saved, cache_state, warnings = run.latest_latents()
                 for warning in warnings:
                     self.reporter.warn(warning)
                 if saved is None:
                     saved = initial_noise(tuple(settings["latent_shape"]), request.seed)
+                    if condition is not None:
+                        saved = image_initial_latents(saved, condition, request.stability)
                 else:
                     self.resumed_from[run.id] = f"step {step}/{request.steps}"
                 run.set_state("denoising")
@@ -314,7 +329,7 @@ class _Execution:
                         if self.ranks:
                             self.ranks.send(ClipJob(request, embeddings, saved, step, cache_state))
                         latents = _denoise(run, self.stages, model, streamer, began, embeddings, saved, step, cache_state,
-                                           request, self.device, self.reporter, self.stop, self.ranks)
+                                           request, self.device, self.reporter, self.stop, self.ranks, condition)
                     measured = run.manifest["measured"]
                     measured["dit"] = {**measured.get("dit", {}), **meter.results["dit"]}
                 else:  # killed between the last checkpoint and the final latents
@@ -337,6 +352,15 @@ class _Execution:
                 self.stages.release_dit(model, streamer)
             model = streamer = None
             empty_cache(self.device)
+
+    def _image_condition(self, run: Run) -> ImageCondition | None:
+        """An image-to-video run's conditioning image, as its encoding stage saved it."""
+        if run.settings.get("image") is None:
+            return None
+        latent = run.load_image_latent()
+        if latent is None:  # saved a moment ago by `encode`: the disk lost it
+            raise HyVideoError(f"the image latent of run {run.id} cannot be read back; `lowvram resume {run.id}` encodes it again")
+        return ImageCondition(run.settings["image_condition"], latent)
 
     def _place_dit(self):
         """The DiT on this device; with several ranks, on theirs too, each for its share of tokens.
@@ -402,11 +426,11 @@ def _write_outputs(run: Run, frames: torch.Tensor) -> None:
 
 def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: float, embeddings, latents: torch.Tensor,
              step: int, cache_state, request: GenerationRequest, device: torch.device, reporter: Reporter,
-             stop: StopRequest, ranks: Ranks | None = None) -> torch.Tensor:
+             stop: StopRequest, ranks: Ranks | None = None, image: ImageCondition | None = None) -> torch.Tensor:
     """Euler steps step..N-1 on the placed DiT, a checkpoint after each (with the step cache's
     state, if any); RunInterrupted after the step in which a stop was requested (every rank stops
     after that step). `began`: when this run's DiT stage began (its time to the first step is
-    recorded as load_seconds)."""
+    recorded as load_seconds). image: an image-to-video run's conditioning image."""
     seconds = run.manifest["seconds"]
     first_forward = streamer.forwards
     cache = None
@@ -434,7 +458,8 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
             if ranks.agree_to_stop(stop.is_set()) if ranks else stop.is_set():
                 raise RunInterrupted(run)
 
-        latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache)
+        latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache,
+                                 image=image)
     finally:
         stop.stage = None
         # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache

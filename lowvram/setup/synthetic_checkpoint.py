@@ -5,6 +5,10 @@ layout, so the real loading code runs without downloading anything.
   in bf16), the 884-16c-hy VAE, a Llama-3-8B text encoder (LlamaForCausalLM, fp16) and CLIP-L's
   text model. For problems that only show at full size (memory maps, zip64, RAM while loading).
 - "tiny": the same architecture, small enough for CPU tests and `lowvram demo`.
+- "full-i2v", "full-i2v-33ch", "tiny-i2v", "tiny-i2v-33ch": HunyuanVideo-I2V (token_replace /
+  latent_concat DiT) with its LLaVA text encoder (LlavaForConditionalGeneration: the Llama, a CLIP
+  vision tower (ViT-L/14-336 at full size, 303.5 M parameters), the projector, the LM head; the
+  tokenizer with `<image>`; LLaVA's CLIP image processor).
 
 Both layouts as downloaded (facts §1.13):
   official:  hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt ({"module": state dict}),
@@ -12,6 +16,9 @@ Both layouts as downloaded (facts §1.13):
              text_encoder_2/ (transformers folders, tokenizer included)
   diffusers: transformer/ (config.json, safetensors shards + index, diffusers key names), vae/,
              text_encoder/ (a LlamaModel: no LM head), tokenizer/, text_encoder_2/, tokenizer_2/
+  I2V:       official hunyuan-video-i2v-720p/{transformers,vae}/ and text_encoder_i2v/ (the LLaVA
+             folder with tokenizer and preprocessor_config.json) in place of text_encoder/; diffusers
+             the same folders as above, text_encoder/ the LLaVA, and image_processor/.
 Text encoder folders are what `save_pretrained` writes: config.json and model.safetensors, or shards
 of at most `shard_bytes` plus model.safetensors.index.json. The tokenizers are the tiny ones at both
 sizes (`tiny_tokenizers`): their ids stay far below the real vocabulary sizes.
@@ -38,20 +45,38 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
-from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP, OFFICIAL_VAE
+from hyvideo.checkpoint import (
+    OFFICIAL_DIT,
+    OFFICIAL_DIT_FP8,
+    OFFICIAL_DIT_FP8_MAP,
+    OFFICIAL_I2V_DIT,
+    OFFICIAL_I2V_TEXT_ENCODER,
+    OFFICIAL_I2V_VAE,
+    OFFICIAL_VAE,
+)
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from hyvideo.diffusers_keys import diffusers_parts, official_to_diffusers_tensors
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.vae import CausalVAE
 from hyvideo.weight_io import Layout, write_safetensors_stream, write_torch_stream
 
-from .tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokenizer
+from hyvideo.text_encoder import IMAGE_TOKEN, clip_image_processor_class
+
+from .tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokenizer, build_tiny_llava_tokenizer
 
 LAYOUTS = ("official", "diffusers", "official-fp8")  # official-fp8: Tencent's FP8 DiT pair instead of the bf16 .pt
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -61,6 +86,13 @@ FP8_MAX = 448.0  # largest float8_e4m3fn value
 LLAMA3_8B = {"vocab_size": 128256, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5}
 CLIP_L = {"vocab_size": 49408, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+LLAVA_LLAMA3_8B = {**LLAMA3_8B, "vocab_size": 128320}  # xtuner's llava-llama-3-8b: <image> and pads added
+# CLIPVisionConfig fields of LLaVA's vision tower: CLIP-ViT-L/14-336 (576 image tokens), and a tiny
+# one of 28 px in 14 px patches (4 image tokens).
+CLIP_VIT_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                  "image_size": 336, "patch_size": 14, "projection_dim": 768}
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "image_size": 28, "patch_size": 14, "projection_dim": 32}
 # 1024 positions cover text_len + crop_start (the video template's prefix is 115 tiny tokens).
 TINY_LLM = {"intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 1024}
@@ -79,6 +111,11 @@ class SyntheticSize:
     vae_dtype: torch.dtype
     text_dtype: torch.dtype
     shard_bytes: int  # safetensors shards (diffusers DiT, text encoders) hold at most this many bytes
+    vision: dict | None = None  # image-to-video: LLaVA's vision tower (CLIPVisionConfig fields); None: text-to-video
+
+    @property
+    def image_to_video(self) -> bool:
+        return self.vision is not None
 
 
 SIZES = {
@@ -88,6 +125,10 @@ SIZES = {
     "tiny": SyntheticSize(DIT_CONFIGS["tiny"], VAE_CONFIGS["tiny"], TINY_LLM, TINY_CLIP,
                           torch.float32, torch.float32, torch.float32, shard_bytes=2_000_000),
 }
+for _name, _dit in (("-i2v", "HYVideo-T/2-I2V-16ch"), ("-i2v-33ch", "HYVideo-T/2-I2V-33ch")):
+    SIZES["full" + _name] = replace(SIZES["full"], dit=DIT_CONFIGS[_dit], llm=LLAVA_LLAMA3_8B, vision=CLIP_VIT_L_336)
+for _name, _dit in (("-i2v", "tiny-i2v-16ch"), ("-i2v-33ch", "tiny-i2v-33ch")):
+    SIZES["tiny" + _name] = replace(SIZES["tiny"], dit=DIT_CONFIGS[_dit], vision=TINY_VISION)
 
 
 # --- random tensors --------------------------------------------------------------------------------
@@ -205,7 +246,8 @@ def dit_files(layout: str, size: SyntheticSize, seed: int) -> tuple[list[WeightF
     """The DiT: one .pt of official tensors, or diffusers' shards of the same tensors cut and renamed."""
     weights = RandomWeights("dit", meta_layout(lambda: HunyuanVideoDiT(size.dit), size.dit_dtype), seed)
     if layout == "official":
-        return [WeightFile(OFFICIAL_DIT, weights.layout, weights.tensors, under="module")], {}
+        path = OFFICIAL_I2V_DIT if size.image_to_video else OFFICIAL_DIT
+        return [WeightFile(path, weights.layout, weights.tensors, under="module")], {}
     if layout == "official-fp8":
         return tencent_fp8_files(weights), {}
     hidden = size.dit.hidden_size
@@ -250,8 +292,9 @@ def vae_files(layout: str, size: SyntheticSize, seed: int) -> tuple[list[WeightF
     """The VAE is one file in both layouts (246 M parameters: under any shard limit)."""
     weights = RandomWeights("vae", meta_layout(lambda: CausalVAE(size.vae), size.vae_dtype), seed)
     if layout.startswith("official"):
-        file = WeightFile(f"{OFFICIAL_VAE}/pytorch_model.pt", weights.layout, weights.tensors)
-        return [file], {f"{OFFICIAL_VAE}/config.json": official_vae_config(size.vae)}
+        folder = OFFICIAL_I2V_VAE if size.image_to_video else OFFICIAL_VAE
+        file = WeightFile(f"{folder}/pytorch_model.pt", weights.layout, weights.tensors)
+        return [file], {f"{folder}/config.json": official_vae_config(size.vae)}
     file = WeightFile("vae/diffusion_pytorch_model.safetensors", weights.layout, weights.tensors)
     return [file], {"vae/config.json": diffusers_vae_config(size.vae)}
 
@@ -271,10 +314,41 @@ def clip_config(size: SyntheticSize, tokenizer, **fields) -> CLIPTextConfig:
                           pad_token_id=tokenizer.pad_token_id, architectures=["CLIPTextModel"])
 
 
+def llava_config(size: SyntheticSize, tokenizer, **fields) -> LlavaConfig:
+    """LLaVA as HunyuanVideo-I2V ships it: the Llama (`llm_config`), the CLIP vision tower's
+    second-to-last layer without its class token, a 2-layer GELU projector."""
+    vision = CLIPVisionConfig(**size.vision)
+    return LlavaConfig(text_config=llm_config(size, tokenizer, **fields), vision_config=vision,
+                       image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), pad_token_id=tokenizer.pad_token_id,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                       image_seq_length=(vision.image_size // vision.patch_size) ** 2, tie_word_embeddings=False,
+                       architectures=["LlavaForConditionalGeneration"])
+
+
+def llava_image_processor(size: SyntheticSize):
+    """LLaVA's CLIP image processor at the vision tower's size (336 px at full size)."""
+    pixels = size.vision["image_size"]
+    return clip_image_processor_class()(size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels})
+
+
+# The names `save_pretrained` writes for a LlavaForConditionalGeneration (those of the released
+# checkpoints), from its module names.
+LLAVA_SAVED_NAMES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                     ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
+
+
+def llava_saved_name(name: str) -> str:
+    for module, saved in LLAVA_SAVED_NAMES:
+        if name.startswith(module):
+            return saved + name.removeprefix(module)
+    return name
+
+
 # kind: (tokenizer, config, the model class the official preprocessing saves); kind also seeds the weights
 TEXT_ENCODERS = {
     "llm": (build_tiny_llama3_tokenizer, llm_config, LlamaForCausalLM),
     "clip": (build_tiny_clip_tokenizer, clip_config, CLIPTextModel),
+    "llava": (build_tiny_llava_tokenizer, llava_config, LlavaForConditionalGeneration),
 }
 
 
@@ -289,7 +363,10 @@ def text_encoder_files(folder: str, kind: str, size: SyntheticSize, seed: int, h
     make_tokenizer, make_config, model_class = TEXT_ENCODERS[kind]
     tokenizer = make_tokenizer()
     config = make_config(size, tokenizer, **fields)
-    weights = RandomWeights(kind, meta_layout(lambda: model_class(config), size.text_dtype), seed, config.initializer_range)
+    layout = meta_layout(lambda: model_class(config), size.text_dtype)
+    if kind == "llava":
+        layout = [(llava_saved_name(name), dtype, shape) for name, dtype, shape in layout]
+    weights = RandomWeights(kind, layout, seed, config.get_text_config().initializer_range)
     layout, tensors = weights.layout, weights.tensors
     if headless:
         config.architectures = ["LlamaModel"]
@@ -303,6 +380,10 @@ def text_encoder_files(folder: str, kind: str, size: SyntheticSize, seed: int, h
     return files, {f"{folder}/config.json": json.loads(config.to_json_string()), **index}, tokenizer
 
 
+def image_processor_files(folder: str, size: SyntheticSize) -> dict[str, dict]:
+    return {f"{folder}/preprocessor_config.json": json.loads(llava_image_processor(size).to_json_string())}
+
+
 def _size(size: "str | SyntheticSize") -> SyntheticSize:
     return SIZES[size] if isinstance(size, str) else size
 
@@ -313,12 +394,19 @@ def plan_folder(layout: str, size: "str | SyntheticSize" = "tiny", seed: int = 0
         raise ValueError(f"layout must be one of {LAYOUTS}")
     size = _size(size)
     plan = FolderPlan([], {}, {})
+    if size.image_to_video and layout == "official-fp8":
+        raise ValueError("the I2V release has no FP8 DiT file")
     parts = [dit_files(layout, size, seed), vae_files(layout, size, seed)]
-    for kind, model_folder, tokenizer_folder in (("llm", "text_encoder", "tokenizer"), ("clip", "text_encoder_2", "tokenizer_2")):
+    official = layout.startswith("official")
+    encoders = [("llm", "text_encoder", "tokenizer"), ("clip", "text_encoder_2", "tokenizer_2")]
+    if size.image_to_video:
+        encoders[0] = ("llava", OFFICIAL_I2V_TEXT_ENCODER if official else "text_encoder", "tokenizer")
+        parts.append(([], image_processor_files(OFFICIAL_I2V_TEXT_ENCODER if official else "image_processor", size)))
+    for kind, model_folder, tokenizer_folder in encoders:
         headless = kind == "llm" and layout == "diffusers"  # diffusers saves the LLM as a LlamaModel
         files, json_files, tokenizer = text_encoder_files(model_folder, kind, size, seed, headless)
         parts.append((files, json_files))
-        plan.tokenizers[model_folder if layout.startswith("official") else tokenizer_folder] = tokenizer
+        plan.tokenizers[model_folder if official else tokenizer_folder] = tokenizer
     for files, json_files in parts:
         plan.weights += files
         plan.json_files |= json_files

@@ -152,3 +152,17 @@ def build_tiny_clip_tokenizer(num_merges: int = 200) -> CLIPTokenizer:
     vocab[CLIP_BOS] = len(vocab)
     vocab[CLIP_EOS] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_llava_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny Llama-3 tokenizer as LLaVA's: `<image>` added as a special token, and "assistant"
+    whole, as in Llama-3's vocabulary (so the I2V template's assistant header is the 4 tokens the
+    official code cuts; the tiny BPE alone splits "assistant" into 6)."""
+    from tokenizers import AddedToken
+
+    from hyvideo.text_encoder import IMAGE_TOKEN
+
+    tokenizer = build_tiny_llama3_tokenizer()
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    tokenizer.add_tokens([AddedToken("assistant", normalized=False)])
+    return tokenizer

@@ -1,0 +1,62 @@
+"""Image-to-video weights in both layouts: detection (alone and beside the text-to-video release),
+the synthetic folders (tiny written and loaded; full size planned on the meta device)."""
+
+import math
+
+import pytest
+import torch
+
+from hyvideo.checkpoint import find_model_files, load_dit, load_vae
+from hyvideo.config import DIT_CONFIGS
+from lowvram.setup.synthetic_checkpoint import plan_folder, write_synthetic_checkpoint
+from lowvram.stages import dit_config_for, model_sizes
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+@pytest.mark.parametrize("size,kind", [("tiny-i2v", "token_replace"), ("tiny-i2v-33ch", "latent_concat")])
+def test_tiny_i2v_folders_are_detected_and_load(tmp_path, layout, size, kind):
+    files = find_model_files(write_synthetic_checkpoint(tmp_path / "model", layout, size))
+    assert files.image_to_video and (files.image_processor / "preprocessor_config.json").is_file()
+    assert dit_config_for(files).image_condition_type == kind
+    assert load_dit(files, torch.float32).config.image_condition_type == kind
+    assert load_vae(files, torch.float32).encoder is not None
+    names = [encoder.name for encoder in model_sizes(files)["text_encoders"]]
+    assert names == ["llm", "vision", "clip", "image encode"]
+
+
+def test_official_folder_with_both_releases(tmp_path):
+    """Tencent's ckpts/ may hold both: text-to-video unless image-to-video is asked for."""
+    root = tmp_path / "ckpts"
+    write_synthetic_checkpoint(root, "official", "tiny")
+    write_synthetic_checkpoint(root, "official", "tiny-i2v")
+    assert not find_model_files(root).image_to_video
+    i2v = find_model_files(root, image_to_video=True)
+    assert i2v.image_to_video and i2v.llm.name == "text_encoder_i2v" and "i2v" in str(i2v.dit_weights[0])
+
+
+def test_t2v_folder_is_not_i2v(tmp_path):
+    files = find_model_files(write_synthetic_checkpoint(tmp_path / "model", "diffusers", "tiny"))
+    assert not files.image_to_video and dit_config_for(files).image_condition_type is None
+
+
+def _params(weight_files, prefix):
+    return sum(math.prod(shape) for f in weight_files for name, _, shape in f.layout if name.startswith(prefix))
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_full_size_i2v_shapes(layout):
+    """The 13B I2V folders as planned (meta shapes, nothing written): the released DiT's parameter
+    counts, LLaVA's vision tower (CLIP-ViT-L/14-336) and projector, the Llama's 128,320-row LM head."""
+    for size, dit_name in (("full-i2v", "HYVideo-T/2-I2V-16ch"), ("full-i2v-33ch", "HYVideo-T/2-I2V-33ch")):
+        planned = plan_folder(layout, size)
+        dit = [f for f in planned.weights if "transformer" in f.path]
+        with torch.device("meta"):
+            from hyvideo.dit import HunyuanVideoDiT
+
+            expected = sum(p.numel() for p in HunyuanVideoDiT(DIT_CONFIGS[dit_name]).parameters())
+        assert sum(math.prod(shape) for f in dit for _, _, shape in f.layout) == expected
+        llava = [f for f in planned.weights if f.path.startswith(("text_encoder_i2v/", "text_encoder/"))]
+        assert _params(llava, "vision_tower.") == 303_507_456
+        assert _params(llava, "multi_modal_projector.") == 20_979_712
+        assert _params(llava, "language_model.lm_head.") == 128_320 * 4096
+    assert expected == 12_810_991_680  # the 33-channel DiT
