@@ -32,6 +32,8 @@ def plan(
     parallel: str = Parallel,
     link_gbs: float = typer.Option(None, "--link-gbs", help="With --gpus: GB/s each GPU's link carries, for the communication "
                                    "estimate (default 12: PCIe 4.0 x8, what a two-card consumer board gives each card)."),
+    model: str = typer.Option("t2v", "--model", help="Which released model: t2v (HunyuanVideo), i2v (HunyuanVideo-I2V, "
+                              "token_replace: the current release) or i2v-33ch (its first release, latent_concat)."),
     as_json: bool = Json,
 ):
     """Predict peak VRAM and RAM per stage (text, DiT, VAE); exit 1 if it does not fit."""
@@ -45,6 +47,7 @@ def plan(
                           None if ram is None else int(ram * 2**30), gpus, parallel)
         if link_gbs is not None:
             query.link_gbs = link_gbs
+        query.model = model
         answer = plan_only(query)
     result, found = answer.result, answer.plan
     if as_json:

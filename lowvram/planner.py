@@ -273,6 +273,22 @@ def i2v_text_tokens(image_condition_type: str, image_tokens: int = LLAVA_IMAGE_T
     return image_tokens // IMAGE_EMBED_INTERLEAVE[image_condition_type] + TEXT_LEN - ASSISTANT_HEADER_TOKENS
 
 
+# `lowvram plan --model`: the released 13B models (no weights needed)
+RELEASED_DITS = {"t2v": "HYVideo-T/2-cfgdistill", "i2v": "HYVideo-T/2-I2V-16ch", "i2v-33ch": "HYVideo-T/2-I2V-33ch"}
+
+
+def released_model_sizes(model: str, width: int, height: int) -> dict:
+    """What a released model contributes to `plan` (as stages.model_sizes for its folder); the
+    I2V image is encoded at the video's size."""
+    if model not in RELEASED_DITS:
+        raise HyVideoError(f"--model must be one of {', '.join(RELEASED_DITS)}; got {model!r}")
+    dit_config = DIT_CONFIGS[RELEASED_DITS[model]]
+    if dit_config.image_condition_type is None:
+        return {"dit_config": dit_config}
+    return {"dit_config": dit_config, "text_tokens": i2v_text_tokens(dit_config.image_condition_type),
+            "text_encoders": hunyuan_i2v_text_encoders(image_size=(align_up(height, 16), align_up(width, 16)))}
+
+
 def first_use_quantize_bytes(config: DiTConfig) -> int:
     """Anonymous memory of building the DiT cache (quant/cache.py), one tensor at a time: the
     largest linear's fused bf16 weight plus its float32 copy, |w| and w / scale in the quantizer."""

@@ -60,3 +60,25 @@ def test_full_size_i2v_shapes(layout):
         assert _params(llava, "multi_modal_projector.") == 20_979_712
         assert _params(llava, "language_model.lm_head.") == 128_320 * 4096
     assert expected == 12_810_991_680  # the 33-channel DiT
+
+
+def test_plan_counts_the_i2v_text_stage():
+    """`lowvram plan --model i2v`: LLaVA's vision tower (0.60 GiB fp16) and the image's VAE encode
+    (the whole VAE, 0.46 GiB, and one 704x1248 frame's activations) in the text stage, whose LLM runs
+    934 positions instead of 351; the DiT reads 144 image states + 252 prompt tokens."""
+    from lowvram.generation.preflight import PlanQuery, plan_only
+    from lowvram.planner import i2v_text_tokens
+
+    def text_parts(model):
+        query = PlanQuery(1248, 704, 129, vram_bytes=24 * 2**30, ram_bytes=64 * 2**30, profile="24gb")
+        query.model = model
+        return plan_only(query).result["stages"]["text"]["parts_gb"]
+
+    t2v, i2v = text_parts("t2v"), text_parts("i2v")
+    assert set(i2v) - set(t2v) == {"vision", "image encode"}
+    assert i2v["llm"] == t2v["llm"] and i2v["clip"] == t2v["clip"]
+    assert round(i2v["vision"] * 2**30) == 2 * (303_507_456 + 20_979_712)
+    assert 2.0 < i2v["activations"] < 2.6  # the image encode at 704x1248 (the LLM's 934 positions: ~0.5 GiB)
+    assert (i2v_text_tokens("token_replace"), i2v_text_tokens("latent_concat")) == (396, 540)
+    with pytest.raises(Exception, match="--model must be one of t2v, i2v, i2v-33ch"):
+        text_parts("i2v-64ch")

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from hyvideo.checkpoint import ModelFiles, find_model_files
-from hyvideo.config import DIT_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
 from hyvideo.image import open_image
@@ -33,7 +32,7 @@ from lowvram.attention_choice import resolve_attention
 from lowvram.communication import PCIE4_X8_GBS
 from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
-from lowvram.planner import Plan, parallel_layout, plan, resolve, suggest_fit
+from lowvram.planner import Plan, parallel_layout, plan, released_model_sizes, resolve, suggest_fit
 from lowvram.profiles import Overrides, Profile, settle_profile, stored_profile
 from lowvram.progress import Reporter
 from lowvram.stages import CPU_MAX_DIT_PARAMS, dit_config_for, model_sizes, parameter_count, vae_config_for
@@ -229,6 +228,7 @@ class PlanQuery:
     gpus: int | None = None  # sequence parallelism over this many GPUs (VRAM per GPU, RAM per machine)
     parallel: str = "usp"
     link_gbs: float = PCIE4_X8_GBS  # each GPU's link, for the communication estimate
+    model: str = "t2v"  # t2v | i2v | i2v-33ch: which released model (planner.RELEASED_DITS)
 
 
 @dataclass
@@ -244,8 +244,8 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
     validate_request(GenerationRequest("plan", width=query.width, height=query.height, frames=query.frames, steps=query.steps))
     if query.link_gbs <= 0:
         raise HyVideoError(f"--link-gbs must be positive, not {query.link_gbs:g}")
-    config = DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
-    sizes = {"lora_bytes": lora_bytes(query.loras, config)}  # every key checked against the 13B DiT, no weights read
+    sizes = released_model_sizes(query.model, query.width, query.height)
+    sizes["lora_bytes"] = lora_bytes(query.loras, sizes["dit_config"])  # every key checked against the 13B DiT, no weights read
     if query.gpus is not None:
         sizes["layout"] = parallel_layout(query.parallel, query.gpus, query.width, query.height, query.frames)
     free_vram, free_ram = free_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -255,6 +255,8 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
         raise HyVideoError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
     candidates = settle_profile(query.profile, query.overrides, gpu=vram is not None)
     alternatives = settle_profile("auto", query.overrides)
+    if sizes["dit_config"].image_condition_type:
+        candidates, alternatives = without_step_cache(candidates, query.overrides), without_step_cache(alternatives)
     video = (query.width, query.height, query.frames)
     try:
         profile, found = resolve(candidates, *video, vram_bytes=vram, ram_bytes=ram, must_fit=False, **sizes)
