@@ -276,12 +276,13 @@ class LlavaTextEncoder(LlamaTextEncoder):
     def from_folder(
         cls, folder: str | Path, image_condition_type: str, dtype: torch.dtype = torch.float16, device="cpu",
         text_len: int = TEXT_LEN, skip_layers: int = SKIP_LAYERS, tokenizer_folder: str | Path | None = None,
-        image_processor_folder: str | Path | None = None,
+        image_processor_folder: str | Path | None = None, model=None,
     ) -> "LlavaTextEncoder":
         """Load LLaVA from `ckpts/text_encoder_i2v` (model, tokenizer and image processor in one
         folder, official layout) or diffusers' `text_encoder/` with `tokenizer/` and
         `image_processor/`. Only the LLaVA model runs (its lm_head is dropped: states are taken
-        before it)."""
+        before it). `model`: the LlavaForConditionalGeneration already loaded (e.g. with an NF4
+        language model), else loaded here in `dtype`."""
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
         path = _check_folder(folder, "text encoder (LLaVA)", tokenizer=tokenizer_folder is None)
@@ -292,9 +293,10 @@ class LlavaTextEncoder(LlamaTextEncoder):
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, padding_side="right", local_files_only=True)
             image_processor = clip_image_processor_class().from_pretrained(processor_path, local_files_only=True)
-            model = LlavaForConditionalGeneration.from_pretrained(
-                path, dtype=dtype, device_map={"": torch.device(device)}, local_files_only=True
-            )
+            if model is None:
+                model = LlavaForConditionalGeneration.from_pretrained(
+                    path, dtype=dtype, device_map={"": torch.device(device)}, local_files_only=True
+                )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise _load_error("text encoder (LLaVA)", path, error) from error
         return cls(model.model.eval(), tokenizer, image_processor, IMAGE_EMBED_INTERLEAVE[image_condition_type],

@@ -226,16 +226,20 @@ class Stages:
         return ClipTextEncoder.from_folder(files.clip, dtype=self.vae_dtype, device=self.device, tokenizer_folder=files.clip_tokenizer)
 
     def _llava(self) -> LlavaTextEncoder:
-        """Image-to-video's LLaVA (language model, vision tower, projector) in the compute dtype.
-        The NF4 path (quant/nf4.py) loads a bare Llama and does not take LLaVA yet: an nf4 profile
-        runs LLaVA in bf16, said in one line (the plan counts it as nf4: 10.6 GB more at full size)."""
+        """Image-to-video's LLaVA: its language model per the encoder scheme (NF4 quantized on load,
+        quant/nf4.py, else bf16 on the CPU with the reason said), the vision tower and projector bf16."""
         files = self.files
+        loaded = None
         if self.profile.encoder_scheme == "nf4":
-            self.reporter.warn("the NF4 text encoder does not take LLaVA (image-to-video) yet; running it in bf16")
+            from quant.nf4 import load_llava_nf4
+
+            loaded = load_llava_nf4(files.llm, self.device)
+            if loaded.reason:
+                self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running LLaVA in bf16 on the CPU")
         return LlavaTextEncoder.from_folder(
             files.llm, self.plan.dit_config.image_condition_type, dtype=self.dtype, device=self.device,
             tokenizer_folder=None if files.llm_tokenizer == files.llm else files.llm_tokenizer,
-            image_processor_folder=files.image_processor)
+            image_processor_folder=files.image_processor, model=loaded.model if loaded else None)
 
     def encode_image(self, vae, image, height: int, width: int) -> ImageCondition:
         """The conditioning image (PIL RGB), resized and center-cropped to the video's size, through

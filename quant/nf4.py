@@ -162,6 +162,42 @@ def load_llm_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cach
     return LLMLoad(load_llm_bf16(path, "cpu", causal), "bf16", reason, torch.device("cpu"))
 
 
+LLAVA_16BIT_MODULES = ["vision_tower", "multi_modal_projector", "lm_head"]  # NF4 only in the language model
+
+
+def load_llava_nf4(folder: str | Path, device: "torch.device | str" = "cuda") -> LLMLoad:
+    """Image-to-video's LLaVA (LlavaForConditionalGeneration) with its language model's linears in
+    NF4 on `device`, the vision tower, projector and LM head in bf16; or (with the reason) all of it
+    in bf16 on the CPU, as `load_llm_nf4`. Quantized on load each time: no quantize-once cache yet."""
+    from transformers import LlavaForConditionalGeneration
+
+    device, path = _device(device), _check_folder(folder)
+    config = nf4_config()
+    config.llm_int8_skip_modules = LLAVA_16BIT_MODULES
+    try:
+        reason = nf4_unavailable_reason(device)
+        if reason is not None:
+            raise NF4Unavailable(reason)
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, device_map={"": device},
+                                                                  local_files_only=True, quantization_config=config).eval()
+        except (OSError, KeyError) as error:
+            raise HyVideoError(f"could not load the text encoder (LLaVA) from {path}: {one_line(error)}") from error
+        except Exception as error:  # transformers' bitsandbytes checks raise various types
+            raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
+        reason = _smoke_test(model, device)
+        if reason is None:
+            return LLMLoad(model, "nf4", None, device)
+        del model
+    except NF4Unavailable as error:
+        reason = str(error)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise HyVideoError(f"could not load the text encoder (LLaVA) from {path}: {one_line(error)}") from error
+    return LLMLoad(model, "bf16", reason, torch.device("cpu"))
+
+
 def llm_cache_path(cache_dir: str | Path) -> Path:
     """The NF4 encoder's folder inside the quantized-cache folder."""
     return Path(cache_dir) / "llm-nf4"
