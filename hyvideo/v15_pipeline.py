@@ -8,7 +8,8 @@ scaled VAE latents and the mask is 1 there, and the SigLIP states of the image j
 Real CFG (the base checkpoints, guidance 6): two DiT forwards per step, conditional then
 unconditional, each at batch 1 (one after the other, so only one forward's activations live at a
 time); velocity = uncond + g * (cond - uncond). CFG-distilled and step-distilled checkpoints run one
-forward (g = 1). The schedule and the Euler step are the 13B model's (`sampler.py`); a step is a pure
+forward (g = 1). MeanFlow checkpoints (`use_meanflow`, officially the super-resolution ones) also
+get the step's end as `timestep_r` (sigma_{i+1} * 1000, 0 at the last step). The schedule and the Euler step are the 13B model's (`sampler.py`); a step is a pure
 function of (latents, step index), so runs resume exactly.
 """
 
@@ -74,11 +75,12 @@ def denoise(
     condition = condition_channels(latents, image).to(dtype)
     for i in range(start_step, steps):
         x = torch.cat([latents.to(dtype), condition], dim=1)
+        timestep_r = sigmas[i + 1 : i + 2] * 1000.0 if dit.config.use_meanflow else None
         velocities = []
         for p in prompts:
             blocks = blocks_for_forward(i) if blocks_for_forward is not None else None
             velocities.append(dit(x, timesteps[i : i + 1], p.text_states, p.text_mask, p.byt5_states, p.byt5_mask,
-                                  vision, blocks=blocks).float())
+                                  vision, timestep_r, blocks=blocks).float())
         velocity = velocities[0] if not cfg else velocities[1] + guidance_scale * (velocities[0] - velocities[1])
         latents = euler_step(latents, velocity, sigmas, i)
         if on_step is not None:

@@ -69,6 +69,24 @@ def test_parity_with_diffusers(models, batch, valid, byt5_valid, image):
     assert rel_err(out, expected) <= TOL
 
 
+def test_meanflow_parity_with_diffusers():
+    """use_meanflow checkpoints add time_r_in(timestep_r) to the modulation vector."""
+    config = V15DiTConfig(**{**TINY.to_dict(), "use_meanflow": True})
+    ours = HunyuanVideo15DiT(config).eval()
+    randomize_(ours, seed=5)
+    reference = HunyuanVideo15Transformer3DModel(**config.to_diffusers()).eval()
+    reference.load_state_dict(ours_to_diffusers(ours.state_dict()), strict=True)
+    x, t, text, mask, byt5, byt5_mask, vision = make_inputs(config, 1, [9], [4], True)
+    timestep_r = torch.tensor([750.0])
+    with torch.no_grad():
+        out = ours(x, t, text, mask, byt5, byt5_mask, vision, timestep_r)
+        expected = reference(x, t, text, mask, timestep_r=timestep_r, encoder_hidden_states_2=byt5,
+                             encoder_attention_mask_2=byt5_mask, image_embeds=vision, return_dict=False)[0]
+        vec_without_r = ours.time_in(t, torch.float32)
+    assert rel_err(out, expected) <= TOL
+    assert rel_err(ours.conditioning(t, timestep_r), vec_without_r) > 0.1  # time_r_in takes part
+
+
 def test_token_chunking_and_supplied_blocks_match(models):
     ours, _ = models
     inputs = make_inputs(TINY, 1, [9], [4], True)
