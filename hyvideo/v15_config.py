@@ -58,6 +58,40 @@ class V15DiTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_official(cls, values: dict) -> "V15DiTConfig":
+        """From Tencent's `transformer/<variant>/config.json` (HunyuanVideo_1_5_DiffusionTransformer);
+        a variant this model does not implement raises ValueError naming the field."""
+        expected = {"concat_condition": True, "glyph_byT5_v2": True, "use_cond_type_embedding": True,
+                    "vision_projection": "linear", "text_projection": "single_refiner", "guidance_embed": False,
+                    "mm_single_blocks_depth": 0, "mlp_act_type": "gelu_tanh", "qk_norm": True, "qk_norm_type": "rms",
+                    "qkv_bias": True, "is_reshape_temporal_channels": False, "text_pool_type": None}
+        for key, value in expected.items():
+            if key in values and values[key] != value:
+                raise ValueError(f"HunyuanVideo-1.5 transformer with {key}={values[key]!r} is not supported (expected {value!r})")
+        return cls(
+            hidden_size=values["hidden_size"], heads=values["heads_num"], double_blocks=values["mm_double_blocks_depth"],
+            mlp_ratio=float(values.get("mlp_width_ratio", 4.0)), patch_size=tuple(values["patch_size"]),
+            latent_channels=values["in_channels"], text_states_dim=values["text_states_dim"],
+            vision_states_dim=values["vision_states_dim"], rope_axes_dim=tuple(values["rope_dim_list"]),
+            rope_theta=float(values["rope_theta"]), use_meanflow=bool(values.get("use_meanflow", False)),
+        )
+
+    @classmethod
+    def from_diffusers(cls, values: dict) -> "V15DiTConfig":
+        """From diffusers' `transformer/config.json` (HunyuanVideo15Transformer3DModel)."""
+        if values["in_channels"] != 2 * values["out_channels"] + 1:
+            raise ValueError(f"in_channels {values['in_channels']} is not 2 * out_channels + 1")
+        return cls(
+            hidden_size=values["num_attention_heads"] * values["attention_head_dim"], heads=values["num_attention_heads"],
+            double_blocks=values["num_layers"], refiner_blocks=values["num_refiner_layers"],
+            mlp_ratio=values["mlp_ratio"], patch_size=(values["patch_size_t"], values["patch_size"], values["patch_size"]),
+            latent_channels=values["out_channels"], text_states_dim=values["text_embed_dim"],
+            byt5_states_dim=values["text_embed_2_dim"], vision_states_dim=values["image_embed_dim"],
+            rope_axes_dim=tuple(values["rope_axes_dim"]), rope_theta=values["rope_theta"],
+            use_meanflow=values.get("use_meanflow", False),
+        )
+
     def to_diffusers(self) -> dict:
         """The `transformer/config.json` fields of diffusers' HunyuanVideo15Transformer3DModel
         (`target_size` and `task_type` only steer diffusers' pipeline; 640 = 480p)."""
@@ -92,6 +126,22 @@ class V15VAEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "V15VAEConfig":
+        """From Tencent's `vae/config.json` (AutoencoderKLConv3D: ffactor_*) or diffusers'."""
+        values = dict(values)
+        if values.get("shift_factor"):
+            raise ValueError("a HunyuanVideo-1.5 VAE with a shift_factor is not supported")
+        renames = {"ffactor_spatial": "spatial_compression_ratio", "ffactor_temporal": "time_compression_ratio",
+                   "temporal_compression_ratio": "time_compression_ratio"}
+        for old, new in renames.items():
+            if old in values:
+                values[new] = values.pop(old)
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        if "block_out_channels" in known:
+            known["block_out_channels"] = tuple(known["block_out_channels"])
+        return cls(**known)
 
     def to_diffusers(self) -> dict:
         values = {**self.to_dict(), "block_out_channels": list(self.block_out_channels)}

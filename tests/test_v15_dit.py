@@ -130,3 +130,26 @@ def test_real_config_on_meta_device():
     assert count == 8_326_608_160  # "8.3B"; measured, equal to diffusers' count above
     official = ours_to_official(ours.state_dict())
     assert len(official) == 1_793  # tensors in the official layout (54 blocks x 32 + 65 others; no time_r_in)
+
+
+# Tencent's transformer/480p_t2v/config.json as public integrations quote it (not read from a
+# downloaded checkpoint here): the constructor arguments of HunyuanVideo_1_5_DiffusionTransformer.
+OFFICIAL_CONFIG = {
+    "_class_name": "HunyuanVideo_1_5_DiffusionTransformer", "concat_condition": True, "glyph_byT5_v2": True,
+    "guidance_embed": False, "heads_num": 16, "hidden_size": 2048, "ideal_resolution": "480p", "ideal_task": "t2v",
+    "in_channels": 32, "is_reshape_temporal_channels": False, "mlp_act_type": "gelu_tanh", "mlp_width_ratio": 4,
+    "mm_double_blocks_depth": 54, "mm_single_blocks_depth": 0, "out_channels": 32, "patch_size": [1, 1, 1],
+    "qk_norm": True, "qk_norm_type": "rms", "qkv_bias": True, "rope_dim_list": [16, 56, 56], "rope_theta": 256,
+    "text_pool_type": None, "text_projection": "single_refiner", "text_states_dim": 3584, "text_states_dim_2": None,
+    "use_attention_mask": True, "use_cond_type_embedding": True, "use_meanflow": False, "vision_projection": "linear",
+    "vision_states_dim": 1152,
+}
+
+
+def test_configs_from_both_layouts():
+    real = V15_DIT_CONFIGS["hunyuanvideo-1.5"]
+    assert V15DiTConfig.from_official(OFFICIAL_CONFIG) == real
+    assert V15DiTConfig.from_diffusers(real.to_diffusers()) == real
+    assert V15DiTConfig.from_diffusers(TINY.to_diffusers()) == TINY
+    with pytest.raises(ValueError, match="guidance_embed"):
+        V15DiTConfig.from_official({**OFFICIAL_CONFIG, "guidance_embed": True})

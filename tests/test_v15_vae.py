@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo15
 
 from hyvideo.errors import HyVideoError
-from hyvideo.v15_config import V15_VAE_CONFIGS
+from hyvideo.v15_config import V15_VAE_CONFIGS, V15VAEConfig
 from hyvideo.v15_keys import vae_diffusers_to_ours, vae_ours_to_diffusers
 from hyvideo.v15_vae import HunyuanVideo15VAE, depth_to_space, latent_shape, space_to_depth
 from tests.random_weights import randomize_
@@ -91,3 +91,14 @@ def test_real_config_on_meta_device():
     assert count == sum(p.numel() for p in reference.parameters())
     assert latent_shape(121, 720, 1280, config) == (32, 31, 45, 80)
     assert set(vae_ours_to_diffusers(ours.state_dict())) == set(reference.state_dict())
+
+
+def test_config_from_both_layouts():
+    real = V15_VAE_CONFIGS["hunyuanvideo-1.5"]
+    # The constructor arguments of Tencent's AutoencoderKLConv3D (vae/config.json); the tiling sizes
+    # (sample_size, sample_tsize) are ignored here, their values illustrative.
+    official = {"in_channels": 3, "out_channels": 3, "latent_channels": 32, "block_out_channels": [128, 256, 512, 1024, 1024],
+                "layers_per_block": 2, "ffactor_spatial": 16, "ffactor_temporal": 4, "sample_size": 256, "sample_tsize": 64,
+                "scaling_factor": 1.03682, "downsample_match_channel": True, "upsample_match_channel": True}
+    assert V15VAEConfig.from_dict(official) == real
+    assert V15VAEConfig.from_dict(real.to_diffusers()) == real
