@@ -47,6 +47,12 @@ class V15DiTConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
     @property
+    def single_blocks(self) -> int:
+        """No single-stream blocks (official mm_single_blocks_depth = 0); the engine's block lists
+        read this as for the 13B config."""
+        return 0
+
+    @property
     def in_channels(self) -> int:
         """Noisy latents, condition latents and the one-channel condition mask."""
         return 2 * self.latent_channels + 1

@@ -88,6 +88,7 @@ class HunyuanVideo15DiT(nn.Module):
         self.final_layer = FinalLayer(hidden, pt * ph * pw * config.out_channels)
         self.attention_backend = "sdpa"
         self.token_chunk: int | None = None  # per-token work in chunks of this many tokens (None: whole sequence)
+        self.sequence_parallel = None  # not implemented for 1.5: transform() refuses one
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -151,6 +152,8 @@ class HunyuanVideo15DiT(nn.Module):
     def transform(self, x, vec, txt, txt_mask, blocks=None) -> torch.Tensor:
         """Latents [B, 2C+1, T, h, w] -> image tokens [B, N_img, D] after the double blocks."""
         check_backend(self.attention_backend)
+        if self.sequence_parallel is not None:
+            raise ValueError("sequence parallelism is not implemented for HunyuanVideo-1.5 (run on one GPU)")
         img = self.img_in(x.to(self.compute_dtype))  # [B, N_img, D]
         grid = token_grid(x, self.config.patch_size)
         cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)

@@ -128,6 +128,7 @@ def test_real_config_on_meta_device():
     count = sum(p.numel() for p in ours.parameters())
     assert count == sum(p.numel() for p in reference.parameters())
     assert count == 8_326_608_160  # "8.3B"; measured, equal to diffusers' count above
+    assert [type(b).__name__ for b in ours.all_blocks()] == ["DoubleStreamBlock"] * 54 and config.single_blocks == 0
     official = ours_to_official(ours.state_dict())
     assert len(official) == 1_793  # tensors in the official layout (54 blocks x 32 + 65 others; no time_r_in)
 
