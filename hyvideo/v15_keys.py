@@ -1,9 +1,11 @@
-"""HunyuanVideo-1.5 DiT state-dict layouts: ours, Tencent's official checkpoint, diffusers'.
+"""HunyuanVideo-1.5 state-dict layouts (DiT and VAE): ours, Tencent's official checkpoint, diffusers'.
 
-Ours equals the official layout except that each double block's q, k, v projections are one
+DiT: ours equals the official layout except that each double block's q, k, v projections are one
 `*_attn_qkv` linear (official: `*_attn_q`, `*_attn_k`, `*_attn_v`). diffusers renames every module
 (table below, from its `convert_hunyuan_video1_5_to_diffusers.py`), splits the refiner's fused qkv
 too, and stores the final modulation as (scale, shift) where official stores (shift, scale).
+
+VAE: ours is the official layout; diffusers renames modules only (bottom of this file).
 
 Each function maps a whole state dict; it only renames, concatenates or splits tensors, so it also
 works on meta tensors (for planning) and per block (for streaming: pass one block's keys).

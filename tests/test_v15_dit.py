@@ -118,6 +118,8 @@ def test_key_layouts_round_trip(models):
     for name, layout in (("official", official_to_ours(official)), ("diffusers", diffusers_to_ours(reference.state_dict()))):
         assert layout.keys() == state.keys(), name
         assert all(torch.equal(layout[k], state[k]) for k in state), name
+    block = {k: v for k, v in reference.state_dict().items() if k.startswith("transformer_blocks.1.")}
+    assert diffusers_to_ours(block).keys() == {k for k in state if k.startswith("double_blocks.1.")}  # one block alone
 
 
 def test_real_config_on_meta_device():
