@@ -12,7 +12,6 @@ import torch.nn as nn
 from hyvideo.config import DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from lowvram.schedule import BlockSchedule, plan_schedule, spread_evenly
-import optimum.quanto as quanto
 
 from quant.fp8 import FP8Linear
 from lowvram.streaming import BlockStreamer, PinReport, empty_module_like, leaf_bytes, pin_leaves_, tensor_leaves
@@ -182,6 +181,7 @@ def test_fp8_blocks_stream_exactly():
 def test_int8_quanto_blocks_stream_exactly():
     """quanto's INT8 weights are tensor subclasses; their inner tensors (_data int8, _scale) are the
     leaves the streamer copies into shells rebuilt with __tensor_unflatten__."""
+    quanto = pytest.importorskip("optimum.quanto")
     model = make_model(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)
@@ -376,6 +376,7 @@ def test_cuda_streaming_is_exact_when_either_stream_lags(stalled):
 @pytest.mark.cuda
 def test_cuda_int8_quanto_blocks_stream_exactly():
     device = torch.device("cuda")
+    quanto = pytest.importorskip("optimum.quanto")
     model = make_model(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)
