@@ -27,6 +27,7 @@ from hyvideo.vae import latent_shape
 from lowvram.attention_choice import resolve_attention
 from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
+from .packages import check_packages
 from lowvram.planner import Plan, parallel_layout, plan, resolve
 from lowvram.profiles import Profile, RunChoices, stored_profile
 from lowvram.progress import Reporter
@@ -156,6 +157,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
                              ram_bytes=ram, choices=choices, **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
+    check_packages(profile.dit_scheme, profile.encoder_scheme, request.frames, device)
     out = check_output_path(options.out, request.frames)
     attention = resolve_attention(profile.attention, str(device))
     for note in attention.notes:
@@ -250,6 +252,8 @@ def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter 
     reporter = reporter or Reporter()
     settings = run.settings
     check_device(settings["device"])
+    profile = settings["profile"]
+    check_packages(profile["dit_scheme"], profile["encoder_scheme"], settings["frames"], torch.device(settings["device"]))
     files = find_model_files(Path(model_dir or settings["model_dir"]))
     reason = fingerprint_mismatch(run.manifest["model"]["fingerprint"], file_fingerprint(weight_files(files), files.root))
     if reason:
