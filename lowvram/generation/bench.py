@@ -11,8 +11,9 @@ with the planner's prediction for the same profile and size.
     result["estimate"] # seconds for a full run (50 steps) from the measured s/step
 
 With `--gpus N` (cli/ranks.py) this runs on rank 0 of N, each rank capped to `cap_bytes`.
-`cap_bytes` emulates a smaller card: torch.cuda.set_per_process_memory_fraction caps what PyTorch
-may allocate, and the profile is chosen and planned for that much VRAM. The video is noise (random
+`cap_bytes` emulates a smaller card: torch.cuda.set_per_process_memory_fraction caps what PyTorch's
+caching allocator may reserve (allocated bytes plus its cached blocks; each stage records both
+peaks), and the profile is chosen and planned for that much VRAM. The video is noise (random
 weights); the numbers are for this machine.
 """
 
@@ -123,6 +124,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
             "seconds": measured.get("seconds"),
             "vram_gb": measured.get("peak_vram_gb"), "planned_vram_gb": round(planned.vram_bytes / GIB, 3),
             "vram_error_pct": _error_pct(measured.get("peak_vram_gb"), planned.vram_bytes / GIB),
+            "vram_reserved_gb": measured.get("peak_vram_reserved_gb"),  # what --cap-gb limits (lowvram/generation/measure.py)
             "ram_gb": measured.get("peak_ram_gb"), "planned_ram_gb": round(planned.ram_bytes / GIB, 3),
             "ram_error_pct": _error_pct(measured.get("peak_ram_gb"), planned.ram_bytes / GIB),
             "page_cache_gb": measured.get("peak_page_cache_gb"), "planned_page_cache_gb": round(planned.page_cache_bytes / GIB, 3),
