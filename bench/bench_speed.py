@@ -19,7 +19,6 @@ against the uncached run's. Writes OUT/bench_speed-<device>.{json,md}.
 """
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -171,7 +170,7 @@ def step_cache_runs(bench: Bench, size, args) -> None:
         bench.model.token_chunk = profile.token_chunk
         streamer = BlockStreamer(bench.model.all_blocks(), schedule, bench.device, keep_host_copy=True)
         method, threshold = PRESETS[preset]
-        cache = None if method == "off" else TeaCache(threshold, request.steps, copy.deepcopy(bench.model.double_blocks[0].img_mod))
+        cache = None if method == "off" else TeaCache.for_model(bench.model, threshold, request.steps, bench.device)
         try:
             bench._sync()
             began = time.perf_counter()

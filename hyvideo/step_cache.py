@@ -33,6 +33,7 @@ img_in(x_i) is recomputed after the blocks instead of a clone being kept through
 at 720p while the blocks run).
 """
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -88,6 +89,12 @@ class TeaCache:
     def __init__(self, threshold: float, steps: int, probe: torch.nn.Module, state: CacheState | None = None):
         self.threshold, self.steps, self.probe = threshold, steps, probe
         self.state = state or CacheState()
+
+    @classmethod
+    def for_model(cls, model: HunyuanVideoDiT, threshold: float, steps: int, device, state: CacheState | None = None) -> "TeaCache":
+        """The cache for `model`, its probe copied onto `device`: block 0 itself may be streamed and
+        live on the host, and the probe runs on the compute device's vectors."""
+        return cls(threshold, steps, copy.deepcopy(model.double_blocks[0].img_mod).to(device), state)
 
     def _shift_scale(self, vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first two of block 0's six image modulation chunks, each [1, 1, D]."""

@@ -20,7 +20,6 @@ same dtype.
     stages.stats                          # what was streamed and tiled (recorded in the run)
 """
 
-import copy
 import json
 from pathlib import Path
 
@@ -198,8 +197,7 @@ class Stages:
         modulation) copied onto the device: deciding a step never waits for a streamed block."""
         if self.profile.step_cache == "off":
             return None
-        probe = copy.deepcopy(model.double_blocks[0].img_mod).to(self.device)
-        return TeaCache(self.profile.step_cache_threshold, steps, probe, state)
+        return TeaCache.for_model(model, self.profile.step_cache_threshold, steps, self.device, state)
 
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
         """What was streamed per forward from forward `first` on (one run's, when runs share the
