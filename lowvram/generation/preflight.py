@@ -159,7 +159,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
     check_packages(profile.dit_scheme, profile.encoder_scheme, request.frames, device)
     out = check_output_path(options.out, request.frames)
-    attention = resolve_attention(profile.attention, str(device))
+    attention = resolve_attention(profile.attention, str(device), dit_config.heads, dit_config.head_dim)
     for note in attention.notes:
         reporter.warn(note)
     settings = {
