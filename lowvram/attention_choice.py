@@ -25,7 +25,9 @@ import torch
 from hyvideo.attention import BACKENDS, EXTRAS, PACKAGES, SDPA_KERNELS, attention, installed, split_backend
 from hyvideo.errors import HyVideoError
 
-CHOICES = ("auto", *BACKENDS)
+# "sdpa:KERNEL" pins one SDPA kernel, no timing: runs in separate processes then use the same one
+# (bit-identical results; the CUDA resume test relies on it).
+CHOICES = ("auto", *BACKENDS, *(f"sdpa:{kernel}" for kernel in SDPA_KERNELS))
 PROBE_TOKENS = 4096
 HEADS_13B, HEAD_DIM_13B = 24, 128  # what the probe runs at unless told the model's own
 # Relative L2 error vs float32 attention a kernel may have on the probe's random inputs: bf16
@@ -87,13 +89,13 @@ def probe(backend: str, device: torch.device, tokens: int = PROBE_TOKENS, heads:
 def candidates(requested: str) -> list[str]:
     """What `requested` may run on a GPU, in the order tried."""
     sdpa = [f"sdpa:{kernel}" for kernel in SDPA_KERNELS if kernel != "math"]
-    return {"auto": ["sage", "flash", *sdpa], "sdpa": sdpa}.get(requested, [requested, *sdpa])
+    return {"auto": ["sage", "flash", *sdpa], "sdpa": sdpa}.get(requested, list(dict.fromkeys([requested, *sdpa])))
 
 
 def choose(requested: str, probed: dict[str, tuple[float | None, str | None]]) -> AttentionChoice:
     """The pick among probed candidates ({backend: (ms or None, why not)}): see the module docstring."""
     passed = {backend: ms for backend, (ms, _) in probed.items() if ms is not None}
-    if requested in ("sage", "flash"):
+    if requested not in ("auto", "sdpa"):  # one kernel asked for: taken if it passed, even if not the fastest
         if requested in passed:
             return AttentionChoice(requested, [], passed)
         notes = [f"attention '{requested}' {probed[requested][1]}; using SDPA"]
