@@ -292,7 +292,8 @@ def plan(
 
     latent_bytes = channels * t_lat * h_lat * w_lat * 4
     chunk = profile.token_chunk or None
-    activations = dit_activation_bytes(dit_config, rank_tokens, chunk)
+    scaled_mm = profile.dit_scheme == "fp8" and profile.fp8_matmul != "dequant"  # "auto" may take it: counted
+    activations = dit_activation_bytes(dit_config, rank_tokens, chunk, scaled_mm=scaled_mm)
     dit_parts = {
         "trunk": trunk_bytes(dit_config),
         "activations": activations,
@@ -300,7 +301,7 @@ def plan(
         "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
     }
     if world > 1:  # what the cross-rank attention adds to the forward's peak
-        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, layout=layout) - activations
+        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, layout=layout, scaled_mm=scaled_mm) - activations
     if profile.step_cache != "off":
         dit_parts["step cache probe"] = modulation_probe_bytes(dit_config, profile.dit_scheme, profile.quant_policy)
     lora_bytes = lora_bytes or LoraBytes()
