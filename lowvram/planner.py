@@ -323,8 +323,7 @@ def plan(
         if local_ranks > 1:
             text_ram["waiting ranks' baselines"] = (local_ranks - 1) * HOST_BASELINE_BYTES
         stages["text"] = StagePlan(sum(text_parts.values()), text_parts, text_ram, text_files)
-    streamed = schedule.streamed_bytes_per_step
-    pinned = min(streamed, profile.pinned_ram_cap_bytes) if profile.pin_memory else 0
+    pinned = schedule.pinned_bytes(profile.pinned_ram_cap_bytes) if profile.pin_memory else 0  # whole blocks, as pinned
     dit_ram = {"baseline": HOST_BASELINE_BYTES, "pinned blocks": pinned}
     if profile.step_cache != "off":  # the residual (all tokens, gathered on every rank), and its serialized copy at a checkpoint
         dit_ram["step cache"] = 2 * tokens * dit_config.hidden_size * 2 + latent_bytes
