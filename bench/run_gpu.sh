@@ -44,6 +44,7 @@
 # the 64 MiB a device call may carry (the working tree included): ~47 MB. .whl/ is git-ignored.
 set -u
 cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}  # the device's python3 holds torch; here: PYTHON=.venv/bin/python
 WHEELS="optimum-quanto==0.2.7 bitsandbytes==0.50.2 diffusers==0.42.1 importlib_metadata==8.7.0 sageattention==1.0.6 yunchang==0.6.4 av==18.1.0"
 BNB_CUDA=130  # the bitsandbytes kernel library kept: the device's torch is built for CUDA 13.0
 
@@ -54,10 +55,10 @@ if [ "${1:-}" = fetch-wheels ]; then
     platforms="$platforms --platform $p"
   done
   for spec in $WHEELS; do
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms -d .whl "$spec" \
+    $PYTHON -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms -d .whl "$spec" \
       || { echo "fetch-wheels: $spec did not resolve"; exit 1; }
   done
-  python3 - "$BNB_CUDA" <<'EOF'
+  $PYTHON - "$BNB_CUDA" <<'EOF'
 import sys, zipfile
 from pathlib import Path
 keep = f"libbitsandbytes_cuda{sys.argv[1]}.so"
@@ -135,33 +136,39 @@ git log -1 --format='%H %s' > "$res/commit.txt" 2>/dev/null
 if [ -z "${REHEARSE:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$res/gpu.txt"
 fi
-if ls .whl/*.whl > /dev/null 2>&1; then
+wheels=${WHEELS_DIR:-.whl}
+if ls "$wheels"/*.whl > /dev/null 2>&1; then
   site=${SITE:-/tmp/site}
-  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+  if ! $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
       > "$res/wheels.log" 2>&1; then
-    log "stop: installing the wheels in .whl/ failed: $(grep -m1 -i error "$res/wheels.log")"
+    log "stop: installing the wheels in $wheels/ failed: $(grep -m1 -i error "$res/wheels.log")"
     pack
     exit 1
   fi
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-  log "wheels installed: $(ls .whl | sed 's/-py3.*\|-cp3.*//' | tr '\n' ' ')"
+  log "wheels installed: $(ls "$wheels" | sed 's/-py3.*\|-cp3.*//' | tr '\n' ' ')"
 else
-  log "no wheels in .whl/ (bash bench/run_gpu.sh fetch-wheels): using the installed packages"
+  log "no wheels in $wheels/ (bash bench/run_gpu.sh fetch-wheels): using the installed packages"
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 # Import each package (a broken wheel shows here, not in step 4), then the product's own check of
 # what its runs need (lowvram/generation/packages.py): a missing one stops the run here.
-if ! timeout 120 python3 - "$device" > "$res/imports.txt" 2>&1 <<'EOF'
+if ! timeout 120 $PYTHON - "$device" > "$res/imports.txt" 2>&1 <<'EOF'
 import importlib, sys
-from lowvram.generation.packages import check_packages
+from lowvram.generation.packages import check_packages, needed_packages
+failed = []
 for module, use in (("av", "mp4"), ("bitsandbytes", "NF4"), ("optimum.quanto", "INT8"), ("diffusers", "oracle, step 7"),
                     ("sageattention", "attention kernel"), ("yunchang", "several GPUs"), ("triton", "compile, sage")):
     try:
         found = importlib.import_module(module)
         print(f"{module}: {getattr(found, '__version__', 'ok')} ({use})")
     except Exception as error:
+        failed.append(module)
         print(f"{module}: MISSING ({use}): {type(error).__name__}: {' '.join(str(error).split())[:150]}")
-check_packages("fp8", "nf4", 129, sys.argv[1])  # the 16 GB profile's needs (raises with one line)
+check_packages("fp8", "nf4", 129, sys.argv[1])  # the 16 GB profile's needs, as preflight checks them (one line)
+broken = [pip for module, pip, _ in needed_packages("fp8", "nf4", 129, sys.argv[1]) if module in failed]
+if broken:
+    sys.exit(f"installed but failing to import, and the runs need them: {' '.join(broken)}")
 EOF
 then
   log "stop: $(tail -n 1 "$res/imports.txt")"
@@ -174,7 +181,7 @@ pack
 bench() {  # NAME LIMIT NEED ARGS...: one `lowvram bench` -> lowvram-bench-NAME.json (+ .log, .manifest.json)
   local name=$1 limit=$2 need=$3
   shift 3
-  step "lowvram-bench-$name" "$limit" "$need" python3 -m cli bench --scratch "$scratch" --layout official-fp8 \
+  step "lowvram-bench-$name" "$limit" "$need" $PYTHON -m cli bench --scratch "$scratch" --layout official-fp8 \
     --model-size "$model_size" --device "$device" --steps 2 "$@" --json
   mv "$res/lowvram-bench-$name.out" "$res/lowvram-bench-$name.json" 2> /dev/null
   local manifest
@@ -184,17 +191,17 @@ bench() {  # NAME LIMIT NEED ARGS...: one `lowvram bench` -> lowvram-bench-NAME.
 }
 
 # -- 1-8 -----------------------------------------------------------------------------------------
-step write-model 120 30 python3 -m bench.write_model --scratch "$scratch" --size "$model_size" --layout official-fp8 --device "$device"
+step write-model 120 30 $PYTHON -m bench.write_model --scratch "$scratch" --size "$model_size" --layout official-fp8 --device "$device"
 bench 720p-16gb 210 90 $(video 720p) $(cap 16)
 bench 720p-16gb-compile 150 90 $(video 720p) $(cap 16) --attention auto --compile
 bench 540p-8gb 110 60 $(video 540p) $(cap 8)
-step cuda-tests 100 40 python3 -m pytest -q -m cuda -p no:cacheprovider -rs --continue-on-collection-errors \
+step cuda-tests 100 40 $PYTHON -m pytest -q -m cuda -p no:cacheprovider -rs --continue-on-collection-errors \
   --junitxml="$res/cuda-tests.xml" tests/
-step attention 45 20 python3 -m bench.bench_attention --out "$res" --size "$attention_size" "${tiny[@]}"
-step diffusers-16gb 120 60 python3 -m bench.bench_streaming --out "$res" --runs diffusers --sizes "$streaming_size" \
+step attention 45 20 $PYTHON -m bench.bench_attention --out "$res" --size "$attention_size" "${tiny[@]}"
+step diffusers-16gb 120 60 $PYTHON -m bench.bench_streaming --out "$res" --runs diffusers --sizes "$streaming_size" \
   --caps 16 --steps 2 --budget-s 100 "${tiny[@]}"
 bench 720p-12gb 600 90 $(video 720p) $(cap 12)
 
-python3 -m bench.summarize_bench "$res" > "$res/summary.out" 2>&1 && cp "$res"/lowvram_bench-*.md "$out"/ 2> /dev/null
+$PYTHON -m bench.summarize_bench "$res" > "$res/summary.out" 2>&1 && cp "$res"/lowvram_bench-*.md "$out"/ 2> /dev/null
 log "done: $(awk -F'\t' 'NR > 1 {printf "%s %s %ss; ", $1, $2, $3}' "$res/steps.tsv")"
 pack
