@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = DIT_CONFIGS["tiny" if args.tiny else "HYVideo-T/2-cfgdistill"]
     height, width, frames = (int(v) for v in args.size.lower().split("x"))
-    tokens = plan(load_profile("16gb"), width, height, frames, dit_config=config, text_encoders=False).tokens + TEXT_TOKENS
+    tokens = plan(load_profile("16gb"), width, height, frames, dit_config=config, text_encoders=()).tokens + TEXT_TOKENS
     blocks = config.double_blocks + config.single_blocks
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"torch": torch.__version__, "device_name": name, "size": args.size, "tokens": tokens, "heads": config.heads,

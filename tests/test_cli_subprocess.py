@@ -169,7 +169,7 @@ def test_the_cuda_resume_profile_streams_the_tiny_model_with_one_pinned_kernel(t
 
     profile = load_profile(str(streaming_profile(tmp_path)))
     tiny = DIT_CONFIGS["tiny"]
-    assert len(plan(profile, 64, 48, 9, dit_config=tiny, text_encoders=False).schedule.streamed) == 3
-    assert not plan(load_profile("16gb"), 64, 48, 9, dit_config=tiny, text_encoders=False).schedule.streamed
+    assert len(plan(profile, 64, 48, 9, dit_config=tiny, text_encoders=()).schedule.streamed) == 3
+    assert not plan(load_profile("16gb"), 64, 48, 9, dit_config=tiny, text_encoders=()).schedule.streamed
     check_choice(profile.attention)
     assert candidates(profile.attention)[0] == "sdpa:efficient"

@@ -45,11 +45,10 @@ def test_skip_decisions_match_a_hand_computation():
 
 
 def test_expected_forwards_from_the_published_speedups():
-    assert expected_forwards("off", 0.1, 50) == (50, 50)
-    assert expected_forwards("teacache", 0.10, 50) == (31, 34)  # 50 / 1.66 .. 50 / 1.5
-    assert expected_forwards("teacache", 0.15, 50) == (22, 24)  # 50 / 2.31 .. 50 / 2.1
-    assert expected_forwards("teacache", 0.3, 50) == (2, 50)  # no published figure: only the bounds
-    assert expected_forwards("teacache", 0.15, 1) == (1, 1)
+    assert expected_forwards("off", 50) == (50, 50)
+    assert expected_forwards("safe", 50) == (31, 34)  # threshold 0.10: 50 / 1.66 .. 50 / 1.5
+    assert expected_forwards("fast", 50) == (22, 24)  # threshold 0.15: 50 / 2.31 .. 50 / 2.1
+    assert expected_forwards("fast", 1) == (1, 1)
 
 
 # --- on a small DiT (3 double + 5 single blocks, float32) --------------------------------------
@@ -140,7 +139,9 @@ def test_the_probe_goes_to_the_compute_device_even_when_block_0_stays_on_the_hos
     """bench_speed built its probe from a streamed block on the host, so the first cached step on
     a GPU multiplied CUDA vectors by CPU weights (issue 21, item 7). The meta device stands in for
     the GPU: the probe is a copy there, the model's own block stays where it was."""
-    cache = TeaCache.for_model(model, 0.1, steps=4, device="meta")
+    from lowvram.stages import make_step_cache
+
+    cache = make_step_cache(model, "safe", steps=4, device="meta")
     assert all(p.device.type == "meta" for p in cache.probe.parameters())
     assert all(p.device.type == "cpu" for p in model.double_blocks[0].img_mod.parameters())
     assert cache.probe is not model.double_blocks[0].img_mod
