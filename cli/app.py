@@ -42,7 +42,8 @@ Frames = typer.Option(129, "--frames", help="Number of frames, 4k+1 (129 = 5.4 s
 StepCache = typer.Option(None, "--cache", help="Skip the DiT's blocks on steps that change little (TeaCache): "
                          "off, safe (published ~1.6x) or fast (~2.1x); default: the profile's (off).")
 Attention = typer.Option(None, "--attention", help="Attention kernel: auto (the fastest installed one that passes a probe on "
-                         "this GPU), sdpa, sage (pip install '.[sage]') or flash ('.[flash]'); default: the profile's (auto).")
+                         "this GPU), sdpa, sage (pip install '.[sage]'), flash ('.[flash]') or one SDPA kernel (sdpa:flash, sdpa:cudnn, "
+                         "sdpa:efficient, sdpa:math); default: the profile's (auto).")
 Compile = typer.Option(None, "--compile/--no-compile", help="torch.compile the DiT's blocks (first step compiles; cached on "
                        "disk for the next run); default: the profile's (off).")
 Fp8Matmul = typer.Option(None, "--fp8-matmul", help="FP8 DiT linears: dequant (to bf16, then matmul), scaled_mm (FP8 tensor "

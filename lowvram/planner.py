@@ -369,7 +369,8 @@ def plan(
 
     latent_bytes = channels * t_lat * h_lat * w_lat * 4
     chunk = profile.token_chunk or None
-    activations = dit_activation_bytes(dit_config, rank_tokens, chunk, text_tokens)
+    scaled_mm = profile.dit_scheme == "fp8" and profile.fp8_matmul != "dequant"  # "auto" may take it: counted
+    activations = dit_activation_bytes(dit_config, rank_tokens, chunk, text_tokens, scaled_mm=scaled_mm)
     dit_parts = {
         "trunk": trunk_bytes(dit_config),
         "activations": activations,
@@ -377,7 +378,8 @@ def plan(
         "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
     }
     if world > 1:  # what the cross-rank attention adds to the forward's peak
-        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, text_tokens, layout=layout) - activations
+        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, text_tokens, layout=layout,
+                                                                      scaled_mm=scaled_mm) - activations
     if profile.step_cache != "off":
         dit_parts["step cache probe"] = modulation_probe_bytes(dit_config, profile.dit_scheme, profile.quant_policy)
     lora_bytes = lora_bytes or LoraBytes()
@@ -400,8 +402,7 @@ def plan(
         if local_ranks > 1:
             text_ram["waiting ranks' baselines"] = (local_ranks - 1) * HOST_BASELINE_BYTES
         stages["text"] = StagePlan(sum(text_parts.values()), text_parts, text_ram, text_files)
-    streamed = schedule.streamed_bytes_per_step
-    pinned = min(streamed, profile.pinned_ram_cap_bytes) if profile.pin_memory else 0
+    pinned = schedule.pinned_bytes(profile.pinned_ram_cap_bytes) if profile.pin_memory else 0  # whole blocks, as pinned
     dit_ram = {"baseline": HOST_BASELINE_BYTES, "pinned blocks": pinned}
     if profile.step_cache != "off":  # the residual (all tokens, gathered on every rank), and its serialized copy at a checkpoint
         dit_ram["step cache"] = 2 * tokens * dit_config.hidden_size * 2 + latent_bytes

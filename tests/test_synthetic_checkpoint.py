@@ -209,3 +209,20 @@ def test_official_fp8_layout_is_tencents_pair_of_the_same_weights(tmp_path):
     assert layer.weight.dtype == torch.float8_e4m3fn
     assert 0.01 < ((layer.dequantize(torch.float32) - ref).norm() / ref.norm()).item() < 0.04
     assert torch.equal(model.img_in.proj.weight, reference.img_in.proj.weight)
+
+
+@pytest.mark.cuda
+def test_weights_drawn_on_the_gpu_load_like_the_cpu_ones(tmp_path):
+    """`lowvram bench` on a GPU draws its random folder there (issue 21, item 1): other values than
+    the CPU's generators give, the same names, shapes, dtypes and ranges, written to the host."""
+    from quant.tencent_fp8 import load_tencent_fp8
+    from lowvram.setup.synthetic_checkpoint import write_plan
+    from lowvram.stages import dit_config_for
+
+    cpu = find_model_files(write_synthetic_checkpoint(tmp_path / "cpu", "official-fp8", "tiny"))
+    gpu = find_model_files(write_plan(tmp_path / "gpu", plan_folder("official-fp8", "tiny", device="cuda")))
+    a = load_tencent_fp8(cpu.dit_fp8, dit_config_for(cpu), cpu.dit_fp8_map, dtype=torch.float32).state_dict()
+    b = load_tencent_fp8(gpu.dit_fp8, dit_config_for(gpu), gpu.dit_fp8_map, dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    weight = "img_in.proj.weight"
+    assert not torch.equal(a[weight], b[weight]) and b[weight].abs().max() <= a[weight].abs().max() * 1.01 + 1e-6

@@ -34,6 +34,7 @@ from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
 from lowvram.planner import Plan, parallel_layout, plan, released_model_sizes, resolve, suggest_fit
 from lowvram.profiles import Overrides, Profile, settle_profile, stored_profile
+from .packages import check_packages
 from lowvram.progress import Reporter
 from lowvram.stages import CPU_MAX_DIT_PARAMS, dit_config_for, model_sizes, parameter_count, vae_config_for
 
@@ -165,8 +166,9 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
                              alternatives=alternatives, **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
+    check_packages(profile.dit_scheme, profile.encoder_scheme, request.frames, device)
     out = check_output_path(options.out, request.frames)
-    attention = resolve_attention(profile.attention, str(device))
+    attention = resolve_attention(profile.attention, str(device), dit_config.heads, dit_config.head_dim)
     for note in attention.notes:
         reporter.warn(note)
     settings = {
@@ -362,6 +364,8 @@ def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter 
     reporter = reporter or Reporter()
     settings = run.settings
     check_device(settings["device"])
+    profile = settings["profile"]
+    check_packages(profile["dit_scheme"], profile["encoder_scheme"], settings["frames"], torch.device(settings["device"]))
     files = find_model_files(Path(model_dir or settings["model_dir"]), image_to_video=settings.get("image") is not None)
     reason = fingerprint_mismatch(run.manifest["model"]["fingerprint"], file_fingerprint(weight_files(files), files.root))
     if reason:

@@ -212,7 +212,7 @@ class _Execution:
         settings = runs[0].settings
         self.runs, self.reporter, self.stop = runs, reporter, stop
         self.device = torch.device(settings["device"])
-        attention = usable_backend(settings["attention"], settings["device"])
+        attention = usable_backend(settings["attention"], settings["device"], plan.dit_config.heads, plan.dit_config.head_dim)
         for note in attention.notes:
             reporter.warn(note)
         self.stages = Stages(files, plan, self.device, attention.backend, reporter, settings.get("cache_dir"), run_loras(settings))
