@@ -307,7 +307,7 @@ def runs_command(runs_dir: Path = RunsDir, as_json: bool = Json):
 def _add_run_rows(table: Table, rows: list[dict]) -> None:
     for row in rows:
         prompt = row["prompt"] or row.get("problem", "")
-        prompt = f"{Path(row['image']).name} -> {prompt}" if row.get("image") else prompt
+        prompt = f"{Path(row['input_image']).name} -> {prompt}" if row.get("input_image") else prompt
         prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
         step = f"{row['step']}/{row['steps']}" if row["steps"] else "-"
         output = row["output"] or "-"

@@ -45,7 +45,7 @@ from quant.fp8 import set_scaled_mm
 from quant.schemes import QUANT_SCHEMES
 
 from .compile import compile_blocks, dynamo_graphs
-from .planner import Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens
+from .planner import I2V_IMAGE_SIZE, Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens
 from .progress import Reporter
 from .streaming import BlockStreamer, place_dit, release_dit
 from .tiled_vae import TiledVAE
@@ -72,9 +72,11 @@ def vae_config_for(files: ModelFiles) -> VAEConfig:
         raise HyVideoError(f"{files.vae_config} is not a VAE config ({error}); download it again") from None
 
 
-def text_encoder_sizes(files: ModelFiles, vae_config: VAEConfig) -> tuple[TextEncoderSize, ...]:
+def text_encoder_sizes(files: ModelFiles, vae_config: VAEConfig, image_size: tuple[int, int] = I2V_IMAGE_SIZE,
+                       ) -> tuple[TextEncoderSize, ...]:
     """The text encoders' sizes from their config.json (meta device, no weights read); for
-    image-to-video LLaVA's language model and vision tower, and the VAE that encodes the image."""
+    image-to-video LLaVA's language model and vision tower, and the VAE that encodes the image at
+    `image_size` (height, width: the video's)."""
     from transformers import AutoConfig, CLIPTextModel, CLIPVisionModel
 
     try:
@@ -93,7 +95,8 @@ def text_encoder_sizes(files: ModelFiles, vae_config: VAEConfig) -> tuple[TextEn
     text_hidden, vision_hidden = llm_config.get_text_config().hidden_size, vision_config.hidden_size
     projector = vision_hidden * text_hidden + text_hidden + text_hidden * text_hidden + text_hidden  # 2 linears with biases
     return hunyuan_i2v_text_encoders(llm_linear, llm_other, vision + projector, clip, image_tokens(vision_config),
-                                     vision_config.num_hidden_layers, vision_hidden, vision_config.intermediate_size, vae_config)
+                                     vision_config.num_hidden_layers, vision_hidden, vision_config.intermediate_size, vae_config,
+                                     image_size)
 
 
 def image_tokens(vision_config) -> int:
@@ -101,13 +104,15 @@ def image_tokens(vision_config) -> int:
     return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
-def model_sizes(files: ModelFiles) -> dict:
+def model_sizes(files: ModelFiles, image_size: tuple[int, int] = I2V_IMAGE_SIZE) -> dict:
     """What this model contributes to each stage, as the planner counts it (no weights read):
-    `plan(..., **model_sizes(files))`. The seam where another model (image-to-video, 1.5) enters
-    the planner: its DiT config, its VAE config, its text encoders (I2V: with the image's encoding),
-    and the text tokens its DiT reads."""
+    `plan(..., **model_sizes(files, (height, width)))`. The seam where another model (image-to-video,
+    1.5) enters the planner: its DiT config, its VAE config, its text encoders (I2V: with the
+    image's encoding at `image_size`, the video's; default the largest 720p bucket), and the text
+    tokens its DiT reads."""
     dit_config, vae_config = dit_config_for(files), vae_config_for(files)
-    sizes = {"dit_config": dit_config, "vae_config": vae_config, "text_encoders": text_encoder_sizes(files, vae_config)}
+    sizes = {"dit_config": dit_config, "vae_config": vae_config,
+             "text_encoders": text_encoder_sizes(files, vae_config, image_size)}
     if dit_config.image_condition_type:
         from transformers import AutoConfig
 

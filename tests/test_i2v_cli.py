@@ -115,7 +115,7 @@ def test_generate_shows_the_image_and_its_bucket(i2v_official, tmp_path):
     folder = Path(data["folder"])
     assert json.loads((folder / "manifest.json").read_text())["image_latent"]["file"] == "image_latent.safetensors"
     listed = as_json(invoke("runs", "--runs-dir", tmp_path / "runs", "--json"))["runs"]
-    assert [row["image"] for row in listed] == [str(wide.resolve())]
+    assert [row["input_image"] for row in listed] == [str(wide.resolve())]
     table = invoke("runs", "--runs-dir", tmp_path / "runs")
     assert "wide.jpg -> A cat" in table.stdout
 

@@ -139,7 +139,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     device = check_device(options.device or default_device())
     files = find_model_files(Path(options.model_dir), image_to_video=request.image is not None)
     check_model_kind(files, request.image)
-    sizes = model_sizes(files)
+    sizes = model_sizes(files, (request.height, request.width))
     dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
     loras = [LoraSpec(Path(spec.path).resolve(), spec.strength) for spec in options.loras]
     sizes["lora_bytes"] = lora_bytes(loras, dit_config)  # every key checked against the model here
@@ -327,7 +327,7 @@ def run_loras(settings: dict) -> list[LoraSpec]:
 def plan_for_run(run: Run, files: ModelFiles) -> Plan:
     """The plan of a run that was started earlier: its stored profile at its size."""
     s = run.settings
-    sizes = model_sizes(files)
+    sizes = model_sizes(files, (s["height"], s["width"]))
     sizes["lora_bytes"] = lora_bytes(run_loras(s), sizes["dit_config"])
     sizes.update(rank_sizes(current_ranks()))  # the layout it continues on, which may be another than it started on
     return plan(stored_profile(s["profile"], run.id), s["width"], s["height"], s["frames"], **sizes)

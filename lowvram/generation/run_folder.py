@@ -416,7 +416,7 @@ class RunEntry:
                 "running": run.state != "done" and run.is_running(), "output": str(output) if run.finished else None,
                 "folder": str(run.folder), "seed": s["seed"], "profile": s["profile"]["name"],
                 "created": run.manifest.get("created"), "error": run.manifest.get("error"),
-                "rewritten_prompt": run.rewritten_prompt, "image": s.get("image")}
+                "rewritten_prompt": run.rewritten_prompt, "input_image": s.get("image")}
 
 
 def list_runs(runs_dir: Path) -> list[RunEntry]:
