@@ -82,3 +82,20 @@ def test_plan_counts_the_i2v_text_stage():
     assert (i2v_text_tokens("token_replace"), i2v_text_tokens("latent_concat")) == (396, 540)
     with pytest.raises(Exception, match="--model must be one of t2v, i2v, i2v-33ch"):
         text_parts("i2v-64ch")
+
+
+def test_doctor_lists_the_i2v_files(tmp_path):
+    """`lowvram doctor`'s file list: each release a ckpts/ folder holds, LLaVA's image processor too."""
+    from lowvram.setup.download import check_model_folder
+
+    root = tmp_path / "ckpts"
+    write_synthetic_checkpoint(root, "official", "tiny-i2v")
+    layout, checks = check_model_folder(root)
+    names = {str(c.path.relative_to(root)) for c in checks}
+    assert layout == "official" and all(c.ok for c in checks)
+    assert "text_encoder_i2v/preprocessor_config.json" in names and not any("t2v" in n for n in names)
+    write_synthetic_checkpoint(root, "official", "tiny")
+    names = {str(c.path.relative_to(root)) for c in check_model_folder(root)[1]}
+    assert {"hunyuan-video-t2v-720p/vae/config.json", "hunyuan-video-i2v-720p/vae/config.json", "text_encoder/config.json"} <= names
+    diffusers = write_synthetic_checkpoint(tmp_path / "diffusers", "diffusers", "tiny-i2v-33ch")
+    assert any(c.path.name == "preprocessor_config.json" and c.ok for c in check_model_folder(diffusers)[1])

@@ -32,7 +32,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP, OFFICIAL_VAE, detect_layout
+from hyvideo.checkpoint import (
+    OFFICIAL_DIT,
+    OFFICIAL_DIT_FP8,
+    OFFICIAL_DIT_FP8_MAP,
+    OFFICIAL_I2V_DIT,
+    OFFICIAL_I2V_TEXT_ENCODER,
+    OFFICIAL_I2V_VAE,
+    OFFICIAL_VAE,
+    detect_layout,
+)
 from hyvideo.errors import HyVideoError, one_line
 from hyvideo.weight_io import check_weight_file
 
@@ -305,13 +314,19 @@ def expected_files(root: Path) -> tuple[str | None, list[Path]]:
     layout = detect_layout(root) if root.is_dir() else None
     if layout is None:
         return None, []
-    if layout == "official":
-        dit = [root / OFFICIAL_DIT]
-        if not dit[0].exists() and (root / OFFICIAL_DIT_FP8).exists():
-            dit = [root / OFFICIAL_DIT_FP8, root / OFFICIAL_DIT_FP8_MAP]
-        paths = dit + [root / OFFICIAL_VAE / "config.json", root / OFFICIAL_VAE / "pytorch_model.pt"]
-        paths += _transformers_folder(root / "text_encoder", None) + _transformers_folder(root / "text_encoder_2", None)
-        return layout, paths
+    if layout == "official":  # each release that is there (ckpts/ may hold both)
+        paths = []
+        if (root / OFFICIAL_DIT).parent.parent.is_dir() or not (root / OFFICIAL_I2V_DIT).parent.parent.is_dir():
+            dit = [root / OFFICIAL_DIT]
+            if not dit[0].exists() and (root / OFFICIAL_DIT_FP8).exists():
+                dit = [root / OFFICIAL_DIT_FP8, root / OFFICIAL_DIT_FP8_MAP]
+            paths += dit + [root / OFFICIAL_VAE / "config.json", root / OFFICIAL_VAE / "pytorch_model.pt"]
+            paths += _transformers_folder(root / "text_encoder", None)
+        if (root / OFFICIAL_I2V_DIT).parent.parent.is_dir():
+            paths += [root / OFFICIAL_I2V_DIT, root / OFFICIAL_I2V_VAE / "config.json", root / OFFICIAL_I2V_VAE / "pytorch_model.pt"]
+            paths += _transformers_folder(root / OFFICIAL_I2V_TEXT_ENCODER, None)
+            paths += [root / OFFICIAL_I2V_TEXT_ENCODER / "preprocessor_config.json"]
+        return layout, paths + _transformers_folder(root / "text_encoder_2", None)
     paths = []
     for part in ("transformer", "vae"):
         paths += [root / part / "config.json"]
@@ -322,6 +337,8 @@ def expected_files(root: Path) -> tuple[str | None, list[Path]]:
             paths += sorted((root / part).glob("*.safetensors")) or [root / part / "diffusion_pytorch_model.safetensors"]
     paths += _transformers_folder(root / "text_encoder", root / "tokenizer")
     paths += _transformers_folder(root / "text_encoder_2", root / "tokenizer_2")
+    if (root / "image_processor").is_dir():  # HunyuanVideo-I2V
+        paths += [root / "image_processor" / "preprocessor_config.json"]
     return layout, paths
 
 
