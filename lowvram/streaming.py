@@ -48,6 +48,7 @@ import torch.nn as nn
 
 from .planner import Plan
 from .schedule import BlockSchedule
+from .units import GIB
 
 BLOCK_LISTS = ("double_blocks", "single_blocks")
 
@@ -159,7 +160,7 @@ def pin_leaves_(modules: Sequence[nn.Module], cap_bytes: int | None,
             return leaf
         if cap_bytes is not None and report.pinned_bytes + nbytes > cap_bytes:
             report.unpinned_bytes += nbytes
-            report.reason = report.reason or f"pinned RAM cap of {cap_bytes / 2**30:.1f} GiB reached"
+            report.reason = report.reason or f"pinned RAM cap of {cap_bytes / GIB:.1f} GiB reached"
             return leaf
         try:
             pinned = pin(leaf)
