@@ -86,6 +86,10 @@ def make_reporter(enabled: bool):
             if enabled:
                 self.progress.console.print(f"[cyan]rewritten prompt:[/] {escape(prompt)}")
 
+        def preview(self, path):
+            if enabled:
+                self.progress.console.print(f"preview (after every step): {escape(path)}")
+
         def warn(self, message):
             if message in self.warnings:  # e.g. the same attention fallback for every clip of a batch
                 return
