@@ -10,7 +10,7 @@ played at 24/4 = 6 fps).
 Why an animated WebP: it holds the whole clip in one small file that browsers, VS Code's image
 preview and the common desktop viewers play, and viewers that watch the file (VS Code, eog) show the
 new one on their own when it is replaced; it is written with PyAV (already a dependency, the mp4
-writer) at libwebp's fastest setting, atomically (a viewer never reads half a file). Its cost is in
+writer), lossless at libwebp's fastest setting, atomically (a viewer never reads half a file). Its cost is in
 bench/bench_preview.py's results (well under 1 % of a step).
 """
 
@@ -32,8 +32,9 @@ def write_webp(frames: torch.Tensor, path: Path, fps: int = PREVIEW_FPS) -> Path
 
     def encode(file) -> None:
         with av.open(file, "w", format="webp", options={"loop": "0"}) as container:  # loop 0: forever
-            stream = container.add_stream("libwebp_anim", rate=fps, options={"compression_level": "0"})  # fastest
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            # lossless: at 1/8 size, 4:2:0 chroma would halve the colours' resolution again; level 0: fastest
+            stream = container.add_stream("libwebp_anim", rate=fps, options={"lossless": "1", "compression_level": "0"})
+            stream.width, stream.height, stream.pix_fmt = width, height, "bgra"
             for frame in array:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())
