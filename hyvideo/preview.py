@@ -43,7 +43,9 @@ def latent_rgb(
     """uint8 frames [T, h, w, 3] on the latents' device: rgb = sum_c x_c * factors[c] + bias in
     float32, then clamp((rgb + 1) / 2, 0, 1) * 255 cast by truncation (as the decoded frames are,
     hyvideo/pipeline.latents_to_frames). Only these few bytes need to leave the GPU."""
+    channels, frames, height, width = latents.shape[1:]
     weight = torch.tensor(factors, dtype=torch.float32, device=latents.device)  # [C, 3]
     shift = torch.tensor(bias, dtype=torch.float32, device=latents.device)  # [3]
-    rgb = torch.einsum("cthw,cr->thwr", latents[0].float(), weight) + shift  # [T, h, w, 3]
-    return ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
+    rgb = weight.T @ latents[0].reshape(channels, -1).float() + shift[:, None]  # [3, T*h*w]
+    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
+    return pixels.reshape(3, frames, height, width).permute(1, 2, 3, 0).contiguous()  # channels last, in uint8: cheap
