@@ -194,3 +194,42 @@ def test_a_batch_line_sets_riflex():
     prompt, overrides = parse_line('{"prompt": "a fox", "riflex": "yes"}')
     with pytest.raises(HyVideoError, match="--riflex must be one of"):
         clips_for(prompt, defaults, None, overrides=overrides)
+
+
+# --- how long a clip fits -------------------------------------------------------------------------
+
+
+def frame_ceiling(profile, width: int, height: int, limit: int) -> int | None:
+    """The most frames (4k+1, at most `limit`) whose plan fits `profile`'s VRAM budget, by
+    bisection: more frames never need less memory (more tokens; the VAE's tiles stay the same)."""
+    from lowvram.planner import plan
+
+    def fits(k: int) -> bool:
+        return plan(profile, width, height, 4 * k + 1).fits_vram
+
+    if not fits(0):
+        return None
+    low, high = 0, (limit - 1) // 4 + 1  # fits(low); high: past the limit
+    if fits(high - 1):
+        return 4 * (high - 1) + 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return 4 * low + 1
+
+
+def test_readme_frame_ceilings_are_the_planners():
+    """README's RIFLEx table: per consumer profile, the longest clip the planner fits at 720p and
+    540p 16:9, within the 261-frame limit, and where memory alone would stop (searched to 1001)."""
+    from pathlib import Path
+
+    from lowvram.profiles import load_profile
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in ("24gb", "16gb", "12gb", "8gb"):
+        profile = load_profile(name)
+        cells = []
+        for width, height in ((1280, 720), (960, 544)):
+            ceiling, memory = frame_ceiling(profile, width, height, 261), frame_ceiling(profile, width, height, 1001)
+            cells.append(f"{ceiling}" + (f" (memory: {'1001+' if memory == 1001 else memory})" if memory != ceiling else ""))
+        assert f"| {name} | {cells[0]} | {cells[1]} |" in readme
