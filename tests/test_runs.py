@@ -19,24 +19,27 @@ from safetensors.torch import load_file
 
 from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_VAE
 from hyvideo.errors import HyVideoError
+from hyvideo.files import fingerprint_mismatch
 from hyvideo.pipeline import GenerationRequest
+from lowvram.generation.preflight import RunOptions, start_run
+from lowvram.generation.run_folder import KEEP_CHECKPOINTS, Run, find_run, list_runs
+from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
+from lowvram.generation.video import png_bytes, write_mp4
+from lowvram.profiles import Overrides
+from lowvram.progress import Reporter
 from lowvram.setup import download as dl
 from lowvram.setup.doctor import run_doctor
-from lowvram.progress import Reporter
-from lowvram.generation.preflight import RunOptions, start_run
-from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.stages import Stages
-from hyvideo.files import fingerprint_mismatch
-from lowvram.generation.run_folder import KEEP_CHECKPOINTS, Run, find_run, list_runs
-from lowvram.generation.video import png_bytes, write_mp4
 
 # 64x48 px, 9 frames: latents [1, 16, 3, 6, 8], the smallest clip with several latent frames and
 # both spatial dims even after the 2x2 patching; 4 steps are enough to stop and resume mid-way.
 REQUEST = GenerationRequest("a red fox running through snow", width=64, height=48, frames=9, steps=4, seed=11)
 
 
-def options(model_dir, runs_dir, request=REQUEST, **kw):
-    return RunOptions(request, model_dir, runs_dir, device="cpu", **kw)
+def options(model_dir, runs_dir, request=REQUEST, step_cache=None, attention=None, compile=None, **kw):
+    """RunOptions on the CPU; --cache / --attention / --compile as the CLI passes them (Overrides)."""
+    return RunOptions(request, model_dir, runs_dir, device="cpu",
+                      overrides=Overrides(step_cache=step_cache, attention=attention, compile=compile), **kw)
 
 
 def new_run(model_dir, runs_dir, request=REQUEST, **kw):
@@ -313,7 +316,7 @@ def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp
                        'resident_blocks = 2\n')
     request = GenerationRequest(REQUEST.prompt, width=64, height=48, frames=9, steps=8, seed=11)
     run, files, plan = start_run(options(model, tmp_path / "a", request, profile=str(profile), step_cache="fast"))
-    assert run.settings["profile"]["step_cache"] == "teacache" and run.settings["profile"]["step_cache_threshold"] == 0.15
+    assert run.settings["profile"]["step_cache"] == "fast"
     whole = execute(run, files, plan)
     computed = whole.stats["dit"]["computed_steps"]
     assert computed[0] == 0 and computed[-1] == 7 and len(computed) < 8  # steps were skipped
