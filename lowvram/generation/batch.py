@@ -13,8 +13,8 @@ their states when the batch last stopped or finished (the run folders are the tr
 runs` reads those).
 
 Prompt files: one prompt per line, or one JSON object per line with overrides of the command's
-options, e.g. {"prompt": "a fox", "seed": 3, "size": "960x544", "frames": 33, "steps": 30, "riflex": "on"}. Blank
-lines and lines starting with # are skipped. Each line gives one clip per seed of --seeds, or one
+options, e.g. {"prompt": "a fox", "seed": 3, "size": "960x544", "frames": 261, "steps": 30,
+"riflex": "off"}. Blank lines and lines starting with # are skipped. Each line gives one clip per seed of --seeds, or one
 clip with its own "seed". Every line is checked before any run folder is made or model loaded.
 
 One profile for the whole batch: the one chosen (or given) for its largest clip, since one DiT is
