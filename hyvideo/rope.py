@@ -39,10 +39,14 @@ def intrinsic_index(dim: int, theta: float, repetition_frames: int = REPETITION_
 
 
 def riflex_frequencies(dim: int, theta: float, latent_frames: int, device=None) -> torch.Tensor:
-    """The temporal axis's frequencies with RIFLEx for a clip of `latent_frames`: component k set
-    to 0.9 * 2 pi / latent_frames, the others unchanged."""
+    """The temporal axis's frequencies with RIFLEx for a clip of `latent_frames`: component k
+    lowered to 0.9 * 2 pi / latent_frames, the others unchanged. Never raised: a clip that one
+    period already covers (HunyuanVideo: up to 45 latent frames, 177 frames) keeps the trained
+    frequency, since RIFLEx exists to lower it (the reference code applies the formula to any
+    length, where it raises the frequency for clips under 90 % of a period)."""
     freqs = axis_frequencies(dim, theta, device)
-    freqs[intrinsic_index(dim, theta) - 1] = RIFLEX_PERIOD_FRACTION * 2 * math.pi / latent_frames
+    k = intrinsic_index(dim, theta) - 1
+    freqs[k] = min(float(freqs[k]), RIFLEX_PERIOD_FRACTION * 2 * math.pi / latent_frames)
     return freqs
 
 

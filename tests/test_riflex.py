@@ -56,6 +56,16 @@ def test_riflex_frequencies_equal_the_papers_formula_hand_computed():
     assert changed == [6, 7]
 
 
+def test_riflex_never_raises_the_frequency():
+    """At 45 latent frames (177 frames) 0.9 * 2 pi / 45 = 0.1257 > 1/8: the trained period (50)
+    already covers the clip, so the table is the plain one; at 46 (181 frames) 0.1229 < 1/8 lowers it."""
+    axes = HUNYUAN.rope_axes_dim
+    for frames, lowered in ((3, False), (45, False), (46, True)):
+        cos, _ = rope_frequencies((frames, 1, 1), axes, 256.0, riflex=True)
+        plain, _ = rope_frequencies((frames, 1, 1), axes, 256.0)
+        assert torch.equal(cos, plain) != lowered
+
+
 def test_the_switch_and_the_frame_limit():
     request = GenerationRequest("a fox", frames=129)
     assert not uses_riflex(request) and uses_riflex(GenerationRequest("a fox", frames=133))
@@ -135,21 +145,22 @@ def _pre_riflex_rope(grid, axes_dim, theta=256.0, device=None, riflex=False):
 
 def test_at_129_frames_nothing_changes_bit_for_bit(tiny_models, monkeypatch):
     """Two denoising steps of a 129-frame request (riflex auto) equal, bit for bit, the same steps
-    with the RoPE table of before RIFLEx; a 133-frame request (auto: on) does not."""
+    with the RoPE table of before RIFLEx; a 189-frame request (auto: on, 48 latent frames: lowered)
+    does not."""
     import hyvideo.dit
 
     ours, _ = tiny_models
-    x, _, text, mask, pooled, _ = make_inputs(TINY, 1, frames=5, height=6, width=8, text_len=12, valid=[5])
+    short, _, text, mask, pooled, _ = make_inputs(TINY, 1, frames=33, height=2, width=2, text_len=12, valid=[5])
+    long = make_inputs(TINY, 1, frames=48, height=2, width=2, text_len=12, valid=[5])[0]
     embeddings = TextEmbeddings(text, mask, pooled, [False], [False])
 
-    def run(frames):
+    def run(frames, x):
         request = GenerationRequest("a fox", width=64, height=48, frames=frames, steps=2, seed=0)
         return denoise(ours, embeddings, x, request, "cpu")
 
-    now, longer = run(129), run(133)
+    now, longer = run(129, short), run(189, long)
     monkeypatch.setattr(hyvideo.dit, "rope_frequencies", _pre_riflex_rope)
-    before = run(129)
-    assert torch.equal(now, before) and not torch.equal(longer, before)
+    assert torch.equal(now, run(129, short)) and not torch.equal(longer, run(189, long))
 
 
 # --- as a run setting -----------------------------------------------------------------------------
@@ -168,14 +179,15 @@ def test_auto_is_settled_and_recorded_when_the_run_starts(tiny_official, tmp_pat
 
 
 def test_stop_and_resume_with_riflex_is_bit_exact(tiny_official, tmp_path):
-    """RIFLEx forced on at 9 frames (cheap; the switch, not the length, is what a resume must keep):
+    """RIFLEx on at 189 frames (48 latent frames: the frequency is lowered; 16x16 px keeps it cheap):
     stopped after 2 of 4 steps and resumed equals the uninterrupted run, which differs from RIFLEx off."""
-    run, files, plan = start_run(_options(tiny_official, tmp_path / "whole", riflex=True))
+    long = {"width": 16, "height": 16, "frames": 189}
+    run, files, plan = start_run(_options(tiny_official, tmp_path / "whole", riflex=True, **long))
     whole = load_file(execute(run, files, plan).final_latents)["latents"]
-    run, files, plan = start_run(_options(tiny_official, tmp_path / "off", riflex=False))
+    run, files, plan = start_run(_options(tiny_official, tmp_path / "off", riflex=False, **long))
     off = load_file(execute(run, files, plan).final_latents)["latents"]
 
-    run, files, plan = start_run(_options(tiny_official, tmp_path / "stopped", riflex=True))
+    run, files, plan = start_run(_options(tiny_official, tmp_path / "stopped", riflex=True, **long))
     stop = StopRequest()
     with pytest.raises(RunInterrupted):
         execute(run, files, plan, StopAfter(stop, 2), stop)
