@@ -275,3 +275,21 @@ def test_fp8_streamed_agrees_with_float32_resident(i2v_diffusers, image, tmp_pat
     err = ((streamed - reference).norm() / reference.norm()).item()
     print(f"{size}: FP8 vs float32 final latents, relative error {err:.3e}")
     assert err < 0.02
+
+
+def test_a_kohya_lora_on_the_i2v_dit(i2v_official, image, tmp_path):
+    """The I2V DiT has the text-to-video DiT's linears, so a LoRA in kohya's format (the one
+    Tencent's I2V LoRAs use) applies as on text-to-video: strength 0 is no LoRA, 1 changes the clip."""
+    from tests.test_lora import BLOCK_LINEARS, kohya_lora, write
+
+    lora = write(tmp_path, "effect_kohaya_weights.safetensors", kohya_lora(2, BLOCK_LINEARS))
+
+    def final(*args) -> torch.Tensor:
+        result = invoke("generate", PROMPT, "--image", image, "--model-dir", i2v_official, "--runs-dir", tmp_path / "runs",
+                        "--json", *TINY, *args)
+        assert result.exit_code == 0, result.output
+        return load_file(as_json(result)["final_latents"])["latents"]
+
+    plain = final()
+    assert torch.equal(final("--lora", f"{lora}:0"), plain)
+    assert not torch.equal(final("--lora", str(lora)), plain)
