@@ -44,8 +44,7 @@ from lowvram.schedule import plan_schedule
 from lowvram.streaming import BlockStreamer, leaf_bytes
 from bench.common import random_init_
 from quant.fp8 import FP8Linear
-
-GIB = 2**30
+from lowvram.units import GIB
 
 
 def quantize_fp8_(module: nn.Module) -> nn.Module:

@@ -59,18 +59,12 @@ also sees, the difference 4.14 GiB = the full-resolution upsampler conv's padded
 """
 
 from hyvideo.config import DiTConfig, VAEConfig
+from hyvideo.text_encoder import OFFICIAL_CROP_START, PROMPT_TEMPLATE_VIDEO, TEXT_LEN
 from quant.fp8 import QUANT_ROWS
 
 from .parallel import Layout
 
-TEXT_TOKENS = 256  # the LLM text length; padding is dropped for batch 1, so this is the worst case
 F32 = 4
-
-
-def token_grid(config: DiTConfig, latent_frames: int, latent_h: int, latent_w: int) -> tuple[int, int, int]:
-    """(t, h, w) of the DiT's image tokens for latents of this size."""
-    pt, ph, pw = config.patch_size
-    return latent_frames // pt, latent_h // ph, latent_w // pw
 
 
 def _chunk_paths(config: DiTConfig, act_bytes: int) -> tuple[int, int]:
@@ -90,7 +84,7 @@ def scaled_mm_bytes(config: DiTConfig, chunk_tokens: int, act_bytes: int = 2) ->
     return chunk_tokens * (width + F32) + max(scratch, chunk_tokens * config.hidden_size * act_bytes)
 
 
-def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
+def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_LEN, act_bytes: int = 2,
                     layout: Layout | None = None) -> int:
     """Peak bytes of one joint attention call on a rank, the q, k, v it is handed included (`tokens`:
     this rank's image tokens): q, k, v and the output on one GPU; the cross-rank buffers with a layout."""
@@ -113,12 +107,13 @@ def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_TOKE
 
 
 def dit_activation_bytes(
-    config: DiTConfig, tokens: int, chunk: int | None, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
+    config: DiTConfig, tokens: int, chunk: int | None, text_tokens: int = TEXT_LEN, act_bytes: int = 2,
     layout: Layout | None = None, scaled_mm: bool = False,
 ) -> int:
     """Peak activation bytes of one DiT forward over `tokens` image tokens (weights excluded); with
-    a sequence-parallel layout, of one rank, `tokens` being its share (N / world); scaled_mm: the
-    FP8 linears run `_scaled_mm` (their input quantization's temporaries)."""
+    a sequence-parallel layout, of one rank, `tokens` being its share (N / world). `text_tokens`:
+    the LLM's text length; padding is dropped for batch 1, so TEXT_LEN is the worst case. scaled_mm:
+    the FP8 linears run `_scaled_mm` (their input quantization's temporaries)."""
     seq = tokens + text_tokens
     hidden = seq * config.hidden_size * act_bytes
     rope = 2 * tokens * config.head_dim * F32  # cos and sin tables, float32
@@ -186,7 +181,7 @@ def vae_tile_pixels(config: VAEConfig, latent_frames: int, latent_h: int, latent
             latent_w * config.spatial_compression_ratio)
 
 
-def text_activation_bytes(text_len: int = TEXT_TOKENS + 95, hidden: int = 4096, layers: int = 32, mlp: int = 14336) -> int:
+def text_activation_bytes(text_len: int = TEXT_LEN + OFFICIAL_CROP_START[PROMPT_TEMPLATE_VIDEO], hidden: int = 4096, layers: int = 32, mlp: int = 14336) -> int:
     """LLM forward with output_hidden_states: every layer's hidden state is kept (33 x L x 4096 in
     bf16), plus one layer's MLP intermediates and a float32 attention score matrix per head."""
     states = (layers + 1) * text_len * hidden * 2

@@ -54,6 +54,7 @@ import math
 from dataclasses import dataclass
 
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
+from hyvideo.dit import token_grid
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraBytes
 from hyvideo.vae import latent_shape
@@ -71,15 +72,15 @@ from quant.bytes import (
     vae_decoder_bytes,
 )
 
-from .activations import dit_activation_bytes, text_activation_bytes, token_grid, vae_decode_tile_bytes, vae_tile_pixels
+from .activations import dit_activation_bytes, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
 from .communication import PCIE4_X8_GBS, Communication, communication
 from .parallel import Layout, check_parallel, split_axis
 from .profiles import Profile
 from .schedule import BlockSchedule, plan_schedule
 from .sizes import SIZE_BUCKETS
 from .tiled_vae import decode_tiling
+from .units import GIB
 
-GIB = 2**30
 RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces + fragmentation
 HOST_BASELINE_BYTES = 2 * GIB  # Python, torch and CUDA runtime on the host side, tokenizers (an allowance)
 F32 = 4
@@ -301,7 +302,7 @@ def plan(
         raise HyVideoError(f"video size must be positive, got {width}x{height}")
     width, height = align_up(width, 16), align_up(height, 16)
     channels, t_lat, h_lat, w_lat = latent_shape(frames, height, width, vae_config)
-    grid = token_grid(dit_config, t_lat, h_lat, w_lat)
+    grid = token_grid((t_lat, h_lat, w_lat), dit_config.patch_size)
     tokens = math.prod(grid)
     budget = profile.vram_budget_bytes
     world = layout.world if layout else 1
@@ -371,7 +372,7 @@ def parallel_layout(mode: str, gpus: int, width: int, height: int, frames: int, 
     (heads that do not divide for Ulysses, a token grid that does not split, fewer than 1 GPU)."""
     dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
     _, *latent = latent_shape(frames, align_up(height, 16), align_up(width, 16), vae_config or VAE_CONFIGS["884-16c-hy"])
-    return check_parallel(mode, gpus, dit_config.heads, token_grid(dit_config, *latent))
+    return check_parallel(mode, gpus, dit_config.heads, token_grid(latent, dit_config.patch_size))
 
 
 def with_budget(profile: Profile, vram_bytes: int) -> Profile:

@@ -31,7 +31,7 @@ from quant.bytes import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 from quant.fp8 import FP8_MATMULS
 
 from .attention_choice import CHOICES as ATTENTION_CHOICES
-
+from .units import GIB
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,7 +49,6 @@ def _profiles_dir() -> Path:
 
 
 PROFILES_DIR = _profiles_dir()
-GIB = 2**30
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-GIB = 2**30
+from .units import GIB
 
 
 def spread_evenly(n: int, k: int) -> list[int]:

@@ -39,7 +39,8 @@ from hyvideo.step_cache import CacheState, TeaCache
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder, TextEmbeddings
 from hyvideo.weight_io import read_torch_file
 from quant.bytes import TextEncoderSize, llm_param_counts
-from quant.fp8 import choose_fp8_matmul, set_scaled_mm
+from quant.fp8 import set_scaled_mm
+from quant.schemes import QUANT_SCHEMES
 
 from .compile import compile_blocks, dynamo_graphs
 from .planner import Plan, hunyuan_text_encoders
@@ -230,15 +231,14 @@ class Stages:
         model = self._load_dit_on_host()
         if self.loras:
             self.stats["lora"] = apply_loras(model, self.loras)
-        scaled_mm = False
-        if self.profile.dit_scheme == "fp8":
-            scaled_mm, note = choose_fp8_matmul(self.profile.fp8_matmul, self.device)
-            if note:
-                self.reporter.warn(note)
-        configure_dit(model, self.plan, self.device, self.attention, scaled_mm=scaled_mm, sequence_parallel=sequence_parallel)
+        scheme = QUANT_SCHEMES.get(self.profile.dit_scheme)  # None for bf16
+        matmul, note = scheme.choose_matmul(self.profile.fp8_matmul, self.device) if scheme else (None, None)
+        if note:
+            self.reporter.warn(note)
+        configure_dit(model, self.plan, self.device, self.attention, scaled_mm=matmul == "scaled_mm", sequence_parallel=sequence_parallel)
         streamer = place_dit(model, self.plan, self.device)
         self.stats["dit"] = {"resident_blocks": len(self.plan.schedule.resident), "attention": self.attention,
-                             "fp8_matmul": "scaled_mm" if scaled_mm else "dequant" if self.profile.dit_scheme == "fp8" else None,
+                             "fp8_matmul": matmul,
                              "streamed_blocks": len(self.plan.schedule.streamed), "pinned_bytes": streamer.pin_report.pinned_bytes}
         if self.profile.compile:
             self._graphs_before = dynamo_graphs()

@@ -80,6 +80,7 @@ def diffusers_transformer(config: DiTConfig, official_state_dict: dict):
         pooled_projection_dim=config.text_states_dim_2,
         rope_theta=config.rope_theta,
         rope_axes_dim=config.rope_axes_dim,
+        image_condition_type=config.image_condition_type,
     )
     converted = official_to_diffusers(official_state_dict, config.hidden_size)
     model.load_state_dict(converted, strict=True)

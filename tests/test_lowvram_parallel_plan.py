@@ -25,9 +25,8 @@ from lowvram.parallel import Layout, SequenceParallel, choose_layout
 from lowvram.planner import parallel_layout, plan, with_budget
 from lowvram.profiles import load_profile
 from tests.test_cli import invoke, one_line_error
+from lowvram.units import GIB
 from tests.test_lowvram_planner import SMALL, small_dit, small_inputs
-
-GIB = 2**30
 CONFIG_13B = DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
 IMAGE = 4 * 16 * 16  # small_inputs(): 4 x 32 x 32 latents -> 1024 image tokens; 512 per rank
 TEXT = 24

@@ -24,10 +24,9 @@ from lowvram.planner import plan
 from lowvram.profiles import load_profile, profile_from_dict
 from lowvram.streaming import leaf_bytes
 from quant.bytes import block_bytes, trunk_bytes
+from lowvram.units import GIB
 from tests.random_weights import randomize_
 
-
-GIB = 2**30
 # Wider than "tiny" so that per-token tensors dominate, as in the 13B model (MLP = 4 x hidden).
 SMALL = DiTConfig(hidden_size=128, heads=2, double_blocks=2, single_blocks=2, refiner_blocks=1,
                   text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(16, 24, 24))

@@ -6,7 +6,7 @@ then runs exactly what `generate` runs (`preflight.start_run` + `runner.execute`
 stages, run folder and progress) for a few steps, and compares what each stage used (lowvram/generation/measure.py)
 with the planner's prediction for the same profile and size.
 
-    result = run_bench(BenchOptions(scratch, steps=2, cap_bytes=16 * 2**30), reporter, stop)
+    result = run_bench(BenchOptions(scratch, steps=2, cap_bytes=16 * GIB), reporter, stop)
     result["stages"]   # per stage: measured and planned VRAM / RAM, error in %
     result["estimate"] # seconds for a full run (50 steps) from the measured s/step
 
@@ -29,11 +29,11 @@ from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
+from lowvram.units import GIB
 
 from .preflight import RunOptions, start_run
 from .runner import StopRequest, execute
 
-GIB = 2**30
 FULL_RUN_STEPS = 50  # the official sampler's default
 MODEL_SIZES = ("full", "tiny")
 LAYOUTS = ("official", "official-fp8", "diffusers")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-GIB = 2**30
+from lowvram.units import GIB
 INTERVAL_S = 0.05
 
 
