@@ -71,10 +71,11 @@ class HunyuanVideoDiT(nn.Module):
         text_states_2: torch.Tensor,  # [B, text_states_dim_2] CLIP pooled
         guidance: torch.Tensor | None = None,  # [B] embedded guidance * 1000
         blocks: Iterable[nn.Module] | None = None,
+        riflex: bool = False,  # lower the temporal RoPE's intrinsic frequency for a long clip (hyvideo/rope.py)
     ) -> torch.Tensor:
         vec = self.conditioning(t, text_states_2, guidance)
         first_frame_vec = self.first_frame_conditioning(t, text_states_2)
-        img = self.transform(x, vec, t, text_states, text_mask, blocks, first_frame_vec)
+        img = self.transform(x, vec, t, text_states, text_mask, blocks, first_frame_vec, riflex)
         return self.head(img, vec, x)
 
     def conditioning(self, t: torch.Tensor, text_states_2: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
@@ -115,7 +116,8 @@ class HunyuanVideoDiT(nn.Module):
             return tokens
         return self.sequence_parallel.gather_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
 
-    def transform(self, x, vec, t, text_states, text_mask, blocks=None, first_frame_vec=None) -> torch.Tensor:
+    def transform(self, x, vec, t, text_states, text_mask, blocks=None, first_frame_vec=None,
+                  riflex: bool = False) -> torch.Tensor:
         """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] after the 60 blocks. The text tokens
         (refined from the LLM states) take part and are dropped at the end. The image tokens are
         embedded here, not passed in, so that no caller holds them while the blocks run (they are
@@ -133,7 +135,7 @@ class HunyuanVideoDiT(nn.Module):
             text_states, text_mask = text_states[:, :valid], None
         txt = self.txt_in(text_states.to(self.compute_dtype), t, text_mask)  # [B, L, D]
 
-        cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)
+        cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, img.device, riflex)
         cos, sin = (self.shard_image_tokens(table[None], x)[0] for table in (cos, sin))  # [N_img, head_dim]
         key_mask = None
         if text_mask is not None and self.sequence_parallel is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import HyVideoError
-from .sampler import embedded_guidance, euler_step, flow_sigmas, flow_timesteps
+from .sampler import embedded_guidance, euler_step, flow_sigmas, flow_timesteps, predicted_clean
 from .step_cache import TeaCache
 from .text_encoder import TextEmbeddings
 from .vae import CausalVAE
@@ -32,6 +32,9 @@ from .vae import CausalVAE
 MAX_PIXELS = 1280 * 1280  # beyond the official buckets by a margin; larger is almost surely a typo
 STABILITY_NOISE = 0.999  # official i2v_stability: the initial latents keep 0.1% of the image latent
 LATENT_CONCAT_DROPPED_FRAMES = 4  # official: the decoded latent_concat video starts after 4 frames
+TRAINED_FRAMES = 129  # the longest clip HunyuanVideo was trained on (33 latent frames)
+MAX_FRAMES = 261  # twice as long (66 latent frames): what RIFLEx is shown to reach for HunyuanVideo
+RIFLEX_CHOICES = {"auto": None, "on": True, "off": False}  # --riflex; auto: on above TRAINED_FRAMES
 
 
 @dataclass
@@ -44,6 +47,20 @@ class GenerationRequest:
     seed: int = 0
     guidance: float = 6.0  # embedded (distilled) guidance scale
     flow_shift: float = 7.0
+    riflex: bool | None = None  # RIFLEx (hyvideo/rope.py); None: on above TRAINED_FRAMES (`uses_riflex`)
+
+
+def uses_riflex(request: GenerationRequest) -> bool:
+    """Whether the DiT's temporal RoPE gets RIFLEx: as asked, else only for clips longer than the
+    model was trained on (at or below 129 frames nothing changes)."""
+    return request.frames > TRAINED_FRAMES if request.riflex is None else request.riflex
+
+
+def riflex_choice(text: str) -> bool | None:
+    """--riflex auto | on | off (a batch line's "riflex" too) -> the request's field."""
+    if text not in RIFLEX_CHOICES:
+        raise HyVideoError(f"--riflex must be one of {', '.join(RIFLEX_CHOICES)}; got {text!r}")
+    return RIFLEX_CHOICES[text]
 
 
 def validate_request(request: GenerationRequest) -> None:
@@ -52,7 +69,10 @@ def validate_request(request: GenerationRequest) -> None:
         raise HyVideoError("the prompt is empty: give a prompt text or --prompt-file")
     if request.frames < 1 or (request.frames - 1) % 4:
         lower = max(1, (request.frames - 1) // 4 * 4 + 1)
-        raise HyVideoError(f"--frames must be 4k+1 (1, 5, ..., 129); got {request.frames}, try {lower} or {lower + 4}")
+        raise HyVideoError(f"--frames must be 4k+1 (1, 5, ..., {MAX_FRAMES}); got {request.frames}, try {lower} or {lower + 4}")
+    if request.frames > MAX_FRAMES:
+        raise HyVideoError(f"--frames {request.frames} is more than {MAX_FRAMES}, the longest clip RIFLEx extends "
+                           f"HunyuanVideo to (twice its {TRAINED_FRAMES} trained frames); use at most {MAX_FRAMES}")
     for name, value in (("width", request.width), ("height", request.height)):
         if value < 16 or value % 16:
             fixed = max(16, -(-value // 16) * 16)
@@ -123,12 +143,13 @@ def denoise(
     dit, embeddings: TextEmbeddings, latents: torch.Tensor, request: GenerationRequest, device,
     start_step: int = 0, on_step: Callable[[int, torch.Tensor], None] | None = None,
     blocks_for_step: Callable[[int], Iterable[torch.nn.Module]] | None = None, step_cache: TeaCache | None = None,
-    image: ImageCondition | None = None,
+    image: ImageCondition | None = None, on_prediction: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Euler steps start_step..steps-1 from float32 `latents`; on_step(i, latents) after each.
     blocks_for_step(i): the DiT's blocks for step i (streamed ones just in time); None: its own.
     step_cache: decides per step whether the blocks run (and asks blocks_for_step only then).
-    image: the conditioning image of an I2V DiT (None for text-to-video)."""
+    image: the conditioning image of an I2V DiT (None for text-to-video).
+    on_prediction(i, clean): step i's prediction of the clean latents (a live preview), before on_step."""
     if (image is None) != (dit.config.image_condition_type is None) or (image and image.kind != dit.config.image_condition_type):
         raise ValueError(f"a {dit.config.image_condition_type or 'text-to-video'} DiT got "
                          f"{'no image' if image is None else 'a ' + image.kind + ' image'}")
@@ -142,13 +163,18 @@ def denoise(
     text_mask = embeddings.text_mask.to(device)
     text_states_2 = embeddings.text_states_2.to(device, dtype)
     latents = latents.to(device, torch.float32)
+    riflex = uses_riflex(request)
     for i in range(start_step, request.steps):
         if step_cache is not None:
-            velocity = step_cache.forward(dit, i, latents, timesteps, text_states, text_mask, text_states_2, guidance, blocks_for_step)
+            velocity = step_cache.forward(dit, i, latents, timesteps, text_states, text_mask, text_states_2, guidance,
+                                          blocks_for_step, riflex)
         else:
             blocks = blocks_for_step(i) if blocks_for_step is not None else None
             model_input = latents if image is None else image.model_input(latents)
-            velocity = dit(model_input, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance, blocks=blocks)
+            velocity = dit(model_input, timesteps[i : i + 1], text_states, text_mask, text_states_2, guidance, blocks=blocks,
+                           riflex=riflex)
+        if on_prediction is not None:
+            on_prediction(i, predicted_clean(latents, velocity, sigmas[i]))
         latents = euler_step(latents, velocity, sigmas, i) if image is None else image.step(latents, velocity, sigmas, i)
         if on_step is not None:
             on_step(i, latents)

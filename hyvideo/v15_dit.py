@@ -115,7 +115,7 @@ class HunyuanVideo15DiT(nn.Module):
         txt, txt_mask = self.text_tokens(t, text_states, text_mask, byt5_states, byt5_mask, vision_states)
         img = self.transform(x, vec, txt, txt_mask, blocks)
         out = self.final_layer(img, vec, self.token_chunk)  # [B, N_img, pt*ph*pw*C]
-        return unpatchify(out, token_grid(x, self.config.patch_size), self.config.patch_size, self.config.out_channels)
+        return unpatchify(out, token_grid(x.shape[2:], self.config.patch_size), self.config.patch_size, self.config.out_channels)
 
     def conditioning(self, t: torch.Tensor, timestep_r: torch.Tensor | None) -> torch.Tensor:
         """vec [B, D]: what modulates every block."""
@@ -155,7 +155,7 @@ class HunyuanVideo15DiT(nn.Module):
         if self.sequence_parallel is not None:
             raise ValueError("sequence parallelism is not implemented for HunyuanVideo-1.5 (run on one GPU)")
         img = self.img_in(x.to(self.compute_dtype))  # [B, N_img, D]
-        grid = token_grid(x, self.config.patch_size)
+        grid = token_grid(x.shape[2:], self.config.patch_size)
         cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)
         key_mask = None
         if txt_mask is not None:

@@ -112,8 +112,8 @@ def dit_activation_bytes(
 ) -> int:
     """Peak activation bytes of one DiT forward over `tokens` image tokens (weights excluded); with
     a sequence-parallel layout, of one rank, `tokens` being its share (N / world). `text_tokens`:
-    the LLM's text length; padding is dropped for batch 1, so TEXT_LEN is the worst case. scaled_mm:
-    the FP8 linears run `_scaled_mm` (their input quantization's temporaries)."""
+    the LLM's text length; padding is dropped for batch 1, so TEXT_LEN is the worst case.
+    scaled_mm: the FP8 linears run `_scaled_mm` (their input quantization's temporaries)."""
     seq = tokens + text_tokens
     hidden = seq * config.hidden_size * act_bytes
     rope = 2 * tokens * config.head_dim * F32  # cos and sin tables, float32

@@ -250,13 +250,15 @@ class Stages:
         return make_step_cache(model, self.profile.step_cache, steps, self.device, state)
 
     def denoise(self, model: torch.nn.Module, streamer: BlockStreamer, embeddings: TextEmbeddings, latents: torch.Tensor,
-                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None) -> torch.Tensor:
+                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None,
+                on_prediction=None) -> torch.Tensor:
         """Euler steps start_step..N-1 on the placed DiT, its blocks from the streamer, the next
         step's first copies issued during this one's last blocks: the one denoising call that one
-        process and every rank of several make."""
+        process and every rank of several make. on_prediction: a live preview's (rank 0's)."""
         steps = request.steps
         return denoise(model, embeddings, latents, request, self.device, start_step=start_step, on_step=on_step,
-                       blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache)
+                       blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache,
+                       on_prediction=on_prediction)
 
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
         """What was streamed per forward from forward `first` on (one run's, when runs share the

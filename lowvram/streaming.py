@@ -50,6 +50,7 @@ import torch.nn as nn
 
 from .planner import Plan
 from .schedule import BlockSchedule, pinned_blocks
+from .units import GIB
 
 BLOCK_LISTS = ("double_blocks", "single_blocks")
 
@@ -205,8 +206,8 @@ def pin_blocks_(modules: Sequence[nn.Module], cap_bytes: int | None,
     every request up to a power of two (`c10::llvm::PowerOf2Ceil`: a 13B double block's 37.7 MB
     FP8 MLP weight takes 64 MiB) and whose `CachingHostAllocatorImpl::free` keeps a released block
     in its free list, for reuse, until `empty_cache`. Pinned RAM was 1.35x the plan for the 13B FP8
-    blocks (double blocks 1.48x, single 1.19x) and stayed locked after the DiT stage. Here each block's leaves are packed into one ordinary buffer of
-    their size (`pack_leaves_`), page-locked with cudaHostRegister: the pinned bytes are the
+    blocks (double blocks 1.48x, single 1.19x) and stayed locked after the DiT stage. Here each
+    block's leaves are packed into one ordinary buffer of their size (`pack_leaves_`), page-locked with cudaHostRegister: the pinned bytes are the
     blocks' bytes, and `unpin_slabs` unlocks them. A block whose registration fails stays in
     ordinary memory (its copies are slower, still correct)."""
     report, slabs = PinReport(), []
@@ -214,7 +215,7 @@ def pin_blocks_(modules: Sequence[nn.Module], cap_bytes: int | None,
     for module, nbytes, fits in zip(modules, sizes, pinned_blocks(sizes, cap_bytes)):
         if not fits:
             report.unpinned_bytes += nbytes
-            report.reason = report.reason or f"pinned RAM cap of {cap_bytes / 2**30:.1f} GiB reached"
+            report.reason = report.reason or f"pinned RAM cap of {cap_bytes / GIB:.1f} GiB reached"
             continue
         slab = pack_leaves_(module)
         try:

@@ -34,8 +34,6 @@ from .policy import QuantPolicy
 class FP8Scheme:
     """float8_e4m3fn weights with a float32 scale per output channel (quant/fp8.py)."""
 
-    name = "fp8"
-
     def linear_state(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict:
         return fp8_linear_state(weight, bias, dtype)
 
@@ -58,8 +56,6 @@ class FP8Scheme:
 
 class Int8Scheme:
     """int8 weights with a scale per output channel, through optimum-quanto (quant/int8.py)."""
-
-    name = "int8"
 
     def linear_state(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict:
         return int8_linear_state(weight, bias, dtype)

@@ -14,7 +14,7 @@ its stages from that Plan.
 """
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from hyvideo.config import DIT_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
 from hyvideo.lora import LoraSpec, lora_bytes
-from hyvideo.pipeline import GenerationRequest, validate_request
+from hyvideo.pipeline import GenerationRequest, uses_riflex, validate_request
 from hyvideo.step_cache import expected_forwards
 from hyvideo.vae import latent_shape
 from lowvram.attention_choice import resolve_attention
@@ -58,6 +58,7 @@ class RunOptions:
     loras: list[LoraSpec] = field(default_factory=list)  # --lora PATH[:STRENGTH], their updates add
     rewrite: str | None = None  # "normal" | "master": rewrite the prompt before encoding (lowvram/generation/rewrite.py)
     rewrite_model: Path | None = None  # the rewrite LLM's folder; None: the text encoder (official layout)
+    preview: bool = False  # write preview.webp after every step (lowvram/generation/preview.py)
 
 
 def default_device() -> str:
@@ -133,6 +134,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     reporter = reporter or Reporter()
     request = options.request
     validate_request(request)
+    request = replace(request, riflex=uses_riflex(request))  # settled once, stored, so a resume does the same
     device = check_device(options.device or default_device())
     files = find_model_files(Path(options.model_dir))
     sizes = model_sizes(files)
@@ -170,6 +172,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         "latent_shape": [1, *latent_shape(request.frames, request.height, request.width, vae_config)],
         "parallel": parallel_settings(),
         "dit_parameters": params, "rewrite": rewrite_settings(options.rewrite, files, options.rewrite_model),
+        "preview": options.preview,
         "loras": [{"path": str(spec.path), "strength": spec.strength, "fingerprint": file_fingerprint([spec.path])[0]}
                   for spec in loras],
     }
