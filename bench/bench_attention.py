@@ -4,7 +4,7 @@
     python -m bench.bench_attention --out /tmp/bench --size 96x128x17 --tiny # CPU smoke run
 
 Attention is most of a 720p step (~77 % of the FLOPs), so a kernel's time on one call at the
-video's joint sequence (image tokens + 256 text tokens, the worst case: batch 1 drops the padding)
+video's joint sequence (image tokens + TEXT_LEN = 256 text tokens, the worst case: batch 1 drops the padding)
 x 60 blocks is most of what it changes per step. Per kernel that `--attention auto` considers
 (lowvram/attention_choice.py) plus PyTorch's default SDPA: the probe first (4096 tokens, the
 model's heads, error vs float32; a kernel that fails it is recorded and not timed), then
@@ -22,7 +22,7 @@ import torch
 
 from hyvideo.attention import attention
 from hyvideo.config import DIT_CONFIGS
-from lowvram.activations import TEXT_TOKENS
+from hyvideo.text_encoder import TEXT_LEN
 from lowvram.attention_choice import candidates, probe
 from lowvram.planner import plan
 from lowvram.profiles import load_profile
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     config = DIT_CONFIGS["tiny" if args.tiny else "HYVideo-T/2-cfgdistill"]
     height, width, frames = (int(v) for v in args.size.lower().split("x"))
-    tokens = plan(load_profile("16gb"), width, height, frames, dit_config=config, text_encoders=()).tokens + TEXT_TOKENS
+    tokens = plan(load_profile("16gb"), width, height, frames, dit_config=config, text_encoders=()).tokens + TEXT_LEN
     blocks = config.double_blocks + config.single_blocks
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"torch": torch.__version__, "device_name": name, "size": args.size, "tokens": tokens, "heads": config.heads,

@@ -140,6 +140,7 @@ def empty_module_like(module: nn.Module, device) -> nn.Module:
 
 
 SLAB_ALIGN = 64  # byte offset of each leaf in its slab: a multiple of every dtype's size
+PAGE = 4096  # a slab starts on a page boundary
 
 
 @dataclass
@@ -178,7 +179,9 @@ def pack_leaves_(module: nn.Module) -> torch.Tensor:
     rounded up to SLAB_ALIGN), in place: every leaf becomes a view of it. Returns the buffer."""
     leaves = tensor_leaves(module)
     offsets, size = slab_layout([leaf.numel() * leaf.element_size() for leaf in leaves])
-    slab = torch.empty(size, dtype=torch.uint8)
+    buffer = torch.empty(size + PAGE, dtype=torch.uint8)
+    start = -buffer.data_ptr() % PAGE  # cudaHostRegister locks whole pages: start the slab on one
+    slab = buffer[start:start + size]
     views = iter(zip(offsets, leaves))
 
     def into_slab(leaf: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ loaded into both; float32 on the CPU."""
 import numpy as np
 import pytest
 import torch
+pytest.importorskip("diffusers")  # the oracle: `pytest -m cuda` collects without it (tests/test_cuda_collection.py)
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoImageToVideoPipeline
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer

@@ -3,6 +3,7 @@ key layouts, and the real 8.3B config on the meta device."""
 
 import pytest
 import torch
+pytest.importorskip("diffusers")  # the oracle: `pytest -m cuda` collects without it (tests/test_cuda_collection.py)
 from diffusers import HunyuanVideo15Transformer3DModel
 
 from hyvideo.v15_config import V15_DIT_CONFIGS, V15DiTConfig

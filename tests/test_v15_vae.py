@@ -3,6 +3,7 @@ layouts, and the real config on the meta device."""
 
 import pytest
 import torch
+pytest.importorskip("diffusers")  # the oracle: `pytest -m cuda` collects without it (tests/test_cuda_collection.py)
 from diffusers import AutoencoderKLHunyuanVideo15
 
 from hyvideo.errors import HyVideoError

@@ -16,7 +16,6 @@ bench/bench_preview.py's results (well under 1 % of a step).
 
 from pathlib import Path
 
-import av
 import torch
 
 from hyvideo.files import write_atomic
@@ -31,6 +30,8 @@ def write_webp(frames: torch.Tensor, path: Path, fps: int = PREVIEW_FPS) -> Path
     _, height, width, _ = array.shape
 
     def encode(file) -> None:
+        import av  # here, not at import: the runner imports this module for every run
+
         with av.open(file, "w", format="webp", options={"loop": "0"}) as container:  # loop 0: forever
             # lossless: at 1/8 size, 4:2:0 chroma would halve the colours' resolution again; level 0: fastest
             stream = container.add_stream("libwebp_anim", rate=fps, options={"lossless": "1", "compression_level": "0"})
