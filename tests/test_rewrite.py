@@ -15,8 +15,8 @@ import cli
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 from hyvideo.prompt_rewrite import INSTRUCTIONS, chat_input_ids, rewrite_prompt
-from lowvram import rewrite as rewrite_module
-from lowvram import runner as runner_module
+from lowvram.generation import rewrite as rewrite_module
+from lowvram.generation import runner as runner_module
 from lowvram.generation.preflight import RunOptions, start_run
 from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.generation.run_folder import Run
