@@ -25,8 +25,7 @@ from lowvram.generation.runner import RunInterrupted, StopRequest, execute
 from lowvram.generation.run_folder import Run
 from lowvram.stages import Stages
 
-from .test_cli import invoke, one_line_error
-from .test_cli_subprocess import ROOT, env, lowvram, run
+from tests.helpers import ROOT, env, invoke, lowvram, one_line_error
 
 PROMPTS = ["a red fox running through snow", "a lighthouse at night", "waves on a pebble beach"]
 SEEDS = [1, 2]
@@ -213,8 +212,8 @@ def test_sigkill_mid_batch_then_resume_batch_is_bit_identical(tiny_official, tmp
     killed = [json.loads((runs_dir / e["id"] / "manifest.json").read_text()) for e in json.loads(batch.read_text())["runs"]]
     assert [m["state"] for m in killed] == ["decoding", "denoising"] and 1 <= killed[1]["step"] < steps
 
-    resumed = run("resume", "--batch", batch.name.split(".")[0], "--runs-dir", runs_dir, "--json")
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke("resume", "--batch", batch.name.split(".")[0], "--runs-dir", runs_dir, "--json")
+    assert resumed.exit_code == 0, resumed.output
     results = json.loads(resumed.stdout)["runs"]
     assert [r["resumed_from"] for r in results] == ["decoding", f"step {killed[1]['step']}/{steps}"]
     for result, seed in zip(results, (3, 4)):

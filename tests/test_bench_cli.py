@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from lowvram.generation.run_folder import Run
-from tests.test_cli import as_json, invoke, one_line_error
+from tests.helpers import as_json, invoke, one_line_error
 
 TINY_BENCH = ["--model-size", "tiny", "--size", "128x96", "--frames", "17", "--steps", "3", "--device", "cpu"]
 

@@ -3,25 +3,12 @@
 import pytest
 import torch
 
-from hyvideo.config import DIT_CONFIGS, DiTConfig
+from hyvideo.config import DIT_CONFIGS
 from hyvideo.dit import HunyuanVideoDiT
 from tests.diffusers_oracle import diffusers_transformer
-from tests.random_weights import randomize_
+from tests.helpers import max_rel_err, parity_inputs, randomize_
 
 TINY = DIT_CONFIGS["tiny"]
-
-
-def make_inputs(config: DiTConfig, batch: int, frames: int, height: int, width: int, text_len: int, valid: list[int], seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, config.in_channels, frames, height, width, generator=gen)
-    t = torch.tensor([997.0903, 500.0, 125.0][:batch])
-    text = torch.randn(batch, text_len, config.text_states_dim, generator=gen)
-    mask = torch.zeros(batch, text_len, dtype=torch.long)
-    for i, n in enumerate(valid):
-        mask[i, :n] = 1
-    pooled = torch.randn(batch, config.text_states_dim_2, generator=gen)
-    guidance = torch.full((batch,), 6016.0)
-    return x, t, text, mask, pooled, guidance
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +17,6 @@ def models():
     randomize_(ours, seed=1)
     reference = diffusers_transformer(TINY, ours.state_dict())
     return ours, reference
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # float32 on CPU: the two implementations order a few reductions differently (qkv split vs fused,
@@ -46,30 +29,30 @@ TOL = 1e-5
 def test_parity_with_diffusers(models, batch, valid):
     ours, reference = models
     # Non-square latents (h=6, w=10), T' = 3 latent frames, padded text.
-    inputs = make_inputs(TINY, batch, frames=3, height=6, width=10, text_len=12, valid=valid)
+    inputs = parity_inputs(TINY, batch, frames=3, height=6, width=10, text_len=12, valid=valid)
     with torch.no_grad():
         out = ours(*inputs)
         x, t, text, mask, pooled, guidance = inputs
         expected = reference(x, t, text, mask, pooled, guidance, return_dict=False)[0]
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
-    assert rel_err(out, expected) <= TOL
+    assert max_rel_err(out, expected) <= TOL
 
 
 def test_batch_of_two_equals_two_batches_of_one(models):
     """The padding mask (batch 2) and dropping padded tokens (batch 1) are the same function."""
     ours, _ = models
-    x, t, text, mask, pooled, guidance = make_inputs(TINY, 2, frames=2, height=4, width=6, text_len=10, valid=[10, 4])
+    x, t, text, mask, pooled, guidance = parity_inputs(TINY, 2, frames=2, height=4, width=6, text_len=10, valid=[10, 4])
     with torch.no_grad():
         both = ours(x, t, text, mask, pooled, guidance)
         for i in range(2):
             one = ours(x[i : i + 1], t[i : i + 1], text[i : i + 1], mask[i : i + 1], pooled[i : i + 1], guidance[i : i + 1])
-            assert rel_err(one, both[i : i + 1]) <= TOL
+            assert max_rel_err(one, both[i : i + 1]) <= TOL
 
 
 def test_token_chunking_matches_whole_sequence(models):
     ours, _ = models
-    inputs = make_inputs(TINY, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
+    inputs = parity_inputs(TINY, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
     with torch.no_grad():
         whole = ours(*inputs)
         ours.token_chunk = 7  # straddles the image/text boundary (45 image tokens)
@@ -78,7 +61,7 @@ def test_token_chunking_matches_whole_sequence(models):
         finally:
             ours.token_chunk = None
     # Same ops per token; only GEMM blocking over fewer rows may differ: float32 rounding level.
-    assert rel_err(chunked, whole) <= 1e-6
+    assert max_rel_err(chunked, whole) <= 1e-6
 
 
 def test_13b_config_on_meta_device():

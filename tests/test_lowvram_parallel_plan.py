@@ -13,7 +13,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.memtrack import PeakTracker
@@ -24,8 +23,7 @@ from lowvram.communication import communication
 from lowvram.parallel import Layout, SequenceParallel, choose_layout
 from lowvram.planner import parallel_layout, plan, with_budget
 from lowvram.profiles import load_profile
-from tests.test_cli import invoke, one_line_error
-from tests.test_lowvram_planner import SMALL, small_dit, small_inputs
+from tests.helpers import SMALL, fork_ranks, invoke, one_line_error, small_dit, small_inputs
 
 GIB = 2**30
 CONFIG_13B = DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
@@ -122,16 +120,9 @@ def _measure_attention(rank: int, world: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def _one_thread(rank: int, measure, world: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    measure(rank, world, folder)
-
-
 def run_ranks(measure, world: int, folder) -> list[dict]:
-    """`measure` on `world` forked processes (forked: no second import of torch and the model),
-    each with one intra-op thread: the ranks share the cores, and GNU OpenMP, which this parent
-    may have used, is not fork-safe for a team of threads in the child."""
-    mp.start_processes(_one_thread, args=(measure, world, str(folder)), nprocs=world, start_method="fork")
+    """What `measure` wrote on each of `world` forked ranks."""
+    fork_ranks(measure, world, str(folder))
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
+from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, VAEConfig
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from hyvideo.vae import CausalVAE
@@ -23,28 +23,10 @@ from lowvram.planner import plan
 from lowvram.profiles import load_profile, profile_from_dict
 from lowvram.streaming import leaf_bytes
 from quant.bytes import block_bytes, trunk_bytes
-from tests.random_weights import randomize_
+from tests.helpers import SMALL, small_dit, small_inputs
 
 
 GIB = 2**30
-# Wider than "tiny" so that per-token tensors dominate, as in the 13B model (MLP = 4 x hidden).
-SMALL = DiTConfig(hidden_size=128, heads=2, double_blocks=2, single_blocks=2, refiner_blocks=1,
-                  text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(16, 24, 24))
-
-
-def small_dit(dtype=torch.bfloat16, seed=1):
-    model = HunyuanVideoDiT(SMALL).eval()
-    randomize_(model, seed=seed)
-    return model.to(dtype)
-
-
-def small_inputs(frames=4, h=32, w=32, text=24, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, 16, frames, h, w, generator=gen), torch.tensor([500.0]),
-            torch.randn(1, text, SMALL.text_states_dim, generator=gen), torch.ones(1, text, dtype=torch.long),
-            torch.randn(1, SMALL.text_states_dim_2, generator=gen), torch.tensor([6016.0]))
-
-
 # ---------------------------------------------------------------------------------------------
 # Plans for the 13B model
 

@@ -9,48 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hyvideo.config import DiTConfig
-from hyvideo.dit import HunyuanVideoDiT
 from lowvram.schedule import BlockSchedule, plan_schedule, spread_evenly
 import optimum.quanto as quanto
 
 from quant.fp8 import FP8Linear
 from lowvram.streaming import BlockStreamer, PinReport, empty_module_like, leaf_bytes, pin_leaves_, tensor_leaves
-from quant.bytes import dit_block_kinds
-from tests.random_weights import randomize_
-
-
-# 3 double + 5 single blocks: rings of both kinds, uneven spreads, wrap-around prefetch.
-CONFIG = DiTConfig(hidden_size=64, heads=2, double_blocks=3, single_blocks=5, refiner_blocks=1,
-                   text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(8, 12, 12))
-
-
-def make_model(seed=1, dtype=torch.float32):
-    model = HunyuanVideoDiT(CONFIG).eval()
-    randomize_(model, seed=seed)
-    return model.to(dtype)
-
-
-def make_inputs(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 6, 8, generator=gen)
-    text = torch.randn(1, 10, CONFIG.text_states_dim, generator=gen)
-    mask = torch.ones(1, 10, dtype=torch.long)
-    mask[0, 7:] = 0
-    pooled = torch.randn(1, CONFIG.text_states_dim_2, generator=gen)
-    return x, torch.tensor([700.0]), text, mask, pooled, torch.tensor([6016.0])
-
-
-def schedule_for(model, **kwargs) -> BlockSchedule:
-    return plan_schedule(dit_block_kinds(model.config), [leaf_bytes(b) for b in model.all_blocks()], **kwargs)
-
-
-def run_steps(model, streamer, inputs, steps):
-    outs = []
-    with torch.no_grad():
-        for step in range(steps):
-            outs.append(model(*inputs, blocks=streamer.blocks_for_step(prefetch_next_step=step + 1 < steps)))
-    return outs
+from tests.helpers import run_steps, schedule_for, streaming_dit, streaming_inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,8 +76,8 @@ def test_schedule_rejects_bad_input():
 
 @pytest.fixture(scope="module")
 def model_and_reference():
-    model = make_model()
-    inputs = make_inputs()
+    model = streaming_dit()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     return model, inputs, reference
@@ -144,8 +108,8 @@ def test_budget_schedules_are_exact(model_and_reference, budget_fraction):
 
 
 def test_streamed_bf16_and_chunked(model_and_reference):
-    model = make_model(dtype=torch.bfloat16)
-    inputs = make_inputs()
+    model = streaming_dit(dtype=torch.bfloat16)
+    inputs = streaming_inputs()
     model.token_chunk = 5
     with torch.no_grad():
         reference = model(*inputs)
@@ -167,11 +131,11 @@ def swap_linears(module: nn.Module, make) -> None:
 
 
 def test_fp8_blocks_stream_exactly():
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     for block in model.all_blocks():
         swap_linears(block, fp8_linear)
     assert any(t.dtype == torch.float8_e4m3fn for t in tensor_leaves(model.double_blocks[0]))
-    inputs = make_inputs()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=3, prefetch_depth=2), "cpu")
@@ -182,13 +146,13 @@ def test_fp8_blocks_stream_exactly():
 def test_int8_quanto_blocks_stream_exactly():
     """quanto's INT8 weights are tensor subclasses; their inner tensors (_data int8, _scale) are the
     leaves the streamer copies into shells rebuilt with __tensor_unflatten__."""
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)
         quanto.freeze(block)
     leaves = tensor_leaves(model.single_blocks[0])
     assert any(t.dtype == torch.int8 for t in leaves)
-    inputs = make_inputs()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=2, prefetch_depth=1), "cpu")
@@ -204,11 +168,11 @@ def test_int8_quanto_blocks_stream_exactly():
 
 
 def test_copy_order_slots_and_cross_step_prefetch():
-    model = make_model()
+    model = streaming_dit()
     depth, steps = 2, 3
     schedule = schedule_for(model, resident=2, prefetch_depth=depth)
     streamer = BlockStreamer(model.all_blocks(), schedule, "cpu", trace=True)
-    run_steps(model, streamer, make_inputs(), steps)
+    run_steps(model, streamer, streaming_inputs(), steps)
     trace, streamed = streamer.trace, list(schedule.streamed)
     position = {}  # (step, block) -> absolute streamed position
     for step in range(steps):
@@ -239,8 +203,8 @@ def test_copy_order_slots_and_cross_step_prefetch():
 
 
 def test_interrupted_step_recovers():
-    model = make_model()
-    inputs = make_inputs()
+    model = streaming_dit()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=1, prefetch_depth=2), "cpu")
@@ -252,8 +216,8 @@ def test_interrupted_step_recovers():
 
 
 def test_keep_host_copy_and_close():
-    model = make_model()
-    inputs = make_inputs()
+    model = streaming_dit()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     masters = [t.data_ptr() for b in model.all_blocks() for t in tensor_leaves(b)]
@@ -291,7 +255,7 @@ def test_pinning_respects_cap_and_falls_back():
 
 
 def test_cpu_streamer_does_not_pin():
-    model = make_model()
+    model = streaming_dit()
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=0), "cpu")
     assert streamer.pin_report.pinned_bytes == 0 and streamer.pin_report.reason == "not a CUDA device"
 
@@ -303,15 +267,15 @@ def test_cpu_streamer_does_not_pin():
 @pytest.mark.cuda
 @pytest.mark.parametrize("depth", [1, 2])
 def test_cuda_streamed_equals_resident(depth):
-    model = make_model(dtype=torch.bfloat16)
-    inputs = make_inputs()
+    model = streaming_dit(dtype=torch.bfloat16)
+    inputs = streaming_inputs()
     device = torch.device("cuda")
-    reference_model = make_model(dtype=torch.bfloat16).to(device)
+    reference_model = streaming_dit(dtype=torch.bfloat16).to(device)
     cuda_inputs = [t.to(device) for t in inputs]
     with torch.no_grad():
         reference = reference_model(*cuda_inputs)
     for resident in (0, 3, 8):
-        fresh = make_model(dtype=torch.bfloat16)
+        fresh = streaming_dit(dtype=torch.bfloat16)
         for name, child in fresh.named_children():
             if name not in ("double_blocks", "single_blocks"):
                 child.to(device)
@@ -355,10 +319,10 @@ def test_cuda_streaming_is_exact_when_either_stream_lags(stalled):
     compute stream stalled, a copy that did not wait for the slot's `free` event would overwrite
     weights still in use. Either mistake changes the output, so this fails if a wait is removed."""
     device = torch.device("cuda")
-    model = make_model(dtype=torch.bfloat16)
-    inputs = [t.to(device) for t in make_inputs()]
+    model = streaming_dit(dtype=torch.bfloat16)
+    inputs = [t.to(device) for t in streaming_inputs()]
     with torch.no_grad():
-        reference = make_model(dtype=torch.bfloat16).to(device)(*inputs)
+        reference = streaming_dit(dtype=torch.bfloat16).to(device)(*inputs)
     for name, child in model.named_children():
         if name not in ("double_blocks", "single_blocks"):
             child.to(device)
@@ -376,11 +340,11 @@ def test_cuda_streaming_is_exact_when_either_stream_lags(stalled):
 @pytest.mark.cuda
 def test_cuda_int8_quanto_blocks_stream_exactly():
     device = torch.device("cuda")
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)
         quanto.freeze(block)
-    inputs = [t.to(device) for t in make_inputs()]
+    inputs = [t.to(device) for t in streaming_inputs()]
     resident = copy.deepcopy(model).to(device)
     with torch.no_grad():
         reference = resident(*inputs)
@@ -397,7 +361,7 @@ def test_cuda_int8_quanto_blocks_stream_exactly():
 def test_cuda_streaming_loop_never_synchronizes():
     """The block iterator issues copies and event waits only: under sync debug mode 'error' any
     host-device synchronization inside it raises."""
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     device = torch.device("cuda")
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=2, prefetch_depth=2), device)
     x = torch.randn(64, 64, device=device, dtype=torch.bfloat16)

@@ -12,8 +12,8 @@ from bench.memtrack import PeakTracker
 from lowvram.tiled_vae import (
     TiledVAE, blend_, decode_tiling, spatial_decode_tiles, temporal_decode_tiles,
 )
-from tests.random_weights import randomize_
-from tests.test_vae import AutoencoderKLHunyuanVideo, make_oracle
+from tests.diffusers_oracle import diffusers_vae
+from tests.helpers import max_rel_err, randomize_
 
 TINY = VAE_CONFIGS["tiny"]
 # Tiles for the tiny VAE: 4 latents (32 px) every 3 spatially, 4+1 latent frames every 3 in time;
@@ -23,10 +23,6 @@ L, LT = 4, 4
 # differs (float32 ramp computed once vs Python-float scalars per row), ~1 ulp per blend: 1e-5
 # relative leaves room for that and catches any geometry or weighting error (those are O(1)).
 REL_TOL = 1e-5
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,9 +88,7 @@ def vae():
 @pytest.fixture(scope="module")
 def vaes(vae):
     """Ours and diffusers' AutoencoderKLHunyuanVideo with the same weights and tile sizes."""
-    if AutoencoderKLHunyuanVideo is None:
-        pytest.skip("diffusers not installed")
-    oracle = make_oracle(TINY)
+    oracle = diffusers_vae(TINY)
     oracle.load_state_dict(vae.state_dict(), strict=True)  # key names and shapes match exactly
     ours = vae
     oracle.enable_tiling(tile_sample_min_height=8 * L, tile_sample_min_width=8 * L, tile_sample_min_num_frames=4 * LT,
@@ -117,7 +111,7 @@ def test_tiled_decode_matches_diffusers_tiled_decode(vaes, shape):
         tiled = TiledVAE(ours, L, LT).decode(z)
         expected = oracle.decode(z).sample
     assert tiled.shape == expected.shape == (1, 3, 4 * (shape[0] - 1) + 1, 8 * shape[1], 8 * shape[2])
-    assert rel_err(tiled, expected) <= REL_TOL
+    assert max_rel_err(tiled, expected) <= REL_TOL
 
 
 def test_one_tile_is_exactly_untiled(vae):
@@ -138,7 +132,7 @@ def test_constant_latents_tile_seamlessly(vae):
     double.load_state_dict(ours.state_dict())
     z = torch.full((1, 16, 5, 6, 5), 0.3, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(TiledVAE(double, L, LT).decode(z), double.decode(z)) <= 1e-9
+        assert max_rel_err(TiledVAE(double, L, LT).decode(z), double.decode(z)) <= 1e-9
 
 
 def _covering_envelope(vae, z, t_spans, h_spans, w_spans):

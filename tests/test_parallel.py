@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from hyvideo.attention import attention_with_lse
@@ -16,6 +15,7 @@ from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from lowvram.generation.launch import free_port
 from lowvram.parallel import Layout, SequenceParallel, check_parallel, choose_layout, split_axis
+from tests.helpers import fork_ranks
 
 pytest.importorskip("yunchang")
 
@@ -91,7 +91,7 @@ def test_split_forward_equals_one_process(tmp_path, mode, world, layout):
     ranks sum the same terms in another order (keys permuted by the all-to-all, ring blocks merged
     by their log-sum-exp). 1e-5 on outputs of about 1 is ~100 float32 ulps; measured ~4e-7."""
     assert (choose_layout(mode, world, 2).ulysses, choose_layout(mode, world, 2).ring) == layout
-    mp.spawn(_rank, args=(world, mode, free_port(), str(tmp_path)), nprocs=world)
+    fork_ranks(_rank, world, mode, free_port(), str(tmp_path))
     model, inputs = _model_and_inputs()
     with torch.inference_mode():
         expected = model(*inputs)

@@ -20,8 +20,7 @@ from lowvram.generation import runner as runner_module
 from lowvram.generation.preflight import RunOptions, start_run
 from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.generation.run_folder import Run
-
-from .test_runs import StopAfter
+from tests.helpers import StopAfter
 
 PROMPT = "a red fox running through snow"
 # 32x32, one frame, 2 steps: the smallest run; the rewrite (256 greedy tokens) is most of its time.

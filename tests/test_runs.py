@@ -22,39 +22,13 @@ from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 from lowvram.setup import download as dl
 from lowvram.setup.doctor import run_doctor
-from lowvram.progress import Reporter
-from lowvram.generation.preflight import RunOptions, start_run
+from lowvram.generation.preflight import start_run
 from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.stages import Stages
 from hyvideo.files import fingerprint_mismatch
 from lowvram.generation.run_folder import KEEP_CHECKPOINTS, Run, find_run, list_runs
 from lowvram.generation.video import png_bytes, write_mp4
-
-# 64x48 px, 9 frames: latents [1, 16, 3, 6, 8], the smallest clip with several latent frames and
-# both spatial dims even after the 2x2 patching; 4 steps are enough to stop and resume mid-way.
-REQUEST = GenerationRequest("a red fox running through snow", width=64, height=48, frames=9, steps=4, seed=11)
-
-
-def options(model_dir, runs_dir, request=REQUEST, **kw):
-    return RunOptions(request, model_dir, runs_dir, device="cpu", **kw)
-
-
-def new_run(model_dir, runs_dir, request=REQUEST, **kw):
-    return start_run(options(model_dir, runs_dir, request, **kw))
-
-
-class StopAfter(Reporter):
-    """Asks the runner to stop once `n` steps are done (what the first Ctrl-C does)."""
-
-    def __init__(self, stop: StopRequest, n: int):
-        self.stop, self.n, self.warnings = stop, n, []
-
-    def advance(self, completed, **info):
-        if completed >= self.n and self.stop.stage == "denoising":
-            self.stop.set()
-
-    def warn(self, message):
-        self.warnings.append(message)
+from tests.helpers import REQUEST, StopAfter, new_run, run_options
 
 
 @pytest.fixture(scope="module")
@@ -258,11 +232,11 @@ def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     profile.write_text('name = "cpu-streamed"\nvram_budget_gb = 1\ndit_scheme = "fp8"\nencoder_scheme = "bf16"\n'
                        'resident_blocks = 2\nvae_spatial_tile = 4\nvae_temporal_tile = 4\n')
     reporter = StopAfter(StopRequest(), 99)
-    run, files, plan = start_run(options(model, tmp_path / "a", profile=str(profile)), reporter)
+    run, files, plan = start_run(run_options(model, tmp_path / "a", profile=str(profile)), reporter)
     assert run.settings["profile"]["name"] == "cpu-streamed"
     whole = load_file(execute(run, files, plan, reporter).final_latents)["latents"]
 
-    run, files, plan = start_run(options(model, tmp_path / "b", profile=str(profile)))
+    run, files, plan = start_run(run_options(model, tmp_path / "b", profile=str(profile)))
     stop = StopRequest()
     with pytest.raises(RunInterrupted):
         execute(run, files, plan, StopAfter(stop, 2), stop)
@@ -291,7 +265,7 @@ def test_compile_and_attention_choices_reach_the_run(tiny_official, tmp_path, un
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     torch._dynamo.reset()
     reporter = StopAfter(StopRequest(), 99)
-    run, files, plan = start_run(options(tiny_official, tmp_path, compile=True, attention="sage"), reporter)
+    run, files, plan = start_run(run_options(tiny_official, tmp_path, compile=True, attention="sage"), reporter)
     assert run.settings["profile"]["compile"] is True and run.settings["attention"] == "sdpa"
     assert reporter.warnings == ["attention 'sage' needs CUDA; using sdpa on the CPU"]
     result = execute(run, files, plan, reporter)
@@ -312,7 +286,7 @@ def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp
     profile.write_text('name = "cpu-streamed"\nvram_budget_gb = 1\ndit_scheme = "fp8"\nencoder_scheme = "bf16"\n'
                        'resident_blocks = 2\n')
     request = GenerationRequest(REQUEST.prompt, width=64, height=48, frames=9, steps=8, seed=11)
-    run, files, plan = start_run(options(model, tmp_path / "a", request, profile=str(profile), step_cache="fast"))
+    run, files, plan = start_run(run_options(model, tmp_path / "a", request, profile=str(profile), step_cache="fast"))
     assert run.settings["profile"]["step_cache"] == "teacache" and run.settings["profile"]["step_cache_threshold"] == 0.15
     whole = execute(run, files, plan)
     computed = whole.stats["dit"]["computed_steps"]
@@ -322,7 +296,7 @@ def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp
 
     for damage in (False, True):
         runs = tmp_path / f"b{damage}"
-        run, files, plan = start_run(options(model, runs, request, profile=str(profile), step_cache="fast"))
+        run, files, plan = start_run(run_options(model, runs, request, profile=str(profile), step_cache="fast"))
         stop = StopRequest()
         with pytest.raises(RunInterrupted):
             execute(run, files, plan, StopAfter(stop, 3), stop)
