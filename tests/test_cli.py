@@ -1,8 +1,8 @@
 """Every `lowvram` command through Typer's CliRunner, on the tiny model (float32 on the CPU).
 
 Bad input must give one line saying what to do and exit code 2 before anything is computed; each
-case has a test here (disk full and the SIGKILL/SIGINT cases are in test_runs.py and
-test_cli_subprocess.py)."""
+case has a test here (disk full and the SIGKILL/SIGINT cases are in test_generation_runs.py and
+test_cli_interrupted.py)."""
 
 import json
 import re

@@ -255,7 +255,7 @@ def test_cache_off_is_the_uncached_run(tiny_official, tmp_path, uninterrupted):
 
 def test_compile_and_attention_choices_reach_the_run(tiny_official, tmp_path, uninterrupted, monkeypatch):
     """--compile compiles the blocks (aot_eager here: dynamo's tracing without generating C++, which
-    tests/test_compile.py covers) and records it; --attention sage on the CPU says why not and runs SDPA."""
+    tests/test_lowvram_compile.py covers) and records it; --attention sage on the CPU says why not and runs SDPA."""
     import torch._dynamo
 
     from lowvram import stages as stages_module
