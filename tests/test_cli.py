@@ -485,6 +485,7 @@ def test_quantize_encoder_alone_says_why_not(tiny_official, tmp_path):
         assert not (model / "lowvram-cache/llm-nf4").exists()
 
 
+@pytest.mark.slow
 def test_demo_saves_a_model_that_generate_uses(tmp_path):
     small = ["--size", "64x48", "--frames", "5", "--steps", "2", "--device", "cpu", "--json"]
     model = tmp_path / "tiny"
@@ -499,6 +500,7 @@ def test_demo_saves_a_model_that_generate_uses(tmp_path):
     assert default.exit_code == 0 and (tmp_path / "other/demo-model/hunyuan-video-t2v-720p").is_dir()
 
 
+@pytest.mark.slow
 def test_demo_takes_the_streamed_and_tiled_path(tmp_path):
     """The demo runs the low-VRAM code path users run: FP8 DiT from the quantize-once cache with 3 of
     its 4 blocks streamed every step, token chunks, and the VAE decoded in tiles."""

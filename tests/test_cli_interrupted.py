@@ -17,6 +17,8 @@ from tests.helpers import (
     PROMPT, ROOT, as_json, final_latents, invoke, manifest, run, start_and_wait_for_step, uninterrupted_latents,
 )
 
+pytestmark = pytest.mark.slow  # every test starts `lowvram` as a process
+
 # 64x48 px, 9 frames, 30 steps: 0.02-0.1 s per step on 2 CPU cores, a window of 1-3 s to
 # interrupt in, after at least one step is saved and before the last.
 STEPS = 30

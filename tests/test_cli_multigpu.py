@@ -74,10 +74,12 @@ def two_ranks(tiny_official, tmp_path_factory):
     return uninterrupted_latents(tiny_official, tmp_path_factory.mktemp("two"), ARGS + ["--gpus", "2"])
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(two_ranks, one_process):
     torch.testing.assert_close(two_ranks, one_process, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_a_batch_on_two_ranks(tiny_official, tmp_path, two_ranks):
     """A batch places the DiT once on every rank and sends each clip in turn (mixed sizes); a clip
     gives what the same clip gives alone on two ranks, bit for bit."""
@@ -91,6 +93,7 @@ def test_a_batch_on_two_ranks(tiny_official, tmp_path, two_ranks):
     assert second["settings"]["width"] == 64 and second["settings"]["parallel"]["ranks"] == 2
 
 
+@pytest.mark.slow
 def test_ring_on_a_streamed_fp8_profile_with_a_step_cache(tiny_official, tmp_path):
     """Each rank places the DiT per the profile (FP8, one block resident, the rest streamed); the
     step cache decides on sums over every rank's tokens, so the ranks skip the same steps as one
@@ -112,6 +115,7 @@ def test_ring_on_a_streamed_fp8_profile_with_a_step_cache(tiny_official, tmp_pat
 
 
 @pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.slow
 def test_sigkill_of_a_rank_then_resume(tiny_official, tmp_path, two_ranks, one_process, victim):
     """Any rank killed mid-run: the launcher stops the other and says how to continue; the last
     checkpoint continues bit-identically on 2 ranks, and on 1 process within float32 rounding."""
@@ -141,6 +145,7 @@ def test_sigkill_of_a_rank_then_resume(tiny_official, tmp_path, two_ranks, one_p
     torch.testing.assert_close(final_latents(alone.stdout), one_process, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_after_the_same_step(tiny_official, tmp_path, two_ranks):
     """The terminal's Ctrl-C reaches every process of its group: rank 0 finishes the step, every
     rank stops after it, rank 0 says how to continue, and the run continues bit-identically."""
@@ -185,6 +190,7 @@ def test_more_gpus_than_visible_is_one_line(tiny_official, tmp_path, monkeypatch
 
 
 @pytest.mark.cuda
+@pytest.mark.slow
 def test_two_gpus_equal_one(tiny_official, tmp_path):
     """The NCCL path on two real GPUs, the tiny model in bf16: within 2 % of one GPU's latents (the
     ranks round bf16 sums in another order: 0.4 % per rounding, a few per block and step)."""

@@ -79,6 +79,7 @@ class Loads:
             monkeypatch.setattr(Stages, name, counted)
 
 
+@pytest.mark.slow
 def test_batch_is_bit_identical_to_separate_runs_with_each_model_loaded_once(tiny_official, tmp_path, separate, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     third = json.dumps({"prompt": PROMPTS[2], "size": "48x32", "frames": 5})
@@ -131,6 +132,7 @@ class StopInClip(Reporter):
             self.stop.set()
 
 
+@pytest.mark.slow
 def test_stopped_batch_and_single_run_resume_with_all(tiny_official, tmp_path, separate, monkeypatch):
     """Ctrl-C in clip 2's denoising: clip 1 waits to be decoded, clip 2 is at step 1; a single run
     stopped too. `resume --all` finishes all three from their cached embeddings, bit-identically."""
@@ -190,6 +192,7 @@ def test_seeds_and_overrides():
     assert (clip.request.seed, clip.request.width, clip.request.height, clip.request.guidance) == (9, 720, 720, 5.0)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_batch_then_resume_batch_is_bit_identical(tiny_official, tmp_path):
     """Killed while clip 2 of 2 is denoising (clip 1 denoised, waiting for the VAE):
     `lowvram resume --batch ID` finishes both with the latents of each clip run alone."""

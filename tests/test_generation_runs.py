@@ -456,6 +456,7 @@ print(json.dumps({str(c.path): c.problem for c in check_model_folder(sys.argv[1]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RLIMIT_AS and /proc")
+@pytest.mark.slow
 def test_doctor_reports_a_refused_mapping_as_memory(tiny_official, tmp_path):
     """A DiT the loader cannot map (address space limited to 16 MiB more than the process uses; the
     file is 48 MiB, every other file under 5 MiB): the doctor shows the loader's memory message,

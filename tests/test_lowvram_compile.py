@@ -48,6 +48,7 @@ def test_no_recompiles_across_blocks_shells_and_steps(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on the CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_inductor_matches_eager_within_float32_tolerance(tmp_path):
     """The real backend, generated C++ on the CPU (about a minute of compiling on 2 cores). Fused
     kernels change the order of float32 sums: 1e-4 relative is many times their rounding."""

@@ -86,6 +86,7 @@ def _rank(rank: int, world: int, mode: str, port: int, folder: str) -> None:
 
 
 @pytest.mark.parametrize("mode, world, layout", [("ulysses", 2, (2, 1)), ("ring", 2, (1, 2)), ("usp", 4, (2, 2))])
+@pytest.mark.slow
 def test_split_forward_equals_one_process(tmp_path, mode, world, layout):
     """Every rank returns the whole velocity, equal to one process's within float32 rounding: the
     ranks sum the same terms in another order (keys permuted by the all-to-all, ring blocks merged

@@ -131,6 +131,7 @@ def two_ranks(tmp_path_factory):
     return run_ranks(_measure, 2, tmp_path_factory.mktemp("sp2"))
 
 
+@pytest.mark.slow
 def test_tensors_gloo_still_holds_are_released_where_the_program_drops_them(two_ranks):
     """The measurements do not depend on when gloo's worker thread drops a finished collective
     (bench/memtrack.py): that timing made the forward's peak 8 % higher in some runs."""
@@ -138,6 +139,7 @@ def test_tensors_gloo_still_holds_are_released_where_the_program_drops_them(two_
 
 
 @pytest.mark.parametrize("mode, text", [("ulysses", TEXT), ("ulysses", 600), ("ring", TEXT), ("ring", 600)])
+@pytest.mark.slow
 def test_cross_rank_attention_bytes_predicted_vs_measured(two_ranks, mode, text):
     """Measured equal to the formula on both ranks, the q, k, v handed over included (Ulysses
     692,224 B and ring 1,659,456 B at 512 + 24 tokens per rank; 600 text tokens make the ring's text
@@ -150,6 +152,7 @@ def test_cross_rank_attention_bytes_predicted_vs_measured(two_ranks, mode, text)
         assert abs(predicted / rank[mode]["attention"][str(text)] - 1) <= 0.01
 
 
+@pytest.mark.slow
 def test_cross_rank_attention_bytes_on_four_ranks(tmp_path):
     """USP and a ring of more than two, where a received key/value pair is in use while the next
     arrives: measured equal to the formula (452,160 B and 536,128 B per rank); tolerance as above."""
@@ -161,6 +164,7 @@ def test_cross_rank_attention_bytes_on_four_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
+@pytest.mark.slow
 def test_forward_per_rank_predicted_vs_measured(two_ranks, mode):
     """A whole forward per rank (bf16, chunk 128): measured 1,304,320 B (Ulysses) and 2,062,144 B
     (ring), predicted 0.1 % and 0.2 % less (small per-block tensors: modulation vectors, norms'
@@ -176,6 +180,7 @@ def test_forward_per_rank_predicted_vs_measured(two_ranks, mode):
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
+@pytest.mark.slow
 def test_bytes_sent_per_forward_predicted_vs_counted(two_ranks, mode):
     """Exact: the formula models every collective of the forward (4 blocks' all-to-alls or ring
     steps, and the final gather)."""

@@ -4,6 +4,7 @@ CPU runs the same streamer logic with synchronous copies; the CUDA tests add str
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -279,12 +280,23 @@ def test_cuda_streamed_equals_resident(depth):
         for name, child in fresh.named_children():
             if name not in ("double_blocks", "single_blocks"):
                 child.to(device)
+        began = time.perf_counter()
         streamer = BlockStreamer(fresh.all_blocks(), schedule_for(fresh, resident=resident, prefetch_depth=depth), device)
         assert streamer.pin_report.pinned_bytes > 0 or resident == 8
         for out in run_steps(fresh, streamer, cuda_inputs, steps=3):
             assert torch.equal(out, reference)
+        torch.cuda.synchronize()
+        elapsed_ms = (time.perf_counter() - began) * 1000
         stats = streamer.step_stats()
-        assert all(s.wait_ms >= 0 and s.copy_ms >= 0 for s in stats)
+        # CUDA events time each copy (one copy stream) and each stall of the compute stream: with
+        # every block resident there is neither; copying a block's bytes takes measurable time; and
+        # all of it happened, one after another on its stream, within `elapsed_ms`.
+        assert [s.blocks_copied for s in stats] == [8 - resident] * 3
+        if resident == 8:
+            assert all(s.copy_ms == 0 and s.wait_ms == 0 for s in stats)
+        else:
+            assert all(s.copy_ms > 0 for s in stats)
+        assert sum(s.copy_ms for s in stats) <= elapsed_ms and sum(s.wait_ms for s in stats) <= elapsed_ms
         streamer.close()
     del model
 

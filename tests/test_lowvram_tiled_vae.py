@@ -184,6 +184,7 @@ def test_default_tiles_on_33_latents_give_129_frames(vae):
     assert video.shape == (1, 3, 129, 16, 16)
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_length(vae):
     """Tensor bytes alive at the peak, minus the (preallocated) output, are the same for 9 and 13
     latent frames (3 and 4 temporal tiles; 5 frames, with a short second tile, need less): one

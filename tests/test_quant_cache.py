@@ -228,6 +228,7 @@ KILLED_BUILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killed_build_leaves_no_cache(source, tmp_path):
     """SIGKILL mid-write (no cleanup code runs): the half-written temp file is never taken for the
     cache, and the next build removes it."""
@@ -283,6 +284,7 @@ ANON_PEAK = textwrap.dedent(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.slow
 def test_quantize_memory_is_one_tensor_not_the_model(tmp_path):
     """Quantize a 620 MB diffusers-layout DiT (hidden 768, 4 double + 24 single blocks, bf16) in a
     fresh process and sample its anonymous memory (RssAnon: what it allocates itself; the
