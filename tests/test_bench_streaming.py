@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from bench.bench_streaming import main
 
 
+@pytest.mark.slow
 def test_bench_streaming_tiny(tmp_path):
     assert main(["--tiny", "--out", str(tmp_path), "--budget-s", "120"]) == 0
     data = json.loads(next(tmp_path.glob("bench_streaming-tiny-*.json")).read_text())
