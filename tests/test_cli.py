@@ -69,6 +69,7 @@ def test_resume_a_done_run_and_nothing_to_resume(done, runs_dir, tmp_path):
     assert empty.exit_code == 2 and "no unfinished run" in one_line_error(empty)
 
 
+@pytest.mark.slow
 def test_step_cache_progress_shows_computed_and_reused_steps(tiny_official, tmp_path):
     args = [*TINY_ARGS[:4], "--steps", "6", "--seed", "5", "--device", "cpu", "--cache", "fast"]
     result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, *args)
@@ -117,6 +118,7 @@ def test_long_prompt_from_a_file_warns_and_continues(tiny_official, tmp_path):
     assert "warning:" in result.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_through_the_cli(tiny_official, tmp_path, done, monkeypatch):
     """Ctrl-C during the decode (KeyboardInterrupt) -> exit 130 and the resume command."""
     real_decode = stages_module.Stages.decode
@@ -457,6 +459,7 @@ def test_quantize_builds_both_caches_once(tiny_official, tmp_path):
     assert bad.exit_code == 2 and "--only takes dit or encoder" in one_line_error(bad)
 
 
+@pytest.mark.slow
 def test_quantize_cache_dir_is_what_generate_reads(tiny_official, tmp_path):
     """`quantize --cache-dir X` then `generate --cache-dir X`: the run loads that cache as it is
     (same dtype on this machine) and writes nothing beside the model."""

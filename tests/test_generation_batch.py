@@ -103,6 +103,7 @@ def test_batch_is_bit_identical_to_separate_runs_with_each_model_loaded_once(tin
     assert grouped.id == batch.id and [e.id for e in entries] == [r.run_id for r in result.runs]
 
 
+@pytest.mark.slow
 def test_where_the_blocks_sit_changes_no_result(tiny_official, tmp_path):
     """Why a batch may place the DiT by its largest clip's plan: an FP8 DiT with every block
     streamed and with every block resident gives the same latents, bit for bit."""

@@ -74,6 +74,7 @@ def test_stop_and_resume_is_bit_exact_and_skips_text_encoding(tiny_official, tmp
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_interrupted_decode_resumes_without_the_dit(tiny_official, tmp_path, uninterrupted, monkeypatch):
     run, files, plan = new_run(tiny_official, tmp_path)
     real_decode = Stages.decode
@@ -96,6 +97,7 @@ def test_interrupted_decode_resumes_without_the_dit(tiny_official, tmp_path, uni
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_stopped_after_the_last_step_resumes_without_the_dit(tiny_official, tmp_path, uninterrupted, monkeypatch):
     """Stopped (or killed) after the step-4 checkpoint but before the final latents were saved."""
     run, files, plan = new_run(tiny_official, tmp_path)
@@ -112,6 +114,7 @@ def test_stopped_after_the_last_step_resumes_without_the_dit(tiny_official, tmp_
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_one_frame_is_an_image_and_resumes(tiny_official, tmp_path, monkeypatch):
     """--frames 1 writes image.png (no mp4), copies it to an --out folder as <run-id>.png, and a
     run stopped in its decode, or already done, resumes to the same image."""
@@ -149,6 +152,7 @@ def test_out_must_name_the_kind_of_file_the_run_makes(tiny_official, tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before the run folder
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_official, tmp_path, uninterrupted):
     run, files, plan = new_run(tiny_official, tmp_path)
     stop = StopRequest()
@@ -177,6 +181,7 @@ def test_resume_refuses_other_weights(tiny_official, tmp_path):
         resume_run(tmp_path / "runs", run.id)
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_the_previous_checkpoint(tiny_official, tmp_path, uninterrupted, monkeypatch):
     run, files, plan = new_run(tiny_official, tmp_path)
     real_save_step = Run.save_step
@@ -223,6 +228,7 @@ def test_long_prompt_warns_and_continues(tiny_official, tmp_path):
     assert any("longer than 256 tokens" in w for w in reporter.warnings)
 
 
+@pytest.mark.slow
 def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     """A profile run (FP8 DiT from the quantize-once cache, 2 of 4 blocks streamed, tiled VAE)
     stopped after step 2 and resumed gives the same final latents as the same run uninterrupted."""
@@ -245,6 +251,7 @@ def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     assert torch.equal(load_file(resumed.final_latents)["latents"], whole)
 
 
+@pytest.mark.slow
 def test_cache_off_is_the_uncached_run(tiny_official, tmp_path, uninterrupted):
     run, files, plan = new_run(tiny_official, tmp_path, step_cache="off")
     result = execute(run, files, plan)
@@ -253,6 +260,7 @@ def test_cache_off_is_the_uncached_run(tiny_official, tmp_path, uninterrupted):
     assert "cache" not in Run.open(run.folder).manifest["checkpoints"][-1]
 
 
+@pytest.mark.slow
 def test_compile_and_attention_choices_reach_the_run(tiny_official, tmp_path, uninterrupted, monkeypatch):
     """--compile compiles the blocks (aot_eager here: dynamo's tracing without generating C++, which
     tests/test_lowvram_compile.py covers) and records it; --attention sage on the CPU says why not and runs SDPA."""
@@ -276,6 +284,7 @@ def test_compile_and_attention_choices_reach_the_run(tiny_official, tmp_path, un
     assert torch.allclose(load_file(result.final_latents)["latents"], uninterrupted[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp_path):
     """--cache fast on a streamed FP8 profile, 8 steps: stopped after step 3 and resumed (also past a
     damaged newest residual) it ends with the uninterrupted run's final latents and computed steps;

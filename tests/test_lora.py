@@ -319,6 +319,7 @@ def test_plan_counts_lora_bytes_in_blocks_and_trunk():
     assert with_lora.stages["dit"].ram_parts["lora"] == lora.total(with_lora.dit_config)
 
 
+@pytest.mark.slow
 def test_run_records_the_lora_and_resume_refuses_a_changed_file(tiny_official, tmp_path):
     path = write(tmp_path, "style.safetensors", kohya_lora(10, BLOCK_LINEARS))
     request = dataclasses.replace(REQUEST, steps=2)
@@ -345,6 +346,7 @@ def test_run_records_the_lora_and_resume_refuses_a_changed_file(tiny_official, t
     assert torch.equal(load_file(resumed.final_latents)["latents"], load_file(whole.final_latents)["latents"])
 
 
+@pytest.mark.slow
 def test_cli_lora_option_and_switching_lora_keeps_the_quantized_cache(tiny_official, tmp_path):
     """`generate --lora PATH:0.5` on an FP8 profile: recorded, and another LoRA (or strength) loads
     the same quantize-once cache without rewriting it."""

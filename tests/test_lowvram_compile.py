@@ -38,6 +38,7 @@ def compiled_streamed_steps(backend: str, tmp_path, steps: int = 3):
     return eager, outs, graphs, compiled
 
 
+@pytest.mark.slow
 def test_no_recompiles_across_blocks_shells_and_steps(tmp_path):
     """aot_eager traces with dynamo exactly as inductor does, without generating code (fast)."""
     eager, outs, graphs, compiled = compiled_streamed_steps("aot_eager", tmp_path)

@@ -112,6 +112,7 @@ def test_dit_activations_predicted_vs_measured(chunk):
 
 
 @pytest.mark.parametrize("compute", [True, False])
+@pytest.mark.slow
 def test_step_cache_adds_no_activation_peak(compute):
     """The planner adds only the probe's weights for a step cache: its decision (two image-token
     states) and a reused step (tokens + residual) run while no block's activations exist, and a
