@@ -180,6 +180,7 @@ def test_dit_prediction_matches_gpu_measurement(case, size, resident, chunk):
     assert abs(p.stages["dit"].vram_bytes / GIB / GPU_MEASURED[case] - 1) <= 0.02
 
 
+@pytest.mark.slow
 def test_dit_stage_predicted_vs_measured_with_streaming():
     """The whole DiT stage through the profile path (plan -> prepare_dit -> streamed forward):
     device weights (trunk + resident blocks + ring, counted from the modules) plus the measured

@@ -102,6 +102,7 @@ def latents(*shape, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(5, 6, 5), (9, 3, 3), (2, 9, 9)])  # time+space, time only, space only
+@pytest.mark.slow
 def test_tiled_decode_matches_diffusers_tiled_decode(vaes, shape):
     """diffusers' AutoencoderKLHunyuanVideo tiled decode implements the official algorithm (same
     tiles, in-place blends, crops) independently; with tile sizes set to ours they must agree."""
@@ -121,6 +122,7 @@ def test_one_tile_is_exactly_untiled(vae):
         assert torch.equal(TiledVAE(ours, L, LT).decode(z), ours.decode(z))
 
 
+@pytest.mark.slow
 def test_constant_latents_tile_seamlessly(vae):
     """A constant latent decodes to the same constant video whatever the tile (replicate padding,
     nearest upsampling, per-tile GroupNorm statistics and attention all see identical values), so
@@ -156,6 +158,7 @@ def _covering_envelope(vae, z, t_spans, h_spans, w_spans):
 
 
 @pytest.mark.parametrize("shape", [(9, 3, 3), (5, 6, 5)])  # time only; time and space (4-tile corners)
+@pytest.mark.slow
 def test_tiled_vs_untiled_bound(vae, shape):
     """The bound: every tiled output sample is a convex combination (blend weights in [0, 1],
     summing to 1) of the independent decodes of the tiles that cover it, at the same position. So
@@ -201,6 +204,7 @@ def test_peak_memory_does_not_grow_with_length(vae):
         assert working[-1] == working[-2] >= working[0], working
 
 
+@pytest.mark.slow
 def test_tile_progress_callback(vae):
     """on_tile reports every tile once, in order, with the total (the CLI's decode progress)."""
     seen = []
