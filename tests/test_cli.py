@@ -79,6 +79,7 @@ def test_step_cache_progress_shows_computed_and_reused_steps(tiny_official, tmp_
     assert f"DiT ran {len(computed)}, reused {6 - len(computed)}" in last and len(computed) < 6
 
 
+@pytest.mark.slow
 def test_a_warning_is_said_once_per_invocation(tiny_official, tmp_path):
     """Each clip of a batch chooses its attention kernel: the CPU fallback note is printed once."""
     args = [*TINY_ARGS[:4], "--steps", "1", "--device", "cpu", "--seeds", "1,2", "--attention", "sage"]
@@ -108,6 +109,7 @@ def test_one_frame_writes_a_png_and_runs_lists_it(tiny_official, tmp_path):
     assert text.exit_code == 0 and f"image: {done['image']}" in text.stdout and "video:" not in text.stdout
 
 
+@pytest.mark.slow
 def test_long_prompt_from_a_file_warns_and_continues(tiny_official, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("snow " * 400)  # far beyond the LLM's 256 tokens
@@ -138,6 +140,7 @@ def test_interrupted_run_resumes_through_the_cli(tiny_official, tmp_path, done, 
     assert same  # same settings and seed as `done`: the same final latents, bit for bit
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_resumable(tiny_official, tmp_path, monkeypatch):
     import errno
     import os
@@ -157,6 +160,7 @@ def test_disk_full_is_one_line_and_resumable(tiny_official, tmp_path, monkeypatc
     assert invoke("resume", "--runs-dir", tmp_path).exit_code == 0
 
 
+@pytest.mark.slow
 def test_generate_with_a_profile_on_the_cpu(tiny_official, tmp_path):
     """A shipped profile runs its real code path (its DiT scheme, from the quantize-once cache,
     blocks through the streamer, tiled VAE) on the tiny model; NF4 falls back to bf16 where

@@ -224,6 +224,7 @@ def int8(model):
 
 
 @pytest.mark.parametrize("quantize", [None, fp8, int8], ids=["fp32", "fp8", "int8"])
+@pytest.mark.slow
 def test_streamed_blocks_with_lora_equal_resident(weights, tmp_path, quantize):
     """LoRA on quantized weights (wrapped after quantizing: nothing re-quantized), streamed through
     the ring = resident, bit for bit; a LoRA on some blocks only still gives one ring per kind."""

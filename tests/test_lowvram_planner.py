@@ -97,6 +97,7 @@ def test_weight_bytes_match_real_modules():
 
 
 @pytest.mark.parametrize("chunk", [None, 512, 128])
+@pytest.mark.slow
 def test_dit_activations_predicted_vs_measured(chunk):
     """Measured (bf16, 1024 image + 24 text tokens): 20.73 / 13.29 / 7.79 hidden states for chunks
     None / 512 / 128; predicted 20.95 / 13.28 / 7.79. Tolerance -2 % .. +5 %: the formula counts

@@ -179,6 +179,7 @@ def test_tiled_vs_untiled_bound(vae, shape):
     assert ((tiled - untiled).abs() <= bound + eps).all()
 
 
+@pytest.mark.slow
 def test_default_tiles_on_33_latents_give_129_frames(vae):
     ours = vae
     z = latents(33, 2, 2)  # official temporal tiles (16+1 every 12), tiny spatial size

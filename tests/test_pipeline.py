@@ -48,6 +48,7 @@ def official_pipeline(tiny_official):
     return pipeline(tiny_official)
 
 
+@pytest.mark.slow
 def test_frames_shape_dtype_and_determinism(official_pipeline):
     first = official_pipeline.generate(REQUEST)
     assert first.shape == (9, 48, 64, 3) and first.dtype == torch.uint8

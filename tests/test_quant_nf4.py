@@ -144,6 +144,7 @@ class Spy:
         monkeypatch.setattr(AutoModel, "from_pretrained", from_pretrained)
 
 
+@pytest.mark.slow
 def test_cache_round_trip_and_second_load_does_not_quantize(source, tmp_path, monkeypatch):
     require_cpu_nf4()
     cache = tmp_path / "cache"
@@ -169,6 +170,7 @@ def test_cache_round_trip_and_second_load_does_not_quantize(source, tmp_path, mo
     assert set(header["versions"]) == {"torch", "transformers", "bitsandbytes"}
 
 
+@pytest.mark.slow
 def test_stale_and_corrupt_caches_are_rebuilt(source, tmp_path):
     require_cpu_nf4()
     cache = tmp_path / "cache"

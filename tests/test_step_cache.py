@@ -81,6 +81,7 @@ def run(model, cache=None, blocks_for_step=None, start_step=0, latents=None, on_
                    on_step=on_step, blocks_for_step=blocks_for_step, step_cache=cache)
 
 
+@pytest.mark.slow
 def test_a_cache_that_never_skips_is_bit_identical_to_no_cache(model):
     """Computing every step goes through the same four parts of the forward as no cache at all."""
     cache = cache_for(model, float("-inf"))  # no accumulated distance is below it
