@@ -21,9 +21,10 @@ from bench.common import device_info, finish
 from hyvideo.pipeline import GenerationRequest
 from lowvram.generation.batch import Clip, execute_batch, start_batch
 from lowvram.generation.bench import PROMPT, ensure_synthetic_model
-from lowvram.progress import Reporter
 from lowvram.generation.preflight import RunOptions, start_run
 from lowvram.generation.runner import execute
+from lowvram.profiles import Overrides
+from lowvram.progress import Reporter
 
 CLIPS, STEPS = 3, 2
 
@@ -40,7 +41,7 @@ def main(argv=None) -> dict:
     requests = [GenerationRequest(f"{PROMPT}, take {i}", width, height, frames, STEPS, seed=i) for i in range(CLIPS)]
 
     def options(request: GenerationRequest, folder: str) -> RunOptions:
-        return RunOptions(request, root, args.scratch / folder, profile, "sdpa", device)
+        return RunOptions(request, root, args.scratch / folder, profile, Overrides(attention="sdpa"), device)
 
     began = time.perf_counter()
     batch, runs, files, plan = start_batch(options(requests[0], "runs-batch"), [Clip(r) for r in requests])

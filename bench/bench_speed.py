@@ -19,7 +19,6 @@ against the uncached run's. Writes OUT/bench_speed-<device>.{json,md}.
 """
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -29,12 +28,12 @@ from bench.bench_streaming import Bench, Recorder, _fmt, build_fp8_dit, make_inp
 from bench.common import psnr, random_init_
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
 from hyvideo.pipeline import GenerationRequest, decode, denoise
-from hyvideo.step_cache import PRESETS, TeaCache
 from hyvideo.text_encoder import TextEmbeddings
 from hyvideo.vae import CausalVAE
 from lowvram.attention_choice import candidates, probe
 from lowvram.compile import compile_blocks
 from lowvram.planner import plan
+from lowvram.stages import make_step_cache
 from lowvram.streaming import BlockStreamer
 from lowvram.tiled_vae import TiledVAE
 from quant.fp8 import scaled_mm_unavailable_reason, set_scaled_mm
@@ -166,12 +165,11 @@ def step_cache_runs(bench: Bench, size, args) -> None:
 
     def run(preset, record):
         profile = bench.profile_for(args.cap_gb)
-        schedule = plan(profile, width, height, frames, dit_config=bench.config, text_encoders=False).schedule
+        schedule = plan(profile, width, height, frames, dit_config=bench.config, text_encoders=()).schedule
         bench._cap(args.cap_gb)
         bench.model.token_chunk = profile.token_chunk
         streamer = BlockStreamer(bench.model.all_blocks(), schedule, bench.device, keep_host_copy=True)
-        method, threshold = PRESETS[preset]
-        cache = None if method == "off" else TeaCache(threshold, request.steps, copy.deepcopy(bench.model.double_blocks[0].img_mod))
+        cache = make_step_cache(bench.model, preset, request.steps, bench.device)
         try:
             bench._sync()
             began = time.perf_counter()

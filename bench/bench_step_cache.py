@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from bench.common import device_info, finish, psnr
 from hyvideo.checkpoint import find_model_files
 from lowvram.generation.bench import BenchOptions, run_bench
+from lowvram.profiles import Overrides
 from lowvram.generation.preflight import plan_for_run
 from lowvram.generation.run_folder import find_run
 from lowvram.stages import Stages
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
                "note": "random weights: the skip pattern and deviations say nothing about real-model quality", "runs": []}
     reference_latents = reference_frames = None
     for preset in PRESETS:
-        result = run_bench(BenchOptions(args.scratch, steps=args.steps, step_cache=preset, **options))
+        result = run_bench(BenchOptions(args.scratch, steps=args.steps, overrides=Overrides(step_cache=preset), **options))
         latents = load_file(result["final_latents"])["latents"]
         frames = decoded_frames(result, args.scratch)
         computed = result["stats"]["dit"]["computed_steps"]

@@ -226,7 +226,7 @@ class Bench:
         config = self.config
         height, width, frames = size
         profile = self.profile_for(cap_gb)
-        p = plan(profile, width, height, frames, dit_config=config, text_encoders=False)
+        p = plan(profile, width, height, frames, dit_config=config, text_encoders=())
         schedule = p.schedule
         if self.args.tiny:  # budgets in GiB mean nothing at tiny scale: cap 16 -> half resident
             n = len(schedule.kinds)

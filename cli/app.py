@@ -25,20 +25,30 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, warning
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
+# Options that several commands take, declared once (with their environment variables).
 RunsDir = typer.Option(Path("runs"), "--runs-dir", envvar="LOWVRAM_RUNS_DIR", help="Where run folders live.")
 CacheDir = typer.Option(None, "--cache-dir", envvar="LOWVRAM_CACHE_DIR",
                         help="Where quantized weights are kept (default: MODEL_DIR/lowvram-cache).")
+ModelDir = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR",
+                        help="Weights folder (default: ./ckpts if it holds a model, else the huggingface_hub cache).")
+Device = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available).")
+ProfileName = typer.Option("auto", "--profile", help="Memory profile: auto, a name (`lowvram profiles`) or a .toml file.")
 # The video's size, as generate, plan and bench take it (lowvram.sizes.resolve_size).
 Size = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 1280x720).")
 Resolution = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p).")
 Aspect = typer.Option(None, "--aspect", help="With --resolution: 16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9).")
 Frames = typer.Option(129, "--frames", help="Number of frames, 4k+1 (129 = 5.4 s at 24 fps; 1 = a PNG image).")
+# Per-run overrides of the profile's fields (lowvram.profiles.Overrides), all None = as the profile says.
 StepCache = typer.Option(None, "--cache", help="Skip the DiT's blocks on steps that change little (TeaCache): "
                          "off, safe (published ~1.6x) or fast (~2.1x); default: the profile's (off).")
 Attention = typer.Option(None, "--attention", help="Attention kernel: auto (the fastest installed one that passes a probe on "
                          "this GPU), sdpa, sage (pip install '.[sage]') or flash ('.[flash]'); default: the profile's (auto).")
 Compile = typer.Option(None, "--compile/--no-compile", help="torch.compile the DiT's blocks (first step compiles; cached on "
                        "disk for the next run); default: the profile's (off).")
+Fp8Matmul = typer.Option(None, "--fp8-matmul", help="FP8 DiT linears: dequant (to bf16, then matmul), scaled_mm (FP8 tensor "
+                         "cores, compute capability >= 8.9) or auto (scaled_mm where it passes a probe); default: the profile's.")
+Pin = typer.Option(None, "--pin/--no-pin", help="Page-lock the streamed blocks' host copies (faster copies, RAM that cannot "
+                   "be swapped); default: the profile's (on).")
 Loras = typer.Option(None, "--lora", help="PATH[:STRENGTH] of a LoRA .safetensors (diffusers, kohya/musubi or official "
                      "names; strength default 1). Repeat to add several.")
 Gpus = typer.Option(None, "--gpus", help="Split the video's tokens across this many GPUs (one process each, sequence parallel; "
@@ -46,6 +56,14 @@ Gpus = typer.Option(None, "--gpus", help="Split the video's tokens across this m
 Parallel = typer.Option("usp", "--parallel", help="With --gpus: usp (Ulysses as far as the 24 heads divide, then ring), ulysses or ring.")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
+
+
+def overrides(step_cache: str | None = None, attention: str | None = None, compile_blocks: bool | None = None,
+              fp8_matmul: str | None = None, pin: bool | None = None):
+    """The override options, as lowvram takes them (it checks them, once, with the profile)."""
+    from lowvram.profiles import Overrides
+
+    return Overrides(step_cache=step_cache, attention=attention, compile=compile_blocks, fp8_matmul=fp8_matmul, pin_memory=pin)
 
 
 # --- plumbing --------------------------------------------------------------------------------

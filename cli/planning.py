@@ -7,20 +7,22 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import (Aspect, Attention, Compile, Frames, Gpus, Json, Loras, Parallel, Quiet, Resolution, Size, StepCache, UserError,
-                  app, err, out, print_json, print_table, profiles_app, quiet_libraries, user_errors)
-from .progress import make_reporter, sigint_saves
+from .app import (Aspect, Attention, Compile, Device, Fp8Matmul, Frames, Gpus, Json, Loras, Parallel, Pin, ProfileName, Quiet,
+                  Resolution, Size, StepCache, UserError, app, err, out, overrides, print_json, print_table, profiles_app,
+                  quiet_libraries, user_errors)
+from .progress import RichReporter, sigint_saves
 from .ranks import as_rank
 
 @app.command()
 def plan(
-    profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
+    profile: str = ProfileName,
     size: str = Size,
     resolution: str = Resolution,
     aspect: str = Aspect,
     frames: int = Frames,
     steps: int = typer.Option(50, "--steps", help="Denoising steps (for the DiT forwards a step cache is expected to run)."),
     step_cache: str = StepCache,
+    pin: bool = Pin,
     lora: list[str] = Loras,
     vram: float = typer.Option(None, "--vram", help="GiB of VRAM to plan for, per GPU with --gpus (default: this GPU's "
                                "free VRAM, else the profile's budget)."),
@@ -33,81 +35,46 @@ def plan(
     as_json: bool = Json,
 ):
     """Predict peak VRAM and RAM per stage (text, DiT, VAE); exit 1 if it does not fit."""
-    import torch
-
     with user_errors(as_json):
-        from hyvideo.config import DIT_CONFIGS
-        from hyvideo.errors import HyVideoError
-        from hyvideo.lora import LoraSpec, lora_bytes
-        from hyvideo.pipeline import GenerationRequest, validate_request
-        from lowvram.memory import host_ram
-        from hyvideo.step_cache import expected_forwards
-        from lowvram.communication import PCIE4_X8_GBS
-        from lowvram.planner import parallel_layout, resolve, suggest_fit
-        from lowvram.profiles import RunChoices
+        from hyvideo.lora import LoraSpec
+        from lowvram.generation.preflight import PlanQuery, plan_only
         from lowvram.sizes import resolve_size
 
-        width, height = resolve_size(size, resolution, aspect)
-        validate_request(GenerationRequest("plan", width=width, height=height, frames=frames, steps=steps))
-        # what the LoRAs add to the released 13B DiT (every key checked against it, no weights read)
-        sizes = {"lora_bytes": lora_bytes([LoraSpec.parse(text) for text in lora or []], DIT_CONFIGS["HYVideo-T/2-cfgdistill"])}
-        link_gbs = PCIE4_X8_GBS if link_gbs is None else link_gbs
-        if gpus is not None:
-            if link_gbs <= 0:
-                raise UserError(f"--link-gbs must be positive, not {link_gbs:g}")
-            sizes["layout"] = parallel_layout(parallel, gpus, width, height, frames)
-        gib = 2**30
-        if vram is not None:
-            vram_bytes = int(vram * gib)
-        elif torch.cuda.is_available():
-            vram_bytes = torch.cuda.mem_get_info()[0]
-        else:
-            vram_bytes = None
-        total, available = host_ram()
-        ram_bytes = int(ram * gib) if ram is not None else (available or total)
-        if profile == "auto" and vram_bytes is None:
-            raise UserError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
-        try:
-            chosen, found = resolve(profile, width, height, frames, vram_bytes=vram_bytes, ram_bytes=ram_bytes, must_fit=False,
-                                    choices=RunChoices(cache=step_cache), **sizes)
-        except HyVideoError as error:
-            if profile != "auto":
-                raise
-            hint = suggest_fit(width, height, frames, vram_bytes, ram_bytes, **sizes)  # no profile fits: exit 1 with a suggestion, not 2
-            result = {"fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
-                      "reason": str(error), "suggestion": hint}
-            if as_json:
-                print_json(result)
-            else:
-                err.print(f"[red]does not fit:[/] {escape(str(error))}" + (f"; try {hint}" if hint else ""))
-            raise typer.Exit(1)
-        result = found.to_dict(link_gbs)
-        forwards = expected_forwards(chosen.step_cache, chosen.step_cache_threshold, steps)
-        result["step_cache"] = {"method": chosen.step_cache, "threshold": chosen.step_cache_threshold, "steps": steps,
-                                "expected_dit_forwards": list(forwards)}
-        hint = None
-        if not found.fits:
-            hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes, **sizes)
-            result["suggestion"] = hint
+        query = PlanQuery(*resolve_size(size, resolution, aspect), frames, steps, profile, overrides(step_cache, pin=pin),
+                          [LoraSpec.parse(text) for text in lora or []], None if vram is None else int(vram * 2**30),
+                          None if ram is None else int(ram * 2**30), gpus, parallel)
+        if link_gbs is not None:
+            query.link_gbs = link_gbs
+        answer = plan_only(query)
+    result, found = answer.result, answer.plan
     if as_json:
         print_json(result)
+    elif found is None:
+        err.print(f"[red]does not fit:[/] {escape(result['reason'])}" + (f"; try {result['suggestion']}" if result["suggestion"] else ""))
     else:
-        rows = found.table_rows()
-        table = Table(*rows[0], title=f"{chosen.name} at {found.width}x{found.height}x{frames}")
-        for row in rows[1:]:
-            table.add_row(*row)
-        print_table(table)
-        out.print(f"DiT blocks{found.per_gpu}: {found.schedule}")
-        if found.layout:
-            print_parallel(found, link_gbs, forwards[1])
-        if chosen.step_cache != "off":
-            fewest, most = forwards
-            out.print(f"step cache: {chosen.step_cache} (threshold {chosen.step_cache_threshold:g}): the DiT's blocks are expected "
-                      f"to run on {fewest}-{most} of {steps} steps (published HunyuanVideo figures; random weights differ)")
-        if not found.fits:
-            err.print("[red]does not fit[/]" + (f": try {hint}" if hint else ": try a smaller --size or fewer --frames"))
-    if not found.fits:
+        print_plan(answer, query)
+    if not result["fits"]:
         raise typer.Exit(1)
+
+
+def print_plan(answer, query) -> None:
+    """The plan as a table, the block schedule, and what several GPUs or a step cache add."""
+    found, chosen, forwards = answer.plan, answer.profile, answer.forwards
+    rows = found.table_rows()
+    table = Table(*rows[0], title=f"{chosen.name} at {found.width}x{found.height}x{found.frames}")
+    for row in rows[1:]:
+        table.add_row(*row)
+    print_table(table)
+    out.print(f"DiT blocks{found.per_gpu}: {found.schedule}")
+    if found.layout:
+        print_parallel(found, query.link_gbs, forwards[1])
+    if chosen.step_cache != "off":
+        fewest, most = forwards
+        out.print(f"step cache: {chosen.step_cache}: the DiT's blocks are expected to run on {fewest}-{most} of {query.steps} "
+                  "steps (published HunyuanVideo figures; random weights differ)")
+    if not found.fits:
+        hint = answer.result.get("suggestion")
+        err.print("[red]does not fit[/]" + (f": try {hint}" if hint else ": try a smaller --size or fewer --frames"))
 
 
 def print_parallel(found, link_gbs: float, forwards: int) -> None:
@@ -163,7 +130,7 @@ def bench(
     scratch: Path = typer.Option(Path("lowvram-bench"), "--scratch", help="Where the random-weight model (~42 GB at full size) and runs go."),
     model_size: str = typer.Option("full", "--model-size", help="full (13B, the real sizes) or tiny."),
     layout: str = typer.Option("official", "--layout", help="official, official-fp8 (Tencent's FP8 DiT pair) or diffusers: the folder to write and load."),
-    profile: str = typer.Option("auto", "--profile", help="auto, a profile name or a .toml file."),
+    profile: str = ProfileName,
     size: str = Size,
     resolution: str = Resolution,
     aspect: str = Aspect,
@@ -173,7 +140,9 @@ def bench(
     step_cache: str = StepCache,
     attention: str = Attention,
     compile_blocks: bool = Compile,
-    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    fp8_matmul: str = Fp8Matmul,
+    pin: bool = Pin,
+    device: str = Device,
     gpus: int = Gpus,
     parallel: str = Parallel,
     as_json: bool = Json,
@@ -183,21 +152,17 @@ def bench(
     RAM next to the plan, s/step, and an estimate for a full run. The video is noise. With --gpus N
     and --cap-gb, every GPU is capped."""
     quiet_libraries()
-    reporter = make_reporter(enabled=not (as_json or quiet))
+    reporter = RichReporter(enabled=not (as_json or quiet))
     with user_errors(as_json):
         from lowvram.generation.bench import BenchOptions, cap_vram, ensure_synthetic_model, run_bench
-        from lowvram.generation.preflight import describe_parallel
         from lowvram.generation.ranks import leave_ranks, rank_environment
         from lowvram.generation.runner import RunInterrupted, StopRequest
         from lowvram.sizes import resolve_size
 
-        if model_size not in ("full", "tiny"):
-            raise UserError(f"--model-size takes full or tiny, not {model_size!r}")
-        if layout not in ("official", "official-fp8", "diffusers"):
-            raise UserError(f"--layout takes official, official-fp8 or diffusers, not {layout!r}")
         width, height = resolve_size(size, resolution, aspect)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
-                               None if cap_gb is None else int(cap_gb * 2**30), device, step_cache, attention, compile_blocks)
+                               None if cap_gb is None else int(cap_gb * 2**30), device,
+                               overrides(step_cache, attention, compile_blocks, fp8_matmul, pin))
         env = rank_environment()
         if env is not None and options.cap_bytes is not None:  # each rank caps its own GPU
             cap_vram(options.cap_bytes, f"cuda:{env['LOCAL_RANK']}")
@@ -217,8 +182,15 @@ def bench(
             leave_ranks()  # rank 0 of several: the followers stop with it
     if as_json:
         print_json({"ok": True, **result, "warnings": reporter.warnings})
-        return
-    title = (f"{result['profile']} at {width}x{height}x{frames}, {steps} steps, {result['model']['size']} model"
+    else:
+        print_bench(result, f"{width}x{height}x{frames}, {steps} steps")
+
+
+def print_bench(result: dict, video: str) -> None:
+    """Measured vs planned per stage as a table, then s/step and the estimate for a whole run."""
+    from lowvram.generation.preflight import describe_parallel
+
+    title = (f"{result['profile']} at {video}, {result['model']['size']} model"
              + (f", {describe_parallel(result['parallel'])}" if result["parallel"] else "")
              + (f", capped at {result['cap_gb']:g} GiB" if result["cap_gb"] else "") + f" ({result['gpu'] or result['device']})")
     table = Table("stage", "seconds", "VRAM GiB", "planned", "error", "RAM GiB", "planned", "error", "page cache GiB", title=title)

@@ -6,93 +6,91 @@ from contextlib import contextmanager
 
 import typer
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lowvram.progress import Reporter
 
 from .app import EXIT_INTERRUPTED, err, out, print_json, quiet_libraries, user_errors
 
-def make_reporter(enabled: bool):
-    """Rich progress rows on a terminal; one plain line per stage and per step when stderr is a
-    file or a pipe (a log of an hour-long run); nothing but warnings when not `enabled`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from lowvram.progress import Reporter
+class RichReporter(Reporter):
+    """Stages as rows: a spinner for loading, a bar with s/step, ETA and peak VRAM for steps; one
+    plain line per stage and per step when stderr is a file or a pipe (a log of an hour-long run);
+    nothing but warnings when not `enabled`."""
 
-    class RichReporter(Reporter):
-        """Stages as rows: a spinner for loading, a bar with s/step, ETA and peak VRAM for steps."""
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.warnings: list[str] = []
+        self.lines = enabled and not err.is_terminal
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), TimeElapsedColumn(),
+            console=err, disable=not enabled or self.lines,
+        )
+        self.task = None
+        self.step_times: list[float] = []
+        self.clip_label = ""  # "clip 2/6 " in a batch
+        self.batch_steps_left = None  # a batch's denoising steps left when this clip's stage began
+        self.first_step = 0
 
-        def __init__(self):
-            self.warnings: list[str] = []
-            self.lines = enabled and not err.is_terminal
-            self.progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), TimeElapsedColumn(),
-                console=err, disable=not enabled or self.lines,
-            )
-            self.task = None
-            self.step_times: list[float] = []
-            self.clip_label = ""  # "clip 2/6 " in a batch
-            self.batch_steps_left = None  # a batch's denoising steps left when this clip's stage began
-            self.first_step = 0
+    def __enter__(self):
+        self.progress.start()
+        return self
 
-        def __enter__(self):
-            self.progress.start()
-            return self
+    def __exit__(self, *exc):
+        self._finish()
+        self.progress.stop()
 
-        def __exit__(self, *exc):
-            self._finish()
-            self.progress.stop()
-
-        def _finish(self):
-            if self.task is not None:
-                task = self.progress.tasks[-1]
-                if task.total is None:
-                    self.progress.update(self.task, total=1, completed=1)
-                self.progress.stop_task(self.task)
-
-        def stage(self, name, total=None, completed=0):
-            self._finish()
-            self.first_step = completed
-            self.task = self.progress.add_task(self.clip_label + name, total=total, completed=completed, info="")
-            if self.lines:
-                err.print(f"{self.clip_label}{name}" + (f" ({completed}/{total} done)" if total and completed else ""))
-
-        def clip(self, number, total, run_id, steps_left):
-            self.clip_label = f"clip {number}/{total} "
-            self.batch_steps_left = steps_left
-            if self.lines:
-                err.print(f"clip {number}/{total}: run {run_id}")
-
-        def advance(self, completed, total=None, s_per_step=None, peak_vram_gb=None, dit_steps=None, **info):
-            parts = []
-            if s_per_step is not None:
-                parts.append(f"{s_per_step:.2f} s/step")
-                self.step_times.append(s_per_step)
-            if dit_steps is not None:  # a step cache: steps whose blocks ran vs reused
-                parts.append(f"DiT ran {dit_steps}, reused {completed - dit_steps}")
-            if peak_vram_gb is not None:
-                parts.append(f"peak VRAM {peak_vram_gb:.1f} GiB")
-            if self.batch_steps_left is not None and s_per_step is not None:  # the whole batch's denoising
-                left = (self.batch_steps_left - (completed - self.first_step)) * sum(self.step_times) / len(self.step_times)
-                parts.append(f"batch eta {int(left // 60)}:{int(left % 60):02d}")
-            update = {"completed": completed, "info": "  ".join(parts)}
-            if total is not None:
-                update["total"] = total
-            self.progress.update(self.task, **update)
+    def _finish(self):
+        if self.task is not None:
             task = self.progress.tasks[-1]
-            if self.lines and s_per_step is not None and task.total:
-                left = (task.total - completed) * sum(self.step_times) / len(self.step_times)
-                err.print(f"  step {completed}/{task.total}  {'  '.join(parts)}  eta {int(left // 60)}:{int(left % 60):02d}")
+            if task.total is None:
+                self.progress.update(self.task, total=1, completed=1)
+            self.progress.stop_task(self.task)
 
-        def rewritten(self, prompt):
-            if enabled:
-                self.progress.console.print(f"[cyan]rewritten prompt:[/] {escape(prompt)}")
+    def stage(self, name, total=None, completed=0):
+        self._finish()
+        self.first_step = completed
+        self.task = self.progress.add_task(self.clip_label + name, total=total, completed=completed, info="")
+        if self.lines:
+            err.print(f"{self.clip_label}{name}" + (f" ({completed}/{total} done)" if total and completed else ""))
 
-        def warn(self, message):
-            if message in self.warnings:  # e.g. the same attention fallback for every clip of a batch
-                return
-            self.warnings.append(message)
-            self.progress.console.print(f"[yellow]warning:[/] {escape(message)}")
+    def clip(self, number, total, run_id, steps_left):
+        self.clip_label = f"clip {number}/{total} "
+        self.batch_steps_left = steps_left
+        if self.lines:
+            err.print(f"clip {number}/{total}: run {run_id}")
 
-    return RichReporter()
+    def advance(self, completed, total=None, s_per_step=None, peak_vram_gb=None, dit_steps=None, **info):
+        parts = []
+        if s_per_step is not None:
+            parts.append(f"{s_per_step:.2f} s/step")
+            self.step_times.append(s_per_step)
+        if dit_steps is not None:  # a step cache: steps whose blocks ran vs reused
+            parts.append(f"DiT ran {dit_steps}, reused {completed - dit_steps}")
+        if peak_vram_gb is not None:
+            parts.append(f"peak VRAM {peak_vram_gb:.1f} GiB")
+        if self.batch_steps_left is not None and s_per_step is not None:  # the whole batch's denoising
+            left = (self.batch_steps_left - (completed - self.first_step)) * sum(self.step_times) / len(self.step_times)
+            parts.append(f"batch eta {int(left // 60)}:{int(left % 60):02d}")
+        update = {"completed": completed, "info": "  ".join(parts)}
+        if total is not None:
+            update["total"] = total
+        self.progress.update(self.task, **update)
+        task = self.progress.tasks[-1]
+        if self.lines and s_per_step is not None and task.total:
+            left = (task.total - completed) * sum(self.step_times) / len(self.step_times)
+            err.print(f"  step {completed}/{task.total}  {'  '.join(parts)}  eta {int(left // 60)}:{int(left % 60):02d}")
+
+    def rewritten(self, prompt):
+        if self.enabled:
+            self.progress.console.print(f"[cyan]rewritten prompt:[/] {escape(prompt)}")
+
+    def warn(self, message):
+        if message in self.warnings:  # e.g. the same attention fallback for every clip of a batch
+            return
+        self.warnings.append(message)
+        self.progress.console.print(f"[yellow]warning:[/] {escape(message)}")
 
 
 @contextmanager
@@ -117,7 +115,7 @@ def run_and_report(work, as_json: bool, quiet: bool):
 
     quiet_libraries()
     stop = StopRequest()
-    reporter = make_reporter(enabled=not (as_json or quiet))
+    reporter = RichReporter(enabled=not (as_json or quiet))
     try:
         with user_errors(as_json), sigint_saves(stop), reporter:
             result = work(reporter, stop)

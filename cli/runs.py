@@ -7,9 +7,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .app import (Aspect, Attention, CacheDir, Compile, Frames, Gpus, Json, Loras, Parallel, Quiet, Resolution, RunsDir, Size,
-                  StepCache, UserError, app, err, out, print_json, print_table, quiet_libraries, user_errors)
-from .progress import make_reporter, run_and_report
+from .app import (Aspect, Attention, CacheDir, Compile, Device, Fp8Matmul, Frames, Gpus, Json, Loras, ModelDir, Parallel, Pin,
+                  ProfileName, Quiet, Resolution, RunsDir, Size, StepCache, UserError, app, err, out, overrides, print_json,
+                  print_table, quiet_libraries, user_errors)
+from .progress import RichReporter, run_and_report
 from .ranks import as_rank
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
@@ -28,9 +29,8 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 @app.command()
 def generate(
     prompt: str = typer.Argument(None, help="What the video shows (or use --prompt-file)."),
-    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR",
-                                   help="Weights folder (default: ./ckpts if it holds a model, else the huggingface_hub cache)."),
-    profile: str = typer.Option("auto", "--profile", help="Memory profile: auto, a name (`lowvram profiles`) or a .toml file."),
+    model_dir: Path = ModelDir,
+    profile: str = ProfileName,
     size: str = Size,
     resolution: str = Resolution,
     aspect: str = Aspect,
@@ -46,13 +46,15 @@ def generate(
     attention: str = Attention,
     compile_blocks: bool = Compile,
     step_cache: str = StepCache,
+    fp8_matmul: str = Fp8Matmul,
+    pin: bool = Pin,
     rewrite: str = typer.Option(None, "--rewrite", help="Rewrite the prompt first with a local LLM: normal (clarify) or master "
                                 "(add composition, lighting, camera motion). The text encoder by default (official layout)."),
     rewrite_model: Path = typer.Option(None, "--rewrite-model", help="With --rewrite: a local transformers causal-LM folder to rewrite with."),
     out_path: Path = typer.Option(None, "--out", help="Also copy the result here: a file (.mp4; .png with --frames 1) or a folder."),
     cache_dir: Path = CacheDir,
     runs_dir: Path = RunsDir,
-    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    device: str = Device,
     lora: list[str] = Loras,
     gpus: int = Gpus,
     parallel: str = Parallel,
@@ -67,29 +69,30 @@ def generate(
     with user_errors(as_json):
         from hyvideo.lora import LoraSpec
         from hyvideo.pipeline import GenerationRequest
-        from lowvram.generation.preflight import RunOptions, describe_parallel, start_run
-        from lowvram.generation.runner import execute
+        from lowvram.generation.preflight import RunOptions
+        from lowvram.setup.download import default_model_dir
         from lowvram.sizes import resolve_size
 
         width, height = resolve_size(size, resolution, aspect)
-        loras = [LoraSpec.parse(text) for text in lora or []]
-        if prompts is not None or seeds is not None:
-            defaults = GenerationRequest("", width=width, height=height, frames=frames, steps=steps, seed=seed,
-                                         guidance=guidance, flow_shift=flow_shift)
-            options = RunOptions(defaults, model_dir, runs_dir, profile, attention, device, out_path, cache_dir,
-                                 step_cache=step_cache, compile=compile_blocks, loras=loras, rewrite=rewrite,
-                                 rewrite_model=rewrite_model)
-            _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel)
-            return
-        text = _read_prompt(prompt, prompt_file)
-        request = GenerationRequest(text, width=width, height=height, frames=frames, steps=steps,
-                                    seed=random.randint(0, 1_000_000) if seed is None else seed,
-                                    guidance=guidance, flow_shift=flow_shift)
-        from lowvram.setup.download import default_model_dir
+        batch = prompts is not None or seeds is not None
+        if not batch:
+            seed = random.randint(0, 1_000_000) if seed is None else seed
+        request = GenerationRequest("" if batch else _read_prompt(prompt, prompt_file), width=width, height=height, frames=frames,
+                                    steps=steps, seed=seed, guidance=guidance, flow_shift=flow_shift)
+        options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile,
+                             overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), device, out_path, cache_dir,
+                             loras=[LoraSpec.parse(text) for text in lora or []], rewrite=rewrite, rewrite_model=rewrite_model)
+    if batch:
+        _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel)
+    else:
+        _generate_one(options, as_json, quiet, gpus, parallel)
 
-        options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile, attention, device, out_path, cache_dir,
-                             step_cache=step_cache, compile=compile_blocks, loras=loras,
-                             rewrite=rewrite, rewrite_model=rewrite_model)
+
+def _generate_one(options, as_json: bool, quiet: bool, gpus: int | None, parallel: str):
+    from lowvram.generation.preflight import describe_parallel, start_run
+    from lowvram.generation.runner import execute
+
+    with user_errors(as_json):
         _ranks_for(options, gpus, parallel, as_json)
 
     def work(reporter, stop):
@@ -97,7 +100,7 @@ def generate(
         if not (as_json or quiet):
             ranks = run.settings["parallel"]
             on = f", on {describe_parallel(ranks)}" if ranks else ""
-            err.print(f"run {run.id} (seed {request.seed}, profile {plan.profile.name}{on}) in {run.folder}", markup=False)
+            err.print(f"run {run.id} (seed {options.request.seed}, profile {plan.profile.name}{on}) in {run.folder}", markup=False)
         return execute(run, files, plan, reporter, stop)
 
     run_and_report(work, as_json, quiet)
@@ -113,10 +116,7 @@ def _ranks_for(options, gpus: int | None, parallel: str, as_json: bool):
 
 def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel):
     """`generate --prompts FILE` / `--seeds`: every line checked before anything loads."""
-    from dataclasses import replace
-
     from lowvram.generation.batch import clips_for, execute_batch, parse_seeds, read_prompts, start_batch
-    from lowvram.setup.download import default_model_dir
 
     with user_errors(as_json):
         if seeds is not None and options.request.seed is not None:
@@ -128,7 +128,6 @@ def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet
             clips = read_prompts(prompts, options.request, seed_list)
         else:
             clips = clips_for(_read_prompt(prompt, prompt_file), options.request, seed_list)
-        options = replace(options, model_dir=options.model_dir or default_model_dir())
         _ranks_for(options, gpus, parallel, as_json)
 
     def work(reporter, stop):
@@ -144,14 +143,15 @@ def _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet
 def rewrite_command(
     prompt: str = typer.Argument(..., help="The prompt to rewrite."),
     mode: str = typer.Option("normal", "--mode", help="normal (clarify the intent) or master (add composition, lighting, camera motion)."),
-    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR", help="Weights folder whose text encoder rewrites (official layout)."),
-    rewrite_model: Path = typer.Option(None, "--rewrite-model", help="A local transformers causal-LM folder to rewrite with instead."),
-    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    model_dir: Path = ModelDir,
+    rewrite_model: Path = typer.Option(None, "--rewrite-model", help="A local transformers causal-LM folder to rewrite with instead "
+                                       "of the text encoder of --model-dir (official layout)."),
+    device: str = Device,
     as_json: bool = Json,
 ):
     """Print the prompt `generate --rewrite MODE` would encode, without generating."""
     quiet_libraries()
-    reporter = make_reporter(enabled=not as_json)
+    reporter = RichReporter(enabled=not as_json)
     with user_errors(as_json), reporter:
         from lowvram.setup.download import default_model_dir
         from lowvram.generation.rewrite import rewrite_only
@@ -170,7 +170,7 @@ def resume(
     batch: str = typer.Option(None, "--batch", help="Continue every unfinished run of this batch (id or id prefix)."),
     every: bool = typer.Option(False, "--all", help="Continue every unfinished run and batch in the runs folder."),
     runs_dir: Path = RunsDir,
-    model_dir: Path = typer.Option(None, "--model-dir", help="Where the weights are now, if they moved (they must be the same files)."),
+    model_dir: Path = ModelDir,
     gpus: int = typer.Option(None, "--gpus", help="Continue on this many GPUs (default: as many as the run used; "
                              "another number continues it too, slightly differently)."),
     parallel: str = Parallel,
@@ -235,7 +235,7 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
     step_cache: str = StepCache,
     runs_dir: Path = RunsDir,
-    device: str = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    device: str = Device,
     as_json: bool = Json,
     quiet: bool = Quiet,
 ):
@@ -257,7 +257,7 @@ def demo(
         from lowvram.generation.runner import DEMO_PROFILE, ensure_demo_model
 
         ensure_demo_model(model_root, reporter)
-        options = RunOptions(request, model_root, runs_dir, DEMO_PROFILE, None, device, step_cache=step_cache)
+        options = RunOptions(request, model_root, runs_dir, DEMO_PROFILE, overrides(step_cache), device)
         run, files, plan = start_run(options, reporter)
         return execute(run, files, plan, reporter, stop)
 

@@ -5,12 +5,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .app import CacheDir, Json, Quiet, RunsDir, UserError, app, format_bytes, out, print_json, print_table, quiet_libraries, user_errors
-from .progress import make_reporter
+from .app import CacheDir, Json, ModelDir, Quiet, RunsDir, UserError, app, format_bytes, out, print_json, print_table, quiet_libraries, user_errors
+from .progress import RichReporter
 
 @app.command()
 def doctor(
-    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR", help="Weights folder to check."),
+    model_dir: Path = ModelDir,
     runs_dir: Path = RunsDir,
     as_json: bool = Json,
 ):
@@ -39,7 +39,7 @@ def doctor(
 
 @app.command()
 def download(
-    model_dir: Path = typer.Option(None, "--model-dir", help="Where to put the weights (default ./ckpts)."),
+    model_dir: Path = ModelDir,
     layout: str = typer.Option(None, "--layout", help="diffusers (one repo, complete; the huggingface default) or official (Tencent's files)."),
     source: str = typer.Option("huggingface", "--source", help="huggingface or modelscope (official layout; needs the [modelscope] extra)."),
     fp8: bool = typer.Option(False, "--fp8", help="Also Tencent's FP8 DiT pair (--layout official)."),
@@ -86,7 +86,7 @@ def download(
 
 @app.command()
 def quantize(
-    model_dir: Path = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR", help="Weights folder."),
+    model_dir: Path = ModelDir,
     scheme: str = typer.Option("fp8", "--scheme", help="DiT scheme: fp8 or int8."),
     policy: str = typer.Option("blocks", "--policy", help="Which DiT linears to quantize: blocks or blocks-no-mod."),
     only: str = typer.Option(None, "--only", help="Build one cache only: dit or encoder (default: both)."),
@@ -96,54 +96,12 @@ def quantize(
     """Quantize once into the cache folder (minutes): the DiT (fp8/int8) and the LLM text encoder
     (NF4); later runs (`generate` with the same --cache-dir) load them directly."""
     quiet_libraries()
-    reporter = make_reporter(enabled=not as_json)
-    result = {}
+    reporter = RichReporter(enabled=not as_json)
     with user_errors(as_json), reporter:
-        import torch
-
-        from hyvideo.checkpoint import find_model_files, load_dit_state_dict
         from lowvram.setup.download import default_model_dir
-        from lowvram.generation.preflight import CPU_MAX_DIT_PARAMS
-        from lowvram.stages import compute_dtypes, default_cache_dir, dit_config_for, parameter_count
-        from quant.cache import cache_paths, ensure_dit_cache
-        from quant.nf4 import NF4Unavailable, ensure_llm_nf4_cache, llm_cache_path
+        from lowvram.setup.quantize import quantize_model
 
-        if only not in (None, "dit", "encoder"):
-            raise UserError(f"--only takes dit or encoder, not {only!r}")
-        model_dir = model_dir or default_model_dir()
-        files = find_model_files(model_dir)
-        cache = cache_dir or default_cache_dir(files)
-        result = {"ok": True, "cache_dir": str(cache)}
-        if only != "encoder" and not files.dit_weights:
-            if only == "dit":
-                raise UserError(f"{model_dir} has only Tencent's FP8 DiT; it is already quantized (profiles load it directly)")
-            result["dit"] = {"skipped": "only Tencent's FP8 DiT is here; it is already quantized"}
-        elif only != "encoder":
-            config = dit_config_for(files)
-            total = config.double_blocks + config.single_blocks + 1  # the blocks, then the trunk and header
-            reporter.stage(f"DiT {scheme} ({policy})", total=total)
-            # The dtype `generate` will compute in, so it finds this cache: float32 only for a tiny
-            # model on a machine without CUDA (the full-size model runs on a GPU, in bf16).
-            gpu_run = torch.cuda.is_available() or parameter_count(config) >= CPU_MAX_DIT_PARAMS
-            dtype = compute_dtypes(torch.device("cuda" if gpu_run else "cpu"))[0]
-            status = ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, cache,
-                                      dtype, on_progress=reporter.advance)
-            reporter.advance(total, total)  # also when the cache was fresh
-            result["dit"] = {"path": str(cache_paths(cache, scheme)[0]), "scheme": scheme, "policy": policy,
-                             "found": status.state, "reason": status.reason}
-        if only != "dit":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            reporter.stage(f"text encoder NF4 ({device.type})")
-            try:
-                status = ensure_llm_nf4_cache(files.llm, cache, device)
-            except NF4Unavailable as error:
-                if only == "encoder":
-                    raise UserError(f"cannot build the NF4 text encoder cache: {error}; runs use the bf16 encoder instead") from None
-                reporter.warn(f"NF4 text encoder not cached: {error} (runs use the bf16 encoder)")
-                result["encoder"] = {"skipped": str(error)}
-            else:
-                result["encoder"] = {"path": str(llm_cache_path(cache)), "device": device.type,
-                                     "found": status.state, "reason": status.reason}
+        result = quantize_model(model_dir or default_model_dir(), scheme, policy, only, cache_dir, reporter)
     if as_json:
         print_json(result)
         return

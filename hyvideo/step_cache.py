@@ -42,8 +42,9 @@ import torch
 from .blocks import linear_rows, norm_modulate, token_chunks
 from .dit import HunyuanVideoDiT
 
-METHODS = ("off", "teacache")
-PRESETS = {"off": ("off", 0.0), "safe": ("teacache", 0.10), "fast": ("teacache", 0.15)}
+# The one vocabulary of the step cache, from `--cache` to profile files to run manifests: the
+# preset's name; its TeaCache threshold is looked up here and nowhere else.
+PRESETS = {"off": None, "safe": 0.10, "fast": 0.15}
 # TeaCache4HunyuanVideo's fit of the output change to the modulated input change (highest power first).
 HUNYUAN_COEFFICIENTS = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
 # What published runs at 720p x 129 saved (see the module docstring): DiT forwards = steps / speedup.
@@ -141,14 +142,12 @@ class TeaCache:
         return dit.head(img, vec, x)
 
 
-def expected_forwards(method: str, threshold: float, steps: int) -> tuple[int, int]:
-    """(fewest, most) DiT forwards expected for a `steps`-step run: from the published speedups for
-    the presets' thresholds; for any other threshold only the bounds (first and last step run)."""
-    if method == "off":
+def expected_forwards(preset: str, steps: int) -> tuple[int, int]:
+    """(fewest, most) DiT forwards expected for a `steps`-step run with step cache `preset`, from
+    the published speedups at its threshold (the first and last step always run)."""
+    threshold = PRESETS[preset]
+    if threshold is None:
         return steps, steps
     fewest = min(2, steps)
-    speedups = PUBLISHED_SPEEDUP.get(round(threshold, 4))
-    if speedups is None:
-        return fewest, steps
-    slow, fast = speedups
+    slow, fast = PUBLISHED_SPEEDUP[threshold]
     return max(fewest, math.ceil(steps / fast)), min(steps, math.ceil(steps / slow))

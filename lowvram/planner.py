@@ -1,12 +1,14 @@
 """Memory plan: predicted peak VRAM and host RAM of each stage for a profile and a video size,
 and the choice of profile for a run.
 
-    profile, p = resolve("auto", 1280, 720, 129, vram_bytes=free_vram, ram_bytes=available_ram)
+    profile, p = resolve(settle_profile("auto", overrides), 1280, 720, 129, vram_bytes=free_vram, ram_bytes=available_ram)
     p = plan(load_profile("16gb"), width=1280, height=720, frames=129, host_ram_bytes=...)
     p.fits, p.peak_vram_gb, p.to_dict(), p.table_rows(), str(p.schedule)
 
-`resolve` is the one place a run's profile is chosen and planned (`lowvram plan`, `generate`,
-`resume`, "auto"); the Plan it returns is what the stages are built from.
+The planner only plans: the candidate profiles come settled (`lowvram.profiles.settle_profile`:
+the profile with the user's overrides). `resolve` is the one place a run's profile is chosen among
+them and planned (`lowvram plan`, `generate`, `resume`, "auto"); the Plan it returns is what the
+stages are built from.
 
 Stages run one after another, each with only its own weights on the GPU (lowvram/stages.py):
 - text: the LLM (nf4 or bf16) and CLIP, loaded together; peak = both encoders + the LLM's activations.
@@ -55,13 +57,24 @@ from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraBytes
 from hyvideo.vae import latent_shape
-from quant.bytes import (TextEncoderParams, block_bytes, clip_bytes, dequantized_weight_bytes, dit_block_kinds, llm_bytes,
-                         modulation_probe_bytes, trunk_bytes, vae_decoder_bytes)
+from quant.bytes import (
+    CLIP_TEXT_PARAMS,
+    LLM_EMBED_PARAMS,
+    LLM_LINEAR_PARAMS,
+    LLM_OTHER_PARAMS,
+    TextEncoderSize,
+    block_bytes,
+    dequantized_weight_bytes,
+    dit_block_kinds,
+    modulation_probe_bytes,
+    trunk_bytes,
+    vae_decoder_bytes,
+)
 
 from .activations import dit_activation_bytes, text_activation_bytes, token_grid, vae_decode_tile_bytes, vae_tile_pixels
 from .communication import PCIE4_X8_GBS, Communication, communication
 from .parallel import Layout, check_parallel, split_axis
-from .profiles import Profile, RunChoices, load_profile, shipped_profiles
+from .profiles import Profile
 from .schedule import BlockSchedule, plan_schedule
 from .sizes import SIZE_BUCKETS
 from .tiled_vae import decode_tiling
@@ -214,6 +227,14 @@ class Plan:
         return rows
 
 
+def hunyuan_text_encoders(llm_linear: int = LLM_LINEAR_PARAMS, llm_other: int = LLM_EMBED_PARAMS + LLM_OTHER_PARAMS,
+                          clip: int = CLIP_TEXT_PARAMS) -> tuple[TextEncoderSize, ...]:
+    """HunyuanVideo's text stage (facts §4): the LLaVA-Llama-3-8B language model, stored per the
+    profile's encoder scheme, and CLIP-L's text model in fp16; the defaults are the released
+    checkpoints' counts. Loaded together, run one after the other (the LLM's forward is the peak)."""
+    return (TextEncoderSize("llm", llm_linear, llm_other, text_activation_bytes()), TextEncoderSize("clip", 0, clip))
+
+
 def first_use_quantize_bytes(config: DiTConfig) -> int:
     """Anonymous memory of building the DiT cache (quant/cache.py), one tensor at a time: the
     largest linear's fused bf16 weight plus its float32 copy, |w| and w / scale in the quantizer."""
@@ -260,15 +281,16 @@ def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int],
 
 def plan(
     profile: Profile, width: int, height: int, frames: int, *, host_ram_bytes: int | None = None,
-    dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None, text_encoders: bool = True,
-    text_params: TextEncoderParams | None = None, lora_bytes: LoraBytes | None = None,
+    dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None,
+    text_encoders: tuple[TextEncoderSize, ...] | None = None, lora_bytes: LoraBytes | None = None,
     layout: Layout | None = None, local_ranks: int | None = None,
 ) -> Plan:
     """Predict each stage's peak memory for `profile` at width x height x frames (batch 1).
 
     width/height are rounded up to multiples of 16, as the sampler does (facts §5.4).
-    text_encoders=False leaves out the text stage (e.g. embeddings computed elsewhere).
-    Configs and text encoder sizes default to the released 13B model's. lora_bytes: what the
+    What the model contributes to each stage: its DiT config (blocks and their bytes), its VAE
+    config and its text encoders (`TextEncoderSize`s; () leaves out the text stage, e.g.
+    embeddings computed elsewhere); all default to the released 13B model's. lora_bytes: what the
     run's LoRAs add (hyvideo.lora.lora_bytes), in the blocks and outside them.
     layout: sequence parallelism over layout.world GPUs (module docstring), `local_ranks` of them
     on this machine (default: all).
@@ -311,14 +333,15 @@ def plan(
     dit_parts["ring"] = schedule.ring_bytes
 
     stages = {}
-    if text_encoders:
-        text_params = text_params or TextEncoderParams()
-        text_parts = {"llm": llm_bytes(profile.encoder_scheme, text_params), "clip": clip_bytes(text_params),
-                      "activations": text_activation_bytes()}
+    encoders = hunyuan_text_encoders() if text_encoders is None else text_encoders
+    if encoders:
+        scheme = profile.encoder_scheme
+        text_parts = {encoder.name: encoder.weight_bytes(scheme) for encoder in encoders}
+        text_files = sum(text_parts.values())
+        text_parts["activations"] = max(encoder.activation_bytes for encoder in encoders)
         text_ram = {"baseline": HOST_BASELINE_BYTES}
-        if profile.encoder_scheme == "nf4":  # first use: each bf16 tensor on the host while the GPU quantizes it;
-            text_ram["first use (NF4 cache)"] = text_params.llm_other * 2  # the largest is the embedding table
-        text_files = llm_bytes(profile.encoder_scheme, text_params) + clip_bytes(text_params)
+        if scheme == "nf4":  # first use: each 16-bit tensor on the host while the GPU quantizes it;
+            text_ram["first use (NF4 cache)"] = sum(e.other * 2 for e in encoders if e.linear)  # the largest: the embeddings
         if local_ranks > 1:
             text_ram["waiting ranks' baselines"] = (local_ranks - 1) * HOST_BASELINE_BYTES
         stages["text"] = StagePlan(sum(text_parts.values()), text_parts, text_ram, text_files)
@@ -357,16 +380,15 @@ def with_budget(profile: Profile, vram_bytes: int) -> Profile:
 
 
 def choose_profile(free_vram_bytes: int, host_ram_bytes: int, width: int, height: int, frames: int,
-                   profiles: list[Profile] | None = None, **plan_kwargs) -> tuple[Profile, Plan]:
-    """The fastest shipped profile whose plan fits the free VRAM and host RAM at this video size.
+                   profiles: list[Profile], **plan_kwargs) -> tuple[Profile, Plan]:
+    """The fastest of `profiles` whose plan fits the free VRAM and host RAM at this video size.
 
     Profiles are tried fastest first with their budget lowered to the free VRAM when that is less,
     so "auto" resident blocks use what this GPU really has. The returned profile carries that
     budget. No profile fits -> HyVideoError saying what the smallest one needs.
     """
-    candidates = profiles if profiles is not None else shipped_profiles()
     last = None
-    for profile in sorted(candidates, key=lambda p: -p.vram_budget_gb):
+    for profile in sorted(profiles, key=lambda p: -p.vram_budget_gb):
         if free_vram_bytes < profile.vram_budget_bytes:
             profile = with_budget(profile, free_vram_bytes)
         last = plan(profile, width, height, frames, host_ram_bytes=host_ram_bytes, **plan_kwargs)
@@ -381,8 +403,9 @@ def choose_profile(free_vram_bytes: int, host_ram_bytes: int, width: int, height
     )
 
 
-def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes: int | None, **plan_kwargs) -> str | None:
-    """What would fit this memory: `--profile NAME` (same video), else a smaller video."""
+def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes: int | None, profiles: list[Profile],
+                **plan_kwargs) -> str | None:
+    """What would fit this memory: `--profile NAME` of `profiles` (same video), else a smaller video."""
     attempts = [("", (width, height, frames))]
     aspect = next((a for buckets in SIZE_BUCKETS.values() for a, wh in buckets.items() if wh == (width, height)), "16:9")
     shorter = [f for f in (65, 33) if f < frames]
@@ -393,39 +416,30 @@ def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes
         attempts += [(f"--resolution 540p --aspect {aspect} --frames {f} ", (*small, f)) for f in shorter]
     for hint, size in attempts:
         try:
-            chosen, _ = choose_profile(vram_bytes, ram_bytes or 0, *size, **plan_kwargs)
+            chosen, _ = choose_profile(vram_bytes, ram_bytes or 0, *size, profiles, **plan_kwargs)
         except HyVideoError:
             continue
         return f"{hint}--profile {chosen.name}"
     return None
 
 
-def resolve(spec: "str | Profile", width: int, height: int, frames: int, *, vram_bytes: int | None, ram_bytes: int | None,
-            must_fit: bool = True, choices: RunChoices = RunChoices(), **plan_kwargs) -> tuple[Profile, Plan]:
-    """--profile (auto | a shipped name | a .toml path) -> the run's profile and its plan.
+def resolve(candidates: list[Profile], width: int, height: int, frames: int, *, vram_bytes: int | None,
+            ram_bytes: int | None, must_fit: bool = True, alternatives: list[Profile] = (), **plan_kwargs) -> tuple[Profile, Plan]:
+    """The run's profile among the settled `candidates` and its plan.
 
-    vram_bytes: free VRAM of the GPU the run uses; None when there is none (the CPU: "auto" is
-    "plain", and a named profile is planned against its own budget). A named profile's budget is
-    lowered to the free VRAM when that is less, as "auto" does. must_fit: a plan that does not fit
-    raises a HyVideoError naming what would (else the caller shows the plan). `spec` may also be a
-    Profile (the demo's). choices: the run's --cache / --attention / --compile, applied to the profile.
-    plan_kwargs: the model's configs and text encoder sizes (see `plan`)."""
-    kwargs = plan_kwargs
-    if isinstance(spec, Profile):
-        profile = choices.apply(spec)
-    elif spec == "auto":
-        if vram_bytes is None:
-            profile = choices.apply(load_profile("plain"))
-            return profile, plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **kwargs)
-        candidates = [choices.apply(p) for p in shipped_profiles()]
-        return choose_profile(vram_bytes, ram_bytes or 0, width, height, frames, profiles=candidates, **kwargs)
-    else:
-        profile = choices.apply(load_profile(spec))  # unknown name or malformed file -> HyVideoError
+    Several candidates ("auto"): the fastest that fits (else a HyVideoError saying what the smallest
+    needs). One: its plan, with its budget lowered to the free VRAM when that is less, as "auto"
+    does; vram_bytes None (the CPU) plans it against its own budget. must_fit: a plan that does not
+    fit raises a HyVideoError naming what would, from `alternatives` (the shipped profiles with the
+    same overrides); else the caller shows the plan. plan_kwargs: the model's sizes (see `plan`)."""
+    if len(candidates) > 1:
+        return choose_profile(vram_bytes, ram_bytes or 0, width, height, frames, candidates, **plan_kwargs)
+    profile = candidates[0]
     if vram_bytes is not None and vram_bytes < profile.vram_budget_bytes:
         profile = with_budget(profile, vram_bytes)
-    found = plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **kwargs)
+    found = plan(profile, width, height, frames, host_ram_bytes=ram_bytes, **plan_kwargs)
     if must_fit and not found.fits:
-        hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes, **kwargs)
+        hint = suggest_fit(width, height, frames, found.vram_budget_bytes, ram_bytes, list(alternatives), **plan_kwargs)
         where = f"{vram_bytes / GIB:.1f} GiB free" if vram_bytes is not None else f"its {profile.vram_budget_gb:.1f} GiB budget"
         ram = f"{ram_bytes / GIB:.1f} GiB available" if ram_bytes is not None else "not checked"
         raise HyVideoError(

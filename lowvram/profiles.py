@@ -2,16 +2,20 @@
 
 A profile names the VRAM it is made for, how the DiT is stored (fp8 | int8 | bf16) and streamed
 (resident blocks, prefetch depth, token chunk), how the LLM text encoder is stored (nf4 | bf16),
-the VAE tile sizes, the pinned-memory policy and the step cache (off by default; `--cache` sets it
-per run). Shipped profiles live in the top-level
-`profiles/` folder (plain, 24gb, 16gb, 12gb, 8gb); users can pass their own TOML file instead.
-Every profile runs the same code (loader, block streamer, token chunks, tiled VAE); "plain" just
-sets them so that nothing is quantized, streamed, chunked or tiled.
+the VAE tile sizes, the pinned-memory policy, the step cache, attention kernel, compile and FP8
+matmul. Shipped profiles live in the top-level `profiles/` folder (plain, 24gb, 16gb, 12gb, 8gb);
+users can pass their own TOML file instead. Every profile runs the same code (loader, block
+streamer, token chunks, tiled VAE); "plain" just sets them so that nothing is quantized, streamed,
+chunked or tiled.
 
     profile = load_profile("16gb")            # a shipped one, by name
     profile = load_profile("my-card.toml")    # a user's file
+    candidates = settle_profile("auto", Overrides(step_cache="fast"), gpu=True)
 
-Which profile a run uses, and its memory plan, is `lowvram.planner.resolve`'s business.
+`settle_profile` is the one place a run's configuration is settled: the profile it names with the
+user's per-run overrides (`--cache`, `--attention`, `--compile`, `--fp8-matmul`, `--pin/--no-pin`)
+applied and validated, once, before planning. Which of the candidates fits, and its memory plan,
+is `lowvram.planner.resolve`'s business; the plan's profile is what the run stores and runs.
 
 Every problem with a file is a one-line HyVideoError that names the file and the field.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from hyvideo.attention import BACKENDS as ATTENTION_BACKENDS
 from hyvideo.errors import HyVideoError
-from hyvideo.step_cache import METHODS as CACHE_METHODS, PRESETS as CACHE_PRESETS
+from hyvideo.step_cache import PRESETS as CACHE_PRESETS
 from quant.bytes import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 from quant.fp8 import FP8_MATMULS
 
@@ -63,8 +67,7 @@ class Profile:
     vae_temporal_tile: int = 16  # VAE tile length in latent frames (multiple of 4; official 16); 0: untiled
     pin_memory: bool = True  # page-lock the host copies of streamed blocks (faster copies)
     pinned_ram_cap_gb: float = 16.0  # GiB of host memory that may be page-locked
-    step_cache: str = "off"  # skip the DiT's blocks on steps that change little: off | teacache
-    step_cache_threshold: float = 0.10  # TeaCache's accumulated rel-L1 threshold (0.10 safe, 0.15 fast)
+    step_cache: str = "off"  # skip the DiT's blocks on steps that change little (TeaCache): off | safe | fast
     attention: str = "auto"  # auto | sdpa | sage | flash (lowvram/attention_choice.py)
     compile: bool = False  # torch.compile the DiT's blocks (lowvram/compile.py)
     fp8_matmul: str = "dequant"  # FP8 linears: dequant | scaled_mm (FP8 tensor cores) | auto (if measured faster)
@@ -86,11 +89,38 @@ def _fail(source: str, message: str) -> HyVideoError:
     return HyVideoError(f"profile {source}: {message}")
 
 
-def _check_field(source: str, name: str, value, expected: type | tuple, check, hint: str) -> None:
+_NUMBER = (int, float)
+# Each field: (type(s), check or None, what a valid value is).
+FIELD_CHECKS = {
+    "name": (str, lambda v: bool(v.strip()), "must be a non-empty string"),
+    "description": (str, None, "must be a string"),
+    "vram_budget_gb": (_NUMBER, lambda v: v > 0, "must be a positive number of GiB"),
+    "dit_scheme": (str, lambda v: v in DIT_SCHEMES, f"must be one of {', '.join(DIT_SCHEMES)}"),
+    "quant_policy": (str, lambda v: v in QUANT_POLICIES, f"must be one of {', '.join(QUANT_POLICIES)}"),
+    "encoder_scheme": (str, lambda v: v in ENCODER_SCHEMES, f"must be one of {', '.join(ENCODER_SCHEMES)}"),
+    "resident_blocks": ((str, int), lambda v: v == "auto" if isinstance(v, str) else v >= 0,
+                        "must be \"auto\" or a block count >= 0"),
+    "prefetch_depth": (int, lambda v: v >= 1, "must be an integer >= 1"),
+    "token_chunk": (int, lambda v: v >= 0, "must be a number of tokens (0: the whole sequence)"),
+    "vae_spatial_tile": (int, lambda v: v >= 0 and v % 4 == 0, "must be a multiple of 4 latents (0: untiled)"),
+    "vae_temporal_tile": (int, lambda v: v >= 0 and v % 4 == 0, "must be a multiple of 4 latent frames (0: untiled)"),
+    "pin_memory": (bool, None, "must be true or false"),
+    "pinned_ram_cap_gb": (_NUMBER, lambda v: v >= 0, "must be a number of GiB >= 0"),
+    "step_cache": (str, lambda v: v in CACHE_PRESETS, f"must be one of {', '.join(CACHE_PRESETS)}"),
+    "attention": (str, lambda v: v in ATTENTION_CHOICES, f"must be one of {', '.join(ATTENTION_CHOICES)}"),
+    "compile": (bool, None, "must be true or false"),
+    "fp8_matmul": (str, lambda v: v in FP8_MATMULS, f"must be one of {', '.join(FP8_MATMULS)}"),
+}
+
+
+def field_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for field `name` ("must be ... (got ...)"), or None."""
+    expected, check, hint = FIELD_CHECKS[name]
     types = expected if isinstance(expected, tuple) else (expected,)
     ok = bool in types if isinstance(value, bool) else isinstance(value, types)  # true is not a count
     if not ok or (check is not None and not check(value)):
-        raise _fail(source, f"field '{name}' {hint} (got {value!r})")
+        return f"{hint} (got {value!r})"
+    return None
 
 
 def profile_from_dict(values: dict, source: str = "<dict>") -> Profile:
@@ -102,33 +132,11 @@ def profile_from_dict(values: dict, source: str = "<dict>") -> Profile:
     for required in ("name", "vram_budget_gb"):
         if required not in values:
             raise _fail(source, f"missing field '{required}'")
-    number = (int, float)
-    checks = {
-        "name": (str, lambda v: bool(v.strip()), "must be a non-empty string"),
-        "description": (str, None, "must be a string"),
-        "vram_budget_gb": (number, lambda v: v > 0, "must be a positive number of GiB"),
-        "dit_scheme": (str, lambda v: v in DIT_SCHEMES, f"must be one of {', '.join(DIT_SCHEMES)}"),
-        "quant_policy": (str, lambda v: v in QUANT_POLICIES, f"must be one of {', '.join(QUANT_POLICIES)}"),
-        "encoder_scheme": (str, lambda v: v in ENCODER_SCHEMES, f"must be one of {', '.join(ENCODER_SCHEMES)}"),
-        "resident_blocks": ((str, int), lambda v: v == "auto" if isinstance(v, str) else v >= 0,
-                            "must be \"auto\" or a block count >= 0"),
-        "prefetch_depth": (int, lambda v: v >= 1, "must be an integer >= 1"),
-        "token_chunk": (int, lambda v: v >= 0, "must be a number of tokens (0: the whole sequence)"),
-        "vae_spatial_tile": (int, lambda v: v >= 0 and v % 4 == 0, "must be a multiple of 4 latents (0: untiled)"),
-        "vae_temporal_tile": (int, lambda v: v >= 0 and v % 4 == 0, "must be a multiple of 4 latent frames (0: untiled)"),
-        "pin_memory": (bool, None, "must be true or false"),
-        "pinned_ram_cap_gb": (number, lambda v: v >= 0, "must be a number of GiB >= 0"),
-        "step_cache": (str, lambda v: v in CACHE_METHODS, f"must be one of {', '.join(CACHE_METHODS)}"),
-        "step_cache_threshold": (number, lambda v: 0 < v < 10, "must be a positive number (0.10 safe, 0.15 fast)"),
-        "attention": (str, lambda v: v in ATTENTION_CHOICES, f"must be one of {', '.join(ATTENTION_CHOICES)}"),
-        "compile": (bool, None, "must be true or false"),
-        "fp8_matmul": (str, lambda v: v in FP8_MATMULS, f"must be one of {', '.join(FP8_MATMULS)}"),
-    }
     for key, value in values.items():
-        expected, check, hint = checks[key]
-        _check_field(source, key, value, expected, check, hint)
+        if problem := field_problem(key, value):
+            raise _fail(source, f"field '{key}' {problem}")
     values = dict(values)
-    for key in ("vram_budget_gb", "pinned_ram_cap_gb", "step_cache_threshold"):
+    for key in ("vram_budget_gb", "pinned_ram_cap_gb"):
         if key in values:
             values[key] = float(values[key])
     return Profile(**values, source=source)
@@ -170,37 +178,60 @@ def load_profile(name_or_path: str | Path) -> Profile:
     return _read(shipped)
 
 
-@dataclass(frozen=True)
-class RunChoices:
-    """Per-run options that override the profile's fields (None: as the profile says)."""
+# Per-run options that override a profile's field, as the CLI spells them (errors name the option).
+OVERRIDE_OPTIONS = {"step_cache": "--cache", "attention": "--attention", "compile": "--compile",
+                    "fp8_matmul": "--fp8-matmul", "pin_memory": "--pin/--no-pin"}
 
-    cache: str | None = None  # --cache off | safe | fast
+
+@dataclass(frozen=True)
+class Overrides:
+    """The user's per-run changes to the profile's fields; None: as the profile says."""
+
+    step_cache: str | None = None  # --cache off | safe | fast
     attention: str | None = None  # --attention auto | sdpa | sage | flash
     compile: bool | None = None  # --compile / --no-compile
+    fp8_matmul: str | None = None  # --fp8-matmul dequant | scaled_mm | auto
+    pin_memory: bool | None = None  # --pin / --no-pin
 
-    def check(self) -> None:
-        if self.cache is not None and self.cache not in CACHE_PRESETS:
-            raise HyVideoError(f"--cache must be one of {', '.join(CACHE_PRESETS)}, not {self.cache!r}")
-        if self.attention is not None and self.attention not in ATTENTION_CHOICES:
-            raise HyVideoError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {self.attention!r}")
+    def given(self) -> dict:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
 
-    def apply(self, profile: Profile) -> Profile:
-        self.check()
-        fields = {}
-        if self.cache is not None:
-            method, threshold = CACHE_PRESETS[self.cache]
-            fields.update(step_cache=method, step_cache_threshold=threshold or profile.step_cache_threshold)
-        if self.attention is not None:
-            fields["attention"] = self.attention
-        if self.compile is not None:
-            fields["compile"] = self.compile
-        return dataclasses.replace(profile, **fields)
+
+def with_overrides(profile: Profile, overrides: Overrides) -> Profile:
+    """`profile` with the user's overrides, each checked by the same rule as a profile file's field."""
+    given = overrides.given()
+    for name, value in given.items():
+        if problem := field_problem(name, value):
+            raise HyVideoError(f"{OVERRIDE_OPTIONS[name]} {problem}")
+    return dataclasses.replace(profile, **given) if given else profile
+
+
+def settle_profile(spec: "str | Profile", overrides: Overrides = Overrides(), *, gpu: bool = True) -> list[Profile]:
+    """The run's profile(s), settled once: `spec` (auto | a shipped name | a .toml path | a Profile,
+    e.g. the demo's) with the user's overrides applied and validated. "auto" gives every shipped
+    profile, fastest first, for the planner to take the fastest that fits; without a GPU "auto" is
+    "plain". A bad name, file or option value is one HyVideoError."""
+    if isinstance(spec, Profile):
+        profiles = [spec]
+    elif spec == "auto":
+        profiles = shipped_profiles() if gpu else [load_profile("plain")]
+    else:
+        profiles = [load_profile(spec)]
+    return [with_overrides(profile, overrides) for profile in profiles]
+
+
+# Profiles stored by runs started before the step cache took preset names (resumable unchanged).
+_STORED_STEP_CACHE = {("off", None): "off", ("teacache", 0.10): "safe", ("teacache", 0.15): "fast"}
 
 
 def stored_profile(values: dict, run_id: str) -> Profile:
     """The profile a run stored in its settings (`to_dict()` plus "source"), validated again."""
     values = dict(values)
     source = values.pop("source", None) or values.get("name", "?")
+    if "step_cache_threshold" in values:
+        threshold = values.pop("step_cache_threshold")
+        method = values.get("step_cache", "off")
+        values["step_cache"] = _STORED_STEP_CACHE.get((method, None if method == "off" else threshold), method)
     try:
         return profile_from_dict(values, source)
     except HyVideoError as error:

@@ -12,11 +12,13 @@ same dtype.
 
     stages = Stages(files, plan, device, attention, reporter, cache_dir)   # plan.profile is the profile
     llm, clip = stages.text_encoders()
-    model, streamer = stages.dit()        # blocks via streamer.blocks_for_step(...)
-    cache = stages.step_cache(model, steps, state)   # None unless the profile caches steps
+    model, streamer = stages.dit(sequence_parallel)  # configured (configure_dit) and placed per the plan
+    latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=k, on_step=..., cache_state=state)
     stages.forward_stats(streamer, first)  # blocks/bytes streamed per forward since forward `first`
     stages.release_dit(model, streamer)
     frames = stages.decode(stages.vae(), latents, on_progress)
+
+One process and every rank of a multi-GPU run go through the same `dit` and `denoise` calls.
     stages.stats                          # what was streamed and tiled (recorded in the run)
 """
 
@@ -26,23 +28,26 @@ from pathlib import Path
 
 import torch
 
+from hyvideo.attention import check_backend
 from hyvideo.checkpoint import ModelFiles, infer_dit_config, load_dit, load_dit_state_dict, load_vae
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraSpec, apply_loras
-from hyvideo.pipeline import decode
+from hyvideo.pipeline import GenerationRequest, decode, denoise
+from hyvideo.step_cache import PRESETS as STEP_CACHE_PRESETS
 from hyvideo.step_cache import CacheState, TeaCache
-from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
+from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder, TextEmbeddings
 from hyvideo.weight_io import read_torch_file
-
-from quant.bytes import TextEncoderParams, llm_param_counts
+from quant.bytes import TextEncoderSize, llm_param_counts
 from quant.fp8 import choose_fp8_matmul, set_scaled_mm
 
 from .compile import compile_blocks, dynamo_graphs
-from .planner import Plan
+from .planner import Plan, hunyuan_text_encoders
 from .progress import Reporter
 from .streaming import BlockStreamer, place_dit, release_dit
 from .tiled_vae import TiledVAE
+
+CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
 
 def dit_config_for(files: ModelFiles) -> DiTConfig:
@@ -64,8 +69,8 @@ def vae_config_for(files: ModelFiles) -> VAEConfig:
         raise HyVideoError(f"{files.vae_config} is not a VAE config ({error}); download it again") from None
 
 
-def text_encoder_params(files: ModelFiles) -> TextEncoderParams:
-    """The text encoders' parameter counts from their config.json (meta device, no weights read)."""
+def text_encoder_sizes(files: ModelFiles) -> tuple[TextEncoderSize, ...]:
+    """The text encoders' sizes from their config.json (meta device, no weights read)."""
     from transformers import AutoConfig, CLIPTextModel
 
     try:
@@ -76,12 +81,14 @@ def text_encoder_params(files: ModelFiles) -> TextEncoderParams:
     llm_linear, llm_other = llm_param_counts(llm_config)
     with torch.device("meta"):
         clip = sum(p.numel() for p in CLIPTextModel(getattr(clip_config, "text_config", clip_config)).parameters())
-    return TextEncoderParams(llm_linear, llm_other, clip)
+    return hunyuan_text_encoders(llm_linear, llm_other, clip)
 
 
 def model_sizes(files: ModelFiles) -> dict:
-    """What the planner needs to know of this model: `plan(..., **model_sizes(files))`."""
-    return {"dit_config": dit_config_for(files), "vae_config": vae_config_for(files), "text_params": text_encoder_params(files)}
+    """What this model contributes to each stage, as the planner counts it (no weights read):
+    `plan(..., **model_sizes(files))`. The seam where another model (image-to-video, 1.5) enters
+    the planner: its DiT config, its VAE config, its text encoders."""
+    return {"dit_config": dit_config_for(files), "vae_config": vae_config_for(files), "text_encoders": text_encoder_sizes(files)}
 
 
 def parameter_count(config: DiTConfig) -> int:
@@ -96,6 +103,55 @@ def default_cache_dir(files: ModelFiles) -> Path:
     return Path(files.root) / "lowvram-cache"
 
 
+def configure_dit(model: torch.nn.Module, plan: Plan, device: torch.device, attention: str, *, scaled_mm: bool = False,
+                  sequence_parallel=None) -> None:
+    """Every runtime option a run sets on the DiT, in one call (as diffusers' `set_attn_processor`
+    is one door): the attention kernel, the plan's token chunk, FP8 linears on `_scaled_mm` or not,
+    and with several ranks this rank's share of the tokens. Called before the DiT is placed: the
+    streamer's ring shells copy what the blocks carry."""
+    check_backend(attention)
+    model.attention_backend = attention
+    model.token_chunk = plan.token_chunk or None
+    model.sequence_parallel = sequence_parallel
+    set_scaled_mm(model, scaled_mm, device)
+
+
+def run_device_for(files: ModelFiles, config: DiTConfig) -> torch.device:
+    """The device a run of this model computes on by default: the GPU if there is one; the
+    full-size model never runs on the CPU (preflight refuses it), so its caches are for a GPU."""
+    if torch.cuda.is_available() or parameter_count(config) >= CPU_MAX_DIT_PARAMS:
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_dit_cache(files: ModelFiles, config: DiTConfig, scheme: str, policy: str, cache_dir: Path, dtype: torch.dtype,
+                    reporter: Reporter):
+    """The one rule that builds the quantize-once DiT cache (a run's first DiT stage and `lowvram
+    quantize` both come here): missing, stale or corrupt -> quantized again, one tensor at a time,
+    with progress per block. Returns the status found before."""
+    from quant.cache import cache_status, ensure_dit_cache
+
+    status = cache_status(cache_dir, config, scheme, policy, files.dit_weights, dtype)
+    if status.state != "fresh":
+        reporter.stage(status.message, total=config.double_blocks + config.single_blocks + 1)
+        ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, cache_dir, dtype,
+                         on_progress=lambda done, total: reporter.advance(done, total=total))
+        reporter.stage("loading DiT")
+    return status
+
+
+def make_step_cache(model: torch.nn.Module, preset: str, steps: int, device: torch.device,
+                    state: CacheState | None = None) -> TeaCache | None:
+    """The step cache `preset` (off | safe | fast) for `model`, None when off. Its probe (double
+    block 0's image modulation) is copied onto the device: deciding a step never waits for a
+    streamed block."""
+    threshold = STEP_CACHE_PRESETS[preset]
+    if threshold is None:
+        return None
+    probe = copy.deepcopy(model.double_blocks[0].img_mod).to(device)
+    return TeaCache(threshold, steps, probe, state)
+
+
 def compute_dtypes(device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(DiT/LLM dtype, VAE/CLIP dtype) for unquantized weights on `device`."""
     if device.type == "cpu":
@@ -108,12 +164,17 @@ class Stages:
 
     def __init__(self, files: ModelFiles, plan: Plan, device: torch.device, attention: str,
                  reporter: Reporter | None = None, cache_dir: Path | None = None, loras: list[LoraSpec] = ()):
-        self.files, self.profile, self.plan, self.device = files, plan.profile, plan, device
+        self.files, self.plan, self.device = files, plan, device
         self.loras = list(loras)
         self.attention, self.reporter = attention, reporter or Reporter()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(files)
         self.dtype, self.vae_dtype = compute_dtypes(device)
         self.stats: dict = {}
+
+    @property
+    def profile(self):
+        """The run's settled profile: the plan's."""
+        return self.plan.profile
 
     # -- text -----------------------------------------------------------------------------------
 
@@ -158,32 +219,23 @@ class Stages:
     def ensure_dit_cache(self) -> None:
         """Build the quantize-once DiT cache if the profile reads one and it is missing or stale
         (with several ranks, rank 0 does this before the others load from it)."""
-        if not self.reads_dit_cache:
-            return
-        from quant.cache import cache_status, ensure_dit_cache
+        if self.reads_dit_cache:
+            build_dit_cache(self.files, self.plan.dit_config, self.profile.dit_scheme, self.profile.quant_policy,
+                            self.cache_dir, self.dtype, self.reporter)
 
-        files, scheme = self.files, self.profile.dit_scheme
-        policy, config = self.profile.quant_policy, self.plan.dit_config
-        status = cache_status(self.cache_dir, config, scheme, policy, files.dit_weights, self.dtype)
-        if status.state != "fresh":
-            self.reporter.stage(status.message, total=config.double_blocks + config.single_blocks + 1)
-            ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy,
-                             self.cache_dir, self.dtype, on_progress=lambda done, total: self.reporter.advance(done, total=total))
-            self.reporter.stage("loading DiT")
-
-    def dit(self) -> tuple[torch.nn.Module, BlockStreamer]:
+    def dit(self, sequence_parallel=None) -> tuple[torch.nn.Module, BlockStreamer]:
         """The DiT with its trunk on the device and its blocks placed per the plan; LoRAs wrap the
-        loaded (possibly quantized) linears before placement, so they stream with their blocks."""
+        loaded (possibly quantized) linears before placement, so they stream with their blocks.
+        sequence_parallel: this rank's share of the tokens (lowvram/parallel.py), None for one process."""
         model = self._load_dit_on_host()
         if self.loras:
             self.stats["lora"] = apply_loras(model, self.loras)
-        model.attention_backend = self.attention
         scaled_mm = False
-        if self.profile.dit_scheme == "fp8":  # before placing: the ring's shells copy the flag
+        if self.profile.dit_scheme == "fp8":
             scaled_mm, note = choose_fp8_matmul(self.profile.fp8_matmul, self.device)
             if note:
                 self.reporter.warn(note)
-            set_scaled_mm(model, scaled_mm, self.device)
+        configure_dit(model, self.plan, self.device, self.attention, scaled_mm=scaled_mm, sequence_parallel=sequence_parallel)
         streamer = place_dit(model, self.plan, self.device)
         self.stats["dit"] = {"resident_blocks": len(self.plan.schedule.resident), "attention": self.attention,
                              "fp8_matmul": "scaled_mm" if scaled_mm else "dequant" if self.profile.dit_scheme == "fp8" else None,
@@ -194,12 +246,17 @@ class Stages:
         return model, streamer
 
     def step_cache(self, model: torch.nn.Module, steps: int, state: CacheState | None = None) -> TeaCache | None:
-        """The profile's step cache for `model` (None when off), its probe (double block 0's image
-        modulation) copied onto the device: deciding a step never waits for a streamed block."""
-        if self.profile.step_cache == "off":
-            return None
-        probe = copy.deepcopy(model.double_blocks[0].img_mod).to(self.device)
-        return TeaCache(self.profile.step_cache_threshold, steps, probe, state)
+        """The profile's step cache for `model` (None when off)."""
+        return make_step_cache(model, self.profile.step_cache, steps, self.device, state)
+
+    def denoise(self, model: torch.nn.Module, streamer: BlockStreamer, embeddings: TextEmbeddings, latents: torch.Tensor,
+                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None) -> torch.Tensor:
+        """Euler steps start_step..N-1 on the placed DiT, its blocks from the streamer, the next
+        step's first copies issued during this one's last blocks: the one denoising call that one
+        process and every rank of several make."""
+        steps = request.steps
+        return denoise(model, embeddings, latents, request, self.device, start_step=start_step, on_step=on_step,
+                       blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache)
 
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
         """What was streamed per forward from forward `first` on (one run's, when runs share the

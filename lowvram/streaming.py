@@ -1,7 +1,7 @@
 """`BlockStreamer`: runs the DiT with only some blocks resident on the GPU, and the DiT's placement
 for a run's memory plan.
 
-    streamer = place_dit(model, plan, "cuda")   # token chunk set, trunk + resident blocks on the GPU
+    streamer = place_dit(model, plan, "cuda")   # trunk + resident blocks on the GPU, the rest streamed
     for step in range(steps):
         v = model(x, t, ..., blocks=streamer.blocks_for_step(prefetch_next_step=step + 1 < steps))
     print(streamer.schedule); stats = streamer.step_stats()
@@ -447,10 +447,10 @@ def dit_trunk(model: nn.Module) -> list[nn.Module]:
 
 
 def place_dit(model: nn.Module, plan: Plan, device, *, keep_host_copy: bool = False) -> BlockStreamer:
-    """Put the DiT in place for `plan`: token chunk set, trunk on the device, blocks resident or
-    streamed per the plan's schedule. Returns the streamer whose `blocks_for_step()` the denoising
+    """Put the DiT in place for `plan`: trunk on the device, blocks resident or streamed per the
+    plan's schedule (its runtime options, the token chunk among them, are set before by
+    `lowvram.stages.configure_dit`). Returns the streamer whose `blocks_for_step()` the denoising
     loop passes as `blocks=`."""
-    model.token_chunk = plan.token_chunk or None
     for module in dit_trunk(model):
         module.to(device)
     profile = plan.profile

@@ -180,24 +180,21 @@ def dequantized_weight_bytes(config: DiTConfig, scheme: str, policy: str, act_by
 
 
 @dataclass(frozen=True)
-class TextEncoderParams:
-    """Parameter counts of the two text encoders; the defaults are the released checkpoints'."""
+class TextEncoderSize:
+    """One text encoder as the planner counts it. A model's text stage is a list of these (13B:
+    the LLaVA-Llama-3 language model and CLIP-L's text model), so the planner needs no names."""
 
-    llm_linear: int = LLM_LINEAR_PARAMS  # what NF4 quantizes
-    llm_other: int = LLM_EMBED_PARAMS + LLM_OTHER_PARAMS  # embeddings and norms stay bf16 under NF4
-    clip: int = CLIP_TEXT_PARAMS
+    name: str
+    linear: int  # linear weight elements the profile's encoder scheme may store in NF4 (0: always 16-bit)
+    other: int  # parameters that stay 16-bit (embeddings, norms; all of a small encoder)
+    activation_bytes: int = 0  # its forward's peak activations at batch 1
 
-
-def llm_bytes(scheme: str, params: TextEncoderParams = TextEncoderParams()) -> int:
-    """The LLM text encoder's weights: bf16 15.0 GB, nf4 4.6 GB (bitsandbytes, double quant)."""
-    _check(scheme, ENCODER_SCHEMES, "text encoder scheme")
-    if scheme == "bf16":
-        return (params.llm_linear + params.llm_other) * 2
-    return llm_nf4_bytes(params.llm_linear, params.llm_other)
-
-
-def clip_bytes(params: TextEncoderParams = TextEncoderParams()) -> int:
-    return params.clip * 2  # fp16
+    def weight_bytes(self, scheme: str) -> int:
+        """bf16/fp16: 2 bytes a parameter; nf4: the linears in 4 bits (bitsandbytes, double quant)."""
+        _check(scheme, ENCODER_SCHEMES, "text encoder scheme")
+        if scheme == "bf16" or not self.linear:
+            return (self.linear + self.other) * 2
+        return llm_nf4_bytes(self.linear, self.other)
 
 
 @lru_cache(maxsize=8)

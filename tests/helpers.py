@@ -24,6 +24,7 @@ from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.pipeline import GenerationRequest
 from lowvram.generation.preflight import RunOptions, start_run
 from lowvram.generation.runner import StopRequest
+from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
 from lowvram.schedule import BlockSchedule, plan_schedule
 from lowvram.streaming import leaf_bytes
@@ -186,8 +187,10 @@ def small_inputs(frames=4, h=32, w=32, text=24, seed=0):
 REQUEST = GenerationRequest("a red fox running through snow", width=64, height=48, frames=9, steps=4, seed=11)
 
 
-def run_options(model_dir, runs_dir, request=REQUEST, **kw) -> RunOptions:
-    return RunOptions(request, model_dir, runs_dir, device="cpu", **kw)
+def run_options(model_dir, runs_dir, request=REQUEST, step_cache=None, attention=None, compile=None, **kw) -> RunOptions:
+    """RunOptions on the CPU; --cache / --attention / --compile as the CLI passes them (Overrides)."""
+    return RunOptions(request, model_dir, runs_dir, device="cpu",
+                      overrides=Overrides(step_cache=step_cache, attention=attention, compile=compile), **kw)
 
 
 def new_run(model_dir, runs_dir, request=REQUEST, **kw):

@@ -267,11 +267,12 @@ def test_real_size_model_without_cuda(full_size_config_model, tmp_path):
 def test_a_profile_that_does_not_fit_names_one_that_would():
     """The 13B model at 720p x 129 on an 8 GiB card: 24gb does not fit; 12gb would."""
     from lowvram.planner import resolve
+    from lowvram.profiles import settle_profile
 
     memory = {"vram_bytes": 8 * 2**30, "ram_bytes": 64 * 2**30}
     with pytest.raises(HyVideoError, match=r"profile 24gb does not fit 1280x720x129 here.*try --profile \w+"):
-        resolve("24gb", 1280, 720, 129, **memory)
-    assert resolve("auto", 1280, 720, 129, **memory)[0].name != "24gb"
+        resolve(settle_profile("24gb"), 1280, 720, 129, alternatives=settle_profile("auto"), **memory)
+    assert resolve(settle_profile("auto"), 1280, 720, 129, **memory)[0].name != "24gb"
 
 
 def test_corrupt_foreign_and_edited_run_folders(done, runs_dir, tmp_path):
@@ -331,8 +332,8 @@ def test_plan_with_a_step_cache_shows_its_forwards_and_memory(tmp_path):
     the previous step's latents."""
     args = ["plan", "--profile", "16gb", "--resolution", "720p", "--frames", "129", "--vram", "16", "--ram", "64"]
     off, fast = as_json(invoke(*args, "--json")), as_json(invoke(*args, "--cache", "fast", "--json"))
-    assert off["step_cache"] == {"method": "off", "threshold": 0.1, "steps": 50, "expected_dit_forwards": [50, 50]}
-    assert fast["step_cache"]["method"] == "teacache" and fast["step_cache"]["expected_dit_forwards"] == [22, 24]
+    assert off["step_cache"] == {"preset": "off", "steps": 50, "expected_dit_forwards": [50, 50]}
+    assert fast["step_cache"] == {"preset": "fast", "steps": 50, "expected_dit_forwards": [22, 24]}
     dit = fast["stages"]["dit"]
     assert dit["parts_gb"]["step cache probe"] * 1024 == pytest.approx(54.1, abs=0.1)
     residual, previous_latents = 118_800 * 3072 * 2, 16 * 33 * 90 * 160 * 4  # bf16 tokens; float32 latents
@@ -341,12 +342,12 @@ def test_plan_with_a_step_cache_shows_its_forwards_and_memory(tmp_path):
     table = invoke(*args, "--cache", "safe")
     assert table.exit_code == 0 and "expected to run on 31-34 of 50 steps" in table.stdout
     profile = tmp_path / "cached.toml"
-    profile.write_text('name = "cached"\nvram_budget_gb = 16\nstep_cache = "teacache"\nstep_cache_threshold = 0.12\n')
+    profile.write_text('name = "cached"\nvram_budget_gb = 16\nstep_cache = "safe"\n')  # the same words as --cache
     from_file = as_json(invoke("plan", "--profile", profile, "--vram", "16", "--ram", "64", "--json"))["step_cache"]
-    assert from_file["threshold"] == 0.12 and from_file["expected_dit_forwards"] == [2, 50]  # no published figure
+    assert from_file == {"preset": "safe", "steps": 50, "expected_dit_forwards": [31, 34]}
     profile.write_text('name = "cached"\nvram_budget_gb = 16\nstep_cache = "magic"\n')
     bad = invoke("plan", "--profile", profile, "--vram", "16")
-    assert bad.exit_code == 2 and "field 'step_cache' must be one of off, teacache" in one_line_error(bad)
+    assert bad.exit_code == 2 and "field 'step_cache' must be one of off, safe, fast" in one_line_error(bad)
 
 
 def test_plan_counts_a_lora_for_the_13b_model(tmp_path):

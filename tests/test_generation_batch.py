@@ -72,9 +72,9 @@ class Loads:
         for name in self.counts:
             real = getattr(Stages, name)
 
-            def counted(stages, real=real, name=name):
+            def counted(stages, *args, real=real, name=name):
                 self.counts[name] += 1
-                return real(stages)
+                return real(stages, *args)
 
             monkeypatch.setattr(Stages, name, counted)
 

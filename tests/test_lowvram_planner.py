@@ -18,6 +18,7 @@ from hyvideo.vae import CausalVAE
 from lowvram.activations import dit_activation_bytes, vae_decode_tile_bytes
 from bench.memtrack import PeakTracker
 from quant.fp8 import swap_linears_fp8
+from lowvram.stages import configure_dit
 from lowvram.streaming import dit_trunk, place_dit, release_dit
 from lowvram.planner import plan
 from lowvram.profiles import load_profile, profile_from_dict
@@ -177,7 +178,7 @@ def test_vae_tile_prediction_matches_gpu_measurement():
 ])
 def test_dit_prediction_matches_gpu_measurement(case, size, resident, chunk):
     values = {**load_profile("16gb").to_dict(), "resident_blocks": resident, "token_chunk": chunk}
-    p = plan(profile_from_dict(values), *size, 129, text_encoders=False)
+    p = plan(profile_from_dict(values), *size, 129, text_encoders=())
     assert abs(p.stages["dit"].vram_bytes / GIB / GPU_MEASURED[case] - 1) <= 0.02
 
 
@@ -190,8 +191,9 @@ def test_dit_stage_predicted_vs_measured_with_streaming():
     predicted 6,651,264 B; tolerance +-3 % (the activation formula's, see above)."""
     profile = profile_from_dict({"name": "small", "vram_budget_gb": 1.0, "resident_blocks": 2,
                                  "prefetch_depth": 1, "token_chunk": 128, "dit_scheme": "bf16"})
-    p = plan(profile, 256, 256, 13, dit_config=SMALL, vae_config=VAE_CONFIGS["tiny"], text_encoders=False)
+    p = plan(profile, 256, 256, 13, dit_config=SMALL, vae_config=VAE_CONFIGS["tiny"], text_encoders=())
     model = small_dit()
+    configure_dit(model, p, torch.device("cpu"), "sdpa")
     streamer = place_dit(model, p, "cpu")
     assert model.token_chunk == 128 and len(streamer.schedule.streamed) == 2
     inputs = small_inputs(frames=4, h=32, w=32, text=256)
@@ -212,7 +214,8 @@ def test_chunked_equals_unchunked_through_the_profile_path():
     with torch.no_grad():
         whole = model(*inputs)
     profile = profile_from_dict({"name": "chunky", "vram_budget_gb": 1.0, "token_chunk": 7, "dit_scheme": "bf16"})
-    p = plan(profile, 80, 48, 9, dit_config=SMALL, vae_config=VAE_CONFIGS["tiny"], text_encoders=False)
+    p = plan(profile, 80, 48, 9, dit_config=SMALL, vae_config=VAE_CONFIGS["tiny"], text_encoders=())
+    configure_dit(model, p, torch.device("cpu"), "sdpa")
     streamer = place_dit(model, p, "cpu")
     assert model.token_chunk == 7  # straddles the image/text boundary (45 image tokens)
     with torch.no_grad():
@@ -232,9 +235,9 @@ def test_a_profile_short_of_ram_is_refused_before_loading():
     from lowvram.planner import resolve
 
     with pytest.raises(HyVideoError) as info:
-        resolve("8gb", 1280, 720, 129, vram_bytes=8 * GIB, ram_bytes=6 * GIB)
+        resolve([load_profile("8gb")], 1280, 720, 129, vram_bytes=8 * GIB, ram_bytes=6 * GIB)
     message = str(info.value)
     assert "GiB RAM (6.0 GiB available)" in message and "pinned_ram_cap_gb" in message and "\n" not in message
-    profile, found = resolve("8gb", 1280, 720, 129, vram_bytes=8 * GIB, ram_bytes=16 * GIB)
+    profile, found = resolve([load_profile("8gb")], 1280, 720, 129, vram_bytes=8 * GIB, ram_bytes=16 * GIB)
     assert found.fits and found.stages["dit"].pinned_bytes > 0
     assert found.stages["dit"].ram_parts["first use (DiT cache)"] > 0 and found.stages["dit"].page_cache_bytes > 0

@@ -72,7 +72,7 @@ def test_unknown_profile_name_lists_available():
 
 @pytest.mark.parametrize("free, expected", [(80, "24gb"), (23.5, "24gb"), (11, "12gb"), (7.5, "8gb")])
 def test_choose_profile_picks_the_fastest_that_fits(free, expected):
-    chosen, _ = choose_profile(int(free * GIB), 64 * GIB, 1280, 720, 129)
+    chosen, _ = choose_profile(int(free * GIB), 64 * GIB, 1280, 720, 129, shipped_profiles())
     assert chosen.name == expected
     assert chosen.vram_budget_gb == min(free, load_profile(expected).vram_budget_gb)  # auto resident uses what is free
 
@@ -81,17 +81,17 @@ def test_choose_profile_is_monotonic_in_vram():
     order = {name: i for i, name in enumerate(SHIPPED)}
     previous = len(SHIPPED)
     for free in (7, 8, 10, 12, 14, 16, 20, 24, 40):
-        rank = order[choose_profile(int(free * GIB), 64 * GIB, 1280, 720, 129)[0].name]
+        rank = order[choose_profile(int(free * GIB), 64 * GIB, 1280, 720, 129, shipped_profiles())[0].name]
         assert rank <= previous  # more VRAM never picks a slower profile
         previous = rank
 
 
 def test_choose_profile_reports_what_is_missing():
     with pytest.raises(HyVideoError, match="no profile fits") as info:
-        choose_profile(4 * GIB, 64 * GIB, 1280, 720, 129)
+        choose_profile(4 * GIB, 64 * GIB, 1280, 720, 129, shipped_profiles())
     assert "8gb" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(HyVideoError, match="RAM"):  # streaming needs host RAM for the blocks
-        choose_profile(8 * GIB, 4 * GIB, 1280, 720, 129)
+        choose_profile(8 * GIB, 4 * GIB, 1280, 720, 129, shipped_profiles())
 
 
 def test_profile_from_dict_round_trip():

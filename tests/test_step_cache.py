@@ -45,11 +45,10 @@ def test_skip_decisions_match_a_hand_computation():
 
 
 def test_expected_forwards_from_the_published_speedups():
-    assert expected_forwards("off", 0.1, 50) == (50, 50)
-    assert expected_forwards("teacache", 0.10, 50) == (31, 34)  # 50 / 1.66 .. 50 / 1.5
-    assert expected_forwards("teacache", 0.15, 50) == (22, 24)  # 50 / 2.31 .. 50 / 2.1
-    assert expected_forwards("teacache", 0.3, 50) == (2, 50)  # no published figure: only the bounds
-    assert expected_forwards("teacache", 0.15, 1) == (1, 1)
+    assert expected_forwards("off", 50) == (50, 50)
+    assert expected_forwards("safe", 50) == (31, 34)  # threshold 0.10: 50 / 1.66 .. 50 / 1.5
+    assert expected_forwards("fast", 50) == (22, 24)  # threshold 0.15: 50 / 2.31 .. 50 / 2.1
+    assert expected_forwards("fast", 1) == (1, 1)
 
 
 # --- on a small DiT (3 double + 5 single blocks, float32) --------------------------------------

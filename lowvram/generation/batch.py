@@ -32,12 +32,13 @@ from pathlib import Path
 from hyvideo.errors import HyVideoError
 from hyvideo.files import write_atomic
 from hyvideo.pipeline import GenerationRequest, validate_request
-
+from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
-from .preflight import RunOptions, plan_for_run, prepare_run, resumable_files, versions
-from .runner import RunInterrupted, RunResult, StopRequest, done_result, execute_runs, is_done, resume_run
-from .run_folder import Run, RunEntry, glob_escape, list_runs
 from lowvram.sizes import resolve_size
+
+from .preflight import RunOptions, plan_for_run, prepare_run, resumable_files, versions
+from .run_folder import Run, RunEntry, glob_escape, list_runs
+from .runner import RunInterrupted, RunResult, StopRequest, done_result, execute_runs, is_done, resume_run
 
 BATCH_FORMAT = "hyvideo-lowvram-batch"
 BATCH_SUFFIX = ".batch.json"
@@ -240,7 +241,8 @@ def start_batch(options: RunOptions, clips: list[Clip], reporter: Reporter | Non
         raise HyVideoError(f"--out {out}: a batch copies each video into a folder as <run id>.mp4; give an existing folder")
     largest = max(clips, key=lambda c: c.request.width * c.request.height * c.request.frames)
     _, _, files, plan = prepare_run(replace(options, request=largest.request), reporter)
-    prepared = [prepare_run(replace(options, request=clip.request, profile=plan.profile), reporter) for clip in clips]
+    settled = replace(options, profile=plan.profile, overrides=Overrides())  # the overrides are in plan.profile now
+    prepared = [prepare_run(replace(settled, request=clip.request), reporter) for clip in clips]
     runs = [Run.create(Path(options.runs_dir), settings, model, versions()) for settings, model, _, _ in prepared]
     batch = Batch.create(options.runs_dir, str(Path(source).resolve()) if source else None, runs, [clip.line for clip in clips])
     return batch, runs, files, prepared[clips.index(largest)][3]

@@ -26,13 +26,16 @@ import torch
 from hyvideo.checkpoint import detect_layout
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
-
+from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
+
 from .preflight import RunOptions, start_run
 from .runner import StopRequest, execute
 
 GIB = 2**30
 FULL_RUN_STEPS = 50  # the official sampler's default
+MODEL_SIZES = ("full", "tiny")
+LAYOUTS = ("official", "official-fp8", "diffusers")
 PROMPT = "a red fox runs through fresh snow in a pine forest, morning light, the camera follows it"
 
 
@@ -45,12 +48,16 @@ class BenchOptions:
     steps: int = 2
     profile: str = "auto"
     model_size: str = "full"  # full | tiny
-    layout: str = "official"  # official | diffusers
+    layout: str = "official"  # official | official-fp8 | diffusers (LAYOUTS)
     cap_bytes: int | None = None  # emulate a card with this much VRAM
     device: str | None = None
-    step_cache: str | None = None  # --cache off | safe | fast (None: the profile's)
-    attention: str | None = None  # --attention (None: the profile's)
-    compile: bool | None = None  # --compile (None: the profile's)
+    overrides: Overrides = Overrides()  # --cache, --attention, --compile, ... (lowvram.profiles)
+
+    def __post_init__(self):
+        if self.model_size not in MODEL_SIZES:
+            raise HyVideoError(f"--model-size takes {' or '.join(MODEL_SIZES)}, not {self.model_size!r}")
+        if self.layout not in LAYOUTS:
+            raise HyVideoError(f"--layout takes {', '.join(LAYOUTS)}, not {self.layout!r}")
 
 
 def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter) -> Path:
@@ -109,8 +116,8 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     root = ensure_synthetic_model(options.scratch, options.model_size, options.layout, reporter)
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0)
-    run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.attention, device,
-                             vram_limit_bytes=options.cap_bytes, step_cache=options.step_cache, compile=options.compile)
+    run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.overrides, device,
+                             vram_limit_bytes=options.cap_bytes)
     run, files, plan = start_run(run_options, reporter)
     result = execute(run, files, plan, reporter, stop)
 

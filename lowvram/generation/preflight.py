@@ -5,9 +5,11 @@ config files and the weights' shapes.
     run, files, plan = start_run(RunOptions(request, model_dir, runs_dir))  # checks, plan, run folder
     settings, model, files, plan = prepare_run(options)  # the same checks, nothing written (batches)
     files = resumable_files(run)                          # same weights and LoRA files as it started with
+    answer = plan_only(PlanQuery(1280, 720, 129, vram_bytes=24 * 2**30))  # `lowvram plan`: no weights needed
 
-The profile is resolved and planned here, once (`planner.resolve`), and stored in the run's
-settings with the attention kernel chosen for this device; the runner (lowvram/generation/runner.py) builds
+The profile is settled here, once (`profiles.settle_profile`: the profile with the user's
+overrides), chosen and planned (`planner.resolve`), and stored in the run's settings with the
+attention kernel chosen for this device; the runner (lowvram/generation/runner.py) builds
 its stages from that Plan.
 """
 
@@ -18,24 +20,25 @@ from pathlib import Path
 import torch
 
 from hyvideo.checkpoint import ModelFiles, find_model_files
+from hyvideo.config import DIT_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
 from hyvideo.lora import LoraSpec, lora_bytes
 from hyvideo.pipeline import GenerationRequest, validate_request
+from hyvideo.step_cache import expected_forwards
 from hyvideo.vae import latent_shape
-
 from lowvram.attention_choice import resolve_attention
+from lowvram.communication import PCIE4_X8_GBS
 from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
-from lowvram.planner import Plan, parallel_layout, plan, resolve
-from lowvram.profiles import Profile, RunChoices, stored_profile
+from lowvram.planner import Plan, parallel_layout, plan, resolve, suggest_fit
+from lowvram.profiles import Overrides, Profile, settle_profile, stored_profile
 from lowvram.progress import Reporter
+from lowvram.stages import CPU_MAX_DIT_PARAMS, dit_config_for, model_sizes, parameter_count, vae_config_for
+
 from .ranks import Ranks, current_ranks
 from .rewrite import rewrite_settings
 from .run_folder import Run
-from lowvram.stages import dit_config_for, model_sizes, parameter_count, vae_config_for
-
-CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -46,12 +49,10 @@ class RunOptions:
     model_dir: Path
     runs_dir: Path
     profile: "str | Profile" = "auto"  # auto | a shipped name | a .toml path | a Profile (the demo's)
-    attention: str | None = None  # auto | sdpa | sage | flash; None: the profile's (auto)
+    overrides: Overrides = Overrides()  # --cache, --attention, --compile, --fp8-matmul, --pin: the profile's fields
     device: str | None = None  # None: cuda if available, else cpu
     out: Path | None = None
     cache_dir: Path | None = None  # quantized weights; None: <model dir>/lowvram-cache
-    step_cache: str | None = None  # --cache off | safe | fast; None: as the profile says (off in shipped ones)
-    compile: bool | None = None  # --compile: torch.compile the DiT's blocks; None: the profile's (off)
     vram_limit_bytes: int | None = None  # plan for at most this much VRAM (`lowvram bench --cap-gb`)
     loras: list[LoraSpec] = field(default_factory=list)  # --lora PATH[:STRENGTH], their updates add
     rewrite: str | None = None  # "normal" | "master": rewrite the prompt before encoding (lowvram/generation/rewrite.py)
@@ -131,8 +132,6 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     reporter = reporter or Reporter()
     request = options.request
     validate_request(request)
-    choices = RunChoices(options.step_cache, options.attention, options.compile)
-    choices.check()
     device = check_device(options.device or default_device())
     files = find_model_files(Path(options.model_dir))
     sizes = model_sizes(files)
@@ -152,8 +151,9 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     sizes.update(rank_sizes(ranks))
     if vram is not None and options.vram_limit_bytes is not None:
         vram = min(vram, options.vram_limit_bytes)
-    profile, found = resolve(options.profile, request.width, request.height, request.frames, vram_bytes=vram,
-                             ram_bytes=ram, choices=choices, **sizes)
+    candidates = settle_profile(options.profile, options.overrides, gpu=vram is not None)
+    profile, found = resolve(candidates, request.width, request.height, request.frames, vram_bytes=vram, ram_bytes=ram,
+                             alternatives=settle_profile("auto", options.overrides), **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
     out = check_output_path(options.out, request.frames)
@@ -173,6 +173,65 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     }
     model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
     return settings, model, files, found
+
+
+@dataclass
+class PlanQuery:
+    """`lowvram plan`: a video on the released 13B model, for this machine or the memory given."""
+
+    width: int
+    height: int
+    frames: int
+    steps: int = 50
+    profile: str = "auto"
+    overrides: Overrides = Overrides()
+    loras: list[LoraSpec] = field(default_factory=list)
+    vram_bytes: int | None = None  # None: this GPU's free VRAM (a profile's own budget without a GPU)
+    ram_bytes: int | None = None  # None: this machine's available RAM
+    gpus: int | None = None  # sequence parallelism over this many GPUs (VRAM per GPU, RAM per machine)
+    parallel: str = "usp"
+    link_gbs: float = PCIE4_X8_GBS  # each GPU's link, for the communication estimate
+
+
+@dataclass
+class PlanAnswer:
+    result: dict  # what `lowvram plan --json` prints
+    plan: Plan | None  # None: no profile fits at all ("auto")
+    profile: Profile | None
+    forwards: tuple[int, int]  # (fewest, most) DiT forwards the step cache is expected to run
+
+
+def plan_only(query: PlanQuery) -> PlanAnswer:
+    """The same settling, memory probing and planning as a run, without weights or a run folder."""
+    validate_request(GenerationRequest("plan", width=query.width, height=query.height, frames=query.frames, steps=query.steps))
+    if query.link_gbs <= 0:
+        raise HyVideoError(f"--link-gbs must be positive, not {query.link_gbs:g}")
+    config = DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
+    sizes = {"lora_bytes": lora_bytes(query.loras, config)}  # every key checked against the 13B DiT, no weights read
+    if query.gpus is not None:
+        sizes["layout"] = parallel_layout(query.parallel, query.gpus, query.width, query.height, query.frames)
+    free_vram, free_ram = free_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    vram = query.vram_bytes if query.vram_bytes is not None else free_vram
+    ram = query.ram_bytes if query.ram_bytes is not None else free_ram
+    if query.profile == "auto" and vram is None:
+        raise HyVideoError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
+    candidates = settle_profile(query.profile, query.overrides, gpu=vram is not None)
+    alternatives = settle_profile("auto", query.overrides)
+    video = (query.width, query.height, query.frames)
+    try:
+        profile, found = resolve(candidates, *video, vram_bytes=vram, ram_bytes=ram, must_fit=False, **sizes)
+    except HyVideoError as error:  # "auto" and no profile fits: say what would
+        if len(candidates) == 1:
+            raise
+        result = {"fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
+                  "reason": str(error), "suggestion": suggest_fit(*video, vram, ram, alternatives, **sizes)}
+        return PlanAnswer(result, None, None, (query.steps, query.steps))
+    result = found.to_dict(query.link_gbs)
+    forwards = expected_forwards(profile.step_cache, query.steps)
+    result["step_cache"] = {"preset": profile.step_cache, "steps": query.steps, "expected_dit_forwards": list(forwards)}
+    if not found.fits:
+        result["suggestion"] = suggest_fit(*video, found.vram_budget_bytes, ram, alternatives, **sizes)
+    return PlanAnswer(result, found, profile, forwards)
 
 
 def check_launch(world: int, mode: str, device: str, files: ModelFiles, video: tuple[int, int, int] | None) -> Layout:

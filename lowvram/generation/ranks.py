@@ -32,10 +32,10 @@ import torch.distributed as dist
 from hyvideo.checkpoint import ModelFiles
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraSpec
-from hyvideo.pipeline import GenerationRequest, denoise
+from hyvideo.pipeline import GenerationRequest
 from hyvideo.step_cache import CacheState
 from hyvideo.text_encoder import TextEmbeddings
-
+from lowvram.memory import free_memory
 from lowvram.parallel import Layout, SequenceParallel, require_yunchang
 from lowvram.planner import Plan
 from lowvram.stages import Stages
@@ -174,7 +174,7 @@ def join_ranks(layout_for: Callable[[int], tuple[Layout, str]]) -> Ranks | None:
         place = torch.device("cpu")
     set_seq_parallel_pg(layout.ulysses, layout.ring, env["RANK"], env["WORLD_SIZE"])
     free = [None] * env["WORLD_SIZE"]
-    mine = torch.cuda.mem_get_info(place)[0] if place.type == "cuda" else None
+    mine = free_memory(place)[0]  # None on the CPU
     dist.all_gather_object(free, mine, group=control)
     ranks = Ranks(env, layout, place, control, PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG,
                   min(free) if mine is not None else None)
@@ -209,8 +209,7 @@ def follow(ranks: Ranks) -> None:
             if isinstance(message, DitJob):
                 stages = Stages(message.files, message.plan, ranks.device, message.attention, cache_dir=message.cache_dir,
                                 loras=message.loras)
-                model, streamer = stages.dit()
-                model.sequence_parallel = ranks.sequence_parallel(model.config.patch_size)
+                model, streamer = stages.dit(ranks.sequence_parallel(message.plan.dit_config.patch_size))
             elif isinstance(message, ClipJob):
                 _denoise_clip(ranks, stages, model, streamer, message)
     finally:
@@ -227,7 +226,6 @@ def _denoise_clip(ranks: Ranks, stages: Stages, model, streamer, job: ClipJob) -
             raise _Stopped
 
     try:
-        denoise(model, job.embeddings, job.latents, job.request, ranks.device, start_step=job.step, on_step=on_step,
-                blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache)
+        stages.denoise(model, streamer, job.embeddings, job.latents, job.request, start_step=job.step, on_step=on_step, cache=cache)
     except _Stopped:
         pass

@@ -21,10 +21,10 @@ import torch
 from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.errors import HyVideoError
 from hyvideo.prompt_rewrite import check_mode, rewrite_prompt
-
 from lowvram.progress import Reporter
-from .run_folder import Run
 from lowvram.streaming import empty_cache
+
+from .run_folder import Run
 
 
 def rewrite_folders(files: ModelFiles | None, rewrite_model: Path | None) -> tuple[Path, Path]:

@@ -38,21 +38,21 @@ import torch
 
 from hyvideo.checkpoint import ModelFiles
 from hyvideo.errors import HyVideoError
-from hyvideo.pipeline import GenerationRequest, denoise
+from hyvideo.pipeline import GenerationRequest
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
-
 from lowvram.attention_choice import usable_backend
-from .measure import StageMeter
 from lowvram.planner import Plan
-from .preflight import plan_for_run, resumable_files, run_loras
 from lowvram.profiles import Profile
 from lowvram.progress import Reporter
+from lowvram.stages import Stages
+from lowvram.streaming import empty_cache
+
+from .measure import StageMeter
+from .preflight import plan_for_run, resumable_files, run_loras
 from .ranks import ClipJob, DitJob, Ranks, current_ranks
 from .rewrite import prompt_for_encoding
 from .run_folder import FIRST_FRAME, IMAGE, VIDEO, Run, find_run
-from lowvram.stages import Stages
-from lowvram.streaming import empty_cache
 from .video import write_outputs, write_png
 
 # --- progress, interrupts, results -----------------------------------------------------------
@@ -341,14 +341,11 @@ class _Execution:
     def _place_dit(self):
         """The DiT on this device; with several ranks, on theirs too, each for its share of tokens.
         A quantized cache is built here first, so the ranks then load it at the same time."""
+        stages = self.stages
         if self.ranks:
-            stages = self.stages
             stages.ensure_dit_cache()
             self.ranks.send(DitJob(stages.files, stages.plan, stages.attention, stages.cache_dir, stages.loras))
-        model, streamer = self.stages.dit()
-        if self.ranks:
-            model.sequence_parallel = self.ranks.sequence_parallel(model.config.patch_size)
-        return model, streamer
+        return self.stages.dit(self.ranks.sequence_parallel(stages.plan.dit_config.patch_size) if self.ranks else None)
 
     # ---- decode and write, the VAE loaded once
 
@@ -437,11 +434,7 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
             if ranks.agree_to_stop(stop.is_set()) if ranks else stop.is_set():
                 raise RunInterrupted(run)
 
-        def blocks_for_step(i: int):
-            return streamer.blocks_for_step(prefetch_next_step=i + 1 < request.steps)
-
-        latents = denoise(model, embeddings, latents, request, device, start_step=step, on_step=on_step,
-                          blocks_for_step=blocks_for_step, step_cache=cache)
+        latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache)
     finally:
         stop.stage = None
         # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lowvram.memory import host_ram, pinned_memory_limit
+
 from .download import check_model_folder
 
 GIB = 2**30

@@ -48,9 +48,10 @@ from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
 from hyvideo.diffusers_keys import diffusers_parts, official_to_diffusers_tensors
 from hyvideo.dit import HunyuanVideoDiT
-from .tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokenizer
 from hyvideo.vae import CausalVAE
 from hyvideo.weight_io import Layout, write_safetensors_stream, write_torch_stream
+
+from .tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokenizer
 
 LAYOUTS = ("official", "diffusers", "official-fp8")  # official-fp8: Tencent's FP8 DiT pair instead of the bf16 .pt
 FP8_MAX = 448.0  # largest float8_e4m3fn value
