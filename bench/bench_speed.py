@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     bench.config = config
     kernels = {"sdpa": None}
     if device.type == "cuda":
-        kernels.update((backend, probe(backend, device)) for backend in candidates("auto"))
+        kernels.update((backend, probe(backend, device, heads=config.heads, head_dim=config.head_dim))
+                       for backend in candidates("auto"))
     meta["probes"] = {backend: {"ms": result[0], "why_not": result[1]} for backend, result in kernels.items() if result}
     passed = ["sdpa"] + [b for b, result in kernels.items() if result and result[0] is not None]
     scaled_mm_reason = scaled_mm_unavailable_reason(device)

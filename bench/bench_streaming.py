@@ -44,8 +44,7 @@ from lowvram.schedule import plan_schedule
 from lowvram.streaming import BlockStreamer, leaf_bytes
 from bench.common import random_init_
 from quant.fp8 import FP8Linear
-
-GIB = 2**30
+from lowvram.units import GIB
 
 
 def quantize_fp8_(module: nn.Module) -> nn.Module:
@@ -351,6 +350,8 @@ def main(argv=None) -> int:
     parser.add_argument("--caps", default="16,24", help="memory caps in GiB, most informative first")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting runs after this many seconds")
     parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--runs", default="vae,resident,stream,diffusers",
+                        help="which runs, of vae, resident, stream, diffusers (e.g. diffusers: only diffusers' offloading)")
     parser.add_argument("--no-pin-cap", action="store_true", help="pin all streamed blocks (ignore the profile cap)")
     args = parser.parse_args(argv)
 
@@ -358,7 +359,8 @@ def main(argv=None) -> int:
     config = DIT_CONFIGS["tiny" if args.tiny else "HYVideo-T/2-cfgdistill"]
     sizes = parse_sizes(args.sizes or ("32x48x9" if args.tiny else "544x960x129,720x1280x129"))
     caps = [float(c) for c in args.caps.split(",") if c]
-    use_diffusers = not args.no_diffusers and diffusers_available()
+    runs = set(args.runs.split(","))
+    use_diffusers = "diffusers" in runs and not args.no_diffusers and diffusers_available()
     meta = {"torch": torch.__version__, "device": str(device), "python": sys.version.split()[0],
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "total_gb": torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None,
@@ -368,17 +370,20 @@ def main(argv=None) -> int:
     bench = Bench(args, device, recorder)
     bench.config = config
 
-    bench.guarded({"size": "tile", "run": "vae-decode-tile"}, "vae", bench.run_vae_tile)
+    if "vae" in runs:
+        bench.guarded({"size": "tile", "run": "vae-decode-tile"}, "vae", bench.run_vae_tile)
     began = time.perf_counter()
-    bench.model = build_fp8_dit(config, device)
-    recorder.data["meta"]["build_s"] = time.perf_counter() - began
     inputs = {size: make_inputs(config, *size, device=device) for size in sizes}
     names = {size: "x".join(map(str, size)) for size in sizes}
+    if runs & {"resident", "stream"}:
+        bench.model = build_fp8_dit(config, device)
+        recorder.data["meta"]["build_s"] = time.perf_counter() - began
     for size in sizes:
         key = names[size]
-        bench.guarded({"size": key, "run": "resident", "cap_gb": None}, key,
-                      lambda r, s=size: bench.run_ours(s, None, inputs[s], r))
-        for cap in caps:
+        if "resident" in runs:
+            bench.guarded({"size": key, "run": "resident", "cap_gb": None}, key,
+                          lambda r, s=size: bench.run_ours(s, None, inputs[s], r))
+        for cap in caps if "stream" in runs else ():
             bench.guarded({"size": key, "run": "stream", "cap_gb": cap}, key,
                           lambda r, s=size, c=cap: bench.run_ours(s, c, inputs[s], r))
     if use_diffusers:

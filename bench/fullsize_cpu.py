@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-GIB = 2**30
+from lowvram.units import GIB
+
 RESULTS = Path(__file__).parent / "results"
 PY = sys.executable
 STEPS = ("write-official", "official-fp8", "load-fp8", "official-int8", "official-fp8-limited",

@@ -1,70 +1,207 @@
 #!/usr/bin/env bash
-# The GPU measurements in two device calls (each <= 9 minutes on an H100/H200), most important
-# first, each step with its own time limit so one slow or failing step cannot eat the others' time.
-# Results land in $OUT (or bench/results) as JSON + markdown, named by device.
-#   bash bench/run_gpu.sh            # call 1, the product path (wheels in .whl/ are installed first)
-#   bash bench/run_gpu.sh speed      # call 2, speed: attention kernels x compile x FP8 matmul, step cache
-#   bash bench/run_gpu.sh multigpu   # a machine with several GPUs: s/step on 1, 2, 4 GPUs under 16 GiB caps
-#   REHEARSE=1 bash bench/run_gpu.sh [speed]  # every step on the CPU at tiny size (before a device call)
-# The device has no package index: carry optimum-quanto, bitsandbytes and diffusers as wheels in .whl/.
+# The GPU measurements (issue 25) in ONE device call of at most 8 minutes, most valuable first. Each
+# step has a hard time limit: its own, or what is left of the budget (BUDGET_S, default 470 s), and a
+# step that would get less than it needs is skipped. Each step writes its result as soon as it has
+# it, and after every step everything so far is packed into $OUT/gpu-results.tar.gz (one file: the
+# device returns at most 8), with $OUT/progress.log beside it: a kill keeps what was done.
+#
+#   bash bench/run_gpu.sh fetch-wheels   # here, where pip reaches an index: the wheels into .whl/
+#   bash bench/run_gpu.sh                # on the GPU machine, carrying .whl (device tool: carry [".whl"])
+#   REHEARSE=1 bash bench/run_gpu.sh     # the same steps, commands, checks and archive on the CPU, tiny
+#
+# Steps (issue 25's order of value; limit = most seconds, need = fewest worth starting with):
+#   0 setup: the wheels installed (a failure stops the run with one line), imports checked, the
+#     packages the product's runs need checked as preflight checks them
+#   1 write-model        the full-size random model, Tencent's FP8 DiT pair + Llama-3-8B + CLIP + VAE
+#                        (30.5 GB), drawn on the GPU (bench/write_model.py)             limit 120, need 30
+#   2 720p-16gb          lowvram bench 1280x720x129 under a 16 GiB cap, 2 steps, defaults
+#                        (auto profile and attention; builds the NF4 encoder cache)     limit 210, need 90
+#   3 720p-16gb-compile  the same, fastest attention (auto) and --compile: step 1 compiles, step 2
+#                        is the speed; its decode repeats step 2's, and if the limit cuts it,
+#                        the run's manifest still holds the DiT stage                     limit 150, need 90
+#   4 540p-8gb           960x544x129 under an 8 GiB cap                                  limit 110, need 60
+#   5 cuda-tests         pytest -m cuda                                                  limit 100, need 40
+#   6 attention          each kernel's time per joint attention call at 720p, x 60 blocks
+#                        (bench/bench_attention.py)                                      limit 45, need 20
+#   7 diffusers-16gb     diffusers' group offloading (FP8 layerwise casting) at 720p under
+#                        the same 16 GiB cap (bench/bench_streaming.py --runs diffusers)  limit 120, need 60
+#   8 720p-12gb          lowvram bench 1280x720x129 under a 12 GiB cap                   rest, need 90
+# Per step the archive holds its stdout (a bench's JSON) and stderr (progress lines), for a bench
+# its run's manifest (per-stage measurements, step seconds: there even when the limit cut the run),
+# steps.tsv (name, exit code, seconds, limit; 124 = the limit stopped it) and progress.log.
+# Not in this call (each its own, longer one): python -m bench.bench_speed (kernels x compile x
+# _scaled_mm x step cache, ~9 min) and, on a machine with several GPUs, `lowvram bench --gpus N`.
+#
+# Wheels: the GPU machine has no package index (Python 3.12, torch 2.11+cu130). `fetch-wheels`
+# downloads, with pip here, the packages it lacks, pinned to the versions tested here, as wheels for
+# CPython 3.12 on manylinux x86_64 (`pip download --no-deps --only-binary=:all: --python-version
+# 3.12 --implementation cp --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION`): av (the mp4
+# writer), bitsandbytes (NF4), optimum-quanto (INT8), diffusers (the oracle and the group-offloading
+# comparison) and its importlib_metadata, sageattention, yunchang. Their other needs (numpy, ninja,
+# safetensors, huggingface-hub, Pillow, requests, regex, filelock, packaging, triton) are there.
+# bitsandbytes ships one 4-26 MB kernel library per CUDA version (43 MB wheel); its copy in .whl/
+# keeps the CPU library and CUDA 13.0's only (torch there is cu130), so that everything stays under
+# the 64 MiB a device call may carry (the working tree included): ~47 MB. .whl/ is git-ignored.
 set -u
-out=${OUT:-bench/results}
-mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-scratch=${SCRATCH:-/tmp/lowvram-bench}
-if [ -n "${REHEARSE:-}" ]; then
-  size="--model-size tiny --device cpu"; video() { echo "--size 128x96 --frames 17"; }; cap() { :; }; tiny=--tiny
-else
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  size="--model-size full"; video() { echo "--resolution $1 --frames 129"; }; cap() { echo "--cap-gb $1"; }; tiny=
-fi
-if [ "${1:-}" = speed ]; then
-  # Every attention kernel x compile x FP8 dequant/_scaled_mm at 720p and 544p x 129 under a 16 GiB
-  # cap (s/step, peak VRAM, error vs default SDPA), then the step cache presets on full 50-step runs
-  # at 960x544x33 (DiT seconds, forwards, PSNR of decoded frames vs uncached). 13B random FP8 DiT.
-  if [ -n "${REHEARSE:-}" ]; then speed_args="--tiny --cache-steps 6 --budget-s 120"; else speed_args="--cap-gb 16 --budget-s 420"; fi
-  timeout 540 python3 -m bench.bench_speed $speed_args --out "$out" > "$out/speed.log" 2>&1 || echo "   speed: exit $?"
-  tail -4 "$out/speed.log"; ls "$out"/bench_speed-*.md
-  exit 0
-fi
-if [ "${1:-}" = multigpu ]; then
-  # Needs a machine with >= 2 GPUs: s/step at 720p x 129 on 1, 2 and 4 GPUs (sequence parallel, usp),
-  # every GPU capped at 16 GiB with the 16gb profile; the summary's s/step column gives the speedup.
-  if [ -n "${REHEARSE:-}" ]; then gpus=2; else gpus=$(nvidia-smi -L | wc -l); fi
-  if [ "$gpus" -lt 2 ]; then echo "multigpu: $gpus GPU visible, nothing to measure"; exit 0; fi
-  for n in 1 2 4; do
-    [ "$n" -le "$gpus" ] || break
-    timeout 240 python3 -m cli bench --scratch "$scratch" --layout official-fp8 --steps 3 $size $(video 720p) --profile 16gb \
-      $(cap 16) --gpus $n --json > "$out/lowvram-bench-720p-16gb-gpus$n.json" 2> "$out/lowvram-bench-720p-16gb-gpus$n.log" \
-      || echo "   gpus $n: exit $?"
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}  # the device's python3 holds torch; here: PYTHON=.venv/bin/python
+WHEELS="optimum-quanto==0.2.7 bitsandbytes==0.50.2 diffusers==0.42.1 importlib_metadata==8.7.0 sageattention==1.0.6 yunchang==0.6.4 av==18.1.0"
+BNB_CUDA=130  # the bitsandbytes kernel library kept: the device's torch is built for CUDA 13.0
+
+if [ "${1:-}" = fetch-wheels ]; then
+  rm -rf .whl && mkdir -p .whl
+  platforms=""
+  for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+    platforms="$platforms --platform $p"
   done
-  python3 -m bench.summarize_bench "$out"
+  for spec in $WHEELS; do
+    $PYTHON -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms -d .whl "$spec" \
+      || { echo "fetch-wheels: $spec did not resolve"; exit 1; }
+  done
+  $PYTHON - "$BNB_CUDA" <<'EOF'
+import sys, zipfile
+from pathlib import Path
+keep = f"libbitsandbytes_cuda{sys.argv[1]}.so"
+wheel = next(Path(".whl").glob("bitsandbytes-*.whl"))
+slim = wheel.with_suffix(".slim")
+with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
+    dropped = {n for n in src.namelist() if "/libbitsandbytes_" in n and not n.endswith((keep, "_cpu.so"))}
+    for item in src.infolist():
+        if item.filename in dropped:
+            continue
+        data = src.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            data = b"".join(line for line in data.splitlines(keepends=True) if line.split(b",")[0].decode() not in dropped)
+        dst.writestr(item, data)
+slim.replace(wheel)
+print(f"bitsandbytes: kept {keep} and the CPU library, dropped {len(dropped)} others")
+EOF
+  du -ch .whl/*.whl | tail -1
+  total=$(du -cb .whl/*.whl | tail -1 | cut -f1)
+  [ "$total" -le $((60 * 2**20)) ] || { echo "fetch-wheels: .whl/ holds $total bytes, over the 60 MiB left beside the working tree"; exit 1; }
   exit 0
 fi
-bench() {  # NAME SECONDS ARGS...: one `lowvram bench` configuration -> $out/lowvram-bench-NAME.json
-  local name=$1 limit=$2; shift 2
-  echo "== bench $name ($limit s)"
-  timeout "$limit" python3 -m cli bench --scratch "$scratch" --layout official-fp8 --steps 2 $size "$@" --json \
-    > "$out/lowvram-bench-$name.json" 2> "$out/lowvram-bench-$name.log" || echo "   $name: exit $?"
+
+out=${OUT:-/tmp/lowvram-gpu-out}   # what comes back from the device: the archive, progress.log, the summary
+res=${RESULTS:-/tmp/lowvram-gpu-results}  # everything, packed into $out after every step
+scratch=${SCRATCH:-/tmp/lowvram-bench}    # the random model (30 GB at full size, reused) and the runs
+BUDGET_S=${BUDGET_S:-470}
+mkdir -p "$out" && rm -rf "$res" && mkdir -p "$res"
+export PYTHONUNBUFFERED=1
+
+log() { echo "$(date +%H:%M:%S) +${SECONDS}s $*" | tee -a "$res/progress.log"; }
+pack() {
+  cp "$res/progress.log" "$out/progress.log"
+  tar -czf "$out/.gpu-results.tar.gz" -C "$res" . && mv "$out/.gpu-results.tar.gz" "$out/gpu-results.tar.gz"
 }
-# 1. the product's path end to end at 720p x 129 (writes the full-size model once: Tencent's FP8 DiT
-#    pair, Llama-3-8B, CLIP-L, VAE, ~30 GB; the first run also builds the NF4 encoder cache)
-bench 720p-16gb 240 $(video 720p) --profile 16gb $(cap 16)
-bench 720p-24gb 120 $(video 720p) --profile 24gb $(cap 24)
-# 2. smaller cards (the DiT steps are what matter; the decode runs too if time allows)
-bench 540p-8gb 75 $(video 540p) --profile 8gb $(cap 8)
-bench 720p-12gb 75 $(video 720p) --profile 12gb $(cap 12)
-python3 -m bench.summarize_bench "$out"
-# 3. CUDA tests that fail when streaming's event waits, INT8/NF4 on CUDA or resume on CUDA break
-timeout 60 python3 -m pytest -q -m cuda -p no:cacheprovider tests/ > "$out/cuda-tests.txt" 2>&1; tail -3 "$out/cuda-tests.txt"
-# 4. diffusers' group offloading with FP8 layerwise casting at the same caps, and the DiT-only streaming runs
-timeout 60 python3 -m bench.bench_streaming --out "$out" --budget-s 45 $tiny --caps 16
-# 5. bf16 / FP8 dequant / FP8 _scaled_mm / INT8 forward at 544p x 33
-timeout 40 python3 bench/bench_quant.py --out "$out" $tiny
-# 6. the bf16 13B forward (all resident), if time is left
-timeout 60 python3 bench/bench_dit_forward.py --repeats 1 --out "$out" $tiny
-rm -rf "$scratch"
+step() {  # NAME LIMIT NEED CMD...: CMD > NAME.out 2> NAME.log under min(LIMIT, budget left); skipped under NEED
+  local name=$1 max=$2 need=$3 left limit began rc
+  shift 3
+  left=$((BUDGET_S - SECONDS))
+  limit=$((left < max ? left : max))
+  if [ "$limit" -lt "$need" ]; then
+    log "skip $name: ${left} s of the budget left, it needs ${need} s"
+    printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >> "$res/steps.tsv"
+    pack
+    return 0
+  fi
+  log "start $name (limit ${limit} s)"
+  touch "$res/.started"
+  began=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$res/$name.out" 2> "$res/$name.log"
+  rc=$?
+  log "end $name: exit $rc$([ $rc = 124 ] && echo ' (time limit)'), $((SECONDS - began)) s"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - began))" "$limit" >> "$res/steps.tsv"
+  tail -n 3 "$res/$name.log" | sed "s/^/    /"
+  pack
+  return 0
+}
+
+if [ -n "${REHEARSE:-}" ]; then
+  device=cpu; model_size=tiny
+  video() { echo "--size 128x96 --frames 17"; }  # every size: the tiny model at demo size
+  cap() { echo "--profile ${1}gb"; }             # on the CPU no VRAM to cap: the profile the cap would pick
+  tiny=(--tiny); attention_size=96x128x17; streaming_size=32x48x9
+else
+  device=cuda; model_size=full
+  video() { echo "--resolution $1 --frames 129"; }
+  cap() { echo "--cap-gb $1"; }
+  tiny=(); attention_size=720x1280x129; streaming_size=720x1280x129
+fi
+
+# -- 0: setup ----------------------------------------------------------------------------------
+log "run_gpu: $([ -n "${REHEARSE:-}" ] && echo rehearsal on the CPU || echo GPU run), budget ${BUDGET_S} s"
+printf 'step\texit\tseconds\tlimit\n' > "$res/steps.tsv"
+git log -1 --format='%H %s' > "$res/commit.txt" 2>/dev/null
+if [ -z "${REHEARSE:-}" ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$res/gpu.txt"
+fi
+wheels=${WHEELS_DIR:-.whl}
+if ls "$wheels"/*.whl > /dev/null 2>&1; then
+  site=${SITE:-/tmp/site}
+  if ! $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
+      > "$res/wheels.log" 2>&1; then
+    log "stop: installing the wheels in $wheels/ failed: $(grep -m1 -i error "$res/wheels.log")"
+    pack
+    exit 1
+  fi
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  log "wheels installed: $(ls "$wheels" | sed 's/-py3.*\|-cp3.*//' | tr '\n' ' ')"
+else
+  log "no wheels in $wheels/ (bash bench/run_gpu.sh fetch-wheels): using the installed packages"
+fi
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+# Import each package (a broken wheel shows here, not in step 4), then the product's own check of
+# what its runs need (lowvram/generation/packages.py): a missing one stops the run here.
+if ! timeout 120 $PYTHON - "$device" > "$res/imports.txt" 2>&1 <<'EOF'
+import importlib, sys
+from lowvram.generation.packages import check_packages, needed_packages
+failed = []
+for module, use in (("av", "mp4"), ("bitsandbytes", "NF4"), ("optimum.quanto", "INT8"), ("diffusers", "oracle, step 7"),
+                    ("sageattention", "attention kernel"), ("yunchang", "several GPUs"), ("triton", "compile, sage")):
+    try:
+        found = importlib.import_module(module)
+        print(f"{module}: {getattr(found, '__version__', 'ok')} ({use})")
+    except Exception as error:
+        failed.append(module)
+        print(f"{module}: MISSING ({use}): {type(error).__name__}: {' '.join(str(error).split())[:150]}")
+check_packages("fp8", "nf4", 129, sys.argv[1])  # the 16 GB profile's needs, as preflight checks them (one line)
+broken = [pip for module, pip, _ in needed_packages("fp8", "nf4", 129, sys.argv[1]) if module in failed]
+if broken:
+    sys.exit(f"installed but failing to import, and the runs need them: {' '.join(broken)}")
+EOF
+then
+  log "stop: $(tail -n 1 "$res/imports.txt")"
+  pack
+  exit 1
+fi
+log "imports: $(grep -c MISSING "$res/imports.txt") missing: $(grep MISSING "$res/imports.txt" | cut -d: -f1 | tr '\n' ' ')"
+pack
+
+bench() {  # NAME LIMIT NEED ARGS...: one `lowvram bench` -> lowvram-bench-NAME.json (+ .log, .manifest.json)
+  local name=$1 limit=$2 need=$3
+  shift 3
+  step "lowvram-bench-$name" "$limit" "$need" $PYTHON -m cli bench --scratch "$scratch" --layout official-fp8 \
+    --model-size "$model_size" --device "$device" --steps 2 "$@" --json
+  mv "$res/lowvram-bench-$name.out" "$res/lowvram-bench-$name.json" 2> /dev/null
+  local manifest
+  manifest=$(find "$scratch/runs" -name manifest.json -newer "$res/.started" 2> /dev/null | head -n 1)
+  [ -n "$manifest" ] && cp "$manifest" "$res/lowvram-bench-$name.manifest.json"
+  pack
+}
+
+# -- 1-8 -----------------------------------------------------------------------------------------
+step write-model 120 30 $PYTHON -m bench.write_model --scratch "$scratch" --size "$model_size" --layout official-fp8 --device "$device"
+bench 720p-16gb 210 90 $(video 720p) $(cap 16)
+bench 720p-16gb-compile 150 90 $(video 720p) $(cap 16) --attention auto --compile
+bench 540p-8gb 110 60 $(video 540p) $(cap 8)
+step cuda-tests 100 40 $PYTHON -m pytest -q -m cuda -p no:cacheprovider -rs --continue-on-collection-errors \
+  --junitxml="$res/cuda-tests.xml" tests/
+step attention 45 20 $PYTHON -m bench.bench_attention --out "$res" --size "$attention_size" "${tiny[@]}"
+step diffusers-16gb 120 60 $PYTHON -m bench.bench_streaming --out "$res" --runs diffusers --sizes "$streaming_size" \
+  --caps 16 --steps 2 --budget-s 100 "${tiny[@]}"
+bench 720p-12gb 600 90 $(video 720p) $(cap 12)
+
+$PYTHON -m bench.summarize_bench "$res" > "$res/summary.out" 2>&1 && cp "$res"/lowvram_bench-*.md "$out"/ 2> /dev/null
+log "done: $(awk -F'\t' 'NR > 1 {printf "%s %s %ss; ", $1, $2, $3}' "$res/steps.tsv")"
+pack

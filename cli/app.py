@@ -37,12 +37,18 @@ ProfileName = typer.Option("auto", "--profile", help="Memory profile: auto, a na
 Size = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 1280x720).")
 Resolution = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p).")
 Aspect = typer.Option(None, "--aspect", help="With --resolution: 16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9).")
-Frames = typer.Option(129, "--frames", help="Number of frames, 4k+1 (129 = 5.4 s at 24 fps; 1 = a PNG image).")
+Frames = typer.Option(129, "--frames", help="Number of frames, 4k+1 up to 261 (129 = 5.4 s at 24 fps, the trained length; "
+                      "1 = a PNG image).")
+Riflex = typer.Option("auto", "--riflex", help="RIFLEx, for clips longer than the trained 129 frames (no loop or freeze): "
+                      "auto (on above 129 frames), on or off.")
+Preview = typer.Option(False, "--preview", help="Write preview.webp in the run folder after every step: the clip as the "
+                       "model now predicts it, from the latents alone (no VAE; coarse colours, 1/8 size).")
 # Per-run overrides of the profile's fields (lowvram.profiles.Overrides), all None = as the profile says.
 StepCache = typer.Option(None, "--cache", help="Skip the DiT's blocks on steps that change little (TeaCache): "
                          "off, safe (published ~1.6x) or fast (~2.1x); default: the profile's (off).")
 Attention = typer.Option(None, "--attention", help="Attention kernel: auto (the fastest installed one that passes a probe on "
-                         "this GPU), sdpa, sage (pip install '.[sage]') or flash ('.[flash]'); default: the profile's (auto).")
+                         "this GPU), sdpa, sage (pip install '.[sage]'), flash ('.[flash]') or one SDPA kernel (sdpa:flash, sdpa:cudnn, "
+                         "sdpa:efficient, sdpa:math); default: the profile's (auto).")
 Compile = typer.Option(None, "--compile/--no-compile", help="torch.compile the DiT's blocks (first step compiles; cached on "
                        "disk for the next run); default: the profile's (off).")
 Fp8Matmul = typer.Option(None, "--fp8-matmul", help="FP8 DiT linears: dequant (to bf16, then matmul), scaled_mm (FP8 tensor "

@@ -150,9 +150,10 @@ def bench(
 ):
     """Run the real pipeline on random weights of the real size: per stage, measured peak VRAM and
     RAM next to the plan, s/step, and an estimate for a full run. The video is noise. With --gpus N
-    and --cap-gb, every GPU is capped."""
+    and --cap-gb, every GPU is capped. With --json, progress lines still go to stderr when it is a
+    file or a pipe: a bench stopped by a time limit leaves its log."""
     quiet_libraries()
-    reporter = RichReporter(enabled=not (as_json or quiet))
+    reporter = RichReporter(enabled=not quiet and not (as_json and err.is_terminal))
     with user_errors(as_json):
         from lowvram.generation.bench import BenchOptions, cap_vram, ensure_synthetic_model, run_bench
         from lowvram.generation.ranks import leave_ranks, rank_environment

@@ -55,6 +55,10 @@ class RichReporter(Reporter):
         if self.lines:
             err.print(f"{self.clip_label}{name}" + (f" ({completed}/{total} done)" if total and completed else ""))
 
+    def preview(self, path):
+        if self.enabled:
+            self.progress.console.print(f"preview (after every step): {escape(path)}")
+
     def clip(self, number, total, run_id, steps_left):
         self.clip_label = f"clip {number}/{total} "
         self.batch_steps_left = steps_left

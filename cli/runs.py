@@ -8,8 +8,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .app import (Aspect, Attention, CacheDir, Compile, Device, Fp8Matmul, Frames, Gpus, Json, Loras, ModelDir, Parallel, Pin,
-                  ProfileName, Quiet, Resolution, RunsDir, Size, StepCache, UserError, app, err, out, overrides, print_json,
-                  print_table, quiet_libraries, user_errors)
+                  Preview, ProfileName, Quiet, Resolution, Riflex, RunsDir, Size, StepCache, UserError, app, err, out, overrides,
+                  print_json, print_table, quiet_libraries, user_errors)
 from .progress import RichReporter, run_and_report
 from .ranks import as_rank
 
@@ -35,13 +35,14 @@ def generate(
     resolution: str = Resolution,
     aspect: str = Aspect,
     frames: int = Frames,
+    riflex: str = Riflex,
     steps: int = typer.Option(50, "--steps", help="Denoising steps."),
     seed: int = typer.Option(None, "--seed", help="Random seed (default: a random one, recorded in the run)."),
     guidance: float = typer.Option(6.0, "--guidance", help="Embedded guidance scale."),
     flow_shift: float = typer.Option(7.0, "--flow-shift", help="Flow-matching schedule shift."),
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this text file."),
     prompts: Path = typer.Option(None, "--prompts", help="A batch: one prompt per line, or JSON lines with overrides "
-                                 '({"prompt": ..., "seed": 3, "size": "960x544", "frames": 33, "steps": 30}).'),
+                                 '({"prompt": ..., "seed": 3, "size": "960x544", "frames": 33, "steps": 30, "riflex": "on"}).'),
     seeds: str = typer.Option(None, "--seeds", help="A batch: one clip per seed and prompt, e.g. 1,2,3 or 10..19."),
     attention: str = Attention,
     compile_blocks: bool = Compile,
@@ -52,6 +53,7 @@ def generate(
                                 "(add composition, lighting, camera motion). The text encoder by default (official layout)."),
     rewrite_model: Path = typer.Option(None, "--rewrite-model", help="With --rewrite: a local transformers causal-LM folder to rewrite with."),
     out_path: Path = typer.Option(None, "--out", help="Also copy the result here: a file (.mp4; .png with --frames 1) or a folder."),
+    preview: bool = Preview,
     cache_dir: Path = CacheDir,
     runs_dir: Path = RunsDir,
     device: str = Device,
@@ -68,7 +70,7 @@ def generate(
 
     with user_errors(as_json):
         from hyvideo.lora import LoraSpec
-        from hyvideo.pipeline import GenerationRequest
+        from hyvideo.pipeline import GenerationRequest, riflex_choice
         from lowvram.generation.preflight import RunOptions
         from lowvram.setup.download import default_model_dir
         from lowvram.sizes import resolve_size
@@ -78,10 +80,12 @@ def generate(
         if not batch:
             seed = random.randint(0, 1_000_000) if seed is None else seed
         request = GenerationRequest("" if batch else _read_prompt(prompt, prompt_file), width=width, height=height, frames=frames,
-                                    steps=steps, seed=seed, guidance=guidance, flow_shift=flow_shift)
+                                    steps=steps, seed=seed, guidance=guidance, flow_shift=flow_shift,
+                                    riflex=riflex_choice(riflex))
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile,
                              overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), device, out_path, cache_dir,
-                             loras=[LoraSpec.parse(text) for text in lora or []], rewrite=rewrite, rewrite_model=rewrite_model)
+                             loras=[LoraSpec.parse(text) for text in lora or []], rewrite=rewrite, rewrite_model=rewrite_model,
+                             preview=preview)
     if batch:
         _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel)
     else:
@@ -302,7 +306,7 @@ def _add_run_rows(table: Table, rows: list[dict]) -> None:
         prompt = row["prompt"] or row.get("problem", "")
         prompt = prompt if len(prompt) <= 40 else prompt[:39] + "…"
         step = f"{row['step']}/{row['steps']}" if row["steps"] else "-"
-        output = row["output"] or "-"
+        output = row["output"] or row["preview"] or "-"  # unfinished: its live preview, if it writes one
         output = Path(output).name if Path(output).parent == Path(row["folder"]) else output
         state = row["state"]
         if state in ("encoding", "denoising", "decoding"):  # unfinished: live, or waiting for `lowvram resume`

@@ -8,11 +8,19 @@ text tokens altogether, so no mask is needed and any kernel applies. For batch >
 - `flash`: flash-attn varlen with the official segments: per item (image + valid text) and
   (padding only), exactly as the official code;
 - `sage`: SageAttention (INT8 QK^T, FP16 PV; PyPI `sageattention`) takes no mask, so a masked
-  batch runs SDPA instead (a Python warning says so once; lowvram's runs are batch 1).
+  batch runs SDPA instead (a Python warning says so once; lowvram's runs are batch 1). Its PyPI
+  release, 1.0.6 (`sageattn(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k=True, **kwargs)`),
+  subtracts the keys' mean from `k` *in place* (smooth_k; the result is unchanged, softmax ignores a
+  per-query constant) and takes head sizes 64, 96 and 128 only: `attention` takes k over, so a
+  caller hands it a k it does not read again (the DiT's blocks do: JointAttentionInputs.attend).
 
 `attention_with_lse` is the same attention returning the log-sum-exp of each query's scores too,
 which is what lets partial results over key blocks be merged exactly (ring attention,
-lowvram/parallel.py).
+lowvram/parallel.py). SageAttention 1.0.6 returns no LSE (its **kwargs swallow `return_lse`): a
+release without the `return_lse` parameter runs SDPA's LSE kernel instead, with a warning (the ring
+also passes its keys on to the next rank: 1.0.6's in-place smoothing must not reach them).
+SageAttention 2 returns the LSE and takes the mean out inside its quantization kernel, leaving k
+as it was.
 
 Backend names: "sdpa" (PyTorch picks the kernel), "sdpa:flash" / "sdpa:cudnn" / "sdpa:efficient" /
 "sdpa:math" (that SDPA kernel only), "sage", "flash". Which one a run uses is lowvram's choice
@@ -20,6 +28,7 @@ Backend names: "sdpa" (PyTorch picks the kernel), "sdpa:flash" / "sdpa:cudnn" / 
 """
 
 import importlib.util
+import inspect
 import warnings
 
 import torch
@@ -60,7 +69,7 @@ def attention(
     """Full bidirectional attention, scale 1/sqrt(head_dim).
 
     q, k, v: [B, S, H, D]; key_mask: [B, S] bool (True = valid key, valid positions form a prefix) or
-    None. Returns [B, S, H*D].
+    None. Returns [B, S, H*D]. With "sage", k may be overwritten (see the module docstring).
     """
     name, kernel = split_backend(backend)
     if name == "flash":
@@ -124,7 +133,9 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backen
     if name == "sage":
         from sageattention import sageattn
 
-        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, return_lse=True)
+        if "return_lse" in inspect.signature(sageattn).parameters:  # SageAttention 2; 1.0.6 would return out alone
+            return sageattn(q, k, v, tensor_layout="NHD", is_causal=False, return_lse=True)
+        warnings.warn("this SageAttention returns no log-sum-exp (1.0.6): ring attention runs SDPA", stacklevel=2)
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, S, D]
     ops = torch.ops.aten
     if q.device.type == "cpu":

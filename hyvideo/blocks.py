@@ -7,6 +7,13 @@ means one chunk. Chunking changes no math: each token's result is computed by th
 Each chunk loop runs one layer (or one MLP pair) over all chunks inside `held_weights`, so a layer
 that rebuilds its weight per call (a dequantizing FP8 linear) rebuilds it once per block, not once
 per chunk.
+
+Image-to-video `token_replace` (official `modulate`/`apply_gate` with `condition_type`): the first
+latent frame's image tokens (the first `first_frame_tokens` of the image stream, and so of the
+joint sequence) take shift/scale/gate from the block's own modulation layer applied to a second
+vector (`first_frame_vec`: the timestep embedding at t = 0 plus the CLIP vector). Text tokens and the
+final layer keep the ordinary modulation. No chunk straddles the first frame's last token, so each
+chunk has one set of modulation values.
 """
 
 from contextlib import contextmanager
@@ -64,6 +71,21 @@ def token_chunks(length: int, chunk: int | None):
     return [slice(start, min(start + step, length)) for start in range(0, length, step)]
 
 
+def modulated_chunks(length: int, chunk: int | None, mods, first_mods=None, first_tokens: int = 0):
+    """(rows, modulation values) covering [0, length) in chunks of at most `chunk` tokens.
+
+    Without `first_mods` these are `token_chunks` with `mods` each. With them (token_replace), rows
+    below `first_tokens` take `first_mods` and the rest `mods`, and no chunk crosses that boundary.
+    """
+    if first_mods is None:
+        return [(rows, mods) for rows in token_chunks(length, chunk)]
+    first = min(first_tokens, length)
+    pairs = [(rows, first_mods) for rows in token_chunks(first, chunk)]
+    if length > first:
+        pairs += [(slice(first + r.start, first + r.stop), mods) for r in token_chunks(length - first, chunk)]
+    return pairs
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over head_dim, eps 1e-6, computed in float32, then times the learned weight."""
 
@@ -103,16 +125,26 @@ class MLP(nn.Module):
 
 
 class JointAttentionInputs:
-    """What every block's attention needs besides its tokens: RoPE tables for the image tokens,
-    the text key mask (None when padding was dropped), the backend, the token chunk, and with
-    sequence parallelism the object that runs attention across processes (see dit.py)."""
+    """What every block needs besides its tokens and vec: RoPE tables for the image tokens, the
+    text key mask (None when padding was dropped), the backend, the token chunk, with sequence
+    parallelism the object that runs attention across processes (see dit.py), and under
+    token_replace the first frame's modulation vector and its token count (this process's share)."""
 
-    def __init__(self, cos, sin, key_mask, backend: str = "sdpa", chunk: int | None = None, sequence_parallel=None):
+    def __init__(self, cos, sin, key_mask, backend: str = "sdpa", chunk: int | None = None, sequence_parallel=None,
+                 first_frame_vec: torch.Tensor | None = None, first_frame_tokens: int = 0):
         self.cos, self.sin = cos, sin  # [N_img, head_dim] float32 (this process's image tokens)
         self.key_mask = key_mask  # [B, N_img + L_txt] bool or None
         self.backend = backend
         self.chunk = chunk
         self.sequence_parallel = sequence_parallel
+        self.first_frame_vec = first_frame_vec  # [B, D] or None (no token_replace)
+        self.first_frame_tokens = first_frame_tokens
+
+    def image_chunks(self, length: int, modulation: nn.Module, vec: torch.Tensor):
+        """`modulated_chunks` of an image (or joint) sequence for one modulation layer: its values
+        from `vec`, and under token_replace from `first_frame_vec` for the first frame's tokens."""
+        first = None if self.first_frame_vec is None else modulation(self.first_frame_vec)
+        return modulated_chunks(length, self.chunk, modulation(vec), first, self.first_frame_tokens)
 
     @property
     def image_tokens(self) -> int:
@@ -129,12 +161,13 @@ class JointAttentionInputs:
         return attention(q, k, v, self.key_mask, self.backend)
 
 
-def project_qkv(x, shift, scale, qkv_layer, q_norm, k_norm, heads, qkv, offset, inputs, rotate_until):
+def project_qkv(x, chunks, qkv_layer, q_norm, k_norm, heads, qkv, offset, inputs, rotate_until):
     """Chunked norm-modulate -> QKV -> qk-RMSNorm -> RoPE, written into qkv = [q, k, v] [B, S, H, D]
-    at positions offset + chunk. Tokens at joint positions < rotate_until get RoPE."""
+    at positions offset + chunk. `chunks`: (rows, modulation values) pairs, shift and scale first.
+    Tokens at joint positions < rotate_until get RoPE."""
     q, k, v = qkv
     width = q.shape[-1] * heads
-    for rows in token_chunks(x.shape[1], inputs.chunk):
+    for rows, (shift, scale, *_) in chunks:
         fused = linear_rows(qkv_layer, norm_modulate(x[:, rows], shift, scale), slice(0, 3 * width))
         cq, ck, cv = fused.unflatten(-1, (3, heads, -1)).unbind(2)  # each [B, c, H, D]
         cq, ck = q_norm(cq).to(cv.dtype), k_norm(ck).to(cv.dtype)
@@ -169,24 +202,23 @@ class DoubleStreamBlock(nn.Module):
         """img [B, N, D], txt [B, L, D], vec [B, D] -> updated (img, txt); img/txt are updated in place."""
         n_img = img.shape[1]
         qkv = empty_qkv(img.shape[0], n_img + txt.shape[1], self.heads, img.shape[-1] // self.heads, img)
-        mods = {}
+        chunks = {  # (rows, (shift1, scale1, gate1, shift2, scale2, gate2)) per stream
+            "img": inputs.image_chunks(n_img, self.img_mod, vec),
+            "txt": modulated_chunks(txt.shape[1], inputs.chunk, self.txt_mod(vec)),
+        }
         for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
-            mods[stream] = getattr(self, f"{stream}_mod")(vec)
-            shift1, scale1 = mods[stream][0], mods[stream][1]
             qkv_layer = getattr(self, f"{stream}_attn_qkv")
             with held_weights(qkv_layer):
-                project_qkv(x, shift1, scale1, qkv_layer, getattr(self, f"{stream}_attn_q_norm"),
+                project_qkv(x, chunks[stream], qkv_layer, getattr(self, f"{stream}_attn_q_norm"),
                             getattr(self, f"{stream}_attn_k_norm"), self.heads, qkv, offset, inputs, rotate_until=n_img)
         attn = inputs.attend(qkv)  # [B, S, D]; frees q, k, v
         for stream, x, offset in (("img", img, 0), ("txt", txt, n_img)):
-            _, _, gate1, shift2, scale2, gate2 = mods[stream]
             proj, mlp = getattr(self, f"{stream}_attn_proj"), getattr(self, f"{stream}_mlp")
-            chunks = token_chunks(x.shape[1], inputs.chunk)
             with held_weights(proj):
-                for rows in chunks:
+                for rows, (_, _, gate1, *_) in chunks[stream]:
                     x[:, rows] += gate1 * proj(attn[:, offset + rows.start : offset + rows.stop])
             with held_weights(mlp.fc1, mlp.fc2):
-                for rows in chunks:
+                for rows, (*_, shift2, scale2, gate2) in chunks[stream]:
                     x[:, rows] += gate2 * mlp(norm_modulate(x[:, rows], shift2, scale2))
         return img, txt
 
@@ -209,15 +241,15 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, inputs: JointAttentionInputs):
         """x [B, N_img + L, D], vec [B, D] -> x updated in place."""
-        shift, scale, gate = self.modulation(vec)
+        chunks = inputs.image_chunks(x.shape[1], self.modulation, vec)  # (rows, (shift, scale, gate))
         qkv = empty_qkv(x.shape[0], x.shape[1], self.heads, self.hidden_size // self.heads, x)
         with held_weights(self.linear1):
-            project_qkv(x, shift, scale, self.linear1, self.q_norm, self.k_norm, self.heads, qkv, 0, inputs,
+            project_qkv(x, chunks, self.linear1, self.q_norm, self.k_norm, self.heads, qkv, 0, inputs,
                         rotate_until=inputs.image_tokens)
         attn = inputs.attend(qkv)  # [B, S, D]; frees q, k, v
         mlp_rows = slice(3 * self.hidden_size, self.linear1.out_features)
         with held_weights(self.linear1, self.linear2):
-            for rows in token_chunks(x.shape[1], inputs.chunk):
+            for rows, (shift, scale, gate) in chunks:
                 mlp = linear_rows(self.linear1, norm_modulate(x[:, rows], shift, scale), mlp_rows)
                 x[:, rows] += gate * self.linear2(torch.cat([attn[:, rows], self.mlp_act(mlp)], dim=-1))
         return x

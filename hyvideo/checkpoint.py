@@ -142,9 +142,11 @@ def _read_json(path: Path) -> dict:
         raise HyVideoError(f"cannot read {path}: {err}; the file is incomplete or corrupt, download it again") from None
 
 
-def infer_dit_config(state_dict: dict) -> DiTConfig:
+def infer_dit_config(state_dict: dict, token_replace: bool = False) -> DiTConfig:
     """The official checkpoint has no config: sizes follow from tensor shapes. RoPE axes follow
-    the 13B rule (t gets head_dim/8 channels, y and x split the rest), which gives 16/56/56."""
+    the 13B rule (t gets head_dim/8 channels, y and x split the rest), which gives 16/56/56.
+    2C + 1 input channels mean the latent_concat I2V DiT; a token_replace I2V DiT has the text-to-
+    video DiT's names and shapes, so only its folder tells (`token_replace=True`)."""
     try:
         hidden, in_channels, pt, ph, pw = state_dict["img_in.proj.weight"].shape
         head_dim = state_dict["double_blocks.0.img_attn_q_norm.weight"].shape[0]
@@ -155,17 +157,21 @@ def infer_dit_config(state_dict: dict) -> DiTConfig:
         return len({k.split(".")[prefix.count(".")] for k in state_dict if k.startswith(prefix)})
 
     rope_t = head_dim // 8
+    out_channels = state_dict["final_layer.linear.weight"].shape[0] // (pt * ph * pw)
+    image_condition_type = "token_replace" if token_replace else None
+    if in_channels == 2 * out_channels + 1:
+        image_condition_type = "latent_concat"
     return DiTConfig(
         hidden_size=hidden, heads=hidden // head_dim,
         double_blocks=count("double_blocks."), single_blocks=count("single_blocks."),
         refiner_blocks=count("txt_in.individual_token_refiner.blocks."),
         mlp_ratio=state_dict["double_blocks.0.img_mlp.fc1.weight"].shape[0] / hidden,
         patch_size=(pt, ph, pw), in_channels=in_channels,
-        out_channels=state_dict["final_layer.linear.weight"].shape[0] // (pt * ph * pw),
+        out_channels=out_channels,
         text_states_dim=state_dict["txt_in.input_embedder.weight"].shape[1],
         text_states_dim_2=state_dict["vector_in.in_layer.weight"].shape[1],
         rope_axes_dim=(rope_t, (head_dim - rope_t) // 2, (head_dim - rope_t) // 2),
-        guidance_embed="guidance_in.mlp.0.weight" in state_dict,
+        guidance_embed="guidance_in.mlp.0.weight" in state_dict, image_condition_type=image_condition_type,
     )
 
 

@@ -6,6 +6,11 @@ state dicts load with `strict=True`. The forward reads like facts §1.2:
   img = img_in(x); txt = txt_in(llm states, t, mask)
   20 double blocks on (img, txt); 40 single blocks on [img ; txt]; final layer on img; unpatchify.
 
+Image-to-video (config.image_condition_type): `latent_concat` only widens img_in (the caller
+concatenates noisy latents | image latent | mask); `token_replace` modulates the first latent
+frame's tokens from `first_frame_conditioning` (t = 0) inside every block (see blocks.py); the final
+layer uses vec for all tokens, as the official model and diffusers do.
+
 `blocks` lets a caller supply the 60 blocks in order (e.g. streamed onto the GPU just in time by
 lowvram/); by default the model's own blocks run.
 
@@ -66,9 +71,11 @@ class HunyuanVideoDiT(nn.Module):
         text_states_2: torch.Tensor,  # [B, text_states_dim_2] CLIP pooled
         guidance: torch.Tensor | None = None,  # [B] embedded guidance * 1000
         blocks: Iterable[nn.Module] | None = None,
+        riflex: bool = False,  # lower the temporal RoPE's intrinsic frequency for a long clip (hyvideo/rope.py)
     ) -> torch.Tensor:
         vec = self.conditioning(t, text_states_2, guidance)
-        img = self.transform(x, vec, t, text_states, text_mask, blocks)
+        first_frame_vec = self.first_frame_conditioning(t, text_states_2)
+        img = self.transform(x, vec, t, text_states, text_mask, blocks, first_frame_vec, riflex)
         return self.head(img, vec, x)
 
     def conditioning(self, t: torch.Tensor, text_states_2: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
@@ -81,6 +88,15 @@ class HunyuanVideoDiT(nn.Module):
             vec = vec + self.guidance_in(guidance, dtype)
         return vec
 
+    def first_frame_conditioning(self, t: torch.Tensor, text_states_2: torch.Tensor) -> torch.Tensor | None:
+        """token_replace: [B, D] = time_in(0) + vector_in(CLIP pooled), the vector that modulates the
+        first latent frame's tokens (it holds the clean image latent); no guidance term, as official
+        and diffusers. None for the other DiTs."""
+        if self.config.image_condition_type != "token_replace":
+            return None
+        dtype = self.compute_dtype
+        return self.time_in(torch.zeros_like(t), dtype) + self.vector_in(text_states_2.to(dtype))
+
     def embed_image(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] (this process's share of them)."""
         if self.sequence_parallel is not None:
@@ -92,22 +108,26 @@ class HunyuanVideoDiT(nn.Module):
         sequence parallelism)."""
         if self.sequence_parallel is None:
             return tokens
-        return self.sequence_parallel.shard_tokens(tokens, token_grid(x, self.config.patch_size))
+        return self.sequence_parallel.shard_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
 
     def gather_image_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """This process's share of the image tokens of latents `x` -> all of them, on every process."""
         if self.sequence_parallel is None:
             return tokens
-        return self.sequence_parallel.gather_tokens(tokens, token_grid(x, self.config.patch_size))
+        return self.sequence_parallel.gather_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
 
-    def transform(self, x, vec, t, text_states, text_mask, blocks=None) -> torch.Tensor:
+    def transform(self, x, vec, t, text_states, text_mask, blocks=None, first_frame_vec=None,
+                  riflex: bool = False) -> torch.Tensor:
         """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] after the 60 blocks. The text tokens
         (refined from the LLM states) take part and are dropped at the end. The image tokens are
         embedded here, not passed in, so that no caller holds them while the blocks run (they are
-        updated in place, then replaced by the joint sequence)."""
+        updated in place, then replaced by the joint sequence). `first_frame_vec`: what
+        `first_frame_conditioning` gave (needed by a token_replace DiT, None otherwise)."""
         check_backend(self.attention_backend)
+        if (first_frame_vec is None) != (self.config.image_condition_type != "token_replace"):
+            raise ValueError("first_frame_vec is needed by a token_replace DiT and only by it")
         img = self.embed_image(x)  # [B, N_img, D]
-        grid = token_grid(x, self.config.patch_size)
+        grid = token_grid(x.shape[2:], self.config.patch_size)
         if img.shape[0] == 1:
             # Drop padded text tokens: valid tokens never attend to them, so results are unchanged
             # and attention needs no mask (SDPA can use its flash kernel).
@@ -115,16 +135,19 @@ class HunyuanVideoDiT(nn.Module):
             text_states, text_mask = text_states[:, :valid], None
         txt = self.txt_in(text_states.to(self.compute_dtype), t, text_mask)  # [B, L, D]
 
-        cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)
+        cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, img.device, riflex)
         cos, sin = (self.shard_image_tokens(table[None], x)[0] for table in (cos, sin))  # [N_img, head_dim]
         key_mask = None
         if text_mask is not None and self.sequence_parallel is not None:
             raise ValueError("sequence parallelism runs batch 1 (its attention takes no text mask)")
         if text_mask is not None:
             key_mask = torch.cat([torch.ones_like(text_mask[:, :1]).expand(-1, img.shape[1]), text_mask], dim=1).bool()
-        inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk, self.sequence_parallel)
-
         n_img = img.shape[1]
+        # The first latent frame's tokens lead the (t, y, x) order; with sequence parallelism each
+        # process holds a slab of every frame, so its first-frame share is its tokens / T.
+        inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk, self.sequence_parallel,
+                                      first_frame_vec, first_frame_tokens=n_img // grid[0])
+
         joint = None
         for block in self.all_blocks() if blocks is None else blocks:
             if isinstance(block, DoubleStreamBlock):
@@ -140,12 +163,13 @@ class HunyuanVideoDiT(nn.Module):
         """Image tokens after the blocks -> velocity shaped like the latents `x`."""
         out = self.final_layer(img, vec, self.token_chunk)  # [B, N_img, pt*ph*pw*C]
         out = self.gather_image_tokens(out, x)
-        return unpatchify(out, token_grid(x, self.config.patch_size), self.config.patch_size, self.config.out_channels)
+        return unpatchify(out, token_grid(x.shape[2:], self.config.patch_size), self.config.patch_size, self.config.out_channels)
 
 
-def token_grid(x: torch.Tensor, patch: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Latents [B, C, T, H, W] -> the (t, h, w) grid of image tokens."""
-    (pt, ph, pw), (frames, height, width) = patch, x.shape[2:]
+def token_grid(latent_size: "tuple[int, int, int] | torch.Size", patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Latent (frames, height, width), e.g. `x.shape[2:]` of [B, C, T, H, W] latents -> the (t, h, w)
+    grid of image tokens."""
+    (pt, ph, pw), (frames, height, width) = patch, latent_size
     return frames // pt, height // ph, width // pw
 
 

@@ -36,3 +36,9 @@ def initial_noise(shape: tuple[int, ...], seed: int, device=None) -> torch.Tenso
 def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index: int) -> torch.Tensor:
     """One Euler step in float32: x + v * (sigma_{i+1} - sigma_i)."""
     return latents + velocity.float() * (sigmas[index + 1] - sigmas[index])
+
+
+def predicted_clean(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The step's prediction of the clean latents, x0 = x - sigma * v in float32: with x = (1 - sigma)
+    x0 + sigma * noise and v = noise - x0 (what the Euler step above integrates), x - sigma v = x0."""
+    return latents - velocity.float() * sigma

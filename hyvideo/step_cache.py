@@ -113,9 +113,10 @@ class TeaCache:
     def forward(
         self, dit: HunyuanVideoDiT, step: int, x: torch.Tensor, timesteps: torch.Tensor, text_states, text_mask,
         text_states_2, guidance, blocks_for_step: Callable[[int], Iterable[torch.nn.Module]] | None = None,
+        riflex: bool = False,
     ) -> torch.Tensor:
         """The velocity at `step` (x: float32 latents [1, C, T, H, W]); asks for the blocks only
-        when they run."""
+        when they run. riflex: as the DiT's forward."""
         if x.shape[0] != 1:
             raise ValueError("the step cache runs batch 1 (one residual per video)")
         state = self.state
@@ -132,7 +133,7 @@ class TeaCache:
         if compute:
             del img  # transform embeds the tokens again: nothing but the blocks holds them meanwhile
             blocks = blocks_for_step(step) if blocks_for_step is not None else None
-            img = dit.transform(x, vec, t, text_states, text_mask, blocks)
+            img = dit.transform(x, vec, t, text_states, text_mask, blocks, riflex=riflex)
             state.residual = dit.gather_image_tokens(img - dit.embed_image(x), x).to("cpu", copy=True)
             state.residual_step = step
             state.computed.append(step)

@@ -5,11 +5,23 @@ Writers. `write_safetensors_stream` (safetensors: 8-byte header length, JSON hea
 little-endian tensor bytes) and `write_torch_stream` (the `torch.save` zip format) take an iterator
 of tensors whose names, dtypes and shapes were announced up front in `layout`: each tensor is
 written and can be freed before the next one is made, so peak memory is one tensor. Files are
-written atomically (`files.write_atomic`). In safetensors files every tensor starts 64-byte aligned
-(some kernels need it: torch's int8 CPU matmul, used by quanto, crashes on unaligned weights, and
-CPU matmul results depend on alignment); the format allows no holes between tensors, so the gaps
-are "__padding__.N" uint8 tensors, which the readers drop (`PADDING_PREFIX`). `torch.save` aligns
-its records to 64 bytes itself.
+written atomically (`files.write_atomic`). `torch.save` aligns its records to 64 bytes itself.
+
+Alignment of safetensors files. The readers below return views of the mapped file, so a tensor's
+address is its offset in the file, and some kernels need aligned data: torch's int8 CPU matmul
+(used by quanto) crashed on unaligned weights from the quantized cache, and CPU matmul results can
+depend on alignment. The format allows no holes between tensors (offsets are contiguous from 0),
+and other tools (transformers, diffusers) take every entry for a weight, so there are no filler
+tensors either; the alignment comes from the header and the order instead:
+- the JSON header is padded with spaces (which the format allows) so the data starts at a
+  multiple of 64 bytes;
+- the tensors whose size is a multiple of 64 bytes come first, in the order given, so each starts
+  64-byte aligned; the others (scalars, odd-sized vectors: at full size only quanto's two scalar
+  scales per INT8 layer and the VAE's 3-channel output bias) follow at the end, largest element
+  first, so each is still aligned to its element size (as safetensors' own writer guarantees).
+The writer keeps those few end tensors in memory until everything else is written.
+Files written before this rule carry "__padding__.N" uint8 filler tensors; the reader drops them
+(`OLD_PADDING_PREFIX`), so a quantized cache from then still loads.
 
 Readers. `torch.load(mmap=True)` and safetensors' `load_file` map the whole file private and
 writable (MAP_PRIVATE, `rw-p` in /proc/self/maps). The kernel counts such a mapping as memory it
@@ -64,7 +76,7 @@ from .errors import HyVideoError
 from .files import write_atomic
 
 ALIGN = 64
-PADDING_PREFIX = "__padding__."
+OLD_PADDING_PREFIX = "__padding__."  # filler tensors of files written before the rule above
 SAFETENSORS_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.bfloat16: "BF16", torch.float16: "F16",
     torch.float32: "F32", torch.float64: "F64", torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16",
@@ -93,33 +105,50 @@ def _checked(layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]]) -> Ite
         yield key, tensor
 
 
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def safetensors_file_order(layout: Layout) -> Layout:
+    """The order tensors are stored in (see "Alignment" in the module docstring): those whose size
+    is a multiple of ALIGN as given, then the others by falling element size (a stable sort)."""
+    aligned = [entry for entry in layout if _nbytes(entry[1], entry[2]) % ALIGN == 0]
+    rest = [entry for entry in layout if _nbytes(entry[1], entry[2]) % ALIGN]
+    return aligned + sorted(rest, key=lambda entry: -entry[1].itemsize)
+
+
 def write_safetensors_stream(path: Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]],
                              metadata: dict[str, str] | None = None, what: str = "a weight file") -> tuple[int, str]:
-    """Write `tensors` ((name, tensor) pairs matching `layout`, in order) into a safetensors file;
-    returns (file size, sha256 of the file)."""
-    header, offset, pads = {"__metadata__": metadata or {}}, 0, {}
-    for key, dtype, shape in layout:
-        if offset % ALIGN:
-            pad = ALIGN - offset % ALIGN
-            pads[key] = pad
-            header[f"{PADDING_PREFIX}{len(pads)}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
-            offset += pad
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
+    """Write `tensors` ((name, tensor) pairs matching `layout`, in order) into a safetensors file
+    holding exactly those tensors, in `safetensors_file_order`; returns (file size, sha256 of the file)."""
+    header, offset = {"__metadata__": metadata or {}}, 0
+    order = safetensors_file_order(layout)
+    for key, dtype, shape in order:
+        nbytes = _nbytes(dtype, shape)
         header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-(8 + len(blob)) % ALIGN)  # the data section starts aligned too
+    blob += b" " * (-(8 + len(blob)) % ALIGN)  # the data section starts aligned
+    at_end = {key for key, dtype, shape in order if _nbytes(dtype, shape) % ALIGN}
     digest, size = hashlib.sha256(), 0
 
     def write(f):
         nonlocal size
-        for chunk in (len(blob).to_bytes(8, "little"), blob):
-            f.write(chunk)
-            digest.update(chunk)
+
+        def put(data):
+            f.write(data)
+            digest.update(data)
+
+        put(len(blob).to_bytes(8, "little"))
+        put(blob)
+        held = {}  # the end tensors' bytes (copied: a view would keep its whole base alive)
         for key, tensor in _checked(layout, tensors):
-            for data in (bytes(pads.get(key, 0)), tensor_bytes(tensor)):
-                f.write(data)
-                digest.update(data)
+            if key in at_end:
+                held[key] = tensor_bytes(tensor).copy()
+            else:
+                put(tensor_bytes(tensor))
+        for key, _, _ in order[len(order) - len(at_end):]:
+            put(held.pop(key))
         size = f.tell()
 
     write_atomic(Path(path), write, what)
@@ -331,12 +360,12 @@ def _safetensors_entries(path: Path, mapped: mmap.mmap) -> dict[str, tuple[torch
 
 def read_safetensors(paths: Iterable[Path]) -> dict[str, torch.Tensor]:
     """All tensors of the safetensors files `paths` (shards of one model), as read-only views of
-    read-only mappings; alignment padding is dropped."""
+    read-only mappings; the filler tensors of files written before (`OLD_PADDING_PREFIX`) are dropped."""
     state_dict = {}
     for path in map(Path, paths):
         mapped = _map(path)
         for name, (dtype, shape, offset, nbytes) in _safetensors_entries(path, mapped).items():
-            if not name.startswith(PADDING_PREFIX):
+            if not name.startswith(OLD_PADDING_PREFIX):
                 state_dict[name] = _mapped_bytes(mapped, offset, nbytes).view(dtype).reshape(shape)
     return state_dict
 

@@ -13,6 +13,15 @@ qkv_per_token = 3D*act (fused QKV output) + 6 D-wide float32 temporaries (norm, 
 run in float32); mlp_per_token = 2 MLP-wide tensors (linear1's MLP rows and GELU) + the
 [attn, mlp] concat + 2 D-wide outputs (linear2, gate product). For the 13B model (MLP = 4D) both are
 30*D bytes per token in bf16: 92 KB, so a chunk of 8192 tokens costs 0.75 GB.
+With FP8 linears on `_scaled_mm` (quant/fp8.py) a linear call also holds its input quantized to
+e4m3 (1 byte per element) and float32 row scales, then a float32 scratch of at most QUANT_ROWS rows
+or the matmul's output (`scaled_mm_bytes`). The largest case is the single block's linear2, whose
+input [attn, GELU(mlp)] is D + MLP wide, while linear1's MLP rows and that concat are alive: per
+token (MLP + D + MLP) * act + the quantization's bytes. For the 13B model at 8192-token chunks that
+is 78 KB per token against the MLP path's 92 KB (the 1024 scratch rows are a small share), so it
+adds nothing there; chunks of at most 1024 tokens pay 132 KB per token. The other linears' inputs
+are narrower (D, or MLP for fc2) with fewer tensors alive. Before the quantization was done in
+place it was 16 bytes per input element (1.2-1.5 GB per 8192-token chunk), unplanned.
 
 DiT with sequence parallelism (lowvram/parallel.py, `layout`: world = u x r ranks), per rank: the
 same forward over its N/world image tokens and all the text tokens (h, g, t = its joint, image-only
@@ -50,17 +59,12 @@ also sees, the difference 4.14 GiB = the full-resolution upsampler conv's padded
 """
 
 from hyvideo.config import DiTConfig, VAEConfig
+from hyvideo.text_encoder import OFFICIAL_CROP_START, PROMPT_TEMPLATE_VIDEO, TEXT_LEN
+from quant.fp8 import QUANT_ROWS
 
 from .parallel import Layout
 
-TEXT_TOKENS = 256  # the LLM text length; padding is dropped for batch 1, so this is the worst case
 F32 = 4
-
-
-def token_grid(config: DiTConfig, latent_frames: int, latent_h: int, latent_w: int) -> tuple[int, int, int]:
-    """(t, h, w) of the DiT's image tokens for latents of this size."""
-    pt, ph, pw = config.patch_size
-    return latent_frames // pt, latent_h // ph, latent_w // pw
 
 
 def _chunk_paths(config: DiTConfig, act_bytes: int) -> tuple[int, int]:
@@ -71,7 +75,16 @@ def _chunk_paths(config: DiTConfig, act_bytes: int) -> tuple[int, int]:
     return qkv, mlp_path
 
 
-def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
+def scaled_mm_bytes(config: DiTConfig, chunk_tokens: int, act_bytes: int = 2) -> int:
+    """What the single block's linear2 (input D + MLP wide) allocates on the `_scaled_mm` path
+    besides its input: the input in e4m3 and its float32 row scales, with either the float32
+    scratch rows (while quantizing) or the matmul's output (after)."""
+    width = config.hidden_size + config.mlp_hidden
+    scratch = min(chunk_tokens, QUANT_ROWS) * width * F32
+    return chunk_tokens * (width + F32) + max(scratch, chunk_tokens * config.hidden_size * act_bytes)
+
+
+def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_LEN, act_bytes: int = 2,
                     layout: Layout | None = None) -> int:
     """Peak bytes of one joint attention call on a rank, the q, k, v it is handed included (`tokens`:
     this rank's image tokens): q, k, v and the output on one GPU; the cross-rank buffers with a layout."""
@@ -94,18 +107,24 @@ def attention_bytes(config: DiTConfig, tokens: int, text_tokens: int = TEXT_TOKE
 
 
 def dit_activation_bytes(
-    config: DiTConfig, tokens: int, chunk: int | None, text_tokens: int = TEXT_TOKENS, act_bytes: int = 2,
-    layout: Layout | None = None,
+    config: DiTConfig, tokens: int, chunk: int | None, text_tokens: int = TEXT_LEN, act_bytes: int = 2,
+    layout: Layout | None = None, scaled_mm: bool = False,
 ) -> int:
     """Peak activation bytes of one DiT forward over `tokens` image tokens (weights excluded); with
-    a sequence-parallel layout, of one rank, `tokens` being its share (N / world)."""
+    a sequence-parallel layout, of one rank, `tokens` being its share (N / world). `text_tokens`:
+    the LLM's text length; padding is dropped for batch 1, so TEXT_LEN is the worst case.
+    scaled_mm: the FP8 linears run `_scaled_mm` (their input quantization's temporaries)."""
     seq = tokens + text_tokens
     hidden = seq * config.hidden_size * act_bytes
     rope = 2 * tokens * config.head_dim * F32  # cos and sin tables, float32
     c = seq if not chunk else min(chunk, seq)
     qkv_path, mlp_path = _chunk_paths(config, act_bytes)
     attend = attention_bytes(config, tokens, text_tokens, act_bytes, layout)
-    inside = max(3 * hidden + c * qkv_path, attend, hidden + c * mlp_path)
+    mlp_peak = c * mlp_path
+    if scaled_mm:  # linear2's input quantized while linear1's MLP rows and the concat are alive
+        width = config.hidden_size + config.mlp_hidden
+        mlp_peak = max(mlp_peak, c * (config.mlp_hidden + width) * act_bytes + scaled_mm_bytes(config, c, act_bytes))
+    inside = max(3 * hidden + c * qkv_path, attend, hidden + mlp_peak)
     return hidden + rope + inside
 
 
@@ -162,7 +181,7 @@ def vae_tile_pixels(config: VAEConfig, latent_frames: int, latent_h: int, latent
             latent_w * config.spatial_compression_ratio)
 
 
-def text_activation_bytes(text_len: int = TEXT_TOKENS + 95, hidden: int = 4096, layers: int = 32, mlp: int = 14336) -> int:
+def text_activation_bytes(text_len: int = TEXT_LEN + OFFICIAL_CROP_START[PROMPT_TEMPLATE_VIDEO], hidden: int = 4096, layers: int = 32, mlp: int = 14336) -> int:
     """LLM forward with output_hidden_states: every layer's hidden state is kept (33 x L x 4096 in
     bf16), plus one layer's MLP intermediates and a float32 attention score matrix per head."""
     states = (layers + 1) * text_len * hidden * 2

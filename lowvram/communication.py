@@ -21,11 +21,11 @@ import math
 from dataclasses import dataclass
 
 from hyvideo.config import DiTConfig
+from hyvideo.text_encoder import TEXT_LEN
 
-from .activations import TEXT_TOKENS
 from .parallel import Layout
+from .units import GB
 
-GB = 10**9  # link bandwidths are quoted in decimal GB/s
 PCIE4_X8_GBS = 12.0  # PCIe 4.0 x8 (15.75 GB/s raw per direction), what a two-card consumer board gives each card
 
 
@@ -50,7 +50,7 @@ class Communication:
                 "gb_per_forward": self.per_forward / GB, "link_gbs": link_gbs, "seconds_per_forward": self.seconds(link_gbs)}
 
 
-def communication(config: DiTConfig, tokens: int, layout: Layout, text_tokens: int = TEXT_TOKENS,
+def communication(config: DiTConfig, tokens: int, layout: Layout, text_tokens: int = TEXT_LEN,
                   act_bytes: int = 2) -> Communication:
     """What one rank sends per DiT forward; `tokens`: its image tokens (N / world)."""
     hidden = (tokens + text_tokens) * config.hidden_size * act_bytes  # h

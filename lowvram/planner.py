@@ -54,6 +54,7 @@ import math
 from dataclasses import dataclass
 
 from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
+from hyvideo.dit import token_grid
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraBytes
 from hyvideo.vae import latent_shape
@@ -71,15 +72,15 @@ from quant.bytes import (
     vae_decoder_bytes,
 )
 
-from .activations import dit_activation_bytes, text_activation_bytes, token_grid, vae_decode_tile_bytes, vae_tile_pixels
+from .activations import dit_activation_bytes, text_activation_bytes, vae_decode_tile_bytes, vae_tile_pixels
 from .communication import PCIE4_X8_GBS, Communication, communication
 from .parallel import Layout, check_parallel, split_axis
 from .profiles import Profile
 from .schedule import BlockSchedule, plan_schedule
 from .sizes import SIZE_BUCKETS
 from .tiled_vae import decode_tiling
+from .units import GIB
 
-GIB = 2**30
 RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces + fragmentation
 HOST_BASELINE_BYTES = 2 * GIB  # Python, torch and CUDA runtime on the host side, tokenizers (an allowance)
 F32 = 4
@@ -301,7 +302,7 @@ def plan(
         raise HyVideoError(f"video size must be positive, got {width}x{height}")
     width, height = align_up(width, 16), align_up(height, 16)
     channels, t_lat, h_lat, w_lat = latent_shape(frames, height, width, vae_config)
-    grid = token_grid(dit_config, t_lat, h_lat, w_lat)
+    grid = token_grid((t_lat, h_lat, w_lat), dit_config.patch_size)
     tokens = math.prod(grid)
     budget = profile.vram_budget_bytes
     world = layout.world if layout else 1
@@ -314,7 +315,8 @@ def plan(
 
     latent_bytes = channels * t_lat * h_lat * w_lat * 4
     chunk = profile.token_chunk or None
-    activations = dit_activation_bytes(dit_config, rank_tokens, chunk)
+    scaled_mm = profile.dit_scheme == "fp8" and profile.fp8_matmul != "dequant"  # "auto" may take it: counted
+    activations = dit_activation_bytes(dit_config, rank_tokens, chunk, scaled_mm=scaled_mm)
     dit_parts = {
         "trunk": trunk_bytes(dit_config),
         "activations": activations,
@@ -322,7 +324,7 @@ def plan(
         "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
     }
     if world > 1:  # what the cross-rank attention adds to the forward's peak
-        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, layout=layout) - activations
+        dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, layout=layout, scaled_mm=scaled_mm) - activations
     if profile.step_cache != "off":
         dit_parts["step cache probe"] = modulation_probe_bytes(dit_config, profile.dit_scheme, profile.quant_policy)
     lora_bytes = lora_bytes or LoraBytes()
@@ -345,8 +347,7 @@ def plan(
         if local_ranks > 1:
             text_ram["waiting ranks' baselines"] = (local_ranks - 1) * HOST_BASELINE_BYTES
         stages["text"] = StagePlan(sum(text_parts.values()), text_parts, text_ram, text_files)
-    streamed = schedule.streamed_bytes_per_step
-    pinned = min(streamed, profile.pinned_ram_cap_bytes) if profile.pin_memory else 0
+    pinned = schedule.pinned_bytes(profile.pinned_ram_cap_bytes) if profile.pin_memory else 0  # whole blocks, as pinned
     dit_ram = {"baseline": HOST_BASELINE_BYTES, "pinned blocks": pinned}
     if profile.step_cache != "off":  # the residual (all tokens, gathered on every rank), and its serialized copy at a checkpoint
         dit_ram["step cache"] = 2 * tokens * dit_config.hidden_size * 2 + latent_bytes
@@ -371,7 +372,7 @@ def parallel_layout(mode: str, gpus: int, width: int, height: int, frames: int, 
     (heads that do not divide for Ulysses, a token grid that does not split, fewer than 1 GPU)."""
     dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
     _, *latent = latent_shape(frames, align_up(height, 16), align_up(width, 16), vae_config or VAE_CONFIGS["884-16c-hy"])
-    return check_parallel(mode, gpus, dit_config.heads, token_grid(dit_config, *latent))
+    return check_parallel(mode, gpus, dit_config.heads, token_grid(latent, dit_config.patch_size))
 
 
 def with_budget(profile: Profile, vram_bytes: int) -> Profile:

@@ -25,12 +25,13 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from hyvideo.attention import BACKENDS as ATTENTION_BACKENDS
 from hyvideo.errors import HyVideoError
 from hyvideo.step_cache import PRESETS as CACHE_PRESETS
 from quant.bytes import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 from quant.fp8 import FP8_MATMULS
 
+from .attention_choice import CHOICES as ATTENTION_CHOICES
+from .units import GIB
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,8 +49,6 @@ def _profiles_dir() -> Path:
 
 
 PROFILES_DIR = _profiles_dir()
-ATTENTION_CHOICES = ("auto", *ATTENTION_BACKENDS)
-GIB = 2**30
 
 
 @dataclass(frozen=True)

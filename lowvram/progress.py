@@ -12,6 +12,7 @@ class Reporter:
     stage messages are about clip `number` of `total`; steps_left: denoising steps the batch has
     still to run (its ETA at the measured s/step).
     rewritten(prompt): --rewrite's prompt, the one that is encoded.
+    preview(path): a --preview run's denoising starts; `path` is rewritten after every step.
     """
 
     def stage(self, name: str, total: int | None = None, completed: int = 0) -> None:
@@ -27,4 +28,7 @@ class Reporter:
         pass
 
     def rewritten(self, prompt: str) -> None:
+        pass
+
+    def preview(self, path: str) -> None:
         pass

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-GIB = 2**30
+from .units import GIB
 
 
 def spread_evenly(n: int, k: int) -> list[int]:
@@ -36,6 +36,18 @@ def _ranges(indices: Sequence[int]) -> str:
             parts.append(str(start) if start == i else f"{start}-{i}")
             start = None
     return ", ".join(parts) or "none"
+
+
+def pinned_blocks(block_bytes: Sequence[int], cap_bytes: int | None) -> list[bool]:
+    """Which of these streamed blocks (in streamed order) are page-locked under `cap_bytes`: each
+    whole block that still fits beside those before it. The streamer pins by this rule
+    (lowvram/streaming.py, with the blocks' real bytes) and the planner counts by it."""
+    pinned, total = [], 0
+    for nbytes in block_bytes:
+        fits = cap_bytes is None or total + nbytes <= cap_bytes
+        total += nbytes if fits else 0
+        pinned.append(fits)
+    return pinned
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,11 @@ class BlockSchedule:
     @property
     def streamed_bytes_per_step(self) -> int:
         return sum(self.block_bytes[i] for i in self.streamed)
+
+    def pinned_bytes(self, cap_bytes: int | None) -> int:
+        """Host bytes page-locked for the streamed blocks under `cap_bytes` (`pinned_blocks`)."""
+        sizes = [self.block_bytes[i] for i in self.streamed]
+        return sum(n for n, pinned in zip(sizes, pinned_blocks(sizes, cap_bytes)) if pinned)
 
     @property
     def ring_bytes(self) -> int:

@@ -39,7 +39,8 @@ from hyvideo.step_cache import CacheState, TeaCache
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder, TextEmbeddings
 from hyvideo.weight_io import read_torch_file
 from quant.bytes import TextEncoderSize, llm_param_counts
-from quant.fp8 import choose_fp8_matmul, set_scaled_mm
+from quant.fp8 import set_scaled_mm
+from quant.schemes import QUANT_SCHEMES
 
 from .compile import compile_blocks, dynamo_graphs
 from .planner import Plan, hunyuan_text_encoders
@@ -230,15 +231,14 @@ class Stages:
         model = self._load_dit_on_host()
         if self.loras:
             self.stats["lora"] = apply_loras(model, self.loras)
-        scaled_mm = False
-        if self.profile.dit_scheme == "fp8":
-            scaled_mm, note = choose_fp8_matmul(self.profile.fp8_matmul, self.device)
-            if note:
-                self.reporter.warn(note)
-        configure_dit(model, self.plan, self.device, self.attention, scaled_mm=scaled_mm, sequence_parallel=sequence_parallel)
+        scheme = QUANT_SCHEMES.get(self.profile.dit_scheme)  # None for bf16
+        matmul, note = scheme.choose_matmul(self.profile.fp8_matmul, self.device) if scheme else (None, None)
+        if note:
+            self.reporter.warn(note)
+        configure_dit(model, self.plan, self.device, self.attention, scaled_mm=matmul == "scaled_mm", sequence_parallel=sequence_parallel)
         streamer = place_dit(model, self.plan, self.device)
         self.stats["dit"] = {"resident_blocks": len(self.plan.schedule.resident), "attention": self.attention,
-                             "fp8_matmul": "scaled_mm" if scaled_mm else "dequant" if self.profile.dit_scheme == "fp8" else None,
+                             "fp8_matmul": matmul,
                              "streamed_blocks": len(self.plan.schedule.streamed), "pinned_bytes": streamer.pin_report.pinned_bytes}
         if self.profile.compile:
             self._graphs_before = dynamo_graphs()
@@ -250,13 +250,15 @@ class Stages:
         return make_step_cache(model, self.profile.step_cache, steps, self.device, state)
 
     def denoise(self, model: torch.nn.Module, streamer: BlockStreamer, embeddings: TextEmbeddings, latents: torch.Tensor,
-                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None) -> torch.Tensor:
+                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None,
+                on_prediction=None) -> torch.Tensor:
         """Euler steps start_step..N-1 on the placed DiT, its blocks from the streamer, the next
         step's first copies issued during this one's last blocks: the one denoising call that one
-        process and every rank of several make."""
+        process and every rank of several make. on_prediction: a live preview's (rank 0's)."""
         steps = request.steps
         return denoise(model, embeddings, latents, request, self.device, start_step=start_step, on_step=on_step,
-                       blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache)
+                       blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache,
+                       on_prediction=on_prediction)
 
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
         """What was streamed per forward from forward `first` on (one run's, when runs share the

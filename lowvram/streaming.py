@@ -12,8 +12,10 @@ Every profile goes through here: with all blocks resident (profile "plain", or a
 
 Design:
 - Resident blocks are moved to the GPU once. Streamed blocks keep their master copy in host
-  memory, pinned where allowed (up to a RAM cap; unpinned when pinning fails or the cap is
-  reached). The host copy is the master: nothing is ever copied back to the host.
+  memory, pinned where allowed (whole blocks up to a RAM cap; unpinned when pinning fails or the
+  cap is reached): each block's tensors packed into one buffer of exactly their size and
+  page-locked with cudaHostRegister, unlocked when the streamer closes (`pin_blocks_` says why not
+  `Tensor.pin_memory()`). The host copy is the master: nothing is ever copied back to the host.
 - The GPU side of a streamed block is a *shell*: a structural copy of the block whose tensors are
   preallocated GPU buffers, one shell per ring slot per kind (double / single blocks have
   different shapes). Loading block i into a slot is `copy_` of every tensor leaf of the master into
@@ -47,7 +49,8 @@ import torch
 import torch.nn as nn
 
 from .planner import Plan
-from .schedule import BlockSchedule
+from .schedule import BlockSchedule, pinned_blocks
+from .units import GIB
 
 BLOCK_LISTS = ("double_blocks", "single_blocks")
 
@@ -136,6 +139,9 @@ def empty_module_like(module: nn.Module, device) -> nn.Module:
 # Pinned host memory
 
 
+SLAB_ALIGN = 64  # byte offset of each leaf in its slab: a multiple of every dtype's size
+
+
 @dataclass
 class PinReport:
     pinned_bytes: int = 0
@@ -143,36 +149,87 @@ class PinReport:
     reason: str | None = None  # why some (or all) bytes are not pinned
 
 
-def pin_leaves_(modules: Sequence[nn.Module], cap_bytes: int | None,
-                pin: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.pin_memory) -> PinReport:
-    """Move the leaves of `modules` into page-locked memory, in place, up to `cap_bytes` in total.
+def cuda_host_register(slab: torch.Tensor) -> None:
+    """Page-lock `slab`'s bytes in place (cudaHostRegister); raises RuntimeError when CUDA refuses."""
+    cudart = torch.cuda.cudart()
+    code = cudart.cudaHostRegister(slab.data_ptr(), slab.nbytes, 0)
+    if code != cudart.cudaError.success:
+        raise RuntimeError(f"cudaHostRegister: {cudart.cudaGetErrorString(code)}")
 
-    Leaves past the cap, or for which pinning raises (no CUDA driver, out of lockable memory), stay
-    in ordinary memory: copies from them are slower but still correct.
-    """
-    report = PinReport()
 
-    def pin_one(leaf):
+def cuda_host_unregister(slab: torch.Tensor) -> None:
+    """Unlock what `cuda_host_register` locked; the bytes stay, as ordinary memory."""
+    torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
+
+
+def slab_layout(leaf_sizes: Sequence[int]) -> tuple[list[int], int]:
+    """(byte offset of each leaf, slab bytes) for leaves of these sizes packed in order, each offset
+    a multiple of SLAB_ALIGN: the slab exceeds the leaves' bytes by less than SLAB_ALIGN per leaf."""
+    offsets, size = [], 0
+    for nbytes in leaf_sizes:
+        size = -(-size // SLAB_ALIGN) * SLAB_ALIGN
+        offsets.append(size)
+        size += nbytes
+    return offsets, size
+
+
+def pack_leaves_(module: nn.Module) -> torch.Tensor:
+    """Move `module`'s leaves into one new host buffer of exactly their bytes (each leaf's offset
+    rounded up to SLAB_ALIGN), in place: every leaf becomes a view of it. Returns the buffer."""
+    leaves = tensor_leaves(module)
+    offsets, size = slab_layout([leaf.numel() * leaf.element_size() for leaf in leaves])
+    slab = torch.empty(size, dtype=torch.uint8)
+    views = iter(zip(offsets, leaves))
+
+    def into_slab(leaf: torch.Tensor) -> torch.Tensor:
+        offset, expected = next(views)
+        assert leaf is expected or leaf.data_ptr() == expected.data_ptr()  # _map_leaves_ walks tensor_leaves' order
         nbytes = leaf.numel() * leaf.element_size()
-        if leaf.device.type != "cpu" or leaf.is_pinned():
-            report.pinned_bytes += nbytes
-            return leaf
-        if cap_bytes is not None and report.pinned_bytes + nbytes > cap_bytes:
+        view = slab[offset:offset + nbytes].view(leaf.dtype).view(leaf.shape)
+        return view.copy_(leaf)
+
+    _map_leaves_(module, into_slab)
+    return slab
+
+
+def pin_blocks_(modules: Sequence[nn.Module], cap_bytes: int | None,
+                register: Callable[[torch.Tensor], None] = cuda_host_register) -> tuple[PinReport, list[torch.Tensor]]:
+    """Page-lock the host copies of `modules` (streamed blocks, in streamed order), each whole block
+    that fits under `cap_bytes` beside those before it (lowvram.schedule.pinned_blocks). Returns the
+    report and the pinned slabs, for `unpin_slabs` when the DiT stage ends.
+
+    Why not `Tensor.pin_memory()`: it allocates through PyTorch's caching host allocator
+    (aten/src/ATen/core/CachingHostAllocator.h), whose `CachingHostAllocatorImpl::allocate` rounds
+    every request up to a power of two (`c10::llvm::PowerOf2Ceil`: a 13B double block's 37.7 MB
+    FP8 MLP weight takes 64 MiB) and whose `CachingHostAllocatorImpl::free` keeps a released block
+    in its free list, for reuse, until `empty_cache`. Pinned RAM was 1.35x the plan for the 13B FP8
+    blocks (double blocks 1.48x, single 1.19x) and stayed locked after the DiT stage. Here each
+    block's leaves are packed into one ordinary buffer of their size (`pack_leaves_`), page-locked with cudaHostRegister: the pinned bytes are the
+    blocks' bytes, and `unpin_slabs` unlocks them. A block whose registration fails stays in
+    ordinary memory (its copies are slower, still correct)."""
+    report, slabs = PinReport(), []
+    sizes = [leaf_bytes(module) for module in modules]
+    for module, nbytes, fits in zip(modules, sizes, pinned_blocks(sizes, cap_bytes)):
+        if not fits:
             report.unpinned_bytes += nbytes
-            report.reason = report.reason or f"pinned RAM cap of {cap_bytes / 2**30:.1f} GiB reached"
-            return leaf
+            report.reason = report.reason or f"pinned RAM cap of {cap_bytes / GIB:.1f} GiB reached"
+            continue
+        slab = pack_leaves_(module)
         try:
-            pinned = pin(leaf)
+            register(slab)
         except RuntimeError as error:
             report.unpinned_bytes += nbytes
             report.reason = report.reason or f"pinning failed: {' '.join(str(error).split())}"
-            return leaf
-        report.pinned_bytes += nbytes
-        return pinned
+            continue
+        report.pinned_bytes += slab.nbytes
+        slabs.append(slab)
+    return report, slabs
 
-    for module in modules:
-        _map_leaves_(module, pin_one)
-    return report
+
+def unpin_slabs(slabs: list[torch.Tensor], unregister: Callable[[torch.Tensor], None] = cuda_host_unregister) -> None:
+    """Unlock the slabs `pin_blocks_` locked (empties the list); the blocks keep their bytes."""
+    while slabs:
+        unregister(slabs.pop())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +294,9 @@ class BlockStreamer:
             if any(leaf.device.type != "cpu" for leaf in tensor_leaves(blocks[i])):
                 blocks[i].to("cpu")
         streamed_modules = [blocks[i] for i in self._streamed]
+        self._pinned_slabs: list[torch.Tensor] = []
         if self.cuda and pin_memory:
-            self.pin_report = pin_leaves_(streamed_modules, pinned_cap_bytes)
+            self.pin_report, self._pinned_slabs = pin_blocks_(streamed_modules, pinned_cap_bytes)
         else:
             total = sum(leaf_bytes(m) for m in streamed_modules)
             self.pin_report = PinReport(0, total, None if not total else
@@ -404,13 +462,15 @@ class BlockStreamer:
         return sum(leaf_bytes(self._run[i]) for i in self.schedule.resident) + self.ring_bytes
 
     def close(self, keep_on_host: bool = True) -> None:
-        """Free the ring and the resident blocks' device memory. Resident blocks go back to host
+        """Free the ring and the resident blocks' device memory, and unlock the streamed blocks'
+        pinned host memory (they keep their bytes, unpinned). Resident blocks go back to host
         memory (keep_on_host) or are dropped to the meta device; with keep_host_copy the device
         copies are simply released. The model is then all on the host (or partly on meta)."""
         if self._closed:
             return
         if self.cuda:
-            self._copy_stream.synchronize()
+            self._copy_stream.synchronize()  # no copy reads the pinned slabs any more
+        unpin_slabs(self._pinned_slabs)
         self._issued.clear()
         self._rings.clear()
         for i in self.schedule.resident:

@@ -1,7 +1,8 @@
 """Byte accounting: how much memory each component's weights take under a storage scheme.
 
 Counted from module shapes on the meta device (no weights needed), with the storage each scheme
-really uses (the cache and the runtime modules use exactly these; the planner adds them up):
+really uses (the cache and the runtime modules use exactly these; the planner adds them up); a
+quantized linear's bytes come from its scheme's handler (`quant/schemes.py`):
 
   bf16  every tensor 2 B/element (the compute dtype; `dtype` changes it)
   fp8   quantized weight 1 B/element + float32 scale per output channel (4 B x out)
@@ -31,8 +32,9 @@ from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 
 from .policy import POLICIES, QuantPolicy, get_policy
+from .schemes import QUANT_SCHEMES
 
-DIT_SCHEMES = ("fp8", "int8", "bf16")  # fastest-to-load first, as profiles list them
+DIT_SCHEMES = (*QUANT_SCHEMES, "bf16")  # fp8, int8, bf16: fastest-to-load first, as profiles list them
 ENCODER_SCHEMES = ("nf4", "bf16")
 QUANT_POLICIES = tuple(POLICIES)
 NF4_BLOCKSIZE = 64
@@ -71,24 +73,18 @@ class WeightBytes:
     total: int
 
 
-def _quantized_linear_bytes(layer: nn.Linear, scheme: str, dtype_bytes: int) -> int:
-    out_features = layer.out_features
-    if scheme == "fp8":
-        return layer.weight.numel() + 4 * out_features
-    return layer.weight.numel() + dtype_bytes * out_features + 2 * dtype_bytes  # int8
-
-
 def scheme_bytes(module: nn.Module, quantized: set[str], scheme: str, dtype: torch.dtype = torch.bfloat16) -> WeightBytes:
     """Bytes `module`'s parameters would take with the linears named in `quantized` (paths relative
     to `module`) stored with `scheme` (the module itself may be unquantized, or on meta)."""
     _check(scheme, DIT_SCHEMES, "DiT scheme")
     dtype_bytes = dtype.itemsize
     q_elements = q_bytes = u_elements = 0
-    quantized = set() if scheme == "bf16" else quantized
+    handler = QUANT_SCHEMES.get(scheme)  # None for bf16: nothing is quantized
+    quantized = quantized if handler else set()
     for name, sub in module.named_modules():
         if name in quantized:
             q_elements += sub.weight.numel()
-            q_bytes += _quantized_linear_bytes(sub, scheme, dtype_bytes)
+            q_bytes += handler.linear_bytes(sub, dtype_bytes)
             u_elements += sum(p.numel() for n, p in sub.named_parameters(recurse=False) if n != "weight")
         else:
             u_elements += sum(p.numel() for p in sub.parameters(recurse=False))

@@ -6,7 +6,12 @@ fit in 24 GB of RAM, so it is done once, one tensor at a time, and written as
 `<out_dir>/dit-<scheme>.json`:
 
   {"format": 1, "scheme", "policy", "dtype", "config", "sources": [fingerprint per file],
-   "versions": {"torch", "hyvideo-quant", "optimum-quanto"}, "file_size", "file_sha256"}
+   "versions": {"torch", "hyvideo-quant", the scheme's packages (int8: "optimum-quanto")},
+   "file_size", "file_sha256"}
+
+What differs between the schemes (the quantized state of a linear, the runtime modules a cache
+is loaded into, the package versions that invalidate it) is the scheme's handler in
+`quant/schemes.py`; this file only asks it.
 
 - Fingerprint of a source file (`hyvideo.files.file_fingerprint`): size, mtime (ns) and sha256 of
   its first and last MiB. Cheap (2 MiB read per file) and catches a replaced or re-downloaded checkpoint; a changed fingerprint, scheme,
@@ -44,13 +49,11 @@ from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, remove_dead_temps, write_atomic
 from hyvideo.weight_io import read_safetensors, write_safetensors_stream
 
-from .fp8 import fp8_linear_state, swap_linears_fp8
-from .int8 import int8_linear_state, quanto_version, requantize_int8
 from .policy import QuantPolicy, get_policy
+from .schemes import quant_scheme
 
 CACHE_FORMAT = 1
 QUANT_VERSION = "1"  # bump when the quantizers' output changes
-SCHEMES = ("fp8", "int8")
 _MIB = 1 << 20
 
 
@@ -77,16 +80,9 @@ def cache_paths(out_dir: str | Path, scheme: str) -> tuple[Path, Path]:
     return out_dir / f"dit-{scheme}.safetensors", out_dir / f"dit-{scheme}.json"
 
 
-def _check_scheme(scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise HyVideoError(f"unknown DiT quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
-
-
 def _header(scheme: str, policy: QuantPolicy, dtype: torch.dtype, config: DiTConfig, sources: list[dict]) -> dict:
     """The part of the JSON header that decides whether a cache is still valid."""
-    versions = {"torch": torch.__version__, "hyvideo-quant": QUANT_VERSION}
-    if scheme == "int8":
-        versions["optimum-quanto"] = quanto_version()
+    versions = {"torch": torch.__version__, "hyvideo-quant": QUANT_VERSION, **quant_scheme(scheme).versions()}
     header = {"format": CACHE_FORMAT, "scheme": scheme, "policy": policy.name, "dtype": str(dtype).removeprefix("torch."),
               "config": config.to_dict(), "sources": sources, "versions": versions}
     return json.loads(json.dumps(header))  # tuples -> lists, as they come back from the file
@@ -98,18 +94,17 @@ def quantized_tensors(state_dict: Mapping[str, torch.Tensor], config: DiTConfig,
     """The quantized state dict, one tensor at a time, in the order of `keys` (default: the state
     dict's own; the cache passes the model's).
 
-    Policy linears go through the scheme's handler (fp8: weight + scale + bias; int8: quanto's
-    keys); every other tensor is cast to `dtype`. Each source tensor is looked up when it is needed
-    and not kept. Works on meta tensors (gives the layout)."""
-    _check_scheme(scheme)
+    Policy linears go through the scheme's handler (`quant.schemes`; fp8: weight + scale + bias;
+    int8: quanto's keys); every other tensor is cast to `dtype`. Each source tensor is looked up
+    when it is needed and not kept. Works on meta tensors (gives the layout)."""
+    handler = quant_scheme(scheme)
     quantized = set(get_policy(policy).module_names(config))
-    handler = fp8_linear_state if scheme == "fp8" else int8_linear_state
     for key in state_dict if keys is None else keys:
         module, _, leaf = key.rpartition(".")
         if module in quantized and leaf == "bias":
             continue  # written with its weight
         if module in quantized and leaf == "weight":
-            for name, value in handler(state_dict[key], state_dict.get(module + ".bias"), dtype).items():
+            for name, value in handler.linear_state(state_dict[key], state_dict.get(module + ".bias"), dtype).items():
                 yield f"{module}.{name}", value
         else:
             yield key, state_dict[key].to(dtype)
@@ -146,7 +141,7 @@ def quantize_dit_to_cache(state_dict_source_files: list[Path], state_dict: Mappi
     `on_progress(done, total)`: total = double + single blocks + 1. It is called as each block has
     been written, then with (total, total) once the cache is complete: the last step stands for the
     trunk (embedders, token refiner, final layer) and the header."""
-    _check_scheme(scheme)
+    quant_scheme(scheme)  # an unknown scheme is refused before any work
     policy = get_policy(policy)
     with torch.device("meta"):
         meta_model = HunyuanVideoDiT(config)
@@ -188,7 +183,7 @@ def cache_status(out_dir: str | Path, config: DiTConfig, scheme: str, policy: "s
 
     Cheap: reads the header, stats the file and fingerprints the sources (no full hash). Without
     `source_files` the source check is skipped."""
-    _check_scheme(scheme)
+    handler = quant_scheme(scheme)
     policy = get_policy(policy)
     weights, header_path = cache_paths(out_dir, scheme)
     if not header_path.exists() or not weights.exists():
@@ -207,8 +202,9 @@ def cache_status(out_dir: str | Path, config: DiTConfig, scheme: str, policy: "s
             return CacheStatus("stale", reason, weights)
     if found.get("versions", {}).get("hyvideo-quant") != QUANT_VERSION:
         return CacheStatus("stale", "quantizer version changed", weights)
-    if scheme == "int8" and found["versions"].get("optimum-quanto") != wanted["versions"]["optimum-quanto"]:
-        return CacheStatus("stale", "optimum-quanto version changed", weights)
+    for package in handler.versions():  # torch's version is recorded, not compared
+        if found["versions"].get(package) != wanted["versions"][package]:
+            return CacheStatus("stale", f"{package} version changed", weights)
     return CacheStatus("fresh", "", weights)
 
 
@@ -249,10 +245,4 @@ def load_cached_dit(cache_dir: str | Path, config: DiTConfig, scheme: str, polic
 
     with torch.device("meta"):
         model = HunyuanVideoDiT(config)
-    if scheme == "fp8":
-        swap_linears_fp8(model, policy)
-        model.load_state_dict(state, strict=True, assign=True)
-        model.to(device)
-    else:
-        requantize_int8(model, state, policy, device)
-    return model.eval()
+    return quant_scheme(scheme).load(model, state, policy, device).eval()

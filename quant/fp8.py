@@ -28,6 +28,15 @@ weights): one 3072x3072 layer 2.67 % (dequant) -> 3.74 % (scaled_mm); the whole 
   broadcast to all N);
 - y[m, n] = s_x[m] * s_w[n] * sum_k x_fp8[m, k] W_fp8[n, k], accumulated in float32, written in
   bf16, then + bias.
+Memory: x_fp8 (1 byte per element) and its scales, with the float32 division done QUANT_ROWS rows
+at a time in place; s_x comes from one reduction (no |x| copy). Out of place, the float32 copy of x
+and its |x|, quotient and clamp were 16 bytes per element: ~1.2-1.5 GB per 8192-token chunk of the
+13B model's 15360-wide linear2 input, which the planner did not know of. The planner counts these
+temporaries (lowvram/activations.py, `scaled_mm_bytes`).
+Availability (`scaled_mm_unavailable_reason`) is checked once, where the path is turned on
+(`set_scaled_mm`, `choose_fp8_matmul`), never per call: a check inside the forward costs a device
+query per linear and breaks torch.compile's graphs. (PyTorch's CPU `_scaled_mm` takes row-wise
+scales too, which is what the CPU tests run.)
 """
 
 from functools import lru_cache
@@ -43,6 +52,7 @@ from .policy import QuantPolicy, get_policy
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 _TINY = 1e-12  # floor for scales, so an all-zero row quantizes to zeros instead of NaN
+QUANT_ROWS = 1024  # rows of activations divided in float32 at a time (bounds that scratch to 1024 x K x 4 bytes)
 
 
 def quantize_fp8(weight: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,20 +113,29 @@ def scaled_mm_supported(device: torch.device | str) -> bool:
     return scaled_mm_unavailable_reason(device) is None
 
 
+def quantize_rows_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (e4m3 [M, K], float32 row scales [M, 1]) with x2 ~= x_fp8 * scale; the float32
+    quotient exists for QUANT_ROWS rows at a time (same values as dividing all rows at once)."""
+    amax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1, keepdim=True)  # max |x| per row, exact in x's dtype
+    x_scale = amax.float().clamp_(min=_TINY).div_(FP8_MAX)  # [M, 1]
+    x_fp8 = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
+    for start in range(0, x2.shape[0], QUANT_ROWS):
+        rows = slice(start, start + QUANT_ROWS)
+        x_fp8[rows] = x2[rows].to(torch.float32, copy=True).div_(x_scale[rows]).clamp_(-FP8_MAX, FP8_MAX)  # never x's own
+    return x_fp8, x_scale
+
+
 def scaled_mm_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ (W_fp8 * w_scale).T + bias with x quantized per token to e4m3 (see module docstring)."""
-    reason = scaled_mm_unavailable_reason(x.device)
-    if reason:
-        raise HyVideoError(f"the FP8 matmul (use_scaled_mm) cannot run: {reason}. Turn it off to use the dequantizing FP8 path.")
+    """x @ (W_fp8 * w_scale).T + bias with x quantized per token to e4m3 (see module docstring).
+    Assumes the caller checked that `_scaled_mm` runs here (once, not per call)."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float()  # [M, K]
-    x_scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=_TINY) / FP8_MAX  # [M, 1]
-    x_fp8 = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    x_fp8, x_scale = quantize_rows_fp8(x.reshape(-1, shape[-1]))  # [M, K], [M, 1]
     w_scale = w_scale.float().expand(w_fp8.shape[0], 1).reshape(1, -1).contiguous()  # [1, N]
     out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    del x_fp8
     out = out.to(x.dtype)
     if bias is not None:
-        out = out + bias
+        out += bias  # in place: `out` is this call's own tensor
     return out.reshape(*shape[:-1], -1)
 
 

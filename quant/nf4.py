@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from hyvideo.errors import HyVideoError
+from hyvideo.errors import HyVideoError, one_line
 from hyvideo.files import file_fingerprint, fsync_dir, remove_dead_temps, temp_path, write_atomic
 
 from .cache import CacheStatus, file_sha256
@@ -57,10 +57,6 @@ class NF4Unavailable(HyVideoError):
     `load_llm_nf4` turns it into the bf16 fallback."""
 
 
-def _one_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
-
-
 def nf4_unavailable_reason(device: "torch.device | str") -> str | None:
     """None if bitsandbytes can quantize to NF4 and multiply on `device`, else why not."""
     device = torch.device(device)
@@ -70,9 +66,9 @@ def nf4_unavailable_reason(device: "torch.device | str") -> str | None:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
     except ImportError as error:
-        return f"bitsandbytes is not installed (pip install bitsandbytes): {_one_line(error)}"
+        return f"bitsandbytes is not installed (pip install bitsandbytes): {one_line(error)}"
     except Exception as error:  # a broken install raises anything at import time
-        return f"bitsandbytes failed to load: {_one_line(error)}"
+        return f"bitsandbytes failed to load: {one_line(error)}"
     try:
         weight = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
         packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
@@ -81,7 +77,7 @@ def nf4_unavailable_reason(device: "torch.device | str") -> str | None:
         if out.shape != (2, 64) or not torch.isfinite(out).all():
             return f"bitsandbytes 4-bit matmul gives wrong results on {device}"
     except Exception as error:  # backend failures surface as many exception types (runtime, assertion, unsupported op)
-        return f"bitsandbytes cannot run NF4 on {device}: {_one_line(error)}"
+        return f"bitsandbytes cannot run NF4 on {device}: {one_line(error)}"
     return None
 
 
@@ -113,7 +109,7 @@ def load_llm_bf16(folder: str | Path, device: "torch.device | str" = "cpu", caus
     try:
         model = _auto_class(causal).from_pretrained(path, dtype=torch.bfloat16, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise HyVideoError(f"could not load the text encoder (LLM) from {path}: {_one_line(error)}") from error
+        raise HyVideoError(f"could not load the text encoder (LLM) from {path}: {one_line(error)}") from error
     return model.to(device).eval()
 
 
@@ -131,9 +127,9 @@ def _load_nf4(folder: Path, device: torch.device, quantize: bool, causal: bool =
     try:
         model = _auto_class(causal).from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device}, local_files_only=True, **extra)
     except (OSError, KeyError) as error:
-        raise HyVideoError(f"could not load the text encoder (LLM) from {folder}: {_one_line(error)}") from error
+        raise HyVideoError(f"could not load the text encoder (LLM) from {folder}: {one_line(error)}") from error
     except Exception as error:  # transformers' bitsandbytes checks (versions, devices) raise various types
-        raise NF4Unavailable(f"transformers could not load it in NF4: {_one_line(error)}") from error
+        raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
     return model.eval()
 
 
@@ -257,7 +253,7 @@ def _build_llm_cache(folder: Path, path: Path, device: torch.device) -> None:
         except OSError:
             raise  # a full disk or the like: reported below as a HyVideoError
         except Exception as error:  # bitsandbytes / safetensors serialization errors have their own types
-            raise NF4Unavailable(f"bitsandbytes could not save the NF4 model: {_one_line(error)}") from error
+            raise NF4Unavailable(f"bitsandbytes could not save the NF4 model: {one_line(error)}") from error
         reason = _smoke_test(model, device)
         del model
         if reason is not None:
@@ -286,5 +282,5 @@ def _smoke_test(model: nn.Module, device: torch.device) -> str | None:
         if not all(torch.isfinite(h).all() for h in out.hidden_states):
             return f"the NF4 model gives non-finite outputs on {device}"
     except Exception as error:  # kernel failures surface as many exception types (runtime, assertion, unsupported op)
-        return f"bitsandbytes cannot run this model in NF4 on {device}: {_one_line(error)}"
+        return f"bitsandbytes cannot run this model in NF4 on {device}: {one_line(error)}"
     return None

@@ -8,10 +8,10 @@ turn the oracle into something else).
 
 import inspect
 
-from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
-from diffusers.loaders import lora_conversion_utils, single_file_utils
-
 from hyvideo.config import DiTConfig, VAEConfig
+
+# diffusers is imported inside each function: a test file that imports this module still collects
+# where diffusers is missing (`pytest -m cuda` on a GPU machine without it).
 
 
 def _with_hidden_size(function, hidden_size: int):
@@ -25,6 +25,8 @@ def _with_hidden_size(function, hidden_size: int):
 
 
 def official_to_diffusers(state_dict: dict, hidden_size: int) -> dict:
+    from diffusers.loaders import single_file_utils
+
     return _with_hidden_size(single_file_utils.convert_hunyuan_video_transformer_to_diffusers, hidden_size)(dict(state_dict))
 
 
@@ -48,16 +50,20 @@ def musubi_to_official_names(state_dict: dict) -> dict:
     return out
 
 
-def load_lora(model: HunyuanVideoTransformer3DModel, state_dict: dict, hidden_size: int, name: str,
+def load_lora(model, state_dict: dict, hidden_size: int, name: str,
               metadata: dict | None = None) -> None:
     """Load a LoRA as diffusers' HunyuanVideo pipeline does (`load_lora_weights`): official-format
     keys (img_attn_qkv, ...) go through its converter (at this hidden size), then PEFT adapters."""
+    from diffusers.loaders import lora_conversion_utils
+
     if any("img_attn_qkv" in k for k in state_dict):  # the test HunyuanVideoLoraLoaderMixin.lora_state_dict makes
         state_dict = _with_hidden_size(lora_conversion_utils._convert_hunyuan_video_lora_to_diffusers, hidden_size)(dict(state_dict))
     model.load_lora_adapter(dict(state_dict), prefix="transformer", adapter_name=name, metadata=metadata)
 
 
-def diffusers_transformer(config: DiTConfig, official_state_dict: dict) -> HunyuanVideoTransformer3DModel:
+def diffusers_transformer(config: DiTConfig, official_state_dict: dict):
+    from diffusers import HunyuanVideoTransformer3DModel
+
     model = HunyuanVideoTransformer3DModel(
         in_channels=config.in_channels,
         out_channels=config.out_channels,
@@ -74,15 +80,18 @@ def diffusers_transformer(config: DiTConfig, official_state_dict: dict) -> Hunyu
         pooled_projection_dim=config.text_states_dim_2,
         rope_theta=config.rope_theta,
         rope_axes_dim=config.rope_axes_dim,
+        image_condition_type=config.image_condition_type,
     )
     converted = official_to_diffusers(official_state_dict, config.hidden_size)
     model.load_state_dict(converted, strict=True)
     return model.eval()
 
 
-def diffusers_vae(config: VAEConfig) -> AutoencoderKLHunyuanVideo:
+def diffusers_vae(config: VAEConfig):
     """diffusers' HunyuanVideo VAE for `config` (random weights), on its plain, untiled path: no
     spatial tiles, no batch slicing, no frame-wise (temporal tile) coding."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
     levels = len(config.block_out_channels)
     model = AutoencoderKLHunyuanVideo(
         in_channels=config.in_channels,

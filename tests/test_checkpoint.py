@@ -40,6 +40,16 @@ def test_13b_config_inferred_from_shapes():
     assert infer_dit_config(sd) == DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
 
 
+@pytest.mark.parametrize("name,token_replace", [("HYVideo-T/2-I2V-33ch", False), ("HYVideo-T/2-I2V-16ch", True)])
+def test_13b_i2v_config_inferred_from_shapes(name, token_replace):
+    """33 input channels name the latent_concat DiT; token_replace has T2V shapes, its folder says it."""
+    with torch.device("meta"):
+        from hyvideo.dit import HunyuanVideoDiT
+
+        sd = HunyuanVideoDiT(DIT_CONFIGS[name]).state_dict()
+    assert infer_dit_config(sd, token_replace=token_replace) == DIT_CONFIGS[name]
+
+
 def copy_checkpoint(src, dst):
     shutil.copytree(src, dst)
     return dst

@@ -84,16 +84,34 @@ def test_console_script_and_module_help():
     assert installed.returncode == 0 and json.loads(installed.stdout)["profiles"]
 
 
+def streaming_profile(folder: Path) -> Path:
+    """The 16gb profile with one of the tiny model's 4 blocks resident (under 16gb itself all 4 fit,
+    and nothing would stream), small token chunks and VAE tiles, and one SDPA kernel pinned: with
+    `auto` each process picks its kernel by timing, and two runs may then differ in the last bit."""
+    from lowvram.profiles import load_profile
+
+    values = {**load_profile("16gb").to_dict(), "name": "16gb-streamed", "resident_blocks": 1, "prefetch_depth": 1,
+              "token_chunk": 64, "vae_spatial_tile": 8, "vae_temporal_tile": 4, "attention": "sdpa:efficient"}
+    path = folder / "16gb-streamed.toml"
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+    return path
+
+
 @pytest.mark.cuda
 def test_cuda_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path):
-    """The GPU path (profile 16gb: FP8 DiT from the cache, blocks streamed from pinned memory on the
-    side stream, tiled VAE): SIGKILL mid-run, resume, same final latents as an uninterrupted run."""
-    args = [*ARGS[:-1], "cuda", "--profile", "16gb"]
+    """The GPU path (the 16gb profile's FP8 DiT from the cache, three of four blocks streamed from
+    pinned memory on the side stream, tiled VAE, one attention kernel): SIGKILL mid-run, resume,
+    the same final latents as an uninterrupted run."""
+    args = [*ARGS[:-1], "cuda", "--profile", streaming_profile(tmp_path)]
     model = tmp_path / "model"
     shutil.copytree(tiny_official, model)
     done = run("generate", PROMPT, "--model-dir", model, "--runs-dir", tmp_path / "reference", "--json", *args)
     assert done.returncode == 0, done.stderr
-    expected = load_file(json.loads(done.stdout)["final_latents"])["latents"]
+    reference = json.loads(done.stdout)
+    assert reference["settings"]["attention"] == "sdpa:efficient"
+    dit = reference["stats"]["dit"]
+    assert dit["streamed_blocks"] == 3 and dit["pinned_bytes"] > 0, dit
+    expected = load_file(reference["final_latents"])["latents"]
     process, _ = start_and_wait_for_step(tmp_path / "killed", model, args=args)
     process.send_signal(signal.SIGKILL)
     process.communicate()
@@ -101,3 +119,19 @@ def test_cuda_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path):
     resumed = run("resume", "--runs-dir", tmp_path / "killed", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert load_file(json.loads(resumed.stdout)["final_latents"])["latents"].equal(expected)
+
+
+def test_the_cuda_resume_profile_streams_the_tiny_model_with_one_pinned_kernel(tmp_path):
+    """What the CUDA resume test relies on, checked here: its profile plans 3 of the tiny model's 4
+    blocks streamed at its size (16gb itself keeps all 4 resident) and names one SDPA kernel."""
+    from hyvideo.config import DIT_CONFIGS
+    from lowvram.attention_choice import candidates, check_choice
+    from lowvram.planner import plan
+    from lowvram.profiles import load_profile
+
+    profile = load_profile(str(streaming_profile(tmp_path)))
+    tiny = DIT_CONFIGS["tiny"]
+    assert len(plan(profile, 64, 48, 9, dit_config=tiny, text_encoders=()).schedule.streamed) == 3
+    assert not plan(load_profile("16gb"), 64, 48, 9, dit_config=tiny, text_encoders=()).schedule.streamed
+    check_choice(profile.attention)
+    assert candidates(profile.attention)[0] == "sdpa:efficient"

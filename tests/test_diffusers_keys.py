@@ -68,3 +68,22 @@ def test_missing_and_unused_keys_are_reported():
     _, missing, unused = diffusers_to_official(converted, list(sd))
     assert missing == ["transformer_blocks.0.attn.to_k.weight"]
     assert unused == ["some.extra.weight"]
+
+
+@pytest.mark.parametrize("name", ["tiny-i2v-16ch", "tiny-i2v-33ch"])
+def test_i2v_layouts_use_the_same_names(name):
+    """Both I2V DiTs keep the text-to-video tensor names in both layouts: diffusers' token-replace
+    blocks name their modulation `norm1.linear` / `norm.linear` as before (one layer serves both
+    vectors); latent_concat only widens x_embedder and has no guidance_embedder. So the official <->
+    diffusers mapping is the T2V one; the I2V DiT loads through it, tensor for tensor."""
+    from tests.diffusers_oracle import diffusers_transformer
+
+    model = HunyuanVideoDiT(DIT_CONFIGS[name])
+    randomize_(model, seed=4)
+    sd = model.state_dict()
+    diffusers_model = diffusers_transformer(DIT_CONFIGS[name], sd)  # loads strict: names and shapes match
+    assert sorted(official_to_diffusers(sd)) == sorted(diffusers_model.state_dict())
+    back, missing, unused = diffusers_to_official(diffusers_model.state_dict(), list(sd))
+    assert missing == [] and unused == []
+    assert all(torch.equal(back[key], sd[key]) for key in sd)
+    assert ("guidance_in.mlp.0.weight" in sd) == (name == "tiny-i2v-16ch")

@@ -29,6 +29,7 @@ from tests.helpers import (
 )
 
 TINY = DIT_CONFIGS["tiny"]
+pytest.importorskip("diffusers")  # the oracle; DIFFUSERS_SHAPES below is built at import
 # float32 on the CPU, as test_dit's parity: the two implementations order a few reductions
 # differently (~1e-7 observed); a wrong slice, scale or transpose shows up at 1e-2 or more.
 TOL = 1e-5

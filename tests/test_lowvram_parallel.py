@@ -55,11 +55,11 @@ def test_attention_with_lse_matches_softmax_attention():
     torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=0, atol=1e-5)
 
 
-def _model_and_inputs():
+def _model_and_inputs(name: str = "tiny"):
     """The tiny DiT (2 heads) with random weights; a latent grid of 4 x 6 tokens over 3 frames and
     text with padding (6 of 9 tokens valid), as the pipeline passes them."""
     torch.manual_seed(0)
-    config = DIT_CONFIGS["tiny"]
+    config = DIT_CONFIGS[name]
     model = HunyuanVideoDiT(config).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.05)
@@ -70,14 +70,14 @@ def _model_and_inputs():
     return model, inputs
 
 
-def _rank(rank: int, world: int, mode: str, port: int, folder: str) -> None:
+def _rank(rank: int, world: int, mode: str, port: int, folder: str, name: str = "tiny") -> None:
     from yunchang.globals import PROCESS_GROUP, set_seq_parallel_pg
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     layout = choose_layout(mode, world, DIT_CONFIGS["tiny"].heads)
     set_seq_parallel_pg(layout.ulysses, layout.ring, rank, world)
-    model, inputs = _model_and_inputs()
+    model, inputs = _model_and_inputs(name)
     model.sequence_parallel = SequenceParallel(layout, rank, model.config.patch_size, PROCESS_GROUP.ULYSSES_PG,
                                                PROCESS_GROUP.RING_PG)
     with torch.inference_mode():
@@ -94,6 +94,20 @@ def test_split_forward_equals_one_process(tmp_path, mode, world, layout):
     assert (choose_layout(mode, world, 2).ulysses, choose_layout(mode, world, 2).ring) == layout
     fork_ranks(_rank, world, mode, free_port(), str(tmp_path))
     model, inputs = _model_and_inputs()
+    with torch.inference_mode():
+        expected = model(*inputs)
+    for rank in range(world):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])  # 4 token rows: 2 or 1 of them per rank
+@pytest.mark.slow
+def test_token_replace_split_forward_equals_one_process(tmp_path, world):
+    """Image-to-video token_replace: each rank holds a slab of rows of every latent frame, so its
+    share of the first frame's tokens (modulated from t = 0) is its tokens / 3 frames. Same bound
+    and reasons as above."""
+    fork_ranks(_rank, world, "ulysses" if world == 2 else "ring", free_port(), str(tmp_path), "tiny-i2v-16ch")
+    model, inputs = _model_and_inputs("tiny-i2v-16ch")
     with torch.inference_mode():
         expected = model(*inputs)
     for rank in range(world):

@@ -23,9 +23,9 @@ from lowvram.communication import communication
 from lowvram.parallel import Layout, SequenceParallel, choose_layout
 from lowvram.planner import parallel_layout, plan, with_budget
 from lowvram.profiles import load_profile
+from lowvram.units import GIB
 from tests.helpers import SMALL, fork_ranks, invoke, one_line_error, small_dit, small_inputs
 
-GIB = 2**30
 CONFIG_13B = DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
 IMAGE = 4 * 16 * 16  # small_inputs(): 4 x 32 x 32 latents -> 1024 image tokens; 512 per rank
 TEXT = 24

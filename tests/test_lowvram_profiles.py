@@ -8,8 +8,7 @@ import pytest
 from hyvideo.errors import HyVideoError
 from lowvram.planner import choose_profile
 from lowvram.profiles import PROFILES_DIR, available_profiles, load_profile, profile_from_dict, shipped_profiles
-
-GIB = 2**30
+from lowvram.units import GIB
 SHIPPED = ["plain", "24gb", "16gb", "12gb", "8gb"]
 
 

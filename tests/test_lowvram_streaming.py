@@ -11,10 +11,11 @@ import torch
 import torch.nn as nn
 
 from lowvram.schedule import BlockSchedule, plan_schedule, spread_evenly
-import optimum.quanto as quanto
 
-from quant.fp8 import FP8Linear
-from lowvram.streaming import BlockStreamer, PinReport, empty_module_like, leaf_bytes, pin_leaves_, tensor_leaves
+from quant.fp8 import FP8Linear, swap_linears_fp8
+from lowvram.streaming import (
+    BlockStreamer, PinReport, empty_module_like, leaf_bytes, pin_blocks_, tensor_leaves, unpin_slabs,
+)
 from tests.helpers import run_steps, schedule_for, streaming_dit, streaming_inputs
 
 
@@ -147,6 +148,7 @@ def test_fp8_blocks_stream_exactly():
 def test_int8_quanto_blocks_stream_exactly():
     """quanto's INT8 weights are tensor subclasses; their inner tensors (_data int8, _scale) are the
     leaves the streamer copies into shells rebuilt with __tensor_unflatten__."""
+    quanto = pytest.importorskip("optimum.quanto")
     model = streaming_dit(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)
@@ -237,22 +239,70 @@ def test_keep_host_copy_and_close():
 # Pinned memory policy
 
 
-def test_pinning_respects_cap_and_falls_back():
+def caching_host_allocator_bytes(nbytes: int) -> int:
+    """What `Tensor.pin_memory()` takes for `nbytes`: PyTorch's CachingHostAllocatorImpl::allocate
+    (aten/src/ATen/core/CachingHostAllocator.h) rounds every request up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes else 0
+
+
+def test_pinned_bytes_equal_the_blocks_not_the_allocators_powers_of_two():
+    """The 13B model's FP8 blocks: pinned tensor by tensor through the caching allocator they took
+    1.35x their bytes (computed here: double blocks 1.48x, single 1.19x; a double block's 37.7 MB
+    MLP weight takes 64 MiB); packed into slabs, their bytes plus < 64 bytes of alignment per tensor."""
+    from hyvideo.config import DIT_CONFIGS
+    from hyvideo.dit import HunyuanVideoDiT
+    from lowvram.streaming import SLAB_ALIGN, slab_layout
+
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(DIT_CONFIGS["HYVideo-T/2-cfgdistill"]).to(torch.bfloat16)
+    swap_linears_fp8(model, "blocks")
+    sizes = [[t.numel() * t.element_size() for t in tensor_leaves(block)] for block in model.all_blocks()]
+    planned = sum(map(sum, sizes))
+    by_allocator = sum(caching_host_allocator_bytes(n) for block in sizes for n in block)
+    in_slabs = sum(slab_layout(block)[1] for block in sizes)
+    assert caching_host_allocator_bytes(12288 * 3072) == 2**26  # fc1: 37.7 MB in fp8 -> 64 MiB
+    assert 1.3 < by_allocator / planned < 1.4
+    assert 0 <= in_slabs - planned < SLAB_ALIGN * sum(map(len, sizes))
+
+
+def test_pinning_packs_whole_blocks_under_the_cap_and_falls_back():
     blocks = [nn.Linear(16, 16), nn.Linear(16, 16)]  # 1088 bytes each (weight 1024 + bias 64)
-    pinned = []
-
-    def fake_pin(t):
-        pinned.append(t.numel())
-        return t.clone()
-
-    report = pin_leaves_(blocks, cap_bytes=1100, pin=fake_pin)
+    before = [copy.deepcopy(b.state_dict()) for b in blocks]
+    registered = []
+    report, slabs = pin_blocks_(blocks, cap_bytes=1100, register=registered.append)
     assert report.pinned_bytes == 1088 and report.unpinned_bytes == 1088 and "cap" in report.reason
+    assert slabs == registered and len(slabs) == 1 and slabs[0].nbytes == 1088
+    for leaf in tensor_leaves(blocks[0]):  # block 0: its tensors are views of the registered slab
+        assert leaf.untyped_storage().data_ptr() == slabs[0].data_ptr()
+    assert tensor_leaves(blocks[1])[0].untyped_storage().data_ptr() != slabs[0].data_ptr()  # past the cap: left alone
+    for block, state in zip(blocks, before):
+        assert all(torch.equal(block.state_dict()[k], v) for k, v in state.items())
+    unregistered = []
+    unpin_slabs(slabs, unregister=unregistered.append)
+    assert unregistered == registered and slabs == []
 
-    def failing_pin(t):
-        raise RuntimeError("cudaHostAlloc failed:\n out of memory")
+    def failing_register(slab):
+        raise RuntimeError("cudaHostRegister:\n out of memory")
 
-    report = pin_leaves_([nn.Linear(4, 4)], cap_bytes=None, pin=failing_pin)
-    assert report == PinReport(0, 80, "pinning failed: cudaHostAlloc failed: out of memory")
+    report, slabs = pin_blocks_([nn.Linear(4, 4)], cap_bytes=None, register=failing_register)
+    assert report == PinReport(0, 80, "pinning failed: cudaHostRegister: out of memory") and slabs == []
+
+
+def test_the_planner_counts_the_blocks_the_streamer_pins():
+    """Whole blocks under the cap, by the same rule (lowvram.schedule.pinned_blocks); the slabs
+    exceed the blocks' bytes by alignment only (< 64 bytes per tensor)."""
+    from lowvram.streaming import SLAB_ALIGN
+
+    model = streaming_dit(dtype=torch.bfloat16)
+    swap_linears_fp8(model, "blocks")
+    schedule = schedule_for(model, resident=2)
+    streamed = [model.all_blocks()[i] for i in schedule.streamed]
+    cap = sum(leaf_bytes(b) for b in streamed) * 2 // 3  # some blocks pinned, some not
+    tensors = sum(len(tensor_leaves(b)) for b in streamed)
+    report, _ = pin_blocks_(streamed, cap, register=lambda slab: None)
+    assert report.unpinned_bytes > 0
+    assert 0 <= report.pinned_bytes - schedule.pinned_bytes(cap) < SLAB_ALIGN * tensors
+    assert schedule.pinned_bytes(None) == schedule.streamed_bytes_per_step
 
 
 def test_cpu_streamer_does_not_pin():
@@ -299,6 +349,29 @@ def test_cuda_streamed_equals_resident(depth):
         assert sum(s.copy_ms for s in stats) <= elapsed_ms and sum(s.wait_ms for s in stats) <= elapsed_ms
         streamer.close()
     del model
+
+
+@pytest.mark.cuda
+def test_cuda_streamed_blocks_are_page_locked_in_slabs_and_unlocked_on_close():
+    """cudaHostRegister'ed slabs: the streamed blocks' tensors report pinned, the copies from them are
+    exact, and closing the streamer unlocks them (the bytes stay, as ordinary memory)."""
+    device = torch.device("cuda")
+    model = streaming_dit(dtype=torch.bfloat16)
+    inputs = [t.to(device) for t in streaming_inputs()]
+    with torch.no_grad():
+        reference = copy.deepcopy(model).to(device)(*inputs)
+    for name, child in model.named_children():
+        if name not in ("double_blocks", "single_blocks"):
+            child.to(device)
+    schedule = schedule_for(model, resident=2)
+    streamer = BlockStreamer(model.all_blocks(), schedule, device)
+    streamed = [leaf for i in schedule.streamed for leaf in tensor_leaves(model.all_blocks()[i])]
+    assert streamer.pin_report.unpinned_bytes == 0 and streamer.pin_report.pinned_bytes >= schedule.pinned_bytes(None)
+    assert all(leaf.is_pinned() for leaf in streamed)
+    for out in run_steps(model, streamer, inputs, steps=2):
+        assert torch.equal(out, reference)
+    streamer.close()
+    assert not any(leaf.is_pinned() for leaf in streamed)
 
 
 STALL_CYCLES = 50_000_000  # ~25 ms of GPU spinning: far longer than a tiny block's copy or compute
@@ -352,6 +425,7 @@ def test_cuda_streaming_is_exact_when_either_stream_lags(stalled):
 @pytest.mark.cuda
 def test_cuda_int8_quanto_blocks_stream_exactly():
     device = torch.device("cuda")
+    quanto = pytest.importorskip("optimum.quanto")
     model = streaming_dit(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
 from hyvideo.checkpoint import find_model_files, load_dit, load_dit_state_dict
 from hyvideo.config import DIT_CONFIGS, DiTConfig
 from hyvideo.diffusers_keys import diffusers_parts, official_to_diffusers
 from hyvideo.dit import HunyuanVideoDiT
-from hyvideo.weight_io import read_torch_file, write_safetensors_stream
+from hyvideo.weight_io import read_safetensors, read_torch_file, write_safetensors_stream
 from hyvideo.errors import HyVideoError
 from quant.cache import (
-    cache_paths, cache_status, ensure_dit_cache, load_cached_dit, quantize_dit_to_cache, quantized_tensors,
+    cache_paths, cache_status, ensure_dit_cache, file_sha256, load_cached_dit, quantize_dit_to_cache, quantized_tensors,
 )
 from quant.fp8 import swap_linears_fp8
 from tests.helpers import dit_inputs, forward, needs_quanto, tiny_dit
@@ -82,15 +82,34 @@ def test_cache_file_is_plain_safetensors(source, tmp_path):
     expected = dict(quantized_tensors(state, TINY, "fp8", "blocks"))
     with safe_open(weights, "pt") as f:
         assert f.metadata() == {"format": "hyvideo-quant", "scheme": "fp8", "policy": "blocks"}
-        assert sorted(k for k in f.keys() if not k.startswith("__padding__.")) == sorted(expected)
+        assert sorted(f.keys()) == sorted(expected)  # no filler tensors
         for key in expected:
             assert torch.equal(f.get_tensor(key), expected[key]), key
-    for key, tensor in load_file(weights).items():  # memory-mapped, every tensor 64-byte aligned
-        assert tensor.data_ptr() % 64 == 0, key
+    for key, tensor in read_safetensors([weights]).items():  # views of the mapping, which starts on a page
+        assert tensor.data_ptr() % 64 == 0, key  # fp8: every tensor is a multiple of 64 bytes
     header = json.loads(cache_paths(tmp_path, "fp8")[1].read_text())
     assert header["scheme"] == "fp8" and header["policy"] == "blocks" and header["dtype"] == "bfloat16"
     assert header["file_size"] == weights.stat().st_size and len(header["file_sha256"]) == 64
     assert header["sources"][0]["size"] == path.stat().st_size and "torch" in header["versions"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cache_written_with_filler_tensors_still_loads(source, tmp_path, scheme):
+    """Caches written before the writer ordered tensors for alignment carry "__padding__.N" uint8
+    tensors under the same header format; they load (fresh, same weights), not rebuilt or misread."""
+    path, state = source
+    out = tmp_path / "cache"
+    weights, header_path = cache_paths(out, scheme)
+    quantize_dit_to_cache([path], state, TINY, scheme, "blocks", out)
+    expected = load_cached_dit(out, TINY, scheme, "blocks", source_files=[path])
+    tensors = {k: v.clone() for k, v in read_safetensors([weights]).items()}
+    old = {"__padding__.1": torch.zeros(40, dtype=torch.uint8), **tensors, "__padding__.2": torch.zeros(8, dtype=torch.uint8)}
+    save_file(old, weights, {"format": "hyvideo-quant", "scheme": scheme, "policy": "blocks"})
+    header = json.loads(header_path.read_text())
+    header.update(file_size=weights.stat().st_size, file_sha256=file_sha256(weights))
+    header_path.write_text(json.dumps(header))
+    assert cache_status(out, TINY, scheme, "blocks", [path]).state == "fresh"
+    assert_same_state(load_cached_dit(out, TINY, scheme, "blocks", source_files=[path]), expected)
 
 
 def test_stale_cache_is_rebuilt(source, tmp_path):

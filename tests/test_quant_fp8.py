@@ -94,9 +94,36 @@ def test_scaled_mm_refused_without_capable_gpu():
     with pytest.raises(HyVideoError, match="compute capability"):
         set_scaled_mm(model, True, device="cpu")
     assert set_scaled_mm(model, False) == 26  # turning it off always works
-    layer = FP8Linear.from_linear(random_linear(), use_scaled_mm=True)
-    with pytest.raises(HyVideoError, match="compute capability"):
-        layer(torch.randn(2, 64))
+
+
+def test_scaled_mm_forward_checks_nothing_and_quantizes_in_place(monkeypatch):
+    """The availability check happens where the path is turned on, never in the forward (a device
+    query per linear, and a graph break under torch.compile). The activations are quantized row
+    block by row block without touching x, to the same e4m3 values and scales as the out-of-place
+    float32 arithmetic; PyTorch's CPU `_scaled_mm` (row-wise scales) runs the matmul here."""
+    import quant.fp8 as fp8
+
+    def no_check(*args):
+        raise AssertionError("availability checked in the forward")
+
+    monkeypatch.setattr(fp8, "scaled_mm_unavailable_reason", no_check)
+    monkeypatch.setattr(fp8, "_probe_scaled_mm", no_check)
+    monkeypatch.setattr(fp8, "QUANT_ROWS", 16)  # several row blocks, the last one partial
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, 40, 64, generator=gen).to(dtype)
+        x[0, 7] = 0  # an all-zero row: scale floored, zeros out
+        original = x.clone()
+        x_fp8, x_scale = fp8.quantize_rows_fp8(x.reshape(-1, 64))
+        assert torch.equal(x, original)  # float32 input: its rows were divided in a copy, not in place
+        expected_scale = x.float().abs().amax(dim=-1, keepdim=True).reshape(-1, 1).clamp(min=1e-12) / 448
+        expected = (x.float().reshape(-1, 64) / expected_scale).clamp(-448, 448).to(FP8_DTYPE)
+        assert torch.equal(x_scale, expected_scale) and torch.equal(x_fp8.view(torch.uint8), expected.view(torch.uint8))
+        layer = FP8Linear.from_linear(random_linear(), use_scaled_mm=True)
+        out = layer(x.to(torch.bfloat16)).float().reshape(-1, layer.out_features)  # [40, 96]
+        reference = x.float().reshape(-1, 64) @ layer.dequantize(torch.float32).T + layer.bias.float()
+        # the weights are e4m3 on both sides; the activations' e4m3 rounding (~2.7 %) and bf16 output: < 5 %
+        assert rel_err(out, reference) < 0.05
 
 
 # ---- Tencent's file pair ------------------------------------------------------------------------

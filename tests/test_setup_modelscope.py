@@ -41,7 +41,9 @@ def test_extracted_language_model_keeps_the_head_and_encodes_as_llava(tiny_llava
     folder, llava = tiny_llava
     out = extract_language_model(folder, tmp_path / "text_encoder")
     assert not (tmp_path / "text_encoder.partial").exists()
-    causal = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    causal, loading = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]  # a standard folder: the model's tensors only
+    causal.eval()
     assert torch.equal(causal.lm_head.weight, llava.lm_head.weight)  # the head part 2's rewrite generates with
     encoder = LlamaTextEncoder.from_folder(out, dtype=torch.float32)  # how generate loads text_encoder/ (AutoModel)
     ids = encoder.tokenizer("a red fox running through snow", return_tensors="pt")["input_ids"]

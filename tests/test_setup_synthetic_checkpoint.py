@@ -18,7 +18,7 @@ from lowvram.setup.synthetic_checkpoint import (
 )
 from hyvideo.text_encoder import ClipTextEncoder, LlamaTextEncoder
 from lowvram.setup.tiny_tokenizers import build_tiny_clip_tokenizer, build_tiny_llama3_tokenizer
-from hyvideo.weight_io import read_torch_file
+from hyvideo.weight_io import SAFETENSORS_DTYPES, read_torch_file
 
 
 def text_encoders(root):
@@ -51,15 +51,38 @@ def test_official_pt_is_a_plain_torch_file(tiny_official):
     assert loaded["module"].keys() == ours.keys() and all(torch.equal(loaded["module"][k], ours[k]) for k in ours)
 
 
-def test_every_safetensors_tensor_is_64_byte_aligned(tiny_official, tiny_diffusers):
+def test_safetensors_tensors_are_aligned(tiny_official, tiny_diffusers):
+    """Every tensor of a multiple of 64 bytes starts 64-byte aligned in the file (so in the read-only
+    mapping), every other one at a multiple of its element size (hyvideo/weight_io.py)."""
     files = [*tiny_official.rglob("*.safetensors"), *tiny_diffusers.rglob("*.safetensors")]
     assert len(files) == 2 + 5  # official: 2 text encoders; diffusers: 2 DiT shards, VAE, 2 text encoders
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     for path in files:
         data = path.read_bytes()
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
-        starts = [8 + header_len + v["data_offsets"][0] for k, v in header.items() if not k.startswith("__")]  # __metadata__, __padding__.N
-        assert all(start % 64 == 0 for start in starts), path
+        header.pop("__metadata__")
+        for name, entry in header.items():
+            start, end = (8 + header_len + offset for offset in entry["data_offsets"])
+            alignment = 64 if (end - start) % 64 == 0 else names[entry["dtype"]].itemsize
+            assert start % alignment == 0, (path, name)
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_other_tools_load_the_folders_with_no_unexpected_keys(tiny_official, tiny_diffusers, layout):
+    """transformers and diffusers load every safetensors model we write (text encoders; in the
+    diffusers layout also the transformer and the VAE) with no missing or unexpected key. The tiny
+    official folder is what `lowvram demo --save-model` writes."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+    from transformers import LlamaForCausalLM
+
+    root = tiny_official if layout == "official" else tiny_diffusers
+    models = {"text_encoder": LlamaForCausalLM if layout == "official" else LlamaModel, "text_encoder_2": CLIPTextModel}
+    if layout == "diffusers":
+        models |= {"transformer": HunyuanVideoTransformer3DModel, "vae": AutoencoderKLHunyuanVideo}
+    for folder, model_class in models.items():
+        _, info = model_class.from_pretrained(root / folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], (folder, info)
 
 
 def test_progress_is_reported(tmp_path):
@@ -186,3 +209,20 @@ def test_official_fp8_layout_is_tencents_pair_of_the_same_weights(tmp_path):
     assert layer.weight.dtype == torch.float8_e4m3fn
     assert 0.01 < ((layer.dequantize(torch.float32) - ref).norm() / ref.norm()).item() < 0.04
     assert torch.equal(model.img_in.proj.weight, reference.img_in.proj.weight)
+
+
+@pytest.mark.cuda
+def test_weights_drawn_on_the_gpu_load_like_the_cpu_ones(tmp_path):
+    """`lowvram bench` on a GPU draws its random folder there (issue 21, item 1): other values than
+    the CPU's generators give, the same names, shapes, dtypes and ranges, written to the host."""
+    from quant.tencent_fp8 import load_tencent_fp8
+    from lowvram.setup.synthetic_checkpoint import write_plan
+    from lowvram.stages import dit_config_for
+
+    cpu = find_model_files(write_synthetic_checkpoint(tmp_path / "cpu", "official-fp8", "tiny"))
+    gpu = find_model_files(write_plan(tmp_path / "gpu", plan_folder("official-fp8", "tiny", device="cuda")))
+    a = load_tencent_fp8(cpu.dit_fp8, dit_config_for(cpu), cpu.dit_fp8_map, dtype=torch.float32).state_dict()
+    b = load_tencent_fp8(gpu.dit_fp8, dit_config_for(gpu), gpu.dit_fp8_map, dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
+    weight = "img_in.proj.weight"
+    assert not torch.equal(a[weight], b[weight]) and b[weight].abs().max() <= a[weight].abs().max() * 1.01 + 1e-6

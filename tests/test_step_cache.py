@@ -134,3 +134,15 @@ def test_resume_from_a_saved_cache_state_is_bit_exact(model):
                                                          state.residual, state.residual_step))
         assert torch.equal(run(model, resumed, start_step=k, latents=latents), expected), k
         assert resumed.state.computed == whole.state.computed
+
+
+def test_the_probe_goes_to_the_compute_device_even_when_block_0_stays_on_the_host(model):
+    """bench_speed built its probe from a streamed block on the host, so the first cached step on
+    a GPU multiplied CUDA vectors by CPU weights (issue 21, item 7). The meta device stands in for
+    the GPU: the probe is a copy there, the model's own block stays where it was."""
+    from lowvram.stages import make_step_cache
+
+    cache = make_step_cache(model, "safe", steps=4, device="meta")
+    assert all(p.device.type == "meta" for p in cache.probe.parameters())
+    assert all(p.device.type == "cpu" for p in model.double_blocks[0].img_mod.parameters())
+    assert cache.probe is not model.double_blocks[0].img_mod

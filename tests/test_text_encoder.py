@@ -305,3 +305,21 @@ def test_real_llama3_crop_start_is_95_and_36(llama3_tokenizer):
     assert compute_crop_start(tok, PROMPT_TEMPLATE_IMAGE) == 36  # official crop_start, image template
     full = tok(PROMPT_TEMPLATE_VIDEO.format(SHORT))["input_ids"]
     assert tok.decode(full[95:]) == SHORT + "<|eot_id|>"
+
+
+def test_real_llama3_i2v_template(llama3_tokenizer):
+    """With LLaVA's `<image>` added as one token: crop_start 103 and `<image>` at 5 (the official
+    `dit-llm-encode-video-i2v` constants), the assistant header is the 4 tokens cut before the final
+    "\\n\\n" (Llama-3 id 271, the official `double_return_token_id`)."""
+    import copy
+
+    from hyvideo.text_encoder import ASSISTANT_HEADER_TOKENS, OFFICIAL_CROP_START_I2V, PROMPT_TEMPLATE_I2V
+
+    tok = copy.deepcopy(llama3_tokenizer)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    assert compute_crop_start(tok, PROMPT_TEMPLATE_I2V) == OFFICIAL_CROP_START_I2V == 103
+    full = tok(PROMPT_TEMPLATE_I2V.format(SHORT))["input_ids"]
+    assert full.index(tok.convert_tokens_to_ids("<image>")) == 5
+    assert full[-1] == 271 and full.count(271) == 4  # the official code finds the last of these
+    assert tok.decode(full[-1 - ASSISTANT_HEADER_TOKENS : -1]) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+    assert tok.decode(full[103 : -1 - ASSISTANT_HEADER_TOKENS]) == SHORT

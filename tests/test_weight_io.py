@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hyvideo.errors import HyVideoError
+from safetensors import safe_open
+
 from hyvideo.weight_io import (
-    PADDING_PREFIX, check_weight_file, read_safetensors, read_torch_file, write_safetensors_stream, write_torch_stream,
+    check_weight_file, read_safetensors, read_torch_file, safetensors_file_order, write_safetensors_stream, write_torch_stream,
 )
 
 INCOMPLETE = "incomplete or corrupt .*download it again"
@@ -90,9 +92,49 @@ def test_safetensors_reader_equals_load_file(tmp_path):
     write_safetensors_stream(tmp_path / "ours.safetensors", layout, iter(flat.items()))
     for name in ("theirs", "ours"):
         got = read_safetensors([tmp_path / f"{name}.safetensors"])
-        expected = {k: v for k, v in load_file(tmp_path / f"{name}.safetensors").items() if not k.startswith(PADDING_PREFIX)}
-        assert_same(got, expected)
+        assert_same(got, load_file(tmp_path / f"{name}.safetensors"))
         assert_same(got, flat)
+
+
+def test_safetensors_writer_aligns_by_order_without_filler_tensors(tmp_path):
+    """The file holds exactly the given tensors (what transformers/diffusers expect of a weight
+    file), its data starts 64-byte aligned, every tensor of a multiple of 64 bytes starts 64-byte
+    aligned and every other one at a multiple of its element size; safetensors' own reader (which
+    refuses holes and overlaps) gives the same tensors."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {  # produced in this order: odd sizes between aligned ones
+        "odd_bf16": torch.randn(3, generator=g).to(torch.bfloat16),  # 6 bytes
+        "w1": torch.randn(4, 16, generator=g),  # 256 bytes
+        "scalar_f32": torch.tensor(1.5),  # 4 bytes
+        "w2": torch.randn(64, generator=g).to(torch.bfloat16),  # 128 bytes
+        "odd_i64": torch.arange(5),  # 40 bytes
+        "odd_u8": torch.arange(7, dtype=torch.uint8),
+        "empty": torch.zeros(0, 3),
+        "w3": torch.randn(2, 64, generator=g).to(torch.float8_e4m3fn),  # 128 bytes
+    }
+    layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    path = tmp_path / "aligned.safetensors"
+    write_safetensors_stream(path, layout, iter(tensors.items()), {"format": "pt"})
+    assert [name for name, _, _ in safetensors_file_order(layout)] == [
+        "w1", "w2", "empty", "w3", "odd_i64", "scalar_f32", "odd_bf16", "odd_u8"]  # falling element size at the end
+    with safe_open(path, "pt") as f:
+        assert sorted(f.keys()) == sorted(tensors) and f.metadata() == {"format": "pt"}
+    assert_same(load_file(path), tensors)
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    assert (8 + header_len) % 64 == 0
+    read = read_safetensors([path])
+    for name, tensor in tensors.items():
+        alignment = 64 if tensor.nbytes % 64 == 0 else tensor.itemsize
+        assert read[name].data_ptr() % alignment == 0, name  # the mapping starts on a page: address = file offset
+
+
+def test_files_with_the_old_filler_tensors_still_read(tmp_path):
+    """Files written before the ordering rule (quantized caches, demo models) carry "__padding__.N"
+    uint8 tensors; the reader drops them."""
+    weights = {"w": torch.ones(3), "b": torch.zeros(2, dtype=torch.bfloat16)}
+    save_file({**weights, "__padding__.1": torch.zeros(52, dtype=torch.uint8)}, tmp_path / "old.safetensors")
+    assert_same(read_safetensors([tmp_path / "old.safetensors"]), weights)
 
 
 def test_shards_are_merged(tmp_path):

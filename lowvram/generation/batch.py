@@ -13,8 +13,8 @@ their states when the batch last stopped or finished (the run folders are the tr
 runs` reads those).
 
 Prompt files: one prompt per line, or one JSON object per line with overrides of the command's
-options, e.g. {"prompt": "a fox", "seed": 3, "size": "960x544", "frames": 33, "steps": 30}. Blank
-lines and lines starting with # are skipped. Each line gives one clip per seed of --seeds, or one
+options, e.g. {"prompt": "a fox", "seed": 3, "size": "960x544", "frames": 261, "steps": 30,
+"riflex": "off"}. Blank lines and lines starting with # are skipped. Each line gives one clip per seed of --seeds, or one
 clip with its own "seed". Every line is checked before any run folder is made or model loaded.
 
 One profile for the whole batch: the one chosen (or given) for its largest clip, since one DiT is
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from hyvideo.errors import HyVideoError
 from hyvideo.files import write_atomic
-from hyvideo.pipeline import GenerationRequest, validate_request
+from hyvideo.pipeline import GenerationRequest, riflex_choice, validate_request
 from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
 from lowvram.sizes import resolve_size
@@ -44,7 +44,7 @@ BATCH_FORMAT = "hyvideo-lowvram-batch"
 BATCH_SUFFIX = ".batch.json"
 # What a JSON line may set: the prompt and the options of `generate` that change one clip.
 LINE_KEYS = {"prompt": str, "seed": int, "size": str, "resolution": str, "aspect": str, "frames": int, "steps": int,
-             "guidance": float, "flow_shift": float}
+             "guidance": float, "flow_shift": float, "riflex": str}
 KIND_NAMES = {str: "a text", int: "a whole number", float: "a number"}
 
 
@@ -77,6 +77,8 @@ def clips_for(prompt: str, defaults: GenerationRequest, seeds: list[int] | None,
     seed (the line's own seed, else each of `seeds`, else the defaults' seed, else a random one)."""
     overrides = dict(overrides or {})
     size = {k: overrides.pop(k) for k in ("size", "resolution", "aspect") if k in overrides}
+    if "riflex" in overrides:  # "auto" | "on" | "off", as --riflex
+        overrides["riflex"] = riflex_choice(overrides["riflex"])
     request = replace(defaults, prompt=prompt, **overrides)
     if size:
         width, height = resolve_size(size.get("size"), size.get("resolution"), size.get("aspect"))

@@ -6,13 +6,14 @@ then runs exactly what `generate` runs (`preflight.start_run` + `runner.execute`
 stages, run folder and progress) for a few steps, and compares what each stage used (lowvram/generation/measure.py)
 with the planner's prediction for the same profile and size.
 
-    result = run_bench(BenchOptions(scratch, steps=2, cap_bytes=16 * 2**30), reporter, stop)
+    result = run_bench(BenchOptions(scratch, steps=2, cap_bytes=16 * GIB), reporter, stop)
     result["stages"]   # per stage: measured and planned VRAM / RAM, error in %
     result["estimate"] # seconds for a full run (50 steps) from the measured s/step
 
 With `--gpus N` (cli/ranks.py) this runs on rank 0 of N, each rank capped to `cap_bytes`.
-`cap_bytes` emulates a smaller card: torch.cuda.set_per_process_memory_fraction caps what PyTorch
-may allocate, and the profile is chosen and planned for that much VRAM. The video is noise (random
+`cap_bytes` emulates a smaller card: torch.cuda.set_per_process_memory_fraction caps what PyTorch's
+caching allocator may reserve (allocated bytes plus its cached blocks; each stage records both
+peaks), and the profile is chosen and planned for that much VRAM. The video is noise (random
 weights); the numbers are for this machine.
 """
 
@@ -28,11 +29,11 @@ from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
 from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
+from lowvram.units import GIB
 
 from .preflight import RunOptions, start_run
 from .runner import StopRequest, execute
 
-GIB = 2**30
 FULL_RUN_STEPS = 50  # the official sampler's default
 MODEL_SIZES = ("full", "tiny")
 LAYOUTS = ("official", "official-fp8", "diffusers")
@@ -60,15 +61,17 @@ class BenchOptions:
             raise HyVideoError(f"--layout takes {', '.join(LAYOUTS)}, not {self.layout!r}")
 
 
-def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter) -> Path:
+def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter, device: str = "cpu") -> Path:
     """The random-weight model folder for (size, layout) in `scratch`, written once. It is written
-    to `<folder>.partial` and renamed when complete, so an interrupted write is never reused."""
+    to `<folder>.partial` and renamed when complete, so an interrupted write is never reused. On a
+    CUDA `device` the weights are drawn there (the full folder's 30-43 GB then cost the disk's time,
+    not the CPU generators': 270 s for 43 GB on two cores)."""
     from lowvram.setup.synthetic_checkpoint import plan_folder, write_plan
 
     root = Path(scratch) / f"model-{size}-{layout}"
     if root.is_dir() and detect_layout(root):
         return root
-    plan = plan_folder(layout, size, seed=0)
+    plan = plan_folder(layout, size, seed=0, device="cuda" if str(device).startswith("cuda") else "cpu")
     total = sum(f.nbytes for f in plan.weights)
     free = shutil.disk_usage(_existing(Path(scratch))).free
     if free < total * 1.05:
@@ -113,7 +116,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
                            "says why); `--model-size tiny --device cpu` checks the install on the CPU")
     if options.cap_bytes is not None:
         cap_vram(options.cap_bytes, device)
-    root = ensure_synthetic_model(options.scratch, options.model_size, options.layout, reporter)
+    root = ensure_synthetic_model(options.scratch, options.model_size, options.layout, reporter, device)
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0)
     run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.overrides, device,
@@ -128,6 +131,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
             "seconds": measured.get("seconds"),
             "vram_gb": measured.get("peak_vram_gb"), "planned_vram_gb": round(planned.vram_bytes / GIB, 3),
             "vram_error_pct": _error_pct(measured.get("peak_vram_gb"), planned.vram_bytes / GIB),
+            "vram_reserved_gb": measured.get("peak_vram_reserved_gb"),  # what --cap-gb limits (lowvram/generation/measure.py)
             "ram_gb": measured.get("peak_ram_gb"), "planned_ram_gb": round(planned.ram_bytes / GIB, 3),
             "ram_error_pct": _error_pct(measured.get("peak_ram_gb"), planned.ram_bytes / GIB),
             "page_cache_gb": measured.get("peak_page_cache_gb"), "planned_page_cache_gb": round(planned.page_cache_bytes / GIB, 3),

@@ -3,9 +3,13 @@
     meter = StageMeter(device)
     with meter.stage("denoising"):
         ...
-    meter.results  # {"denoising": {"seconds", "peak_vram_gb", "peak_ram_gb", "peak_page_cache_gb"}}
+    meter.results  # {"denoising": {"seconds", "peak_vram_gb", "peak_vram_reserved_gb", "peak_ram_gb", ...}}
 
-Peak VRAM is `torch.cuda.max_memory_allocated` since the stage began (what the planner predicts).
+Peak VRAM is `torch.cuda.max_memory_allocated` since the stage began (what the planner predicts),
+and `peak_vram_reserved_gb` is `torch.cuda.max_memory_reserved`: what the caching allocator held
+from the driver, allocated bytes plus its fragmentation and cached free blocks. The reserved figure
+is the one a card's size (and `lowvram bench --cap-gb`, i.e. set_per_process_memory_fraction)
+limits: a stage whose allocated peak fits can still fail when reserved memory reaches the cap.
 Peak host memory is sampled from /proc/self/status every 50 ms by a thread: RssAnon, the process's
 own memory (pinned buffers included), and RssFile, mapped file pages (page cache the kernel can
 drop); a peak shorter than the interval can be missed. Elsewhere than Linux the host figures are
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-GIB = 2**30
+from lowvram.units import GIB
 INTERVAL_S = 0.05
 
 
@@ -42,7 +46,7 @@ class StageMeter:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)  # both the allocated and the reserved peak
         peak = {"anon": 0, "file": 0}
         done = threading.Event()
 
@@ -69,6 +73,7 @@ class StageMeter:
             self.results[name] = {
                 "seconds": round(seconds, 3),
                 "peak_vram_gb": torch.cuda.max_memory_allocated(self.device) / GIB if cuda else None,
+                "peak_vram_reserved_gb": torch.cuda.max_memory_reserved(self.device) / GIB if cuda else None,
                 "peak_ram_gb": peak["anon"] / GIB if has_host else None,
                 "peak_page_cache_gb": peak["file"] / GIB if has_host else None,
             }

@@ -14,7 +14,7 @@ its stages from that Plan.
 """
 
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from hyvideo.config import DIT_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
 from hyvideo.lora import LoraSpec, lora_bytes
-from hyvideo.pipeline import GenerationRequest, validate_request
+from hyvideo.pipeline import GenerationRequest, uses_riflex, validate_request
 from hyvideo.step_cache import expected_forwards
 from hyvideo.vae import latent_shape
 from lowvram.attention_choice import resolve_attention
@@ -33,6 +33,7 @@ from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
 from lowvram.planner import Plan, parallel_layout, plan, resolve, suggest_fit
 from lowvram.profiles import Overrides, Profile, settle_profile, stored_profile
+from .packages import check_packages
 from lowvram.progress import Reporter
 from lowvram.stages import CPU_MAX_DIT_PARAMS, dit_config_for, model_sizes, parameter_count, vae_config_for
 
@@ -57,6 +58,7 @@ class RunOptions:
     loras: list[LoraSpec] = field(default_factory=list)  # --lora PATH[:STRENGTH], their updates add
     rewrite: str | None = None  # "normal" | "master": rewrite the prompt before encoding (lowvram/generation/rewrite.py)
     rewrite_model: Path | None = None  # the rewrite LLM's folder; None: the text encoder (official layout)
+    preview: bool = False  # write preview.webp after every step (lowvram/generation/preview.py)
 
 
 def default_device() -> str:
@@ -132,6 +134,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     reporter = reporter or Reporter()
     request = options.request
     validate_request(request)
+    request = replace(request, riflex=uses_riflex(request))  # settled once, stored, so a resume does the same
     device = check_device(options.device or default_device())
     files = find_model_files(Path(options.model_dir))
     sizes = model_sizes(files)
@@ -156,8 +159,9 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
                              alternatives=settle_profile("auto", options.overrides), **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
         reporter.warn(f"profile {profile.name} on the CPU: its memory budget is not checked against a GPU")
+    check_packages(profile.dit_scheme, profile.encoder_scheme, request.frames, device)
     out = check_output_path(options.out, request.frames)
-    attention = resolve_attention(profile.attention, str(device))
+    attention = resolve_attention(profile.attention, str(device), dit_config.heads, dit_config.head_dim)
     for note in attention.notes:
         reporter.warn(note)
     settings = {
@@ -168,6 +172,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         "latent_shape": [1, *latent_shape(request.frames, request.height, request.width, vae_config)],
         "parallel": parallel_settings(),
         "dit_parameters": params, "rewrite": rewrite_settings(options.rewrite, files, options.rewrite_model),
+        "preview": options.preview,
         "loras": [{"path": str(spec.path), "strength": spec.strength, "fingerprint": file_fingerprint([spec.path])[0]}
                   for spec in loras],
     }
@@ -309,6 +314,8 @@ def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter 
     reporter = reporter or Reporter()
     settings = run.settings
     check_device(settings["device"])
+    profile = settings["profile"]
+    check_packages(profile["dit_scheme"], profile["encoder_scheme"], settings["frames"], torch.device(settings["device"]))
     files = find_model_files(Path(model_dir or settings["model_dir"]))
     reason = fingerprint_mismatch(run.manifest["model"]["fingerprint"], file_fingerprint(weight_files(files), files.root))
     if reason:

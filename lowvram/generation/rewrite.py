@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hyvideo.checkpoint import ModelFiles, find_model_files
-from hyvideo.errors import HyVideoError
+from hyvideo.errors import HyVideoError, one_line
 from hyvideo.prompt_rewrite import check_mode, rewrite_prompt
 from lowvram.progress import Reporter
 from lowvram.streaming import empty_cache
@@ -73,7 +73,7 @@ def load_rewriter(folder: Path, tokenizer_folder: Path, device: torch.device, dt
         if not nf4:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise HyVideoError(f"could not load the rewrite model from {folder}: {' '.join(str(error).split())[:300]}") from None
+        raise HyVideoError(f"could not load the rewrite model from {folder}: {one_line(error)}") from None
     if nf4:
         loaded = load_llm_nf4(folder, device, causal=True)
         if loaded.reason:

@@ -8,6 +8,7 @@
       cache-residual-step0006.safetensors  with a step cache: the residual of the last computed step
       final_latents.safetensors      latents after step N (a resume in "decoding" skips the DiT)
       video.mp4, first_frame.png     the outputs (image.png alone for a one-frame run)
+      preview.webp                   with --preview: the latest step's predicted clip (lowvram/generation/preview.py)
 
 States, in order: encoding -> denoising -> decoding -> done; "failed" records an error (the run can
 still be resumed once the cause is fixed).
@@ -64,6 +65,7 @@ FINAL_LATENTS = "final_latents.safetensors"
 VIDEO = "video.mp4"
 FIRST_FRAME = "first_frame.png"
 IMAGE = "image.png"  # the result of a one-frame run: HunyuanVideo is a joint image/video model
+PREVIEW = "preview.webp"
 LOCK = ".lock"
 KEEP_CHECKPOINTS = 2  # the newest is what a resume uses; the one before covers a damaged newest
 REQUIRED_KEYS = ("format", "version", "id", "settings", "settings_sha256", "model", "state", "step", "checkpoints")
@@ -192,6 +194,12 @@ class Run:
     @property
     def finished(self) -> bool:
         return self.state == "done"
+
+    @property
+    def preview_file(self) -> Path | None:
+        """The live preview, once a --preview run has written one."""
+        path = self.folder / PREVIEW
+        return path if path.is_file() else None
 
     @property
     def result_file(self) -> Path:
@@ -397,12 +405,13 @@ class RunEntry:
         run = self.run
         if run is None:
             return {"id": self.id, "prompt": None, "size": None, "step": None, "steps": None, "state": "unreadable",
-                    "running": False, "output": None, "folder": str(self.folder), "problem": self.problem}
+                    "running": False, "output": None, "preview": None, "folder": str(self.folder), "problem": self.problem}
         s = run.settings
         output = (run.manifest.get("outputs") or {}).get("out") or run.result_file
         return {"id": run.id, "prompt": s["prompt"], "size": f"{s['width']}x{s['height']}x{s['frames']}",
                 "step": run.step, "steps": run.steps, "state": run.state,
                 "running": run.state != "done" and run.is_running(), "output": str(output) if run.finished else None,
+                "preview": str(run.preview_file) if run.preview_file else None,
                 "folder": str(run.folder), "seed": s["seed"], "profile": s["profile"]["name"],
                 "created": run.manifest.get("created"), "error": run.manifest.get("error"),
                 "rewritten_prompt": run.rewritten_prompt}

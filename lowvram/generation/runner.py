@@ -52,7 +52,8 @@ from .measure import StageMeter
 from .preflight import plan_for_run, resumable_files, run_loras
 from .ranks import ClipJob, DitJob, Ranks, current_ranks
 from .rewrite import prompt_for_encoding
-from .run_folder import FIRST_FRAME, IMAGE, VIDEO, Run, find_run
+from .preview import write_preview
+from .run_folder import FIRST_FRAME, IMAGE, PREVIEW, VIDEO, Run, find_run
 from .video import write_outputs, write_png
 
 # --- progress, interrupts, results -----------------------------------------------------------
@@ -99,6 +100,7 @@ class RunResult:
     video: str | None
     first_frame: str | None
     image: str | None  # the result of a one-frame run instead of video + first_frame
+    preview: str | None  # --preview: the last step's predicted clip (lowvram/generation/preview.py)
     out: str | None
     final_latents: str | None
     settings: dict
@@ -211,7 +213,7 @@ class _Execution:
         settings = runs[0].settings
         self.runs, self.reporter, self.stop = runs, reporter, stop
         self.device = torch.device(settings["device"])
-        attention = usable_backend(settings["attention"], settings["device"])
+        attention = usable_backend(settings["attention"], settings["device"], plan.dit_config.heads, plan.dit_config.head_dim)
         for note in attention.notes:
             reporter.warn(note)
         self.stages = Stages(files, plan, self.device, attention.backend, reporter, settings.get("cache_dir"), run_loras(settings))
@@ -288,7 +290,8 @@ class _Execution:
             for run in runs:
                 self._clip(run)
                 settings = run.settings
-                request = GenerationRequest(**{k: settings[k] for k in GenerationRequest.__dataclass_fields__})
+                values = {"riflex": False, **settings}  # runs from before RIFLEx have no "riflex" setting: they ran without it
+                request = GenerationRequest(**{k: values[k] for k in GenerationRequest.__dataclass_fields__})
                 embeddings = run.load_embeddings()
                 if embeddings is None:  # saved a moment ago by `encode`: the disk lost it
                     raise HyVideoError(f"the text embeddings of run {run.id} cannot be read back; "
@@ -434,7 +437,13 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
             if ranks.agree_to_stop(stop.is_set()) if ranks else stop.is_set():
                 raise RunInterrupted(run)
 
-        latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache)
+        def preview(i: int, clean: torch.Tensor) -> None:
+            write_preview(clean, run.folder / PREVIEW)
+
+        if run.settings.get("preview"):
+            reporter.preview(str(run.folder / PREVIEW))
+        latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache,
+                                 on_prediction=preview if run.settings.get("preview") else None)
     finally:
         stop.stage = None
         # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache
@@ -462,6 +471,7 @@ def _result(run: Run, resumed_from: str | None = None, peak_vram_gb: float | Non
         video=str(run.folder / outputs["video"]) if "video" in outputs else None,
         first_frame=str(run.folder / outputs["first_frame"]) if "first_frame" in outputs else None,
         image=str(run.folder / outputs["image"]) if "image" in outputs else None,
+        preview=str(run.preview_file) if run.preview_file else None,
         out=outputs.get("out"), final_latents=str(run.folder / final["file"]) if final else None,
         settings=run.settings, resumed_from=resumed_from, rewritten_prompt=run.rewritten_prompt, seconds=dict(run.manifest.get("seconds", {})),
         peak_vram_gb=peak_vram_gb, stats=dict(run.manifest.get("stats", {})), measured=dict(run.manifest.get("measured", {})),

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from lowvram.memory import host_ram, pinned_memory_limit
+from lowvram.units import GIB
 
 from .download import check_model_folder
 
-GIB = 2**30
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (RTX 4090, L4, L40) and Hopper have FP8 tensor cores
 MIN_VRAM_GIB = 15  # the smallest profile's target (16 GB cards report about 15.6 GiB)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP, OFFICIAL_VAE, detect_layout
-from hyvideo.errors import HyVideoError
+from hyvideo.errors import HyVideoError, one_line
 from hyvideo.weight_io import check_weight_file
 
 COMMUNITY_REPO = "hunyuanvideo-community/HunyuanVideo"
@@ -134,7 +134,7 @@ def _modelscope_error(error: Exception, model_dir: Path, fp8: bool) -> HyVideoEr
     manual = _manual(model_dir, "official", fp8, "modelscope")
     if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
         return HyVideoError(f"the disk is full while downloading into {model_dir}; free space and run the same command again (it resumes)")
-    return HyVideoError(f"cannot download from modelscope.cn ({type(error).__name__}: {_one_line(error)}); offline or no network?{manual}")
+    return HyVideoError(f"cannot download from modelscope.cn ({one_line(error)}); offline or no network?{manual}")
 
 
 def _hub_error(error: Exception, model_dir: Path, layout: str, fp8: bool) -> HyVideoError:
@@ -142,18 +142,14 @@ def _hub_error(error: Exception, model_dir: Path, layout: str, fp8: bool) -> HyV
 
     manual = _manual(model_dir, layout, fp8, "huggingface")
     if isinstance(error, errors.GatedRepoError):
-        return HyVideoError(f"the repo needs you to accept its licence on huggingface.co and log in (`hf auth login`): {_one_line(error)}{manual}")
+        return HyVideoError(f"the repo needs you to accept its licence on huggingface.co and log in (`hf auth login`): {one_line(error)}{manual}")
     if isinstance(error, errors.RepositoryNotFoundError):
-        return HyVideoError(f"repo not found on huggingface.co: {_one_line(error)}{manual}")
+        return HyVideoError(f"repo not found on huggingface.co: {one_line(error)}{manual}")
     if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
         return HyVideoError(f"the disk is full while downloading into {model_dir}; free space and run the same command again (it resumes)")
     if isinstance(error, errors.OfflineModeIsEnabled):
         return HyVideoError(f"huggingface_hub is in offline mode (HF_HUB_OFFLINE is set), so nothing can be downloaded{manual}")
-    return HyVideoError(f"cannot download from huggingface.co ({type(error).__name__}: {_one_line(error)}); offline or no network?{manual}")
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
+    return HyVideoError(f"cannot download from huggingface.co ({one_line(error)}); offline or no network?{manual}")
 
 
 def plan_download(model_dir: Path, layout: str | None = None, fp8: bool = False, source: str = "huggingface") -> list[PlannedFile]:

@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from hyvideo.errors import HyVideoError
+from hyvideo.errors import HyVideoError, one_line
 from hyvideo.weight_io import read_safetensors, read_torch_file, write_safetensors_stream
 
 # LLaVA's language-model tensors as transformers saves them: before v5 under `language_model.`
@@ -50,7 +50,7 @@ def extract_language_model(llava_dir: Path, out_dir: Path) -> Path:
         if not shards:
             raise OSError("no .safetensors or .bin weights")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise HyVideoError(f"cannot read the LLaVA checkpoint in {llava_dir} ({' '.join(str(error).split())[:200]}); "
+        raise HyVideoError(f"cannot read the LLaVA checkpoint in {llava_dir} ({one_line(error)}); "
                            "download it again") from None
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
