@@ -114,6 +114,7 @@ def test_dit_activations_predicted_vs_measured(chunk):
 
 @pytest.mark.parametrize("chunk", [None, 512, 128])
 @pytest.mark.parametrize("quant_rows", [1024, 64])
+@pytest.mark.slow
 def test_dit_activations_with_scaled_mm_predicted_vs_measured(chunk, quant_rows, monkeypatch):
     """FP8 linears on `_scaled_mm` (PyTorch's CPU kernel takes row-wise scales too): the formula
     with the single block's linear2 quantizing its input (e4m3 copy, scales, float32 scratch rows)

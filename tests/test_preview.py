@@ -63,6 +63,7 @@ def test_webp_is_an_animated_looping_clip(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temp file left
 
 
+@pytest.mark.slow
 def test_generate_with_preview(tiny_official, tmp_path):
     """The preview is the last step's prediction (at sigma 0 that is the final latents), the run's
     result is unchanged by it, --json and `runs` name it, and the progress prints its path once."""

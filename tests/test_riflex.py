@@ -176,6 +176,7 @@ def test_auto_is_settled_and_recorded_when_the_run_starts(tiny_official, tmp_pat
     assert (long_run.settings["riflex"], short_run.settings["riflex"], off_run.settings["riflex"]) == (True, False, False)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_with_riflex_is_bit_exact(tiny_official, tmp_path):
     """RIFLEx on at 189 frames (48 latent frames: the frequency is lowered; 16x16 px keeps it cheap):
     stopped after 2 of 4 steps and resumed equals the uninterrupted run, which differs from RIFLEx off."""
@@ -228,6 +229,7 @@ def frame_ceiling(profile, width: int, height: int, limit: int) -> int | None:
     return 4 * low + 1
 
 
+@pytest.mark.slow
 def test_readme_frame_ceilings_are_the_planners():
     """README's RIFLEx table: per consumer profile, the longest clip the planner fits at 720p and
     540p 16:9, within the 261-frame limit, and where memory alone would stop (searched to 1001)."""
