@@ -1,14 +1,11 @@
-"""Shared fixtures: tiny random checkpoints in both layouts (written once per session), and the
-`cuda` marker for GPU-only tests (skipped without CUDA)."""
+"""Shared fixtures: tiny random checkpoints in both layouts (written once per session); tests
+marked `cuda` (pyproject.toml registers the markers) are skipped without CUDA. Shared helpers:
+helpers.py."""
 
 import pytest
 import torch
 
 from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,7 +8,7 @@ turn the oracle into something else).
 
 import inspect
 
-from hyvideo.config import DiTConfig
+from hyvideo.config import DiTConfig, VAEConfig
 
 # diffusers is imported inside each function: a test file that imports this module still collects
 # where diffusers is missing (`pytest -m cuda` on a GPU machine without it).
@@ -84,4 +84,31 @@ def diffusers_transformer(config: DiTConfig, official_state_dict: dict):
     )
     converted = official_to_diffusers(official_state_dict, config.hidden_size)
     model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def diffusers_vae(config: VAEConfig):
+    """diffusers' HunyuanVideo VAE for `config` (random weights), on its plain, untiled path: no
+    spatial tiles, no batch slicing, no frame-wise (temporal tile) coding."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    levels = len(config.block_out_channels)
+    model = AutoencoderKLHunyuanVideo(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        latent_channels=config.latent_channels,
+        down_block_types=("HunyuanVideoDownBlock3D",) * levels,
+        up_block_types=("HunyuanVideoUpBlock3D",) * levels,
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        norm_num_groups=config.norm_num_groups,
+        scaling_factor=config.scaling_factor,
+        spatial_compression_ratio=config.spatial_compression_ratio,
+        temporal_compression_ratio=config.time_compression_ratio,
+        mid_block_add_attention=config.mid_block_add_attention,
+    )
+    model.disable_tiling()
+    model.disable_slicing()
+    model.use_framewise_encoding = False
+    model.use_framewise_decoding = False
     return model.eval()

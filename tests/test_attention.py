@@ -147,8 +147,7 @@ def tiny_forward(backend: str, device: str, dtype: torch.dtype) -> torch.Tensor:
     """A small DiT with the 13B model's head_dim (128, which every kernel supports)."""
     from hyvideo.config import DiTConfig
     from hyvideo.dit import HunyuanVideoDiT
-    from tests.random_weights import randomize_
-    from tests.test_lowvram_streaming import make_inputs
+    from tests.helpers import randomize_, streaming_inputs
 
     config = DiTConfig(hidden_size=256, heads=2, double_blocks=2, single_blocks=2, refiner_blocks=1,
                        text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(16, 56, 56))
@@ -156,7 +155,7 @@ def tiny_forward(backend: str, device: str, dtype: torch.dtype) -> torch.Tensor:
     randomize_(model, seed=1)
     model = model.to(device, dtype)
     model.attention_backend = backend
-    x, t, text, mask, pooled, guidance = (v.to(device) for v in make_inputs())
+    x, t, text, mask, pooled, guidance = (v.to(device) for v in streaming_inputs())
     with torch.no_grad():
         return model(x, t, text.to(dtype), mask, pooled.to(dtype), guidance).float().cpu()
 

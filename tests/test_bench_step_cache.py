@@ -1,8 +1,11 @@
 """The step cache benchmark runs end to end on the tiny model (CPU), short: what the GPU call runs."""
 
+import pytest
+
 from bench.bench_step_cache import main
 
 
+@pytest.mark.slow
 def test_step_cache_bench_tiny(tmp_path):
     results = main(["--tiny", "--steps", "6", "--scratch", str(tmp_path / "scratch"), "--out", str(tmp_path)])
     off, safe, fast = results["runs"]

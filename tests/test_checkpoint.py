@@ -132,6 +132,7 @@ PEAK_RSS_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.slow
 def test_loading_holds_one_copy(tmp_path):
     """Load a ~140M-parameter bf16 DiT (280 MB file) in a fresh process: the peak RSS growth over
     the file size must stay near 1 (mmap + assign); a loader that builds the model and then copies

@@ -1,8 +1,8 @@
 """Every `lowvram` command through Typer's CliRunner, on the tiny model (float32 on the CPU).
 
 Bad input must give one line saying what to do and exit code 2 before anything is computed; each
-case has a test here (disk full and the SIGKILL/SIGINT cases are in test_runs.py and
-test_cli_subprocess.py)."""
+case has a test here (disk full and the SIGKILL/SIGINT cases are in test_generation_runs.py and
+test_cli_interrupted.py)."""
 
 import json
 import re
@@ -12,40 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import CLIPTextModel, LlamaForCausalLM
-from typer.testing import CliRunner
 
-import cli
-from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS
+from hyvideo.config import DIT_CONFIGS
 from hyvideo.errors import HyVideoError
-from hyvideo.pipeline import GenerationRequest
 from lowvram.setup.synthetic_checkpoint import write_text_encoder
 from lowvram import stages as stages_module
 from lowvram.setup.download import default_model_dir
 from lowvram.profiles import load_profile
 from lowvram.generation.run_folder import Run
 from quant.nf4 import nf4_unavailable_reason
+from tests.helpers import TINY_ARGS, as_json, invoke, one_line_error
 
-RUNNER = CliRunner()
-# 64x48, 9 frames, 2 steps, float32 on the CPU: about a second per run.
-TINY = ["--size", "64x48", "--frames", "9", "--steps", "2", "--seed", "5", "--device", "cpu"]
 CUDA = torch.cuda.is_available()
-
-
-def invoke(*args):
-    return RUNNER.invoke(cli.app, [str(a) for a in args])
-
-
-def as_json(result) -> dict:
-    return json.loads(result.stdout)
-
-
-def one_line_error(result) -> str:
-    """The error: one line starting with "error:", the last thing on stderr (progress lines of
-    the stages that ran before it may come first)."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    return lines[errors[0]]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +35,7 @@ def runs_dir(tmp_path_factory):
 def done(tiny_official, runs_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "fox.mp4"
     result = invoke("generate", "a red fox running through snow", "--model-dir", tiny_official, "--runs-dir", runs_dir,
-                    "--out", out, "--json", *TINY)
+                    "--out", out, "--json", *TINY_ARGS)
     assert result.exit_code == 0, result.output
     return as_json(result)
 
@@ -92,8 +70,9 @@ def test_resume_a_done_run_and_nothing_to_resume(done, runs_dir, tmp_path):
     assert empty.exit_code == 2 and "no unfinished run" in one_line_error(empty)
 
 
+@pytest.mark.slow
 def test_step_cache_progress_shows_computed_and_reused_steps(tiny_official, tmp_path):
-    args = [*TINY[:4], "--steps", "6", "--seed", "5", "--device", "cpu", "--cache", "fast"]
+    args = [*TINY_ARGS[:4], "--steps", "6", "--seed", "5", "--device", "cpu", "--cache", "fast"]
     result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, *args)
     assert result.exit_code == 0, result.output
     last = [line for line in result.stderr.splitlines() if "step 6/6" in line][-1]
@@ -101,9 +80,10 @@ def test_step_cache_progress_shows_computed_and_reused_steps(tiny_official, tmp_
     assert f"DiT ran {len(computed)}, reused {6 - len(computed)}" in last and len(computed) < 6
 
 
+@pytest.mark.slow
 def test_a_warning_is_said_once_per_invocation(tiny_official, tmp_path):
     """Each clip of a batch chooses its attention kernel: the CPU fallback note is printed once."""
-    args = [*TINY[:4], "--steps", "1", "--device", "cpu", "--seeds", "1,2", "--attention", "sage"]
+    args = [*TINY_ARGS[:4], "--steps", "1", "--device", "cpu", "--seeds", "1,2", "--attention", "sage"]
     result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, *args)
     assert result.exit_code == 0, result.output
     assert result.stderr.count("attention 'sage' needs CUDA; using sdpa on the CPU") == 1
@@ -130,6 +110,7 @@ def test_one_frame_writes_a_png_and_runs_lists_it(tiny_official, tmp_path):
     assert text.exit_code == 0 and f"image: {done['image']}" in text.stdout and "video:" not in text.stdout
 
 
+@pytest.mark.slow
 def test_long_prompt_from_a_file_warns_and_continues(tiny_official, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("snow " * 400)  # far beyond the LLM's 256 tokens
@@ -140,6 +121,7 @@ def test_long_prompt_from_a_file_warns_and_continues(tiny_official, tmp_path):
     assert "warning:" in result.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_through_the_cli(tiny_official, tmp_path, done, monkeypatch):
     """Ctrl-C during the decode (KeyboardInterrupt) -> exit 130 and the resume command."""
     real_decode = stages_module.Stages.decode
@@ -148,7 +130,7 @@ def test_interrupted_run_resumes_through_the_cli(tiny_official, tmp_path, done, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(stages_module.Stages, "decode", ctrl_c)
-    stopped = invoke("generate", "a red fox running through snow", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY)
+    stopped = invoke("generate", "a red fox running through snow", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY_ARGS)
     assert stopped.exit_code == 130
     run_id = Run.open(next(tmp_path.iterdir())).id
     assert f"lowvram resume {run_id}" in stopped.stderr
@@ -159,6 +141,7 @@ def test_interrupted_run_resumes_through_the_cli(tiny_official, tmp_path, done, 
     assert same  # same settings and seed as `done`: the same final latents, bit for bit
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_resumable(tiny_official, tmp_path, monkeypatch):
     import errno
     import os
@@ -171,20 +154,21 @@ def test_disk_full_is_one_line_and_resumable(tiny_official, tmp_path, monkeypatc
         return real_save_step(self, step, latents, cache)
 
     monkeypatch.setattr(Run, "save_step", save_step)
-    result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY)
+    result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY_ARGS)
     assert result.exit_code == 2
     assert "the disk is full" in one_line_error(result) and "lowvram resume" in one_line_error(result)
     monkeypatch.undo()
     assert invoke("resume", "--runs-dir", tmp_path).exit_code == 0
 
 
+@pytest.mark.slow
 def test_generate_with_a_profile_on_the_cpu(tiny_official, tmp_path):
     """A shipped profile runs its real code path (its DiT scheme, from the quantize-once cache,
     blocks through the streamer, tiled VAE) on the tiny model; NF4 falls back to bf16 where
     bitsandbytes cannot run it."""
     model = tmp_path / "model"
     shutil.copytree(tiny_official, model)
-    result = invoke("generate", "a fox", "--model-dir", model, "--runs-dir", tmp_path / "runs", "--profile", "16gb", "--json", *TINY)
+    result = invoke("generate", "a fox", "--model-dir", model, "--runs-dir", tmp_path / "runs", "--profile", "16gb", "--json", *TINY_ARGS)
     assert result.exit_code == 0, result.output
     data = as_json(result)
     scheme = load_profile("16gb").dit_scheme
@@ -251,22 +235,22 @@ def test_bad_generate_arguments(tiny_official, tmp_path, args, message):
 
 
 def test_empty_and_missing_prompt(tiny_official, tmp_path):
-    empty = invoke("generate", "  ", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY)
+    empty = invoke("generate", "  ", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY_ARGS)
     assert empty.exit_code == 2 and "the prompt is empty" in one_line_error(empty)
-    missing = invoke("generate", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY)
+    missing = invoke("generate", "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY_ARGS)
     assert missing.exit_code == 2 and "no prompt" in one_line_error(missing)
 
 
 def test_missing_and_partial_weights_name_the_file_and_the_download(tmp_path, partial_model):
-    empty = invoke("generate", "a fox", "--model-dir", tmp_path / "nothing", "--runs-dir", tmp_path, *TINY)
+    empty = invoke("generate", "a fox", "--model-dir", tmp_path / "nothing", "--runs-dir", tmp_path, *TINY_ARGS)
     assert empty.exit_code == 2 and "does not exist" in one_line_error(empty) and "lowvram download" in one_line_error(empty)
-    partial = invoke("generate", "a fox", "--model-dir", partial_model, "--runs-dir", tmp_path / "runs", *TINY)
+    partial = invoke("generate", "a fox", "--model-dir", partial_model, "--runs-dir", tmp_path / "runs", *TINY_ARGS)
     line = one_line_error(partial)
     assert partial.exit_code == 2 and "hunyuan-video-t2v-720p/vae/pytorch_model.pt" in line and "lowvram download" in line
 
 
 def test_malformed_profile_toml(tiny_official, tmp_path, bad_profile):
-    result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, "--profile", bad_profile, *TINY)
+    result = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path, "--profile", bad_profile, *TINY_ARGS)
     assert result.exit_code == 2 and "not valid TOML" in one_line_error(result) and "broken.toml" in one_line_error(result)
 
 
@@ -481,6 +465,7 @@ def test_quantize_builds_both_caches_once(tiny_official, tmp_path):
     assert bad.exit_code == 2 and "--only takes dit or encoder" in one_line_error(bad)
 
 
+@pytest.mark.slow
 def test_quantize_cache_dir_is_what_generate_reads(tiny_official, tmp_path):
     """`quantize --cache-dir X` then `generate --cache-dir X`: the run loads that cache as it is
     (same dtype on this machine) and writes nothing beside the model."""
@@ -491,7 +476,7 @@ def test_quantize_cache_dir_is_what_generate_reads(tiny_official, tmp_path):
     weights = cache / "dit-fp8.safetensors"
     stamp = weights.stat().st_mtime_ns
     result = invoke("generate", "a fox", "--model-dir", model, "--runs-dir", tmp_path / "runs", "--profile", "16gb",
-                    "--cache-dir", cache, "--json", *TINY)
+                    "--cache-dir", cache, "--json", *TINY_ARGS)
     assert result.exit_code == 0, result.output
     assert as_json(result)["settings"]["cache_dir"] == str(cache.resolve())
     assert weights.stat().st_mtime_ns == stamp and not (model / "lowvram-cache" / "dit-fp8.safetensors").exists()
@@ -509,13 +494,14 @@ def test_quantize_encoder_alone_says_why_not(tiny_official, tmp_path):
         assert not (model / "lowvram-cache/llm-nf4").exists()
 
 
+@pytest.mark.slow
 def test_demo_saves_a_model_that_generate_uses(tmp_path):
     small = ["--size", "64x48", "--frames", "5", "--steps", "2", "--device", "cpu", "--json"]
     model = tmp_path / "tiny"
     result = invoke("demo", "--save-model", model, "--runs-dir", tmp_path / "runs", *small)
     assert result.exit_code == 0, result.output
     assert as_json(result)["state"] == "done" and as_json(result)["settings"]["model_dir"] == str(model.resolve())
-    again = invoke("generate", "a fox", "--model-dir", model, "--runs-dir", tmp_path / "runs", "--json", *TINY)
+    again = invoke("generate", "a fox", "--model-dir", model, "--runs-dir", tmp_path / "runs", "--json", *TINY_ARGS)
     assert again.exit_code == 0 and as_json(again)["state"] == "done"
     assert as_json(again)["settings"]["profile"]["name"] == "plain"  # auto on the CPU: all resident, one tile
     assert as_json(again)["stats"]["dit"]["blocks_copied_per_step"] == [0, 0] and as_json(again)["stats"]["vae"]["tiles"] == 1
@@ -527,6 +513,7 @@ def test_demo_saves_a_model_that_generate_uses(tmp_path):
     assert default.exit_code == 0 and (tmp_path / "other/demo-model/hunyuan-video-t2v-720p").is_dir()
 
 
+@pytest.mark.slow
 def test_demo_takes_the_streamed_and_tiled_path(tmp_path):
     """The demo runs the low-VRAM code path users run: FP8 DiT from the quantize-once cache with 3 of
     its 4 blocks streamed every step, token chunks, and the VAE decoded in tiles."""
@@ -544,9 +531,13 @@ def test_demo_takes_the_streamed_and_tiled_path(tmp_path):
 
 
 def test_help_lists_every_command():
+    """The Commands panel of `lowvram --help`, name by name, in the order it shows them (a
+    continuation line of a description starts with spaces, not a name)."""
     result = invoke("--help")
-    for command in ("generate", "resume", "runs", "plan", "profiles", "doctor", "download", "quantize", "demo", "rewrite"):
-        assert command in result.stdout
+    assert result.exit_code == 0, result.output
+    panel = result.stdout.split("Commands", 1)[1]
+    assert re.findall(r"^│ (\S+) ", panel, flags=re.M) == [
+        "plan", "bench", "generate", "rewrite", "resume", "demo", "runs", "doctor", "download", "quantize", "profiles"]
 
 
 def test_default_model_dir_prefers_ckpts_then_the_hub_cache(tiny_official, tiny_diffusers, tmp_path, monkeypatch):

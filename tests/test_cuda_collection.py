@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("av", "optimum", "optimum.quanto", "diffusers", "bitsandbytes", "sageattention", "yunchang", "flash_attn")
 # A None entry in sys.modules makes `import x` raise ImportError and importlib.util.find_spec(x)
@@ -19,6 +21,7 @@ sys.exit(pytest.main(["-q", "--collect-only", "-m", "cuda", "-p", "no:cacheprovi
 """
 
 
+@pytest.mark.slow
 def test_cuda_tests_collect_without_optional_packages():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", COLLECT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -9,7 +9,7 @@ from hyvideo.diffusers_keys import diffusers_to_official, official_to_diffusers
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from tests.diffusers_oracle import official_to_diffusers as diffusers_convert
-from tests.random_weights import randomize_
+from tests.helpers import randomize_
 
 
 def tiny_official_sd():

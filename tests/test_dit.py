@@ -6,22 +6,9 @@ import torch
 from hyvideo.config import DIT_CONFIGS, DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from tests.diffusers_oracle import diffusers_transformer
-from tests.random_weights import randomize_
+from tests.helpers import PARITY_TOL, max_rel_err, parity_inputs, randomize_
 
 TINY = DIT_CONFIGS["tiny"]
-
-
-def make_inputs(config: DiTConfig, batch: int, frames: int, height: int, width: int, text_len: int, valid: list[int], seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, config.in_channels, frames, height, width, generator=gen)
-    t = torch.tensor([997.0903, 500.0, 125.0][:batch])
-    text = torch.randn(batch, text_len, config.text_states_dim, generator=gen)
-    mask = torch.zeros(batch, text_len, dtype=torch.long)
-    for i, n in enumerate(valid):
-        mask[i, :n] = 1
-    pooled = torch.randn(batch, config.text_states_dim_2, generator=gen)
-    guidance = torch.full((batch,), 6016.0)
-    return x, t, text, mask, pooled, guidance
 
 
 @pytest.fixture(scope="module")
@@ -32,44 +19,35 @@ def models():
     return ours, reference
 
 
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-# float32 on CPU: the two implementations order a few reductions differently (qkv split vs fused,
-# SDPA mask vs dropped padding); observed errors are ~1e-7, so 1e-5 leaves margin but would catch
-# any real formula difference (those show up at 1e-2 or more).
-TOL = 1e-5
-
 
 @pytest.mark.parametrize("batch,valid", [(1, [5]), (2, [7, 3])])
 def test_parity_with_diffusers(models, batch, valid):
     ours, reference = models
     # Non-square latents (h=6, w=10), T' = 3 latent frames, padded text.
-    inputs = make_inputs(TINY, batch, frames=3, height=6, width=10, text_len=12, valid=valid)
+    inputs = parity_inputs(TINY, batch, frames=3, height=6, width=10, text_len=12, valid=valid)
     with torch.no_grad():
         out = ours(*inputs)
         x, t, text, mask, pooled, guidance = inputs
         expected = reference(x, t, text, mask, pooled, guidance, return_dict=False)[0]
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
-    assert rel_err(out, expected) <= TOL
+    assert max_rel_err(out, expected) <= PARITY_TOL
 
 
 def test_batch_of_two_equals_two_batches_of_one(models):
     """The padding mask (batch 2) and dropping padded tokens (batch 1) are the same function."""
     ours, _ = models
-    x, t, text, mask, pooled, guidance = make_inputs(TINY, 2, frames=2, height=4, width=6, text_len=10, valid=[10, 4])
+    x, t, text, mask, pooled, guidance = parity_inputs(TINY, 2, frames=2, height=4, width=6, text_len=10, valid=[10, 4])
     with torch.no_grad():
         both = ours(x, t, text, mask, pooled, guidance)
         for i in range(2):
             one = ours(x[i : i + 1], t[i : i + 1], text[i : i + 1], mask[i : i + 1], pooled[i : i + 1], guidance[i : i + 1])
-            assert rel_err(one, both[i : i + 1]) <= TOL
+            assert max_rel_err(one, both[i : i + 1]) <= PARITY_TOL
 
 
 def test_token_chunking_matches_whole_sequence(models):
     ours, _ = models
-    inputs = make_inputs(TINY, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
+    inputs = parity_inputs(TINY, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
     with torch.no_grad():
         whole = ours(*inputs)
         ours.token_chunk = 7  # straddles the image/text boundary (45 image tokens)
@@ -78,7 +56,7 @@ def test_token_chunking_matches_whole_sequence(models):
         finally:
             ours.token_chunk = None
     # Same ops per token; only GEMM blocking over fewer rows may differ: float32 rounding level.
-    assert rel_err(chunked, whole) <= 1e-6
+    assert max_rel_err(chunked, whole) <= 1e-6
 
 
 def test_13b_config_on_meta_device():
@@ -136,14 +114,14 @@ def test_i2v_parity_with_diffusers(i2v_models, batch, valid):
     """token_replace: first-frame tokens modulated from t = 0 in every block; latent_concat: 33
     input channels, no guidance_in. Same tolerance and reasons as the text-to-video parity."""
     ours, reference = i2v_models
-    x, t, text, mask, pooled, guidance = make_inputs(ours.config, batch, frames=3, height=6, width=10, text_len=12, valid=valid)
+    x, t, text, mask, pooled, guidance = parity_inputs(ours.config, batch, frames=3, height=6, width=10, text_len=12, valid=valid)
     if not ours.config.guidance_embed:
         guidance = None
     with torch.no_grad():
         out = ours(x, t, text, mask, pooled, guidance)
         expected = reference(x, t, text, mask, pooled, guidance, return_dict=False)[0]
     assert out.shape == (batch, 16, 3, 6, 10)
-    assert rel_err(out, expected) <= TOL
+    assert max_rel_err(out, expected) <= PARITY_TOL
 
 
 def test_token_replace_first_frame_modulation_matters():
@@ -153,10 +131,10 @@ def test_token_replace_first_frame_modulation_matters():
     randomize_(replace_dit, seed=3)
     plain = HunyuanVideoDiT(TINY).eval()
     plain.load_state_dict(replace_dit.state_dict())
-    inputs = make_inputs(TINY, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
+    inputs = parity_inputs(TINY, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
     with torch.no_grad():
         a, b = replace_dit(*inputs), plain(*inputs)
-    assert rel_err(a[:, :, 0], b[:, :, 0]) > 1e-2  # first frame: its own modulation
+    assert max_rel_err(a[:, :, 0], b[:, :, 0]) > 1e-2  # first frame: its own modulation
     assert not torch.equal(a[:, :, 1:], b[:, :, 1:])  # later frames see it through attention
 
 
@@ -164,19 +142,19 @@ def test_token_replace_first_frame_modulation_matters():
 def test_token_replace_chunking_matches_whole_sequence(chunk):
     ours = HunyuanVideoDiT(I2V["16ch"]).eval()
     randomize_(ours, seed=4)
-    inputs = make_inputs(ours.config, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
+    inputs = parity_inputs(ours.config, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
     with torch.no_grad():
         whole = ours(*inputs)
         ours.token_chunk = chunk
         chunked = ours(*inputs)
-    assert rel_err(chunked, whole) <= 1e-6  # same ops per token (see test_token_chunking_matches_whole_sequence)
+    assert max_rel_err(chunked, whole) <= 1e-6  # same ops per token (see test_token_chunking_matches_whole_sequence)
 
 
 def test_token_replace_streamed_blocks_seam():
     """The blocks= seam (what lowvram streams through) carries the first-frame modulation too."""
     ours = HunyuanVideoDiT(I2V["16ch"]).eval()
     randomize_(ours, seed=5)
-    inputs = make_inputs(ours.config, 1, frames=2, height=4, width=6, text_len=8, valid=[6])
+    inputs = parity_inputs(ours.config, 1, frames=2, height=4, width=6, text_len=8, valid=[6])
     with torch.no_grad():
         own = ours(*inputs)
         given = ours(*inputs, blocks=iter(ours.all_blocks()))

@@ -13,7 +13,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.memtrack import PeakTracker
@@ -24,9 +23,9 @@ from lowvram.communication import communication
 from lowvram.parallel import Layout, SequenceParallel, choose_layout
 from lowvram.planner import parallel_layout, plan, with_budget
 from lowvram.profiles import load_profile
-from tests.test_cli import invoke, one_line_error
 from lowvram.units import GIB
-from tests.test_lowvram_planner import SMALL, small_dit, small_inputs
+from tests.helpers import SMALL, fork_ranks, invoke, one_line_error, small_dit, small_inputs
+
 CONFIG_13B = DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
 IMAGE = 4 * 16 * 16  # small_inputs(): 4 x 32 x 32 latents -> 1024 image tokens; 512 per rank
 TEXT = 24
@@ -121,16 +120,9 @@ def _measure_attention(rank: int, world: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-def _one_thread(rank: int, measure, world: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    measure(rank, world, folder)
-
-
 def run_ranks(measure, world: int, folder) -> list[dict]:
-    """`measure` on `world` forked processes (forked: no second import of torch and the model),
-    each with one intra-op thread: the ranks share the cores, and GNU OpenMP, which this parent
-    may have used, is not fork-safe for a team of threads in the child."""
-    mp.start_processes(_one_thread, args=(measure, world, str(folder)), nprocs=world, start_method="fork")
+    """What `measure` wrote on each of `world` forked ranks."""
+    fork_ranks(measure, world, str(folder))
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
@@ -139,6 +131,7 @@ def two_ranks(tmp_path_factory):
     return run_ranks(_measure, 2, tmp_path_factory.mktemp("sp2"))
 
 
+@pytest.mark.slow
 def test_tensors_gloo_still_holds_are_released_where_the_program_drops_them(two_ranks):
     """The measurements do not depend on when gloo's worker thread drops a finished collective
     (bench/memtrack.py): that timing made the forward's peak 8 % higher in some runs."""
@@ -146,6 +139,7 @@ def test_tensors_gloo_still_holds_are_released_where_the_program_drops_them(two_
 
 
 @pytest.mark.parametrize("mode, text", [("ulysses", TEXT), ("ulysses", 600), ("ring", TEXT), ("ring", 600)])
+@pytest.mark.slow
 def test_cross_rank_attention_bytes_predicted_vs_measured(two_ranks, mode, text):
     """Measured equal to the formula on both ranks, the q, k, v handed over included (Ulysses
     692,224 B and ring 1,659,456 B at 512 + 24 tokens per rank; 600 text tokens make the ring's text
@@ -158,6 +152,7 @@ def test_cross_rank_attention_bytes_predicted_vs_measured(two_ranks, mode, text)
         assert abs(predicted / rank[mode]["attention"][str(text)] - 1) <= 0.01
 
 
+@pytest.mark.slow
 def test_cross_rank_attention_bytes_on_four_ranks(tmp_path):
     """USP and a ring of more than two, where a received key/value pair is in use while the next
     arrives: measured equal to the formula (452,160 B and 536,128 B per rank); tolerance as above."""
@@ -169,6 +164,7 @@ def test_cross_rank_attention_bytes_on_four_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
+@pytest.mark.slow
 def test_forward_per_rank_predicted_vs_measured(two_ranks, mode):
     """A whole forward per rank (bf16, chunk 128): measured 1,304,320 B (Ulysses) and 2,062,144 B
     (ring), predicted 0.1 % and 0.2 % less (small per-block tensors: modulation vectors, norms'
@@ -184,6 +180,7 @@ def test_forward_per_rank_predicted_vs_measured(two_ranks, mode):
 
 
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
+@pytest.mark.slow
 def test_bytes_sent_per_forward_predicted_vs_counted(two_ranks, mode):
     """Exact: the formula models every collective of the forward (4 blocks' all-to-alls or ring
     steps, and the final gather)."""

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, DiTConfig, VAEConfig
+from hyvideo.config import DIT_CONFIGS, VAE_CONFIGS, VAEConfig
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from hyvideo.vae import CausalVAE
@@ -25,25 +25,7 @@ from lowvram.profiles import load_profile, profile_from_dict
 from lowvram.streaming import leaf_bytes
 from quant.bytes import block_bytes, trunk_bytes
 from lowvram.units import GIB
-from tests.random_weights import randomize_
-
-# Wider than "tiny" so that per-token tensors dominate, as in the 13B model (MLP = 4 x hidden).
-SMALL = DiTConfig(hidden_size=128, heads=2, double_blocks=2, single_blocks=2, refiner_blocks=1,
-                  text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(16, 24, 24))
-
-
-def small_dit(dtype=torch.bfloat16, seed=1):
-    model = HunyuanVideoDiT(SMALL).eval()
-    randomize_(model, seed=seed)
-    return model.to(dtype)
-
-
-def small_inputs(frames=4, h=32, w=32, text=24, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, 16, frames, h, w, generator=gen), torch.tensor([500.0]),
-            torch.randn(1, text, SMALL.text_states_dim, generator=gen), torch.ones(1, text, dtype=torch.long),
-            torch.randn(1, SMALL.text_states_dim_2, generator=gen), torch.tensor([6016.0]))
-
+from tests.helpers import SMALL, small_dit, small_inputs
 
 # ---------------------------------------------------------------------------------------------
 # Plans for the 13B model
@@ -115,6 +97,7 @@ def test_weight_bytes_match_real_modules():
 
 
 @pytest.mark.parametrize("chunk", [None, 512, 128])
+@pytest.mark.slow
 def test_dit_activations_predicted_vs_measured(chunk):
     """Measured (bf16, 1024 image + 24 text tokens): 20.73 / 13.29 / 7.79 hidden states for chunks
     None / 512 / 128; predicted 20.95 / 13.28 / 7.79. Tolerance -2 % .. +5 %: the formula counts
@@ -131,6 +114,7 @@ def test_dit_activations_predicted_vs_measured(chunk):
 
 @pytest.mark.parametrize("chunk", [None, 512, 128])
 @pytest.mark.parametrize("quant_rows", [1024, 64])
+@pytest.mark.slow
 def test_dit_activations_with_scaled_mm_predicted_vs_measured(chunk, quant_rows, monkeypatch):
     """FP8 linears on `_scaled_mm` (PyTorch's CPU kernel takes row-wise scales too): the formula
     with the single block's linear2 quantizing its input (e4m3 copy, scales, float32 scratch rows)
@@ -169,6 +153,7 @@ def test_the_planner_counts_scaled_mm_when_the_profile_may_use_it():
 
 
 @pytest.mark.parametrize("compute", [True, False])
+@pytest.mark.slow
 def test_step_cache_adds_no_activation_peak(compute):
     """The planner adds only the probe's weights for a step cache: its decision (two image-token
     states) and a reused step (tokens + residual) run while no block's activations exist, and a
@@ -236,6 +221,7 @@ def test_dit_prediction_matches_gpu_measurement(case, size, resident, chunk):
     assert abs(p.stages["dit"].vram_bytes / GIB / GPU_MEASURED[case] - 1) <= 0.02
 
 
+@pytest.mark.slow
 def test_dit_stage_predicted_vs_measured_with_streaming():
     """The whole DiT stage through the profile path (plan -> prepare_dit -> streamed forward):
     device weights (trunk + resident blocks + ring, counted from the modules) plus the measured

@@ -4,54 +4,19 @@ CPU runs the same streamer logic with synchronous copies; the CUDA tests add str
 
 import copy
 import math
+import time
 
 import pytest
 import torch
 import torch.nn as nn
 
-from hyvideo.config import DiTConfig
-from hyvideo.dit import HunyuanVideoDiT
 from lowvram.schedule import BlockSchedule, plan_schedule, spread_evenly
 
 from quant.fp8 import FP8Linear, swap_linears_fp8
 from lowvram.streaming import (
     BlockStreamer, PinReport, empty_module_like, leaf_bytes, pin_blocks_, tensor_leaves, unpin_slabs,
 )
-from quant.bytes import dit_block_kinds
-from tests.random_weights import randomize_
-
-
-# 3 double + 5 single blocks: rings of both kinds, uneven spreads, wrap-around prefetch.
-CONFIG = DiTConfig(hidden_size=64, heads=2, double_blocks=3, single_blocks=5, refiner_blocks=1,
-                   text_states_dim=48, text_states_dim_2=40, rope_axes_dim=(8, 12, 12))
-
-
-def make_model(seed=1, dtype=torch.float32):
-    model = HunyuanVideoDiT(CONFIG).eval()
-    randomize_(model, seed=seed)
-    return model.to(dtype)
-
-
-def make_inputs(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 6, 8, generator=gen)
-    text = torch.randn(1, 10, CONFIG.text_states_dim, generator=gen)
-    mask = torch.ones(1, 10, dtype=torch.long)
-    mask[0, 7:] = 0
-    pooled = torch.randn(1, CONFIG.text_states_dim_2, generator=gen)
-    return x, torch.tensor([700.0]), text, mask, pooled, torch.tensor([6016.0])
-
-
-def schedule_for(model, **kwargs) -> BlockSchedule:
-    return plan_schedule(dit_block_kinds(model.config), [leaf_bytes(b) for b in model.all_blocks()], **kwargs)
-
-
-def run_steps(model, streamer, inputs, steps):
-    outs = []
-    with torch.no_grad():
-        for step in range(steps):
-            outs.append(model(*inputs, blocks=streamer.blocks_for_step(prefetch_next_step=step + 1 < steps)))
-    return outs
+from tests.helpers import run_steps, schedule_for, streaming_dit, streaming_inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +78,8 @@ def test_schedule_rejects_bad_input():
 
 @pytest.fixture(scope="module")
 def model_and_reference():
-    model = make_model()
-    inputs = make_inputs()
+    model = streaming_dit()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     return model, inputs, reference
@@ -145,8 +110,8 @@ def test_budget_schedules_are_exact(model_and_reference, budget_fraction):
 
 
 def test_streamed_bf16_and_chunked(model_and_reference):
-    model = make_model(dtype=torch.bfloat16)
-    inputs = make_inputs()
+    model = streaming_dit(dtype=torch.bfloat16)
+    inputs = streaming_inputs()
     model.token_chunk = 5
     with torch.no_grad():
         reference = model(*inputs)
@@ -168,11 +133,11 @@ def swap_linears(module: nn.Module, make) -> None:
 
 
 def test_fp8_blocks_stream_exactly():
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     for block in model.all_blocks():
         swap_linears(block, fp8_linear)
     assert any(t.dtype == torch.float8_e4m3fn for t in tensor_leaves(model.double_blocks[0]))
-    inputs = make_inputs()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=3, prefetch_depth=2), "cpu")
@@ -184,13 +149,13 @@ def test_int8_quanto_blocks_stream_exactly():
     """quanto's INT8 weights are tensor subclasses; their inner tensors (_data int8, _scale) are the
     leaves the streamer copies into shells rebuilt with __tensor_unflatten__."""
     quanto = pytest.importorskip("optimum.quanto")
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)
         quanto.freeze(block)
     leaves = tensor_leaves(model.single_blocks[0])
     assert any(t.dtype == torch.int8 for t in leaves)
-    inputs = make_inputs()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=2, prefetch_depth=1), "cpu")
@@ -206,11 +171,11 @@ def test_int8_quanto_blocks_stream_exactly():
 
 
 def test_copy_order_slots_and_cross_step_prefetch():
-    model = make_model()
+    model = streaming_dit()
     depth, steps = 2, 3
     schedule = schedule_for(model, resident=2, prefetch_depth=depth)
     streamer = BlockStreamer(model.all_blocks(), schedule, "cpu", trace=True)
-    run_steps(model, streamer, make_inputs(), steps)
+    run_steps(model, streamer, streaming_inputs(), steps)
     trace, streamed = streamer.trace, list(schedule.streamed)
     position = {}  # (step, block) -> absolute streamed position
     for step in range(steps):
@@ -241,8 +206,8 @@ def test_copy_order_slots_and_cross_step_prefetch():
 
 
 def test_interrupted_step_recovers():
-    model = make_model()
-    inputs = make_inputs()
+    model = streaming_dit()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=1, prefetch_depth=2), "cpu")
@@ -254,8 +219,8 @@ def test_interrupted_step_recovers():
 
 
 def test_keep_host_copy_and_close():
-    model = make_model()
-    inputs = make_inputs()
+    model = streaming_dit()
+    inputs = streaming_inputs()
     with torch.no_grad():
         reference = model(*inputs)
     masters = [t.data_ptr() for b in model.all_blocks() for t in tensor_leaves(b)]
@@ -330,7 +295,7 @@ def test_the_planner_counts_the_blocks_the_streamer_pins():
     exceed the blocks' bytes by alignment only (< 64 bytes per tensor)."""
     from lowvram.streaming import SLAB_ALIGN
 
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     swap_linears_fp8(model, "blocks")
     schedule = schedule_for(model, resident=2)
     streamed = [model.all_blocks()[i] for i in schedule.streamed]
@@ -343,7 +308,7 @@ def test_the_planner_counts_the_blocks_the_streamer_pins():
 
 
 def test_cpu_streamer_does_not_pin():
-    model = make_model()
+    model = streaming_dit()
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=0), "cpu")
     assert streamer.pin_report.pinned_bytes == 0 and streamer.pin_report.reason == "not a CUDA device"
 
@@ -355,24 +320,35 @@ def test_cpu_streamer_does_not_pin():
 @pytest.mark.cuda
 @pytest.mark.parametrize("depth", [1, 2])
 def test_cuda_streamed_equals_resident(depth):
-    model = make_model(dtype=torch.bfloat16)
-    inputs = make_inputs()
+    model = streaming_dit(dtype=torch.bfloat16)
+    inputs = streaming_inputs()
     device = torch.device("cuda")
-    reference_model = make_model(dtype=torch.bfloat16).to(device)
+    reference_model = streaming_dit(dtype=torch.bfloat16).to(device)
     cuda_inputs = [t.to(device) for t in inputs]
     with torch.no_grad():
         reference = reference_model(*cuda_inputs)
     for resident in (0, 3, 8):
-        fresh = make_model(dtype=torch.bfloat16)
+        fresh = streaming_dit(dtype=torch.bfloat16)
         for name, child in fresh.named_children():
             if name not in ("double_blocks", "single_blocks"):
                 child.to(device)
+        began = time.perf_counter()
         streamer = BlockStreamer(fresh.all_blocks(), schedule_for(fresh, resident=resident, prefetch_depth=depth), device)
         assert streamer.pin_report.pinned_bytes > 0 or resident == 8
         for out in run_steps(fresh, streamer, cuda_inputs, steps=3):
             assert torch.equal(out, reference)
+        torch.cuda.synchronize()
+        elapsed_ms = (time.perf_counter() - began) * 1000
         stats = streamer.step_stats()
-        assert all(s.wait_ms >= 0 and s.copy_ms >= 0 for s in stats)
+        # CUDA events time each copy (one copy stream) and each stall of the compute stream: with
+        # every block resident there is neither; copying a block's bytes takes measurable time; and
+        # all of it happened, one after another on its stream, within `elapsed_ms`.
+        assert [s.blocks_copied for s in stats] == [8 - resident] * 3
+        if resident == 8:
+            assert all(s.copy_ms == 0 and s.wait_ms == 0 for s in stats)
+        else:
+            assert all(s.copy_ms > 0 for s in stats)
+        assert sum(s.copy_ms for s in stats) <= elapsed_ms and sum(s.wait_ms for s in stats) <= elapsed_ms
         streamer.close()
     del model
 
@@ -382,8 +358,8 @@ def test_cuda_streamed_blocks_are_page_locked_in_slabs_and_unlocked_on_close():
     """cudaHostRegister'ed slabs: the streamed blocks' tensors report pinned, the copies from them are
     exact, and closing the streamer unlocks them (the bytes stay, as ordinary memory)."""
     device = torch.device("cuda")
-    model = make_model(dtype=torch.bfloat16)
-    inputs = [t.to(device) for t in make_inputs()]
+    model = streaming_dit(dtype=torch.bfloat16)
+    inputs = [t.to(device) for t in streaming_inputs()]
     with torch.no_grad():
         reference = copy.deepcopy(model).to(device)(*inputs)
     for name, child in model.named_children():
@@ -430,10 +406,10 @@ def test_cuda_streaming_is_exact_when_either_stream_lags(stalled):
     compute stream stalled, a copy that did not wait for the slot's `free` event would overwrite
     weights still in use. Either mistake changes the output, so this fails if a wait is removed."""
     device = torch.device("cuda")
-    model = make_model(dtype=torch.bfloat16)
-    inputs = [t.to(device) for t in make_inputs()]
+    model = streaming_dit(dtype=torch.bfloat16)
+    inputs = [t.to(device) for t in streaming_inputs()]
     with torch.no_grad():
-        reference = make_model(dtype=torch.bfloat16).to(device)(*inputs)
+        reference = streaming_dit(dtype=torch.bfloat16).to(device)(*inputs)
     for name, child in model.named_children():
         if name not in ("double_blocks", "single_blocks"):
             child.to(device)
@@ -452,11 +428,11 @@ def test_cuda_streaming_is_exact_when_either_stream_lags(stalled):
 def test_cuda_int8_quanto_blocks_stream_exactly():
     device = torch.device("cuda")
     quanto = pytest.importorskip("optimum.quanto")
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     for block in model.all_blocks():
         quanto.quantize(block, weights=quanto.qint8)
         quanto.freeze(block)
-    inputs = [t.to(device) for t in make_inputs()]
+    inputs = [t.to(device) for t in streaming_inputs()]
     resident = copy.deepcopy(model).to(device)
     with torch.no_grad():
         reference = resident(*inputs)
@@ -473,7 +449,7 @@ def test_cuda_int8_quanto_blocks_stream_exactly():
 def test_cuda_streaming_loop_never_synchronizes():
     """The block iterator issues copies and event waits only: under sync debug mode 'error' any
     host-device synchronization inside it raises."""
-    model = make_model(dtype=torch.bfloat16)
+    model = streaming_dit(dtype=torch.bfloat16)
     device = torch.device("cuda")
     streamer = BlockStreamer(model.all_blocks(), schedule_for(model, resident=2, prefetch_depth=2), device)
     x = torch.randn(64, 64, device=device, dtype=torch.bfloat16)

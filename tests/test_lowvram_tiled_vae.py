@@ -12,8 +12,8 @@ from bench.memtrack import PeakTracker
 from lowvram.tiled_vae import (
     TiledVAE, blend_, decode_tiling, spatial_decode_tiles, temporal_decode_tiles,
 )
-from tests.random_weights import randomize_
-from tests.test_vae import AutoencoderKLHunyuanVideo, make_oracle
+from tests.diffusers_oracle import diffusers_vae
+from tests.helpers import max_rel_err, randomize_
 
 TINY = VAE_CONFIGS["tiny"]
 # Tiles for the tiny VAE: 4 latents (32 px) every 3 spatially, 4+1 latent frames every 3 in time;
@@ -23,10 +23,6 @@ L, LT = 4, 4
 # differs (float32 ramp computed once vs Python-float scalars per row), ~1 ulp per blend: 1e-5
 # relative leaves room for that and catches any geometry or weighting error (those are O(1)).
 REL_TOL = 1e-5
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,9 +88,7 @@ def vae():
 @pytest.fixture(scope="module")
 def vaes(vae):
     """Ours and diffusers' AutoencoderKLHunyuanVideo with the same weights and tile sizes."""
-    if AutoencoderKLHunyuanVideo is None:
-        pytest.skip("diffusers not installed")
-    oracle = make_oracle(TINY)
+    oracle = diffusers_vae(TINY)
     oracle.load_state_dict(vae.state_dict(), strict=True)  # key names and shapes match exactly
     ours = vae
     oracle.enable_tiling(tile_sample_min_height=8 * L, tile_sample_min_width=8 * L, tile_sample_min_num_frames=4 * LT,
@@ -108,6 +102,7 @@ def latents(*shape, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(5, 6, 5), (9, 3, 3), (2, 9, 9)])  # time+space, time only, space only
+@pytest.mark.slow
 def test_tiled_decode_matches_diffusers_tiled_decode(vaes, shape):
     """diffusers' AutoencoderKLHunyuanVideo tiled decode implements the official algorithm (same
     tiles, in-place blends, crops) independently; with tile sizes set to ours they must agree."""
@@ -117,7 +112,7 @@ def test_tiled_decode_matches_diffusers_tiled_decode(vaes, shape):
         tiled = TiledVAE(ours, L, LT).decode(z)
         expected = oracle.decode(z).sample
     assert tiled.shape == expected.shape == (1, 3, 4 * (shape[0] - 1) + 1, 8 * shape[1], 8 * shape[2])
-    assert rel_err(tiled, expected) <= REL_TOL
+    assert max_rel_err(tiled, expected) <= REL_TOL
 
 
 def test_one_tile_is_exactly_untiled(vae):
@@ -127,6 +122,7 @@ def test_one_tile_is_exactly_untiled(vae):
         assert torch.equal(TiledVAE(ours, L, LT).decode(z), ours.decode(z))
 
 
+@pytest.mark.slow
 def test_constant_latents_tile_seamlessly(vae):
     """A constant latent decodes to the same constant video whatever the tile (replicate padding,
     nearest upsampling, per-tile GroupNorm statistics and attention all see identical values), so
@@ -138,7 +134,7 @@ def test_constant_latents_tile_seamlessly(vae):
     double.load_state_dict(ours.state_dict())
     z = torch.full((1, 16, 5, 6, 5), 0.3, dtype=torch.float64)
     with torch.no_grad():
-        assert rel_err(TiledVAE(double, L, LT).decode(z), double.decode(z)) <= 1e-9
+        assert max_rel_err(TiledVAE(double, L, LT).decode(z), double.decode(z)) <= 1e-9
 
 
 def _covering_envelope(vae, z, t_spans, h_spans, w_spans):
@@ -162,6 +158,7 @@ def _covering_envelope(vae, z, t_spans, h_spans, w_spans):
 
 
 @pytest.mark.parametrize("shape", [(9, 3, 3), (5, 6, 5)])  # time only; time and space (4-tile corners)
+@pytest.mark.slow
 def test_tiled_vs_untiled_bound(vae, shape):
     """The bound: every tiled output sample is a convex combination (blend weights in [0, 1],
     summing to 1) of the independent decodes of the tiles that cover it, at the same position. So
@@ -182,6 +179,7 @@ def test_tiled_vs_untiled_bound(vae, shape):
     assert ((tiled - untiled).abs() <= bound + eps).all()
 
 
+@pytest.mark.slow
 def test_default_tiles_on_33_latents_give_129_frames(vae):
     ours = vae
     z = latents(33, 2, 2)  # official temporal tiles (16+1 every 12), tiny spatial size
@@ -190,6 +188,7 @@ def test_default_tiles_on_33_latents_give_129_frames(vae):
     assert video.shape == (1, 3, 129, 16, 16)
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_length(vae):
     """Tensor bytes alive at the peak, minus the (preallocated) output, are the same for 9 and 13
     latent frames (3 and 4 temporal tiles; 5 frames, with a short second tile, need less): one
@@ -206,6 +205,7 @@ def test_peak_memory_does_not_grow_with_length(vae):
         assert working[-1] == working[-2] >= working[0], working
 
 
+@pytest.mark.slow
 def test_tile_progress_callback(vae):
     """on_tile reports every tile once, in order, with the total (the CLI's decode progress)."""
     seen = []

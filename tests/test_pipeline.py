@@ -48,6 +48,7 @@ def official_pipeline(tiny_official):
     return pipeline(tiny_official)
 
 
+@pytest.mark.slow
 def test_frames_shape_dtype_and_determinism(official_pipeline):
     first = official_pipeline.generate(REQUEST)
     assert first.shape == (9, 48, 64, 3) and first.dtype == torch.uint8
@@ -57,6 +58,7 @@ def test_frames_shape_dtype_and_determinism(official_pipeline):
     assert not torch.equal(first, official_pipeline.generate(other))
 
 
+@pytest.mark.slow
 def test_layouts_give_identical_frames(official_pipeline, tiny_diffusers):
     assert torch.equal(official_pipeline.generate(REQUEST), pipeline(tiny_diffusers).generate(REQUEST))
 

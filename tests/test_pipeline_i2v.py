@@ -31,8 +31,8 @@ from hyvideo.text_encoder import (
 from hyvideo.vae import CausalVAE, latent_shape
 from lowvram.setup.synthetic_checkpoint import write_text_encoder
 from tests.diffusers_oracle import diffusers_transformer
-from tests.random_weights import randomize_
-from tests.test_vae import make_oracle
+from tests.diffusers_oracle import diffusers_vae
+from tests.helpers import randomize_
 from tests.tiny_llava import tiny_llava
 
 HEIGHT, WIDTH, FRAMES = 32, 48, 9  # latents 3 x 4 x 6: 18 image tokens, 6 of them the first frame's
@@ -55,7 +55,7 @@ def shared(tmp_path_factory):
     y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
     path = root / "image.png"
     Image.fromarray(np.stack([x * 5, y * 7, (x * y) % 256], -1).astype(np.uint8)).convert("RGBA").save(path)
-    vae_oracle = make_oracle(VAE_CONFIGS["tiny"])
+    vae_oracle = diffusers_vae(VAE_CONFIGS["tiny"])
     randomize_(vae_oracle, seed=10)
     vae = CausalVAE(VAE_CONFIGS["tiny"]).eval()
     vae.load_state_dict(vae_oracle.state_dict(), strict=True)

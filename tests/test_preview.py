@@ -2,8 +2,6 @@
 factors, the predicted clean latents it shows, and `generate --preview` writing preview.webp that
 `runs`, --json and the progress name."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from PIL import Image  # a test dependency through diffusers; the product writes
 from hyvideo.preview import HUNYUAN_LATENT_RGB_BIAS, HUNYUAN_LATENT_RGB_FACTORS, latent_rgb
 from hyvideo.sampler import flow_sigmas, predicted_clean
 from lowvram.generation.preview import PREVIEW_FPS, write_webp
-from tests.test_cli import TINY, as_json, invoke
+from tests.helpers import TINY_ARGS, as_json, invoke
 
 
 def test_projection_with_known_factors():
@@ -63,12 +61,13 @@ def test_webp_is_an_animated_looping_clip(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temp file left
 
 
+@pytest.mark.slow
 def test_generate_with_preview(tiny_official, tmp_path):
     """The preview is the last step's prediction (at sigma 0 that is the final latents), the run's
     result is unchanged by it, --json and `runs` name it, and the progress prints its path once."""
     runs = tmp_path / "runs"
-    plain = as_json(invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path / "plain", "--json", *TINY))
-    shown = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", runs, "--preview", *TINY)
+    plain = as_json(invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", tmp_path / "plain", "--json", *TINY_ARGS))
+    shown = invoke("generate", "a fox", "--model-dir", tiny_official, "--runs-dir", runs, "--preview", *TINY_ARGS)
     assert shown.exit_code == 0, shown.output
     [folder] = runs.iterdir()
     preview = folder / "preview.webp"

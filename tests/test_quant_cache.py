@@ -24,7 +24,7 @@ from quant.cache import (
     cache_paths, cache_status, ensure_dit_cache, file_sha256, load_cached_dit, quantize_dit_to_cache, quantized_tensors,
 )
 from quant.fp8 import swap_linears_fp8
-from tests.test_quant_dit import dit_inputs, needs_quanto, run, tiny_dit
+from tests.helpers import dit_inputs, forward, needs_quanto, tiny_dit
 
 TINY = DIT_CONFIGS["tiny"]
 SCHEMES = ["fp8", pytest.param("int8", marks=needs_quanto)]
@@ -72,8 +72,8 @@ def test_cache_loads_bit_identical(source, tmp_path, scheme):
     assert_same_state(first, reference)  # quantizing layer by layer == quantizing the model
     assert_same_state(second, first)
     inputs = dit_inputs()
-    out_first = run(first, inputs)
-    assert torch.equal(run(second, inputs), out_first) and torch.equal(run(reference, inputs), out_first)
+    out_first = forward(first, inputs)
+    assert torch.equal(forward(second, inputs), out_first) and torch.equal(forward(reference, inputs), out_first)
 
 
 def test_cache_file_is_plain_safetensors(source, tmp_path):
@@ -247,6 +247,7 @@ KILLED_BUILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killed_build_leaves_no_cache(source, tmp_path):
     """SIGKILL mid-write (no cleanup code runs): the half-written temp file is never taken for the
     cache, and the next build removes it."""
@@ -302,6 +303,7 @@ ANON_PEAK = textwrap.dedent(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.slow
 def test_quantize_memory_is_one_tensor_not_the_model(tmp_path):
     """Quantize a 620 MB diffusers-layout DiT (hidden 768, 4 double + 24 single blocks, bf16) in a
     fresh process and sample its anonymous memory (RssAnon: what it allocates itself; the

@@ -25,85 +25,20 @@ import copy
 import pytest
 import torch
 
-from hyvideo.config import DIT_CONFIGS, DiTConfig
-from hyvideo.dit import HunyuanVideoDiT
 from quant.fp8 import FP8Linear, swap_linears_fp8
-
-TINY = DIT_CONFIGS["tiny"]
-
-
-def _has_quanto() -> bool:
-    try:
-        import optimum.quanto  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-HAS_QUANTO = _has_quanto()  # optional dependency: the GPU test machine lacks it
-needs_quanto = pytest.mark.skipif(not HAS_QUANTO, reason="needs optimum-quanto")
-
-
-def student_t(shape, generator: torch.Generator, df: int = 3) -> torch.Tensor:
-    """Seeded Student-t samples scaled to unit variance: z / sqrt(chi2_df / df) * sqrt((df-2)/df)."""
-    z = torch.randn(shape, generator=generator)
-    chi2 = torch.randn((df, *shape), generator=generator).pow(2).sum(0)
-    return z / (chi2 / df).sqrt() * ((df - 2) / df) ** 0.5
-
-
-def randomize_dit(model: torch.nn.Module, seed: int, heavy: bool = False) -> None:
-    """Weights ~ N(0, 1/fan_in) (or unit-variance Student-t df=3 / sqrt(fan_in)), norm weights
-    near 1, biases ~0.1: activations stay O(1) through the blocks, every tensor matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.ndim >= 2:
-                w = student_t(p.shape, gen) if heavy else torch.randn(p.shape, generator=gen)
-                p.copy_(w / p[0].numel() ** 0.5)
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-
-
-def dit_inputs(config: DiTConfig = TINY, seed: int = 0):
-    """Batch 1, 3 latent frames of 8x8 (48 image tokens), 12 text tokens of which 9 valid."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, config.in_channels, 3, 8, 8, generator=gen)
-    text = torch.randn(1, 12, config.text_states_dim, generator=gen)
-    mask = torch.zeros(1, 12, dtype=torch.long)
-    mask[0, :9] = 1
-    pooled = torch.randn(1, config.text_states_dim_2, generator=gen)
-    return x, torch.tensor([700.0]), text, mask, pooled, torch.tensor([6016.0])
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    err = ((out.float() - ref).norm() / ref.norm()).item()
-    assert err == err, "NaN error"  # NaN never passes a bound
-    return err
-
-
-def tiny_dit(seed: int = 1, heavy: bool = False) -> HunyuanVideoDiT:
-    model = HunyuanVideoDiT(TINY).eval()
-    randomize_dit(model, seed, heavy)
-    return model
-
-
-def run(model, inputs):
-    with torch.no_grad():
-        return model(*inputs)
+from tests.helpers import dit_inputs, forward, needs_quanto, rel_err, tiny_dit
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["normal", "student-t"])
 def reference(request):
     model = tiny_dit(seed=1, heavy=request.param)
     inputs = dit_inputs()
-    return model, inputs, run(model, inputs), request.param
+    return model, inputs, forward(model, inputs), request.param
 
 
 def test_bf16_baseline(reference):
     model, inputs, ref, _ = reference
-    assert rel_err(run(copy.deepcopy(model).to(torch.bfloat16), inputs), ref) < 0.015
+    assert rel_err(forward(copy.deepcopy(model).to(torch.bfloat16), inputs), ref) < 0.015
 
 
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
@@ -114,7 +49,7 @@ def test_fp8_dit_error(reference, compute, per_channel):
     names = swap_linears_fp8(quantized, "blocks", per_channel=per_channel)
     assert len(names) == 2 * 10 + 2 * 3  # tiny: 2 double + 2 single blocks
     assert all(isinstance(quantized.get_submodule(n), FP8Linear) for n in names)
-    assert rel_err(run(quantized, inputs), ref) < 0.05
+    assert rel_err(forward(quantized, inputs), ref) < 0.05
 
 
 @needs_quanto
@@ -125,7 +60,7 @@ def test_int8_dit_error(reference, compute):
     model, inputs, ref, heavy = reference
     quantized = copy.deepcopy(model).to(compute)
     quantize_int8(quantized, "blocks")
-    assert rel_err(run(quantized, inputs), ref) < (0.03 if heavy else 0.02)
+    assert rel_err(forward(quantized, inputs), ref) < (0.03 if heavy else 0.02)
 
 
 def test_fp8_model_keeps_non_block_weights(reference):

@@ -12,7 +12,7 @@ from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from quant.fp8 import FP8_DTYPE, FP8Linear, dequantize_fp8, quantize_fp8, set_scaled_mm, swap_linears_fp8
 from quant.tencent_fp8 import TENCENT_POLICY, load_tencent_fp8, map_path_for, write_tencent_fp8_pair
-from tests.test_quant_dit import dit_inputs, rel_err, run, tiny_dit
+from tests.helpers import dit_inputs, forward, rel_err, tiny_dit
 
 TINY = DIT_CONFIGS["tiny"]
 
@@ -78,7 +78,7 @@ def test_swap_on_meta_then_assign_load():
     meta.load_state_dict(reference.state_dict(), strict=True, assign=True)
     assert meta.get_submodule(names[0]).weight.dtype == FP8_DTYPE
     inputs = dit_inputs()
-    assert torch.equal(run(meta.eval(), inputs), run(reference, inputs))
+    assert torch.equal(forward(meta.eval(), inputs), forward(reference, inputs))
 
 
 def test_cast_after_swap_is_refused():
@@ -175,7 +175,7 @@ def test_tencent_round_trip_exact(tencent_pair, which):
     plain = HunyuanVideoDiT(TINY).to(torch.bfloat16).eval()
     plain.load_state_dict(dequantized)
     inputs = dit_inputs()
-    assert torch.equal(run(model, inputs), run(plain, inputs))
+    assert torch.equal(forward(model, inputs), forward(plain, inputs))
 
 
 def test_tencent_pair_close_to_source(tencent_pair):
@@ -185,7 +185,7 @@ def test_tencent_pair_close_to_source(tencent_pair):
     source = HunyuanVideoDiT(TINY).eval()
     source.load_state_dict(state)
     inputs = dit_inputs()
-    assert rel_err(run(load_tencent_fp8(weights, TINY), inputs), run(source, inputs)) < 0.05
+    assert rel_err(forward(load_tencent_fp8(weights, TINY), inputs), forward(source, inputs)) < 0.05
 
 
 def test_tencent_errors(tencent_pair, tmp_path):
@@ -257,7 +257,7 @@ def test_scaled_mm_fast_path():
     inputs = [t.cuda() for t in dit_inputs()]
     reference = tiny_dit()
     # dequant path 3.05 %, scaled_mm 4.23 % (H200); the dequant path's 5 % bound + the extra rounding
-    assert rel_err(run(model, inputs).cpu(), run(reference, dit_inputs())) < 0.065
+    assert rel_err(forward(model, inputs).cpu(), forward(reference, dit_inputs())) < 0.065
 
 
 def test_block_dequantizes_each_weight_once_not_per_chunk(monkeypatch):
@@ -271,13 +271,13 @@ def test_block_dequantizes_each_weight_once_not_per_chunk(monkeypatch):
     calls = []
     real = FP8Linear.dequantize
     monkeypatch.setattr(FP8Linear, "dequantize", lambda self, *a, **k: calls.append(self) or real(self, *a, **k))
-    held = run(model, inputs)
+    held = forward(model, inputs)
     # Per double block: 2 x (mod, qkv, proj, fc1, fc2); per single block: mod, linear1 twice, linear2.
     expected = TINY.double_blocks * 10 + TINY.single_blocks * 4
     assert len(calls) == expected
     monkeypatch.setattr(FP8Linear, "hold_weight", lambda self: None)  # every call dequantizes again
     calls.clear()
-    assert torch.equal(run(model, inputs), held)
+    assert torch.equal(forward(model, inputs), held)
     assert len(calls) > 3 * expected
 
 

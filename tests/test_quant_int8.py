@@ -11,7 +11,7 @@ import torch
 from hyvideo.config import DIT_CONFIGS
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
-from tests.test_quant_dit import dit_inputs, run, tiny_dit
+from tests.helpers import dit_inputs, forward, tiny_dit
 
 TINY = DIT_CONFIGS["tiny"]
 quanto = pytest.importorskip("optimum.quanto")  # the whole file is about it; `pytest -m cuda` collects without it
@@ -60,7 +60,7 @@ def test_requantize_from_state_dict():
     for key, value in fresh.state_dict().items():
         assert value.dtype == state[key].dtype and torch.equal(value, state[key]), key
     inputs = dit_inputs()
-    assert torch.equal(run(fresh.eval(), inputs), run(model.eval(), inputs))
+    assert torch.equal(forward(fresh.eval(), inputs), forward(model.eval(), inputs))
 
     state.pop("double_blocks.0.img_attn_qkv.weight._scale")
     with torch.device("meta"):

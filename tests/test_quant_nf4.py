@@ -16,6 +16,7 @@ from quant.nf4 import (
     LLM_CACHE_HEADER, ensure_llm_nf4_cache, llm_cache_path, llm_cache_status, load_llm_bf16, load_llm_nf4,
     nf4_unavailable_reason,
 )
+from tests.helpers import rel_err
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,6 @@ def encode(model, device="cpu"):
     ids = torch.arange(1, 41).reshape(1, 40) * 7 % 500
     with torch.no_grad():
         return model(input_ids=ids.to(device), output_hidden_states=True).hidden_states[-3].float().cpu()
-
-
-def rel_err(a, b):
-    err = ((a - b).norm() / b.norm()).item()
-    assert err == err, "NaN error"
-    return err
 
 
 def test_nf4_on_cpu(llm_folder):
@@ -149,6 +144,7 @@ class Spy:
         monkeypatch.setattr(AutoModel, "from_pretrained", from_pretrained)
 
 
+@pytest.mark.slow
 def test_cache_round_trip_and_second_load_does_not_quantize(source, tmp_path, monkeypatch):
     require_cpu_nf4()
     cache = tmp_path / "cache"
@@ -174,6 +170,7 @@ def test_cache_round_trip_and_second_load_does_not_quantize(source, tmp_path, mo
     assert set(header["versions"]) == {"torch", "transformers", "bitsandbytes"}
 
 
+@pytest.mark.slow
 def test_stale_and_corrupt_caches_are_rebuilt(source, tmp_path):
     require_cpu_nf4()
     cache = tmp_path / "cache"

@@ -28,7 +28,7 @@ from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from quant.fp8 import FP8Linear, dequantize_fp8, quantize_fp8, swap_linears_fp8
 from quant.policy import DEFAULT_POLICY, POLICIES, QuantPolicy, get_policy
-from tests.test_quant_dit import HAS_QUANTO, dit_inputs, rel_err, run, student_t, tiny_dit
+from tests.helpers import HAS_QUANTO, dit_inputs, forward, rel_err, student_t, tiny_dit
 
 FULL = DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
 OUT, FAN_IN, TOKENS = 256, 3072, 64
@@ -127,12 +127,12 @@ def test_modulation_sensitivity(heavy):
     the same for every token, so their error is shared by all tokens). Dropping them from the
     quantized set ("blocks-no-mod") lowers the error, at +3.4 GB for the 13B model (test_quant_bytes)."""
     model, inputs = tiny_dit(seed=1, heavy=heavy), dit_inputs()
-    ref = run(model, inputs)
+    ref = forward(model, inputs)
 
     def error(policy):
         quantized = copy.deepcopy(model)
         swap_linears_fp8(quantized, policy)
-        return rel_err(run(quantized, inputs), ref)
+        return rel_err(forward(quantized, inputs), ref)
 
     per_kind = {kind: error(QuantPolicy(kind, *names)) for kind, names in KINDS.items()}
     assert max(per_kind, key=per_kind.get) == "mod"

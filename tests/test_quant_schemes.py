@@ -37,6 +37,7 @@ def test_matmul_choice_per_scheme_on_the_cpu():
     assert QUANT_SCHEMES["int8"].choose_matmul("scaled_mm", cpu) == (None, None)
 
 
+@pytest.mark.slow
 def test_byte_accounting_and_the_cache_import_no_quantization_library():
     """`import quant.bytes` (the planner's) and the cache and stages modules read the table without
     importing optimum-quanto or bitsandbytes: those load only when INT8 / NF4 weights are used."""

@@ -18,9 +18,7 @@ from lowvram.generation.batch import clips_for, parse_line
 from lowvram.generation.preflight import RunOptions, start_run
 from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from tests.diffusers_oracle import diffusers_transformer
-from tests.random_weights import randomize_
-from tests.test_dit import TOL, make_inputs, rel_err
-from tests.test_runs import StopAfter
+from tests.helpers import PARITY_TOL, StopAfter, max_rel_err, parity_inputs, randomize_
 
 TINY = DIT_CONFIGS["tiny"]
 HUNYUAN = DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
@@ -121,14 +119,14 @@ def test_dit_with_riflex_matches_the_papers_change_in_diffusers(tiny_models):
     paper's RoPE: the same velocity (test_dit's float32 tolerance), and RIFLEx really changes it."""
     ours, reference = tiny_models
     assert intrinsic_index(TINY.rope_axes_dim[0], TINY.rope_theta) == 1
-    inputs = make_inputs(TINY, 1, frames=7, height=6, width=10, text_len=12, valid=[5])
+    inputs = parity_inputs(TINY, 1, frames=7, height=6, width=10, text_len=12, valid=[5])
     reference.rope = PaperRope(TINY.rope_axes_dim, TINY.rope_theta, k=1, latent_frames=7)
     with torch.no_grad():
         out = ours(*inputs, riflex=True)
         plain = ours(*inputs)
         expected = reference(*inputs, return_dict=False)[0]
-    assert rel_err(out, expected) <= TOL
-    assert rel_err(plain, expected) > 100 * TOL
+    assert max_rel_err(out, expected) <= PARITY_TOL
+    assert max_rel_err(plain, expected) > 100 * PARITY_TOL
 
 
 def _pre_riflex_rope(grid, axes_dim, theta=256.0, device=None, riflex=False):
@@ -150,8 +148,8 @@ def test_at_129_frames_nothing_changes_bit_for_bit(tiny_models, monkeypatch):
     import hyvideo.dit
 
     ours, _ = tiny_models
-    short, _, text, mask, pooled, _ = make_inputs(TINY, 1, frames=33, height=2, width=2, text_len=12, valid=[5])
-    long = make_inputs(TINY, 1, frames=48, height=2, width=2, text_len=12, valid=[5])[0]
+    short, _, text, mask, pooled, _ = parity_inputs(TINY, 1, frames=33, height=2, width=2, text_len=12, valid=[5])
+    long = parity_inputs(TINY, 1, frames=48, height=2, width=2, text_len=12, valid=[5])[0]
     embeddings = TextEmbeddings(text, mask, pooled, [False], [False])
 
     def run(frames, x):
@@ -178,6 +176,7 @@ def test_auto_is_settled_and_recorded_when_the_run_starts(tiny_official, tmp_pat
     assert (long_run.settings["riflex"], short_run.settings["riflex"], off_run.settings["riflex"]) == (True, False, False)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_with_riflex_is_bit_exact(tiny_official, tmp_path):
     """RIFLEx on at 189 frames (48 latent frames: the frequency is lowered; 16x16 px keeps it cheap):
     stopped after 2 of 4 steps and resumed equals the uninterrupted run, which differs from RIFLEx off."""
@@ -230,6 +229,7 @@ def frame_ceiling(profile, width: int, height: int, limit: int) -> int | None:
     return 4 * low + 1
 
 
+@pytest.mark.slow
 def test_readme_frame_ceilings_are_the_planners():
     """README's RIFLEx table: per consumer profile, the longest clip the planner fits at 720p and
     540p 16:9, within the 261-frame limit, and where memory alone would stop (searched to 1001)."""

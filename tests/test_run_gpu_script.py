@@ -29,6 +29,7 @@ def archive(tmp_path: Path) -> dict[str, bytes]:
         return {m.name.removeprefix("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
+@pytest.mark.slow
 def test_no_budget_skips_every_step_and_still_packs_the_archive(tmp_path):
     done = run_script(tmp_path, BUDGET_S="0")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -39,6 +40,7 @@ def test_no_budget_skips_every_step_and_still_packs_the_archive(tmp_path):
     assert b"av: " in files["imports.txt"] and (tmp_path / "out/progress.log").read_text().count("skip ") == len(STEPS)
 
 
+@pytest.mark.slow
 def test_a_wheel_that_does_not_install_stops_the_run_with_one_line(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -51,6 +53,7 @@ def test_a_wheel_that_does_not_install_stops_the_run_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("missing", ["av"])
+@pytest.mark.slow
 def test_a_package_the_runs_need_stops_the_run_before_any_step(tmp_path, missing):
     """The product's own check (lowvram/generation/packages.py) in the setup: PyAV hidden by a
     module that fails to import makes the run stop before step 1."""

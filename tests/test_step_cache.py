@@ -12,7 +12,7 @@ from hyvideo.pipeline import GenerationRequest, denoise
 from hyvideo.step_cache import HUNYUAN_COEFFICIENTS, CacheState, TeaCache, decide, expected_forwards, rescale
 from hyvideo.text_encoder import TextEmbeddings
 from lowvram.streaming import BlockStreamer
-from tests.test_lowvram_streaming import make_inputs, make_model, schedule_for
+from tests.helpers import schedule_for, streaming_dit, streaming_inputs
 
 # --- the rule, by hand -----------------------------------------------------------------------
 
@@ -59,16 +59,16 @@ REQUEST = GenerationRequest("unused", width=64, height=48, frames=5, steps=STEPS
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model()
+    return streaming_dit()
 
 
 def embeddings():
-    _, _, text, mask, pooled, _ = make_inputs()
+    _, _, text, mask, pooled, _ = streaming_inputs()
     return TextEmbeddings(text, mask, pooled, [False], [False])
 
 
 def noise():
-    return make_inputs()[0]
+    return streaming_inputs()[0]
 
 
 def cache_for(model, threshold, state=None):
@@ -80,6 +80,7 @@ def run(model, cache=None, blocks_for_step=None, start_step=0, latents=None, on_
                    on_step=on_step, blocks_for_step=blocks_for_step, step_cache=cache)
 
 
+@pytest.mark.slow
 def test_a_cache_that_never_skips_is_bit_identical_to_no_cache(model):
     """Computing every step goes through the same four parts of the forward as no cache at all."""
     cache = cache_for(model, float("-inf"))  # no accumulated distance is below it

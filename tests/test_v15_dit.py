@@ -9,7 +9,7 @@ from diffusers import HunyuanVideo15Transformer3DModel
 from hyvideo.v15_config import V15_DIT_CONFIGS, V15DiTConfig
 from hyvideo.v15_dit import HunyuanVideo15DiT
 from hyvideo.v15_keys import diffusers_to_ours, official_to_ours, ours_to_diffusers, ours_to_official
-from tests.random_weights import randomize_
+from tests.helpers import randomize_
 
 TINY = V15_DIT_CONFIGS["tiny"]
 # float32 on CPU: the implementations differ only in reduction order (fused vs split qkv, dropped

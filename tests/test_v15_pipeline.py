@@ -17,7 +17,7 @@ from hyvideo.v15_config import V15_DIT_CONFIGS, V15_VAE_CONFIGS
 from hyvideo.v15_dit import HunyuanVideo15DiT
 from hyvideo.v15_keys import ours_to_diffusers
 from hyvideo.v15_pipeline import V15Image, V15Prompt, denoise
-from tests.random_weights import randomize_
+from tests.helpers import randomize_
 
 TINY = V15_DIT_CONFIGS["tiny"]
 # float32: CFG multiplies per-forward differences (~3e-7) by up to 2g - 1 = 11 over 3 steps; observed

@@ -10,7 +10,7 @@ from hyvideo.errors import HyVideoError
 from hyvideo.v15_config import V15_VAE_CONFIGS, V15VAEConfig
 from hyvideo.v15_keys import vae_diffusers_to_ours, vae_ours_to_diffusers
 from hyvideo.v15_vae import HunyuanVideo15VAE, depth_to_space, latent_shape, space_to_depth
-from tests.random_weights import randomize_
+from tests.helpers import randomize_
 
 TINY = V15_VAE_CONFIGS["tiny"]
 # float32 on CPU; the attention differs in form (per-frame SDPA calls vs one masked call), the rest

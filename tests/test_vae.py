@@ -6,12 +6,8 @@ import torch
 from hyvideo.config import VAE_CONFIGS
 from hyvideo.errors import HyVideoError
 from hyvideo.vae import CausalVAE, FrameCausalAttention, latent_shape, level_factors
-from tests.random_weights import randomize_
-
-try:  # the oracle; only the parity tests need it
-    from diffusers import AutoencoderKLHunyuanVideo
-except ImportError:
-    AutoencoderKLHunyuanVideo = None
+from tests.diffusers_oracle import diffusers_vae
+from tests.helpers import max_rel_err, randomize_
 
 TINY = VAE_CONFIGS["tiny"]
 # fp32 on both sides with the same op order (measured: bit-identical on CPU). Only SDPA (bool vs
@@ -20,39 +16,9 @@ TINY = VAE_CONFIGS["tiny"]
 REL_TOL = 1e-5
 
 
-def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def make_oracle(config):
-    levels = len(config.block_out_channels)
-    model = AutoencoderKLHunyuanVideo(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        latent_channels=config.latent_channels,
-        down_block_types=("HunyuanVideoDownBlock3D",) * levels,
-        up_block_types=("HunyuanVideoUpBlock3D",) * levels,
-        block_out_channels=config.block_out_channels,
-        layers_per_block=config.layers_per_block,
-        norm_num_groups=config.norm_num_groups,
-        scaling_factor=config.scaling_factor,
-        spatial_compression_ratio=config.spatial_compression_ratio,
-        temporal_compression_ratio=config.time_compression_ratio,
-        mid_block_add_attention=config.mid_block_add_attention,
-    )
-    # The plain, untiled path: no spatial tiles, no batch slicing, no frame-wise (temporal tile) coding.
-    model.disable_tiling()
-    model.disable_slicing()
-    model.use_framewise_encoding = False
-    model.use_framewise_decoding = False
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def pair():
-    if AutoencoderKLHunyuanVideo is None:
-        pytest.skip("diffusers not installed")
-    oracle = make_oracle(TINY)
+    oracle = diffusers_vae(TINY)
     randomize_(oracle, seed=0)
     ours = CausalVAE(TINY).eval()
     ours.load_state_dict(oracle.state_dict(), strict=True)  # key names and shapes must match exactly

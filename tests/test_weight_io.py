@@ -295,6 +295,7 @@ ADDRESS_SPACE_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc")
+@pytest.mark.slow
 def test_refused_mapping_is_a_memory_problem(tmp_path):
     """A real ENOMEM from mmap (address space limited below the file size in a subprocess): the
     message must blame memory, not the file (the old message said "download it again")."""

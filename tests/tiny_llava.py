@@ -12,7 +12,7 @@ from transformers import LlavaForConditionalGeneration
 
 from lowvram.setup.synthetic_checkpoint import SIZES, llava_config, llava_image_processor
 from lowvram.setup.tiny_tokenizers import build_tiny_llava_tokenizer
-from tests.random_weights import randomize_
+from tests.helpers import randomize_
 
 
 

@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 from cli import app
 
-from .test_cli_subprocess import PROMPT, ROOT, env, lowvram, manifest, run, start_and_wait_for_step, uninterrupted
+from tests.helpers import (
+    PROMPT, ROOT, env, final_latents, invoke, lowvram, manifest, run, start_and_wait_for_step, uninterrupted_latents,
+)
 
 pytest.importorskip("yunchang")
 
@@ -48,10 +50,6 @@ pinned_ram_cap_gb = 1.0
 ATOL = 1e-4
 
 
-def final_of(result: str) -> torch.Tensor:
-    return load_file(json.loads(result)["final_latents"])["latents"]
-
-
 def rank_pid(launcher_pid: int, rank: int) -> int:
     """The pid of the launcher's child that runs `rank` (its environment says RANK=<rank>)."""
     for entry in Path("/proc").iterdir():
@@ -68,18 +66,20 @@ def rank_pid(launcher_pid: int, rank: int) -> int:
 
 @pytest.fixture(scope="module")
 def one_process(tiny_official, tmp_path_factory):
-    return uninterrupted(tiny_official, tmp_path_factory.mktemp("one"), ARGS)
+    return uninterrupted_latents(tiny_official, tmp_path_factory.mktemp("one"), ARGS)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_official, tmp_path_factory):
-    return uninterrupted(tiny_official, tmp_path_factory.mktemp("two"), ARGS + ["--gpus", "2"])
+    return uninterrupted_latents(tiny_official, tmp_path_factory.mktemp("two"), ARGS + ["--gpus", "2"])
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(two_ranks, one_process):
     torch.testing.assert_close(two_ranks, one_process, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_a_batch_on_two_ranks(tiny_official, tmp_path, two_ranks):
     """A batch places the DiT once on every rank and sends each clip in turn (mixed sizes); a clip
     gives what the same clip gives alone on two ranks, bit for bit."""
@@ -93,6 +93,7 @@ def test_a_batch_on_two_ranks(tiny_official, tmp_path, two_ranks):
     assert second["settings"]["width"] == 64 and second["settings"]["parallel"]["ranks"] == 2
 
 
+@pytest.mark.slow
 def test_ring_on_a_streamed_fp8_profile_with_a_step_cache(tiny_official, tmp_path):
     """Each rank places the DiT per the profile (FP8, one block resident, the rest streamed); the
     step cache decides on sums over every rank's tokens, so the ranks skip the same steps as one
@@ -100,19 +101,21 @@ def test_ring_on_a_streamed_fp8_profile_with_a_step_cache(tiny_official, tmp_pat
     profile = tmp_path / "streamed.toml"
     profile.write_text(STREAMED)
     args = ARGS + ["--profile", profile, "--cache", "fast", "--cache-dir", tmp_path / "fp8"]  # not beside the shared model
-    alone = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "one", "--json", *args)
+    alone = invoke("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "one", "--json", *args)
     split = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "two", "--json", *args,
                 "--gpus", "2", "--parallel", "ring")
-    assert alone.returncode == 0 and split.returncode == 0, split.stderr
+    assert alone.exit_code == 0, alone.output
+    assert split.returncode == 0, split.stderr
     result = json.loads(split.stdout)  # one JSON document: the followers print nothing on stdout
     assert result["settings"]["parallel"] == {"ranks": 2, "ulysses": 1, "ring": 2}
     assert result["stats"]["dit"]["streamed_blocks"] == 3
     assert result["stats"]["dit"]["computed_steps"] == json.loads(alone.stdout)["stats"]["dit"]["computed_steps"]
     assert len(result["stats"]["dit"]["computed_steps"]) < STEPS
-    torch.testing.assert_close(final_of(split.stdout), final_of(alone.stdout), rtol=0, atol=ATOL)
+    torch.testing.assert_close(final_latents(split.stdout), final_latents(alone.stdout), rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.slow
 def test_sigkill_of_a_rank_then_resume(tiny_official, tmp_path, two_ranks, one_process, victim):
     """Any rank killed mid-run: the launcher stops the other and says how to continue; the last
     checkpoint continues bit-identically on 2 ranks, and on 1 process within float32 rounding."""
@@ -132,16 +135,17 @@ def test_sigkill_of_a_rank_then_resume(tiny_official, tmp_path, two_ranks, one_p
         shutil.copytree(runs, elsewhere)  # the same checkpoint, continued on one process below
     resumed = run("resume", "--runs-dir", runs, "--json")  # as many ranks as the run used
     assert resumed.returncode == 0, resumed.stderr
-    assert torch.equal(final_of(resumed.stdout), two_ranks)
+    assert torch.equal(final_latents(resumed.stdout), two_ranks)
     if victim == 0:
         return
-    alone = run("resume", "--runs-dir", elsewhere, "--json", "--gpus", "1")
-    assert alone.returncode == 0, alone.stderr
+    alone = invoke("resume", "--runs-dir", elsewhere, "--json", "--gpus", "1")
+    assert alone.exit_code == 0, alone.output
     warnings = json.loads(alone.stdout)["warnings"]
     assert any("on 2 ranks (Ulysses 2 x ring 1), now on 1 process" in w for w in warnings), warnings
-    torch.testing.assert_close(final_of(alone.stdout), one_process, rtol=0, atol=ATOL)
+    torch.testing.assert_close(final_latents(alone.stdout), one_process, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_after_the_same_step(tiny_official, tmp_path, two_ranks):
     """The terminal's Ctrl-C reaches every process of its group: rank 0 finishes the step, every
     rank stops after it, rank 0 says how to continue, and the run continues bit-identically."""
@@ -160,7 +164,7 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tiny_official, tmp_path, tw
     assert stopped["state"] == "denoising" and stopped["step"] < STEPS
     resumed = run("resume", "--runs-dir", runs, "--json")
     assert resumed.returncode == 0, resumed.stderr
-    assert torch.equal(final_of(resumed.stdout), two_ranks)
+    assert torch.equal(final_latents(resumed.stdout), two_ranks)
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -186,6 +190,7 @@ def test_more_gpus_than_visible_is_one_line(tiny_official, tmp_path, monkeypatch
 
 
 @pytest.mark.cuda
+@pytest.mark.slow
 def test_two_gpus_equal_one(tiny_official, tmp_path):
     """The NCCL path on two real GPUs, the tiny model in bf16: within 2 % of one GPU's latents (the
     ranks round bf16 sums in another order: 0.4 % per rounding, a few per block and step)."""
@@ -195,5 +200,5 @@ def test_two_gpus_equal_one(tiny_official, tmp_path):
     alone = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "one", "--json", *args)
     split = run("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", tmp_path / "two", "--json", *args, "--gpus", "2")
     assert alone.returncode == 0 and split.returncode == 0, split.stderr
-    one, two = final_of(alone.stdout), final_of(split.stdout)
+    one, two = final_latents(alone.stdout), final_latents(split.stdout)
     assert float((two - one).norm() / one.norm()) < 0.02

@@ -20,43 +20,14 @@ from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_VAE
 from hyvideo.errors import HyVideoError
 from hyvideo.files import fingerprint_mismatch
 from hyvideo.pipeline import GenerationRequest
-from lowvram.generation.preflight import RunOptions, start_run
+from lowvram.generation.preflight import start_run
 from lowvram.generation.run_folder import KEEP_CHECKPOINTS, Run, find_run, list_runs
 from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.generation.video import png_bytes, write_mp4
-from lowvram.profiles import Overrides
-from lowvram.progress import Reporter
 from lowvram.setup import download as dl
 from lowvram.setup.doctor import run_doctor
 from lowvram.stages import Stages
-
-# 64x48 px, 9 frames: latents [1, 16, 3, 6, 8], the smallest clip with several latent frames and
-# both spatial dims even after the 2x2 patching; 4 steps are enough to stop and resume mid-way.
-REQUEST = GenerationRequest("a red fox running through snow", width=64, height=48, frames=9, steps=4, seed=11)
-
-
-def options(model_dir, runs_dir, request=REQUEST, step_cache=None, attention=None, compile=None, **kw):
-    """RunOptions on the CPU; --cache / --attention / --compile as the CLI passes them (Overrides)."""
-    return RunOptions(request, model_dir, runs_dir, device="cpu",
-                      overrides=Overrides(step_cache=step_cache, attention=attention, compile=compile), **kw)
-
-
-def new_run(model_dir, runs_dir, request=REQUEST, **kw):
-    return start_run(options(model_dir, runs_dir, request, **kw))
-
-
-class StopAfter(Reporter):
-    """Asks the runner to stop once `n` steps are done (what the first Ctrl-C does)."""
-
-    def __init__(self, stop: StopRequest, n: int):
-        self.stop, self.n, self.warnings = stop, n, []
-
-    def advance(self, completed, **info):
-        if completed >= self.n and self.stop.stage == "denoising":
-            self.stop.set()
-
-    def warn(self, message):
-        self.warnings.append(message)
+from tests.helpers import REQUEST, StopAfter, new_run, run_options
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +74,7 @@ def test_stop_and_resume_is_bit_exact_and_skips_text_encoding(tiny_official, tmp
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_interrupted_decode_resumes_without_the_dit(tiny_official, tmp_path, uninterrupted, monkeypatch):
     run, files, plan = new_run(tiny_official, tmp_path)
     real_decode = Stages.decode
@@ -125,6 +97,7 @@ def test_interrupted_decode_resumes_without_the_dit(tiny_official, tmp_path, uni
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_stopped_after_the_last_step_resumes_without_the_dit(tiny_official, tmp_path, uninterrupted, monkeypatch):
     """Stopped (or killed) after the step-4 checkpoint but before the final latents were saved."""
     run, files, plan = new_run(tiny_official, tmp_path)
@@ -141,6 +114,7 @@ def test_stopped_after_the_last_step_resumes_without_the_dit(tiny_official, tmp_
     assert torch.equal(load_file(result.final_latents)["latents"], uninterrupted[1])
 
 
+@pytest.mark.slow
 def test_one_frame_is_an_image_and_resumes(tiny_official, tmp_path, monkeypatch):
     """--frames 1 writes image.png (no mp4), copies it to an --out folder as <run-id>.png, and a
     run stopped in its decode, or already done, resumes to the same image."""
@@ -179,6 +153,7 @@ def test_out_must_name_the_kind_of_file_the_run_makes(tiny_official, tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before the run folder
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_official, tmp_path, uninterrupted):
     run, files, plan = new_run(tiny_official, tmp_path)
     stop = StopRequest()
@@ -207,6 +182,7 @@ def test_resume_refuses_other_weights(tiny_official, tmp_path):
         resume_run(tmp_path / "runs", run.id)
 
 
+@pytest.mark.slow
 def test_disk_full_keeps_the_previous_checkpoint(tiny_official, tmp_path, uninterrupted, monkeypatch):
     run, files, plan = new_run(tiny_official, tmp_path)
     real_save_step = Run.save_step
@@ -253,6 +229,7 @@ def test_long_prompt_warns_and_continues(tiny_official, tmp_path):
     assert any("longer than 256 tokens" in w for w in reporter.warnings)
 
 
+@pytest.mark.slow
 def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     """A profile run (FP8 DiT from the quantize-once cache, 2 of 4 blocks streamed, tiled VAE)
     stopped after step 2 and resumed gives the same final latents as the same run uninterrupted."""
@@ -262,11 +239,11 @@ def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     profile.write_text('name = "cpu-streamed"\nvram_budget_gb = 1\ndit_scheme = "fp8"\nencoder_scheme = "bf16"\n'
                        'resident_blocks = 2\nvae_spatial_tile = 4\nvae_temporal_tile = 4\n')
     reporter = StopAfter(StopRequest(), 99)
-    run, files, plan = start_run(options(model, tmp_path / "a", profile=str(profile)), reporter)
+    run, files, plan = start_run(run_options(model, tmp_path / "a", profile=str(profile)), reporter)
     assert run.settings["profile"]["name"] == "cpu-streamed"
     whole = load_file(execute(run, files, plan, reporter).final_latents)["latents"]
 
-    run, files, plan = start_run(options(model, tmp_path / "b", profile=str(profile)))
+    run, files, plan = start_run(run_options(model, tmp_path / "b", profile=str(profile)))
     stop = StopRequest()
     with pytest.raises(RunInterrupted):
         execute(run, files, plan, StopAfter(stop, 2), stop)
@@ -275,6 +252,7 @@ def test_streamed_profile_stop_and_resume_is_bit_exact(tiny_official, tmp_path):
     assert torch.equal(load_file(resumed.final_latents)["latents"], whole)
 
 
+@pytest.mark.slow
 def test_cache_off_is_the_uncached_run(tiny_official, tmp_path, uninterrupted):
     run, files, plan = new_run(tiny_official, tmp_path, step_cache="off")
     result = execute(run, files, plan)
@@ -283,9 +261,10 @@ def test_cache_off_is_the_uncached_run(tiny_official, tmp_path, uninterrupted):
     assert "cache" not in Run.open(run.folder).manifest["checkpoints"][-1]
 
 
+@pytest.mark.slow
 def test_compile_and_attention_choices_reach_the_run(tiny_official, tmp_path, uninterrupted, monkeypatch):
     """--compile compiles the blocks (aot_eager here: dynamo's tracing without generating C++, which
-    tests/test_compile.py covers) and records it; --attention sage on the CPU says why not and runs SDPA."""
+    tests/test_lowvram_compile.py covers) and records it; --attention sage on the CPU says why not and runs SDPA."""
     import torch._dynamo
 
     from lowvram import stages as stages_module
@@ -295,7 +274,7 @@ def test_compile_and_attention_choices_reach_the_run(tiny_official, tmp_path, un
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     torch._dynamo.reset()
     reporter = StopAfter(StopRequest(), 99)
-    run, files, plan = start_run(options(tiny_official, tmp_path, compile=True, attention="sage"), reporter)
+    run, files, plan = start_run(run_options(tiny_official, tmp_path, compile=True, attention="sage"), reporter)
     assert run.settings["profile"]["compile"] is True and run.settings["attention"] == "sdpa"
     assert reporter.warnings == ["attention 'sage' needs CUDA; using sdpa on the CPU"]
     result = execute(run, files, plan, reporter)
@@ -306,6 +285,7 @@ def test_compile_and_attention_choices_reach_the_run(tiny_official, tmp_path, un
     assert torch.allclose(load_file(result.final_latents)["latents"], uninterrupted[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp_path):
     """--cache fast on a streamed FP8 profile, 8 steps: stopped after step 3 and resumed (also past a
     damaged newest residual) it ends with the uninterrupted run's final latents and computed steps;
@@ -316,7 +296,7 @@ def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp
     profile.write_text('name = "cpu-streamed"\nvram_budget_gb = 1\ndit_scheme = "fp8"\nencoder_scheme = "bf16"\n'
                        'resident_blocks = 2\n')
     request = GenerationRequest(REQUEST.prompt, width=64, height=48, frames=9, steps=8, seed=11)
-    run, files, plan = start_run(options(model, tmp_path / "a", request, profile=str(profile), step_cache="fast"))
+    run, files, plan = start_run(run_options(model, tmp_path / "a", request, profile=str(profile), step_cache="fast"))
     assert run.settings["profile"]["step_cache"] == "fast"
     whole = execute(run, files, plan)
     computed = whole.stats["dit"]["computed_steps"]
@@ -326,7 +306,7 @@ def test_step_cached_streamed_run_stops_and_resumes_bit_exact(tiny_official, tmp
 
     for damage in (False, True):
         runs = tmp_path / f"b{damage}"
-        run, files, plan = start_run(options(model, runs, request, profile=str(profile), step_cache="fast"))
+        run, files, plan = start_run(run_options(model, runs, request, profile=str(profile), step_cache="fast"))
         stop = StopRequest()
         with pytest.raises(RunInterrupted):
             execute(run, files, plan, StopAfter(stop, 3), stop)
@@ -488,6 +468,7 @@ print(json.dumps({str(c.path): c.problem for c in check_model_folder(sys.argv[1]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RLIMIT_AS and /proc")
+@pytest.mark.slow
 def test_doctor_reports_a_refused_mapping_as_memory(tiny_official, tmp_path):
     """A DiT the loader cannot map (address space limited to 16 MiB more than the process uses; the
     file is 48 MiB, every other file under 5 MiB): the doctor shows the loader's memory message,

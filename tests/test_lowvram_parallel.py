@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from hyvideo.attention import attention_with_lse
@@ -16,6 +15,7 @@ from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
 from lowvram.generation.launch import free_port
 from lowvram.parallel import Layout, SequenceParallel, check_parallel, choose_layout, split_axis
+from tests.helpers import fork_ranks
 
 pytest.importorskip("yunchang")
 
@@ -86,12 +86,13 @@ def _rank(rank: int, world: int, mode: str, port: int, folder: str, name: str = 
 
 
 @pytest.mark.parametrize("mode, world, layout", [("ulysses", 2, (2, 1)), ("ring", 2, (1, 2)), ("usp", 4, (2, 2))])
+@pytest.mark.slow
 def test_split_forward_equals_one_process(tmp_path, mode, world, layout):
     """Every rank returns the whole velocity, equal to one process's within float32 rounding: the
     ranks sum the same terms in another order (keys permuted by the all-to-all, ring blocks merged
     by their log-sum-exp). 1e-5 on outputs of about 1 is ~100 float32 ulps; measured ~4e-7."""
     assert (choose_layout(mode, world, 2).ulysses, choose_layout(mode, world, 2).ring) == layout
-    mp.spawn(_rank, args=(world, mode, free_port(), str(tmp_path)), nprocs=world)
+    fork_ranks(_rank, world, mode, free_port(), str(tmp_path))
     model, inputs = _model_and_inputs()
     with torch.inference_mode():
         expected = model(*inputs)
@@ -100,11 +101,12 @@ def test_split_forward_equals_one_process(tmp_path, mode, world, layout):
 
 
 @pytest.mark.parametrize("world", [2, 4])  # 4 token rows: 2 or 1 of them per rank
+@pytest.mark.slow
 def test_token_replace_split_forward_equals_one_process(tmp_path, world):
     """Image-to-video token_replace: each rank holds a slab of rows of every latent frame, so its
     share of the first frame's tokens (modulated from t = 0) is its tokens / 3 frames. Same bound
     and reasons as above."""
-    mp.spawn(_rank, args=(world, "ulysses" if world == 2 else "ring", free_port(), str(tmp_path), "tiny-i2v-16ch"), nprocs=world)
+    fork_ranks(_rank, world, "ulysses" if world == 2 else "ring", free_port(), str(tmp_path), "tiny-i2v-16ch")
     model, inputs = _model_and_inputs("tiny-i2v-16ch")
     with torch.inference_mode():
         expected = model(*inputs)

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from bench.bench_streaming import main
 
 
+@pytest.mark.slow
 def test_bench_streaming_tiny(tmp_path):
     assert main(["--tiny", "--out", str(tmp_path), "--budget-s", "120"]) == 0
     data = json.loads(next(tmp_path.glob("bench_streaming-tiny-*.json")).read_text())
@@ -14,7 +17,11 @@ def test_bench_streaming_tiny(tmp_path):
     for record in data["results"]:
         assert "error" not in record, record.get("traceback")
     streamed = next(r for r in data["results"] if r["run"] == "stream" and r["cap_gb"] == 16.0)
-    assert streamed["resident_blocks"] == 2 and streamed["streamed_gb_per_step"] > 0 and streamed["finite"]
+    assert streamed["resident_blocks"] == streamed["streamed_blocks"] == 2 and streamed["finite"]
     assert len(streamed["step_s"]) == 2
+    # each step copies the 2 streamed blocks, the same bytes every step, and reports the last
+    copied = [(s["blocks_copied"], s["bytes_copied"]) for s in streamed["steps_stats"]]
+    assert [blocks for blocks, _ in copied] == [2, 2] and copied[0][1] == copied[1][1] > 0
+    assert streamed["streamed_gb_per_step"] == copied[-1][1] / 2**30
     table = next(tmp_path.glob("bench_streaming-tiny-*.md")).read_text()
     assert table.count("\n| 32x48x9 |") >= 3

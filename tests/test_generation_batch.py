@@ -25,8 +25,7 @@ from lowvram.generation.runner import RunInterrupted, StopRequest, execute
 from lowvram.generation.run_folder import Run
 from lowvram.stages import Stages
 
-from .test_cli import invoke, one_line_error
-from .test_cli_subprocess import ROOT, env, lowvram, run
+from tests.helpers import ROOT, env, invoke, lowvram, one_line_error
 
 PROMPTS = ["a red fox running through snow", "a lighthouse at night", "waves on a pebble beach"]
 SEEDS = [1, 2]
@@ -80,6 +79,7 @@ class Loads:
             monkeypatch.setattr(Stages, name, counted)
 
 
+@pytest.mark.slow
 def test_batch_is_bit_identical_to_separate_runs_with_each_model_loaded_once(tiny_official, tmp_path, separate, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     third = json.dumps({"prompt": PROMPTS[2], "size": "48x32", "frames": 5})
@@ -103,6 +103,7 @@ def test_batch_is_bit_identical_to_separate_runs_with_each_model_loaded_once(tin
     assert grouped.id == batch.id and [e.id for e in entries] == [r.run_id for r in result.runs]
 
 
+@pytest.mark.slow
 def test_where_the_blocks_sit_changes_no_result(tiny_official, tmp_path):
     """Why a batch may place the DiT by its largest clip's plan: an FP8 DiT with every block
     streamed and with every block resident gives the same latents, bit for bit."""
@@ -132,6 +133,7 @@ class StopInClip(Reporter):
             self.stop.set()
 
 
+@pytest.mark.slow
 def test_stopped_batch_and_single_run_resume_with_all(tiny_official, tmp_path, separate, monkeypatch):
     """Ctrl-C in clip 2's denoising: clip 1 waits to be decoded, clip 2 is at step 1; a single run
     stopped too. `resume --all` finishes all three from their cached embeddings, bit-identically."""
@@ -191,6 +193,7 @@ def test_seeds_and_overrides():
     assert (clip.request.seed, clip.request.width, clip.request.height, clip.request.guidance) == (9, 720, 720, 5.0)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_batch_then_resume_batch_is_bit_identical(tiny_official, tmp_path):
     """Killed while clip 2 of 2 is denoising (clip 1 denoised, waiting for the VAE):
     `lowvram resume --batch ID` finishes both with the latents of each clip run alone."""
@@ -213,8 +216,8 @@ def test_sigkill_mid_batch_then_resume_batch_is_bit_identical(tiny_official, tmp
     killed = [json.loads((runs_dir / e["id"] / "manifest.json").read_text()) for e in json.loads(batch.read_text())["runs"]]
     assert [m["state"] for m in killed] == ["decoding", "denoising"] and 1 <= killed[1]["step"] < steps
 
-    resumed = run("resume", "--batch", batch.name.split(".")[0], "--runs-dir", runs_dir, "--json")
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = invoke("resume", "--batch", batch.name.split(".")[0], "--runs-dir", runs_dir, "--json")
+    assert resumed.exit_code == 0, resumed.output
     results = json.loads(resumed.stdout)["runs"]
     assert [r["resumed_from"] for r in results] == ["decoding", f"step {killed[1]['step']}/{steps}"]
     for result, seed in zip(results, (3, 4)):

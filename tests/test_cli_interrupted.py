@@ -1,71 +1,33 @@
 """`lowvram` as real processes on the tiny model: killed with SIGKILL mid-run, or stopped with
 Ctrl-C (SIGINT), a run resumes from its last complete step and ends with final latents identical,
-bit for bit, to an uninterrupted run's."""
+bit for bit, to an uninterrupted run's. Only what needs a process is one (the run that is killed or
+stopped, `python -m cli` and the console script); the reference runs and the resumes run here."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import (
+    PROMPT, ROOT, as_json, final_latents, invoke, manifest, run, start_and_wait_for_step, uninterrupted_latents,
+)
+
+pytestmark = pytest.mark.slow  # every test starts `lowvram` as a process
+
 # 64x48 px, 9 frames, 30 steps: 0.02-0.1 s per step on 2 CPU cores, a window of 1-3 s to
 # interrupt in, after at least one step is saved and before the last.
 STEPS = 30
 ARGS = ["--size", "64x48", "--frames", "9", "--steps", str(STEPS), "--seed", "21", "--device", "cpu"]
-PROMPT = "a red fox running through snow"
-
-
-def lowvram(*args) -> list[str]:
-    return [sys.executable, "-m", "cli", *map(str, args)]
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def run(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(lowvram(*args), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def manifest(runs_dir: Path) -> dict | None:
-    """The manifest of the one run in runs_dir, once it exists (written atomically: never partial)."""
-    found = list(runs_dir.glob("*/manifest.json"))
-    return json.loads(found[0].read_text()) if found else None
-
-
-def start_and_wait_for_step(runs_dir: Path, model_dir: Path, step: int = 1, timeout: float = 90,
-                            args: list[str] = ARGS) -> tuple[subprocess.Popen, dict]:
-    process = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", model_dir, "--runs-dir", runs_dir, *args),
-                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = manifest(runs_dir)
-        if current and current["step"] >= step:
-            return process, current
-        if process.poll() is not None:
-            raise AssertionError(f"generate ended before step {step}: {process.communicate()}")
-        time.sleep(0.01)
-    process.kill()
-    raise AssertionError("no step was saved in time")
-
-
-def uninterrupted(model_dir, runs_dir, args=ARGS):
-    """Final latents of an uninterrupted run."""
-    done = run("generate", PROMPT, "--model-dir", model_dir, "--runs-dir", runs_dir, "--json", *args)
-    assert done.returncode == 0, done.stderr
-    return load_file(json.loads(done.stdout)["final_latents"])["latents"]
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_official, tmp_path_factory):
-    return uninterrupted(tiny_official, tmp_path_factory.mktemp("reference"))
+    return uninterrupted_latents(tiny_official, tmp_path_factory.mktemp("reference"), ARGS)
 
 
 @pytest.mark.parametrize("step_cache", [None, "fast"])
@@ -73,7 +35,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path, referenc
     """Also with a step cache, whose state (residual, previous latents, distance) is checkpointed."""
     args = ARGS + (["--cache", step_cache] if step_cache else [])
     if step_cache:
-        reference = uninterrupted(tiny_official, tmp_path / "reference", args)
+        reference = uninterrupted_latents(tiny_official, tmp_path / "reference", args)
     runs_dir = tmp_path / "runs"
     process, at_kill = start_and_wait_for_step(runs_dir, tiny_official, args=args)
     process.send_signal(signal.SIGKILL)
@@ -83,12 +45,12 @@ def test_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path, referenc
     assert killed["state"] == "denoising" and 1 <= killed["step"] < STEPS, killed["step"]
     assert ("cache" in killed["checkpoints"][-1]) == bool(step_cache)
 
-    resumed = run("resume", "--runs-dir", runs_dir, "--json")
-    assert resumed.returncode == 0, resumed.stderr
-    result = json.loads(resumed.stdout)
+    resumed = invoke("resume", "--runs-dir", runs_dir, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    result = as_json(resumed)
     assert result["state"] == "done" and result["resumed_from"].startswith("step ")
     assert int(result["resumed_from"].split()[1].split("/")[0]) >= at_kill["step"]
-    assert load_file(result["final_latents"])["latents"].equal(reference)
+    assert final_latents(resumed.stdout).equal(reference)
     if step_cache:
         assert len(result["stats"]["dit"]["computed_steps"]) < STEPS  # steps were skipped
     folder = Path(result["folder"])
@@ -96,7 +58,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path, referenc
 
 
 def test_ctrl_c_saves_prints_resume_and_exits_130(tiny_official, tmp_path, reference):
-    process, _ = start_and_wait_for_step(tmp_path, tiny_official)
+    process, _ = start_and_wait_for_step(tmp_path, tiny_official, args=ARGS)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -104,11 +66,11 @@ def test_ctrl_c_saves_prints_resume_and_exits_130(tiny_official, tmp_path, refer
     assert f"lowvram resume {stopped['id']}" in stderr and "stopping after this step" in stderr
     assert 1 <= stopped["step"] <= STEPS and stopped["state"] == "denoising"
 
-    resumed = run("resume", stopped["id"], "--runs-dir", tmp_path, "--json")
-    assert resumed.returncode == 0, resumed.stderr
-    assert load_file(json.loads(resumed.stdout)["final_latents"])["latents"].equal(reference)
+    resumed = invoke("resume", stopped["id"], "--runs-dir", tmp_path, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert final_latents(resumed.stdout).equal(reference)
 
-    listed = json.loads(run("runs", "--runs-dir", tmp_path, "--json").stdout)["runs"]
+    listed = as_json(invoke("runs", "--runs-dir", tmp_path, "--json"))["runs"]
     assert [(r["id"], r["state"], r["step"]) for r in listed] == [(stopped["id"], "done", STEPS)]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from lowvram.compile import compile_blocks, dynamo_graphs
 from lowvram.streaming import BlockStreamer
-from tests.test_lowvram_streaming import make_inputs, make_model, run_steps, schedule_for
+from tests.helpers import run_steps, schedule_for, streaming_dit, streaming_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,7 @@ def fresh_dynamo(monkeypatch):
 def compiled_streamed_steps(backend: str, tmp_path, steps: int = 3):
     """3 double + 5 single blocks, 2 resident and 6 streamed through two rings (one per kind):
     eager outputs, compiled outputs, dynamo's graph count after each step, modules compiled."""
-    model, inputs = make_model().requires_grad_(False), make_inputs()  # as loaded for inference
+    model, inputs = streaming_dit().requires_grad_(False), streaming_inputs()  # as loaded for inference
     eager = run_steps(model, BlockStreamer(model.all_blocks(), schedule_for(model, resident=8), "cpu"), inputs, steps)
     streamed = copy.deepcopy(model)
     streamer = BlockStreamer(streamed.all_blocks(), schedule_for(streamed, resident=2, prefetch_depth=1), "cpu")
@@ -38,6 +38,7 @@ def compiled_streamed_steps(backend: str, tmp_path, steps: int = 3):
     return eager, outs, graphs, compiled
 
 
+@pytest.mark.slow
 def test_no_recompiles_across_blocks_shells_and_steps(tmp_path):
     """aot_eager traces with dynamo exactly as inductor does, without generating code (fast)."""
     eager, outs, graphs, compiled = compiled_streamed_steps("aot_eager", tmp_path)
@@ -48,6 +49,7 @@ def test_no_recompiles_across_blocks_shells_and_steps(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor on the CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_inductor_matches_eager_within_float32_tolerance(tmp_path):
     """The real backend, generated C++ on the CPU (about a minute of compiling on 2 cores). Fused
     kernels change the order of float32 sums: 1e-4 relative is many times their rounding."""

@@ -4,25 +4,35 @@
 import json
 from pathlib import Path
 
-from lowvram.generation.run_folder import Run
-from tests.test_cli import as_json, invoke, one_line_error
+import pytest
 
+from lowvram.generation.preflight import plan_for_run, resumable_files
+from lowvram.generation.run_folder import Run
+from tests.helpers import as_json, invoke, one_line_error
+
+GIB = 2**30
 TINY_BENCH = ["--model-size", "tiny", "--size", "128x96", "--frames", "17", "--steps", "3", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_bench_tiny_measures_every_stage_against_the_plan(tmp_path):
     result = invoke("bench", "--scratch", tmp_path, "--profile", "16gb", "--json", *TINY_BENCH)
     assert result.exit_code == 0, result.output
     data = as_json(result)
     assert data["profile"] == "16gb" and data["model"]["size"] == "tiny" and "noise" in data["note"]
+    # "planned" is the plan of the run the bench made (its stored profile at its size, this model)
+    run = Run.open(Path(data["video_path"]).parent)
+    planned = plan_for_run(run, resumable_files(run)).stages
     for name in ("text", "dit", "vae"):
         stage = data["stages"][name]
-        assert stage["seconds"] > 0 and stage["planned_vram_gb"] >= 0 and stage["planned_ram_gb"] > 0
-        assert stage["ram_gb"] > 0 and stage["vram_gb"] is None and stage["vram_reserved_gb"] is None  # no VRAM on the CPU
+        assert planned[name].vram_bytes > 0  # each stage's weights and activations are planned on the GPU
+        assert stage["planned_vram_gb"] == round(planned[name].vram_bytes / GIB, 3)
+        assert stage["planned_ram_gb"] == round(planned[name].ram_bytes / GIB, 3) > 0
+        assert stage["seconds"] > 0 and stage["ram_gb"] > 0
+        assert stage["vram_gb"] is None and stage["vram_reserved_gb"] is None  # no VRAM on the CPU; host RAM measured
     assert len(data["step_seconds"]) == 3 and data["s_per_step"] > 0
     assert data["estimate"]["steps"] == 50 and data["estimate"]["seconds"] > 50 * data["s_per_step"]
     # the generate path: a run folder with a manifest, the FP8 cache built beside the model
-    run = Run.open(Path(data["video_path"]).parent)
     assert run.state == "done" and run.settings["profile"]["name"] == "16gb"
     assert (Path(data["model"]["folder"]) / "lowvram-cache/dit-fp8.safetensors").is_file()
 
@@ -30,6 +40,7 @@ def test_bench_tiny_measures_every_stage_against_the_plan(tmp_path):
     assert again.exit_code == 2 and "profile file not found" in one_line_error(again)
 
 
+@pytest.mark.slow
 def test_bench_reuses_the_model_and_refuses_a_cap_without_cuda(tmp_path):
     first = invoke("bench", "--scratch", tmp_path, "--json", "--steps", "1", *TINY_BENCH[:-4], "--device", "cpu")
     assert first.exit_code == 0, first.output

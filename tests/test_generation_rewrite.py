@@ -20,8 +20,7 @@ from lowvram.generation import runner as runner_module
 from lowvram.generation.preflight import RunOptions, start_run
 from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.generation.run_folder import Run
-
-from .test_runs import StopAfter
+from tests.helpers import StopAfter
 
 PROMPT = "a red fox running through snow"
 # 32x32, one frame, 2 steps: the smallest run; the rewrite (256 greedy tokens) is most of its time.
@@ -87,6 +86,7 @@ def rewritten_run(tiny_official, tmp_path_factory):
     return result, calls
 
 
+@pytest.mark.slow
 def test_the_run_rewrites_once_with_the_encoder_and_encodes_the_stored_prompt(rewritten_run, llm):
     result, calls = rewritten_run
     manifest = json.loads((Path(result.folder) / "manifest.json").read_text())
@@ -98,6 +98,7 @@ def test_the_run_rewrites_once_with_the_encoder_and_encodes_the_stored_prompt(re
     assert stored == rewrite_prompt(*llm, PROMPT, "master")  # the same greedy answer outside the run
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_rewritten_prompt(tiny_official, tmp_path, rewritten_run, monkeypatch):
     """Stopped after step 1, its embeddings lost: the resume encodes the stored rewrite again, never rewrites."""
     run, files, plan = start_run(RunOptions(REQUEST, tiny_official, tmp_path, device="cpu", rewrite="master"))
@@ -136,6 +137,7 @@ def test_the_diffusers_encoder_has_no_head_so_rewrite_model_is_asked_for(tiny_di
         start_run(RunOptions(REQUEST, tiny_official, tmp_path / "d", device="cpu", rewrite_model=tiny_official / "text_encoder"))
 
 
+@pytest.mark.slow
 def test_cli_rewrite_prints_the_prompt_and_generate_reports_it(tiny_official, tiny_diffusers, rewritten_run, tmp_path):
     runner = CliRunner()
     printed = runner.invoke(cli.app, ["rewrite", PROMPT, "--mode", "master", "--model-dir", str(tiny_official), "--device", "cpu"])
