@@ -70,9 +70,9 @@ def rewritten_run(tiny_official, tmp_path_factory):
         calls["rewrite"].append((type(model).__name__, tokenizer.decode(chat_input_ids(tokenizer, prompt, mode)[0])))
         return real_rewrite(model, tokenizer, prompt, mode, **kw)
 
-    def spy_encode(llm, clip, prompts, frames):
+    def spy_encode(llm, clip, prompts, frames, **kw):
         calls["encode"].append(list(prompts))
-        return real_encode(llm, clip, prompts, frames)
+        return real_encode(llm, clip, prompts, frames, **kw)
 
     patch = pytest.MonkeyPatch()
     patch.setattr(rewrite_module, "rewrite_prompt", spy_rewrite)
@@ -113,7 +113,7 @@ def test_resume_reuses_the_rewritten_prompt(tiny_official, tmp_path, rewritten_r
     encoded = []
     real_encode = runner_module.encode_prompts
     monkeypatch.setattr(rewrite_module, "rewrite_prompt", no_rewrite)
-    monkeypatch.setattr(runner_module, "encode_prompts", lambda llm, clip, prompts, frames: encoded.append(prompts) or real_encode(llm, clip, prompts, frames))
+    monkeypatch.setattr(runner_module, "encode_prompts", lambda llm, clip, prompts, frames, **kw: encoded.append(prompts) or real_encode(llm, clip, prompts, frames, **kw))
     result = resume_run(tmp_path, run.id)
     assert result.state == "done" and encoded == [[rewritten_run[0].rewritten_prompt]]
     manifest = json.loads((run.folder / "manifest.json").read_text())
