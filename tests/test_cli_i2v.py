@@ -98,6 +98,7 @@ def test_weights_of_the_other_kind(tiny_official, i2v_official, image, tmp_path)
 # --- a run: settings, runs, --json, batch ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generate_shows_the_image_and_its_bucket(i2v_official, tmp_path):
     """Without --size the video takes the image's bucket (official rule): a 16:9 image at 360p."""
     wide = tmp_path / "wide.jpg"
@@ -137,6 +138,7 @@ def test_batch_lines_take_an_image(i2v_official, image, tmp_path):
 # --- resume ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical_and_refuses_another_image(i2v_official, image, tmp_path):
     steps = 30  # a window of a few seconds to kill in
     args = ["--image", image, *SIZE, "--frames", "9", "--steps", str(steps), "--seed", "21", "--device", "cpu"]
@@ -252,6 +254,7 @@ def _profile(folder: Path, name: str, resident: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["tiny-i2v", "tiny-i2v-33ch"])
 def test_fp8_streamed_agrees_with_float32_resident(i2v_diffusers, image, tmp_path, size):
     """Streaming changes nothing (FP8 with 1 of 4 blocks resident equals FP8 all resident, bit for
@@ -276,6 +279,7 @@ def test_fp8_streamed_agrees_with_float32_resident(i2v_diffusers, image, tmp_pat
     assert err < 0.02
 
 
+@pytest.mark.slow
 def test_a_kohya_lora_on_the_i2v_dit(i2v_official, image, tmp_path):
     """The I2V DiT has the text-to-video DiT's linears, so a LoRA in kohya's format (the one
     Tencent's I2V LoRAs use) applies as on text-to-video: strength 0 is no LoRA, 1 changes the clip."""
