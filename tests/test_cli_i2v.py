@@ -87,6 +87,16 @@ def test_bad_image_input(i2v_official, image, tmp_path, which, args, message):
     assert not runs.exists() or not any(runs.iterdir())
 
 
+def test_latent_concat_needs_more_than_five_frames(i2v_diffusers, image, tmp_path):
+    """latent_concat drops its first 4 decoded frames (official): --frames 5 would leave one."""
+    args = ["generate", PROMPT, "--image", image, "--model-dir", i2v_diffusers["tiny-i2v-33ch"], "--runs-dir", tmp_path]
+    result = invoke(*args, *SIZE, "--frames", "5", "--steps", "1", "--device", "cpu")
+    assert result.exit_code == 2 and one_line_error(result) == (
+        "error: --frames 5 with latent_concat I2V weights: their first 4 frames are dropped (as the official code does), "
+        "leaving 1; use --frames 9 or more")
+    assert not any(tmp_path.iterdir())
+
+
 def test_weights_of_the_other_kind(tiny_official, i2v_official, image, tmp_path):
     t2v = invoke("generate", PROMPT, "--image", image, "--model-dir", tiny_official, "--runs-dir", tmp_path, *TINY)
     assert t2v.exit_code == 2 and "--image needs HunyuanVideo-I2V weights" in one_line_error(t2v)

@@ -25,7 +25,7 @@ from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, fingerprint_mismatch
 from hyvideo.image import open_image
 from hyvideo.lora import LoraSpec, lora_bytes
-from hyvideo.pipeline import GenerationRequest, uses_riflex, validate_request
+from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, uses_riflex, validate_request
 from hyvideo.step_cache import expected_forwards
 from hyvideo.vae import latent_shape
 from lowvram.attention_choice import resolve_attention
@@ -143,6 +143,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     check_model_kind(files, request.image)
     sizes = model_sizes(files, (request.height, request.width))
     dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
+    check_latent_concat_frames(dit_config.image_condition_type, request.frames)
     loras = [LoraSpec(Path(spec.path).resolve(), spec.strength) for spec in options.loras]
     sizes["lora_bytes"] = lora_bytes(loras, dit_config)  # every key checked against the model here
     params = parameter_count(dit_config)
@@ -204,6 +205,15 @@ def check_model_kind(files: ModelFiles, image: str | None) -> None:
     if image is None and files.image_to_video:
         raise HyVideoError(f"{files.root} holds the image-to-video model (HunyuanVideo-I2V): pass --image PATH, "
                            "or --model-dir with the text-to-video weights")
+
+
+def check_latent_concat_frames(condition: str | None, frames: int) -> None:
+    """latent_concat I2V weights decode the first latent frame into frames that are dropped (as the
+    official code does): a clip must keep more than one frame after that."""
+    if condition == "latent_concat" and frames - LATENT_CONCAT_DROPPED_FRAMES <= 1:
+        raise HyVideoError(f"--frames {frames} with latent_concat I2V weights: their first {LATENT_CONCAT_DROPPED_FRAMES} "
+                           f"frames are dropped (as the official code does), leaving {frames - LATENT_CONCAT_DROPPED_FRAMES}; "
+                           f"use --frames {LATENT_CONCAT_DROPPED_FRAMES + 5} or more")
 
 
 def without_step_cache(profiles: list[Profile], overrides: Overrides = Overrides(), reporter: Reporter | None = None) -> list[Profile]:

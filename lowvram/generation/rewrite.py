@@ -41,9 +41,9 @@ def rewrite_folders(files: ModelFiles | None, rewrite_model: Path | None) -> tup
                            f"{getattr(error, 'strerror', None) or error}); pass a folder saved with save_pretrained") from None
     if not any(name.endswith("ForCausalLM") for name in architectures):
         if rewrite_model is None:
-            raise HyVideoError(f"the text encoder in {folder} has no LM head ({', '.join(architectures) or 'no architectures'}: the "
-                               "diffusers layout), so it cannot write a prompt; pass --rewrite-model DIR, a local causal LM folder "
-                               "(e.g. an official layout's text_encoder/)")
+            raise HyVideoError(f"the text encoder in {folder} has no LM head to write with ({', '.join(architectures) or 'no architectures'}; "
+                               "the diffusers layout saves none, image-to-video's is a LLaVA), so it cannot write a prompt; pass "
+                               "--rewrite-model DIR, a local causal LM folder (e.g. a text-to-video official layout's text_encoder/)")
         raise HyVideoError(f"--rewrite-model {folder} is not a causal language model ({', '.join(architectures) or 'no architectures'}); "
                            "pass a folder of a *ForCausalLM model")
     return folder, tokenizer
