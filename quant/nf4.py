@@ -144,22 +144,35 @@ def load_llm_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cach
     if causal and cache_dir is not None:
         raise ValueError("the NF4 cache holds the encoder without its LM head; load the causal LM without cache_dir")
     device, path = _device(device), _check_folder(folder)
-    try:
+
+    def nf4():
         if cache_dir is None:
-            reason = nf4_unavailable_reason(device)
-            if reason is not None:
-                raise NF4Unavailable(reason)
-            model = _load_nf4(path, device, quantize=True, causal=causal)
-        else:
-            ensure_llm_nf4_cache(path, cache_dir, device, on_status)
-            model = _load_nf4(llm_cache_path(cache_dir), device, quantize=False)
+            _require_nf4(device)
+            return _load_nf4(path, device, quantize=True, causal=causal)
+        ensure_llm_nf4_cache(path, cache_dir, device, on_status)
+        return _load_nf4(llm_cache_path(cache_dir), device, quantize=False)
+
+    return _nf4_or_bf16(nf4, lambda: load_llm_bf16(path, "cpu", causal), device)
+
+
+def _require_nf4(device: torch.device) -> None:
+    reason = nf4_unavailable_reason(device)
+    if reason is not None:
+        raise NF4Unavailable(reason)
+
+
+def _nf4_or_bf16(load_nf4: Callable[[], torch.nn.Module], load_bf16: Callable[[], torch.nn.Module], device: torch.device) -> LLMLoad:
+    """The one fallback rule of both encoders: the NF4 model if it loads and passes the smoke test
+    on `device`, else the bf16 one on the CPU with the reason."""
+    try:
+        model = load_nf4()
         reason = _smoke_test(model, device)
         if reason is None:
             return LLMLoad(model, "nf4", None, device)
         del model
     except NF4Unavailable as error:
         reason = str(error)
-    return LLMLoad(load_llm_bf16(path, "cpu", causal), "bf16", reason, torch.device("cpu"))
+    return LLMLoad(load_bf16(), "bf16", reason, torch.device("cpu"))
 
 
 LLAVA_16BIT_MODULES = ["vision_tower", "multi_modal_projector", "lm_head"]  # NF4 only in the language model
@@ -174,28 +187,24 @@ def load_llava_nf4(folder: str | Path, device: "torch.device | str" = "cuda") ->
     device, path = _device(device), _check_folder(folder)
     config = nf4_config()
     config.llm_int8_skip_modules = LLAVA_16BIT_MODULES
-    try:
-        reason = nf4_unavailable_reason(device)
-        if reason is not None:
-            raise NF4Unavailable(reason)
+
+    def nf4():
+        _require_nf4(device)
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, device_map={"": device},
-                                                                  local_files_only=True, quantization_config=config).eval()
+            return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, device_map={"": device},
+                                                                 local_files_only=True, quantization_config=config).eval()
         except (OSError, KeyError) as error:
             raise HyVideoError(f"could not load the text encoder (LLaVA) from {path}: {one_line(error)}") from error
         except Exception as error:  # transformers' bitsandbytes checks raise various types
             raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
-        reason = _smoke_test(model, device)
-        if reason is None:
-            return LLMLoad(model, "nf4", None, device)
-        del model
-    except NF4Unavailable as error:
-        reason = str(error)
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise HyVideoError(f"could not load the text encoder (LLaVA) from {path}: {one_line(error)}") from error
-    return LLMLoad(model, "bf16", reason, torch.device("cpu"))
+
+    def bf16():
+        try:
+            return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise HyVideoError(f"could not load the text encoder (LLaVA) from {path}: {one_line(error)}") from error
+
+    return _nf4_or_bf16(nf4, bf16, device)
 
 
 def llm_cache_path(cache_dir: str | Path) -> Path:
