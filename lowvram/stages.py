@@ -14,13 +14,14 @@ same dtype.
     llm, clip = stages.text_encoders()           # image-to-video: LLaVA and CLIP
     condition = stages.encode_image(stages.vae(), image, height, width)  # image-to-video, in the text stage
     model, streamer = stages.dit(sequence_parallel)  # configured (configure_dit) and placed per the plan
-    latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=k, on_step=..., cache_state=state)
+    cache = stages.step_cache(model, steps, state)  # None unless the profile caches steps
+    latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=k, on_step=..., cache=cache)
     stages.forward_stats(streamer, first)  # blocks/bytes streamed per forward since forward `first`
     stages.release_dit(model, streamer)
     frames = stages.decode(stages.vae(), latents, on_progress)
+    stages.stats                          # what was streamed and tiled (recorded in the run)
 
 One process and every rank of a multi-GPU run go through the same `dit` and `denoise` calls.
-    stages.stats                          # what was streamed and tiled (recorded in the run)
 """
 
 import copy
