@@ -2,6 +2,8 @@
 marked `cuda` (pyproject.toml registers the markers) are skipped without CUDA. Shared helpers:
 helpers.py."""
 
+import gc
+
 import pytest
 import torch
 
@@ -15,6 +17,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """The runs release models with gc.collect() between stages (lowvram/streaming.py
+    `empty_cache`), which walks every object the process holds: here half a million from the
+    test modules' imports (torch, transformers, diffusers), 0.3-2 s per call and several calls
+    per run. Frozen, they are skipped; what the tests create is still collected (a quarter of
+    the CPU time of tests/test_generation_runs.py)."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
