@@ -36,6 +36,7 @@ color and font tokens are added to byT5's tokenizer and vocabulary first, as Ten
 """
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,8 +157,20 @@ def load_qwen_text_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16
     LM head are skipped unread). kwargs go to from_pretrained (e.g. quant/'s quantization_config)."""
     from transformers import Qwen2_5_VLTextModel
 
-    model = Qwen2_5_VLTextModel.from_pretrained(folder, config=qwen_text_config(folder), dtype=dtype,
-                                                device_map={"": torch.device(device)}, local_files_only=True, **kwargs)
+    # transformers logs every key it skips (the whole Qwen2.5-VL's ~400 vision tower weights) as a
+    # warning: expected here, so its loader is quiet during this load, and missing keys (which it
+    # would fill with random weights) are checked here instead.
+    loader = logging.getLogger("transformers.modeling_utils")
+    level = loader.level
+    loader.setLevel(logging.ERROR)
+    try:
+        model, info = Qwen2_5_VLTextModel.from_pretrained(
+            folder, config=qwen_text_config(folder), dtype=dtype, device_map={"": torch.device(device)},
+            local_files_only=True, output_loading_info=True, **kwargs)
+    finally:
+        loader.setLevel(level)
+    if info["missing_keys"]:
+        raise ValueError(f"the Qwen2.5-VL language model's weights are incomplete: {sorted(info['missing_keys'])[:3]} missing")
     return model.eval()
 
 

@@ -33,15 +33,18 @@ GLYPH_COLORS = {"white": 0, "black": 1, "red": 2}
 GLYPH_FONTS = {"en-Arial": 0, "zh-Song": 1}  # font code -> index: tokens <en-font-0>, <zh-font-1>
 
 
-def tiny_qwen(seed: int = 0):
-    """(Qwen2_5_VLForConditionalGeneration, tokenizer) with random weights."""
+def tiny_qwen(seed: int = 0, hidden: int = TINY.text_states_dim):
+    """(Qwen2_5_VLForConditionalGeneration, tokenizer) with random weights; 4 heads, 2 k/v heads,
+    MLP 2x `hidden` (hidden 64 gives widths divisible by 32, as bitsandbytes' CPU kernel needs)."""
     tokenizer = build_tiny_qwen2_tokenizer()
     pad = tokenizer.pad_token_id
+    half_head = hidden // 4 // 2
+    mrope = [half_head - 2 * (half_head // 3), half_head // 3, half_head // 3]  # (t, h, w) sections sum to head_dim / 2
     config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=TINY.text_states_dim, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=96, vocab_size=len(tokenizer), bos_token_id=pad, eos_token_id=pad, pad_token_id=pad,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}),  # head_dim 12: sections sum to 6
-        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=TINY.text_states_dim, num_heads=2, intermediate_size=32,
+        text_config=dict(hidden_size=hidden, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=2 * hidden, vocab_size=len(tokenizer), bos_token_id=pad, eos_token_id=pad,
+                         pad_token_id=pad, rope_scaling={"type": "mrope", "mrope_section": mrope}),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=hidden, num_heads=2, intermediate_size=32,
                            fullatt_block_indexes=[0]),
     )
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
