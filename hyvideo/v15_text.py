@@ -37,6 +37,7 @@ color and font tokens are added to byT5's tokenizer and vocabulary first, as Ten
 
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,9 +185,9 @@ def glyph_tokens(glyph: Path) -> list[str]:
 
 def load_byt5(files: V15TextFiles, dtype: torch.dtype = torch.float32, device="cpu"):
     """(T5EncoderModel, ByT5Tokenizer). diffusers: as saved. Tencent: byt5-small's encoder with the
-    glyph tokens added (vocabulary resized), then Glyph-SDXL-v2's weights (`byt5_model.pt`, keys
-    without or with the `module.text_tower.encoder.` prefix; every encoder weight must be there,
-    the shared embedding is the encoder's own)."""
+    glyph tokens added (vocabulary resized), then Glyph-SDXL-v2's weights (`byt5_model.pt`: the
+    T5 stack's keys, bare or under `state_dict` with the `module.text_tower.encoder.` prefix; all
+    of them, the resized embedding included, as Tencent's strict load requires)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     try:
@@ -199,11 +200,11 @@ def load_byt5(files: V15TextFiles, dtype: torch.dtype = torch.float32, device="c
             state = state.get("state_dict", state)
             state = {k.removeprefix(GLYPH_CHECKPOINT_PREFIX): v for k, v in state.items()
                      if k.startswith(GLYPH_CHECKPOINT_PREFIX) or not k.startswith("module.")}
-            missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-            missing = [k for k in missing if k != "embed_tokens.weight"]  # tied to `shared`, loaded with it
+            missing, unexpected = model.encoder.load_state_dict(state, strict=False)  # embed_tokens is `shared`
             if missing or unexpected:
-                raise ValueError(f"Glyph-SDXL-v2 checkpoint does not fit byt5-small: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+                raise ValueError(f"Glyph-SDXL-v2 checkpoint does not fit byt5-small: "
+                                 f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as error:
         raise HyVideoError(f"could not load the byT5 glyph encoder from {files.byt5}: {one_line(error)}") from error
     return model.to(device, dtype).eval(), tokenizer
 

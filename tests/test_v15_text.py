@@ -125,6 +125,27 @@ def test_official_layout_equals_diffusers_layout(folders, encoder):
     assert torch.equal(*vision)
 
 
+def test_glyph_checkpoint_must_fit(folders, tmp_path):
+    """A Glyph-SDXL-v2 checkpoint without one of the encoder's weights (here the embedding with the
+    added tokens) is refused, not filled with random weights; a bare state dict loads as the wrapped one."""
+    import shutil
+
+    from hyvideo.v15_text import GLYPH_CHECKPOINT, GLYPH_CHECKPOINT_PREFIX, load_byt5
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(folders[1] / "text_encoder", root / "text_encoder")
+    checkpoint = root / "text_encoder" / "Glyph-SDXL-v2" / GLYPH_CHECKPOINT
+    state = {k.removeprefix(GLYPH_CHECKPOINT_PREFIX): v for k, v in torch.load(checkpoint)["state_dict"].items()}
+    torch.save(state, checkpoint)
+    files = find_v15_text_files(root, "official")
+    expected = load_byt5(find_v15_text_files(folders[0], "diffusers"))[0].state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in load_byt5(files)[0].state_dict().items())
+    del state["embed_tokens.weight"]
+    torch.save(state, checkpoint)
+    with pytest.raises(HyVideoError, match="embed_tokens"):
+        load_byt5(files)
+
+
 def test_missing_folders_are_named(tmp_path):
     with pytest.raises(HyVideoError, match="Glyph-SDXL-v2"):
         (tmp_path / "text_encoder" / "llm").mkdir(parents=True)
