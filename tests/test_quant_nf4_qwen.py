@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hyvideo.v15_text import load_qwen_text_model
-from quant.nf4 import load_qwen_text_nf4, nf4_unavailable_reason
+from quant.nf4 import LLM_CACHE_HEADER, llm_cache_path, load_qwen_text_nf4, nf4_unavailable_reason
 from tests.helpers import rel_err
 from tests.tiny_v15_text import tiny_qwen
 
@@ -53,3 +53,19 @@ def test_qwen_nf4_without_cuda_falls_back(qwen_folder):
         pytest.skip("has CUDA")
     loaded = load_qwen_text_nf4(qwen_folder, "cuda")
     assert loaded.scheme == "bf16" and loaded.reason == "CUDA is not available" and loaded.device.type == "cpu"
+
+
+@pytest.mark.slow  # ~4-5 s: three NF4 loads
+def test_qwen_nf4_cache_round_trip(qwen_folder, tmp_path):
+    """Built once from the whole Qwen2.5-VL (only the language model saved), then loaded as it is
+    (fresh: no build): the same outputs as the model quantized on load."""
+    if nf4_unavailable_reason("cpu") is not None:
+        pytest.skip("bitsandbytes cannot run NF4 on this CPU")
+    statuses = []
+    built = load_qwen_text_nf4(qwen_folder, "cpu", cache_dir=tmp_path, on_status=statuses.append)
+    assert built.scheme == "nf4" and [s.state for s in statuses] == ["missing"]
+    assert sorted(p.name for p in llm_cache_path(tmp_path).iterdir()) == ["config.json", LLM_CACHE_HEADER, "model.safetensors"]
+    cached = load_qwen_text_nf4(qwen_folder, "cpu", cache_dir=tmp_path, on_status=statuses.append)
+    assert cached.scheme == "nf4" and len(statuses) == 1 and type(cached.model).__name__ == "Qwen2_5_VLTextModel"
+    expected = states(load_qwen_text_nf4(qwen_folder, "cpu").model)
+    assert torch.equal(states(built.model), expected) and torch.equal(states(cached.model), expected)
