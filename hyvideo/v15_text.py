@@ -245,6 +245,19 @@ class V15TextEncoder:
             raise HyVideoError("the prompt is empty: describe the video to generate")
         return self.encode_one(prompt), self.encode_one(negative_prompt or "")
 
+    def truncated(self, prompt: str) -> list[str]:
+        """Which encoders cut the end of this prompt off (for a warning): the Qwen tokens past
+        `text_len`, the glyph text's bytes past `byt5_len` (its end-of-sequence token included)."""
+        cut = []
+        ids = self.llm_tokenizer.apply_chat_template([chat_messages(prompt)], add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"][0]
+        if len(ids) > self.crop_start + self.text_len:
+            cut.append(f"Qwen2.5-VL ({self.text_len} tokens)")
+        text = glyph_text(prompt)
+        if text is not None and len(self.byt5_tokenizer(text)["input_ids"]) > self.byt5_len:
+            cut.append(f"byT5 glyph text ({self.byt5_len} bytes)")
+        return cut
+
     def encode_one(self, prompt: str) -> V15Prompt:
         text_states, text_mask = self.qwen_states(prompt)
         byt5_states, byt5_mask = self.byt5_states(prompt)

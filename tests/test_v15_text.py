@@ -89,12 +89,22 @@ def test_prompt_embeddings_match_diffusers(encoder, prompt):
     assert rel_err(ours.byt5_states, byt5_states) <= EMBED_TOL if byt5_mask.any() else not ours.byt5_states.any()
 
 
-def test_negative_defaults_to_empty_prompt(encoder):
-    _, negative = encoder.encode(PROMPT)
-    empty = encoder.encode_one("")
-    assert torch.equal(negative.text_states, empty.text_states) and not negative.byt5_mask.any()
+def test_negative_defaults_to_empty_prompt(encoder, monkeypatch):
+    """encode = (encode_one(prompt), encode_one(negative or "")), as diffusers' pipeline encodes
+    `negative_prompt=None` (the "" embeddings themselves: test_prompt_embeddings_match_diffusers)."""
+    encoded = []
+    monkeypatch.setattr(encoder, "encode_one", lambda prompt: encoded.append(prompt) or prompt)
+    assert encoder.encode(PROMPT) == (PROMPT, "") and encoder.encode(PROMPT, NEGATIVE) == (PROMPT, NEGATIVE)
+    assert encoded == [PROMPT, "", PROMPT, NEGATIVE]
     with pytest.raises(HyVideoError, match="empty"):
         encoder.encode("  ")
+
+
+def test_truncated(encoder):
+    assert encoder.truncated(PROMPT) == []
+    long_quote = 'a sign reading "' + "x" * 300 + '"'
+    assert encoder.truncated(long_quote) == ["byT5 glyph text (256 bytes)"]
+    assert encoder.truncated("a cat " * 600) == ["Qwen2.5-VL (1000 tokens)"]
 
 
 def test_wrong_crop_or_glyph_text_would_fail(encoder, monkeypatch):
