@@ -226,7 +226,7 @@ class V15TextEncoder:
     @classmethod
     def from_files(cls, files: V15TextFiles, dtype: torch.dtype = torch.bfloat16, device="cpu", llm=None) -> "V15TextEncoder":
         """Plain encoders in `dtype` on `device`; `llm`: the language model already loaded (e.g. NF4).
-        (Tencent runs both encoders in fp16, diffusers in the dtype it is given; bf16 here.)"""
+        (Tencent runs Qwen in fp16 and byT5 in float32, diffusers both as loaded; bf16 here.)"""
         from transformers import AutoTokenizer
 
         try:
