@@ -207,6 +207,38 @@ def load_llava_nf4(folder: str | Path, device: "torch.device | str" = "cuda") ->
     return _nf4_or_bf16(nf4, bf16, device)
 
 
+def load_qwen_text_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cache_dir: str | Path | None = None,
+                       on_status: Callable[[CacheStatus], None] | None = None) -> LLMLoad:
+    """HunyuanVideo-1.5's text encoder, Qwen2.5-VL-7B's language model (`Qwen2_5_VLTextModel`,
+    from diffusers' `text_encoder/` or Tencent's whole `text_encoder/llm/`, whose vision tower and
+    LM head are not read), with NF4 linears on `device`; or (with the reason) in bf16 on the CPU,
+    as `load_llm_nf4`. With `cache_dir`, through the same quantize-once cache (`llm-nf4/` there:
+    the saved NF4 language model alone, ~4.5 GB instead of 16.6 GB read and quantized)."""
+    from hyvideo.v15_text import load_qwen_text_model
+
+    device, path = _device(device), _check_folder(folder)
+
+    def load(dtype_device, **extra):
+        try:
+            return load_qwen_text_model(path, torch.bfloat16, dtype_device, **extra)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if extra and not isinstance(error, OSError):
+                raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
+            raise HyVideoError(f"could not load the text encoder (Qwen2.5-VL) from {path}: {one_line(error)}") from error
+
+    def quantize(_folder: Path, quantize_device: torch.device) -> nn.Module:
+        return load(quantize_device, quantization_config=nf4_config())
+
+    def nf4():
+        if cache_dir is None:
+            _require_nf4(device)
+            return quantize(path, device)
+        ensure_llm_nf4_cache(path, cache_dir, device, on_status, quantize)
+        return _load_nf4(llm_cache_path(cache_dir), device, quantize=False)
+
+    return _nf4_or_bf16(nf4, lambda: load("cpu"), device)
+
+
 def llm_cache_path(cache_dir: str | Path) -> Path:
     """The NF4 encoder's folder inside the quantized-cache folder."""
     return Path(cache_dir) / "llm-nf4"
@@ -266,11 +298,13 @@ def llm_cache_status(llm_folder: str | Path, cache_dir: str | Path, verify: bool
 
 
 def ensure_llm_nf4_cache(llm_folder: str | Path, cache_dir: str | Path, device: "torch.device | str",
-                         on_status: Callable[[CacheStatus], None] | None = None) -> CacheStatus:
+                         on_status: Callable[[CacheStatus], None] | None = None,
+                         quantize: Callable[[Path, torch.device], nn.Module] | None = None) -> CacheStatus:
     """Build the NF4 encoder cache from `llm_folder` (quantizing on `device`) unless a verified one
     is there; returns the status found before. A fresh cache is re-hashed (one read of ~4.7 GB, into
     the page cache the load that follows reads from). `on_status(status)` is called before a build.
-    Raises NF4Unavailable when bitsandbytes cannot run (or save) this model in NF4 on `device`."""
+    Raises NF4Unavailable when bitsandbytes cannot run (or save) this model in NF4 on `device`.
+    `quantize(folder, device)`: how the source loads in NF4 (default: AutoModel, the Llama)."""
     device, folder = _device(device), _check_folder(llm_folder)
     reason = nf4_unavailable_reason(device)
     if reason is not None:
@@ -279,18 +313,19 @@ def ensure_llm_nf4_cache(llm_folder: str | Path, cache_dir: str | Path, device: 
     if status.state != "fresh":
         if on_status is not None:
             on_status(status)
-        _build_llm_cache(folder, llm_cache_path(cache_dir), device)
+        _build_llm_cache(folder, llm_cache_path(cache_dir), device, quantize)
     return status
 
 
-def _build_llm_cache(folder: Path, path: Path, device: torch.device) -> None:
+def _build_llm_cache(folder: Path, path: Path, device: torch.device,
+                     quantize: Callable[[Path, torch.device], nn.Module] | None = None) -> None:
     """Quantize, save into a temp folder, smoke-test, write the header, rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(path)
     tmp = temp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model = _load_nf4(folder, device, quantize=True)
+        model = quantize(folder, device) if quantize is not None else _load_nf4(folder, device, quantize=True)
         # Saved before any forward: bitsandbytes' CPU kernel repacks the weights on the first one,
         # and a model saved after that loads back with (slightly) different outputs.
         try:
