@@ -331,7 +331,7 @@ class _Execution:
                             self.stop.stage = "loading DiT"
                             model, streamer = self._place_dit()
                         if self.ranks:
-                            self.ranks.send(ClipJob(request, embeddings, saved, step, cache_state))
+                            self.ranks.send(ClipJob(request, embeddings, saved, step, cache_state, condition))
                         latents = _denoise(run, self.stages, model, streamer, began, embeddings, saved, step, cache_state,
                                            request, self.device, self.reporter, self.stop, self.ranks, condition)
                     measured = run.manifest["measured"]
