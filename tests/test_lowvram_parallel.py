@@ -167,12 +167,17 @@ def _i2v_rank(rank: int, world: int, port: int, folder: str, name: str, latent_h
 # Latents of 6 x 8 (3 x 4 tokens: 3 rows do not halve, so each rank takes 2 columns: 6 tokens of
 # every frame) or 8 x 12 (4 x 6 tokens: each rank 2 rows, 12 tokens of every frame); in 3 latent
 # frames each rank's first-frame tokens are the first third of its shard, the boundary at 6 (12),
-# inside a chunk of 4 (5) tokens (blocks.modulated_chunks cuts it there).
-I2V_SPLITS = [((6, 8), 4, 2), ((8, 12), 5, 1)]  # (latent h, w), token chunk, the split axis (2: columns)
+# inside a chunk of 4 (5) tokens (blocks.modulated_chunks cuts it there). latent_concat has no
+# first-frame modulation: one split of its 33 channels.
+I2V_CASES = [  # DiT, (latent h, w), token chunk, the split axis (2: columns)
+    ("tiny-i2v-16ch", (6, 8), 4, 2),
+    ("tiny-i2v-16ch", (8, 12), 5, 1),
+    ("tiny-i2v-33ch", (6, 8), 4, 2),
+]
 
 
-@pytest.mark.parametrize("name", ["tiny-i2v-16ch", "tiny-i2v-33ch"])
-@pytest.mark.parametrize("latent_hw, chunk, axis", I2V_SPLITS, ids=["columns", "rows"])
+@pytest.mark.parametrize("name, latent_hw, chunk, axis", I2V_CASES, ids=["token_replace-columns", "token_replace-rows",
+                                                                        "latent_concat-columns"])
 @pytest.mark.slow
 def test_i2v_denoise_on_two_ranks_equals_one_process(tmp_path, name, latent_hw, chunk, axis):
     """Image-to-video's steps on 2 ranks (token_replace: the clean image frame and its t = 0
