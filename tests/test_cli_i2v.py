@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
-from tests.helpers import as_json, env, invoke, lowvram, manifest, one_line_error, run
+from tests.helpers import as_json, env, invoke, lowvram, manifest, one_line_error
 
 # 64x48, 9 frames (3 latent frames of 6x8: 24 image tokens of which the first frame's 12 are the
 # image under token_replace), 3 steps: about a second per run once the models are loaded.
@@ -152,10 +152,9 @@ def test_batch_lines_take_an_image(i2v_official, image, tmp_path):
 def test_resume_after_sigkill_is_bit_identical_and_refuses_another_image(i2v_official, image, tmp_path):
     steps = 30  # a window of a few seconds to kill in
     args = ["--image", image, *SIZE, "--frames", "9", "--steps", str(steps), "--seed", "21", "--device", "cpu"]
-    reference = run("generate", PROMPT, "--model-dir", i2v_official, "--runs-dir", tmp_path / "reference", "--json", *args,
-                    timeout=300)
-    assert reference.returncode == 0, reference.stderr
-    expected = load_file(json.loads(reference.stdout)["final_latents"])["latents"]
+    reference = invoke("generate", PROMPT, "--model-dir", i2v_official, "--runs-dir", tmp_path / "reference", "--json", *args)
+    assert reference.exit_code == 0, reference.output
+    expected = load_file(as_json(reference)["final_latents"])["latents"]
 
     runs_dir = tmp_path / "runs"
     process = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", i2v_official, "--runs-dir", runs_dir, *args),
@@ -176,16 +175,16 @@ def test_resume_after_sigkill_is_bit_identical_and_refuses_another_image(i2v_off
     copy = image.read_bytes()
     image.write_bytes(copy[:-1] + bytes([copy[-1] ^ 1]))  # the same size, other contents
     try:
-        refused = run("resume", "--runs-dir", runs_dir)
-        assert refused.returncode == 2 and "cannot resume run" in refused.stderr and "another image" in refused.stderr
+        refused = invoke("resume", "--runs-dir", runs_dir)
+        assert refused.exit_code == 2 and "cannot resume run" in refused.stderr and "another image" in refused.stderr
     finally:
         image.write_bytes(copy)
         import os
 
         os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    resumed = run("resume", "--runs-dir", runs_dir, "--json", timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    result = json.loads(resumed.stdout)
+    resumed = invoke("resume", "--runs-dir", runs_dir, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    result = as_json(resumed)
     assert result["state"] == "done" and result["resumed_from"].startswith("step ")
     assert load_file(result["final_latents"])["latents"].equal(expected)
 

@@ -114,57 +114,63 @@ def test_ring_on_a_streamed_fp8_profile_with_a_step_cache(tiny_official, tmp_pat
     torch.testing.assert_close(final_latents(split.stdout), final_latents(alone.stdout), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-@pytest.mark.slow
-def test_sigkill_of_a_rank_then_resume(tiny_official, tmp_path, two_ranks, one_process, victim):
-    """Any rank killed mid-run: the launcher stops the other and says how to continue; the last
-    checkpoint continues bit-identically on 2 ranks, and on 1 process within float32 rounding."""
-    runs = tmp_path / "killed"
-    launcher, _ = start_and_wait_for_step(runs, tiny_official, args=ARGS + ["--gpus", "2"])
+def wait_for_step_after(runs: Path, step: int, process: subprocess.Popen) -> None:
+    """Until the run's manifest says a step after `step` is saved (the process must still run)."""
+    while (manifest(runs) or {}).get("step", 0) <= step or manifest(runs)["state"] != "denoising":
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+
+
+def killed_rank(launcher: subprocess.Popen, victim: int, resume_hint: str, runs: Path) -> dict:
+    """SIGKILL one rank of `launcher`: the launcher stops the other and says how to continue."""
     os.kill(rank_pid(launcher.pid, victim), signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=60)
     assert launcher.returncode == 1
     last = stderr.strip().splitlines()[-1]
-    assert f"rank {victim} was killed by signal 9 (SIGKILL)" in last and "lowvram resume --gpus 2" in last, stderr
+    assert f"rank {victim} was killed by signal 9 (SIGKILL)" in last and resume_hint in last, stderr
     assert "Traceback" not in stderr
     killed = manifest(runs)
     assert killed["state"] in ("denoising", "failed") and 1 <= killed["step"] < STEPS
-
-    elsewhere = tmp_path / "on-one"
-    if victim == 1:
-        shutil.copytree(runs, elsewhere)  # the same checkpoint, continued on one process below
-    resumed = run("resume", "--runs-dir", runs, "--json")  # as many ranks as the run used
-    assert resumed.returncode == 0, resumed.stderr
-    assert torch.equal(final_latents(resumed.stdout), two_ranks)
-    if victim == 0:
-        return
-    alone = invoke("resume", "--runs-dir", elsewhere, "--json", "--gpus", "1")
-    assert alone.exit_code == 0, alone.output
-    warnings = json.loads(alone.stdout)["warnings"]
-    assert any("on 2 ranks (Ulysses 2 x ring 1), now on 1 process" in w for w in warnings), warnings
-    torch.testing.assert_close(final_latents(alone.stdout), one_process, rtol=0, atol=ATOL)
+    return killed
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_rank_after_the_same_step(tiny_official, tmp_path, two_ranks):
-    """The terminal's Ctrl-C reaches every process of its group: rank 0 finishes the step, every
-    rank stops after it, rank 0 says how to continue, and the run continues bit-identically."""
-    runs = tmp_path / "stopped"
-    launcher = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", tiny_official, "--runs-dir", runs, *ARGS,
-                                        "--gpus", "2"), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    while not (manifest(runs) or {}).get("step"):
-        assert launcher.poll() is None, launcher.communicate()
-        time.sleep(0.01)
+def test_a_rank_killed_or_ctrl_c_then_resume(tiny_official, tmp_path, two_ranks, one_process):
+    """One run interrupted three ways, each continued by the next: a follower killed (SIGKILL),
+    the terminal's Ctrl-C during the resume, rank 0 killed during the resume after that. A killed
+    rank: the launcher stops the other and says how to continue. Ctrl-C reaches every process of
+    the group: rank 0 finishes the step, every rank stops after it, rank 0 says how to continue.
+    The last checkpoint continues bit-identically on 2 ranks, and on 1 process within float32
+    rounding. (One run for all three: each interruption costs one launch of three processes.)"""
+    runs = tmp_path / "run"
+    launcher, _ = start_and_wait_for_step(runs, tiny_official, args=ARGS + ["--gpus", "2"])
+    killed = killed_rank(launcher, 1, "lowvram resume --gpus 2", runs)
+    elsewhere = tmp_path / "on-one"
+    shutil.copytree(runs, elsewhere)  # the same checkpoint, continued on one process at the end
+
+    resume = lowvram("resume", "--runs-dir", runs)  # as many ranks as the run used
+    launcher = subprocess.Popen(resume, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    wait_for_step_after(runs, killed["step"], launcher)
     os.killpg(launcher.pid, signal.SIGINT)  # what the terminal does
     _, stderr = launcher.communicate(timeout=60)
     assert launcher.returncode == 130, stderr
     assert "continue with: lowvram resume" in stderr and "Traceback" not in stderr and "rank 1" not in stderr
     stopped = manifest(runs)
-    assert stopped["state"] == "denoising" and stopped["step"] < STEPS
+    assert stopped["state"] == "denoising" and killed["step"] < stopped["step"] < STEPS
+
+    launcher = subprocess.Popen(resume, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step_after(runs, stopped["step"], launcher)
+    killed_rank(launcher, 0, f"lowvram resume {stopped['id']} --gpus 2", runs)
+
     resumed = run("resume", "--runs-dir", runs, "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert torch.equal(final_latents(resumed.stdout), two_ranks)
+    alone = invoke("resume", "--runs-dir", elsewhere, "--json", "--gpus", "1")
+    assert alone.exit_code == 0, alone.output
+    warnings = json.loads(alone.stdout)["warnings"]
+    assert any("on 2 ranks (Ulysses 2 x ring 1), now on 1 process" in w for w in warnings), warnings
+    torch.testing.assert_close(final_latents(alone.stdout), one_process, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("extra, words", [
