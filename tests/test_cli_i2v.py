@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
-from tests.helpers import as_json, env, invoke, lowvram, manifest, one_line_error
+from tests.helpers import as_json, env, invoke, lowvram, manifest, one_line_error, run
 
 # 64x48, 9 frames (3 latent frames of 6x8: 24 image tokens of which the first frame's 12 are the
 # image under token_replace), 3 steps: about a second per run once the models are loaded.
