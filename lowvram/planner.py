@@ -139,6 +139,7 @@ class Plan:
     reserve_bytes: int = RESERVE_BYTES
     layout: Layout | None = None  # sequence parallelism: VRAM per GPU, RAM per machine
     local_ranks: int = 1  # processes on this machine
+    text_tokens: int = TEXT_LEN  # the most text tokens the DiT reads (I2V: the image's states too): on every rank
 
     @property
     def world(self) -> int:
@@ -158,7 +159,7 @@ class Plan:
     def communication(self) -> Communication | None:
         if self.layout is None:
             return None
-        return communication(self.dit_config, self.rank_tokens, self.layout)
+        return communication(self.dit_config, self.rank_tokens, self.layout, self.text_tokens)
 
     @property
     def peak_vram_bytes(self) -> int:
@@ -418,7 +419,8 @@ def plan(
     vae_ram = {"baseline": HOST_BASELINE_BYTES, "video": video_bytes}  # the other ranks have exited after denoising
     stages["vae"] = StagePlan(vae_vram, vae_parts, vae_ram, vae_decoder_bytes(vae_config))
     return Plan(profile, width, height, frames, (t_lat, h_lat, w_lat), tokens, schedule, profile.token_chunk,
-                stages, budget, host_ram_bytes, dit_config, vae_config, layout=layout, local_ranks=local_ranks)
+                stages, budget, host_ram_bytes, dit_config, vae_config, layout=layout, local_ranks=local_ranks,
+                text_tokens=text_tokens)
 
 
 def parallel_layout(mode: str, gpus: int, width: int, height: int, frames: int, dit_config: DiTConfig | None = None,

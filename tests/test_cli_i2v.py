@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
-from tests.helpers import as_json, env, invoke, lowvram, manifest, one_line_error
+from tests.helpers import as_json, env, invoke, lowvram, manifest, one_line_error, run
 
 # 64x48, 9 frames (3 latent frames of 6x8: 24 image tokens of which the first frame's 12 are the
 # image under token_replace), 3 steps: about a second per run once the models are loaded.
@@ -187,6 +187,30 @@ def test_resume_after_sigkill_is_bit_identical_and_refuses_another_image(i2v_off
     result = as_json(resumed)
     assert result["state"] == "done" and result["resumed_from"].startswith("step ")
     assert load_file(result["final_latents"])["latents"].equal(expected)
+
+
+# --- several GPUs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(i2v_diffusers, image, tmp_path):
+    """`generate --image --gpus 2` as real processes on the CPU (gloo), latent_concat weights in the
+    diffusers layout (tests/test_generation_ranks.py runs both types on forked ranks): the final
+    latents are one process's within the T2V --gpus bound (tests/test_cli_multigpu.py: 1e-4 on
+    latents of about 4, float32 attention summed in another order; measured 4.8e-7), and the run
+    records the image as one process does."""
+    pytest.importorskip("yunchang")
+    folder = i2v_diffusers["tiny-i2v-33ch"]
+    args = ["generate", PROMPT, "--image", image, "--model-dir", folder, "--json", *TINY]
+    split = run(*args, "--runs-dir", tmp_path / "two", "--gpus", "2", timeout=300)
+    alone = invoke(*args, "--runs-dir", tmp_path / "one")
+    assert split.returncode == 0, split.stderr
+    assert alone.exit_code == 0, alone.output
+    two, one = json.loads(split.stdout), as_json(alone)  # one JSON document: the follower prints nothing on stdout
+    assert two["settings"]["parallel"] == {"ranks": 2, "ulysses": 2, "ring": 1}
+    assert two["settings"]["image_fingerprint"] == one["settings"]["image_fingerprint"]
+    torch.testing.assert_close(load_file(two["final_latents"])["latents"], load_file(one["final_latents"])["latents"],
+                               rtol=0, atol=1e-4)
 
 
 # --- parity through the CLI ------------------------------------------------------------------------

@@ -131,3 +131,66 @@ def test_cuda_attention_with_lse(backend, bound):
     out, lse = attention_with_lse(*(t.cuda().bfloat16() for t in (q, k, v)), backend)
     assert float((out.float().cpu() - expected).norm() / expected.norm()) < bound
     torch.testing.assert_close(lse.float().cpu(), expected_lse, rtol=0, atol=0.05)
+
+
+def _i2v_denoise(name: str, latent_hw: tuple[int, int], chunk: int, sequence_parallel=None) -> torch.Tensor:
+    """Three Euler steps of an image-to-video DiT (`name`: token_replace or latent_concat) from the
+    image's stability-mode initial latents, 3 latent frames of `latent_hw`, its per-token work in
+    chunks of `chunk` tokens; this process's share of the tokens when `sequence_parallel` is given."""
+    from hyvideo.pipeline import GenerationRequest, ImageCondition, denoise, image_initial_latents
+    from hyvideo.text_encoder import TextEmbeddings
+
+    model, _ = _model_and_inputs(name)
+    model.token_chunk, model.sequence_parallel = chunk, sequence_parallel
+    config, (h, w) = model.config, latent_hw
+    g = torch.Generator().manual_seed(2)
+    condition = ImageCondition(config.image_condition_type, torch.randn(1, 16, 1, h, w, generator=g))
+    noise = torch.randn(1, 16, 3, h, w, generator=g)
+    embeddings = TextEmbeddings(torch.randn(1, 9, config.text_states_dim, generator=g), torch.tensor([[1] * 6 + [0] * 3]),
+                                torch.randn(1, config.text_states_dim_2, generator=g), [False], [False])
+    request = GenerationRequest("", width=8 * w, height=8 * h, frames=9, steps=3, seed=0)
+    return denoise(model, embeddings, image_initial_latents(noise, condition, True), request, "cpu", image=condition)
+
+
+def _i2v_rank(rank: int, world: int, port: int, folder: str, name: str, latent_hw: tuple[int, int], chunk: int) -> None:
+    from yunchang.globals import PROCESS_GROUP, set_seq_parallel_pg
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    layout = choose_layout("ulysses", world, DIT_CONFIGS[name].heads)
+    set_seq_parallel_pg(layout.ulysses, layout.ring, rank, world)
+    split = SequenceParallel(layout, rank, DIT_CONFIGS[name].patch_size, PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG)
+    torch.save(_i2v_denoise(name, latent_hw, chunk, split), os.path.join(folder, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+# Latents of 6 x 8 (3 x 4 tokens: 3 rows do not halve, so each rank takes 2 columns: 6 tokens of
+# every frame) or 8 x 12 (4 x 6 tokens: each rank 2 rows, 12 tokens of every frame); in 3 latent
+# frames each rank's first-frame tokens are the first third of its shard, the boundary at 6 (12),
+# inside a chunk of 4 (5) tokens (blocks.modulated_chunks cuts it there). latent_concat has no
+# first-frame modulation: one split of its 33 channels.
+I2V_CASES = [  # DiT, (latent h, w), token chunk, the split axis (2: columns)
+    ("tiny-i2v-16ch", (6, 8), 4, 2),
+    ("tiny-i2v-16ch", (8, 12), 5, 1),
+    ("tiny-i2v-33ch", (6, 8), 4, 2),
+]
+
+
+@pytest.mark.parametrize("name, latent_hw, chunk, axis", I2V_CASES, ids=["token_replace-columns", "token_replace-rows",
+                                                                        "latent_concat-columns"])
+@pytest.mark.slow
+def test_i2v_denoise_on_two_ranks_equals_one_process(tmp_path, name, latent_hw, chunk, axis):
+    """Image-to-video's steps on 2 ranks (token_replace: the clean image frame and its t = 0
+    modulation, only the later frames stepped; latent_concat: the 33-channel input, image and
+    mask, split like the latents) give one process's latents on every rank, within the T2V --gpus
+    runs' bound (tests/test_cli_multigpu.py: 1e-4 on final latents of about 4, float32, the ranks
+    summing attention in another order each step; measured here 2e-7 to 5e-7, about 1 ulp). Under
+    token_replace it fails if a rank took its first-frame tokens by global count (the first N / 3
+    of its own tokens: two frames' worth) or by global position (rank 0 all of the first frame's
+    tokens, rank 1 none): either puts the latents ~1e-1 off."""
+    assert split_axis((3, latent_hw[0] // 2, latent_hw[1] // 2), 2) == axis
+    fork_ranks(_i2v_rank, 2, free_port(), str(tmp_path), name, latent_hw, chunk)
+    with torch.inference_mode():
+        expected = _i2v_denoise(name, latent_hw, chunk)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, rtol=0, atol=1e-4)

@@ -21,7 +21,7 @@ from hyvideo.errors import HyVideoError
 from lowvram.activations import attention_bytes, dit_activation_bytes
 from lowvram.communication import communication
 from lowvram.parallel import Layout, SequenceParallel, choose_layout
-from lowvram.planner import parallel_layout, plan, with_budget
+from lowvram.planner import parallel_layout, plan, released_model_sizes, with_budget
 from lowvram.profiles import load_profile
 from lowvram.units import GIB
 from tests.helpers import SMALL, fork_ranks, invoke, one_line_error, small_dit, small_inputs
@@ -288,6 +288,25 @@ def test_plan_json_says_what_is_per_gpu_and_per_machine():
     assert comm["link_gbs"] == 24.0 and math.isclose(comm["seconds_per_forward"], comm["gb_per_forward"] / 24.0)
     assert d["stages"]["dit"]["parts_gb"]["sequence-parallel buffers"] > 0
     assert plan(load_profile("16gb"), 1280, 720, 129).to_dict()["parallel"] is None
+
+
+def test_i2v_on_two_gpus_sends_its_longer_text():
+    """Image-to-video at 1248x704 x 129 (Tencent's 16:9 bucket) on 2 GPUs: every rank holds the DiT's
+    396 text tokens (144 image states + 252, not 256), which its all-to-alls carry with its image
+    tokens and its activations count; the text stage, the image's encode among it, is rank 0's
+    alone, as one GPU's (its RAM adds the waiting rank's baseline)."""
+    sizes = released_model_sizes("i2v", 1248, 704)
+    layout = parallel_layout("usp", 2, 1248, 704, 129, sizes["dit_config"])
+    profile = load_profile("12gb")
+    one = plan(profile, 1248, 704, 129, **sizes)
+    two = plan(profile, 1248, 704, 129, layout=layout, **sizes)
+    assert two.text_tokens == sizes["text_tokens"] == 396
+    assert two.communication == communication(sizes["dit_config"], two.rank_tokens, layout, text_tokens=396)
+    assert two.communication.per_block > communication(sizes["dit_config"], two.rank_tokens, layout).per_block
+    assert two.stages["dit"].parts["activations"] == dit_activation_bytes(sizes["dit_config"], two.rank_tokens,
+                                                                          profile.token_chunk, 396)
+    assert two.stages["text"].vram_bytes == one.stages["text"].vram_bytes and "image encode" in two.stages["text"].parts
+    assert two.stages["text"].ram_bytes == one.stages["text"].ram_bytes + 2 * GIB
 
 
 @pytest.mark.parametrize("mode, gpus, message", [

@@ -162,8 +162,6 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     candidates = settle_profile(options.profile, options.overrides, gpu=vram is not None)
     alternatives = settle_profile("auto", options.overrides)
     if request.image is not None:
-        if ranks:
-            raise HyVideoError("--gpus with --image: image-to-video runs on one GPU for now; leave out --gpus")
         candidates, alternatives = without_step_cache(candidates, options.overrides, reporter), without_step_cache(alternatives)
     profile, found = resolve(candidates, request.width, request.height, request.frames, vram_bytes=vram, ram_bytes=ram,
                              alternatives=alternatives, **sizes)

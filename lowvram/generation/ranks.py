@@ -10,7 +10,9 @@ denoising stage it sends every follower what it needs, over a gloo control group
 needs a shared file system, and multi-node runs work the same):
 - `DitJob`: the model files, plan, attention backend, cache dir and LoRAs: each rank places the
   DiT per the profile (quantized, streamed) on its own GPU, for its share of the tokens;
-- `ClipJob`: one clip's request, text embeddings, latents, start step and step-cache state;
+- `ClipJob`: one clip's request, text embeddings, latents, start step and step-cache state, and
+  for image-to-video the encoded image (`ImageCondition`: rank 0 encodes it with the text, as one
+  process does; each rank feeds it to its DiT every step and takes the same Euler step);
 - after each step, whether rank 0 was asked to stop (every rank stops after the same step);
 - `FINISH`: denoising is over (also sent when rank 0 fails), the followers free their GPU and exit.
 All ranks hold the same full latents: each computes the velocity for its tokens, gathers the rest
@@ -32,7 +34,7 @@ import torch.distributed as dist
 from hyvideo.checkpoint import ModelFiles
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraSpec
-from hyvideo.pipeline import GenerationRequest
+from hyvideo.pipeline import GenerationRequest, ImageCondition
 from hyvideo.step_cache import CacheState
 from hyvideo.text_encoder import TextEmbeddings
 from lowvram.memory import free_memory
@@ -62,6 +64,7 @@ class ClipJob:
     latents: torch.Tensor  # [1, C, T, H, W] float32, the state after `step` steps
     step: int
     cache_state: CacheState | None
+    image: ImageCondition | None = None  # image-to-video: the conditioning image's latent (None: text-to-video)
 
 
 class Ranks:
@@ -226,6 +229,7 @@ def _denoise_clip(ranks: Ranks, stages: Stages, model, streamer, job: ClipJob) -
             raise _Stopped
 
     try:
-        stages.denoise(model, streamer, job.embeddings, job.latents, job.request, start_step=job.step, on_step=on_step, cache=cache)
+        stages.denoise(model, streamer, job.embeddings, job.latents, job.request, start_step=job.step, on_step=on_step, cache=cache,
+                       image=job.image)
     except _Stopped:
         pass

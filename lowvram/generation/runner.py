@@ -18,7 +18,8 @@ run folder is still exactly a single run's, and resumes the same way.
 
 Several GPUs (`--gpus N`, lowvram/generation/ranks.py): this code runs on rank 0, which sends the other ranks
 the DiT to place and each clip to denoise with it (sequence parallel), and their agreement to stop
-after a step; everything else (text, checkpoints, decode, outputs) is rank 0's alone.
+after a step; everything else (encoding the text and an I2V run's image, checkpoints, decode,
+outputs) is rank 0's alone.
 
 Ctrl-C: `StopRequest` is set by the CLI's SIGINT handler; during denoising the runner finishes the
 current step, saves it and raises `RunInterrupted`; a second Ctrl-C (or one outside the step loop)
@@ -331,7 +332,7 @@ class _Execution:
                             self.stop.stage = "loading DiT"
                             model, streamer = self._place_dit()
                         if self.ranks:
-                            self.ranks.send(ClipJob(request, embeddings, saved, step, cache_state))
+                            self.ranks.send(ClipJob(request, embeddings, saved, step, cache_state, condition))
                         latents = _denoise(run, self.stages, model, streamer, began, embeddings, saved, step, cache_state,
                                            request, self.device, self.reporter, self.stop, self.ranks, condition)
                     measured = run.manifest["measured"]
