@@ -329,7 +329,7 @@ def read_torch_file(path: Path, index: bool = False) -> dict[str, torch.Tensor]:
         if called:  # "posix.system" is how os.system pickles on Linux
             name = re.sub(r"^(posix|nt)\.", "os.", called.group(1))
             raise HyVideoError(f"{path} is not a weights file: its pickle calls {name} (refused, nothing executed); "
-                               "use a weights-only checkpoint") from None
+                               "it holds objects other than tensors, which torch.load(weights_only=True) refuses too") from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise HyVideoError(f"{path} holds objects other than tensors, refused as torch.load(weights_only=True) "
                            f"refuses them ({reason}); use a weights-only checkpoint") from None

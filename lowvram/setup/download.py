@@ -137,9 +137,8 @@ def download_parts(layout: str | None = None, fp8: bool = False, source: str = "
             return [RepoPart(COMMUNITY_I2V_REPOS[model], ("transformer/*", "vae/*", *TEXT_PARTS, "image_processor/*"))]
         return [RepoPart(COMMUNITY_REPO, ("transformer/*", "vae/*", *TEXT_PARTS))]
     if model == "i2v-33ch":
-        raise HyVideoError("the 33-channel (latent_concat) I2V release is in the diffusers layout only "
-                           f"({COMMUNITY_I2V_REPOS['i2v-33ch']}): drop --layout official"
-                           + (" (ModelScope has the official layout only: use --source huggingface)" if source == "modelscope" else ""))
+        raise HyVideoError("the 33-channel (latent_concat) I2V release is in the diffusers layout only, on huggingface.co "
+                           f"({COMMUNITY_I2V_REPOS['i2v-33ch']}): use --layout diffusers --source huggingface")
     if model == "i2v":  # exact names for ModelScope: a part whose files are all there is not downloaded again
         dit, clip, llava = (MS_I2V_REPO, MS_CLIP_REPO, MS_LLAVA_REPO) if source == "modelscope" else (OFFICIAL_I2V_REPO, CLIP_REPO, LLAVA_REPO)
         return [
