@@ -65,10 +65,11 @@ from hyvideo.weight_contents import (
     check_vae,
 )
 from hyvideo.weight_io import check_weight_file
+from lowvram.planner import RELEASED_DITS
 
 COMMUNITY_REPO = "hunyuanvideo-community/HunyuanVideo"
 OFFICIAL_REPO = "tencent/HunyuanVideo"
-MODELS = ("t2v", "i2v", "i2v-33ch")  # as lowvram.planner.RELEASED_DITS
+MODELS = tuple(RELEASED_DITS)  # t2v, i2v, i2v-33ch: the names `lowvram plan --model` takes
 # The diffusers I2V repos, as diffusers 0.42's HunyuanVideoImageToVideoPipeline docstring lists them
 COMMUNITY_I2V_REPOS = {"i2v": "hunyuanvideo-community/HunyuanVideo-I2V", "i2v-33ch": "hunyuanvideo-community/HunyuanVideo-I2V-33ch"}
 # Tencent's HunyuanVideo-I2V ckpts/README.md: the DiT and VAE (main holds the token_replace DiT, the
