@@ -59,26 +59,39 @@ def _is_vae(index: Index) -> bool:
     return bool(index) and all(key.removeprefix("vae.") in names for key in index)
 
 
-def describe(index: Index) -> str:
-    """What a state dict is, named for a person, from its names and shapes."""
-    if is_lora(index):
-        return "a LoRA (lora_A/lora_down keys)"
+KINDS = {  # what a state dict can be -> how a person is told
+    "lora": "a LoRA (lora_A/lora_down keys)",
+    "latent_concat": LATENT_CONCAT,
+    "dit": "a {channels}-channel HunyuanVideo DiT (text-to-video, or the I2V token_replace DiT: the same names and shapes)",
+    "llava": "a whole LLaVA (vision tower, projector and Llama)",
+    "clip": "a whole CLIP (text and vision)",
+    "clip_text": "CLIP's text model",
+    "llama": "a bare Llama language model (no vision tower)",
+    "vae": "the HunyuanVideo VAE",
+    "unknown": "none of this model's parts ({count} tensors, first {first})",
+}
+
+
+def kind_of(index: Index) -> str:
+    """Which of `KINDS` a state dict is, from its names and shapes."""
     channels = dit_channels(index)
+    if is_lora(index):
+        return "lora"
     if channels:
-        in_channels, out_channels = channels
-        if in_channels == 2 * out_channels + 1:
-            return LATENT_CONCAT
-        return (f"a {in_channels}-channel HunyuanVideo DiT (text-to-video, or the I2V token_replace DiT: "
-                "the same names and shapes)")
+        return "latent_concat" if channels[0] == 2 * channels[1] + 1 else "dit"
     if any("vision_tower." in key for key in index):
-        return "a whole LLaVA (vision tower, projector and Llama)"
+        return "llava"
     if any("token_embedding." in key for key in index):  # CLIP's (Llama's is embed_tokens)
-        return "a whole CLIP (text and vision)" if any("vision_model." in key for key in index) else "CLIP's text model"
+        return "clip" if any("vision_model." in key for key in index) else "clip_text"
     if any(".self_attn.q_proj." in key for key in index) and any("embed_tokens" in key for key in index):
-        return "a bare Llama language model (no vision tower)"
-    if _is_vae(index):
-        return "the HunyuanVideo VAE"
-    return f"none of this model's parts ({len(index)} tensors, first {next(iter(index), 'none')})"
+        return "llama"
+    return "vae" if _is_vae(index) else "unknown"
+
+
+def describe(index: Index) -> str:
+    """What a state dict is, named for a person."""
+    channels = dit_channels(index)
+    return KINDS[kind_of(index)].format(channels=channels and channels[0], count=len(index), first=next(iter(index), "none"))
 
 
 def _needed_dit(files: ModelFiles) -> str:
@@ -90,16 +103,16 @@ def check_dit(files: ModelFiles) -> None:
     33-channel I2V DiT; a diffusers folder's config.json says which it needs), complete, every
     tensor of the shape the model built from that config has."""
     index = read_weight_index(files.dit_weights)
-    what, channels, needed = describe(index), dit_channels(index), _needed_dit(files)
-    if channels is None:
+    kind, what, needed = kind_of(index), describe(index), _needed_dit(files)
+    if kind not in ("dit", "latent_concat"):
         raise HyVideoError(f"this is {what}, not a DiT; {needed} belongs here")
-    if files.layout == "official" and not files.image_to_video and what == LATENT_CONCAT:
-        raise HyVideoError(f"this is {LATENT_CONCAT}; {needed} belongs here")
+    if files.layout == "official" and not files.image_to_video and kind == "latent_concat":
+        raise HyVideoError(f"this is {what}; {needed} belongs here")
     state_dict, config = load_dit_state_dict(files, index=True)  # the loader's own key checks, on meta tensors
     if files.layout == "diffusers" and (config.image_condition_type is not None) != files.image_to_video:
         folder = "image-to-video (it has image_processor/)" if files.image_to_video else "text-to-video (no image_processor/)"
         raise HyVideoError(f"this is {what}, as its config.json says, but the folder is {folder}; {needed} belongs here")
-    if channels[0] != config.in_channels:
+    if dit_channels(index)[0] != config.in_channels:
         raise HyVideoError(f"this is {what}, but {files.dit_config.parent.name}/config.json describes a "
                            f"{config.in_channels}-channel DiT")
     with torch.device("meta"):
@@ -110,7 +123,7 @@ def check_dit(files: ModelFiles) -> None:
 def check_fp8_dit(files: ModelFiles) -> None:
     """Tencent's FP8 DiT: the text-to-video DiT's names and shapes (its block linears in float8)."""
     index = read_torch_file(files.dit_fp8, index=True)
-    if dit_channels(index) is None or describe(index) == LATENT_CONCAT:
+    if kind_of(index) != "dit":
         raise HyVideoError(f"this is {describe(index)}; the text-to-video DiT in FP8 belongs here")
     with torch.device("meta"):
         model = HunyuanVideoDiT(infer_dit_config(index))
@@ -120,7 +133,7 @@ def check_fp8_dit(files: ModelFiles) -> None:
 def check_vae(files: ModelFiles) -> None:
     """The VAE place: the VAE of the folder's config.json, name by name and shape by shape."""
     state_dict, config = load_vae_state_dict(files, index=True)
-    if not _is_vae(state_dict):
+    if kind_of(state_dict) != "vae":
         raise HyVideoError(f"this is {describe(state_dict)}, not the VAE; the HunyuanVideo VAE belongs here")
     with torch.device("meta"):
         model = CausalVAE(config)
@@ -131,12 +144,10 @@ def check_text_encoder(weights: list[Path], kind: str) -> None:
     """A text encoder folder's weights (all its shards): `kind` "llm" (a bare Llama: text-to-video),
     "llava" (the whole LLaVA: image-to-video) or "clip" (CLIP-L; a whole CLIPModel serves too)."""
     index = read_weight_index(weights)
-    what = describe(index)
-    needed = {"llm": "the bare Llama language model belongs here (text-to-video; `lowvram download` puts it here)",
-              "llava": "image-to-video needs the whole LLaVA here (xtuner/llava-llama-3-8b-v1_1-transformers; "
-                       "`lowvram download --model i2v`)",
-              "clip": "CLIP-L's text model belongs here"}[kind]
-    fits = {"llm": what.startswith("a bare Llama"), "llava": what.startswith("a whole LLaVA"),
-            "clip": "CLIP" in what}[kind]
-    if not fits:
-        raise HyVideoError(f"this is {what}; {needed}")
+    needed = {"llm": (("llama",), "the bare Llama language model belongs here (text-to-video; `lowvram download` puts it here)"),
+              "llava": (("llava",), ("image-to-video needs the whole LLaVA here (xtuner/llava-llama-3-8b-v1_1-transformers; "
+                                     "`lowvram download --model i2v`)")),
+              "clip": (("clip", "clip_text"), "CLIP-L's text model belongs here")}
+    fits, what = needed[kind]
+    if kind_of(index) not in fits:
+        raise HyVideoError(f"this is {describe(index)}; {what}")
