@@ -73,11 +73,20 @@ def test_a_pickle_that_calls_os_system_fails_the_doctor_and_runs_nothing(folders
     assert not marker.exists()
 
 
-def test_the_index_is_names_dtypes_and_shapes_on_the_meta_device(folders):
+def test_the_index_is_names_dtypes_and_shapes_on_the_meta_device(folders, tmp_path):
     index = read_weight_index([folders["both"] / OFFICIAL_I2V_DIT])
     assert all(t.device.type == "meta" for t in index.values())
     assert index["img_in.proj.weight"].shape[1] == 33  # latent_concat: noisy latent | image latent | mask
     assert index.keys() == read_torch_file(folders["both"] / OFFICIAL_I2V_DIT).keys()
+    base = torch.zeros(4, 6)
+    state = {"fp8": torch.zeros(7, dtype=torch.float8_e4m3fn), "bf16": torch.zeros(3, 5, dtype=torch.bfloat16),
+             "slice": base[1:, 2:], "transposed": base.t(), "scalar": torch.tensor(2.5)}  # v3 rebuilds, shared storages
+    torch.save(state, tmp_path / "varied.pt")
+    save_file({"fp8": state["fp8"], "bf16": state["bf16"]}, tmp_path / "varied.safetensors")
+    for path, names in ((tmp_path / "varied.pt", state), (tmp_path / "varied.safetensors", ("fp8", "bf16"))):
+        index = read_weight_index([path])
+        assert set(index) == set(names)
+        assert all((index[k].dtype, index[k].shape) == (state[k].dtype, state[k].shape) for k in names), path.name
 
 
 def test_a_dit_of_the_other_release_is_named(folders, tmp_path):
