@@ -60,6 +60,8 @@ Loras = typer.Option(None, "--lora", help="PATH[:STRENGTH] of a LoRA .safetensor
 Gpus = typer.Option(None, "--gpus", help="Split the video's tokens across this many GPUs (one process each, sequence parallel; "
                     "needs the \\[multigpu] extra). Every GPU runs the profile's plan for its share.")
 Parallel = typer.Option("usp", "--parallel", help="With --gpus: usp (Ulysses as far as the 24 heads divide, then ring), ulysses or ring.")
+ReleasedModel = typer.Option("t2v", "--model", help="Which released model: t2v (HunyuanVideo), i2v (HunyuanVideo-I2V, "
+                             "token_replace: the current release) or i2v-33ch (its first release, latent_concat).")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
 

@@ -7,7 +7,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import (Aspect, Attention, Compile, Device, Fp8Matmul, Frames, Gpus, Json, Loras, Parallel, Pin, ProfileName, Quiet,
+from .app import (Aspect, Attention, Compile, Device, Fp8Matmul, Frames, Gpus, Json, Loras, Parallel, Pin, ProfileName, Quiet, ReleasedModel,
                   Resolution, Size, StepCache, UserError, app, err, out, overrides, print_json, print_table, profiles_app,
                   quiet_libraries, user_errors)
 from .progress import RichReporter, sigint_saves
@@ -32,8 +32,7 @@ def plan(
     parallel: str = Parallel,
     link_gbs: float = typer.Option(None, "--link-gbs", help="With --gpus: GB/s each GPU's link carries, for the communication "
                                    "estimate (default 12: PCIe 4.0 x8, what a two-card consumer board gives each card)."),
-    model: str = typer.Option("t2v", "--model", help="Which released model: t2v (HunyuanVideo), i2v (HunyuanVideo-I2V, "
-                              "token_replace: the current release) or i2v-33ch (its first release, latent_concat)."),
+    model: str = ReleasedModel,
     as_json: bool = Json,
 ):
     """Predict peak VRAM and RAM per stage (text, DiT, VAE); exit 1 if it does not fit."""

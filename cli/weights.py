@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .app import CacheDir, Json, ModelDir, Quiet, RunsDir, UserError, app, format_bytes, out, print_json, print_table, quiet_libraries, user_errors
+from .app import CacheDir, Json, ModelDir, Quiet, ReleasedModel, RunsDir, UserError, app, format_bytes, out, print_json, print_table, quiet_libraries, user_errors
 from .progress import RichReporter
 
 @app.command()
@@ -43,6 +43,7 @@ def download(
     layout: str = typer.Option(None, "--layout", help="diffusers (one repo, complete; the huggingface default) or official (Tencent's files)."),
     source: str = typer.Option("huggingface", "--source", help="huggingface or modelscope (official layout; needs the [modelscope] extra)."),
     fp8: bool = typer.Option(False, "--fp8", help="Also Tencent's FP8 DiT pair (--layout official)."),
+    model: str = ReleasedModel,
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes, download nothing."),
     as_json: bool = Json,
     quiet: bool = Quiet,
@@ -54,26 +55,28 @@ def download(
     with user_errors(as_json):
         layout = dl.check_source(source, layout)
         if dry_run:
-            files = dl.plan_download(model_dir, layout, fp8, source)
+            files = dl.plan_download(model_dir, layout, fp8, source, model)
             total = sum(f.size or 0 for f in files)
             missing = sum(f.size or 0 for f in files if not f.present)
             known = all(f.size is not None for f in files)
             if as_json:
-                print_json({"ok": True, "model_dir": str(model_dir), "layout": layout, "source": source,
+                print_json({"ok": True, "model_dir": str(model_dir), "layout": layout, "source": source, "model": model,
                             "total_bytes": total if known else None, "to_download_bytes": missing if known else None,
                             "files": [{"repo": f.repo, "file": f.file, "size": f.size, "present": f.present} for f in files]})
                 return
-            table = Table("repo", "file", "size", "", title=f"download into {model_dir} ({layout} layout, from {source})")
+            table = Table("repo", "file", "size", "", title=f"download {model} into {model_dir} ({layout} layout, from {source})")
             for f in files:
                 table.add_row(f.repo, f.file, format_bytes(f.size), "present" if f.present else "")
             print_table(table)
             if known:
                 out.print(f"total {format_bytes(total)}, to download {format_bytes(missing)}")
-            else:
+            elif model == "t2v":
                 out.print("sizes unknown: a ModelScope dry run does not ask the server; text_encoder/ is extracted locally "
                           "(Llama-3-8B in fp16, ~16 GB, besides the LLaVA download)")
+            else:
+                out.print("sizes unknown: a ModelScope dry run does not ask the server")
             return
-        dl.download(model_dir, layout, fp8, progress=not (as_json or quiet), source=source)
+        dl.download(model_dir, layout, fp8, progress=not (as_json or quiet), source=source, model=model)
         layout_found, checks = dl.check_model_folder(model_dir)
         bad = [c for c in checks if not c.ok]
         if bad:

@@ -118,6 +118,19 @@ def find_model_files(root: Path, image_to_video: bool = False) -> ModelFiles:
     return files
 
 
+def releases_in(root: Path) -> list[ModelFiles]:
+    """Where each release a folder holds keeps its files (an official ckpts/ may hold both), whether
+    the files are there or not; [] for a folder of neither layout."""
+    root = Path(root)
+    layout = detect_layout(root)
+    if layout == "diffusers":
+        return [_diffusers_files(root)]
+    if layout == "official":
+        return [_official_files(root, i2v) for i2v, folder in ((False, "hunyuan-video-t2v-720p"), (True, "hunyuan-video-i2v-720p"))
+                if (root / folder).is_dir()]
+    return []
+
+
 def _official_files(root: Path, image_to_video: bool) -> ModelFiles:
     if image_to_video:  # no FP8 file in the I2V release
         return ModelFiles(
@@ -207,13 +220,13 @@ def infer_dit_config(state_dict: dict, token_replace: bool = False) -> DiTConfig
     )
 
 
-def load_dit_state_dict(files: ModelFiles) -> tuple[Mapping[str, torch.Tensor], DiTConfig]:
+def load_dit_state_dict(files: ModelFiles, index: bool = False) -> tuple[Mapping[str, torch.Tensor], DiTConfig]:
     """The DiT's weights in official key names (memory-mapped; for the diffusers layout a lazy view
-    whose key names were checked here), plus its config."""
+    whose key names were checked here), plus its config. `index=True`: meta tensors, no data read."""
     if files.layout == "official":
         if not files.dit_weights:
             raise HyVideoError(f"only the FP8 transformer is in {files.root}: load it with an fp8 profile")
-        state_dict = read_torch_file(files.dit_weights[0])
+        state_dict = read_torch_file(files.dit_weights[0], index=index)
         return state_dict, official_dit_config(files, state_dict)
     try:
         config = DiTConfig.from_diffusers(_read_json(files.dit_config))
@@ -221,7 +234,7 @@ def load_dit_state_dict(files: ModelFiles) -> tuple[Mapping[str, torch.Tensor], 
         raise HyVideoError(f"{files.dit_config} is not a HunyuanVideo transformer config: {err}") from None
     with torch.device("meta"):
         official_keys = list(HunyuanVideoDiT(config).state_dict())
-    state_dict, missing, unused = diffusers_to_official(read_safetensors(files.dit_weights), official_keys)
+    state_dict, missing, unused = diffusers_to_official(read_safetensors(files.dit_weights, index=index), official_keys)
     _raise_key_problems(files.dit_weights[0].parent, missing, unused, {})
     return state_dict, config
 
@@ -270,12 +283,18 @@ def load_dit(files: ModelFiles, dtype: torch.dtype = torch.bfloat16) -> HunyuanV
     return build_on_meta_and_assign(lambda: HunyuanVideoDiT(config), state_dict, dtype, files.dit_weights[0])
 
 
-def load_vae(files: ModelFiles, dtype: torch.dtype = torch.float16) -> CausalVAE:
+def load_vae_state_dict(files: ModelFiles, index: bool = False) -> tuple[dict[str, torch.Tensor], VAEConfig]:
+    """The VAE's weights (memory-mapped; `index=True`: meta tensors, no data read) and config."""
     config = VAEConfig.from_dict(_read_json(files.vae_config))
     if files.vae_weights.suffix == ".safetensors":
-        state_dict = read_safetensors([files.vae_weights])
+        state_dict = read_safetensors([files.vae_weights], index=index)
     else:
-        state_dict = read_torch_file(files.vae_weights)
+        state_dict = read_torch_file(files.vae_weights, index=index)
         if any(k.startswith("vae.") for k in state_dict):  # official loader keeps only "vae."-prefixed keys
             state_dict = {k[4:]: v for k, v in state_dict.items() if k.startswith("vae.")}
+    return state_dict, config
+
+
+def load_vae(files: ModelFiles, dtype: torch.dtype = torch.float16) -> CausalVAE:
+    state_dict, config = load_vae_state_dict(files)
     return build_on_meta_and_assign(lambda: CausalVAE(config), state_dict, dtype, files.vae_weights)

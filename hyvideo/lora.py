@@ -52,6 +52,12 @@ _BLOCK = re.compile(r"(double_blocks|single_blocks)\.\d+\.(.+)")
 PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig default, what diffusers uses when metadata omits lora_alpha
 
 
+def is_lora(keys) -> bool:
+    """Whether a state dict's names are a LoRA's: an adapter's down or up weight in any format above."""
+    suffixes = tuple(f".{suffix}" for suffix, role in _ROLES.items() if role != "alpha")
+    return any(key.endswith(suffixes) for key in keys)
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """One `--lora PATH[:STRENGTH]`."""

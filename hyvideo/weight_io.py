@@ -50,8 +50,10 @@ what decides whether a file larger than RAM + swap can be mapped at all.
 Problems are told apart, each as a one-line `HyVideoError`: the system refused the mapping for lack
 of memory or address space (ENOMEM: a memory problem, not the file's), the file is incomplete (a zip
 whose end-of-directory is missing, a record or tensor past the end of the file), or the file is not
-a PyTorch / safetensors checkpoint at all. `check_weight_file` runs the same checks without reading
-any tensor data, for `lowvram doctor`.
+a PyTorch / safetensors checkpoint at all, or a pickle that asks for a function (os.system, ...),
+refused before anything is called. `read_weight_index` (`index=True` of both readers) runs the same
+checks and returns meta tensors (names, dtypes, shapes) without reading any tensor data, for
+`lowvram doctor` (what the file holds, `weight_contents.py`).
 """
 
 import errno
@@ -61,6 +63,7 @@ import json
 import math
 import mmap
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -290,9 +293,14 @@ def _torch_records(path: Path, mapped: mmap.mmap) -> tuple[dict[str, tuple[int, 
     return records, pickled
 
 
-def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
+def read_torch_file(path: Path, index: bool = False) -> dict[str, torch.Tensor]:
     """The state dict in a `torch.save` file, as read-only views of a read-only mapping; unwraps
-    "module" / "ema" / "state_dict" / "model" wrappers as the official and diffusers loaders do."""
+    "module" / "ema" / "state_dict" / "model" wrappers as the official and diffusers loaders do.
+    `index=True`: the same dict of meta tensors (names, dtypes, shapes), no tensor data read.
+
+    data.pkl goes through torch's weights-only unpickler, which builds tensors and plain containers
+    and calls nothing else: a pickle that asks for any other function or class (os.system, ...)
+    is refused before that is called."""
     path = Path(path)
     mapped = _map(path)
     records, pickled = _torch_records(path, mapped)
@@ -305,7 +313,10 @@ def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
             offset, size = records.get(f"data/{key}", (0, None))
             if size != numel * dtype.itemsize:
                 raise _incomplete(path, f"record data/{key} is missing or of the wrong size")
-            storage = _mapped_bytes(mapped, offset, size).untyped_storage()
+            if index:
+                storage = torch.UntypedStorage(size, device="meta")
+            else:
+                storage = _mapped_bytes(mapped, offset, size).untyped_storage()
             storages[key] = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
         return storages[key]
 
@@ -314,6 +325,11 @@ def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = unpickler.load()
     except pickle.UnpicklingError as error:
+        called = re.search(r"GLOBAL (\S+)", str(error))
+        if called:  # "posix.system" is how os.system pickles on Linux
+            name = re.sub(r"^(posix|nt)\.", "os.", called.group(1))
+            raise HyVideoError(f"{path} is not a weights file: its pickle calls {name} (refused, nothing executed); "
+                               "it holds objects other than tensors, which torch.load(weights_only=True) refuses too") from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise HyVideoError(f"{path} holds objects other than tensors, refused as torch.load(weights_only=True) "
                            f"refuses them ({reason}); use a weights-only checkpoint") from None
@@ -321,6 +337,9 @@ def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as error:  # a damaged pickle fails in many ways
         raise _incomplete(path, f"data.pkl: {type(error).__name__}") from None
+    finally:
+        if index:
+            mapped.close()
     for key in ("module", "ema", "state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             return data[key]
@@ -358,29 +377,37 @@ def _safetensors_entries(path: Path, mapped: mmap.mmap) -> dict[str, tuple[torch
     return entries
 
 
-def read_safetensors(paths: Iterable[Path]) -> dict[str, torch.Tensor]:
+def read_safetensors(paths: Iterable[Path], index: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of the safetensors files `paths` (shards of one model), as read-only views of
-    read-only mappings; the filler tensors of files written before (`OLD_PADDING_PREFIX`) are dropped."""
+    read-only mappings; the filler tensors of files written before (`OLD_PADDING_PREFIX`) are dropped.
+    `index=True`: the same dict of meta tensors, from the headers alone."""
     state_dict = {}
     for path in map(Path, paths):
         mapped = _map(path)
         for name, (dtype, shape, offset, nbytes) in _safetensors_entries(path, mapped).items():
-            if not name.startswith(OLD_PADDING_PREFIX):
+            if name.startswith(OLD_PADDING_PREFIX):
+                continue
+            if index:
+                state_dict[name] = torch.empty(shape, dtype=dtype, device="meta")
+            else:
                 state_dict[name] = _mapped_bytes(mapped, offset, nbytes).view(dtype).reshape(shape)
+        if index:
+            mapped.close()
     return state_dict
 
 
-def check_weight_file(path: Path) -> None:
-    """Raise the HyVideoError the reader would raise before it touches tensor data: map the file
-    as the readers do, then check the zip directory and that every record lies inside the file
-    (.pt and other torch files) or that the safetensors header parses and every tensor lies inside
-    the file. Reads no tensor data, so a 25 GB file is checked in milliseconds."""
-    path = Path(path)
-    mapped = _map(path)
-    try:
-        if path.suffix == ".safetensors":
-            _safetensors_entries(path, mapped)
-        else:
-            _torch_records(path, mapped)
-    finally:
-        mapped.close()
+def read_weight_index(paths: Iterable[Path]) -> dict[str, torch.Tensor]:
+    """The index of weight files (one model's shards, safetensors or torch files): every tensor's
+    name, dtype and shape as a meta tensor, from the safetensors header or the zip directory and
+    data.pkl (through the weights-only unpickler). Raises the HyVideoError the reader would raise
+    before it touches tensor data, so a 25 GB file is checked in milliseconds."""
+    index = {}
+    for path in map(Path, paths):
+        index |= read_safetensors([path], index=True) if path.suffix == ".safetensors" else read_torch_file(path, index=True)
+    return index
+
+
+def check_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """The file's index (`read_weight_index`), or the HyVideoError the reader would raise: mapped
+    as the readers map it, every record or tensor inside the file, the pickle weights-only."""
+    return read_weight_index([path])

@@ -132,9 +132,9 @@ def weight_checks(model_dir: Path) -> tuple[list[Check], list[dict]]:
     rows = [{"file": str(c.path.relative_to(model_dir)) if c.path.is_relative_to(model_dir) else str(c.path),
              "size": c.size, "status": "ok" if c.ok else c.problem} for c in files]
     bad = [r for r in rows if r["status"] != "ok"]
-    if bad:  # a file's problem is the loader's message, which says what to do (memory, download again, ...)
+    if bad:  # a file's problem is the loader's message or names what the file is and what belongs there (download.py)
         download = any(r["status"] in ("missing", "empty") for r in bad)
-        summary = Check("weights", "fail", f"{layout} layout in {model_dir}: {len(bad)} of {len(rows)} files not loadable "
+        summary = Check("weights", "fail", f"{layout} layout in {model_dir}: {len(bad)} of {len(rows)} files with a problem "
                         f"(first: {bad[0]['file']}: {bad[0]['status']})"
                         + (f"; `lowvram download --model-dir {model_dir}`" if download else ""))
     else:

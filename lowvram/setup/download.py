@@ -7,6 +7,15 @@ Two layouts (hyvideo/checkpoint.py reads both):
   its FP8 DiT pair (--fp8), plus the text encoders from the community repo moved into the official
   folders (the official text_encoder/ is otherwise made by a preprocessing script, facts §4.1).
 
+Three models (`--model`, as `lowvram plan --model` names them): t2v (HunyuanVideo), i2v
+(HunyuanVideo-I2V, token_replace: Tencent's current release) and i2v-33ch (its first release,
+latent_concat). Image-to-video in the diffusers layout is one repo as above, plus image_processor/;
+in the official layout it is what Tencent's ckpts/README.md (HunyuanVideo-I2V) says to download:
+`tencent/HunyuanVideo-I2V`'s DiT and VAE (hunyuan-video-i2v-720p/; its example LoRAs are left out),
+the whole LLaVA into text_encoder_i2v/ (no extraction: I2V encodes the image with it) and CLIP-L into
+text_encoder_2/. i2v-33ch is in the diffusers layout only: Tencent's repo now holds the token_replace
+DiT under the same name.
+
 Two sources:
 - "huggingface" (default): huggingface_hub's `snapshot_download` (resumable, skips files already
   there); `plan_download` is the same call with `dry_run=True` (file names, sizes, what is there).
@@ -16,20 +25,25 @@ Two sources:
   (text_encoder_2/) and AI-ModelScope/llava-llama-3-8b-v1_1-transformers, whose language model is
   then extracted into text_encoder/ as the official preprocessing script does (`llava.py`). A part
   whose files are all there already is not asked for again, so after a download by hand the same
-  command only extracts, offline. A dry run lists the repos and patterns; ModelScope is not asked
-  for sizes.
+  command only extracts, offline. For i2v: AI-ModelScope/HunyuanVideo-I2V, the same CLIP, and the
+  same LLaVA whole into text_encoder_i2v/. A dry run lists the repos and patterns; ModelScope is not
+  asked for sizes.
 Any failure (offline, no network, gated repo, package missing) becomes a HyVideoError that prints
 the `hf download` / `modelscope download` commands to run by hand.
 
 `check_model_folder` checks each file without the network: present, non-empty, and readable the
 way the loader reads it (`hyvideo.weight_io.check_weight_file`: mapped as the loader maps it, the zip
-directory or safetensors header parsed and every tensor inside the file; no tensor data is read, so
-a 25 GB file takes milliseconds). A problem is reported with the loader's own message.
+directory or safetensors header parsed and every tensor inside the file, the pickle read by the
+weights-only unpickler; no tensor data is read, so a 25 GB file takes milliseconds), then what each
+place's weights hold against what the place needs (`hyvideo.weight_contents`: an I2V DiT where the
+text-to-video one belongs, a LoRA, a whole LLaVA where the bare Llama belongs, ...). A problem is
+reported with the loader's own message, or names what the file is and what belongs there.
 """
 
 import json
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from hyvideo.checkpoint import (
@@ -41,23 +55,42 @@ from hyvideo.checkpoint import (
     OFFICIAL_I2V_VAE,
     OFFICIAL_VAE,
     detect_layout,
+    releases_in,
 )
 from hyvideo.errors import HyVideoError, one_line
+from hyvideo.weight_contents import (
+    check_dit,
+    check_fp8_dit,
+    check_text_encoder,
+    check_vae,
+)
 from hyvideo.weight_io import check_weight_file
+from lowvram.planner import RELEASED_DITS
 
 COMMUNITY_REPO = "hunyuanvideo-community/HunyuanVideo"
 OFFICIAL_REPO = "tencent/HunyuanVideo"
+MODELS = tuple(RELEASED_DITS)  # t2v, i2v, i2v-33ch: the names `lowvram plan --model` takes
+# The diffusers I2V repos, as diffusers 0.42's HunyuanVideoImageToVideoPipeline docstring lists them
+COMMUNITY_I2V_REPOS = {"i2v": "hunyuanvideo-community/HunyuanVideo-I2V", "i2v-33ch": "hunyuanvideo-community/HunyuanVideo-I2V-33ch"}
+# Tencent's HunyuanVideo-I2V ckpts/README.md: the DiT and VAE (main holds the token_replace DiT, the
+# default --i2v-condition-type, since the 2025-03-07 weights), the whole LLaVA into text_encoder_i2v/
+# and CLIP-L into text_encoder_2/
+OFFICIAL_I2V_REPO = "tencent/HunyuanVideo-I2V"
+LLAVA_REPO = "xtuner/llava-llama-3-8b-v1_1-transformers"
+CLIP_REPO = "openai/clip-vit-large-patch14"
 # ModelScope's copies of tencent/HunyuanVideo, openai/clip-vit-large-patch14 and
 # xtuner/llava-llama-3-8b-v1_1-transformers (ids as DiffSynth-Studio's and ms-swift's model tables use them)
 MS_OFFICIAL_REPO = "AI-ModelScope/HunyuanVideo"
 MS_CLIP_REPO = "AI-ModelScope/clip-vit-large-patch14"
 MS_LLAVA_REPO = "AI-ModelScope/llava-llama-3-8b-v1_1-transformers"
+MS_I2V_REPO = "AI-ModelScope/HunyuanVideo-I2V"  # ModelScope's copy of tencent/HunyuanVideo-I2V (DiffSynth-Studio's HunyuanVideoI2V entry)
 LLAVA_FOLDER = "llava-llama-3-8b-v1_1-transformers"  # where the official README puts it, under ckpts/
 DEFAULT_MODEL_DIR = Path("ckpts")
 LAYOUTS = ("diffusers", "official")
 SOURCES = ("huggingface", "modelscope")
 TEXT_PARTS = ["text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*"]
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)
@@ -92,14 +125,28 @@ def check_source(source: str, layout: str | None) -> str:
     return layout or "diffusers"
 
 
-def download_parts(layout: str | None = None, fp8: bool = False, source: str = "huggingface") -> list[RepoPart]:
+def download_parts(layout: str | None = None, fp8: bool = False, source: str = "huggingface", model: str = "t2v") -> list[RepoPart]:
     layout = check_source(source, layout)
     if layout not in LAYOUTS:
         raise HyVideoError(f"unknown layout {layout!r}: choose diffusers or official")
+    if model not in MODELS:
+        raise HyVideoError(f"--model must be one of {', '.join(MODELS)}; got {model!r}")
+    if fp8 and (layout == "diffusers" or model != "t2v"):
+        raise HyVideoError("--fp8 (Tencent's FP8 DiT file) needs --layout official and --model t2v (the I2V release has none)")
     if layout == "diffusers":
-        if fp8:
-            raise HyVideoError("--fp8 (Tencent's FP8 DiT file) needs --layout official")
+        if model != "t2v":
+            return [RepoPart(COMMUNITY_I2V_REPOS[model], ("transformer/*", "vae/*", *TEXT_PARTS, "image_processor/*"))]
         return [RepoPart(COMMUNITY_REPO, ("transformer/*", "vae/*", *TEXT_PARTS))]
+    if model == "i2v-33ch":
+        raise HyVideoError("the 33-channel (latent_concat) I2V release is in the diffusers layout only, on huggingface.co "
+                           f"({COMMUNITY_I2V_REPOS['i2v-33ch']}): use --layout diffusers --source huggingface")
+    if model == "i2v":  # exact names for ModelScope: a part whose files are all there is not downloaded again
+        dit, clip, llava = (MS_I2V_REPO, MS_CLIP_REPO, MS_LLAVA_REPO) if source == "modelscope" else (OFFICIAL_I2V_REPO, CLIP_REPO, LLAVA_REPO)
+        return [
+            RepoPart(dit, (OFFICIAL_I2V_DIT, f"{OFFICIAL_I2V_VAE}/config.json", f"{OFFICIAL_I2V_VAE}/pytorch_model.pt")),
+            RepoPart(clip, ("*.json", "*.txt", "model.safetensors"), into="text_encoder_2"),  # not the TF/Flax/.bin copies
+            RepoPart(llava, ("*.json", "*.safetensors"), into=OFFICIAL_I2V_TEXT_ENCODER),
+        ]
     if source == "modelscope":  # exact names: a part whose files are all there is not downloaded again
         dit = [OFFICIAL_DIT] + ([OFFICIAL_DIT_FP8, OFFICIAL_DIT_FP8_MAP] if fp8 else [])
         return [
@@ -114,10 +161,11 @@ def download_parts(layout: str | None = None, fp8: bool = False, source: str = "
     ]
 
 
-def manual_commands(model_dir: Path, layout: str | None = None, fp8: bool = False, source: str = "huggingface") -> list[str]:
+def manual_commands(model_dir: Path, layout: str | None = None, fp8: bool = False, source: str = "huggingface",
+                    model: str = "t2v") -> list[str]:
     """What to run by hand (any machine with network; copy the folder over afterwards)."""
     commands = []
-    for part in download_parts(layout, fp8, source):
+    for part in download_parts(layout, fp8, source, model):
         includes = " ".join(f'--include "{p}"' for p in part.patterns)
         target = f"{model_dir}/{part.into}" if part.into else f"{model_dir}"
         if source == "modelscope":
@@ -126,30 +174,30 @@ def manual_commands(model_dir: Path, layout: str | None = None, fp8: bool = Fals
             commands.append(f"hf download {part.repo} {includes} --local-dir {target}")
         for folder, into in part.moves:
             commands.append(f"mv {model_dir}/{folder}/* {model_dir}/{into}/ && rmdir {model_dir}/{folder}")
-    if source == "modelscope":
+    if source == "modelscope" and model == "t2v":
         commands.append(f"lowvram download --source modelscope --model-dir {model_dir}   "
                         f"# then, offline: extracts text_encoder/ from {LLAVA_FOLDER}/")
     return commands
 
 
-def _manual(model_dir: Path, layout: str | None, fp8: bool, source: str) -> str:
-    commands = "\n  ".join(manual_commands(model_dir, layout, fp8, source))
+def _manual(model_dir: Path, layout: str | None, fp8: bool, source: str, model: str) -> str:
+    commands = "\n  ".join(manual_commands(model_dir, layout, fp8, source, model))
     if source == "modelscope":
         return f"\nto download by hand (`pip install modelscope` gives the `modelscope` command):\n  {commands}"
     return f"\nto download by hand (huggingface_hub < 1.0 calls it `huggingface-cli download`):\n  {commands}"
 
 
-def _modelscope_error(error: Exception, model_dir: Path, fp8: bool) -> HyVideoError:
-    manual = _manual(model_dir, "official", fp8, "modelscope")
+def _modelscope_error(error: Exception, model_dir: Path, fp8: bool, model: str) -> HyVideoError:
+    manual = _manual(model_dir, "official", fp8, "modelscope", model)
     if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
         return HyVideoError(f"the disk is full while downloading into {model_dir}; free space and run the same command again (it resumes)")
     return HyVideoError(f"cannot download from modelscope.cn ({one_line(error)}); offline or no network?{manual}")
 
 
-def _hub_error(error: Exception, model_dir: Path, layout: str, fp8: bool) -> HyVideoError:
+def _hub_error(error: Exception, model_dir: Path, layout: str, fp8: bool, model: str) -> HyVideoError:
     from huggingface_hub import errors
 
-    manual = _manual(model_dir, layout, fp8, "huggingface")
+    manual = _manual(model_dir, layout, fp8, "huggingface", model)
     if isinstance(error, errors.GatedRepoError):
         return HyVideoError(f"the repo needs you to accept its licence on huggingface.co and log in (`hf auth login`): {one_line(error)}{manual}")
     if isinstance(error, errors.RepositoryNotFoundError):
@@ -161,69 +209,73 @@ def _hub_error(error: Exception, model_dir: Path, layout: str, fp8: bool) -> HyV
     return HyVideoError(f"cannot download from huggingface.co ({one_line(error)}); offline or no network?{manual}")
 
 
-def plan_download(model_dir: Path, layout: str | None = None, fp8: bool = False, source: str = "huggingface") -> list[PlannedFile]:
+def plan_download(model_dir: Path, layout: str | None = None, fp8: bool = False, source: str = "huggingface",
+                  model: str = "t2v") -> list[PlannedFile]:
     """The files a download would fetch, with sizes (asks the hub; downloads nothing). ModelScope:
     one row per pattern, size None (not asked), present when the whole part is there."""
+    model_dir = Path(model_dir)
     if source == "modelscope":
-        model_dir = Path(model_dir)
         planned = [PlannedFile(part.repo, f"{part.into}/{p}" if part.into else p, None, _part_present(model_dir, part))
-                   for part in download_parts(layout, fp8, source) for p in part.patterns]
+                   for part in download_parts(layout, fp8, source, model) for p in part.patterns]
+        if model != "t2v":  # I2V keeps the whole LLaVA: nothing to extract
+            return planned
         extracted = _text_encoder_present(model_dir)
         return planned + [PlannedFile(f"{LLAVA_FOLDER}/ (extracted here)", "text_encoder/", None, extracted)]
     from huggingface_hub import snapshot_download
 
     planned = []
-    for part in download_parts(layout, fp8):
+    for part in download_parts(layout, fp8, model=model):
         try:
-            infos = snapshot_download(part.repo, local_dir=str(model_dir), allow_patterns=list(part.patterns), dry_run=True)
+            infos = snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns), dry_run=True)
         except Exception as error:  # the hub raises many types (HTTP, offline, gated); all end here
-            raise _hub_error(error, Path(model_dir), layout, fp8) from None
-        planned += [PlannedFile(part.repo, info.filename, info.file_size, not info.will_download) for info in infos]
+            raise _hub_error(error, model_dir, layout, fp8, model) from None
+        planned += [PlannedFile(part.repo, f"{part.into}/{info.filename}" if part.into else info.filename, info.file_size,
+                                not info.will_download) for info in infos]
     return planned
 
 
 def download(model_dir: Path, layout: str | None = None, fp8: bool = False, progress: bool = True,
-             source: str = "huggingface") -> Path:
+             source: str = "huggingface", model: str = "t2v") -> Path:
     """Fetch what is missing into `model_dir` in `layout`; returns the folder."""
     if source == "modelscope":
-        return _download_modelscope(Path(model_dir), layout, fp8)
+        return _download_modelscope(Path(model_dir), layout, fp8, model)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     (enable_progress_bars if progress else disable_progress_bars)()
-    for part in download_parts(layout, fp8):
+    for part in download_parts(layout, fp8, model=model):
         try:
-            snapshot_download(part.repo, local_dir=str(model_dir), allow_patterns=list(part.patterns))
+            snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns))
         except Exception as error:
-            raise _hub_error(error, model_dir, layout, fp8) from None
+            raise _hub_error(error, model_dir, layout, fp8, model) from None
         for source, target in part.moves:
             _move_into(model_dir / source, model_dir / target)
     return model_dir
 
 
-def _download_modelscope(model_dir: Path, layout: str | None, fp8: bool) -> Path:
+def _download_modelscope(model_dir: Path, layout: str | None, fp8: bool, model: str) -> Path:
     """The three ModelScope repos (parts already complete are skipped, without the network), then
-    text_encoder/ extracted from the LLaVA checkpoint unless it is there."""
+    for text-to-video text_encoder/ extracted from the LLaVA checkpoint unless it is there."""
     from .llava import extract_language_model
 
-    extracted = _text_encoder_present(model_dir)  # then the LLaVA download is not needed (it may be deleted)
-    parts = [part for part in download_parts(layout, fp8, "modelscope")
-             if not _part_present(model_dir, part) and not (extracted and part.repo == MS_LLAVA_REPO)]
+    extract = model == "t2v" and not _text_encoder_present(model_dir)  # else the LLaVA download may be deleted
+    parts = [part for part in download_parts(layout, fp8, "modelscope", model)
+             if not _part_present(model_dir, part) and not (model == "t2v" and not extract and part.repo == MS_LLAVA_REPO)]
     if parts:
         try:
             from modelscope import snapshot_download
         except ImportError:
             raise HyVideoError('--source modelscope needs the modelscope package: pip install "hyvideo-lowvram[modelscope]"'
-                               + _manual(model_dir, "official", fp8, "modelscope")) from None
+                               + _manual(model_dir, "official", fp8, "modelscope", model)) from None
     model_dir.mkdir(parents=True, exist_ok=True)
     for part in parts:
         try:
             snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns))
         except Exception as error:  # requests, HTTP and ModelScope's own errors alike
-            raise _modelscope_error(error, model_dir, fp8) from None
-    if not extracted:
+            raise _modelscope_error(error, model_dir, fp8, model) from None
+    if extract:
         extract_language_model(model_dir / LLAVA_FOLDER, model_dir / "text_encoder")
     return model_dir
 
@@ -278,7 +330,7 @@ def _format_problem(path: Path) -> str | None:
     maps the file as the loader does and checks its zip directory or safetensors header against the
     file size, reading no tensor data), else None."""
     try:
-        if path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        if path.suffix in WEIGHT_SUFFIXES:
             check_weight_file(path)
         elif path.suffix == ".json":
             json.loads(path.read_text())
@@ -343,8 +395,46 @@ def expected_files(root: Path) -> tuple[str | None, list[Path]]:
 
 
 def check_model_folder(root: Path) -> tuple[str | None, list[FileCheck]]:
+    """Every file a model folder must hold, checked alone (`check_file`) and then for what it holds
+    (`_content_problems`)."""
     layout, paths = expected_files(root)
-    return layout, [check_file(p) for p in dict.fromkeys(paths)]
+    checks = {p: check_file(p) for p in dict.fromkeys(paths)}
+    for path, problem in _content_problems(Path(root), checks).items():
+        checks[path] = FileCheck(path, checks[path].size, problem)
+    return layout, list(checks.values())
+
+
+def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, str]:
+    """What each place's weights hold against what the place needs (`hyvideo.weight_contents`),
+    reported on the place's first weight file. A place with a missing or unreadable file is left
+    to that file's own problem."""
+    places = []
+    try:
+        releases = releases_in(root)
+    except HyVideoError:  # a broken shard index: reported as that file's problem
+        return {}
+    for files in releases:
+        if files.dit_weights:
+            places.append(([*files.dit_weights, *([files.dit_config] if files.dit_config else [])], partial(check_dit, files)))
+        if files.dit_fp8:
+            places.append(([files.dit_fp8], partial(check_fp8_dit, files)))
+        places.append(([files.vae_weights, files.vae_config], partial(check_vae, files)))
+        for folder, tokenizer, kind in ((files.llm, files.llm_tokenizer, "llava" if files.image_to_video else "llm"),
+                                        (files.clip, files.clip_tokenizer, "clip")):
+            paths = _transformers_folder(folder, tokenizer)
+            weights = [p for p in paths if p.suffix in WEIGHT_SUFFIXES]
+            places.append((weights + paths, partial(check_text_encoder, weights, kind)))
+    problems = {}
+    for paths, check in places:
+        if paths[0] in problems or not all(p in checks and checks[p].ok for p in paths):
+            continue
+        try:
+            check()
+        except HyVideoError as error:
+            problems[paths[0]] = str(error)
+        except (ValueError, KeyError) as error:  # a config.json that builds no model of these shapes
+            problems[paths[0]] = f"does not fit its config ({type(error).__name__}: {error})"
+    return problems
 
 
 def default_model_dir() -> Path:
