@@ -8,6 +8,7 @@
 #   bash bench/run_gpu.sh fetch-wheels   # here, where pip reaches an index: the wheels into .whl/
 #   bash bench/run_gpu.sh                # on the GPU machine, carrying .whl (device tool: carry [".whl"])
 #   REHEARSE=1 bash bench/run_gpu.sh     # the same steps, commands, checks and archive on the CPU, tiny
+#   I2V=1 bash bench/run_gpu.sh          # the image-to-video line instead (its own device call, below)
 #
 # Steps (issue 25's order of value; limit = most seconds, need = fewest worth starting with):
 #   0 setup: the wheels installed (a failure stops the run with one line), imports checked, the
@@ -31,6 +32,17 @@
 # steps.tsv (name, exit code, seconds, limit; 124 = the limit stopped it) and progress.log.
 # Not in this call (each its own, longer one): python -m bench.bench_speed (kernels x compile x
 # _scaled_mm x step cache, ~9 min) and, on a machine with several GPUs, `lowvram bench --gpus N`.
+#
+# I2V=1: image-to-video (issue 22) in its own call, the setup as above, then (the T2V models in
+# $SCRATCH removed first: the I2V folder's 43 GB and its 13 GB FP8 cache do not fit the 64 GiB disk
+# beside them, nor its time the T2V call's budget):
+#   1 write-model-i2v    the full-size random HunyuanVideo-I2V, token_replace (bf16 DiT, LLaVA-Llama-3-8B
+#                        with its vision tower, CLIP, VAE: 43 GB), drawn on the GPU       limit 200, need 60
+#   2 i2v-720p-16gb      lowvram bench --image (a 1920x1080 PNG written here: its 720p bucket is
+#                        1248x704) x 129 under a 16 GiB cap, 2 steps, defaults (auto: the 16gb profile,
+#                        FP8 DiT from the quantize-once cache it builds, blocks streamed; NF4 LLaVA)
+#                                                                                        rest, need 120
+# Its JSON, log and manifest are saved and summarized as the T2V lines' (same names, same markdown).
 #
 # Wheels: the GPU machine has no package index (Python 3.12, torch 2.11+cu130). `fetch-wheels`
 # downloads, with pip here, the packages it lacks, pinned to the versions tested here, as wheels for
@@ -117,6 +129,8 @@ step() {  # NAME LIMIT NEED CMD...: CMD > NAME.out 2> NAME.log under min(LIMIT, 
   return 0
 }
 
+layout=official-fp8  # Tencent's FP8 DiT pair (T2V); the I2V release has none: official, FP8 from the cache
+[ -n "${I2V:-}" ] && layout=official
 if [ -n "${REHEARSE:-}" ]; then
   device=cpu; model_size=tiny
   video() { echo "--size 128x96 --frames 17"; }  # every size: the tiny model at demo size
@@ -130,7 +144,7 @@ else
 fi
 
 # -- 0: setup ----------------------------------------------------------------------------------
-log "run_gpu: $([ -n "${REHEARSE:-}" ] && echo rehearsal on the CPU || echo GPU run), budget ${BUDGET_S} s"
+log "run_gpu: $([ -n "${REHEARSE:-}" ] && echo rehearsal on the CPU || echo GPU run)$([ -n "${I2V:-}" ] && echo ', image-to-video'), budget ${BUDGET_S} s"
 printf 'step\texit\tseconds\tlimit\n' > "$res/steps.tsv"
 git log -1 --format='%H %s' > "$res/commit.txt" 2>/dev/null
 if [ -z "${REHEARSE:-}" ]; then
@@ -181,7 +195,7 @@ pack
 bench() {  # NAME LIMIT NEED ARGS...: one `lowvram bench` -> lowvram-bench-NAME.json (+ .log, .manifest.json)
   local name=$1 limit=$2 need=$3
   shift 3
-  step "lowvram-bench-$name" "$limit" "$need" $PYTHON -m cli bench --scratch "$scratch" --layout official-fp8 \
+  step "lowvram-bench-$name" "$limit" "$need" $PYTHON -m cli bench --scratch "$scratch" --layout "$layout" \
     --model-size "$model_size" --device "$device" --steps 2 "$@" --json
   mv "$res/lowvram-bench-$name.out" "$res/lowvram-bench-$name.json" 2> /dev/null
   local manifest
@@ -189,6 +203,24 @@ bench() {  # NAME LIMIT NEED ARGS...: one `lowvram bench` -> lowvram-bench-NAME.
   [ -n "$manifest" ] && cp "$manifest" "$res/lowvram-bench-$name.manifest.json"
   pack
 }
+
+summarize() {
+  $PYTHON -m bench.summarize_bench "$res" > "$res/summary.out" 2>&1 && cp "$res"/lowvram_bench-*.md "$out"/ 2> /dev/null
+  log "done: $(awk -F'\t' 'NR > 1 {printf "%s %s %ss; ", $1, $2, $3}' "$res/steps.tsv")"
+  pack
+}
+
+# -- I2V=1: 1-2 ------------------------------------------------------------------------------------
+if [ -n "${I2V:-}" ]; then
+  rm -rf "$scratch"/model-*-official-fp8 "$scratch"/model-full-official  # the T2V models: disk for the I2V one
+  mkdir -p "$scratch"
+  image="$scratch/i2v-first-frame.png"  # 16:9, larger than the bucket: resized and center-cropped as generate does
+  $PYTHON -c "import numpy as np, PIL.Image as I, sys; y, x = np.mgrid[0:1080, 0:1920]; I.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(sys.argv[1])" "$image"
+  step write-model-i2v 200 60 $PYTHON -m bench.write_model --scratch "$scratch" --size "${model_size}-i2v" --layout "$layout" --device "$device"
+  bench i2v-720p-16gb 600 120 --image "$image" $(video 720p) $(cap 16)
+  summarize
+  exit 0
+fi
 
 # -- 1-8 -----------------------------------------------------------------------------------------
 step write-model 120 30 $PYTHON -m bench.write_model --scratch "$scratch" --size "$model_size" --layout official-fp8 --device "$device"
@@ -201,7 +233,4 @@ step attention 45 20 $PYTHON -m bench.bench_attention --out "$res" --size "$atte
 step diffusers-16gb 120 60 $PYTHON -m bench.bench_streaming --out "$res" --runs diffusers --sizes "$streaming_size" \
   --caps 16 --steps 2 --budget-s 100 "${tiny[@]}"
 bench 720p-12gb 600 90 $(video 720p) $(cap 12)
-
-$PYTHON -m bench.summarize_bench "$res" > "$res/summary.out" 2>&1 && cp "$res"/lowvram_bench-*.md "$out"/ 2> /dev/null
-log "done: $(awk -F'\t' 'NR > 1 {printf "%s %s %ss; ", $1, $2, $3}' "$res/steps.tsv")"
-pack
+summarize

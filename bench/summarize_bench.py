@@ -50,7 +50,8 @@ def main(argv=None) -> int:
                           "```", json.dumps(run["measured"], indent=1), "```", ""]
             continue
         video = run["video"]
-        lines += [f"## {run['config']}: {run['profile']} at {video['width']}x{video['height']}x{video['frames']}, "
+        i2v = f", image-to-video ({run['model']['size']})" if run["model"].get("image") else ""
+        lines += [f"## {run['config']}: {run['profile']} at {video['width']}x{video['height']}x{video['frames']}{i2v}, "
                   f"cap {fmt(run['cap_gb'], '{:g}')} GiB" + (f" per GPU, {run['parallel']['ranks']} GPUs (Ulysses "
                   f"{run['parallel']['ulysses']} x ring {run['parallel']['ring']})" if run.get("parallel") else ""), "",
                   f"s/step {fmt(run['s_per_step'])}, DiT load {fmt(run['dit_load_seconds'], '{:.1f}')} s, "

@@ -22,7 +22,7 @@ from lowvram.setup.synthetic_checkpoint import plan_folder
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scratch", required=True)
-    parser.add_argument("--size", default="full", choices=("full", "tiny"))
+    parser.add_argument("--size", default="full", choices=("full", "tiny", "full-i2v", "tiny-i2v"))  # -i2v: token_replace
     parser.add_argument("--layout", default="official-fp8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

@@ -137,6 +137,8 @@ def bench(
     resolution: str = Resolution,
     aspect: str = Aspect,
     frames: int = Frames,
+    image: Path = typer.Option(None, "--image", help="Image-to-video: bench HunyuanVideo-I2V (token_replace) on this image; "
+                               "the video takes its bucket at --resolution, as generate --image."),
     steps: int = typer.Option(2, "--steps", help="Denoising steps to measure (the estimate scales to 50)."),
     cap_gb: float = typer.Option(None, "--cap-gb", help="Emulate a card with this many GiB (caps PyTorch's allocations)."),
     step_cache: str = StepCache,
@@ -162,17 +164,17 @@ def bench(
         from lowvram.generation.runner import RunInterrupted, StopRequest
         from lowvram.sizes import resolve_size
 
-        width, height = resolve_size(size, resolution, aspect)
+        width, height = resolve_size(size, resolution, aspect, image)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
                                None if cap_gb is None else int(cap_gb * 2**30), device,
-                               overrides(step_cache, attention, compile_blocks, fp8_matmul, pin))
+                               overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), image)
         env = rank_environment()
         if env is not None and options.cap_bytes is not None:  # each rank caps its own GPU
             cap_vram(options.cap_bytes, f"cuda:{env['LOCAL_RANK']}")
 
         def model_dir():  # written by the launcher, before any rank starts
             with reporter:
-                return ensure_synthetic_model(scratch, model_size, layout, reporter)
+                return ensure_synthetic_model(scratch, options.synthetic_size, layout, reporter)
 
         as_rank(gpus, parallel, device, model_dir, lambda: (width, height, frames), as_json, "lowvram bench")
         stop = StopRequest()

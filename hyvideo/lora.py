@@ -1,14 +1,21 @@
 """LoRA for the DiT: the files in circulation read onto our module names, and the linears they
-touch swapped for `LoraLinear` (gpt-fast style module swapping). The base layer is wrapped, never
-changed, so bf16, FP8 and INT8 weights all take a LoRA without being re-quantized, and another
-LoRA or strength is only another wrapping of freshly loaded weights.
+touch swapped for `LoraLinear` (gpt-fast style module swapping; img_in's patch convolution for
+`LoraPatchConv`). The base layer is wrapped, never changed, so bf16, FP8 and INT8 weights all take
+a LoRA without being re-quantized, and another LoRA or strength is only another wrapping of
+freshly loaded weights.
 
 Formats (a file may mix them; keys may carry a `transformer.` or `diffusion_model.` prefix):
 - diffusers / PEFT: `transformer_blocks.0.attn.to_q.lora_A.weight` / `.lora_B.weight` in diffusers'
   module names; alpha from the file's `lora_adapter_metadata` (what diffusers saves), else the rank.
 - kohya / musubi-tuner: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` / `.lora_up.weight`
   / `.alpha`: the official module names with dots written as underscores.
+- Tencent's HunyuanVideo-I2V LoRA training (`train_image2video_lora.py`, its released
+  `*_kohaya_weights.safetensors`): kohya's layout with the prefix `Hunyuan_video_I2V_lora_` instead
+  of `lora_unet_`, alpha = rank (Tencent's loader ignores alpha; alpha / rank = 1 here too).
 - official names: `double_blocks.0.img_attn_qkv.lora_A.weight` (or lora_down / lora_up, `.alpha`).
+img_in's patch convolution (kernel = stride: a linear on each patch) takes a LoRA whose factors are
+convolutions, as PEFT and kohya store them: down [r, C, 1, 2, 2], up [out, r, 1, 1, 1]. Its input
+channels are the DiT's (16; 33 for latent_concat I2V), so a LoRA made for the other width is refused.
 Anything else (a key naming no linear, a shape that does not fit, DoRA or bias tensors, a file with
 no LoRA tensors) is one HyVideoError listing the first offenders: nothing is silently ignored.
 
@@ -43,7 +50,7 @@ from .dit import HunyuanVideoDiT
 from .errors import HyVideoError
 from .weight_io import read_safetensors
 
-KOHYA_PREFIX = "lora_unet_"
+KOHYA_PREFIXES = ("lora_unet_", "Hunyuan_video_I2V_lora_")  # kohya/musubi-tuner, Tencent's I2V training
 _PREFIXES = ("transformer.", "diffusion_model.")
 _ROLES = {"lora_A.weight": "down", "lora_A.default.weight": "down", "lora_down.weight": "down",
           "lora_B.weight": "up", "lora_B.default.weight": "up", "lora_up.weight": "up", "alpha": "alpha"}
@@ -103,6 +110,24 @@ class LoraLinear(nn.Module):
             self.base.release_weight()
 
 
+class LoraPatchConv(nn.Module):
+    """base(x) + up(down(x)) for a patch-embedding Conv3d (img_in): down is a conv with the base's
+    kernel and stride [R, C, kt, kh, kw], up a 1x1x1 conv [out, R, 1, 1, 1] with the scale in it."""
+
+    def __init__(self, base: nn.Conv3d, down: torch.Tensor, up: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("down", down.reshape(down.shape[0], *base.weight.shape[1:]))
+        self.register_buffer("up", up[:, :, None, None, None])
+
+    @property
+    def weight(self) -> torch.Tensor:  # the DiT reads its compute dtype from img_in's weight
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, T, H, W] -> [B, out, T, H/2, W/2]
+        return self.base(x).add_(F.conv3d(F.conv3d(x, self.down, stride=self.base.stride), self.up))
+
+
 # --- reading files onto our module names ------------------------------------------------------
 
 
@@ -121,18 +146,22 @@ class _Part:
     scale: float  # strength * alpha / r
 
 
-def linear_shapes(config: DiTConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of every linear of the DiT, by module name (meta device: nothing allocated)."""
+def linear_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Weight shape of every module a LoRA may touch, by module name (meta device: nothing
+    allocated): each linear's (out, in), and img_in's patch convolution (out, C, kt, kh, kw)."""
     with torch.device("meta"):
         model = HunyuanVideoDiT(config)
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if type(m) is nn.Linear}
+    shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if type(m) is nn.Linear}
+    shapes["img_in.proj"] = tuple(model.img_in.proj.weight.shape)
+    return shapes
 
 
-def _targets(shapes: dict[str, tuple[int, int]], hidden_size: int) -> dict[str, _Target]:
+def _targets(shapes: dict[str, tuple[int, ...]], hidden_size: int) -> dict[str, _Target]:
     """Every module name a LoRA file may use for (a row slice of) one of our linears."""
     found = {}
-    for module, (out, _) in shapes.items():
-        found[module] = found[KOHYA_PREFIX + module.replace(".", "_")] = _Target(module, slice(0, out), False)
+    for module, (out, *_) in shapes.items():
+        found[module] = _Target(module, slice(0, out), False)
+        found.update({prefix + module.replace(".", "_"): found[module] for prefix in KOHYA_PREFIXES})
         names = [part.removesuffix(".weight") for part in diffusers_parts(f"{module}.weight")]
         start = 0
         for name, size in zip(names, part_sizes(len(names), out, hidden_size)):
@@ -178,7 +207,7 @@ def _alpha(config: dict | None, name: str, rank: int) -> float:
     return config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
 
 
-def _read_parts(spec: LoraSpec, targets: dict[str, _Target], shapes: dict[str, tuple[int, int]]) -> list[_Part]:
+def _read_parts(spec: LoraSpec, targets: dict[str, _Target], shapes: dict[str, tuple[int, ...]]) -> list[_Part]:
     path = Path(spec.path)
     if not path.is_file():
         raise HyVideoError(f"LoRA file {path} does not exist (--lora PATH[:STRENGTH])")
@@ -200,11 +229,16 @@ def _read_parts(spec: LoraSpec, targets: dict[str, _Target], shapes: dict[str, t
             problems.append(f"{name} (lora_{'A/down' if 'down' not in group else 'B/up'} is missing)")
             continue
         target, down, up = targets[name], group["down"], group["up"]
-        rows, in_features = target.rows.stop - target.rows.start, shapes[target.module][1]
-        if down.ndim != 2 or up.ndim != 2 or down.shape[1] != in_features or up.shape != (rows, down.shape[0]):
-            problems.append(f"{name} (down {tuple(down.shape)}, up {tuple(up.shape)} do not fit its [{rows}, {in_features}] weight)")
+        rows, weight = target.rows.stop - target.rows.start, shapes[target.module]
+        rank, kernel = down.shape[0], (1,) * (len(weight) - 2)  # a conv's up is 1x1x1
+        if len(weight) > 2 and down.ndim == len(weight) and down.shape[1] != weight[1]:
+            problems.append(f"{name} (made for a DiT with {down.shape[1]} input channels; this one has {weight[1]})")
             continue
-        rank = down.shape[0]
+        if tuple(down.shape) != (rank, *weight[1:]) or tuple(up.shape) != (rows, rank, *kernel):
+            shape = ", ".join(map(str, (rows, *weight[1:])))
+            problems.append(f"{name} (down {tuple(down.shape)}, up {tuple(up.shape)} do not fit its [{shape}] weight)")
+            continue
+        down, up = down.flatten(1), up.flatten(1)  # a conv's factors as the linear on each patch
         alpha = float(group["alpha"]) if "alpha" in group else _alpha(config, name, rank)
         divisor = math.sqrt(rank) if config is not None and config.get("use_rslora") else rank
         parts.append(_Part(target, down, up, spec.strength * alpha / divisor))
@@ -212,7 +246,8 @@ def _read_parts(spec: LoraSpec, targets: dict[str, _Target], shapes: dict[str, t
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise HyVideoError(
             f"LoRA {path} does not fit this model: " + (f"{len(problems)} key(s) not understood: {shown}" if problems else
-            "it holds no LoRA tensors") + ". Is it a HunyuanVideo (T2V) LoRA in the diffusers, kohya/musubi or official format?"
+            "it holds no LoRA tensors") + ". Is it a HunyuanVideo LoRA (T2V or I2V) in the diffusers, kohya/musubi, Tencent or "
+            "official format?"
         )
     return parts
 
@@ -242,13 +277,15 @@ def _layout(specs: list[LoraSpec], config: DiTConfig):
 
 def lora_updates(specs: list[LoraSpec], config: DiTConfig) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(our linear, down [R, in], up [out, R] with the scales in it) in float32, for all `specs`
-    together (their updates add); one linear at a time, so float32 copies never pile up."""
+    together (their updates add); one linear at a time, so float32 copies never pile up. img_in's
+    patch convolution is the linear on each patch: in = C * kt * kh * kw."""
     shapes, parts, ranks = _layout(specs, config)
     by_module: dict[str, list[_Part]] = {}
     for part in parts:
         by_module.setdefault(part.target.module, []).append(part)
     for module, rank in ranks.items():
-        (out_features, in_features), start = shapes[module], 0
+        (out_features, *weight_in), start = shapes[module], 0
+        in_features = math.prod(weight_in)
         down, up = torch.zeros(rank, in_features), torch.zeros(out_features, rank)
         for part in by_module.get(module, []):  # none: a block padded to its kind's structure
             width = part.down.shape[0]
@@ -284,7 +321,8 @@ def lora_bytes(specs: list[LoraSpec], config: DiTConfig, dtype_bytes: int = 2) -
         match = _BLOCK.fullmatch(module)
         if match and not module.startswith(f"{match[1]}.0."):
             continue  # every block of a kind is alike: count block 0
-        sizes[match[1] if match else "trunk"] += rank * sum(shapes[module]) * dtype_bytes
+        out_features, *weight_in = shapes[module]
+        sizes[match[1] if match else "trunk"] += rank * (out_features + math.prod(weight_in)) * dtype_bytes
     return LoraBytes(sizes["double_blocks"], sizes["single_blocks"], sizes["trunk"])
 
 
@@ -293,7 +331,9 @@ def apply_loras(model: nn.Module, specs: list[LoraSpec]) -> dict:
     Returns what was done, for the run's record."""
     dtype, done = model.compute_dtype, {"linears": 0, "bytes": 0}
     for name, down, up in lora_updates(specs, model.config):
-        model.set_submodule(name, LoraLinear(model.get_submodule(name), down.to(dtype), up.to(dtype)))
+        base = model.get_submodule(name)
+        wrapper = LoraPatchConv if isinstance(base, nn.Conv3d) else LoraLinear
+        model.set_submodule(name, wrapper(base, down.to(dtype), up.to(dtype)))
         done["linears"] += 1
         done["bytes"] += (down.numel() + up.numel()) * dtype.itemsize
     return done

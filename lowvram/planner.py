@@ -12,6 +12,8 @@ stages are built from.
 
 Stages run one after another, each with only its own weights on the GPU (lowvram/stages.py):
 - text: the LLM (nf4 or bf16) and CLIP, loaded together; peak = both encoders + the LLM's activations.
+        Image-to-video adds LLaVA's vision tower and the VAE that encodes the conditioning image in
+        the profile's spatial tiles (lowvram/tiled_vae.py; the largest activations at 720p untiled).
 - dit:  trunk (embedders, refiner, final layer; bf16) + resident blocks + the streaming ring +
         activations of one forward at the profile's token chunk (lowvram/activations.py) + the
         transient bf16 copy of the largest quantized linear being run + latents; with a step cache,
@@ -88,7 +90,7 @@ from .parallel import Layout, check_parallel, split_axis
 from .profiles import Profile
 from .schedule import BlockSchedule, plan_schedule
 from .sizes import SIZE_BUCKETS
-from .tiled_vae import decode_tiling
+from .tiled_vae import decode_tiling, encode_tiling
 from .units import GIB
 
 RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces + fragmentation
@@ -253,20 +255,17 @@ def hunyuan_text_encoders(llm_linear: int = LLM_LINEAR_PARAMS, llm_other: int = 
 def hunyuan_i2v_text_encoders(llm_linear: int = LLM_LINEAR_PARAMS, llm_other: int = LLM_EMBED_PARAMS + LLM_OTHER_PARAMS,
                               vision: int = LLAVA_VISION_PARAMS, clip: int = CLIP_TEXT_PARAMS,
                               image_tokens: int = LLAVA_IMAGE_TOKENS, vision_layers: int = 24, vision_hidden: int = 1024,
-                              vision_mlp: int = 4096, vae_config: VAEConfig | None = None,
-                              image_size: tuple[int, int] = I2V_IMAGE_SIZE) -> tuple[TextEncoderSize, ...]:
-    """HunyuanVideo-I2V's text stage, as the runner loads it: LLaVA's language model (per the
+                              vision_mlp: int = 4096) -> tuple[TextEncoderSize, ...]:
+    """HunyuanVideo-I2V's text encoders, as the runner loads them: LLaVA's language model (per the
     encoder scheme) over the I2V template with the image's `image_tokens` positions in it (351 ->
-    934 at full size), its CLIP vision tower and projector (16-bit), CLIP-L's text model, and the
-    VAE (fp16) that encodes the conditioning image right after the text, one frame at the video's
-    bucket size (default: the largest 720p bucket's pixels). The defaults are the released counts."""
-    vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
+    934 at full size), its CLIP vision tower and projector (16-bit), and CLIP-L's text model. The
+    VAE that encodes the image in the same stage is `plan`'s `image_size`. The defaults are the
+    released counts."""
     positions = TEXT_LEN + OFFICIAL_CROP_START_I2V + image_tokens - 1
     vision_tokens = image_tokens + 1  # the class token runs through the tower too
     return (TextEncoderSize("llm", llm_linear, llm_other, text_activation_bytes(positions)),
             TextEncoderSize("vision", 0, vision, text_activation_bytes(vision_tokens, vision_hidden, vision_layers, vision_mlp)),
-            TextEncoderSize("clip", 0, clip),
-            TextEncoderSize("image encode", 0, vae_parameters(vae_config), vae_encode_frame_bytes(vae_config, *image_size)))
+            TextEncoderSize("clip", 0, clip))
 
 
 def i2v_text_tokens(image_condition_type: str, image_tokens: int = LLAVA_IMAGE_TOKENS) -> int:
@@ -287,7 +286,7 @@ def released_model_sizes(model: str, width: int, height: int) -> dict:
     if dit_config.image_condition_type is None:
         return {"dit_config": dit_config}
     return {"dit_config": dit_config, "text_tokens": i2v_text_tokens(dit_config.image_condition_type),
-            "text_encoders": hunyuan_i2v_text_encoders(image_size=(align_up(height, 16), align_up(width, 16)))}
+            "text_encoders": hunyuan_i2v_text_encoders(), "image_size": (align_up(height, 16), align_up(width, 16))}
 
 
 def first_use_quantize_bytes(config: DiTConfig) -> int:
@@ -334,11 +333,26 @@ def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int],
     return sum(parts.values()), parts
 
 
+def image_encode_bytes(profile: Profile, config: VAEConfig, image_size: tuple[int, int], act_bytes: int = 2) -> int:
+    """Peak activations of encoding the conditioning image (one frame, height x width) in the
+    profile's spatial tiles (one tile when they are 0): one tile's encode, the whole frame's pixels,
+    and the assembled latents with the strips kept for blending (each at most the latents' size)."""
+    height, width = image_size
+    _, h_spans, w_spans = encode_tiling((1, height, width), profile.vae_spatial_tile, config.time_compression_ratio,
+                                        config.spatial_compression_ratio)
+    tile_h = max(span.src_stop - span.src_start for span in h_spans)
+    tile_w = max(span.src_stop - span.src_start for span in w_spans)
+    pixels = config.in_channels * height * width * act_bytes
+    latents = config.latent_channels * sum(s.keep for s in h_spans) * sum(s.keep for s in w_spans) * act_bytes
+    return vae_encode_frame_bytes(config, tile_h, tile_w, act_bytes) + pixels + 2 * latents
+
+
 def plan(
     profile: Profile, width: int, height: int, frames: int, *, host_ram_bytes: int | None = None,
     dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None,
     text_encoders: tuple[TextEncoderSize, ...] | None = None, lora_bytes: LoraBytes | None = None,
     layout: Layout | None = None, local_ranks: int | None = None, text_tokens: int = TEXT_LEN,
+    image_size: tuple[int, int] | None = None,
 ) -> Plan:
     """Predict each stage's peak memory for `profile` at width x height x frames (batch 1).
 
@@ -349,7 +363,8 @@ def plan(
     run's LoRAs add (hyvideo.lora.lora_bytes), in the blocks and outside them.
     layout: sequence parallelism over layout.world GPUs (module docstring), `local_ranks` of them
     on this machine (default: all). text_tokens: the most text tokens the DiT reads (I2V: the
-    image's states too, `i2v_text_tokens`).
+    image's states too, `i2v_text_tokens`). image_size: image-to-video's conditioning image,
+    (height, width) as the VAE encodes it in the text stage (`image_encode_bytes`); None: no image.
     """
     dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
     vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
@@ -395,8 +410,12 @@ def plan(
     if encoders:
         scheme = profile.encoder_scheme
         text_parts = {encoder.name: encoder.weight_bytes(scheme) for encoder in encoders}
+        activations = [encoder.activation_bytes for encoder in encoders]
+        if image_size is not None:  # the whole VAE (fp16), loaded after the text encoders, in the same stage
+            text_parts["image encode"] = vae_parameters(vae_config) * 2
+            activations.append(image_encode_bytes(profile, vae_config, image_size))
         text_files = sum(text_parts.values())
-        text_parts["activations"] = max(encoder.activation_bytes for encoder in encoders)
+        text_parts["activations"] = max(activations)
         text_ram = {"baseline": HOST_BASELINE_BYTES}
         if scheme == "nf4":  # first use: each 16-bit tensor on the host while the GPU quantizes it;
             text_ram["first use (NF4 cache)"] = sum(e.other * 2 for e in encoders if e.linear)  # the largest: the embeddings

@@ -73,11 +73,9 @@ def vae_config_for(files: ModelFiles) -> VAEConfig:
         raise HyVideoError(f"{files.vae_config} is not a VAE config ({error}); download it again") from None
 
 
-def text_encoder_sizes(files: ModelFiles, vae_config: VAEConfig, image_size: tuple[int, int] = I2V_IMAGE_SIZE,
-                       ) -> tuple[TextEncoderSize, ...]:
+def text_encoder_sizes(files: ModelFiles) -> tuple[TextEncoderSize, ...]:
     """The text encoders' sizes from their config.json (meta device, no weights read); for
-    image-to-video LLaVA's language model and vision tower, and the VAE that encodes the image at
-    `image_size` (height, width: the video's)."""
+    image-to-video LLaVA's language model and vision tower."""
     from transformers import AutoConfig, CLIPTextModel, CLIPVisionModel
 
     try:
@@ -96,8 +94,7 @@ def text_encoder_sizes(files: ModelFiles, vae_config: VAEConfig, image_size: tup
     text_hidden, vision_hidden = llm_config.get_text_config().hidden_size, vision_config.hidden_size
     projector = vision_hidden * text_hidden + text_hidden + text_hidden * text_hidden + text_hidden  # 2 linears with biases
     return hunyuan_i2v_text_encoders(llm_linear, llm_other, vision + projector, clip, image_tokens(vision_config),
-                                     vision_config.num_hidden_layers, vision_hidden, vision_config.intermediate_size, vae_config,
-                                     image_size)
+                                     vision_config.num_hidden_layers, vision_hidden, vision_config.intermediate_size)
 
 
 def image_tokens(vision_config) -> int:
@@ -108,17 +105,17 @@ def image_tokens(vision_config) -> int:
 def model_sizes(files: ModelFiles, image_size: tuple[int, int] = I2V_IMAGE_SIZE) -> dict:
     """What this model contributes to each stage, as the planner counts it (no weights read):
     `plan(..., **model_sizes(files, (height, width)))`. The seam where another model (image-to-video,
-    1.5) enters the planner: its DiT config, its VAE config, its text encoders (I2V: with the
-    image's encoding at `image_size`, the video's; default the largest 720p bucket), and the text
-    tokens its DiT reads."""
+    1.5) enters the planner: its DiT config, its VAE config, its text encoders, the text tokens its
+    DiT reads, and for I2V the image the text stage encodes, at `image_size` (the video's; default
+    the largest 720p bucket)."""
     dit_config, vae_config = dit_config_for(files), vae_config_for(files)
-    sizes = {"dit_config": dit_config, "vae_config": vae_config,
-             "text_encoders": text_encoder_sizes(files, vae_config, image_size)}
+    sizes = {"dit_config": dit_config, "vae_config": vae_config, "text_encoders": text_encoder_sizes(files)}
     if dit_config.image_condition_type:
         from transformers import AutoConfig
 
         vision_config = AutoConfig.from_pretrained(files.llm, local_files_only=True).vision_config  # read above: it loads
         sizes["text_tokens"] = i2v_text_tokens(dit_config.image_condition_type, image_tokens(vision_config))
+        sizes["image_size"] = image_size
     return sizes
 
 
@@ -249,9 +246,15 @@ class Stages:
 
     def encode_image(self, vae, image, height: int, width: int) -> ImageCondition:
         """The conditioning image (PIL RGB), resized and center-cropped to the video's size, through
-        the VAE's encoder (one frame, whole: at most 960 x 960 pixels at 720p, counted in the text stage)."""
+        the VAE's encoder in the profile's spatial tiles, as decode (counted in the text stage)."""
         pixels = image_to_pixels(resize_center_crop(image, (height, width)))
-        return ImageCondition(self.plan.dit_config.image_condition_type, encode_image(vae, pixels, self.device))
+        self.stats["image_encode"] = {"tiles": 0}
+
+        def on_tile(done: int, total: int) -> None:
+            self.stats["image_encode"]["tiles"] = done
+
+        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, output_device=self.device, on_tile=on_tile)
+        return ImageCondition(self.plan.dit_config.image_condition_type, encode_image(vae, pixels, self.device, tiled.encode))
 
     # -- DiT ------------------------------------------------------------------------------------
 

@@ -1,11 +1,15 @@
-"""Tiled VAE decode with the official overlap and linear blending (facts §3.8).
+"""Tiled VAE decode and encode with the official overlap and linear blending (facts §3.8).
 
 Geometry (pure functions, one axis at a time) with the official sizes as defaults: decode tiles of
 32x32 latents every 24, blended over 64 px and cropped to 192 px; temporal tiles of 16+1 latent
 frames every 12, the first decoded frame of later tiles dropped, blended over 16 frames, 49 frames
 kept of the first tile and 48 of later ones. For a tile size L (a multiple of 4) the official
-ratios give: stride 3L/4, blend 2L px / L frames, crop 6L px / 3L frames. (Text-to-video never
-encodes a video, so there is no tiled encoder.)
+ratios give: stride 3L/4, blend 2L px / L frames, crop 6L px / 3L frames.
+
+Encode (image-to-video's conditioning image, one frame; spatial tiles only) follows diffusers'
+`AutoencoderKLHunyuanVideo.tiled_encode`: pixel tiles of 8L px every 6L px (official 256 every 192),
+each encoded to L latents, blended over L/4 latents and cropped to 3L/4 (official 8 and 24), the
+same in-place blend as decode; tiled as soon as either side exceeds 8L px.
 
 Blend ramp (every axis): for x in [0, E), b[x] = a[-E + x] * (1 - x/E) + b[x] * (x/E), where a is
 the previous tile's output *after its own blending* (the official code blends in place),
@@ -92,6 +96,25 @@ def temporal_decode_tiles(latent_frames: int, tile: int = TEMPORAL_TILE, scale: 
                   int(tile * scale * 0.25), 1, True)
 
 
+def spatial_encode_tiles(pixel_len: int, tile: int = SPATIAL_TILE, scale: int = 8) -> list[TileSpan]:
+    """Spatial encode tiles along one axis of `pixel_len` pixels (a multiple of `scale`): `tile`
+    latents (scale * tile px) every 3/4 tile, each kept for its first 3/4 tile of latents."""
+    _check_tile(tile, "spatial tile")
+    stride = 3 * tile // 4
+    return _spans(pixel_len, tile * scale, stride * scale, lambda a, b: (b - a) // scale, stride, stride, tile // 4, 0, False)
+
+
+def encode_tiling(shape: tuple[int, int, int], spatial: int = SPATIAL_TILE, time_scale: int = 4,
+                  space_scale: int = 8) -> tuple[list[TileSpan], list[TileSpan], list[TileSpan]]:
+    """(t, h, w) spans for encoding a video of shape (F, H, W): time whole, space tiled on both axes
+    as soon as either exceeds the tile (as diffusers); spatial 0: one span."""
+    f, h, w = shape
+    ts = whole_span(f, (f - 1) // time_scale + 1)
+    if spatial and (h > spatial * space_scale or w > spatial * space_scale):
+        return ts, spatial_encode_tiles(h, spatial, space_scale), spatial_encode_tiles(w, spatial, space_scale)
+    return ts, whole_span(h, h // space_scale), whole_span(w, w // space_scale)
+
+
 def decode_tiling(shape: tuple[int, int, int], spatial: int = SPATIAL_TILE, temporal: int = TEMPORAL_TILE,
                   time_scale: int = 4, space_scale: int = 8) -> tuple[list[TileSpan], list[TileSpan], list[TileSpan]]:
     """(t, h, w) spans for decoding latents of shape (T', h, w). Spatial tiling applies to both
@@ -123,9 +146,10 @@ def _tail(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 
 
 class TiledVAE:
-    """Tiled decode around a `CausalVAE` (any object with .decode(z) and .config).
+    """Tiled decode and encode around a `CausalVAE` (any object with .decode(z), .encode(x) and .config).
 
-    spatial_tile / temporal_tile: tile sizes in latents (multiples of 4; official 32 / 16; 0: untiled).
+    spatial_tile / temporal_tile: tile sizes in latents (multiples of 4; official 32 / 16; 0: untiled;
+    encode tiles only in space).
     output_device: where the full output is assembled (default: the host).
     on_tile(done, total): called after each tile (progress).
     """
@@ -147,6 +171,12 @@ class TiledVAE:
         """Latents [B, C, T', h, w] (on the compute device) -> video [B, 3, F, 8h, 8w] on output_device."""
         spans = decode_tiling(tuple(z.shape[2:]), self.spatial_tile, self.temporal_tile, self.time_scale, self.space_scale)
         return self._run(z, self.vae.decode, spans)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Video [B, 3, F, H, W] (on the compute device) -> posterior mean [B, C, T', H/8, W/8] on
+        output_device, spatially tiled (one tile when it fits or spatial_tile is 0)."""
+        spans = encode_tiling(tuple(x.shape[2:]), self.spatial_tile, self.time_scale, self.space_scale)
+        return self._run(x, self.vae.encode, spans)
 
     def _run(self, x: torch.Tensor, vae_fn, spans) -> torch.Tensor:
         t_spans, h_spans, w_spans = spans

@@ -1,7 +1,9 @@
 """bench/run_gpu.sh's own logic on the CPU, without its measurements: a budget too small for any
-step packs an archive anyway (setup done, every step skipped and listed), and a wheel that does
-not install stops the run with one line. (The whole rehearsal, REHEARSE=1, takes minutes: it is
-run by hand before a GPU run, and its step times are in the report that changed the script.)"""
+step packs an archive anyway (setup done, every step skipped and listed), the image-to-video line
+(I2V=1) lists its own steps after freeing the disk and writing its image, and a wheel that does not
+install stops the run with one line. (The whole rehearsal, REHEARSE=1 with or without I2V=1, takes
+minutes: it is run by hand before a GPU run, and its step times are in the report that changed the
+script; `lowvram bench --image` itself is tests/test_cli_bench.py's.)"""
 
 import os
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["write-model", "lowvram-bench-720p-16gb", "lowvram-bench-720p-16gb-compile", "lowvram-bench-540p-8gb",
          "cuda-tests", "attention", "diffusers-16gb", "lowvram-bench-720p-12gb"]
+I2V_STEPS = ["write-model-i2v", "lowvram-bench-i2v-720p-16gb"]
 
 
 def run_script(tmp_path: Path, **env) -> subprocess.CompletedProcess:
@@ -38,6 +41,24 @@ def test_no_budget_skips_every_step_and_still_packs_the_archive(tmp_path):
     rows = [line.split("\t") for line in files["steps.tsv"].decode().splitlines()[1:]]
     assert [row[0] for row in rows] == STEPS and all(row[1] == "skipped" for row in rows)
     assert b"av: " in files["imports.txt"] and (tmp_path / "out/progress.log").read_text().count("skip ") == len(STEPS)
+
+
+@pytest.mark.slow
+def test_the_i2v_line_frees_the_disk_writes_its_image_and_lists_its_steps(tmp_path):
+    """I2V=1 runs the image-to-video line alone: the text-to-video model folders in the scratch go
+    first (the I2V folder does not fit the device's disk beside them), the 16:9 image larger than
+    its bucket is written, and its two steps are listed (skipped: no budget)."""
+    from PIL import Image
+
+    t2v = tmp_path / "scratch/model-tiny-official-fp8"
+    t2v.mkdir(parents=True)
+    done = run_script(tmp_path, I2V="1", BUDGET_S="0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = archive(tmp_path)
+    rows = [line.split("\t") for line in files["steps.tsv"].decode().splitlines()[1:]]
+    assert [row[0] for row in rows] == I2V_STEPS and all(row[1] == "skipped" for row in rows)
+    assert "image-to-video" in files["progress.log"].decode()
+    assert not t2v.exists() and Image.open(tmp_path / "scratch/i2v-first-frame.png").size == (1920, 1080)
 
 
 @pytest.mark.slow

@@ -53,6 +53,27 @@ def test_bench_reuses_the_model_and_refuses_a_cap_without_cuda(tmp_path):
     assert (folder / "hunyuan-video-t2v-720p/transformers/mp_rank_00_model_states.pt").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
+def test_bench_image_to_video_tiny(tmp_path):
+    """bench/run_gpu.sh's I2V line at tiny size: `--image` benches the I2V model (token_replace,
+    official layout: the FP8 DiT from the quantize-once cache), conditioned on the image."""
+    from PIL import Image
+
+    image = tmp_path / "first.png"
+    Image.new("RGB", (160, 90), (200, 40, 90)).save(image)
+    args = ["--model-size", "tiny", "--size", "64x48", "--frames", "5", "--steps", "1", "--device", "cpu", "--image", image]
+    result = invoke("bench", "--scratch", tmp_path / "scratch", "--profile", "16gb", "--json", *args)
+    assert result.exit_code == 0, result.output
+    data = as_json(result)
+    assert data["model"]["size"] == "tiny-i2v" and data["model"]["image"] == str(image)
+    run = Run.open(Path(data["video_path"]).parent)
+    assert run.settings["image"] == str(image) and data["stats"]["image_encode"]["tiles"] == 1
+    assert all(data["stages"][name]["seconds"] > 0 for name in ("text", "dit", "vae"))
+    assert (Path(data["model"]["folder"]) / "lowvram-cache/dit-fp8.safetensors").is_file()
+    refused = invoke("bench", "--scratch", tmp_path / "scratch", "--layout", "official-fp8", *args)
+    assert refused.exit_code == 2 and "I2V release has no FP8 DiT file" in one_line_error(refused)
+
+
 def test_bench_full_size_without_cuda_is_refused_before_writing_anything(tmp_path):
     result = invoke("bench", "--scratch", tmp_path / "scratch", "--device", "cpu")
     assert result.exit_code == 2 and "needs an NVIDIA GPU" in one_line_error(result)

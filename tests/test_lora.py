@@ -211,6 +211,113 @@ def test_lora_bytes_are_what_the_model_holds(tmp_path):
     assert all(isinstance(b.img_attn_qkv, LoraLinear) for b in model.double_blocks)
 
 
+# --- image-to-video DiTs: both conditioning types ----------------------------------------------
+
+I2V = {"token_replace": DIT_CONFIGS["tiny-i2v-16ch"], "latent_concat": DIT_CONFIGS["tiny-i2v-33ch"]}
+TENCENT_PREFIX = "Hunyuan_video_I2V_lora_"  # Tencent's I2V LoRA training output (kohya layout, alpha = rank)
+
+
+@pytest.fixture(scope="module", params=list(I2V))
+def i2v(request):
+    """(config, random weights) of one conditioning type's tiny DiT."""
+    config = I2V[request.param]
+    model = HunyuanVideoDiT(config).eval()
+    randomize_(model, seed=2)
+    return config, model.state_dict()
+
+
+def run_i2v(model, config):
+    """A forward of either implementation on 33 or 16 input channels (no guidance for latent_concat)."""
+    x, t, text, mask, pooled, guidance = parity_inputs(config, 1, frames=3, height=6, width=10, text_len=12, valid=[9])
+    guidance = guidance if config.guidance_embed else None
+    with torch.no_grad():
+        if isinstance(model, HunyuanVideoDiT):
+            return model(x, t, text, mask, pooled, guidance)
+        return model(x, t, text, mask, pooled, guidance, return_dict=False)[0]
+
+
+def i2v_model(config, weights, loras=()):
+    model = HunyuanVideoDiT(config).eval()
+    model.load_state_dict(weights)
+    apply_loras(model, list(loras))
+    return model
+
+
+def img_in_lora(seed, channels, rank=3, key="transformer.x_embedder.proj", down="lora_A", up="lora_B") -> dict:
+    """A LoRA on img_in's patch convolution as PEFT (default) or kohya stores it: convolution factors
+    down [r, C, 1, 2, 2], up [64, r, 1, 1, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    down_w, up_w = lora_pair(gen, 64, channels * 4, rank)
+    return {f"{key}.{down}.weight": down_w.reshape(rank, channels, 1, 2, 2), f"{key}.{up}.weight": up_w.reshape(64, rank, 1, 1, 1)}
+
+
+def test_t2v_lora_on_i2v_dits_matches_diffusers(i2v, tmp_path):
+    """A musubi-tuner (text-to-video) LoRA on every block linear: the I2V DiTs have those linears at
+    the same shapes, so it applies as on text-to-video (diffusers' I2V transformer + PEFT the oracle)."""
+    config, weights = i2v
+    sd = kohya_lora(14, BLOCK_LINEARS)
+    expected_model = diffusers_transformer(config, weights)
+    load_lora(expected_model, musubi_to_official_names(sd), config.hidden_size, "k")
+    got = run_i2v(i2v_model(config, weights, [LoraSpec(write(tmp_path, "k.safetensors", sd))]), config)
+    assert max_rel_err(got, run_i2v(i2v_model(config, weights), config)) > 1e-2  # the LoRA matters
+    assert max_rel_err(got, run_i2v(expected_model, config)) <= TOL
+
+
+def test_tencent_i2v_format_reads_as_kohya(i2v, tmp_path):
+    """Tencent's `Hunyuan_video_I2V_lora_<module>` keys are kohya's with another prefix: the same
+    tensors give the same output bit for bit (alpha = rank, as its trainer writes)."""
+    config, weights = i2v
+    kohya = kohya_lora(15, BLOCK_LINEARS + ["txt_in.individual_token_refiner.blocks.0.mlp.fc1"], alpha=4.0)
+    tencent = {TENCENT_PREFIX + k.removeprefix("lora_unet_"): v for k, v in kohya.items()}
+    a, b = write(tmp_path, "k.safetensors", kohya), write(tmp_path, "embrace_kohaya_weights.safetensors", tencent)
+    assert torch.equal(run_i2v(i2v_model(config, weights, [LoraSpec(a)]), config),
+                       run_i2v(i2v_model(config, weights, [LoraSpec(b)]), config))
+
+
+def test_img_in_lora_on_the_33_channel_dit_matches_diffusers(tmp_path):
+    """latent_concat: a LoRA with an img_in (x_embedder) entry at 33 channels, PEFT's Conv3d factors,
+    beside a block linear; kohya's names for the same tensors read the same."""
+    config = I2V["latent_concat"]
+    model = HunyuanVideoDiT(config).eval()
+    randomize_(model, seed=3)
+    weights = model.state_dict()
+    sd = {**img_in_lora(16, 33), **diffusers_lora(17, ["transformer_blocks.0.attn.to_q"])}
+    expected_model = diffusers_transformer(config, weights)
+    load_lora(expected_model, sd, config.hidden_size, "x")
+    got_model = i2v_model(config, weights, [LoraSpec(write(tmp_path, "x.safetensors", sd))])
+    assert type(got_model.img_in.proj).__name__ == "LoraPatchConv" and got_model.compute_dtype == torch.float32
+    got = run_i2v(got_model, config)
+    img_in_only = run_i2v(i2v_model(config, weights, [LoraSpec(write(tmp_path, "i.safetensors", img_in_lora(16, 33)))]), config)
+    assert max_rel_err(img_in_only, run_i2v(i2v_model(config, weights), config)) > 1e-2  # img_in's LoRA matters
+    assert max_rel_err(got, run_i2v(expected_model, config)) <= TOL
+    kohya = img_in_lora(16, 33, key="lora_unet_img_in_proj", down="lora_down", up="lora_up")
+    assert torch.equal(run_i2v(i2v_model(config, weights, [LoraSpec(write(tmp_path, "k.safetensors", kohya))]), config), img_in_only)
+    sizes, done = lora_bytes([LoraSpec(tmp_path / "i.safetensors")], config, dtype_bytes=4), apply_loras(HunyuanVideoDiT(config), [LoraSpec(tmp_path / "i.safetensors")])
+    assert sizes.trunk == done["bytes"] == 3 * (33 * 4 + 64) * 4  # rank 3, float32: down and up
+
+
+@pytest.mark.parametrize("lora_channels,dit", [(16, "latent_concat"), (33, "token_replace")])
+def test_img_in_lora_of_another_width_is_one_line_error(tmp_path, lora_channels, dit):
+    """A 16-channel img_in LoRA (text-to-video or token_replace) cannot apply to the 33-channel
+    latent_concat DiT, nor the reverse: refused before any weight is read, one line naming why."""
+    path = write(tmp_path, "w.safetensors", img_in_lora(18, lora_channels))
+    channels = I2V[dit].in_channels
+    with pytest.raises(HyVideoError) as error:
+        lora_bytes([LoraSpec(path)], I2V[dit])
+    message = str(error.value)
+    assert f"x_embedder.proj (made for a DiT with {lora_channels} input channels; this one has {channels})" in message
+    assert str(path) in message and "\n" not in message
+
+
+def test_t2v_lora_touching_guidance_in_is_refused_on_latent_concat(tmp_path):
+    """The latent_concat DiT has no guidance_in: a T2V LoRA on it is refused naming the key, not
+    silently applied without it."""
+    sd = diffusers_lora(19, ["time_text_embed.guidance_embedder.linear_1", "transformer_blocks.0.attn.to_q"])
+    with pytest.raises(HyVideoError, match="guidance_embedder.linear_1.lora_A.weight \\(names no linear of this model\\)"):
+        lora_bytes([LoraSpec(write(tmp_path, "g.safetensors", sd))], I2V["latent_concat"])
+    assert lora_bytes([LoraSpec(tmp_path / "g.safetensors")], I2V["token_replace"]).trunk > 0  # token_replace has it
+
+
 # --- every weight format, resident and streamed ----------------------------------------------
 
 

@@ -1,5 +1,5 @@
-"""Tiled VAE: tile geometry (pure), tiled decode against diffusers' tiled implementation of
-the same official algorithm, the bound against untiled decoding, exact shapes, and memory that
+"""Tiled VAE: tile geometry (pure), tiled decode and encode against diffusers' tiled implementation
+of the same official algorithm, the bound against untiled coding, exact shapes, and memory that
 does not grow with the video's length."""
 
 import pytest
@@ -10,7 +10,7 @@ from hyvideo.errors import HyVideoError
 from hyvideo.vae import CausalVAE
 from bench.memtrack import PeakTracker
 from lowvram.tiled_vae import (
-    TiledVAE, blend_, decode_tiling, spatial_decode_tiles, temporal_decode_tiles,
+    TiledVAE, blend_, decode_tiling, encode_tiling, spatial_decode_tiles, spatial_encode_tiles, temporal_decode_tiles,
 )
 from tests.diffusers_oracle import diffusers_vae
 from tests.helpers import max_rel_err, randomize_
@@ -137,18 +137,19 @@ def test_constant_latents_tile_seamlessly(vae):
         assert max_rel_err(TiledVAE(double, L, LT).decode(z), double.decode(z)) <= 1e-9
 
 
-def _covering_envelope(vae, z, t_spans, h_spans, w_spans):
-    """Per output sample, min and max over the tiles that cover it of their independent decodes."""
+def _covering_envelope(code, z, t_spans, h_spans, w_spans):
+    """Per output sample, min and max over the tiles that cover it of their independent codings
+    (`code`: the VAE's decode or encode)."""
     lo = hi = None
     for ts in t_spans:
         for hs in h_spans:
             for ws in w_spans:
-                tile = vae.decode(z[:, :, ts.src_start:ts.src_stop, hs.src_start:hs.src_stop, ws.src_start:ws.src_stop])
+                tile = code(z[:, :, ts.src_start:ts.src_stop, hs.src_start:hs.src_stop, ws.src_start:ws.src_stop])
                 tile = tile[:, :, ts.drop:]
                 if lo is None:
                     size = (sum(s.keep for s in t_spans), sum(s.keep for s in h_spans), sum(s.keep for s in w_spans))
-                    lo = torch.full((1, 3, *size), float("inf"))
-                    hi = torch.full((1, 3, *size), float("-inf"))
+                    lo = torch.full((*tile.shape[:2], *size), float("inf"))
+                    hi = torch.full((*tile.shape[:2], *size), float("-inf"))
                 region = [slice(s.dst, min(s.dst + s.out_len, n)) for s, n in zip((ts, hs, ws), lo.shape[2:])]
                 part = tile[:, :, : region[0].stop - region[0].start, : region[1].stop - region[1].start,
                             : region[2].stop - region[2].start]
@@ -171,7 +172,7 @@ def test_tiled_vs_untiled_bound(vae, shape):
     with torch.no_grad():
         tiled = TiledVAE(ours, L, LT).decode(z)
         untiled = ours.decode(z)
-        lo, hi = _covering_envelope(ours, z, *decode_tiling(shape, L, LT))
+        lo, hi = _covering_envelope(ours.decode, z, *decode_tiling(shape, L, LT))
     eps = 1e-5 * untiled.abs().max()  # float32 rounding of the blend
     assert torch.isfinite(lo).all()  # every sample is covered by some tile
     assert (tiled >= lo - eps).all() and (tiled <= hi + eps).all()
@@ -215,3 +216,83 @@ def test_tile_progress_callback(vae):
         tiled.decode(z)
     total = seen[0][1]
     assert total > 1 and seen == [(i + 1, total) for i in range(total)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode (image-to-video's conditioning image: one frame, spatial tiles)
+
+
+def test_official_spatial_encode_geometry():
+    """diffusers' tiled_encode at 720 px: 256 px tiles every 192, 32 latents each, blended over 8
+    latents and cropped to 24 (the last tile's 18 latents kept whole)."""
+    spans = spatial_encode_tiles(720)
+    assert [(s.src_start, s.src_stop) for s in spans] == [(0, 256), (192, 448), (384, 640), (576, 720)]
+    assert [s.out_len for s in spans] == [32, 32, 32, 18]
+    assert [s.keep for s in spans] == [24, 24, 24, 18] and [s.blend for s in spans] == [0, 8, 8, 8]
+    for tile in (4, 8, 32):
+        for pixels in range(8, 800, 8):
+            spans = spatial_encode_tiles(pixels, tile)
+            assert sum(s.keep for s in spans) == pixels // 8 and spans[-1].src_stop == pixels
+            assert all(b.dst == a.dst + a.keep for a, b in zip(spans, spans[1:]))
+    t, h, w = encode_tiling((1, 256, 256))  # one official tile: whole
+    assert len(t) == len(h) == len(w) == 1 and t[0].out_len == 1
+    t, h, w = encode_tiling((1, 200, 264))  # either side over 256 px tiles both, as diffusers
+    assert (len(t), len(h), len(w)) == (1, 2, 2)
+    assert [len(s) for s in encode_tiling((1, 720, 1280), spatial=0)] == [1, 1, 1]
+
+
+def image(height, width, seed=0):
+    return torch.rand(1, 3, 1, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("size", [
+    (40, 48),  # 2 x 2 tiles, the second of each axis short
+    (72, 56),  # 3 x 2 tiles, corners blended from both sides
+    (48, 16),  # tall: 2 x 1 tiles (the narrow side one tile)
+])
+def test_tiled_encode_matches_diffusers_tiled_encode(vaes, size):
+    """diffusers' tiled_encode (same tile sizes: 32 px every 24, blended over 1 latent and cropped
+    to 3) against ours on the same weights, float32: the same tiles through the same encoder, only
+    the blend arithmetic may round differently (REL_TOL, as decode; measured: 0.0)."""
+    ours, oracle = vaes
+    x = image(*size)
+    with torch.no_grad():
+        tiled = TiledVAE(ours, L, LT).encode(x)
+        expected = oracle.encode(x).latent_dist.mean
+    assert tiled.shape == expected.shape == (1, 16, 1, size[0] // 8, size[1] // 8)
+    assert max_rel_err(tiled, expected) <= REL_TOL
+
+
+def test_encode_in_one_tile_is_exactly_whole(vae):
+    x = image(32, 24)  # fits one 32 px tile: encode runs once on the whole image
+    with torch.no_grad():
+        assert torch.equal(TiledVAE(vae, L, LT).encode(x), vae.encode(x))
+        assert torch.equal(TiledVAE(vae, 0, 0).encode(image(72, 56)), vae.encode(image(72, 56)))  # tiles off
+
+
+def test_tiled_vs_whole_encode_bound(vae):
+    """Whole vs tiled on a random image cannot be close with random weights (GroupNorm statistics and
+    the mid-block attention are per tile: O(1) apart, 0.42 relative measured at 72x56). The bound
+    instead: each tiled latent is a convex blend of the independent encodes of the tiles covering
+    it, so |tiled - whole| <= max over those tiles of |tile - whole|, up to float32 rounding of the
+    blend (1e-5 of the largest value)."""
+    x = image(40, 48, seed=3)  # 2 x 2 tiles: edges blended from one side, a corner from both
+    with torch.no_grad():
+        tiled, whole = TiledVAE(vae, L, LT).encode(x), vae.encode(x)
+        lo, hi = _covering_envelope(vae.encode, x, *encode_tiling(tuple(x.shape[2:]), L))
+    eps = 1e-5 * whole.abs().max()
+    assert torch.isfinite(lo).all()  # every latent is covered by some tile
+    assert (tiled >= lo - eps).all() and (tiled <= hi + eps).all()
+    assert ((tiled - whole).abs() <= torch.maximum((lo - whole).abs(), (hi - whole).abs()) + eps).all()
+
+
+def test_constant_image_encodes_the_same_whole_or_tiled(vae):
+    """A constant image encodes to the same constant latent whole or in any tile (replicate padding,
+    per-tile statistics of identical values), so tiled == whole up to float64 rounding (1e-9
+    relative: GroupNorm over a nearly constant field amplifies rounding ~1000x, see the decode test);
+    a stitching gap or blend weights not summing to 1 would show."""
+    double = CausalVAE(TINY).double().eval()
+    double.load_state_dict(vae.state_dict())
+    constant = torch.full((1, 3, 1, 72, 56), -0.4, dtype=torch.float64)
+    with torch.no_grad():
+        assert max_rel_err(TiledVAE(double, L, LT).encode(constant), double.encode(constant)) <= 1e-9

@@ -20,8 +20,9 @@ def test_tiny_i2v_folders_are_detected_and_load(tmp_path, layout, size, kind):
     assert dit_config_for(files).image_condition_type == kind
     assert load_dit(files, torch.float32).config.image_condition_type == kind
     assert load_vae(files, torch.float32).encoder is not None
-    names = [encoder.name for encoder in model_sizes(files)["text_encoders"]]
-    assert names == ["llm", "vision", "clip", "image encode"]
+    sizes = model_sizes(files, (64, 96))
+    assert [encoder.name for encoder in sizes["text_encoders"]] == ["llm", "vision", "clip"]
+    assert sizes["image_size"] == (64, 96)  # the image the text stage encodes: the planner counts it
 
 
 def test_official_folder_with_both_releases(tmp_path):
@@ -64,8 +65,8 @@ def test_full_size_i2v_shapes(layout):
 
 def test_plan_counts_the_i2v_text_stage():
     """`lowvram plan --model i2v`: LLaVA's vision tower (0.60 GiB fp16) and the image's VAE encode
-    (the whole VAE, 0.46 GiB, and one 704x1248 frame's activations) in the text stage, whose LLM runs
-    934 positions instead of 351; the DiT reads 144 image states + 252 prompt tokens."""
+    (the whole VAE, 0.46 GiB, and one 256 px tile's activations, 0.18 GiB) in the text stage, whose
+    LLM runs 934 positions instead of 351; the DiT reads 144 image states + 252 prompt tokens."""
     from lowvram.generation.preflight import PlanQuery, plan_only
     from lowvram.planner import i2v_text_tokens
 
@@ -78,7 +79,7 @@ def test_plan_counts_the_i2v_text_stage():
     assert set(i2v) - set(t2v) == {"vision", "image encode"}
     assert i2v["llm"] == t2v["llm"] and i2v["clip"] == t2v["clip"]
     assert round(i2v["vision"] * 2**30) == 2 * (303_507_456 + 20_979_712)
-    assert 2.0 < i2v["activations"] < 2.6  # the image encode at 704x1248 (the LLM's 934 positions: ~0.5 GiB)
+    assert 0.35 < i2v["activations"] < 0.5  # the LLM's 934 positions (0.41 GiB) over the tiled encode's 0.18
     assert (i2v_text_tokens("token_replace"), i2v_text_tokens("latent_concat")) == (396, 540)
     with pytest.raises(Exception, match="--model must be one of t2v, i2v, i2v-33ch"):
         text_parts("i2v-64ch")

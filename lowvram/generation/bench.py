@@ -10,6 +10,9 @@ with the planner's prediction for the same profile and size.
     result["stages"]   # per stage: measured and planned VRAM / RAM, error in %
     result["estimate"] # seconds for a full run (50 steps) from the measured s/step
 
+With `--image` it benches image-to-video: the random model is HunyuanVideo-I2V (token_replace,
+Tencent's current release; no FP8 DiT file in that release, so its layout is official or diffusers)
+and the run is conditioned on the image.
 With `--gpus N` (cli/ranks.py) this runs on rank 0 of N, each rank capped to `cap_bytes`.
 `cap_bytes` emulates a smaller card: torch.cuda.set_per_process_memory_fraction caps what PyTorch's
 caching allocator may reserve (allocated bytes plus its cached blocks; each stage records both
@@ -53,12 +56,21 @@ class BenchOptions:
     cap_bytes: int | None = None  # emulate a card with this much VRAM
     device: str | None = None
     overrides: Overrides = Overrides()  # --cache, --attention, --compile, ... (lowvram.profiles)
+    image: Path | None = None  # image-to-video: the conditioning image
 
     def __post_init__(self):
         if self.model_size not in MODEL_SIZES:
             raise HyVideoError(f"--model-size takes {' or '.join(MODEL_SIZES)}, not {self.model_size!r}")
         if self.layout not in LAYOUTS:
             raise HyVideoError(f"--layout takes {', '.join(LAYOUTS)}, not {self.layout!r}")
+        if self.image is not None and self.layout == "official-fp8":
+            raise HyVideoError("--image: Tencent's I2V release has no FP8 DiT file; use --layout official (the FP8 DiT "
+                               "then comes from the quantize-once cache) or diffusers")
+
+    @property
+    def synthetic_size(self) -> str:
+        """The random model's size name (lowvram.setup.synthetic_checkpoint.SIZES)."""
+        return f"{self.model_size}-i2v" if self.image is not None else self.model_size
 
 
 def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter, device: str = "cpu") -> Path:
@@ -116,9 +128,9 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
                            "says why); `--model-size tiny --device cpu` checks the install on the CPU")
     if options.cap_bytes is not None:
         cap_vram(options.cap_bytes, device)
-    root = ensure_synthetic_model(options.scratch, options.model_size, options.layout, reporter, device)
+    root = ensure_synthetic_model(options.scratch, options.synthetic_size, options.layout, reporter, device)
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
-                                steps=options.steps, seed=0)
+                                steps=options.steps, seed=0, image=None if options.image is None else str(options.image))
     run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.overrides, device,
                              vram_limit_bytes=options.cap_bytes)
     run, files, plan = start_run(run_options, reporter)
@@ -143,7 +155,8 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     load_s = dit.get("load_seconds") or 0
     estimate = None if s_per_step is None else round(text_s + load_s + FULL_RUN_STEPS * s_per_step + vae_s, 1)
     return {
-        "model": {"size": options.model_size, "layout": options.layout, "folder": str(root)},
+        "model": {"size": options.synthetic_size, "layout": options.layout, "folder": str(root),
+                  "image": None if options.image is None else str(options.image)},
         "video": {"width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps},
         "device": str(result.settings["device"]), "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "cap_gb": None if options.cap_bytes is None else options.cap_bytes / GIB,
