@@ -33,7 +33,9 @@ def plan(
     link_gbs: float = typer.Option(None, "--link-gbs", help="With --gpus: GB/s each GPU's link carries, for the communication "
                                    "estimate (default 12: PCIe 4.0 x8, what a two-card consumer board gives each card)."),
     model: str = typer.Option("t2v", "--model", help="Which released model: t2v (HunyuanVideo), i2v (HunyuanVideo-I2V, "
-                              "token_replace: the current release) or i2v-33ch (its first release, latent_concat)."),
+                              "token_replace: the current release), i2v-33ch (its first release, latent_concat), or a "
+                              "HunyuanVideo-1.5 transformer: 1.5-480p_t2v, 1.5-720p_t2v, 1.5-480p_i2v, 1.5-720p_i2v, their "
+                              "_distilled (CFG-distilled) forms, 1.5-480p_i2v_step_distilled."),
     as_json: bool = Json,
 ):
     """Predict peak VRAM and RAM per stage (text, DiT, VAE); exit 1 if it does not fit."""

@@ -35,6 +35,9 @@ from hyvideo.checkpoint import ModelFiles, load_dit, load_dit_state_dict, load_v
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraSpec, apply_loras
+from hyvideo.models import dit_class
+from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
+from hyvideo.v15_checkpoint import load_v15_dit_state_dict, v15_dit_config, v15_vae_config
 from hyvideo.image import image_to_pixels, resize_center_crop
 from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, ImageCondition, decode, denoise, encode_image
 from hyvideo.step_cache import PRESETS as STEP_CACHE_PRESETS
@@ -46,7 +49,7 @@ from quant.fp8 import set_scaled_mm
 from quant.schemes import QUANT_SCHEMES
 
 from .compile import compile_blocks, dynamo_graphs
-from .planner import I2V_IMAGE_SIZE, Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens
+from .planner import I2V_IMAGE_SIZE, Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens, v15_model_sizes
 from .progress import Reporter
 from .streaming import BlockStreamer, place_dit, release_dit
 from .tiled_vae import TiledVAE
@@ -56,7 +59,10 @@ CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo mo
 
 def dit_config_for(files: ModelFiles) -> DiTConfig:
     """The DiT's config without loading its weights: diffusers' config.json, or the official
-    checkpoint's tensor shapes (memory-mapped, so nothing is read but the shapes)."""
+    checkpoint's tensor shapes (memory-mapped, so nothing is read but the shapes); a 1.5 folder's
+    from its config.json."""
+    if files.family == V15_FAMILY:
+        return v15_dit_config(files)
     if files.layout == "diffusers":
         try:
             return DiTConfig.from_diffusers(json.loads(files.dit_config.read_text()))
@@ -67,6 +73,8 @@ def dit_config_for(files: ModelFiles) -> DiTConfig:
 
 
 def vae_config_for(files: ModelFiles) -> VAEConfig:
+    if files.family == V15_FAMILY:
+        return v15_vae_config(files)
     try:
         return VAEConfig.from_dict(json.loads(files.vae_config.read_text()))
     except (OSError, ValueError, TypeError) as error:
@@ -112,6 +120,8 @@ def model_sizes(files: ModelFiles, image_size: tuple[int, int] = I2V_IMAGE_SIZE)
     image's encoding at `image_size`, the video's; default the largest 720p bucket), and the text
     tokens its DiT reads."""
     dit_config, vae_config = dit_config_for(files), vae_config_for(files)
+    if files.family == V15_FAMILY:
+        return v15_model_sizes(dit_config, vae_config, files.sampling.guidance_scale, v15_text_configs(files), image_size)
     sizes = {"dit_config": dit_config, "vae_config": vae_config,
              "text_encoders": text_encoder_sizes(files, vae_config, image_size)}
     if dit_config.image_condition_type:
@@ -122,11 +132,23 @@ def model_sizes(files: ModelFiles, image_size: tuple[int, int] = I2V_IMAGE_SIZE)
     return sizes
 
 
-def parameter_count(config: DiTConfig) -> int:
-    from hyvideo.dit import HunyuanVideoDiT
+def v15_text_configs(files) -> tuple:
+    """A 1.5 folder's encoder configs (Qwen2.5-VL's text config, byT5's, SigLIP's for image-to-video)."""
+    from transformers import AutoConfig
 
+    try:
+        configs = [AutoConfig.from_pretrained(folder, local_files_only=True) for folder in (files.llm, files.byt5)]
+        siglip = AutoConfig.from_pretrained(files.vision, local_files_only=True) if files.vision else None
+    except (OSError, ValueError) as error:
+        raise HyVideoError(f"cannot read the text encoders' config.json in {files.root} ({error}); download them again") from None
+    siglip = getattr(siglip, "vision_config", siglip)  # a whole SigLIP folder holds the vision config inside
+    return configs[0].get_text_config(), configs[1], siglip
+
+
+def parameter_count(config: DiTConfig) -> int:
+    """The DiT's parameters (the 13B model's or HunyuanVideo-1.5's), counted on the meta device."""
     with torch.device("meta"):
-        return sum(p.numel() for p in HunyuanVideoDiT(config).parameters())
+        return sum(p.numel() for p in dit_class(config)(config).parameters())
 
 
 def default_cache_dir(files: ModelFiles) -> Path:
@@ -165,10 +187,17 @@ def build_dit_cache(files: ModelFiles, config: DiTConfig, scheme: str, policy: s
     status = cache_status(cache_dir, config, scheme, policy, files.dit_weights, dtype)
     if status.state != "fresh":
         reporter.stage(status.message, total=config.double_blocks + config.single_blocks + 1)
-        ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, cache_dir, dtype,
+        ensure_dit_cache(files.dit_weights, lambda: dit_state_dict(files, config), config, scheme, policy, cache_dir, dtype,
                          on_progress=lambda done, total: reporter.advance(done, total=total))
         reporter.stage("loading DiT")
     return status
+
+
+def dit_state_dict(files: ModelFiles, config: DiTConfig):
+    """The DiT's weights in our key names, memory-mapped (a lazy view where keys are converted)."""
+    if files.family == V15_FAMILY:
+        return load_v15_dit_state_dict(files)
+    return load_dit_state_dict(files)[0]
 
 
 def make_step_cache(model: torch.nn.Module, preset: str, steps: int, device: torch.device,

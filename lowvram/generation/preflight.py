@@ -27,6 +27,7 @@ from hyvideo.image import open_image
 from hyvideo.lora import LoraSpec, lora_bytes
 from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, uses_riflex, validate_request
 from hyvideo.step_cache import expected_forwards
+from hyvideo.v15_config import V15DiTConfig
 from hyvideo.vae import latent_shape
 from lowvram.attention_choice import resolve_attention
 from lowvram.communication import PCIE4_X8_GBS
@@ -227,6 +228,14 @@ def without_step_cache(profiles: list[Profile], overrides: Overrides = Overrides
     return [dataclasses.replace(p, step_cache="off") for p in profiles]
 
 
+def v15_without_step_cache(profiles: list[Profile], overrides: Overrides = Overrides()) -> list[Profile]:
+    """HunyuanVideo-1.5 runs without the step cache: no TeaCache coefficients are published for it."""
+    if overrides.step_cache not in (None, "off"):
+        raise HyVideoError(f"--cache {overrides.step_cache} with HunyuanVideo-1.5: no step-cache coefficients are "
+                           "published for it; leave out --cache")
+    return [dataclasses.replace(p, step_cache="off") for p in profiles]
+
+
 @dataclass
 class PlanQuery:
     """`lowvram plan`: a video on the released 13B model, for this machine or the memory given."""
@@ -243,7 +252,7 @@ class PlanQuery:
     gpus: int | None = None  # sequence parallelism over this many GPUs (VRAM per GPU, RAM per machine)
     parallel: str = "usp"
     link_gbs: float = PCIE4_X8_GBS  # each GPU's link, for the communication estimate
-    model: str = "t2v"  # t2v | i2v | i2v-33ch: which released model (planner.RELEASED_DITS)
+    model: str = "t2v"  # t2v | i2v | i2v-33ch | 1.5-<variant>: which released model (planner.RELEASED_DITS, RELEASED_V15)
 
 
 @dataclass
@@ -270,7 +279,9 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
         raise HyVideoError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
     candidates = settle_profile(query.profile, query.overrides, gpu=vram is not None)
     alternatives = settle_profile("auto", query.overrides)
-    if sizes["dit_config"].image_condition_type:
+    if isinstance(sizes["dit_config"], V15DiTConfig):
+        candidates, alternatives = v15_without_step_cache(candidates, query.overrides), v15_without_step_cache(alternatives)
+    elif sizes["dit_config"].image_condition_type:
         candidates, alternatives = without_step_cache(candidates, query.overrides), without_step_cache(alternatives)
     video = (query.width, query.height, query.frames)
     try:
