@@ -152,7 +152,10 @@ def parameter_count(config: DiTConfig) -> int:
 
 
 def default_cache_dir(files: ModelFiles) -> Path:
-    """Where quantized weights are kept unless --cache-dir says otherwise: beside the model."""
+    """Where quantized weights are kept unless --cache-dir says otherwise: beside the model (a
+    HunyuanVideo-1.5 transformer's in a folder of its own: a Tencent folder holds several)."""
+    if files.family == V15_FAMILY:
+        return Path(files.root) / "lowvram-cache" / f"1.5-{files.variant}"
     return Path(files.root) / "lowvram-cache"
 
 
