@@ -62,13 +62,15 @@ def bucket_sizes(base_size: int, step: int = BUCKET_STEP, max_ratio: float = 4.0
     return sizes
 
 
-def closest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+def closest_bucket(height: int, width: int, buckets: list[tuple[int, int]], wide_may_equal: bool = False) -> tuple[int, int]:
     """The official `get_closest_ratio`: buckets compared by h/w rounded to 5 decimals; an image at
     least as tall as wide takes the closest bucket no taller than it, a wider one the closest
-    strictly taller bucket (the first such bucket on ties)."""
+    strictly taller bucket (the first such bucket on ties). `wide_may_equal`: a wider image may also
+    take a bucket of its own aspect (diffusers' HunyuanVideo-1.5 copy of the rule)."""
     aspect = height / width
     ratios = [round(h / w, 5) for h, w in buckets]
-    candidates = [i for i, r in enumerate(ratios) if (r - aspect <= 0 if aspect >= 1 else r - aspect > 0)]
+    candidates = [i for i, r in enumerate(ratios)
+                  if (r - aspect <= 0 if aspect >= 1 else (r - aspect >= 0 if wide_may_equal else r - aspect > 0))]
     return buckets[min(candidates, key=lambda i: abs(ratios[i] - aspect))]
 
 

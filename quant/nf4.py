@@ -207,6 +207,30 @@ def load_llava_nf4(folder: str | Path, device: "torch.device | str" = "cuda") ->
     return _nf4_or_bf16(nf4, bf16, device)
 
 
+def load_qwen_text_nf4(folder: str | Path, device: "torch.device | str" = "cuda") -> LLMLoad:
+    """HunyuanVideo-1.5's text encoder, Qwen2.5-VL-7B's language model (`Qwen2_5_VLTextModel`,
+    from diffusers' `text_encoder/` or Tencent's whole `text_encoder/llm/`, whose vision tower and
+    LM head are not read), with NF4 linears on `device`; or (with the reason) in bf16 on the CPU,
+    as `load_llm_nf4`. Quantized on load each time: no quantize-once cache yet."""
+    from hyvideo.v15_text import load_qwen_text_model
+
+    device, path = _device(device), _check_folder(folder)
+
+    def load(dtype_device, **extra):
+        try:
+            return load_qwen_text_model(path, torch.bfloat16, dtype_device, **extra)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if extra and not isinstance(error, OSError):
+                raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
+            raise HyVideoError(f"could not load the text encoder (Qwen2.5-VL) from {path}: {one_line(error)}") from error
+
+    def nf4():
+        _require_nf4(device)
+        return load(device, quantization_config=nf4_config())
+
+    return _nf4_or_bf16(nf4, lambda: load("cpu"), device)
+
+
 def llm_cache_path(cache_dir: str | Path) -> Path:
     """The NF4 encoder's folder inside the quantized-cache folder."""
     return Path(cache_dir) / "llm-nf4"

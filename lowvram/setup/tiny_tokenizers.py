@@ -166,3 +166,48 @@ def build_tiny_llava_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tokenizer.add_tokens([AddedToken("assistant", normalized=False)])
     return tokenizer
+
+
+# Qwen2's pre-tokenizer split (Qwen2Tokenizer's PRETOKENIZE_REGEX): as Llama-3's, but one digit a piece.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, and the chat turn markers
+# Qwen2.5-VL's chat template for text-only messages (its image/video branches left out): a default
+# system turn when none is given, `<|im_start|>role\n...<|im_end|>\n` per turn, the assistant header.
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen2_tokenizer() -> PreTrainedTokenizerFast:
+    """A Qwen2.5-VL-shaped tokenizer: byte-level BPE with Qwen2's split regex and NFC, no BOS,
+    `<|endoftext|>` as pad, `<|im_start|>`/`<|im_end|>` as special tokens, the chat template.
+
+    Its merges are learnt from HunyuanVideo-1.5's system message (hyvideo/v15_text.py) and
+    `TINY_CORPUS` until no pair is left, so every pre-tokenized piece of the system turn is one
+    token, as in the real 151k vocabulary: the template's prefix is then the real 108 tokens
+    (diffusers' hard-coded crop), which the text-encoder tests rely on."""
+    from hyvideo.v15_text import SYSTEM_MESSAGE
+
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    corpus = ("system\n" + SYSTEM_MESSAGE, "user\n", "assistant\n", *TINY_CORPUS)
+    words = [tuple(piece) for text in corpus for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+    merges = learn_bpe_merges(words, num_merges=100_000)  # stops when every word is one symbol
+
+    tok = Tokenizer(models.BPE(_bpe_vocab(sorted(pre_tokenizers.ByteLevel.alphabet()), merges), merges))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right",
+        model_max_length=131_072, chat_template=QWEN2_CHAT_TEMPLATE,
+    )
