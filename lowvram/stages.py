@@ -21,6 +21,11 @@ same dtype.
     frames = stages.decode(stages.vae(), latents, on_progress)
     stages.stats                          # what was streamed and tiled (recorded in the run)
 
+HunyuanVideo-1.5 (`files.family == "hunyuanvideo-1.5"`) goes through the same `dit`, `vae`, `decode`
+and `release_dit`; its text and denoising calls are its own:
+    prompt, negative = stages.v15_text_encoder().encode(text)   # V15Prompt each (Qwen2.5-VL + byT5)
+    latents = stages.denoise_v15(model, streamer, prompt, negative, latents, files.sampling, start_step=k, on_step=...)
+
 One process and every rank of a multi-GPU run go through the same `dit` and `denoise` calls.
 """
 
@@ -37,7 +42,7 @@ from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraSpec, apply_loras
 from hyvideo.models import dit_class
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
-from hyvideo.v15_checkpoint import load_v15_dit_state_dict, v15_dit_config, v15_vae_config
+from hyvideo.v15_checkpoint import load_v15_dit, load_v15_dit_state_dict, load_v15_vae, v15_dit_config, v15_vae_config
 from hyvideo.image import image_to_pixels, resize_center_crop
 from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, ImageCondition, decode, denoise, encode_image
 from hyvideo.step_cache import PRESETS as STEP_CACHE_PRESETS
@@ -51,8 +56,8 @@ from quant.schemes import QUANT_SCHEMES
 from .compile import compile_blocks, dynamo_graphs
 from .planner import I2V_IMAGE_SIZE, Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens, v15_model_sizes
 from .progress import Reporter
-from .streaming import BlockStreamer, place_dit, release_dit
-from .tiled_vae import TiledVAE
+from .streaming import BlockStreamer, forward_blocks, place_dit, release_dit
+from .tiled_vae import TiledVAE, spatial_tile_for
 
 CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
@@ -285,6 +290,23 @@ class Stages:
         pixels = image_to_pixels(resize_center_crop(image, (height, width)))
         return ImageCondition(self.plan.dit_config.image_condition_type, encode_image(vae, pixels, self.device))
 
+    def v15_text_encoder(self):
+        """HunyuanVideo-1.5's encoders (hyvideo/v15_text.py): Qwen2.5-VL's language model per the
+        encoder scheme (NF4 quantized on load, quant/nf4.py, else bf16 on the CPU with the reason),
+        byT5 in the VAE's dtype."""
+        from hyvideo.v15_text import V15TextEncoder, find_v15_text_files
+
+        text_files = find_v15_text_files(self.files.root, self.files.layout)
+        llm = None
+        if self.profile.encoder_scheme == "nf4":
+            from quant.nf4 import load_qwen_text_nf4
+
+            loaded = load_qwen_text_nf4(text_files.llm, self.device)
+            if loaded.reason:
+                self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running Qwen2.5-VL in bf16 on the CPU")
+            llm = loaded.model
+        return V15TextEncoder.from_files(text_files, dtype=self.dtype, device=self.device, llm=llm)
+
     # -- DiT ------------------------------------------------------------------------------------
 
     @property
@@ -296,7 +318,7 @@ class Stages:
     def _load_dit_on_host(self):
         files, scheme = self.files, self.profile.dit_scheme
         if scheme == "bf16":
-            return load_dit(files, self.dtype)
+            return load_v15_dit(files, self.dtype) if files.family == V15_FAMILY else load_dit(files, self.dtype)
         if not self.reads_dit_cache:
             from quant.tencent_fp8 import load_tencent_fp8
 
@@ -350,6 +372,18 @@ class Stages:
                        blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache,
                        image=image, on_prediction=on_prediction)
 
+    def denoise_v15(self, model: torch.nn.Module, streamer: BlockStreamer, prompt, negative, latents: torch.Tensor,
+                    sampling, *, start_step: int, on_step) -> torch.Tensor:
+        """HunyuanVideo-1.5's Euler steps start_step..N-1 (`sampling`: steps, guidance_scale,
+        flow_shift) on the placed DiT: under real CFG two forwards a step, one after the other, each
+        streaming the streamed blocks (`forward_blocks`)."""
+        from hyvideo.v15_pipeline import denoise as v15_denoise
+
+        forwards = 1 if sampling.guidance_scale == 1.0 else 2
+        return v15_denoise(model, prompt, negative, latents, sampling.steps, sampling.flow_shift, sampling.guidance_scale,
+                           self.device, start_step=start_step, on_step=on_step,
+                           blocks_for_forward=forward_blocks(streamer, sampling.steps, forwards))
+
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
         """What was streamed per forward from forward `first` on (one run's, when runs share the
         DiT), and with --compile the graphs compiled for this DiT so far."""
@@ -367,7 +401,8 @@ class Stages:
     # -- VAE ------------------------------------------------------------------------------------
 
     def vae(self):
-        return load_vae(self.files, self.vae_dtype).to(self.device)
+        load = load_v15_vae if self.files.family == V15_FAMILY else load_vae
+        return load(self.files, self.vae_dtype).to(self.device)
 
     def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
         """Latents -> uint8 frames through the tiled decoder (one tile when the profile says 0)."""
@@ -377,8 +412,9 @@ class Stages:
             self.stats["vae"]["tiles"] = done
             on_progress(done, total)
 
-        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu", on_tile=on_tile)
+        spatial = spatial_tile_for(self.profile.vae_spatial_tile, vae.config.spatial_compression_ratio)  # the plan's tiles
+        tiled = TiledVAE(vae, spatial, self.profile.vae_temporal_tile, output_device="cpu", on_tile=on_tile)
         frames = decode(vae, latents, self.device, vae_decode=tiled.decode)
-        if self.plan.dit_config.image_condition_type == "latent_concat":  # official: its video starts 4 frames in
+        if getattr(self.plan.dit_config, "image_condition_type", None) == "latent_concat":  # official: its video starts 4 frames in
             frames = frames[LATENT_CONCAT_DROPPED_FRAMES:]
         return frames
