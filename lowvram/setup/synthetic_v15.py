@@ -15,7 +15,7 @@ it; their weights belong to the text encoders' own synthetic folders.
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,8 +55,8 @@ SIZES = {
     "tiny": V15SyntheticSize(V15_DIT_CONFIGS["tiny"], V15_VAE_CONFIGS["tiny"], TINY_QWEN, TINY_BYT5, TINY_SIGLIP,
                              torch.float32, 2_000_000, "480p_t2v"),
 }
-SIZES["full-i2v"] = V15SyntheticSize(**{**SIZES["full"].__dict__, "variant": "480p_i2v"})
-SIZES["tiny-i2v"] = V15SyntheticSize(**{**SIZES["tiny"].__dict__, "variant": "480p_i2v"})
+SIZES["full-i2v"] = replace(SIZES["full"], variant="480p_i2v")
+SIZES["tiny-i2v"] = replace(SIZES["tiny"], variant="480p_i2v")
 
 
 def _block_of(key: str) -> str:
@@ -117,7 +117,7 @@ def vae_files(layout: str, size: V15SyntheticSize, seed: int) -> tuple[list[Weig
     names = vae_ours_to_diffusers({name: name for name, _, _ in ours.layout})  # renames only: new name -> our name
     layout = [(new, dtype, shape) for (new, old), (_, dtype, shape) in zip(names.items(), ours.layout)]
 
-    def tensors(shard=None) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for (new, old), (_, dtype, shape) in zip(names.items(), ours.layout):
             yield new, ours.tensor(old, dtype, shape)
 
