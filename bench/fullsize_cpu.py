@@ -1,5 +1,7 @@
-"""Full-size host-side check: the 13B checkpoints written with random weights, then quantized and
-loaded by the product's own commands, with each command's peak memory measured.
+"""Full-size host-side check: the 13B and HunyuanVideo-1.5 checkpoints written with random weights,
+then quantized and loaded by the product's own commands, with each command's peak memory measured.
+The v15-* steps do the same for the 8.3B 1.5 DiT (float32 as Tencent ships it, 33.3 GB), one layout
+at a time (each folder is deleted once quantized, so ~45 GB of scratch suffice).
 
     python -m bench.fullsize_cpu --scratch /path/with/60GB [--limit-gb 16] [--steps official-fp8,...]
 
@@ -28,7 +30,8 @@ from lowvram.units import GIB
 RESULTS = Path(__file__).parent / "results"
 PY = sys.executable
 STEPS = ("write-official", "official-fp8", "load-fp8", "official-int8", "official-fp8-limited",
-         "write-diffusers", "diffusers-fp8", "diffusers-fp8-limited", "encoder-nf4")  # in run order
+         "write-diffusers", "diffusers-fp8", "diffusers-fp8-limited", "encoder-nf4",
+         "v15-write-official", "v15-official-fp8", "v15-write-diffusers", "v15-diffusers-fp8")  # in run order
 
 
 def tree_status(pid: int) -> tuple[int, int]:
@@ -136,6 +139,13 @@ def write_folder(root: Path, layout: str, only: tuple[str, ...] | None = None) -
     return [PY, "-c", code]
 
 
+def write_v15_folder(root: Path, layout: str) -> list[str]:
+    """The command that writes a full-size HunyuanVideo-1.5 folder (DiT, VAE, encoder configs)."""
+    code = ("from pathlib import Path; from lowvram.setup.synthetic_v15 import write_v15_checkpoint\n"
+            f"write_v15_checkpoint(Path({str(root)!r}), {layout!r}, 'full', seed=0)\n")
+    return [PY, "-c", code]
+
+
 def planned(profile: str) -> dict:
     """The planner's host-side prediction for a 16 GiB-RAM machine (first-use included)."""
     out = subprocess.run([PY, "-m", "cli", "plan", "--profile", profile, "--vram", "16", "--ram", "16", "--json"],
@@ -191,6 +201,15 @@ def main(argv=None) -> int:
     run("diffusers-fp8", quantize(diffusers, "fp8"))
     run("diffusers-fp8-limited", quantize(diffusers, "fp8"), limited=True)
     run("encoder-nf4", quantize(diffusers, "fp8", only="encoder"))
+    for layout in ("official", "diffusers"):
+        if f"v15-write-{layout}" in steps or f"v15-{layout}-fp8" in steps:
+            shutil.rmtree(args.scratch / "official", ignore_errors=True)  # the 13B folders, done with: room for 1.5
+            shutil.rmtree(args.scratch / "diffusers", ignore_errors=True)
+            root = args.scratch / f"v15-{layout}"
+            run(f"v15-write-{layout}", write_v15_folder(root, layout))
+            run(f"v15-{layout}-fp8", quantize(root, "fp8"))
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
 
     machine = f"cpu-{os.cpu_count()}core-{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB)}gib"
     saved = RESULTS / f"fullsize_cpu-{machine}.json"

@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .app import (Aspect, Attention, CacheDir, Compile, Device, Fp8Matmul, Frames, Gpus, Json, Loras, ModelDir, Parallel, Pin,
+                  WhichModel,
                   Preview, ProfileName, Quiet, Resolution, Riflex, RunsDir, Size, StepCache, UserError, app, err, out, overrides,
                   print_json, print_table, quiet_libraries, user_errors)
 from .progress import RichReporter, run_and_report
@@ -36,10 +37,13 @@ def generate(
     aspect: str = Aspect,
     frames: int = Frames,
     riflex: str = Riflex,
-    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    steps: int = typer.Option(None, "--steps", help="Denoising steps (default 50; HunyuanVideo-1.5: its transformer's)."),
     seed: int = typer.Option(None, "--seed", help="Random seed (default: a random one, recorded in the run)."),
-    guidance: float = typer.Option(6.0, "--guidance", help="Embedded guidance scale."),
-    flow_shift: float = typer.Option(7.0, "--flow-shift", help="Flow-matching schedule shift."),
+    guidance: float = typer.Option(None, "--guidance", help="Embedded guidance scale (default 6); HunyuanVideo-1.5: the "
+                                   "classifier-free guidance scale (default: its transformer's, 6, or 1 when CFG-distilled)."),
+    flow_shift: float = typer.Option(None, "--flow-shift", help="Flow-matching schedule shift (default 7; HunyuanVideo-1.5: "
+                                     "its transformer's)."),
+    model: str = WhichModel,
     image: Path = typer.Option(None, "--image", help="Image-to-video: the first frame (PNG, JPEG, WebP) on HunyuanVideo-I2V "
                                "weights; the size is the --resolution bucket closest to its aspect unless --size is given."),
     stability: bool = typer.Option(True, "--stability/--no-stability", help="With --image: start from 0.999 noise + 0.001 "
@@ -85,13 +89,14 @@ def generate(
         batch = prompts is not None or seeds is not None
         if not batch:
             seed = random.randint(0, 1_000_000) if seed is None else seed
+        sampling = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("flow_shift", flow_shift)) if v is not None}
         request = GenerationRequest("" if batch else _read_prompt(prompt, prompt_file), width=width, height=height, frames=frames,
-                                    steps=steps, seed=seed, guidance=guidance, flow_shift=flow_shift,
-                                    riflex=riflex_choice(riflex), image=None if image is None else str(image), stability=stability)
+                                    seed=seed, riflex=riflex_choice(riflex), image=None if image is None else str(image),
+                                    stability=stability, **sampling)
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile,
                              overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), device, out_path, cache_dir,
                              loras=[LoraSpec.parse(text) for text in lora or []], rewrite=rewrite, rewrite_model=rewrite_model,
-                             preview=preview)
+                             preview=preview, model=model, sampling_given=frozenset(sampling))
     if batch:
         _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel)
     else:

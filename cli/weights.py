@@ -5,7 +5,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .app import CacheDir, Json, ModelDir, Quiet, ReleasedModel, RunsDir, UserError, app, format_bytes, out, print_json, print_table, quiet_libraries, user_errors
+from .app import CacheDir, Json, ModelDir, Quiet, ReleasedModel, RunsDir, UserError, WhichModel, app, format_bytes, out, print_json, print_table, quiet_libraries, user_errors
 from .progress import RichReporter
 
 @app.command()
@@ -94,6 +94,7 @@ def quantize(
     policy: str = typer.Option("blocks", "--policy", help="Which DiT linears to quantize: blocks or blocks-no-mod."),
     only: str = typer.Option(None, "--only", help="Build one cache only: dit or encoder (default: both)."),
     cache_dir: Path = CacheDir,
+    model: str = WhichModel,
     as_json: bool = Json,
 ):
     """Quantize once into the cache folder (minutes): the DiT (fp8/int8) and the LLM text encoder
@@ -104,7 +105,7 @@ def quantize(
         from lowvram.setup.download import default_model_dir
         from lowvram.setup.quantize import quantize_model
 
-        result = quantize_model(model_dir or default_model_dir(), scheme, policy, only, cache_dir, reporter)
+        result = quantize_model(model_dir or default_model_dir(), scheme, policy, only, cache_dir, reporter, model)
     if as_json:
         print_json(result)
         return

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .config import DiTConfig, VAEConfig
-from .diffusers_keys import DiffusersAsOfficial, diffusers_to_official
+from .diffusers_keys import diffusers_to_official
 from .dit import HunyuanVideoDiT
 from .errors import HyVideoError
 from .vae import CausalVAE
@@ -51,6 +51,8 @@ DOWNLOAD_HINT = "run `lowvram download --model-dir {root}` (or see the README's 
 @dataclass
 class ModelFiles:
     """Where each component of one model folder lives."""
+
+    family = "hunyuanvideo"  # the 13B model (v15_checkpoint.V15ModelFiles: "hunyuanvideo-1.5")
 
     layout: str  # "official" | "diffusers"
     root: Path
@@ -87,13 +89,31 @@ def detect_layout(root: Path) -> str | None:
     return None
 
 
-def find_model_files(root: Path, image_to_video: bool = False) -> ModelFiles:
-    """Detect the layout of `root` and check that every needed file is there. An official ckpts/
-    folder may hold both releases: `image_to_video` picks the I2V one there (each alone is taken
-    whatever is asked; the caller says when it is the wrong one)."""
+MODEL_13B = "hunyuanvideo"  # `--model` value for the 13B model when a folder holds 1.5 weights too
+
+
+def find_model_files(root: Path, image_to_video: bool = False, model: str | None = None):
+    """Detect the model and layout of `root` and check that every needed file is there. An official
+    ckpts/ folder may hold both 13B releases: `image_to_video` picks the I2V one there (each alone is
+    taken whatever is asked; the caller says when it is the wrong one).
+
+    model: None detects the model from the folder; "hunyuanvideo" takes the 13B model, "1.5" or
+    "1.5-<variant>" (e.g. "1.5-720p_t2v") a HunyuanVideo-1.5 transformer (`v15_checkpoint`, whose
+    `V15ModelFiles` is returned then). A folder holding both models needs one of them."""
+    from .v15_checkpoint import MODEL_PREFIX, find_v15_files, is_v15_folder
+
     root = Path(root)
     if not root.is_dir():
         raise HyVideoError(f"model folder {root} does not exist; {DOWNLOAD_HINT.format(root=root)}")
+    if model is not None and model != MODEL_13B and model != "1.5" and not model.startswith(MODEL_PREFIX):
+        raise HyVideoError(f"--model must be {MODEL_13B}, 1.5 or 1.5-<variant> (e.g. 1.5-720p_t2v), not {model!r}")
+    if model is None and is_v15_folder(root):
+        if _holds_13b(root):
+            raise HyVideoError(f"{root} holds HunyuanVideo (13B) and HunyuanVideo-1.5 weights: say which with "
+                               f"--model {MODEL_13B} or --model 1.5")
+        model = "1.5"
+    if model is not None and model != MODEL_13B:
+        return find_v15_files(root, image_to_video, model.removeprefix(MODEL_PREFIX) if model != "1.5" else None)
     layout = detect_layout(root)
     if layout == "diffusers":
         files = _diffusers_files(root)
@@ -129,6 +149,12 @@ def releases_in(root: Path) -> list[ModelFiles]:
         return [_official_files(root, i2v) for i2v, folder in ((False, "hunyuan-video-t2v-720p"), (True, "hunyuan-video-i2v-720p"))
                 if (root / folder).is_dir()]
     return []
+
+
+def _holds_13b(root: Path) -> bool:
+    """Whether a folder with 1.5 weights also holds the 13B model's (Tencent's 13B folders; a
+    diffusers folder is one model)."""
+    return (root / "hunyuan-video-t2v-720p").is_dir() or (root / "hunyuan-video-i2v-720p").is_dir()
 
 
 def _official_files(root: Path, image_to_video: bool) -> ModelFiles:
@@ -256,7 +282,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping, where) -> None
     """Missing, unexpected or mis-shaped keys -> one HyVideoError naming the file and first keys.
     Reads shapes only (a lazy diffusers view answers them without fusing anything)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if isinstance(state_dict, DiffusersAsOfficial):
+    if hasattr(state_dict, "shapes"):  # a lazy view (DiffusersAsOfficial, v15_checkpoint.ConvertedByGroup)
         shapes = state_dict.shapes()
     else:
         shapes = {k: tuple(v.shape) for k, v in state_dict.items()}

@@ -209,3 +209,72 @@ def text_activation_bytes(text_len: int = TEXT_LEN + OFFICIAL_CROP_START[PROMPT_
     states = (layers + 1) * text_len * hidden * 2
     layer = 3 * text_len * mlp * 2 + 32 * text_len * text_len * F32
     return states + layer
+
+
+# HunyuanVideo-1.5's VAE (hyvideo/v15_vae.py): channel RMS norms computed in float32 (a float32 copy
+# and its normalized result, F32 / act_bytes element-widths each), resamplers that move pixels into
+# channels (the conv output, its depth-to-space copy, the shortcut's repeated channels and their
+# copy, the sum: five output-sized tensors with the input kept), a frame-causal mid attention.
+
+
+def _v15_resnet_peak(c_in: int, c_out: int, n: int, n_pad: int, act_bytes: int) -> int:
+    """Elements (in act_bytes units) alive at a 1.5 resnet's peak, its input kept by the caller."""
+    norm = 2 * (F32 // act_bytes) * max(c_in, c_out) * n  # x.float() and F.normalize's output
+    return max(_resnet_peak(c_in, c_out, n, n_pad), c_in * n + norm)
+
+
+def v15_vae_decode_tile_bytes(config, latent_frames: int, latent_h: int, latent_w: int, act_bytes: int = 2,
+                              cudnn_copies: bool = True) -> int:
+    """Peak activation bytes of the 1.5 decoder on one latent tile [1, C, t, h, w] (weights
+    excluded), walked as `vae_decode_tile_bytes` walks the 13B decoder; each level's input is kept
+    by the decoder's loop while the level runs. cudnn_copies: as for the 13B decoder."""
+    from hyvideo.v15_vae import resampling_levels
+
+    widths = config.block_out_channels[::-1]
+    t, h, w = latent_frames, latent_h, latent_w
+    n, n_pad = t * h * w, _padded(t, h, w)
+    c = widths[0]
+    peaks = [config.latent_channels * n_pad + 3 * c * n,  # conv_in + the repeated-channel shortcut
+             c * n + _v15_resnet_peak(c, c, n, n_pad, act_bytes), 7 * c * n]  # mid resnets, attention
+    conv_io = c * n_pad + c * n
+    c_prev = c
+    for i, (space, time) in enumerate(resampling_levels(config, decoder=True)):
+        c = widths[i]
+        n, n_pad = t * h * w, _padded(t, h, w)
+        block_input = c_prev * n
+        peaks.append(block_input + _v15_resnet_peak(c_prev, c, n, n_pad, act_bytes))
+        peaks.append(block_input + c * n + _v15_resnet_peak(c, c, n, n_pad, act_bytes))
+        conv_io = max(conv_io, c_prev * n_pad + c * n)
+        if space or time:
+            c_out = widths[i + 1] if config.upsample_match_channel and i + 1 < len(widths) else c
+            t2, h2, w2 = (1 + 2 * (t - 1) if time else t), 2 * h, 2 * w
+            n2 = t2 * h2 * w2
+            peaks.append(block_input + c * n_pad + 5 * c_out * n2)
+            conv_io = max(conv_io, c * n_pad + c_out * n2)
+            t, h, w, c = t2, h2, w2, c_out
+        c_prev = c
+    n = t * h * w
+    peaks.append(3 * c_prev * n + c_prev * _padded(t, h, w) + config.out_channels * n)  # norm_out, conv_out
+    return int((max(peaks) + (conv_io if cudnn_copies else 0)) * act_bytes)
+
+
+def v15_vae_encode_frame_bytes(config, height: int, width: int, act_bytes: int = 2) -> int:
+    """Peak activation bytes of the 1.5 encoder on one frame [1, 3, 1, H, W] (image-to-video's
+    image): the first, full-size level decides; downsampling packs pixels into channels (the conv
+    output, the packed copies of it and of the input, the averaged shortcut, the sum)."""
+    from hyvideo.v15_vae import resampling_levels
+
+    widths = config.block_out_channels
+    h, w = height, width
+    peaks = [(config.in_channels + widths[0]) * _padded(1, h, w)]  # conv_in
+    conv_io, c_prev = 0, widths[0]
+    for i, (space, _) in enumerate(resampling_levels(config, decoder=False)):
+        c = widths[i]
+        n, n_pad = h * w, _padded(1, h, w)
+        peaks.append(c_prev * n + _v15_resnet_peak(c_prev, c, n, n_pad, act_bytes))
+        conv_io = max(conv_io, c_prev * n_pad + c * n)
+        if space:
+            peaks.append(c * n_pad + 4 * c * n)
+            h, w = max(1, h // 2), max(1, w // 2)
+        c_prev = c
+    return int((max(peaks) + conv_io) * act_bytes)

@@ -60,6 +60,7 @@ from hyvideo.dit import token_grid
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraBytes
 from hyvideo.text_encoder import ASSISTANT_HEADER_TOKENS, IMAGE_EMBED_INTERLEAVE, OFFICIAL_CROP_START_I2V, TEXT_LEN
+from hyvideo.v15_config import V15_DIT_CONFIGS, V15_SAMPLING, V15_VAE_CONFIGS, V15DiTConfig, V15VAEConfig
 from hyvideo.vae import latent_shape
 from quant.bytes import (
     CLIP_TEXT_PARAMS,
@@ -70,6 +71,7 @@ from quant.bytes import (
     LLM_OTHER_PARAMS,
     TextEncoderSize,
     block_bytes,
+    param_counts,
     dequantized_weight_bytes,
     dit_block_kinds,
     modulation_probe_bytes,
@@ -81,6 +83,8 @@ from quant.bytes import (
 from .activations import (
     dit_activation_bytes,
     text_activation_bytes,
+    v15_vae_decode_tile_bytes,
+    v15_vae_encode_frame_bytes,
     vae_decode_tile_bytes,
     vae_encode_frame_bytes,
     vae_tile_pixels,
@@ -90,7 +94,7 @@ from .parallel import Layout, check_parallel, split_axis
 from .profiles import Profile
 from .schedule import BlockSchedule, plan_schedule
 from .sizes import SIZE_BUCKETS
-from .tiled_vae import decode_tiling, encode_tiling
+from .tiled_vae import decode_tiling, encode_tiling, spatial_tile_for
 from .units import GIB
 
 RESERVE_BYTES = int(0.75 * GIB)  # CUDA context (~0.4 GiB) + library workspaces + fragmentation
@@ -273,15 +277,78 @@ def i2v_text_tokens(image_condition_type: str, image_tokens: int = LLAVA_IMAGE_T
     return image_tokens // IMAGE_EMBED_INTERLEAVE[image_condition_type] + TEXT_LEN - ASSISTANT_HEADER_TOKENS
 
 
-# `lowvram plan --model`: the released 13B models (no weights needed)
+def hunyuan15_text_encoders(qwen_text_config, byt5_config, siglip_config=None, vae_config: V15VAEConfig | None = None,
+                            image_size: tuple[int, int] = I2V_IMAGE_SIZE) -> tuple[TextEncoderSize, ...]:
+    """HunyuanVideo-1.5's text stage from its encoders' transformers configs, counted on the meta
+    device: Qwen2.5-VL's language model (per the encoder scheme; its forward over the template and
+    the 1000-token prompt keeps every layer's hidden state), byT5's encoder (16-bit), and for
+    image-to-video SigLIP's vision model (16-bit, one image) and the VAE that encodes the image at
+    `image_size` (height, width: the video's)."""
+    from transformers import Qwen2_5_VLTextModel, SiglipVisionModel, T5EncoderModel
+
+    from hyvideo.v15_checkpoint import QWEN_MAX_TOKENS, QWEN_TEMPLATE_TOKENS
+
+    linear, other = param_counts(lambda: Qwen2_5_VLTextModel(qwen_text_config))
+    q = qwen_text_config
+    qwen_activations = text_activation_bytes(QWEN_MAX_TOKENS + QWEN_TEMPLATE_TOKENS, q.hidden_size, q.num_hidden_layers,
+                                             q.intermediate_size)
+    encoders = (TextEncoderSize("llm", linear, other, qwen_activations),
+                TextEncoderSize("byt5", 0, sum(param_counts(lambda: T5EncoderModel(byt5_config)))))
+    if siglip_config is None:
+        return encoders
+    s = siglip_config
+    vision_tokens = (s.image_size // s.patch_size) ** 2
+    vae_config = vae_config or V15_VAE_CONFIGS["hunyuanvideo-1.5"]
+    return (*encoders,
+            TextEncoderSize("vision", 0, sum(param_counts(lambda: SiglipVisionModel(s))),
+                            text_activation_bytes(vision_tokens, s.hidden_size, s.num_hidden_layers, s.intermediate_size)),
+            TextEncoderSize("image encode", 0, vae_parameters(vae_config), v15_vae_encode_frame_bytes(vae_config, *image_size)))
+
+
+def hunyuan15_text_tokens(siglip_config=None) -> int:
+    """Text-stream tokens the 1.5 DiT reads at most: Qwen's prompt, byT5's glyph tokens and for
+    image-to-video SigLIP's image tokens (padding is dropped at batch 1: a worst case)."""
+    from hyvideo.v15_checkpoint import BYT5_MAX_TOKENS, QWEN_MAX_TOKENS
+
+    image = 0 if siglip_config is None else (siglip_config.image_size // siglip_config.patch_size) ** 2
+    return QWEN_MAX_TOKENS + BYT5_MAX_TOKENS + image
+
+
+def released_v15_text_configs(image_to_video: bool):
+    """The released 1.5 encoders' configs (Qwen2.5-VL-7B's language model, byT5-small, SigLIP)."""
+    from transformers import Qwen2_5_VLTextConfig, SiglipVisionConfig, T5Config
+
+    from hyvideo.v15_checkpoint import BYT5_SMALL, QWEN25_VL_7B_TEXT, SIGLIP_SO400M_384
+
+    return (Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT), T5Config(**BYT5_SMALL),
+            SiglipVisionConfig(**SIGLIP_SO400M_384) if image_to_video else None)
+
+
+# `lowvram plan --model`: the released 13B models (no weights needed); "1.5-<variant>": a released
+# HunyuanVideo-1.5 transformer (hyvideo.v15_config.V15_SAMPLING)
 RELEASED_DITS = {"t2v": "HYVideo-T/2-cfgdistill", "i2v": "HYVideo-T/2-I2V-16ch", "i2v-33ch": "HYVideo-T/2-I2V-33ch"}
+RELEASED_V15 = {f"1.5-{variant}": variant for variant in V15_SAMPLING}
+
+
+def v15_model_sizes(dit_config: V15DiTConfig, vae_config: V15VAEConfig, guidance_scale: float, text_configs,
+                    image_size: tuple[int, int]) -> dict:
+    """What a 1.5 model contributes to `plan` (stages.model_sizes for a folder, or a released one)."""
+    qwen, byt5, siglip = text_configs
+    return {"dit_config": dit_config, "vae_config": vae_config,
+            "text_encoders": hunyuan15_text_encoders(qwen, byt5, siglip, vae_config, image_size),
+            "text_tokens": hunyuan15_text_tokens(siglip), "forwards_per_step": 1 if guidance_scale == 1.0 else 2}
 
 
 def released_model_sizes(model: str, width: int, height: int) -> dict:
     """What a released model contributes to `plan` (as stages.model_sizes for its folder); the
     I2V image is encoded at the video's size."""
+    if model in RELEASED_V15:
+        variant = RELEASED_V15[model]
+        config = dataclasses.replace(V15_DIT_CONFIGS["hunyuanvideo-1.5"], use_meanflow=variant.endswith("step_distilled"))
+        return v15_model_sizes(config, V15_VAE_CONFIGS["hunyuanvideo-1.5"], V15_SAMPLING[variant].guidance_scale,
+                               released_v15_text_configs("_i2v" in variant), (align_up(height, 16), align_up(width, 16)))
     if model not in RELEASED_DITS:
-        raise HyVideoError(f"--model must be one of {', '.join(RELEASED_DITS)}; got {model!r}")
+        raise HyVideoError(f"--model must be one of {', '.join([*RELEASED_DITS, *RELEASED_V15])}; got {model!r}")
     dit_config = DIT_CONFIGS[RELEASED_DITS[model]]
     if dit_config.image_condition_type is None:
         return {"dit_config": dit_config}
@@ -292,8 +359,9 @@ def released_model_sizes(model: str, width: int, height: int) -> dict:
 def first_use_quantize_bytes(config: DiTConfig) -> int:
     """Anonymous memory of building the DiT cache (quant/cache.py), one tensor at a time: the
     largest linear's fused bf16 weight plus its float32 copy, |w| and w / scale in the quantizer."""
-    largest = max(config.hidden_size * (3 * config.hidden_size + config.mlp_hidden),  # single block linear1
-                  config.mlp_hidden * config.hidden_size)  # MLP fc1 / fc2
+    largest = config.mlp_hidden * config.hidden_size  # MLP fc1 / fc2
+    if config.single_blocks:
+        largest = max(config.hidden_size * (3 * config.hidden_size + config.mlp_hidden), largest)  # single block linear1
     return largest * (2 + 3 * F32)
 
 
@@ -317,7 +385,8 @@ def dit_schedule(profile: Profile, config: DiTConfig, fixed_bytes: int, budget_b
 def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int], act_bytes: int = 2) -> tuple[int, dict]:
     """VRAM of the tiled decode: weights + one tile's activations + assembly buffers."""
     frames_latent, h, w = latent
-    spatial = profile.vae_spatial_tile
+    spatial = spatial_tile_for(profile.vae_spatial_tile, config.spatial_compression_ratio)
+    tile_bytes = v15_vae_decode_tile_bytes if isinstance(config, V15VAEConfig) else vae_decode_tile_bytes
     tiled_space = spatial and (h > spatial or w > spatial)
     tile_h, tile_w = (min(h, spatial), min(w, spatial)) if tiled_space else (h, w)
     tiles_t = decode_tiling(latent, spatial, profile.vae_temporal_tile)[0]
@@ -326,7 +395,7 @@ def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int],
     blend = max((span.blend for span in tiles_t), default=0)
     parts = {
         "weights": vae_decoder_bytes(config, act_bytes),
-        "tile activations": vae_decode_tile_bytes(config, tile_t, tile_h, tile_w, act_bytes),
+        "tile activations": tile_bytes(config, tile_t, tile_h, tile_w, act_bytes),
         "assembly": (out_frames + blend) * out_h * out_w * config.out_channels * act_bytes,
         "latents": config.latent_channels * frames_latent * h * w * 4,
     }
@@ -352,7 +421,7 @@ def plan(
     dit_config: DiTConfig | None = None, vae_config: VAEConfig | None = None,
     text_encoders: tuple[TextEncoderSize, ...] | None = None, lora_bytes: LoraBytes | None = None,
     layout: Layout | None = None, local_ranks: int | None = None, text_tokens: int = TEXT_LEN,
-    image_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | None = None, forwards_per_step: int = 1,
 ) -> Plan:
     """Predict each stage's peak memory for `profile` at width x height x frames (batch 1).
 
@@ -365,6 +434,8 @@ def plan(
     on this machine (default: all). text_tokens: the most text tokens the DiT reads (I2V: the
     image's states too, `i2v_text_tokens`). image_size: image-to-video's conditioning image,
     (height, width) as the VAE encodes it in the text stage (`image_encode_bytes`); None: no image.
+    forwards_per_step: DiT forwards per step (2: real classifier-free guidance, run one after the
+    other: the activations of one forward, two velocities, every streamed block copied twice a step).
     """
     dit_config = dit_config or DIT_CONFIGS["HYVideo-T/2-cfgdistill"]
     vae_config = vae_config or VAE_CONFIGS["884-16c-hy"]
@@ -391,7 +462,8 @@ def plan(
         "trunk": trunk_bytes(dit_config),
         "activations": activations,
         "dequantized weight": dequantized_weight_bytes(dit_config, profile.dit_scheme, profile.quant_policy),
-        "latents": 3 * latent_bytes,  # latents, velocity, Euler update (float32)
+        # latents, velocity, Euler update (float32); under CFG both forwards' velocities and their difference
+        "latents": (3 + 2 * (forwards_per_step - 1)) * latent_bytes,
     }
     if world > 1:  # what the cross-rank attention adds to the forward's peak
         dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, text_tokens, layout=layout,
@@ -402,6 +474,8 @@ def plan(
     if lora_bytes.trunk:
         dit_parts["lora (trunk)"] = lora_bytes.trunk
     schedule = dit_schedule(profile, dit_config, sum(dit_parts.values()), budget, lora_bytes)
+    if forwards_per_step != 1:
+        schedule = dataclasses.replace(schedule, forwards_per_step=forwards_per_step)
     dit_parts["resident blocks"] = schedule.resident_bytes
     dit_parts["ring"] = schedule.ring_bytes
 

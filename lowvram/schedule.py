@@ -10,6 +10,10 @@ Ring size: each *kind* of block (double / single: different tensor shapes) gets 
 `min(depth + 1, streamed blocks of that kind)` slots, where depth is the effective prefetch depth
 `min(prefetch_depth, streamed - 1)`: at any time the block being computed and the `depth` blocks
 after it in the (cyclic, across steps) streamed order are distinct blocks, and each needs a slot.
+
+Real classifier-free guidance (HunyuanVideo-1.5's base checkpoints) runs `forwards_per_step` = 2
+DiT forwards per step, one after the other: the ring and the resident blocks are the same, but
+every streamed block is copied once per forward, so twice per step.
 """
 
 from collections import Counter
@@ -56,6 +60,7 @@ class BlockSchedule:
     block_bytes: tuple[int, ...]  # bytes of each block's tensors
     resident: tuple[int, ...]  # indices of blocks kept on the GPU, ascending
     prefetch_depth: int  # requested: copies run this many streamed blocks ahead
+    forwards_per_step: int = 1  # DiT forwards per denoising step (2 under real CFG)
 
     def __post_init__(self):
         if len(self.kinds) != len(self.block_bytes):
@@ -90,7 +95,8 @@ class BlockSchedule:
 
     @property
     def streamed_bytes_per_step(self) -> int:
-        return sum(self.block_bytes[i] for i in self.streamed)
+        """Bytes copied per denoising step: every streamed block once per forward."""
+        return self.forwards_per_step * sum(self.block_bytes[i] for i in self.streamed)
 
     def pinned_bytes(self, cap_bytes: int | None) -> int:
         """Host bytes page-locked for the streamed blocks under `cap_bytes` (`pinned_blocks`)."""
@@ -117,6 +123,7 @@ class BlockSchedule:
             "resident_gb": self.resident_bytes / GIB,
             "ring_gb": self.ring_bytes / GIB,
             "streamed_gb_per_step": self.streamed_bytes_per_step / GIB,
+            **({"forwards_per_step": self.forwards_per_step} if self.forwards_per_step != 1 else {}),
         }
 
     def __str__(self) -> str:
@@ -126,7 +133,8 @@ class BlockSchedule:
         return "\n".join([
             f"{len(self.kinds)} blocks ({kinds}); prefetch depth {self.prefetch_depth} (effective {self.effective_depth})",
             f"resident {len(self.resident)} ({self.resident_bytes / GIB:.2f} GiB): {_ranges(self.resident)}",
-            f"streamed {len(self.streamed)} ({self.streamed_bytes_per_step / GIB:.2f} GiB copied per step): {_ranges(self.streamed)}",
+            f"streamed {len(self.streamed)} ({self.streamed_bytes_per_step / GIB:.2f} GiB copied per step"
+            + (f", {self.forwards_per_step} forwards" if self.forwards_per_step != 1 else "") + f"): {_ranges(self.streamed)}",
             f"ring: {ring or 'none'} = {self.ring_bytes / GIB:.2f} GiB; block weights on GPU {self.gpu_bytes / GIB:.2f} GiB",
         ])
 

@@ -21,6 +21,11 @@ same dtype.
     frames = stages.decode(stages.vae(), latents, on_progress)
     stages.stats                          # what was streamed and tiled (recorded in the run)
 
+HunyuanVideo-1.5 (`files.family == "hunyuanvideo-1.5"`) goes through the same `dit`, `vae`, `decode`
+and `release_dit`; its text and denoising calls are its own:
+    prompt, negative = stages.v15_text_encoder().encode(text)   # V15Prompt each (Qwen2.5-VL + byT5)
+    latents = stages.denoise_v15(model, streamer, prompt, negative, latents, files.sampling, start_step=k, on_step=...)
+
 One process and every rank of a multi-GPU run go through the same `dit` and `denoise` calls.
 """
 
@@ -35,6 +40,9 @@ from hyvideo.checkpoint import ModelFiles, load_dit, load_dit_state_dict, load_v
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
 from hyvideo.lora import LoraSpec, apply_loras
+from hyvideo.models import dit_class
+from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
+from hyvideo.v15_checkpoint import load_v15_dit, load_v15_dit_state_dict, load_v15_vae, v15_dit_config, v15_vae_config
 from hyvideo.image import image_to_pixels, resize_center_crop
 from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, ImageCondition, decode, denoise, encode_image
 from hyvideo.step_cache import PRESETS as STEP_CACHE_PRESETS
@@ -46,17 +54,20 @@ from quant.fp8 import set_scaled_mm
 from quant.schemes import QUANT_SCHEMES
 
 from .compile import compile_blocks, dynamo_graphs
-from .planner import I2V_IMAGE_SIZE, Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens
+from .planner import I2V_IMAGE_SIZE, Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens, v15_model_sizes
 from .progress import Reporter
-from .streaming import BlockStreamer, place_dit, release_dit
-from .tiled_vae import TiledVAE
+from .streaming import BlockStreamer, forward_blocks, place_dit, release_dit
+from .tiled_vae import TiledVAE, spatial_tile_for
 
 CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
 
 def dit_config_for(files: ModelFiles) -> DiTConfig:
     """The DiT's config without loading its weights: diffusers' config.json, or the official
-    checkpoint's tensor shapes (memory-mapped, so nothing is read but the shapes)."""
+    checkpoint's tensor shapes (memory-mapped, so nothing is read but the shapes); a 1.5 folder's
+    from its config.json."""
+    if files.family == V15_FAMILY:
+        return v15_dit_config(files)
     if files.layout == "diffusers":
         try:
             return DiTConfig.from_diffusers(json.loads(files.dit_config.read_text()))
@@ -67,6 +78,8 @@ def dit_config_for(files: ModelFiles) -> DiTConfig:
 
 
 def vae_config_for(files: ModelFiles) -> VAEConfig:
+    if files.family == V15_FAMILY:
+        return v15_vae_config(files)
     try:
         return VAEConfig.from_dict(json.loads(files.vae_config.read_text()))
     except (OSError, ValueError, TypeError) as error:
@@ -109,6 +122,8 @@ def model_sizes(files: ModelFiles, image_size: tuple[int, int] = I2V_IMAGE_SIZE)
     DiT reads, and for I2V the image the text stage encodes, at `image_size` (the video's; default
     the largest 720p bucket)."""
     dit_config, vae_config = dit_config_for(files), vae_config_for(files)
+    if files.family == V15_FAMILY:
+        return v15_model_sizes(dit_config, vae_config, files.sampling.guidance_scale, v15_text_configs(files), image_size)
     sizes = {"dit_config": dit_config, "vae_config": vae_config, "text_encoders": text_encoder_sizes(files)}
     if dit_config.image_condition_type:
         from transformers import AutoConfig
@@ -119,15 +134,30 @@ def model_sizes(files: ModelFiles, image_size: tuple[int, int] = I2V_IMAGE_SIZE)
     return sizes
 
 
-def parameter_count(config: DiTConfig) -> int:
-    from hyvideo.dit import HunyuanVideoDiT
+def v15_text_configs(files) -> tuple:
+    """A 1.5 folder's encoder configs (Qwen2.5-VL's text config, byT5's, SigLIP's for image-to-video)."""
+    from transformers import AutoConfig
 
+    try:
+        configs = [AutoConfig.from_pretrained(folder, local_files_only=True) for folder in (files.llm, files.byt5)]
+        siglip = AutoConfig.from_pretrained(files.vision, local_files_only=True) if files.vision else None
+    except (OSError, ValueError) as error:
+        raise HyVideoError(f"cannot read the text encoders' config.json in {files.root} ({error}); download them again") from None
+    siglip = getattr(siglip, "vision_config", siglip)  # a whole SigLIP folder holds the vision config inside
+    return configs[0].get_text_config(), configs[1], siglip
+
+
+def parameter_count(config: DiTConfig) -> int:
+    """The DiT's parameters (the 13B model's or HunyuanVideo-1.5's), counted on the meta device."""
     with torch.device("meta"):
-        return sum(p.numel() for p in HunyuanVideoDiT(config).parameters())
+        return sum(p.numel() for p in dit_class(config)(config).parameters())
 
 
 def default_cache_dir(files: ModelFiles) -> Path:
-    """Where quantized weights are kept unless --cache-dir says otherwise: beside the model."""
+    """Where quantized weights are kept unless --cache-dir says otherwise: beside the model (a
+    HunyuanVideo-1.5 transformer's in a folder of its own: a Tencent folder holds several)."""
+    if files.family == V15_FAMILY:
+        return Path(files.root) / "lowvram-cache" / f"1.5-{files.variant}"
     return Path(files.root) / "lowvram-cache"
 
 
@@ -162,10 +192,17 @@ def build_dit_cache(files: ModelFiles, config: DiTConfig, scheme: str, policy: s
     status = cache_status(cache_dir, config, scheme, policy, files.dit_weights, dtype)
     if status.state != "fresh":
         reporter.stage(status.message, total=config.double_blocks + config.single_blocks + 1)
-        ensure_dit_cache(files.dit_weights, lambda: load_dit_state_dict(files)[0], config, scheme, policy, cache_dir, dtype,
+        ensure_dit_cache(files.dit_weights, lambda: dit_state_dict(files, config), config, scheme, policy, cache_dir, dtype,
                          on_progress=lambda done, total: reporter.advance(done, total=total))
         reporter.stage("loading DiT")
     return status
+
+
+def dit_state_dict(files: ModelFiles, config: DiTConfig):
+    """The DiT's weights in our key names, memory-mapped (a lazy view where keys are converted)."""
+    if files.family == V15_FAMILY:
+        return load_v15_dit_state_dict(files)
+    return load_dit_state_dict(files)[0]
 
 
 def make_step_cache(model: torch.nn.Module, preset: str, steps: int, device: torch.device,
@@ -256,6 +293,23 @@ class Stages:
         tiled = TiledVAE(vae, self.profile.vae_spatial_tile, output_device=self.device, on_tile=on_tile)
         return ImageCondition(self.plan.dit_config.image_condition_type, encode_image(vae, pixels, self.device, tiled.encode))
 
+    def v15_text_encoder(self):
+        """HunyuanVideo-1.5's encoders (hyvideo/v15_text.py): Qwen2.5-VL's language model per the
+        encoder scheme (NF4 quantized on load, quant/nf4.py, else bf16 on the CPU with the reason),
+        byT5 in the VAE's dtype."""
+        from hyvideo.v15_text import V15TextEncoder, find_v15_text_files
+
+        text_files = find_v15_text_files(self.files.root, self.files.layout)
+        llm = None
+        if self.profile.encoder_scheme == "nf4":
+            from quant.nf4 import load_qwen_text_nf4
+
+            loaded = load_qwen_text_nf4(text_files.llm, self.device)
+            if loaded.reason:
+                self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running Qwen2.5-VL in bf16 on the CPU")
+            llm = loaded.model
+        return V15TextEncoder.from_files(text_files, dtype=self.dtype, device=self.device, llm=llm)
+
     # -- DiT ------------------------------------------------------------------------------------
 
     @property
@@ -267,7 +321,7 @@ class Stages:
     def _load_dit_on_host(self):
         files, scheme = self.files, self.profile.dit_scheme
         if scheme == "bf16":
-            return load_dit(files, self.dtype)
+            return load_v15_dit(files, self.dtype) if files.family == V15_FAMILY else load_dit(files, self.dtype)
         if not self.reads_dit_cache:
             from quant.tencent_fp8 import load_tencent_fp8
 
@@ -321,6 +375,18 @@ class Stages:
                        blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache,
                        image=image, on_prediction=on_prediction)
 
+    def denoise_v15(self, model: torch.nn.Module, streamer: BlockStreamer, prompt, negative, latents: torch.Tensor,
+                    sampling, *, start_step: int, on_step) -> torch.Tensor:
+        """HunyuanVideo-1.5's Euler steps start_step..N-1 (`sampling`: steps, guidance_scale,
+        flow_shift) on the placed DiT: under real CFG two forwards a step, one after the other, each
+        streaming the streamed blocks (`forward_blocks`)."""
+        from hyvideo.v15_pipeline import denoise as v15_denoise
+
+        forwards = 1 if sampling.guidance_scale == 1.0 else 2
+        return v15_denoise(model, prompt, negative, latents, sampling.steps, sampling.flow_shift, sampling.guidance_scale,
+                           self.device, start_step=start_step, on_step=on_step,
+                           blocks_for_forward=forward_blocks(streamer, sampling.steps, forwards))
+
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
         """What was streamed per forward from forward `first` on (one run's, when runs share the
         DiT), and with --compile the graphs compiled for this DiT so far."""
@@ -338,7 +404,8 @@ class Stages:
     # -- VAE ------------------------------------------------------------------------------------
 
     def vae(self):
-        return load_vae(self.files, self.vae_dtype).to(self.device)
+        load = load_v15_vae if self.files.family == V15_FAMILY else load_vae
+        return load(self.files, self.vae_dtype).to(self.device)
 
     def decode(self, vae, latents: torch.Tensor, on_progress) -> torch.Tensor:
         """Latents -> uint8 frames through the tiled decoder (one tile when the profile says 0)."""
@@ -348,8 +415,9 @@ class Stages:
             self.stats["vae"]["tiles"] = done
             on_progress(done, total)
 
-        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, self.profile.vae_temporal_tile, output_device="cpu", on_tile=on_tile)
+        spatial = spatial_tile_for(self.profile.vae_spatial_tile, vae.config.spatial_compression_ratio)  # the plan's tiles
+        tiled = TiledVAE(vae, spatial, self.profile.vae_temporal_tile, output_device="cpu", on_tile=on_tile)
         frames = decode(vae, latents, self.device, vae_decode=tiled.decode)
-        if self.plan.dit_config.image_condition_type == "latent_concat":  # official: its video starts 4 frames in
+        if getattr(self.plan.dit_config, "image_condition_type", None) == "latent_concat":  # official: its video starts 4 frames in
             frames = frames[LATENT_CONCAT_DROPPED_FRAMES:]
         return frames

@@ -33,6 +33,11 @@ Design:
 - On the CPU (device="cpu") the same logic runs with synchronous copies into CPU shells and no
   streams, which is what the bit-exactness tests exercise.
 
+Real classifier-free guidance (HunyuanVideo-1.5's base checkpoints) runs two DiT forwards per step,
+one after the other: each is one `blocks_for_step` call, so the streamed blocks are copied once per
+forward (`forward_blocks` gives the denoising loop its per-forward iterator, prefetching across
+forwards). The "step" of the counters and the trace is a forward.
+
 Counters per step: blocks and bytes copied, copy time (CUDA events on the copy stream) and the time
 the compute stream waited for copies (events around the wait). Timings are read lazily by
 `step_stats()`, which waits for those events only.
@@ -490,6 +495,20 @@ class BlockStreamer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def forward_blocks(streamer: BlockStreamer, steps: int, forwards_per_step: int) -> Callable[[int], Iterator[nn.Module]]:
+    """`blocks_for_forward(i)` for a loop of `steps` steps with `forwards_per_step` DiT forwards
+    each (real CFG: 2), called once per forward: every forward streams the streamed blocks once,
+    and every forward but the run's last prefetches the next forward's first blocks."""
+    calls: dict[int, int] = {}
+
+    def blocks_for_forward(step: int) -> Iterator[nn.Module]:
+        calls[step] = calls.get(step, 0) + 1
+        last = step == steps - 1 and calls[step] == forwards_per_step
+        return streamer.blocks_for_step(prefetch_next_step=not last)
+
+    return blocks_for_forward
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,13 @@ from hyvideo.errors import HyVideoError
 
 SPATIAL_TILE = 32  # latents (256 px)
 TEMPORAL_TILE = 16  # latent frames (64 frames + 1)
+PROFILE_TILE_PIXELS = 8  # a profile's vae_spatial_tile counts latents of the 13B VAE: 8 px each
+
+
+def spatial_tile_for(profile_tile: int, spatial_compression: int) -> int:
+    """A profile's spatial tile in latents of a VAE with this compression: the same pixels (the
+    1.5 VAE's 16x latents: 32 -> 16, i.e. 256 px as Tencent tiles it on a card over 21 GB)."""
+    return profile_tile * PROFILE_TILE_PIXELS // spatial_compression
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ import torch.nn as nn
 
 from hyvideo.blocks import DoubleStreamBlock, SingleStreamBlock
 from hyvideo.config import DiTConfig, VAEConfig
-from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.errors import HyVideoError
+from hyvideo.models import dit_class, vae_class
+from hyvideo.v15_config import V15DiTConfig
 
 from .policy import POLICIES, QuantPolicy, get_policy
 from .schemes import QUANT_SCHEMES
@@ -61,9 +62,10 @@ def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
 
 
 @lru_cache(maxsize=8)
-def _meta_dit(config: DiTConfig) -> HunyuanVideoDiT:
+def _meta_dit(config: DiTConfig | V15DiTConfig) -> nn.Module:
+    """The DiT of `config` on the meta device: the 13B model's or HunyuanVideo-1.5's."""
     with torch.device("meta"):
-        return HunyuanVideoDiT(config)
+        return dit_class(config)(config)
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,15 @@ def llm_param_counts(llama_config) -> tuple[int, int]:
     return linear, total - linear
 
 
+def param_counts(make_model) -> tuple[int, int]:
+    """(nn.Linear weight elements, all other parameters) of the model `make_model()` builds on the
+    meta device: what an NF4 encoder quantizes and what stays 16-bit (any transformers model)."""
+    with torch.device("meta"):
+        model = make_model()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return linear, sum(p.numel() for p in model.parameters()) - linear
+
+
 def dit_block_kinds(config: DiTConfig) -> list[str]:
     """Kind of each of the blocks in run order: the double blocks, then the single blocks."""
     return ["double"] * config.double_blocks + ["single"] * config.single_blocks
@@ -165,7 +176,7 @@ def dequantized_weight_bytes(config: DiTConfig, scheme: str, policy: str, act_by
         return 0
     model = _meta_dit(config)
     peak = 0
-    for kind, blocks in (("double", model.double_blocks), ("single", model.single_blocks)):
+    for kind, blocks in (("double", model.double_blocks), ("single", getattr(model, "single_blocks", ()))):
         if not len(blocks):
             continue
         quantized = {name: blocks[0].get_submodule(name).weight.numel() for name in get_policy(policy).block_names(kind)}
@@ -197,19 +208,17 @@ class TextEncoderSize:
 
 @lru_cache(maxsize=8)
 def vae_decoder_bytes(config: VAEConfig, bytes_per_element: int = 2) -> int:
-    """Decoder + post_quant_conv weights (fp16 by default, as the official VAE runs)."""
-    from hyvideo.vae import CausalVAE
-
+    """Decoder + post_quant_conv weights (fp16 by default, as the official VAE runs; the 1.5 VAE
+    has no post_quant_conv)."""
     with torch.device("meta"):
-        vae = CausalVAE(config)
-    params = sum(p.numel() for p in vae.decoder.parameters()) + sum(p.numel() for p in vae.post_quant_conv.parameters())
+        vae = vae_class(config)(config)
+    post = getattr(vae, "post_quant_conv", None)
+    params = sum(p.numel() for p in vae.decoder.parameters()) + (sum(p.numel() for p in post.parameters()) if post else 0)
     return params * bytes_per_element
 
 
 @lru_cache(maxsize=8)
 def vae_parameters(config: VAEConfig) -> int:
     """The whole VAE's parameters (encoder and decoder: image-to-video loads both)."""
-    from hyvideo.vae import CausalVAE
-
     with torch.device("meta"):
-        return sum(p.numel() for p in CausalVAE(config).parameters())
+        return sum(p.numel() for p in vae_class(config)(config).parameters())

@@ -44,7 +44,7 @@ import torch
 
 from hyvideo.checkpoint import check_state_dict
 from hyvideo.config import DiTConfig
-from hyvideo.dit import HunyuanVideoDiT
+from hyvideo.models import dit_class
 from hyvideo.errors import HyVideoError
 from hyvideo.files import file_fingerprint, remove_dead_temps, write_atomic
 from hyvideo.weight_io import read_safetensors, write_safetensors_stream
@@ -144,7 +144,7 @@ def quantize_dit_to_cache(state_dict_source_files: list[Path], state_dict: Mappi
     quant_scheme(scheme)  # an unknown scheme is refused before any work
     policy = get_policy(policy)
     with torch.device("meta"):
-        meta_model = HunyuanVideoDiT(config)
+        meta_model = dit_class(config)(config)
     check_state_dict(meta_model, state_dict, "DiT weights")  # names and shapes, before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +231,7 @@ def file_sha256(path: Path) -> str:
 
 def load_cached_dit(cache_dir: str | Path, config: DiTConfig, scheme: str, policy: "str | QuantPolicy" = "blocks",
                     source_files: list[Path] | None = None, dtype: torch.dtype = torch.bfloat16,
-                    device: "torch.device | str" = "cpu", verify: bool = True) -> HunyuanVideoDiT:
+                    device: "torch.device | str" = "cpu", verify: bool = True) -> torch.nn.Module:
     """The quantized DiT from its cache; refuses (HyVideoError) a missing, stale, truncated or
     corrupt cache. `verify=False` skips the full-file hash (size and header are still checked)."""
     status = cache_status(cache_dir, config, scheme, policy, source_files, dtype)
@@ -244,5 +244,5 @@ def load_cached_dit(cache_dir: str | Path, config: DiTConfig, scheme: str, polic
     state = read_safetensors([status.path])  # its own one-line errors (memory, truncated, not safetensors)
 
     with torch.device("meta"):
-        model = HunyuanVideoDiT(config)
+        model = dit_class(config)(config)
     return quant_scheme(scheme).load(model, state, policy, device).eval()

@@ -235,6 +235,14 @@ class BatchResult:
         return {"batch_id": self.batch_id, "manifest": self.manifest, "runs": [r.to_dict() for r in self.runs]}
 
 
+def sampling_given(options: RunOptions, request: GenerationRequest) -> frozenset:
+    """What the user set of steps, guidance and flow shift for one clip: on the command line, or on
+    its line where that differs from the command line's (a HunyuanVideo-1.5 transformer's own
+    defaults fill the rest, `preflight.v15_request`)."""
+    changed = {name for name in ("steps", "guidance", "flow_shift") if getattr(request, name) != getattr(options.request, name)}
+    return options.sampling_given | changed
+
+
 def start_batch(options: RunOptions, clips: list[Clip], reporter: Reporter | None = None, source: Path | None = None):
     """Every check of every clip, then one run folder per clip and the batch manifest.
     `options`: what the clips share (its request is replaced by each clip's). Returns
@@ -243,9 +251,11 @@ def start_batch(options: RunOptions, clips: list[Clip], reporter: Reporter | Non
     if out is not None and len(clips) > 1 and not Path(out).is_dir():
         raise HyVideoError(f"--out {out}: a batch copies each video into a folder as <run id>.mp4; give an existing folder")
     largest = max(clips, key=lambda c: c.request.width * c.request.height * c.request.frames)
-    _, _, files, plan = prepare_run(replace(options, request=largest.request), reporter)
+    _, _, files, plan = prepare_run(replace(options, request=largest.request,
+                                            sampling_given=sampling_given(options, largest.request)), reporter)
     settled = replace(options, profile=plan.profile, overrides=Overrides())  # the overrides are in plan.profile now
-    prepared = [prepare_run(replace(settled, request=clip.request), reporter) for clip in clips]
+    prepared = [prepare_run(replace(settled, request=clip.request, sampling_given=sampling_given(settled, clip.request)), reporter)
+                for clip in clips]
     runs = [Run.create(Path(options.runs_dir), settings, model, versions()) for settings, model, _, _ in prepared]
     batch = Batch.create(options.runs_dir, str(Path(source).resolve()) if source else None, runs, [clip.line for clip in clips])
     return batch, runs, files, prepared[clips.index(largest)][3]

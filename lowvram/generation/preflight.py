@@ -27,6 +27,9 @@ from hyvideo.image import open_image
 from hyvideo.lora import LoraSpec, lora_bytes
 from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, uses_riflex, validate_request
 from hyvideo.step_cache import expected_forwards
+from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
+from hyvideo.v15_checkpoint import MODEL_PREFIX
+from hyvideo.v15_config import V15DiTConfig
 from hyvideo.vae import latent_shape
 from lowvram.attention_choice import resolve_attention
 from lowvram.communication import PCIE4_X8_GBS
@@ -60,6 +63,9 @@ class RunOptions:
     rewrite: str | None = None  # "normal" | "master": rewrite the prompt before encoding (lowvram/generation/rewrite.py)
     rewrite_model: Path | None = None  # the rewrite LLM's folder; None: the text encoder (official layout)
     preview: bool = False  # write preview.webp after every step (lowvram/generation/preview.py)
+    model: str | None = None  # which model in model_dir (hyvideo.checkpoint.find_model_files); None: detected
+    sampling_given: frozenset = frozenset()  # of "steps", "guidance", "flow_shift": set by the user; a
+    # HunyuanVideo-1.5 transformer's own defaults fill the others (the request's are the 13B model's)
 
 
 def default_device() -> str:
@@ -76,6 +82,11 @@ def check_device(device: str) -> torch.device:
 
 def weight_files(files: ModelFiles) -> list[Path]:
     """Every file whose bytes decide the output: DiT (+ FP8 pair), VAE, both text encoders."""
+    if files.family == V15_FAMILY:  # DiT, VAE, Qwen2.5-VL, byT5 (+ Tencent's glyph weights)
+        paths = [*files.dit_weights, files.vae_weights] + ([files.byt5_weights] if files.byt5_weights else [])
+        for folder in (files.llm, files.byt5):
+            paths += [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES] if folder.is_dir() else []
+        return [p for p in paths if p.is_file()]
     paths = [*files.dit_weights, files.vae_weights]
     paths += [p for p in (files.dit_fp8, files.dit_fp8_map) if p is not None]
     for folder in (files.llm, files.clip):
@@ -139,11 +150,13 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     if request.image is not None:
         open_image(request.image)  # missing, unreadable, corrupt or another format: one line, now
     device = check_device(options.device or default_device())
-    files = find_model_files(Path(options.model_dir), image_to_video=request.image is not None)
+    files = find_model_files(Path(options.model_dir), image_to_video=request.image is not None, model=options.model)
+    if files.family == V15_FAMILY:
+        request = v15_request(request, files, options)
     check_model_kind(files, request.image)
     sizes = model_sizes(files, (request.height, request.width))
     dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
-    check_latent_concat_frames(dit_config.image_condition_type, request.frames)
+    check_latent_concat_frames(getattr(dit_config, "image_condition_type", None), request.frames)
     loras = [LoraSpec(Path(spec.path).resolve(), spec.strength) for spec in options.loras]
     sizes["lora_bytes"] = lora_bytes(loras, dit_config)  # every key checked against the model here
     params = parameter_count(dit_config)
@@ -161,7 +174,9 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         vram = min(vram, options.vram_limit_bytes)
     candidates = settle_profile(options.profile, options.overrides, gpu=vram is not None)
     alternatives = settle_profile("auto", options.overrides)
-    if request.image is not None:
+    if files.family == V15_FAMILY:
+        candidates, alternatives = v15_without_step_cache(candidates, options.overrides), v15_without_step_cache(alternatives)
+    elif request.image is not None:
         candidates, alternatives = without_step_cache(candidates, options.overrides, reporter), without_step_cache(alternatives)
     profile, found = resolve(candidates, request.width, request.height, request.frames, vram_bytes=vram, ram_bytes=ram,
                              alternatives=alternatives, **sizes)
@@ -188,8 +203,23 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         image = Path(request.image).resolve()
         settings.update(image=str(image), image_fingerprint=file_fingerprint([image])[0],
                         image_condition=dit_config.image_condition_type)
+    if files.family == V15_FAMILY:  # a resume takes the same transformer, whatever else the folder holds
+        settings["model"] = f"{MODEL_PREFIX}{files.variant}"
     model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
     return settings, model, files, found
+
+
+def v15_request(request: GenerationRequest, files, options: RunOptions) -> GenerationRequest:
+    """A HunyuanVideo-1.5 text-to-video request: the transformer's own steps, guidance (real CFG's
+    scale) and flow shift where the user set none; what 1.5 does not run yet is refused here."""
+    for wanted, why in ((request.image is not None, "--image (image-to-video)"), (options.loras, "--lora"),
+                        (current_ranks() is not None, "--gpus"), (options.rewrite, "--rewrite"),
+                        (options.request.riflex, "--riflex on"), (options.preview, "--preview")):
+        if wanted:
+            raise HyVideoError(f"{why} is not wired for HunyuanVideo-1.5 yet; leave it out (text-to-video runs)")
+    defaults = files.sampling
+    chosen = {"steps": defaults.steps, "guidance": defaults.guidance_scale, "flow_shift": defaults.flow_shift}
+    return replace(request, riflex=False, **{k: v for k, v in chosen.items() if k not in options.sampling_given})
 
 
 I2V_WEIGHTS = "HunyuanVideo-I2V weights (tencent/HunyuanVideo-I2V or hunyuanvideo-community/HunyuanVideo-I2V)"
@@ -225,6 +255,14 @@ def without_step_cache(profiles: list[Profile], overrides: Overrides = Overrides
     return [dataclasses.replace(p, step_cache="off") for p in profiles]
 
 
+def v15_without_step_cache(profiles: list[Profile], overrides: Overrides = Overrides()) -> list[Profile]:
+    """HunyuanVideo-1.5 runs without the step cache: no TeaCache coefficients are published for it."""
+    if overrides.step_cache not in (None, "off"):
+        raise HyVideoError(f"--cache {overrides.step_cache} with HunyuanVideo-1.5: no step-cache coefficients are "
+                           "published for it; leave out --cache")
+    return [dataclasses.replace(p, step_cache="off") for p in profiles]
+
+
 @dataclass
 class PlanQuery:
     """`lowvram plan`: a video on the released 13B model, for this machine or the memory given."""
@@ -241,7 +279,7 @@ class PlanQuery:
     gpus: int | None = None  # sequence parallelism over this many GPUs (VRAM per GPU, RAM per machine)
     parallel: str = "usp"
     link_gbs: float = PCIE4_X8_GBS  # each GPU's link, for the communication estimate
-    model: str = "t2v"  # t2v | i2v | i2v-33ch: which released model (planner.RELEASED_DITS)
+    model: str = "t2v"  # t2v | i2v | i2v-33ch | 1.5-<variant>: which released model (planner.RELEASED_DITS, RELEASED_V15)
 
 
 @dataclass
@@ -268,7 +306,9 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
         raise HyVideoError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
     candidates = settle_profile(query.profile, query.overrides, gpu=vram is not None)
     alternatives = settle_profile("auto", query.overrides)
-    if sizes["dit_config"].image_condition_type:
+    if isinstance(sizes["dit_config"], V15DiTConfig):
+        candidates, alternatives = v15_without_step_cache(candidates, query.overrides), v15_without_step_cache(alternatives)
+    elif sizes["dit_config"].image_condition_type:
         candidates, alternatives = without_step_cache(candidates, query.overrides), without_step_cache(alternatives)
     video = (query.width, query.height, query.frames)
     try:
@@ -377,7 +417,8 @@ def resumable_files(run: Run, model_dir: Path | None = None, reporter: Reporter 
     check_device(settings["device"])
     profile = settings["profile"]
     check_packages(profile["dit_scheme"], profile["encoder_scheme"], settings["frames"], torch.device(settings["device"]))
-    files = find_model_files(Path(model_dir or settings["model_dir"]), image_to_video=settings.get("image") is not None)
+    files = find_model_files(Path(model_dir or settings["model_dir"]), image_to_video=settings.get("image") is not None,
+                             model=settings.get("model"))
     reason = fingerprint_mismatch(run.manifest["model"]["fingerprint"], file_fingerprint(weight_files(files), files.root))
     if reason:
         raise HyVideoError(

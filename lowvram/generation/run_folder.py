@@ -51,6 +51,7 @@ from hyvideo.errors import HyVideoError
 from hyvideo.files import write_atomic
 from hyvideo.step_cache import CacheState
 from hyvideo.text_encoder import TextEmbeddings
+from hyvideo.v15_pipeline import V15Prompt
 
 try:
     import fcntl
@@ -62,6 +63,7 @@ RUN_VERSION = 1
 STATES = ("encoding", "denoising", "decoding", "done", "failed")
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.safetensors"
+V15_EMBEDDING_FIELDS = ("text_states", "text_mask", "byt5_states", "byt5_mask")  # hyvideo.v15_pipeline.V15Prompt's
 IMAGE_LATENT = "image_latent.safetensors"
 FINAL_LATENTS = "final_latents.safetensors"
 VIDEO = "video.mp4"
@@ -260,6 +262,24 @@ class Run:
         flags = self.manifest.get("truncated") or {}
         return TextEmbeddings(tensors["text_states"], tensors["text_mask"], tensors["text_states_2"],
                               [bool(flags.get("llm"))], [bool(flags.get("clip"))])
+
+    def save_v15_embeddings(self, prompt: V15Prompt, negative: V15Prompt | None) -> None:
+        """HunyuanVideo-1.5: the prompt's Qwen2.5-VL and byT5 states, and the negative prompt's
+        under real CFG, in the same checked file as the 13B model's embeddings."""
+        tensors = {}
+        for prefix, encoded in (("", prompt), ("negative_", negative)):
+            if encoded is not None:
+                tensors |= {prefix + name: getattr(encoded, name).contiguous() for name in V15_EMBEDDING_FIELDS}
+        self.manifest["embeddings"] = self._write_checked(EMBEDDINGS, tensors, "the text embeddings")
+        self.save()
+
+    def load_v15_embeddings(self) -> tuple[V15Prompt, V15Prompt | None] | None:
+        tensors = self._read_checked(self.manifest.get("embeddings"))
+        if tensors is None:
+            return None
+        prompt = V15Prompt(*(tensors[name] for name in V15_EMBEDDING_FIELDS))
+        negative = V15Prompt(*(tensors["negative_" + name] for name in V15_EMBEDDING_FIELDS)) if "negative_text_states" in tensors else None
+        return prompt, negative
 
     def save_image_latent(self, latent: torch.Tensor) -> None:
         """Image-to-video: the image's latent, so a resume never reloads the VAE before denoising."""

@@ -43,6 +43,8 @@ from hyvideo.image import open_image
 from hyvideo.pipeline import GenerationRequest, ImageCondition, image_initial_latents
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
+from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
+from hyvideo.v15_config import V15Sampling
 from lowvram.attention_choice import usable_backend
 from lowvram.planner import Plan
 from lowvram.profiles import Profile
@@ -238,7 +240,7 @@ class _Execution:
         to_encode = []
         for run in to_denoise:
             image_missing = run.settings.get("image") is not None and run.load_image_latent() is None
-            if run.load_embeddings() is None or image_missing:
+            if self._load_embeddings(run) is None or image_missing:
                 if run.manifest.get("embeddings") or run.manifest.get("image_latent"):
                     self.reporter.warn(f"the cached text embeddings or image latent of run {run.id} are damaged; encoding again")
                 to_encode.append(run)
@@ -247,6 +249,14 @@ class _Execution:
         self.encode(to_encode)
         self.denoise(to_denoise)
         return self.decode()
+
+    @property
+    def v15(self) -> bool:
+        """HunyuanVideo-1.5 weights: its encoders, embeddings and sampler (hyvideo/v15_*.py)."""
+        return self.stages.files.family == V15_FAMILY
+
+    def _load_embeddings(self, run: Run):
+        return run.load_v15_embeddings() if self.v15 else run.load_embeddings()
 
     def _clip(self, run: Run) -> None:
         """Tell the reporter which clip of several is worked on now."""
@@ -277,9 +287,13 @@ class _Execution:
                 with meter.stage("text"):
                     if encoders is None:
                         self.reporter.stage("loading text encoders")
-                        encoders = self.stages.text_encoders()
+                        encoders = self.stages.v15_text_encoder() if self.v15 else self.stages.text_encoders()
                     self.reporter.stage("encoding text")
-                    embeddings = encode_prompts(*encoders, [prompts[run.id]], settings["frames"], image=image)
+                    if self.v15:  # the negative prompt ("") only under real CFG
+                        cfg = settings["guidance"] != 1.0
+                        embeddings = encoders.encode(prompts[run.id]) if cfg else (encoders.encode_one(prompts[run.id]), None)
+                    else:
+                        embeddings = encode_prompts(*encoders, [prompts[run.id]], settings["frames"], image=image)
                     if image is not None:  # image-to-video: the VAE encodes the image in the same stage
                         if vae is None:
                             self.reporter.stage("loading VAE")
@@ -290,7 +304,10 @@ class _Execution:
                 run.manifest["seconds"]["encoding"] = meter.results["text"]["seconds"]
                 if image is not None:
                     run.save_image_latent(condition.latent)
-                run.save_embeddings(embeddings)
+                if self.v15:
+                    run.save_v15_embeddings(*embeddings)
+                else:
+                    run.save_embeddings(embeddings)
         finally:
             encoders = vae = None
             empty_cache(self.device)
@@ -306,11 +323,11 @@ class _Execution:
                 values = {"riflex": False, **settings}  # runs from before RIFLEx have no "riflex" setting: they ran without it
                 # (nor image-to-video fields: the request's defaults)
                 request = GenerationRequest(**{k: values[k] for k in GenerationRequest.__dataclass_fields__ if k in values})
-                embeddings = run.load_embeddings()
+                embeddings = self._load_embeddings(run)
                 if embeddings is None:  # saved a moment ago by `encode`: the disk lost it
                     raise HyVideoError(f"the text embeddings of run {run.id} cannot be read back; "
                                        f"`lowvram resume {run.id}` encodes them again")
-                if any(embeddings.truncated):
+                if not self.v15 and any(embeddings.truncated):
                     self.reporter.warn(f"the prompt is longer than {TEXT_LEN} tokens: its end was cut off (the model reads {TEXT_LEN})")
                 condition = self._image_condition(run)
                 step, saved, cache_state, warnings = run.latest_latents()
@@ -468,8 +485,12 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
 
         if run.settings.get("preview"):
             reporter.preview(str(run.folder / PREVIEW))
-        latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache,
-                                 on_prediction=preview if run.settings.get("preview") else None, image=image)
+        if stages.files.family == V15_FAMILY:  # embeddings: (prompt, negative); no step cache, preview or image yet
+            sampling = V15Sampling(request.steps, request.guidance, request.flow_shift)
+            latents = stages.denoise_v15(model, streamer, *embeddings, latents, sampling, start_step=step, on_step=on_step)
+        else:
+            latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache,
+                                     on_prediction=preview if run.settings.get("preview") else None, image=image)
     finally:
         stop.stage = None
         # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache

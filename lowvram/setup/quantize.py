@@ -12,6 +12,7 @@ import torch
 
 from hyvideo.checkpoint import find_model_files
 from hyvideo.errors import HyVideoError
+from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from lowvram.progress import Reporter
 from lowvram.stages import build_dit_cache, compute_dtypes, default_cache_dir, dit_config_for, run_device_for
 
@@ -19,11 +20,12 @@ PARTS = ("dit", "encoder")
 
 
 def quantize_model(model_dir: Path, scheme: str, policy: str, only: str | None, cache_dir: Path | None,
-                   reporter: Reporter) -> dict:
-    """Build the DiT cache (`scheme`, `policy`) and the NF4 text encoder cache, or `only` one."""
+                   reporter: Reporter, model: str | None = None) -> dict:
+    """Build the DiT cache (`scheme`, `policy`) and the NF4 text encoder cache, or `only` one.
+    model: which model in the folder (`hyvideo.checkpoint.find_model_files`; None: detected)."""
     if only not in (None, *PARTS):
         raise HyVideoError(f"--only takes dit or encoder, not {only!r}")
-    files = find_model_files(model_dir)
+    files = find_model_files(model_dir, model=model)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(files)
     result = {"ok": True, "cache_dir": str(cache)}
     if only != "encoder":
@@ -51,6 +53,12 @@ def _quantize_dit(files, scheme: str, policy: str, cache: Path, required: bool, 
 
 def _quantize_encoder(files, cache: Path, required: bool, reporter: Reporter) -> dict:
     from quant.nf4 import NF4Unavailable, ensure_llm_nf4_cache, llm_cache_path
+
+    if files.family == V15_FAMILY:
+        why = "the NF4 cache of HunyuanVideo-1.5's Qwen2.5-VL encoder is not built by `quantize` yet"
+        if required:
+            raise HyVideoError(why)
+        return {"skipped": why}
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reporter.stage(f"text encoder NF4 ({device.type})")
