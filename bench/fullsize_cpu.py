@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"fullsize_cpu-{machine}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Full-size host-side check on {machine}", "",
-             "13B DiT with random weights (official `.pt` 25.6 GB; diffusers shards), the product's own commands.",
+             "13B DiT with random weights (official `.pt` 25.6 GB; diffusers shards), the product's own commands; v15-*: the 8.3B HunyuanVideo-1.5 DiT (float32 safetensors, 33.3 GB, Tencent's and diffusers' names) and its VAE.",
              "anon = peak RssAnon (own memory), file = peak RssFile (mapped file pages, droppable).", "",
              "cgroup peak = the memory cgroup's own peak usage (anon + page cache charged to it) under its limit.", "",
              "| step | rc | seconds | peak anon GiB | peak file GiB | memory limit GiB | cgroup peak GiB |",

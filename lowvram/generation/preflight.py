@@ -320,7 +320,8 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
                   "reason": str(error), "suggestion": suggest_fit(*video, vram, ram, alternatives, **sizes)}
         return PlanAnswer(result, None, None, (query.steps, query.steps))
     result = found.to_dict(query.link_gbs)
-    forwards = expected_forwards(profile.step_cache, query.steps)
+    per_step = sizes.get("forwards_per_step", 1)  # 2 under HunyuanVideo-1.5's real CFG
+    forwards = tuple(per_step * n for n in expected_forwards(profile.step_cache, query.steps))
     result["step_cache"] = {"preset": profile.step_cache, "steps": query.steps, "expected_dit_forwards": list(forwards)}
     if not found.fits:
         result["suggestion"] = suggest_fit(*video, found.vram_budget_bytes, ram, alternatives, **sizes)
