@@ -47,7 +47,8 @@ DOWNLOAD_HINT = "see the README's HunyuanVideo-1.5 section for the download"
 # language model; byT5-small (google/byt5-small, the encoder Glyph-SDXL-v2 fine-tunes); SigLIP
 # so400m-patch14-384 (FLUX.1-Redux-dev's image_encoder).
 QWEN25_VL_7B_TEXT = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-                     "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
+                     "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                     "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}  # M-RoPE (t, h, w) of head_dim / 2
 BYT5_SMALL = {"d_model": 1472, "d_ff": 3584, "num_layers": 12, "num_decoder_layers": 4, "num_heads": 6, "d_kv": 64,
               "vocab_size": 384, "feed_forward_proj": "gated-gelu"}
 SIGLIP_SO400M_384 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
