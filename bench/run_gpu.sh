@@ -9,6 +9,7 @@
 #   bash bench/run_gpu.sh                # on the GPU machine, carrying .whl (device tool: carry [".whl"])
 #   REHEARSE=1 bash bench/run_gpu.sh     # the same steps, commands, checks and archive on the CPU, tiny
 #   I2V=1 bash bench/run_gpu.sh          # the image-to-video line instead (its own device call, below)
+#   V15=1 bash bench/run_gpu.sh          # the HunyuanVideo-1.5 line instead (its own device call, below)
 #
 # Steps (issue 25's order of value; limit = most seconds, need = fewest worth starting with):
 #   0 setup: the wheels installed (a failure stops the run with one line), imports checked, the
@@ -43,6 +44,15 @@
 #                        FP8 DiT from the quantize-once cache it builds, blocks streamed; NF4 LLaVA)
 #                                                                                        rest, need 120
 # Its JSON, log and manifest are saved and summarized as the T2V lines' (same names, same markdown).
+#
+# V15=1: HunyuanVideo-1.5 text-to-video (issue 24) in its own call, the setup as above, then (the
+# 13B models in $SCRATCH removed first, as for I2V=1):
+#   1 write-model-v15    the full-size random HunyuanVideo-1.5 720p_t2v, diffusers layout (8.3B DiT
+#                        stored in bf16, Qwen2.5-VL-7B's language model, glyph byT5, VAE: 34 GB),
+#                        drawn on the GPU (bench/write_model.py --size full-1.5-720p_t2v) limit 150, need 45
+#   2 v15-720p-16gb      lowvram bench --model 1.5-720p_t2v 1280x720 x 121 under a 16 GiB cap, 2 steps,
+#                        defaults (auto; the FP8 DiT from the quantize-once cache it builds, real CFG:
+#                        2 forwards a step; NF4 Qwen2.5-VL)                             rest, need 120
 #
 # Wheels: the GPU machine has no package index (Python 3.12, torch 2.11+cu130). `fetch-wheels`
 # downloads, with pip here, the packages it lacks, pinned to the versions tested here, as wheels for
@@ -131,6 +141,7 @@ step() {  # NAME LIMIT NEED CMD...: CMD > NAME.out 2> NAME.log under min(LIMIT, 
 
 layout=official-fp8  # Tencent's FP8 DiT pair (T2V); the I2V release has none: official, FP8 from the cache
 [ -n "${I2V:-}" ] && layout=official
+[ -n "${V15:-}" ] && layout=diffusers  # the 1.5 bench's random text encoders are written in that layout
 if [ -n "${REHEARSE:-}" ]; then
   device=cpu; model_size=tiny
   video() { echo "--size 128x96 --frames 17"; }  # every size: the tiny model at demo size
@@ -138,13 +149,13 @@ if [ -n "${REHEARSE:-}" ]; then
   tiny=(--tiny); attention_size=96x128x17; streaming_size=32x48x9
 else
   device=cuda; model_size=full
-  video() { echo "--resolution $1 --frames 129"; }
+  video() { echo "--resolution $1 --frames ${2:-129}"; }  # 1.5: 121 frames
   cap() { echo "--cap-gb $1"; }
   tiny=(); attention_size=720x1280x129; streaming_size=720x1280x129
 fi
 
 # -- 0: setup ----------------------------------------------------------------------------------
-log "run_gpu: $([ -n "${REHEARSE:-}" ] && echo rehearsal on the CPU || echo GPU run)$([ -n "${I2V:-}" ] && echo ', image-to-video'), budget ${BUDGET_S} s"
+log "run_gpu: $([ -n "${REHEARSE:-}" ] && echo rehearsal on the CPU || echo GPU run)$([ -n "${I2V:-}" ] && echo ', image-to-video')$([ -n "${V15:-}" ] && echo ', HunyuanVideo-1.5'), budget ${BUDGET_S} s"
 printf 'step\texit\tseconds\tlimit\n' > "$res/steps.tsv"
 git log -1 --format='%H %s' > "$res/commit.txt" 2>/dev/null
 if [ -z "${REHEARSE:-}" ]; then
@@ -212,12 +223,22 @@ summarize() {
 
 # -- I2V=1: 1-2 ------------------------------------------------------------------------------------
 if [ -n "${I2V:-}" ]; then
-  rm -rf "$scratch"/model-*-official-fp8 "$scratch"/model-full-official  # the T2V models: disk for the I2V one
+  rm -rf "$scratch"/model-*-official-fp8 "$scratch"/model-full-official "$scratch"/model-*-1.5-*  # disk for the I2V one
   mkdir -p "$scratch"
   image="$scratch/i2v-first-frame.png"  # 16:9, larger than the bucket: resized and center-cropped as generate does
   $PYTHON -c "import numpy as np, PIL.Image as I, sys; y, x = np.mgrid[0:1080, 0:1920]; I.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(sys.argv[1])" "$image"
   step write-model-i2v 200 60 $PYTHON -m bench.write_model --scratch "$scratch" --size "${model_size}-i2v" --layout "$layout" --device "$device"
   bench i2v-720p-16gb 600 120 --image "$image" $(video 720p) $(cap 16)
+  summarize
+  exit 0
+fi
+
+# -- V15=1: 1-2 ------------------------------------------------------------------------------------
+if [ -n "${V15:-}" ]; then
+  find "$scratch" -maxdepth 1 -name 'model-*' ! -name 'model-*-1.5-*' -exec rm -rf {} + 2> /dev/null  # the 13B models: disk for 1.5
+  mkdir -p "$scratch"
+  step write-model-v15 150 45 $PYTHON -m bench.write_model --scratch "$scratch" --size "${model_size}-1.5-720p_t2v" --layout "$layout" --device "$device"
+  bench v15-720p-16gb 600 120 --model 1.5-720p_t2v $(video 720p 121) $(cap 16)
   summarize
   exit 0
 fi

@@ -51,6 +51,8 @@ def main(argv=None) -> int:
             continue
         video = run["video"]
         i2v = f", image-to-video ({run['model']['size']})" if run["model"].get("image") else ""
+        if str(run["model"].get("name")).startswith("1.5-"):
+            i2v = f", HunyuanVideo-{run['model']['name']} ({run['model']['size']})"
         lines += [f"## {run['config']}: {run['profile']} at {video['width']}x{video['height']}x{video['frames']}{i2v}, "
                   f"cap {fmt(run['cap_gb'], '{:g}')} GiB" + (f" per GPU, {run['parallel']['ranks']} GPUs (Ulysses "
                   f"{run['parallel']['ulysses']} x ring {run['parallel']['ring']})" if run.get("parallel") else ""), "",

@@ -131,7 +131,10 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name or .toml pa
 def bench(
     scratch: Path = typer.Option(Path("lowvram-bench"), "--scratch", help="Where the random-weight model (~42 GB at full size) and runs go."),
     model_size: str = typer.Option("full", "--model-size", help="full (13B, the real sizes) or tiny."),
-    layout: str = typer.Option("official", "--layout", help="official, official-fp8 (Tencent's FP8 DiT pair) or diffusers: the folder to write and load."),
+    layout: str = typer.Option(None, "--layout", help="official (the default), official-fp8 (Tencent's FP8 DiT pair) or diffusers: "
+                               "the folder to write and load (with --model 1.5-...: diffusers)."),
+    model: str = typer.Option(None, "--model", help="1.5-<variant>: bench HunyuanVideo-1.5 text-to-video (e.g. 1.5-720p_t2v, "
+                              "1.5-480p_t2v_distilled, 1.5-720p_t2v_distilled_sparse) instead of the 13B model."),
     profile: str = ProfileName,
     size: str = Size,
     resolution: str = Resolution,
@@ -167,14 +170,14 @@ def bench(
         width, height = resolve_size(size, resolution, aspect, image)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
                                None if cap_gb is None else int(cap_gb * 2**30), device,
-                               overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), image)
+                               overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), image, model)
         env = rank_environment()
         if env is not None and options.cap_bytes is not None:  # each rank caps its own GPU
             cap_vram(options.cap_bytes, f"cuda:{env['LOCAL_RANK']}")
 
         def model_dir():  # written by the launcher, before any rank starts
             with reporter:
-                return ensure_synthetic_model(scratch, options.synthetic_size, layout, reporter)
+                return ensure_synthetic_model(scratch, options.synthetic_size, options.layout, reporter)
 
         as_rank(gpus, parallel, device, model_dir, lambda: (width, height, frames), as_json, "lowvram bench")
         stop = StopRequest()
@@ -195,7 +198,7 @@ def print_bench(result: dict, video: str) -> None:
     """Measured vs planned per stage as a table, then s/step and the estimate for a whole run."""
     from lowvram.generation.preflight import describe_parallel
 
-    title = (f"{result['profile']} at {video}, {result['model']['size']} model"
+    title = (f"{result['profile']} at {video}, {result['model']['name']} ({result['model']['size']} random model)"
              + (f", {describe_parallel(result['parallel'])}" if result["parallel"] else "")
              + (f", capped at {result['cap_gb']:g} GiB" if result["cap_gb"] else "") + f" ({result['gpu'] or result['device']})")
     table = Table("stage", "seconds", "VRAM GiB", "planned", "error", "RAM GiB", "planned", "error", "page cache GiB", title=title)

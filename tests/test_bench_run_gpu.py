@@ -1,9 +1,10 @@
 """bench/run_gpu.sh's own logic on the CPU, without its measurements: a budget too small for any
 step packs an archive anyway (setup done, every step skipped and listed), the image-to-video line
-(I2V=1) lists its own steps after freeing the disk and writing its image, and a wheel that does not
-install stops the run with one line. (The whole rehearsal, REHEARSE=1 with or without I2V=1, takes
+(I2V=1) lists its own steps after freeing the disk and writing its image, the HunyuanVideo-1.5
+line (V15=1) its own after freeing the disk, and a wheel that does not
+install stops the run with one line. (The whole rehearsal, REHEARSE=1 with or without I2V=1 or V15=1, takes
 minutes: it is run by hand before a GPU run, and its step times are in the report that changed the
-script; `lowvram bench --image` itself is tests/test_cli_bench.py's.)"""
+script; `lowvram bench --image` and `--model 1.5-...` themselves are tests/test_cli_bench.py's.)"""
 
 import os
 import subprocess
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["write-model", "lowvram-bench-720p-16gb", "lowvram-bench-720p-16gb-compile", "lowvram-bench-540p-8gb",
          "cuda-tests", "attention", "diffusers-16gb", "lowvram-bench-720p-12gb"]
 I2V_STEPS = ["write-model-i2v", "lowvram-bench-i2v-720p-16gb"]
+V15_STEPS = ["write-model-v15", "lowvram-bench-v15-720p-16gb"]
 
 
 def run_script(tmp_path: Path, **env) -> subprocess.CompletedProcess:
@@ -59,6 +61,23 @@ def test_the_i2v_line_frees_the_disk_writes_its_image_and_lists_its_steps(tmp_pa
     assert [row[0] for row in rows] == I2V_STEPS and all(row[1] == "skipped" for row in rows)
     assert "image-to-video" in files["progress.log"].decode()
     assert not t2v.exists() and Image.open(tmp_path / "scratch/i2v-first-frame.png").size == (1920, 1080)
+
+
+@pytest.mark.slow
+def test_the_v15_line_frees_the_13b_models_and_lists_its_steps(tmp_path):
+    """V15=1 runs the HunyuanVideo-1.5 line alone: the 13B model folders in the scratch go first
+    (disk), a 1.5 folder already written stays (reused), and its two steps are listed (skipped: no
+    budget)."""
+    t2v, v15 = tmp_path / "scratch/model-tiny-official-fp8", tmp_path / "scratch/model-tiny-1.5-720p_t2v-diffusers"
+    t2v.mkdir(parents=True)
+    v15.mkdir()
+    done = run_script(tmp_path, V15="1", BUDGET_S="0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = archive(tmp_path)
+    rows = [line.split("\t") for line in files["steps.tsv"].decode().splitlines()[1:]]
+    assert [row[0] for row in rows] == V15_STEPS and all(row[1] == "skipped" for row in rows)
+    assert "HunyuanVideo-1.5" in files["progress.log"].decode()
+    assert not t2v.exists() and v15.exists()
 
 
 @pytest.mark.slow

@@ -74,6 +74,34 @@ def test_bench_image_to_video_tiny(tmp_path):
     assert refused.exit_code == 2 and "I2V release has no FP8 DiT file" in one_line_error(refused)
 
 
+@pytest.mark.slow
+def test_bench_v15_text_to_video_tiny(tmp_path):
+    """bench/run_gpu.sh's 1.5 line at tiny size: `--model 1.5-720p_t2v` writes the diffusers-layout
+    1.5 folder with its random text encoders and runs generate's path on it: the variant's real CFG
+    (2 forwards a step), the FP8 cache built, every stage measured."""
+    args = ["--model", "1.5-720p_t2v", "--model-size", "tiny", "--size", "96x64", "--frames", "9", "--steps", "2",
+            "--device", "cpu", "--profile", "16gb", "--json"]
+    result = invoke("bench", "--scratch", tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    data = as_json(result)
+    assert data["model"]["name"] == "1.5-720p_t2v" and data["model"]["layout"] == "diffusers"
+    assert data["model"]["size"] == "tiny-1.5-720p_t2v" and data["schedule"]["forwards_per_step"] == 2
+    run = Run.open(Path(data["video_path"]).parent)
+    assert run.settings["model"] == "1.5-720p_t2v" and run.settings["guidance"] == 6.0 and run.steps == 2
+    assert all(data["stages"][name]["seconds"] > 0 for name in ("text", "dit", "vae"))
+    assert (Path(data["model"]["folder"]) / "lowvram-cache/1.5-720p_t2v/dit-fp8.safetensors").is_file()  # per transformer
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "1.5-720p_i2v"], "1.5-720p_t2v"),  # the 1.5 bench is text-to-video: the choices are listed
+    (["--model", "1.5-480p_t2v", "--layout", "official"], "writes the diffusers layout"),
+])
+def test_bench_v15_refusals_before_writing_anything(tmp_path, args, message):
+    result = invoke("bench", "--scratch", tmp_path / "scratch", "--model-size", "tiny", "--device", "cpu", *args)
+    assert result.exit_code == 2 and message in one_line_error(result)
+    assert not (tmp_path / "scratch").exists()
+
+
 def test_bench_full_size_without_cuda_is_refused_before_writing_anything(tmp_path):
     result = invoke("bench", "--scratch", tmp_path / "scratch", "--device", "cpu")
     assert result.exit_code == 2 and "needs an NVIDIA GPU" in one_line_error(result)

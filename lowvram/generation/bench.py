@@ -13,6 +13,11 @@ with the planner's prediction for the same profile and size.
 With `--image` it benches image-to-video: the random model is HunyuanVideo-I2V (token_replace,
 Tencent's current release; no FP8 DiT file in that release, so its layout is official or diffusers)
 and the run is conditioned on the image.
+With `--model 1.5-<variant>` (a text-to-video one of `lowvram.planner.RELEASED_V15`) it benches
+HunyuanVideo-1.5: the random folder is `lowvram.setup.synthetic_v15`'s in the diffusers layout with
+its text encoders' weights (Qwen2.5-VL-7B's language model, the glyph byT5), the DiT stored in
+bfloat16 at full size (Tencent ships float32, 33 GB: the half keeps the folder, its FP8 cache and
+the NF4 encoder cache on a 64 GiB disk; the run quantizes it either way).
 With `--gpus N` (cli/ranks.py) this runs on rank 0 of N, each rank capped to `cap_bytes`.
 `cap_bytes` emulates a smaller card: torch.cuda.set_per_process_memory_fraction caps what PyTorch's
 caching allocator may reserve (allocated bytes plus its cached blocks; each stage records both
@@ -20,6 +25,7 @@ peaks), and the profile is chosen and planned for that much VRAM. The video is n
 weights); the numbers are for this machine.
 """
 
+import dataclasses
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ import torch
 from hyvideo.checkpoint import detect_layout
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
+from lowvram.planner import RELEASED_V15
 from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
 from lowvram.units import GIB
@@ -40,6 +47,7 @@ from .runner import StopRequest, execute
 FULL_RUN_STEPS = 50  # the official sampler's default
 MODEL_SIZES = ("full", "tiny")
 LAYOUTS = ("official", "official-fp8", "diffusers")
+V15_MODELS = tuple(model for model in RELEASED_V15 if "_i2v" not in model)  # `--model`: the 1.5 text-to-video ones
 PROMPT = "a red fox runs through fresh snow in a pine forest, morning light, the camera follows it"
 
 
@@ -52,15 +60,27 @@ class BenchOptions:
     steps: int = 2
     profile: str = "auto"
     model_size: str = "full"  # full | tiny
-    layout: str = "official"  # official | official-fp8 | diffusers (LAYOUTS)
+    layout: str | None = None  # official | official-fp8 | diffusers (LAYOUTS); None: official, 1.5: diffusers
     cap_bytes: int | None = None  # emulate a card with this much VRAM
     device: str | None = None
     overrides: Overrides = Overrides()  # --cache, --attention, --compile, ... (lowvram.profiles)
     image: Path | None = None  # image-to-video: the conditioning image
+    model: str | None = None  # "1.5-<variant>" (V15_MODELS): HunyuanVideo-1.5; None: the 13B (I2V with image)
 
     def __post_init__(self):
         if self.model_size not in MODEL_SIZES:
             raise HyVideoError(f"--model-size takes {' or '.join(MODEL_SIZES)}, not {self.model_size!r}")
+        if self.model is not None:
+            if self.model not in V15_MODELS:
+                raise HyVideoError(f"bench --model takes one of {', '.join(V15_MODELS)} (HunyuanVideo-1.5 text-to-video), "
+                                   f"not {self.model!r}; without it the bench runs the 13B model")
+            if self.image is not None:
+                raise HyVideoError("--image with --model 1.5-...: the 1.5 bench is text-to-video")
+            if self.layout not in (None, "diffusers"):
+                raise HyVideoError("--model 1.5-...: the 1.5 bench writes the diffusers layout (its random text encoders "
+                                   f"are written there), not {self.layout!r}")
+            self.layout = "diffusers"
+        self.layout = self.layout or "official"
         if self.layout not in LAYOUTS:
             raise HyVideoError(f"--layout takes {', '.join(LAYOUTS)}, not {self.layout!r}")
         if self.image is not None and self.layout == "official-fp8":
@@ -69,8 +89,29 @@ class BenchOptions:
 
     @property
     def synthetic_size(self) -> str:
-        """The random model's size name (lowvram.setup.synthetic_checkpoint.SIZES)."""
+        """The random model's size name (lowvram.setup.synthetic_checkpoint.SIZES, or with a 1.5
+        model "<size>-1.5-<variant>": `synthetic_plan`)."""
+        if self.model is not None:
+            return f"{self.model_size}-{self.model}"
         return f"{self.model_size}-i2v" if self.image is not None else self.model_size
+
+
+def synthetic_plan(size: str, layout: str, device: str = "cpu"):
+    """What `ensure_synthetic_model` writes for a size name: the 13B's (synthetic_checkpoint), or a
+    1.5 text-to-video folder with its encoders ("full-1.5-720p_t2v": synthetic_v15, the full DiT in
+    bfloat16, see the module docstring)."""
+    model_size, _, model = size.partition("-")
+    if model not in RELEASED_V15:
+        from lowvram.setup.synthetic_checkpoint import plan_folder
+
+        return plan_folder(layout, size, seed=0, device=device)
+    from lowvram.setup.synthetic_v15 import SIZES, plan_v15_folder
+
+    variant = RELEASED_V15[model]
+    dit = dataclasses.replace(SIZES[model_size].dit, use_meanflow=variant.endswith("step_distilled"))
+    v15_size = dataclasses.replace(SIZES[model_size], dit=dit, variant=variant,
+                                   dtype=torch.bfloat16 if model_size == "full" else SIZES[model_size].dtype)
+    return plan_v15_folder(layout, v15_size, seed=0, encoders=True, device=device)
 
 
 def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Reporter, device: str = "cpu") -> Path:
@@ -78,12 +119,12 @@ def ensure_synthetic_model(scratch: Path, size: str, layout: str, reporter: Repo
     to `<folder>.partial` and renamed when complete, so an interrupted write is never reused. On a
     CUDA `device` the weights are drawn there (the full folder's 30-43 GB then cost the disk's time,
     not the CPU generators': 270 s for 43 GB on two cores)."""
-    from lowvram.setup.synthetic_checkpoint import plan_folder, write_plan
+    from lowvram.setup.synthetic_checkpoint import write_plan
 
     root = Path(scratch) / f"model-{size}-{layout}"
     if root.is_dir() and detect_layout(root):
         return root
-    plan = plan_folder(layout, size, seed=0, device="cuda" if str(device).startswith("cuda") else "cpu")
+    plan = synthetic_plan(size, layout, "cuda" if str(device).startswith("cuda") else "cpu")
     total = sum(f.nbytes for f in plan.weights)
     free = shutil.disk_usage(_existing(Path(scratch))).free
     if free < total * 1.05:
@@ -132,7 +173,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0, image=None if options.image is None else str(options.image))
     run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.overrides, device,
-                             vram_limit_bytes=options.cap_bytes)
+                             vram_limit_bytes=options.cap_bytes, sampling_given=frozenset({"steps"}))  # a 1.5 model's own steps: not these
     run, files, plan = start_run(run_options, reporter)
     result = execute(run, files, plan, reporter, stop)
 
@@ -155,7 +196,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     load_s = dit.get("load_seconds") or 0
     estimate = None if s_per_step is None else round(text_s + load_s + FULL_RUN_STEPS * s_per_step + vae_s, 1)
     return {
-        "model": {"size": options.synthetic_size, "layout": options.layout, "folder": str(root),
+        "model": {"name": result.settings.get("model") or ("i2v" if options.image is not None else "t2v"), "size": options.synthetic_size, "layout": options.layout, "folder": str(root),
                   "image": None if options.image is None else str(options.image)},
         "video": {"width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps},
         "device": str(result.settings["device"]), "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
