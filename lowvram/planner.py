@@ -93,7 +93,7 @@ from .communication import PCIE4_X8_GBS, Communication, communication
 from .parallel import Layout, check_parallel, split_axis
 from .profiles import Profile
 from .schedule import BlockSchedule, plan_schedule
-from .sizes import SIZE_BUCKETS
+from .sizes import SIZE_BUCKETS, V15_SIZE_BUCKETS
 from .tiled_vae import decode_tiling, encode_tiling, spatial_tile_for
 from .units import GIB
 
@@ -556,15 +556,22 @@ def choose_profile(free_vram_bytes: int, host_ram_bytes: int, width: int, height
 
 def suggest_fit(width: int, height: int, frames: int, vram_bytes: int, ram_bytes: int | None, profiles: list[Profile],
                 **plan_kwargs) -> str | None:
-    """What would fit this memory: `--profile NAME` of `profiles` (same video), else a smaller video."""
-    attempts = [("", (width, height, frames))]
-    aspect = next((a for buckets in SIZE_BUCKETS.values() for a, wh in buckets.items() if wh == (width, height)), "16:9")
+    """What would fit this memory: `--profile NAME` of `profiles` (same video), else a smaller video:
+    fewer frames, the model's small tier (the 13B's 540p bucket, HunyuanVideo-1.5's 480p one as
+    --size WxH) at the same aspect, or both."""
+    if isinstance(plan_kwargs.get("dit_config"), V15DiTConfig):
+        buckets, tier = V15_SIZE_BUCKETS, "480p"
+    else:
+        buckets, tier = SIZE_BUCKETS, "540p"
+    aspect = next((a for tiers in buckets.values() for a, wh in tiers.items() if wh == (width, height)), "16:9")
     shorter = [f for f in (65, 33) if f < frames]
+    attempts = [("", (width, height, frames))]
     attempts += [(f"--frames {f} ", (width, height, f)) for f in shorter]
-    if SIZE_BUCKETS["540p"][aspect] != (width, height):
-        small = SIZE_BUCKETS["540p"][aspect]
-        attempts[2:2] = [(f"--resolution 540p --aspect {aspect} ", (*small, frames))]
-        attempts += [(f"--resolution 540p --aspect {aspect} --frames {f} ", (*small, f)) for f in shorter]
+    small = buckets[tier][aspect]
+    if small != (width, height):
+        option = f"--size {small[0]}x{small[1]} " if buckets is V15_SIZE_BUCKETS else f"--resolution {tier} --aspect {aspect} "
+        attempts[2:2] = [(option, (*small, frames))]
+        attempts += [(f"{option}--frames {f} ", (*small, f)) for f in shorter]
     for hint, size in attempts:
         try:
             chosen, _ = choose_profile(vram_bytes, ram_bytes or 0, *size, profiles, **plan_kwargs)

@@ -8,6 +8,12 @@ SIZE_BUCKETS = {
     "720p": {"16:9": (1280, 720), "9:16": (720, 1280), "4:3": (1104, 832), "3:4": (832, 1104), "1:1": (960, 960)},
 }
 DEFAULT_RESOLUTION, DEFAULT_ASPECT = "720p", "16:9"
+# HunyuanVideo-1.5's buckets as width x height: hyvideo.image.bucket_sizes(640 | 960, 16) (480p | 720p,
+# hyvideo/v15_image.TARGET_SIZE), the one closest to each aspect (tests/test_v15_planner.py checks them).
+V15_SIZE_BUCKETS = {
+    "480p": {"16:9": (848, 480), "9:16": (480, 848), "4:3": (720, 544), "3:4": (544, 720), "1:1": (640, 640)},
+    "720p": {"16:9": (1280, 720), "9:16": (720, 1264), "4:3": (1104, 832), "3:4": (832, 1104), "1:1": (960, 960)},
+}
 
 
 def parse_size(text: str) -> tuple[int, int]:

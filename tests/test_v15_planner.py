@@ -85,3 +85,39 @@ def test_v15_dit_activations_predicted_vs_measured(chunk):
         assert abs(predicted / tracker.peak_bytes - 1) <= 0.02
     else:
         assert 1.0 <= predicted / tracker.peak_bytes <= 1.4
+
+
+def test_v15_size_buckets_are_the_image_buckets():
+    """lowvram.sizes.V15_SIZE_BUCKETS: at each aspect, the bucket of bucket_sizes(640 | 960, 16)
+    that hyvideo/v15_image.py would give an image of that aspect."""
+    from hyvideo.image import bucket_sizes, closest_bucket
+    from hyvideo.v15_image import TARGET_SIZE
+    from lowvram.sizes import V15_SIZE_BUCKETS
+
+    for tier, buckets in V15_SIZE_BUCKETS.items():
+        for aspect, size in buckets.items():
+            w, h = (int(x) for x in aspect.split(":"))
+            height, width = closest_bucket(h * 100, w * 100, bucket_sizes(TARGET_SIZE[tier], 16), wide_may_equal=True)
+            assert size == (width, height), (tier, aspect)
+
+
+def test_v15_plan_that_does_not_fit_suggests_a_v15_size():
+    """A 1.5 plan at 720p x 121 short of RAM: the suggestion is 1.5's 480p bucket (848x480, as --size:
+    the 13B's --resolution 540p would be the wrong model's size), whose plan fits. The RAM given lies
+    between what 480p x 121 and 720p x 65 (the suggestion tried before it) need, both planned here."""
+    from lowvram.generation.preflight import PlanQuery, plan_only
+
+    def query(width, height, frames, ram):
+        found = PlanQuery(width, height, frames, profile="8gb", vram_bytes=6 * 2**30, ram_bytes=ram)
+        found.model = "1.5-720p_t2v"
+        return plan_only(found).result
+
+    small, short = query(848, 480, 121, 64 * 2**30), query(1280, 720, 65, 64 * 2**30)
+    assert small["peak_ram_gb"] < short["peak_ram_gb"]
+    ram = int((small["peak_ram_gb"] + short["peak_ram_gb"]) / 2 * 2**30)
+    result = query(1280, 720, 121, ram)
+    assert not result["fits"] and result["suggestion"].startswith("--size 848x480 --profile ")
+    profile = result["suggestion"].split()[-1]
+    again = PlanQuery(848, 480, 121, profile=profile, vram_bytes=6 * 2**30, ram_bytes=ram)
+    again.model = "1.5-720p_t2v"
+    assert plan_only(again).result["fits"]
