@@ -52,7 +52,7 @@ def plan(
     if as_json:
         print_json(result)
     elif found is None:
-        err.print(f"[red]does not fit:[/] {escape(result['reason'])}" + (f"; try {result['suggestion']}" if result["suggestion"] else ""))
+        err.print(f"[red]does not fit[/] ({escape(result['model']['description'])}): {escape(result['reason'])}" + (f"; try {result['suggestion']}" if result["suggestion"] else ""))
     else:
         print_plan(answer, query)
     if not result["fits"]:
@@ -63,7 +63,8 @@ def print_plan(answer, query) -> None:
     """The plan as a table, the block schedule, and what several GPUs or a step cache add."""
     found, chosen, forwards = answer.plan, answer.profile, answer.forwards
     rows = found.table_rows()
-    table = Table(*rows[0], title=f"{chosen.name} at {found.width}x{found.height}x{found.frames}")
+    table = Table(*rows[0], title=f"{answer.result['model']['description']}: {chosen.name} at "
+                                  f"{found.width}x{found.height}x{found.frames}")
     for row in rows[1:]:
         table.add_row(*row)
     print_table(table)
@@ -97,17 +98,20 @@ def profiles_list(ctx: typer.Context, as_json: bool = Json):
     if ctx.invoked_subcommand is not None:
         return
     with user_errors(as_json):
+        from lowvram.planner import RELEASED_NAMES
         from lowvram.profiles import shipped_profiles
 
         profiles = shipped_profiles()
-    if as_json:
-        print_json({"profiles": [{**p.to_dict(), "source": p.source} for p in profiles]})
+    if as_json:  # "models": what a profile may run (lowvram plan --model NAME)
+        print_json({"profiles": [{**p.to_dict(), "source": p.source} for p in profiles], "models": RELEASED_NAMES})
         return
     table = Table("name", "VRAM GiB", "DiT", "text encoder", "resident blocks", "description", title="profiles (fastest first)")
     for p in profiles:
         table.add_row(p.name, f"{p.vram_budget_gb:g}", p.dit_scheme, p.encoder_scheme, str(p.resident_blocks), p.description)
     print_table(table)
     out.print("use one with --profile NAME, or pass your own .toml file (`lowvram profiles show NAME` prints a starting point)")
+    out.print("a profile is a memory budget for any model (HunyuanVideo 13B T2V, HunyuanVideo-I2V, HunyuanVideo-1.5): "
+              "`lowvram plan --model NAME` says what one needs under it (NAME: t2v, i2v, i2v-33ch, 1.5-<variant>)", markup=False)
 
 
 @profiles_app.command("show")

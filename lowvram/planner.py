@@ -328,6 +328,9 @@ def released_v15_text_configs(image_to_video: bool):
 # HunyuanVideo-1.5 transformer (hyvideo.v15_config.V15_SAMPLING)
 RELEASED_DITS = {"t2v": "HYVideo-T/2-cfgdistill", "i2v": "HYVideo-T/2-I2V-16ch", "i2v-33ch": "HYVideo-T/2-I2V-33ch"}
 RELEASED_V15 = {f"1.5-{variant}": variant for variant in V15_SAMPLING}
+RELEASED_NAMES = {"t2v": "HunyuanVideo 13B text-to-video", "i2v": "HunyuanVideo-I2V 13B (token_replace)",
+                  "i2v-33ch": "HunyuanVideo-I2V 13B (latent_concat, its first release)",
+                  **{model: f"HunyuanVideo-1.5 {variant}" for model, variant in RELEASED_V15.items()}}
 
 
 def v15_model_sizes(dit_config: V15DiTConfig, vae_config: V15VAEConfig, guidance_scale: float, text_configs,

@@ -121,3 +121,17 @@ def test_v15_plan_that_does_not_fit_suggests_a_v15_size():
     again = PlanQuery(848, 480, 121, profile=profile, vram_bytes=6 * 2**30, ram_bytes=ram)
     again.model = "1.5-720p_t2v"
     assert plan_only(again).result["fits"]
+
+
+@pytest.mark.parametrize("model, description", [("t2v", "HunyuanVideo 13B text-to-video"),
+                                                ("i2v", "HunyuanVideo-I2V 13B (token_replace)"),
+                                                ("1.5-480p_t2v_distilled", "HunyuanVideo-1.5 480p_t2v_distilled")])
+def test_plan_and_profiles_say_which_model(model, description):
+    from tests.helpers import as_json, invoke
+
+    planned = invoke("plan", "--model", model, "--size", "848x480", "--frames", "33", "--vram", "24", "--ram", "64", "--json")
+    assert planned.exit_code == 0, planned.output
+    assert as_json(planned)["model"] == {"name": model, "description": description}
+    table = invoke("plan", "--model", model, "--size", "848x480", "--frames", "33", "--vram", "24", "--ram", "64")
+    assert f"{description}: " in " ".join(table.output.split())  # the table's title (wrapped as the terminal allows)
+    assert as_json(invoke("profiles", "--json"))["models"][model] == description

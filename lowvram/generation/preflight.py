@@ -35,7 +35,7 @@ from lowvram.attention_choice import resolve_attention
 from lowvram.communication import PCIE4_X8_GBS
 from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
-from lowvram.planner import Plan, parallel_layout, plan, released_model_sizes, resolve, suggest_fit
+from lowvram.planner import RELEASED_NAMES, Plan, parallel_layout, plan, released_model_sizes, resolve, suggest_fit
 from lowvram.profiles import Overrides, Profile, settle_profile, stored_profile
 from .packages import check_packages
 from lowvram.progress import Reporter
@@ -311,15 +311,16 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
     elif sizes["dit_config"].image_condition_type:
         candidates, alternatives = without_step_cache(candidates, query.overrides), without_step_cache(alternatives)
     video = (query.width, query.height, query.frames)
+    model = {"name": query.model, "description": RELEASED_NAMES[query.model]}  # which model the plan is for
     try:
         profile, found = resolve(candidates, *video, vram_bytes=vram, ram_bytes=ram, must_fit=False, **sizes)
     except HyVideoError as error:  # "auto" and no profile fits: say what would
         if len(candidates) == 1:
             raise
-        result = {"fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
+        result = {"model": model, "fits": False, "peak_vram_gb": None, "peak_ram_gb": None, "profile": None, "stages": {},
                   "reason": str(error), "suggestion": suggest_fit(*video, vram, ram, alternatives, **sizes)}
         return PlanAnswer(result, None, None, (query.steps, query.steps))
-    result = found.to_dict(query.link_gbs)
+    result = {"model": model, **found.to_dict(query.link_gbs)}
     per_step = sizes.get("forwards_per_step", 1)  # 2 under HunyuanVideo-1.5's real CFG
     forwards = tuple(per_step * n for n in expected_forwards(profile.step_cache, query.steps))
     result["step_cache"] = {"preset": profile.step_cache, "steps": query.steps, "expected_dit_forwards": list(forwards)}
