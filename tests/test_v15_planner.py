@@ -135,3 +135,26 @@ def test_plan_and_profiles_say_which_model(model, description):
     table = invoke("plan", "--model", model, "--size", "848x480", "--frames", "33", "--vram", "24", "--ram", "64")
     assert f"{description}: " in " ".join(table.output.split())  # the table's title (wrapped as the terminal allows)
     assert as_json(invoke("profiles", "--json"))["models"][model] == description
+
+
+@pytest.mark.slow
+def test_readme_models_table_is_the_planners():
+    """README's "Models" table, row by row: each cell is `lowvram plan --model M --size WxH --frames F
+    --vram G --ram 32 --json` (auto), so the README shows plans, none written by hand."""
+    import re
+    from pathlib import Path
+
+    from lowvram.generation.preflight import PlanQuery, plan_only
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| [^|]+ \(`([\w.-]+)`\) \| (\d+)x(\d+)x(\d+) \|(.+)\|$", readme, re.MULTILINE)
+    assert {row[0] for row in rows} >= {"t2v", "i2v", "i2v-33ch", "1.5-720p_t2v", "1.5-480p_t2v"}
+    for model, width, height, frames, cells in rows:
+        expected = []
+        for vram in (24, 16, 12, 8):
+            query = PlanQuery(int(width), int(height), int(frames), vram_bytes=vram * 2**30, ram_bytes=32 * 2**30)
+            query.model = model
+            found = plan_only(query).result
+            assert found["fits"], (model, vram)  # every cell of the table fits; a row that does not would say so
+            expected.append(f"{found['peak_vram_gb']:.1f} / {found['peak_ram_gb']:.1f}, {found['profile']}, fits")
+        assert [cell.strip() for cell in cells.split("|")] == expected, model
