@@ -58,7 +58,7 @@ from hyvideo.checkpoint import (
     releases_in,
 )
 from hyvideo.errors import HyVideoError, one_line
-from hyvideo.v15_checkpoint import find_v15_files, is_diffusers_v15, is_v15_folder, official_variants
+from hyvideo.v15_checkpoint import diffusers_variant, find_v15_files, is_diffusers_v15, is_v15_folder, official_variants
 from hyvideo.v15_text import GLYPH_CHECKPOINT, GLYPH_COLOR_FILE, GLYPH_FONT_FILE
 from hyvideo.weight_contents import (
     check_dit,
@@ -212,8 +212,8 @@ def _v15_parts(variant: str, layout: str, source: str) -> list[RepoPart]:
     modelscope = source == "modelscope"
     dit = f"transformer/{variant}"
     parts = [
-        RepoPart(MS_V15_REPO if modelscope else V15_REPO, (f"{dit}/config.json", f"{dit}/diffusion_pytorch_model.safetensors",
-                                                          "vae/config.json", "vae/diffusion_pytorch_model.safetensors")),
+        RepoPart(MS_V15_REPO if modelscope else V15_REPO, (f"{dit}/*", "vae/*"),  # one transformer of the eleven
+                 needs=tuple(f"{folder}/{name}" for folder in (dit, "vae") for name in ("config.json", "diffusion_pytorch_model.safetensors"))),
         RepoPart(MS_QWEN_REPO if modelscope else QWEN_REPO, ("*.json", "*.txt", "*.safetensors"), into="text_encoder/llm"),
         RepoPart(MS_BYT5_REPO if modelscope else BYT5_REPO, ("*.json", "pytorch_model.bin"), into="text_encoder/byt5-small",
                  needs=("config.json", "pytorch_model.bin", *BYT5_TOKENIZER)),  # not the TF/Flax copies
@@ -526,9 +526,12 @@ def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, s
     """What each place's weights hold against what the place needs (`hyvideo.weight_contents`),
     reported on the place's first weight file. A place with a missing or unreadable file is left
     to that file's own problem."""
-    places = []
+    places, problems = [], {}
     try:
-        releases = _v15_releases(root) if is_v15_folder(root) else releases_in(root)  # a folder with 1.5 weights is a 1.5 folder
+        if is_v15_folder(root):  # a folder with 1.5 weights is a 1.5 folder
+            releases, problems = _v15_releases(root)
+        else:
+            releases = releases_in(root)
     except HyVideoError:  # a broken shard index: reported as that file's problem
         return {}
     for files in releases:
@@ -547,7 +550,6 @@ def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, s
             paths = _transformers_folder(folder, tokenizer)
             weights = [p for p in paths if p.suffix in WEIGHT_SUFFIXES]
             places.append((weights + paths, partial(check_text_encoder, weights, kind)))
-    problems = {}
     for paths, check in places:
         if paths[0] in problems or not all(p in checks and checks[p].ok for p in paths):
             continue
@@ -560,16 +562,22 @@ def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, s
     return problems
 
 
-def _v15_releases(root: Path) -> list:
-    """`V15ModelFiles` of each 1.5 transformer in the folder whose files are all there (one with a
-    missing file is left to that file's own problem)."""
+def _v15_releases(root: Path) -> tuple[list, dict[Path, str]]:
+    """(`V15ModelFiles` of each 1.5 transformer in the folder whose files are all there, problems):
+    one with a missing file is left to that file's own problem; a diffusers folder whose configs
+    name no released transformer is a problem of its transformer/config.json."""
+    if not official_variants(root):
+        try:
+            diffusers_variant(root)
+        except HyVideoError as error:
+            return [], {root / "transformer" / "config.json": str(error)}
     releases = []
     for variant in official_variants(root) or [None]:  # None: the diffusers folder's one
         try:
             releases.append(find_v15_files(root, variant is not None and "_i2v" in variant, variant))
         except HyVideoError:
             continue
-    return releases
+    return releases, {}
 
 
 def default_model_dir() -> Path:
