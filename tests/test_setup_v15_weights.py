@@ -214,8 +214,8 @@ def test_cli_download_v15(monkeypatch, tmp_path):
 
 
 def test_a_missing_modelscope_package_is_one_line(tmp_path, monkeypatch):
-    """Glyph-SDXL-v2 comes from ModelScope: without the package the download stops before it, saying so."""
-    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *args, **kwargs: None)
+    """Glyph-SDXL-v2 comes from ModelScope: without the package the download stops first, saying so."""
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *args, **kwargs: pytest.fail("asked the hub first"))
     monkeypatch.setitem(sys.modules, "modelscope", None)  # import fails
     with pytest.raises(HyVideoError, match="downloading AI-ModelScope/Glyph-SDXL-v2 from ModelScope needs the modelscope package"):
         dl.download(tmp_path, "official", progress=False, model="1.5-480p_t2v")

@@ -316,9 +316,11 @@ def download(model_dir: Path, layout: str | None = None, fp8: bool = False, prog
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     (enable_progress_bars if progress else disable_progress_bars)()
-    for part in download_parts(layout, fp8, model=model):
+    parts = download_parts(layout, fp8, model=model)
+    elsewhere = [part for part in parts if part.hub == "modelscope" and not _part_present(model_dir, part)]
+    _fetch_modelscope(model_dir, elsewhere, _manual(model_dir, layout, fp8, source, model))  # first: it may lack its package
+    for part in parts:
         if part.hub == "modelscope":
-            _fetch_modelscope(model_dir, [] if _part_present(model_dir, part) else [part], _manual(model_dir, layout, fp8, source, model))
             continue
         try:
             snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns))
