@@ -16,6 +16,13 @@ the whole LLaVA into text_encoder_i2v/ (no extraction: I2V encodes the image wit
 text_encoder_2/. i2v-33ch is in the diffusers layout only: Tencent's repo now holds the token_replace
 DiT under the same name.
 
+HunyuanVideo-1.5 (`--model 1.5-<variant>`, one transformer a download): in the diffusers layout the
+variant's `hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-<variant>` repo; in the official layout
+what Tencent's checkpoints-download.md says, with only the chosen transformer/<variant>/ of
+`tencent/HunyuanVideo-1.5`: Qwen2.5-VL-7B-Instruct into text_encoder/llm/, byt5-small and
+Glyph-SDXL-v2 (from ModelScope whatever the source: the doc names no other copy) into text_encoder/,
+and for image-to-video FLUX.1-Redux-dev's SigLIP into vision_encoder/siglip/ (constants below).
+
 Two sources:
 - "huggingface" (default): huggingface_hub's `snapshot_download` (resumable, skips files already
   there); `plan_download` is the same call with `dry_run=True` (file names, sizes, what is there).
@@ -212,7 +219,7 @@ def _v15_parts(variant: str, layout: str, source: str) -> list[RepoPart]:
     modelscope = source == "modelscope"
     dit = f"transformer/{variant}"
     parts = [
-        RepoPart(MS_V15_REPO if modelscope else V15_REPO, (f"{dit}/*", "vae/*"),  # one transformer of the eleven
+        RepoPart(MS_V15_REPO if modelscope else V15_REPO, (f"{dit}/*", "vae/*"),  # only the transformer asked for
                  needs=tuple(f"{folder}/{name}" for folder in (dit, "vae") for name in ("config.json", "diffusion_pytorch_model.safetensors"))),
         RepoPart(MS_QWEN_REPO if modelscope else QWEN_REPO, ("*.json", "*.txt", "*.safetensors"), into="text_encoder/llm"),
         RepoPart(MS_BYT5_REPO if modelscope else BYT5_REPO, ("*.json", "pytorch_model.bin"), into="text_encoder/byt5-small",
