@@ -114,6 +114,9 @@ def test_a_broken_v15_folder_names_the_file(folders, tmp_path):
     assert "1 missing tensor(s), first: double_blocks.1.txt_mlp.fc2.bias" in found[I2V_DIT]
     assert "truncated" in found[GLYPH] or "incomplete" in found[GLYPH], found[GLYPH]
     assert found["vision_encoder/siglip/image_encoder/model.safetensors"] == "missing"
+    detail = weight_checks(official)[0][0].detail  # the download that completes it: each transformer in its layout
+    assert detail.endswith(f"`lowvram download --model 1.5-480p_i2v --layout official --model-dir {official}` and "
+                           f"`lowvram download --model 1.5-480p_t2v --layout official --model-dir {official}`"), detail
     config = official / "transformer/480p_t2v/config.json"
     config.write_text(config.read_text().replace('"use_meanflow": false', '"use_meanflow": true'))
     assert "missing tensor(s), first: time_r_in" in problems(official)[T2V_DIT]

@@ -571,6 +571,16 @@ def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, s
     return problems
 
 
+def download_commands(root: Path, layout: str) -> list[str]:
+    """The `lowvram download` command(s) that complete a folder: for a 1.5 folder, one per transformer in it."""
+    try:
+        variants = (official_variants(root) or [diffusers_variant(root)]) if is_v15_folder(root) else []
+    except HyVideoError:
+        variants = []
+    options = [f" --model 1.5-{variant}" + (" --layout official" if layout == "official" else "") for variant in variants]
+    return [f"lowvram download{option} --model-dir {root}" for option in options or [""]]
+
+
 def _v15_releases(root: Path) -> tuple[list, dict[Path, str]]:
     """(`V15ModelFiles` of each 1.5 transformer in the folder whose files are all there, problems):
     one with a missing file is left to that file's own problem; a diffusers folder whose configs
