@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from hyvideo.v15_config import V15_SAMPLING  # plain dataclasses: the 1.5 transformer names for --model's help
+# plain dataclasses, no torch: the HunyuanVideo-1.5 transformer names for --model's help
+from hyvideo.v15_config import V15_SAMPLING
 
 app = typer.Typer(
     name="lowvram", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

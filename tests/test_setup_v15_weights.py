@@ -197,8 +197,7 @@ def test_cli_download_v15(monkeypatch, tmp_path):
     assert {f["repo"] for f in dry["files"]} == {dl.V15_REPO, dl.QWEN_REPO, dl.BYT5_REPO, dl.GLYPH_REPO, dl.SIGLIP_REPO}
     assert dry["total_bytes"] is None  # the ModelScope part is not asked for sizes
     for args, message in ((["--model", "1.5-720p_t2v_distilled"], "has not released the HunyuanVideo-1.5 720p_t2v_distilled"),
-                          (["--model", "1.5-720p_i2v_distilled_sparse"], "no diffusers conversion of the HunyuanVideo-1.5 "
-                                                                         "720p_i2v_distilled_sparse transformer is known"),
+                          (["--model", "1.5-720p_i2v_distilled_sparse"], "no diffusers conversion of the HunyuanVideo-1.5 720p_i2v"),
                           (["--model", "1.5-480p_t2v", "--source", "modelscope", "--layout", "diffusers"], "official layout only"),
                           (["--model", "1.5-480p_t2v", "--layout", "official", "--fp8"], "--fp8"),
                           (["--model", "1.5-1080p_t2v"], "--model must be one of t2v, i2v, i2v-33ch, 1.5-480p_t2v")):

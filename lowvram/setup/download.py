@@ -65,7 +65,13 @@ from hyvideo.checkpoint import (
     releases_in,
 )
 from hyvideo.errors import HyVideoError, one_line
-from hyvideo.v15_checkpoint import diffusers_variant, find_v15_files, is_diffusers_v15, is_v15_folder, official_variants
+from hyvideo.v15_checkpoint import (
+    diffusers_variant,
+    find_v15_files,
+    is_diffusers_v15,
+    is_v15_folder,
+    official_variants,
+)
 from hyvideo.v15_text import GLYPH_CHECKPOINT, GLYPH_COLOR_FILE, GLYPH_FONT_FILE
 from hyvideo.weight_contents import (
     check_dit,
