@@ -14,7 +14,8 @@ and output channels, the VAE's module names, LLaVA's vision tower, CLIP's token 
 
 HunyuanVideo-1.5 places (`check_v15_dit`, `check_v15_vae`) are checked the same way against the
 1.5 models; a 1.5 DiT or VAE is told from the 13B one by its own module names (byT5 and
-condition-type embeddings; the 1.5 VAE's), so either one in the other's place is named.
+condition-type embeddings; the 1.5 VAE's), so either one in the other's place is named. Its text
+encoders by what they are: Qwen2 (q/k/v biases, which Llama lacks) and T5.
 
 Limit: the token_replace I2V DiT has the text-to-video DiT's names and shapes (only its values
 differ), so in an official folder the two are told apart only by the folder they are in. A
@@ -90,6 +91,9 @@ KINDS = {  # what a state dict can be -> how a person is told
     "clip": "a whole CLIP (text and vision)",
     "clip_text": "CLIP's text model",
     "llama": "a bare Llama language model (no vision tower)",
+    "qwen": "Qwen2.5-VL's language model (no vision tower)",
+    "qwen_vl": "a whole Qwen2.5-VL (vision tower and language model)",
+    "t5": "a T5 encoder (byT5's kind)",
     "vae": "the HunyuanVideo VAE",
     "unknown": "none of this model's parts ({count} tensors, first {first})",
 }
@@ -109,7 +113,11 @@ def kind_of(index: Index) -> str:
     if any("token_embedding." in key for key in index):  # CLIP's (Llama's is embed_tokens)
         return "clip" if any("vision_model." in key for key in index) else "clip_text"
     if any(".self_attn.q_proj." in key for key in index) and any("embed_tokens" in key for key in index):
+        if any(".self_attn.q_proj.bias" in key for key in index):  # Qwen2's q/k/v have biases, Llama's none
+            return "qwen_vl" if any("visual." in key for key in index) else "qwen"
         return "llama"
+    if any(".SelfAttention.q." in key for key in index):
+        return "t5"
     if _is_vae(index):
         return "vae"
     return "v15_vae" if _is_v15_vae(index) else "unknown"
@@ -170,12 +178,16 @@ def check_vae(files: ModelFiles) -> None:
 
 def check_text_encoder(weights: list[Path], kind: str) -> None:
     """A text encoder folder's weights (all its shards): `kind` "llm" (a bare Llama: text-to-video),
-    "llava" (the whole LLaVA: image-to-video) or "clip" (CLIP-L; a whole CLIPModel serves too)."""
+    "llava" (the whole LLaVA: image-to-video) or "clip" (CLIP-L; a whole CLIPModel serves too);
+    for HunyuanVideo-1.5 "qwen" (Qwen2.5-VL whole, as Tencent's folder holds it, or its language
+    model, as diffusers') or "byt5"."""
     index = read_weight_index(weights)
     needed = {"llm": (("llama",), "the bare Llama language model belongs here (text-to-video; `lowvram download` puts it here)"),
               "llava": (("llava",), ("image-to-video needs the whole LLaVA here (xtuner/llava-llama-3-8b-v1_1-transformers; "
                                      "`lowvram download --model i2v`)")),
-              "clip": (("clip", "clip_text"), "CLIP-L's text model belongs here")}
+              "clip": (("clip", "clip_text"), "CLIP-L's text model belongs here"),
+              "qwen": (("qwen", "qwen_vl"), "HunyuanVideo-1.5 needs Qwen2.5-VL-7B-Instruct (or its language model) here"),
+              "byt5": (("t5",), "HunyuanVideo-1.5 needs byT5 here (google/byt5-small, or the diffusers glyph byT5)")}
     fits, what = needed[kind]
     if kind_of(index) not in fits:
         raise HyVideoError(f"this is {describe(index)}; {what}")

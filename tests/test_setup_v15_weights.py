@@ -97,6 +97,20 @@ def test_a_13b_dit_or_vae_in_a_v15_place_and_the_reverse_are_named(folders, tmp_
     assert found[VAE] == "this is the HunyuanVideo-1.5 VAE (32 latent channels); the HunyuanVideo VAE belongs here"
 
 
+def test_13b_text_encoders_in_v15_places_are_named(folders, tmp_path):
+    """The 13B release's Llama where Qwen2.5-VL belongs, its CLIP where byT5 belongs; Tencent's
+    whole Qwen2.5-VL and diffusers' language model alone both pass (test above)."""
+    diffusers = copy(folders, "diffusers", tmp_path)
+    for folder in ("text_encoder", "text_encoder_2"):
+        shutil.rmtree(diffusers / folder)
+        shutil.copytree(folders["13b"] / folder, diffusers / folder)
+    found = {path.split("/")[0]: problem for path, problem in problems(diffusers).items()}
+    assert found == {"text_encoder": "this is a bare Llama language model (no vision tower); HunyuanVideo-1.5 needs "
+                                     "Qwen2.5-VL-7B-Instruct (or its language model) here",
+                     "text_encoder_2": "this is CLIP's text model; HunyuanVideo-1.5 needs byT5 here (google/byt5-small, or "
+                                       "the diffusers glyph byT5)"}
+
+
 def test_a_broken_v15_folder_names_the_file(folders, tmp_path):
     """A 1.5 DiT short of a tensor gets the loader's key check (on the index); a truncated glyph
     checkpoint the reader's message; a missing SigLIP file 'missing'; a DiT whose config.json asks

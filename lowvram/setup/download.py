@@ -551,9 +551,9 @@ def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, s
         return {}
     for files in releases:
         if files.family == "hunyuanvideo-1.5":
-            places.append(([*files.dit_weights, files.dit_config], partial(check_v15_dit, files)))
-            if not any(paths[0] == files.vae_weights for paths, _ in places):  # one VAE for all transformers
-                places.append(([files.vae_weights, files.vae_config], partial(check_v15_vae, files)))
+            for paths, check in _v15_places(files):
+                if not any(paths[0] == seen[0] for seen, _ in places):  # one VAE and text stage for all transformers
+                    places.append((paths, check))
             continue
         if files.dit_weights:
             places.append(([*files.dit_weights, *([files.dit_config] if files.dit_config else [])], partial(check_dit, files)))
@@ -585,6 +585,17 @@ def download_commands(root: Path, layout: str) -> list[str]:
         variants = []
     options = [f" --model 1.5-{variant}" + (" --layout official" if layout == "official" else "") for variant in variants]
     return [f"lowvram download{option} --model-dir {root}" for option in options or [""]]
+
+
+def _v15_places(files) -> list[tuple[list[Path], partial]]:
+    """(the files, the check) of each place one 1.5 transformer reads: DiT, VAE, Qwen2.5-VL, byT5."""
+    places = [([*files.dit_weights, files.dit_config], partial(check_v15_dit, files)),
+              ([files.vae_weights, files.vae_config], partial(check_v15_vae, files))]
+    for paths, kind in ((_transformers_folder(files.llm, files.llm_tokenizer), "qwen"),
+                        (_transformers_folder(files.byt5, files.byt5_tokenizer, BYT5_TOKENIZER), "byt5")):
+        weights = [p for p in paths if p.suffix in WEIGHT_SUFFIXES]
+        places.append(([*weights, *paths], partial(check_text_encoder, weights, kind)))
+    return places
 
 
 def _v15_releases(root: Path) -> tuple[list, dict[Path, str]]:
