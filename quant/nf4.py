@@ -228,8 +228,8 @@ def load_llava_nf4(folder: str | Path, device: "torch.device | str" = "cuda", ca
     its language model's linears in NF4 on `device` and the vision tower and projector bf16 beside
     it (`quantize_llava`); or (with the reason) all of it in bf16 on the CPU, as `load_llm_nf4`.
     With `cache_dir`, through the same quantize-once cache (`llava-nf4/` there: the saved NF4
-    LlavaModel, ~5.3 GB at full size: the NF4 language model and the 0.6 GB bf16 vision tower and
-    projector, read instead of 16.6 GB read and quantized)."""
+    LlavaModel, ~5.3 GB at full size by quant/bytes.py's count: the NF4 language model and the
+    0.65 GB bf16 vision tower and projector, read instead of 15.7 GB read and quantized)."""
     from hyvideo.text_encoder import load_llava_model
 
     device, path = _device(device), _check_folder(folder)
