@@ -197,19 +197,23 @@ def _nf4_or_bf16(load_nf4: Callable[[], torch.nn.Module], load_bf16: Callable[[]
 
 # Kept 16-bit: LlavaModel's module names, which transformers matches from the start ("vision_tower"
 # does not match LlavaForConditionalGeneration's "model.vision_tower...": that one would quantize
-# the vision tower and projector too).
+# the vision tower and projector too). They decide what `llava-nf4/` holds: a change needs a new
+# LLM_CACHE_FORMAT.
 LLAVA_16BIT_MODULES = ["vision_tower", "multi_modal_projector"]
 
 
 def _load_text_model(load: Callable[..., nn.Module], what: str, path: Path, device: "torch.device | str", **extra) -> nn.Module:
     """`load(path, bf16, device, **extra)`; a broken folder is a HyVideoError naming `what`, and
-    a failure while quantizing (`extra`: transformers' bitsandbytes checks) NF4Unavailable."""
+    any other failure while quantizing (`extra`) NF4Unavailable, as `_load_nf4`."""
+    broken = (OSError, KeyError) if extra else (OSError, ValueError, KeyError, TypeError)
     try:
         return load(path, torch.bfloat16, device, **extra)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        if extra and not isinstance(error, OSError):
-            raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
+    except broken as error:
         raise HyVideoError(f"could not load the text encoder ({what}) from {path}: {one_line(error)}") from error
+    except Exception as error:  # transformers' bitsandbytes checks (versions, devices) raise various types
+        if not extra:
+            raise
+        raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
 
 
 def quantize_llava(folder: Path, device: torch.device) -> nn.Module:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from hyvideo.checkpoint import find_model_files
+from hyvideo.errors import HyVideoError
 from hyvideo.text_encoder import LlavaTextEncoder, load_llava_model
 from lowvram.planner import plan
 from lowvram.profiles import Profile
@@ -200,3 +201,13 @@ def test_quantize_then_the_text_stage_reads_the_cache(tmp_path, image):
     assert len(four_bit(llava.model)) == 4 * 7
     on_load = LlavaTextEncoder.from_folder(files.llm, "token_replace", model=load_llava_nf4(files.llm, "cpu").model)
     assert torch.equal(llava.encode("A cat walks on the grass.", image)[0], on_load.encode("A cat walks on the grass.", image)[0])
+
+
+def test_broken_folder_is_a_user_error(llava_folder, tmp_path):
+    """A LLaVA folder without its weights: one HyVideoError (NF4 or not), and no cache left behind."""
+    folder = tmp_path / "text_encoder_i2v"
+    folder.mkdir()
+    shutil.copy(llava_folder / "config.json", folder)
+    with pytest.raises(HyVideoError, match=r"could not load the text encoder \(LLaVA\)"):
+        load_llava_nf4(folder, "cpu", tmp_path / "cache")
+    assert not llm_cache_path(tmp_path / "cache", LLAVA_CACHE_NAME).exists()
