@@ -297,14 +297,14 @@ def llm_cache_status(llm_folder: str | Path, cache_dir: str | Path, verify: bool
         return CacheStatus("missing", "no cache yet", path)
     try:
         found = json.loads(header_path.read_text())
-        files = {name: (int(entry["size"]), entry["sha256"]) for name, entry in found["files"].items()}
+        files = {file: (int(entry["size"]), entry["sha256"]) for file, entry in found["files"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return CacheStatus("corrupt", f"unreadable header {header_path}", path)
-    for name, (size, _) in files.items():
-        if not (path / name).is_file():
-            return CacheStatus("corrupt", f"{name} is missing", path)
-        if (path / name).stat().st_size != size:
-            return CacheStatus("corrupt", f"{name} is {(path / name).stat().st_size} bytes, expected {size} (truncated?)", path)
+    for file, (size, _) in files.items():
+        if not (path / file).is_file():
+            return CacheStatus("corrupt", f"{file} is missing", path)
+        if (path / file).stat().st_size != size:
+            return CacheStatus("corrupt", f"{file} is {(path / file).stat().st_size} bytes, expected {size} (truncated?)", path)
     wanted = _llm_header(folder)
     for field, reason in (("format", "cache format changed"), ("quantization", "quantization settings changed"),
                           ("sources", "source changed")):
@@ -314,9 +314,9 @@ def llm_cache_status(llm_folder: str | Path, cache_dir: str | Path, verify: bool
         if found.get("versions", {}).get(library) != wanted["versions"][library]:
             return CacheStatus("stale", f"{library} version changed", path)
     if verify:
-        for name, (_, sha) in files.items():
-            if file_sha256(path / name) != sha:
-                return CacheStatus("corrupt", f"{name}: checksum mismatch", path)
+        for file, (_, sha) in files.items():
+            if file_sha256(path / file) != sha:
+                return CacheStatus("corrupt", f"{file}: checksum mismatch", path)
     return CacheStatus("fresh", "", path)
 
 
