@@ -62,6 +62,27 @@ def require_cpu_nf4():
         pytest.skip(f"bitsandbytes cannot run NF4 on the CPU here, so there is nothing to cache: {reason}")
 
 
+def record_loads(monkeypatch) -> tuple[list, list]:
+    """(the shapes bitsandbytes quantizes, the folders a LlavaModel is loaded from), from now on."""
+    import bitsandbytes.functional as bnbf
+    from transformers import LlavaModel
+
+    quantized, loaded_from = [], []
+    quantize_4bit, from_pretrained = bnbf.quantize_4bit, LlavaModel.from_pretrained
+
+    def counting_quantize(weight, *args, **kwargs):
+        quantized.append(tuple(weight.shape))
+        return quantize_4bit(weight, *args, **kwargs)
+
+    def recording_load(folder, *args, **kwargs):
+        loaded_from.append(str(folder))
+        return from_pretrained(folder, *args, **kwargs)
+
+    monkeypatch.setattr(bnbf, "quantize_4bit", counting_quantize)
+    monkeypatch.setattr(LlavaModel, "from_pretrained", recording_load)
+    return quantized, loaded_from
+
+
 def four_bit(module) -> list[str]:
     import bitsandbytes as bnb
 
@@ -97,9 +118,6 @@ def test_cache_built_once_equals_quantizing_on_load(llava_folder, image, tmp_pat
     nothing quantized again and the source not read; the encoder's outputs equal the model quantized
     on load bit for bit. A changed source or a truncated file is rebuilt."""
     require_cpu_nf4()
-    import bitsandbytes.functional as bnbf
-    from transformers import LlavaModel
-
     source, cache = shutil.copytree(llava_folder, tmp_path / "llava"), tmp_path / "cache"
     llm = write_text_encoder(tmp_path / "llm", "llm", **WIDE)
     assert load_llm_nf4(llm, "cpu", cache).scheme == "nf4"
@@ -112,19 +130,7 @@ def test_cache_built_once_equals_quantizing_on_load(llava_folder, image, tmp_pat
     assert sorted(p.name for p in cache.iterdir()) == ["llava-nf4", "llm-nf4"]  # no temp folder left
     assert llm_cache_status(llm, cache, verify=True).state == "fresh"  # the Llama's cache is untouched
 
-    quantized, loaded_from = [], []
-    quantize_4bit, from_pretrained = bnbf.quantize_4bit, LlavaModel.from_pretrained
-
-    def counting_quantize(weight, *args, **kwargs):
-        quantized.append(tuple(weight.shape))
-        return quantize_4bit(weight, *args, **kwargs)
-
-    def recording_load(folder, *args, **kwargs):
-        loaded_from.append(str(folder))
-        return from_pretrained(folder, *args, **kwargs)
-
-    monkeypatch.setattr(bnbf, "quantize_4bit", counting_quantize)
-    monkeypatch.setattr(LlavaModel, "from_pretrained", recording_load)
+    quantized, loaded_from = record_loads(monkeypatch)
     cached = load_llava_nf4(source, "cpu", cache, on_status=statuses.append)
     assert cached.scheme == "nf4" and len(statuses) == 1  # fresh: no build
     assert quantized == [(64, 64)] and loaded_from == [str(path)]  # the backend probe only; the cache only
@@ -166,7 +172,7 @@ def test_no_nf4_caches_nothing(tmp_path, image):
 
 
 @pytest.mark.slow  # 1.3 s idle, 5 s on a busy machine: a tiny I2V folder, the cache built, the text stage loaded
-def test_quantize_then_the_text_stage_reads_the_cache(tmp_path, image):
+def test_quantize_then_the_text_stage_reads_the_cache(tmp_path, image, monkeypatch):
     """`lowvram quantize --only encoder` on I2V weights builds LLaVA's cache where a run with an NF4
     profile and the same --cache-dir reads it, without building it again."""
     require_cpu_nf4()
@@ -196,9 +202,12 @@ def test_quantize_then_the_text_stage_reads_the_cache(tmp_path, image):
     found = plan(profile, 64, 48, 5, **model_sizes(files, (48, 64)))
     reporter = Heard()
     stages = Stages(files, found, torch.device("cpu"), "sdpa", reporter, cache_dir=cache)
+    quantized, loaded_from = record_loads(monkeypatch)
     llava, _ = stages.text_encoders()
     assert reporter.stages == [] and reporter.warnings == []  # fresh: no "rebuilding", NF4 available
+    assert quantized == [(64, 64)] and loaded_from == [str(cache / LLAVA_CACHE_NAME)]  # the probe; the cache
     assert len(four_bit(llava.model)) == 4 * 7
+    monkeypatch.undo()
     on_load = LlavaTextEncoder.from_folder(files.llm, "token_replace", model=load_llava_nf4(files.llm, "cpu").model)
     assert torch.equal(llava.encode("A cat walks on the grass.", image)[0], on_load.encode("A cat walks on the grass.", image)[0])
 
