@@ -266,14 +266,15 @@ class Stages:
         return ClipTextEncoder.from_folder(files.clip, dtype=self.vae_dtype, device=self.device, tokenizer_folder=files.clip_tokenizer)
 
     def _llava(self) -> LlavaTextEncoder:
-        """Image-to-video's LLaVA: its language model per the encoder scheme (NF4 quantized on load,
-        quant/nf4.py, else bf16 on the CPU with the reason said), the vision tower and projector bf16."""
+        """Image-to-video's LLaVA: its language model per the encoder scheme (NF4 from the
+        quantize-once cache in the run's cache folder, quant/nf4.py, else bf16 on the CPU with the
+        reason said), the vision tower and projector bf16."""
         files = self.files
         loaded = None
         if self.profile.encoder_scheme == "nf4":
             from quant.nf4 import load_llava_nf4
 
-            loaded = load_llava_nf4(files.llm, self.device)
+            loaded = load_llava_nf4(files.llm, self.device, self.cache_dir, on_status=lambda status: self.reporter.stage(status.message))
             if loaded.reason:
                 self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running LLaVA in bf16 on the CPU")
         return LlavaTextEncoder.from_folder(
