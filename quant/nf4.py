@@ -251,12 +251,15 @@ def load_qwen_text_nf4(folder: str | Path, device: "torch.device | str" = "cuda"
     from hyvideo.v15_text import load_qwen_text_model
 
     device, path = _device(device), _check_folder(folder)
-
-    def quantize(folder: Path, quantize_device: torch.device) -> nn.Module:
-        return _load_text_model(load_qwen_text_model, "Qwen2.5-VL", folder, quantize_device, quantization_config=nf4_config())
-
-    return _nf4_or_bf16(lambda: _cached_or_quantized(path, device, cache_dir, on_status, quantize, LLM_CACHE_NAME),
+    return _nf4_or_bf16(lambda: _cached_or_quantized(path, device, cache_dir, on_status, quantize_qwen, LLM_CACHE_NAME),
                         lambda: _load_text_model(load_qwen_text_model, "Qwen2.5-VL", path, "cpu"), device)
+
+
+def quantize_qwen(folder: Path, device: torch.device) -> nn.Module:
+    """Qwen2.5-VL's language model, quantized to NF4 on `device` while it loads."""
+    from hyvideo.v15_text import load_qwen_text_model
+
+    return _load_text_model(load_qwen_text_model, "Qwen2.5-VL", folder, device, quantization_config=nf4_config())
 
 
 def llm_cache_path(cache_dir: str | Path, name: str = LLM_CACHE_NAME) -> Path:

@@ -9,7 +9,7 @@ import torch
 from hyvideo.checkpoint import find_model_files, load_dit, load_vae
 from hyvideo.config import DIT_CONFIGS
 from lowvram.setup.synthetic_checkpoint import plan_folder, write_synthetic_checkpoint
-from lowvram.stages import dit_config_for, model_sizes
+from lowvram.stages import default_cache_dir, dit_config_for, model_sizes
 
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
@@ -33,6 +33,8 @@ def test_official_folder_with_both_releases(tmp_path):
     assert not find_model_files(root).image_to_video
     i2v = find_model_files(root, image_to_video=True)
     assert i2v.image_to_video and i2v.llm.name == "text_encoder_i2v" and "i2v" in str(i2v.dit_weights[0])
+    # each release's quantized DiT in a folder of its own (same cache file names, other weights)
+    assert default_cache_dir(i2v) != default_cache_dir(find_model_files(root))
 
 
 def test_t2v_folder_is_not_i2v(tmp_path):
