@@ -35,8 +35,9 @@ CacheDir = typer.Option(None, "--cache-dir", envvar="LOWVRAM_CACHE_DIR",
 ModelDir = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR",
                         help="Weights folder (default: ./ckpts if it holds a model, else the huggingface_hub cache).")
 WhichModel = typer.Option(None, "--model", envvar="LOWVRAM_MODEL",
-                          help="Which model in the folder: hunyuanvideo (13B), 1.5, or a HunyuanVideo-1.5 transformer "
-                          "such as 1.5-720p_t2v (default: detected from the folder).")
+                          help="Which model in the folder: hunyuanvideo (13B), i2v (its image-to-video release, where "
+                          "ckpts/ holds both; --image picks it too), 1.5, or a HunyuanVideo-1.5 transformer such as "
+                          "1.5-720p_t2v (default: detected from the folder).")
 Device = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available).")
 ProfileName = typer.Option("auto", "--profile", help="Memory profile: auto, a name (`lowvram profiles`) or a .toml file.")
 # The video's size, as generate, plan and bench take it (lowvram.sizes.resolve_size).
