@@ -81,11 +81,13 @@ class ModelFiles:
 
 
 def detect_layout(root: Path) -> str | None:
+    """The 13B model's layout. Tencent's folders first: a ckpts/ may also hold HunyuanVideo-1.5's
+    official `transformer/` folder, which is not the diffusers layout of the 13B model."""
     root = Path(root)
-    if (root / "transformer").is_dir():
-        return "diffusers"
     if (root / "hunyuan-video-t2v-720p").is_dir() or (root / "hunyuan-video-i2v-720p").is_dir():
         return "official"
+    if (root / "transformer").is_dir():
+        return "diffusers"
     return None
 
 
