@@ -69,7 +69,7 @@ def test_bench_image_to_video_tiny(tmp_path):
     run = Run.open(Path(data["video_path"]).parent)
     assert run.settings["image"] == str(image) and data["stats"]["image_encode"]["tiles"] == 1
     assert all(data["stages"][name]["seconds"] > 0 for name in ("text", "dit", "vae"))
-    assert (Path(data["model"]["folder"]) / "lowvram-cache/dit-fp8.safetensors").is_file()
+    assert (Path(data["model"]["folder"]) / "lowvram-cache/i2v/dit-fp8.safetensors").is_file()  # the I2V DiT's own cache folder
     refused = invoke("bench", "--scratch", tmp_path / "scratch", "--layout", "official-fp8", *args)
     assert refused.exit_code == 2 and "I2V release has no FP8 DiT file" in one_line_error(refused)
 
