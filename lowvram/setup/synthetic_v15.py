@@ -152,6 +152,7 @@ def text_configs(layout: str, size: V15SyntheticSize) -> dict[str, dict]:
 
 
 GLYPH_TOKENS = ["<color-0>", "<color-1>", "<en-font-0>", "<zh-font-1>"]  # Glyph-SDXL-v2's kind of tokens, a few
+ENCODER_SHARD_BYTES = 5 * 10**9  # save_pretrained's shards in the released text_encoder/ (Qwen2.5-VL-7B: 4 files)
 
 
 def encoder_files(size: V15SyntheticSize, seed: int, device: str = "cpu") -> FolderPlan:
@@ -171,7 +172,7 @@ def encoder_files(size: V15SyntheticSize, seed: int, device: str = "cpu") -> Fol
         layout = [entry for entry in meta_layout(lambda: model_class(config), size.encoder_dtype)
                   if entry[0] != "encoder.embed_tokens.weight"]  # byT5's tied copy of `shared`, not saved
         weights = RandomWeights(kind, layout, seed, config.initializer_range if kind == "qwen" else None, device)
-        files, index = sharded(folder, "model", weights.layout, weights.tensors, 5 * 10**9)
+        files, index = sharded(folder, "model", weights.layout, weights.tensors, ENCODER_SHARD_BYTES)
         plan.weights += files
         plan.json_files |= {f"{folder}/config.json": json.loads(config.to_json_string()), **index}
     return plan
