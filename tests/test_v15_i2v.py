@@ -240,10 +240,12 @@ def test_bad_input_is_refused_before_a_model_loads(folders, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow  # 5-7 s on the loaded 2-core machine (building both tiny VAEs), not the 4 tiles
 def test_tiled_image_encode_matches_diffusers_tiled_encode():
     """The 1.5 VAE's image encode in 64 px tiles (the profile tile 8 at 16x: 4 latents, every 48 px,
     blended over 1 latent) equals diffusers' `tiled_encode` with the same tile; float32, the same
-    ops tile by tile (observed 2e-7; a tile or blend off by one moves it by O(1))."""
+    ops tile by tile (observed 1.9e-7 at 80x144; the untiled encode is 0.62 away, so a tile or blend
+    off by one shows)."""
     from hyvideo.v15_config import V15_VAE_CONFIGS
     from hyvideo.v15_keys import vae_ours_to_diffusers
     from hyvideo.v15_vae import HunyuanVideo15VAE
@@ -255,9 +257,9 @@ def test_tiled_image_encode_matches_diffusers_tiled_encode():
     reference = AutoencoderKLHunyuanVideo15(**V15_VAE_CONFIGS["tiny"].to_diffusers()).eval()
     reference.load_state_dict(vae_ours_to_diffusers(vae.state_dict()), strict=True)
     reference.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_latent_min_height=4, tile_latent_min_width=4)
-    pixels = torch.rand(1, 3, 1, 80, 144, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    pixels = torch.rand(1, 3, 1, 80, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
     tiles = []
     with torch.no_grad():
         ours = TiledVAE(vae, spatial_tile_for(8, 16), on_tile=lambda done, total: tiles.append(total)).encode(pixels)
         expected = reference.encode(pixels).latent_dist.mode()
-    assert tiles[-1] == 2 * 3 and rel_err(ours, expected) <= 1e-5
+    assert tiles[-1] == 2 * 2 and rel_err(ours, expected) <= 1e-5
