@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+# plain dataclasses, no torch: the HunyuanVideo-1.5 transformer names for --model's help
+from hyvideo.v15_config import V15_SAMPLING
+
 app = typer.Typer(
     name="lowvram", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="HunyuanVideo 13B text-to-video on one 16-24 GB NVIDIA GPU, with resumable runs.",
@@ -32,8 +35,9 @@ CacheDir = typer.Option(None, "--cache-dir", envvar="LOWVRAM_CACHE_DIR",
 ModelDir = typer.Option(None, "--model-dir", envvar="LOWVRAM_MODEL_DIR",
                         help="Weights folder (default: ./ckpts if it holds a model, else the huggingface_hub cache).")
 WhichModel = typer.Option(None, "--model", envvar="LOWVRAM_MODEL",
-                          help="Which model in the folder: hunyuanvideo (13B), 1.5, or a HunyuanVideo-1.5 transformer "
-                          "such as 1.5-720p_t2v (default: detected from the folder).")
+                          help="Which model in the folder: hunyuanvideo (13B), i2v (its image-to-video release, where "
+                          "ckpts/ holds both; --image picks it too), 1.5, or a HunyuanVideo-1.5 transformer such as "
+                          "1.5-720p_t2v (default: detected from the folder).")
 Device = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available).")
 ProfileName = typer.Option("auto", "--profile", help="Memory profile: auto, a name (`lowvram profiles`) or a .toml file.")
 # The video's size, as generate, plan and bench take it (lowvram.sizes.resolve_size).
@@ -64,7 +68,8 @@ Gpus = typer.Option(None, "--gpus", help="Split the video's tokens across this m
                     "needs the \\[multigpu] extra). Every GPU runs the profile's plan for its share.")
 Parallel = typer.Option("usp", "--parallel", help="With --gpus: usp (Ulysses as far as the 24 heads divide, then ring), ulysses or ring.")
 ReleasedModel = typer.Option("t2v", "--model", help="Which released model: t2v (HunyuanVideo), i2v (HunyuanVideo-I2V, "
-                             "token_replace: the current release) or i2v-33ch (its first release, latent_concat).")
+                             "token_replace: the current release), i2v-33ch (its first release, latent_concat), or a "
+                             "HunyuanVideo-1.5 transformer: " + ", ".join(f"1.5-{variant}" for variant in V15_SAMPLING) + ".")
 Json = typer.Option(False, "--json", help="Print one JSON object at the end (for scripts); no progress bars.")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result path.")
 

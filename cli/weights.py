@@ -41,7 +41,7 @@ def doctor(
 def download(
     model_dir: Path = ModelDir,
     layout: str = typer.Option(None, "--layout", help="diffusers (one repo, complete; the huggingface default) or official (Tencent's files)."),
-    source: str = typer.Option("huggingface", "--source", help="huggingface or modelscope (official layout; needs the [modelscope] extra)."),
+    source: str = typer.Option("huggingface", "--source", help="huggingface or modelscope (official layout; needs the \\[modelscope] extra)."),
     fp8: bool = typer.Option(False, "--fp8", help="Also Tencent's FP8 DiT pair (--layout official)."),
     model: str = ReleasedModel,
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes, download nothing."),

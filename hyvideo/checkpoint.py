@@ -81,15 +81,18 @@ class ModelFiles:
 
 
 def detect_layout(root: Path) -> str | None:
+    """The 13B model's layout. Tencent's folders first: a ckpts/ may also hold HunyuanVideo-1.5's
+    official `transformer/` folder, which is not the diffusers layout of the 13B model."""
     root = Path(root)
-    if (root / "transformer").is_dir():
-        return "diffusers"
     if (root / "hunyuan-video-t2v-720p").is_dir() or (root / "hunyuan-video-i2v-720p").is_dir():
         return "official"
+    if (root / "transformer").is_dir():
+        return "diffusers"
     return None
 
 
 MODEL_13B = "hunyuanvideo"  # `--model` value for the 13B model when a folder holds 1.5 weights too
+MODEL_13B_I2V = "i2v"  # its image-to-video release, where a ckpts/ holds both (as `--image` picks it)
 
 
 def find_model_files(root: Path, image_to_video: bool = False, model: str | None = None):
@@ -97,16 +100,19 @@ def find_model_files(root: Path, image_to_video: bool = False, model: str | None
     ckpts/ folder may hold both 13B releases: `image_to_video` picks the I2V one there (each alone is
     taken whatever is asked; the caller says when it is the wrong one).
 
-    model: None detects the model from the folder; "hunyuanvideo" takes the 13B model, "1.5" or
-    "1.5-<variant>" (e.g. "1.5-720p_t2v") a HunyuanVideo-1.5 transformer (`v15_checkpoint`, whose
-    `V15ModelFiles` is returned then). A folder holding both models needs one of them."""
+    model: None detects the model from the folder; "hunyuanvideo" takes the 13B model ("i2v" its
+    image-to-video release, as `image_to_video` does), "1.5" or "1.5-<variant>" (e.g.
+    "1.5-720p_t2v") a HunyuanVideo-1.5 transformer (`v15_checkpoint`, whose `V15ModelFiles` is
+    returned then). A folder holding both models needs one of them."""
     from .v15_checkpoint import MODEL_PREFIX, find_v15_files, is_v15_folder
 
     root = Path(root)
     if not root.is_dir():
         raise HyVideoError(f"model folder {root} does not exist; {DOWNLOAD_HINT.format(root=root)}")
+    if model == MODEL_13B_I2V:
+        model, image_to_video = MODEL_13B, True
     if model is not None and model != MODEL_13B and model != "1.5" and not model.startswith(MODEL_PREFIX):
-        raise HyVideoError(f"--model must be {MODEL_13B}, 1.5 or 1.5-<variant> (e.g. 1.5-720p_t2v), not {model!r}")
+        raise HyVideoError(f"--model must be {MODEL_13B}, {MODEL_13B_I2V}, 1.5 or 1.5-<variant> (e.g. 1.5-720p_t2v), not {model!r}")
     if model is None and is_v15_folder(root):
         if _holds_13b(root):
             raise HyVideoError(f"{root} holds HunyuanVideo (13B) and HunyuanVideo-1.5 weights: say which with "

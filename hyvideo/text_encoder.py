@@ -19,6 +19,7 @@ The encoders wrap already-built transformers objects, so a caller can pass a mod
 from the official checkpoint folders (`ckpts/text_encoder`, `ckpts/text_encoder_2`).
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,36 @@ def _check_folder(folder: str | Path, what: str, model: bool = True, tokenizer: 
     return path
 
 
+def load_model_part(model_class, folder: str | Path, what: str, dtype: torch.dtype, device="cpu", **kwargs):
+    """`model_class` from `folder` straight onto `device`, where it is part of the model saved there
+    (LLaVA without its LM head, Qwen2.5-VL's language model): the other weights are skipped unread.
+    transformers logs each skipped key as a warning, expected here, so its loader is quiet during
+    this load (and its tensor-parallel check, which a quiet loader runs and which warns of every
+    layer it would not shard), and missing keys (which it would fill with random weights) raise a
+    ValueError naming `what` instead. kwargs go to from_pretrained (e.g. quant/'s quantization_config)."""
+    loggers = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        model, info = model_class.from_pretrained(folder, dtype=dtype, device_map={"": torch.device(device)},
+                                                  local_files_only=True, output_loading_info=True, **kwargs)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    if info["missing_keys"]:
+        raise ValueError(f"{what}'s weights are incomplete: {sorted(info['missing_keys'])[:3]} missing")
+    return model.eval()
+
+
+def load_llava_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16, device="cpu", **kwargs):
+    """LLaVA as the I2V encoder runs it: `LlavaModel` (vision tower, projector, language model),
+    without the LM head (1 GB at full size), which the states are taken before."""
+    from transformers import LlavaModel
+
+    return load_model_part(LlavaModel, folder, "LLaVA", dtype, device, **kwargs)
+
+
 def _load_error(what: str, folder: Path, error: Exception) -> HyVideoError:
     reason = " ".join(str(error).split()).rstrip(".")  # one line, for the CLI
     return HyVideoError(
@@ -280,10 +311,10 @@ class LlavaTextEncoder(LlamaTextEncoder):
     ) -> "LlavaTextEncoder":
         """Load LLaVA from `ckpts/text_encoder_i2v` (model, tokenizer and image processor in one
         folder, official layout) or diffusers' `text_encoder/` with `tokenizer/` and
-        `image_processor/`. Only the LLaVA model runs (its lm_head is dropped: states are taken
-        before it). `model`: the LlavaForConditionalGeneration already loaded (e.g. with an NF4
-        language model), else loaded here in `dtype`."""
-        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+        `image_processor/`. Only the LLaVA model runs (`load_llava_model`: no LM head, states are
+        taken before it). `model`: that LlavaModel already loaded (e.g. with an NF4 language
+        model), else loaded here in `dtype`."""
+        from transformers import AutoTokenizer
 
         path = _check_folder(folder, "text encoder (LLaVA)", tokenizer=tokenizer_folder is None)
         tokenizer_path = path if tokenizer_folder is None else _check_folder(tokenizer_folder, "tokenizer (LLaVA)", model=False)
@@ -294,12 +325,10 @@ class LlavaTextEncoder(LlamaTextEncoder):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, padding_side="right", local_files_only=True)
             image_processor = clip_image_processor_class().from_pretrained(processor_path, local_files_only=True)
             if model is None:
-                model = LlavaForConditionalGeneration.from_pretrained(
-                    path, dtype=dtype, device_map={"": torch.device(device)}, local_files_only=True
-                )
+                model = load_llava_model(path, dtype, device)
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise _load_error("text encoder (LLaVA)", path, error) from error
-        return cls(model.model.eval(), tokenizer, image_processor, IMAGE_EMBED_INTERLEAVE[image_condition_type],
+        return cls(model.eval(), tokenizer, image_processor, IMAGE_EMBED_INTERLEAVE[image_condition_type],
                    text_len=text_len, skip_layers=skip_layers)
 
     def encode(self, prompts: str | Sequence[str], image, template: str = PROMPT_TEMPLATE_I2V):

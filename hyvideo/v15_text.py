@@ -36,7 +36,6 @@ color and font tokens are added to byT5's tokenizer and vocabulary first, as Ten
 """
 
 import json
-import logging
 import pickle
 import re
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 
 from .errors import HyVideoError, one_line
+from .text_encoder import load_model_part
 from .v15_pipeline import V15Prompt
 
 # diffusers' `HunyuanVideo15Pipeline.system_message` = Tencent's video template
@@ -158,21 +158,8 @@ def load_qwen_text_model(folder: str | Path, dtype: torch.dtype = torch.bfloat16
     LM head are skipped unread). kwargs go to from_pretrained (e.g. quant/'s quantization_config)."""
     from transformers import Qwen2_5_VLTextModel
 
-    # transformers logs every key it skips (the whole Qwen2.5-VL's ~400 vision tower weights) as a
-    # warning: expected here, so its loader is quiet during this load, and missing keys (which it
-    # would fill with random weights) are checked here instead.
-    loader = logging.getLogger("transformers.modeling_utils")
-    level = loader.level
-    loader.setLevel(logging.ERROR)
-    try:
-        model, info = Qwen2_5_VLTextModel.from_pretrained(
-            folder, config=qwen_text_config(folder), dtype=dtype, device_map={"": torch.device(device)},
-            local_files_only=True, output_loading_info=True, **kwargs)
-    finally:
-        loader.setLevel(level)
-    if info["missing_keys"]:
-        raise ValueError(f"the Qwen2.5-VL language model's weights are incomplete: {sorted(info['missing_keys'])[:3]} missing")
-    return model.eval()
+    return load_model_part(Qwen2_5_VLTextModel, folder, "the Qwen2.5-VL language model", dtype, device,
+                           config=qwen_text_config(folder), **kwargs)
 
 
 def glyph_tokens(glyph: Path) -> list[str]:

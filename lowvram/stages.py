@@ -155,10 +155,14 @@ def parameter_count(config: DiTConfig) -> int:
 
 
 def default_cache_dir(files: ModelFiles) -> Path:
-    """Where quantized weights are kept unless --cache-dir says otherwise: beside the model (a
-    HunyuanVideo-1.5 transformer's in a folder of its own: a Tencent folder holds several)."""
+    """Where quantized weights are kept unless --cache-dir says otherwise: beside the model, each
+    model in a folder of its own where one folder holds several (Tencent's ckpts/ may hold the
+    13B text- and image-to-video DiTs, whose caches would otherwise share a name, and several
+    HunyuanVideo-1.5 transformers)."""
     if files.family == V15_FAMILY:
         return Path(files.root) / "lowvram-cache" / f"1.5-{files.variant}"
+    if files.image_to_video:
+        return Path(files.root) / "lowvram-cache" / "i2v"
     return Path(files.root) / "lowvram-cache"
 
 
@@ -267,14 +271,15 @@ class Stages:
         return ClipTextEncoder.from_folder(files.clip, dtype=self.vae_dtype, device=self.device, tokenizer_folder=files.clip_tokenizer)
 
     def _llava(self) -> LlavaTextEncoder:
-        """Image-to-video's LLaVA: its language model per the encoder scheme (NF4 quantized on load,
-        quant/nf4.py, else bf16 on the CPU with the reason said), the vision tower and projector bf16."""
+        """Image-to-video's LLaVA: its language model per the encoder scheme (NF4 from the
+        quantize-once cache in the run's cache folder, quant/nf4.py, else bf16 on the CPU with the
+        reason said), the vision tower and projector bf16."""
         files = self.files
         loaded = None
         if self.profile.encoder_scheme == "nf4":
             from quant.nf4 import load_llava_nf4
 
-            loaded = load_llava_nf4(files.llm, self.device)
+            loaded = load_llava_nf4(files.llm, self.device, self.cache_dir, on_status=lambda status: self.reporter.stage(status.message))
             if loaded.reason:
                 self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running LLaVA in bf16 on the CPU")
         return LlavaTextEncoder.from_folder(
@@ -305,7 +310,8 @@ class Stages:
         if self.profile.encoder_scheme == "nf4":
             from quant.nf4 import load_qwen_text_nf4
 
-            loaded = load_qwen_text_nf4(text_files.llm, self.device)
+            loaded = load_qwen_text_nf4(text_files.llm, self.device, self.cache_dir,
+                                        on_status=lambda status: self.reporter.stage(status.message))
             if loaded.reason:
                 self.reporter.warn(f"NF4 text encoder unavailable ({loaded.reason}); running Qwen2.5-VL in bf16 on the CPU")
             llm = loaded.model

@@ -15,6 +15,10 @@ reaches the user for a missing or broken bitsandbytes; a broken model folder is 
 Quantize once: given a cache folder, the NF4 model is saved after its first quantization
 (transformers + bitsandbytes serialize 4-bit weights with their quant states) into
 `<cache_dir>/llm-nf4/` and loaded from there, ~4.7 GB read instead of 16 GB read and quantized.
+All three encoders go through that one cache (`ensure_llm_nf4_cache`), each saying how its source
+loads in NF4: the Llama (`load_llm_nf4`), HunyuanVideo-1.5's Qwen2.5-VL language model
+(`load_qwen_text_nf4`, `llm-nf4/` of its own cache folder) and image-to-video's LLaVA
+(`load_llava_nf4`, in `llava-nf4/`: one ckpts/ folder may hold both 13B releases and one cache).
 The rules are the DiT cache's (quant/cache.py): a JSON header (`hyvideo-cache.json`) holds the
 source fingerprint (config + weight files), the quantization settings, the torch / transformers /
 bitsandbytes versions and every cached file's size and sha256. A changed source, setting, format
@@ -40,6 +44,8 @@ from .cache import CacheStatus, file_sha256
 
 LLM_CACHE_FORMAT = 1
 LLM_CACHE_HEADER = "hyvideo-cache.json"
+LLM_CACHE_NAME = "llm-nf4"  # the cache's folder in the cache dir (the Llama's; 1.5's Qwen in its own cache dir)
+LLAVA_CACHE_NAME = "llava-nf4"  # image-to-video's LLaVA
 
 
 @dataclass
@@ -145,14 +151,28 @@ def load_llm_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cach
         raise ValueError("the NF4 cache holds the encoder without its LM head; load the causal LM without cache_dir")
     device, path = _device(device), _check_folder(folder)
 
-    def nf4():
-        if cache_dir is None:
-            _require_nf4(device)
-            return _load_nf4(path, device, quantize=True, causal=causal)
-        ensure_llm_nf4_cache(path, cache_dir, device, on_status)
-        return _load_nf4(llm_cache_path(cache_dir), device, quantize=False)
+    def quantize(folder: Path, quantize_device: torch.device) -> nn.Module:
+        return _load_nf4(folder, quantize_device, quantize=True, causal=causal)
 
-    return _nf4_or_bf16(nf4, lambda: load_llm_bf16(path, "cpu", causal), device)
+    return _nf4_or_bf16(lambda: _cached_or_quantized(path, device, cache_dir, on_status, quantize, LLM_CACHE_NAME),
+                        lambda: load_llm_bf16(path, "cpu", causal), device)
+
+
+def quantize_llm(folder: Path, device: torch.device) -> nn.Module:
+    """The Llama encoder (AutoModel), quantized to NF4 on `device` while it loads."""
+    return _load_nf4(folder, device, quantize=True)
+
+
+def _cached_or_quantized(path: Path, device: torch.device, cache_dir: str | Path | None,
+                         on_status: Callable[[CacheStatus], None] | None,
+                         quantize: Callable[[Path, torch.device], nn.Module], name: str) -> nn.Module:
+    """The one rule of the three encoders' NF4 loads: without `cache_dir` quantized on load
+    (`quantize`), else from the cache `name` there, built first if needed (`ensure_llm_nf4_cache`)."""
+    if cache_dir is None:
+        _require_nf4(device)
+        return quantize(path, device)
+    ensure_llm_nf4_cache(path, cache_dir, device, on_status, quantize, name)
+    return _load_nf4(llm_cache_path(cache_dir, name), device, quantize=False)
 
 
 def _require_nf4(device: torch.device) -> None:
@@ -162,7 +182,7 @@ def _require_nf4(device: torch.device) -> None:
 
 
 def _nf4_or_bf16(load_nf4: Callable[[], torch.nn.Module], load_bf16: Callable[[], torch.nn.Module], device: torch.device) -> LLMLoad:
-    """The one fallback rule of both encoders: the NF4 model if it loads and passes the smoke test
+    """The one fallback rule of the encoders: the NF4 model if it loads and passes the smoke test
     on `device`, else the bf16 one on the CPU with the reason."""
     try:
         model = load_nf4()
@@ -175,36 +195,50 @@ def _nf4_or_bf16(load_nf4: Callable[[], torch.nn.Module], load_bf16: Callable[[]
     return LLMLoad(load_bf16(), "bf16", reason, torch.device("cpu"))
 
 
-LLAVA_16BIT_MODULES = ["vision_tower", "multi_modal_projector", "lm_head"]  # NF4 only in the language model
+# Kept 16-bit: LlavaModel's module names, which transformers matches from the start ("vision_tower"
+# does not match LlavaForConditionalGeneration's "model.vision_tower...": that one would quantize
+# the vision tower and projector too). They decide what `llava-nf4/` holds: a change needs a new
+# LLM_CACHE_FORMAT.
+LLAVA_16BIT_MODULES = ["vision_tower", "multi_modal_projector"]
 
 
-def load_llava_nf4(folder: str | Path, device: "torch.device | str" = "cuda") -> LLMLoad:
-    """Image-to-video's LLaVA (LlavaForConditionalGeneration) with its language model's linears in
-    NF4 on `device`, the vision tower, projector and LM head in bf16; or (with the reason) all of it
-    in bf16 on the CPU, as `load_llm_nf4`. Quantized on load each time: no quantize-once cache yet."""
-    from transformers import LlavaForConditionalGeneration
+def _load_text_model(load: Callable[..., nn.Module], what: str, path: Path, device: "torch.device | str", **extra) -> nn.Module:
+    """`load(path, bf16, device, **extra)`; a broken folder is a HyVideoError naming `what`, and
+    any other failure while quantizing (`extra`) NF4Unavailable, as `_load_nf4`."""
+    broken = (OSError, KeyError) if extra else (OSError, ValueError, KeyError, TypeError)
+    try:
+        return load(path, torch.bfloat16, device, **extra)
+    except broken as error:
+        raise HyVideoError(f"could not load the text encoder ({what}) from {path}: {one_line(error)}") from error
+    except Exception as error:  # transformers' bitsandbytes checks (versions, devices) raise various types
+        if not extra:
+            raise
+        raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
 
-    device, path = _device(device), _check_folder(folder)
+
+def quantize_llava(folder: Path, device: torch.device) -> nn.Module:
+    """LLaVA's `LlavaModel` with its language model's linears quantized to NF4 on `device` while it
+    loads, the vision tower and projector bf16, the LM head not read: what its cache holds."""
+    from hyvideo.text_encoder import load_llava_model
+
     config = nf4_config()
     config.llm_int8_skip_modules = LLAVA_16BIT_MODULES
+    return _load_text_model(load_llava_model, "LLaVA", folder, device, quantization_config=config)
 
-    def nf4():
-        _require_nf4(device)
-        try:
-            return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, device_map={"": device},
-                                                                 local_files_only=True, quantization_config=config).eval()
-        except (OSError, KeyError) as error:
-            raise HyVideoError(f"could not load the text encoder (LLaVA) from {path}: {one_line(error)}") from error
-        except Exception as error:  # transformers' bitsandbytes checks raise various types
-            raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
 
-    def bf16():
-        try:
-            return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise HyVideoError(f"could not load the text encoder (LLaVA) from {path}: {one_line(error)}") from error
+def load_llava_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cache_dir: str | Path | None = None,
+                   on_status: Callable[[CacheStatus], None] | None = None) -> LLMLoad:
+    """Image-to-video's LLaVA as a `LlavaModel` (no LM head: the encoder takes states before it),
+    its language model's linears in NF4 on `device` and the vision tower and projector bf16 beside
+    it (`quantize_llava`); or (with the reason) all of it in bf16 on the CPU, as `load_llm_nf4`.
+    With `cache_dir`, through the same quantize-once cache (`llava-nf4/` there: the saved NF4
+    LlavaModel, ~5.3 GB at full size by quant/bytes.py's count: the NF4 language model and the
+    0.65 GB bf16 vision tower and projector, read instead of 15.7 GB read and quantized)."""
+    from hyvideo.text_encoder import load_llava_model
 
-    return _nf4_or_bf16(nf4, bf16, device)
+    device, path = _device(device), _check_folder(folder)
+    return _nf4_or_bf16(lambda: _cached_or_quantized(path, device, cache_dir, on_status, quantize_llava, LLAVA_CACHE_NAME),
+                        lambda: _load_text_model(load_llava_model, "LLaVA", path, "cpu"), device)
 
 
 def load_qwen_text_nf4(folder: str | Path, device: "torch.device | str" = "cuda", cache_dir: str | Path | None = None,
@@ -217,31 +251,21 @@ def load_qwen_text_nf4(folder: str | Path, device: "torch.device | str" = "cuda"
     from hyvideo.v15_text import load_qwen_text_model
 
     device, path = _device(device), _check_folder(folder)
-
-    def load(dtype_device, **extra):
-        try:
-            return load_qwen_text_model(path, torch.bfloat16, dtype_device, **extra)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            if extra and not isinstance(error, OSError):
-                raise NF4Unavailable(f"transformers could not load it in NF4: {one_line(error)}") from error
-            raise HyVideoError(f"could not load the text encoder (Qwen2.5-VL) from {path}: {one_line(error)}") from error
-
-    def quantize(_folder: Path, quantize_device: torch.device) -> nn.Module:
-        return load(quantize_device, quantization_config=nf4_config())
-
-    def nf4():
-        if cache_dir is None:
-            _require_nf4(device)
-            return quantize(path, device)
-        ensure_llm_nf4_cache(path, cache_dir, device, on_status, quantize)
-        return _load_nf4(llm_cache_path(cache_dir), device, quantize=False)
-
-    return _nf4_or_bf16(nf4, lambda: load("cpu"), device)
+    return _nf4_or_bf16(lambda: _cached_or_quantized(path, device, cache_dir, on_status, quantize_qwen, LLM_CACHE_NAME),
+                        lambda: _load_text_model(load_qwen_text_model, "Qwen2.5-VL", path, "cpu"), device)
 
 
-def llm_cache_path(cache_dir: str | Path) -> Path:
-    """The NF4 encoder's folder inside the quantized-cache folder."""
-    return Path(cache_dir) / "llm-nf4"
+def quantize_qwen(folder: Path, device: torch.device) -> nn.Module:
+    """Qwen2.5-VL's language model, quantized to NF4 on `device` while it loads."""
+    from hyvideo.v15_text import load_qwen_text_model
+
+    return _load_text_model(load_qwen_text_model, "Qwen2.5-VL", folder, device, quantization_config=nf4_config())
+
+
+def llm_cache_path(cache_dir: str | Path, name: str = LLM_CACHE_NAME) -> Path:
+    """The NF4 encoder's folder inside the quantized-cache folder (`name`: LLM_CACHE_NAME or
+    LLAVA_CACHE_NAME)."""
+    return Path(cache_dir) / name
 
 
 def _source_files(folder: Path) -> list[Path]:
@@ -265,23 +289,25 @@ def _llm_header(folder: Path) -> dict:
     }
 
 
-def llm_cache_status(llm_folder: str | Path, cache_dir: str | Path, verify: bool = False) -> CacheStatus:
+def llm_cache_status(llm_folder: str | Path, cache_dir: str | Path, verify: bool = False,
+                     name: str = LLM_CACHE_NAME) -> CacheStatus:
     """Fresh, missing, stale (with the reason) or corrupt (unreadable header, a file missing or of
-    the wrong size; with `verify`, also a wrong sha256, which reads every file). Needs bitsandbytes."""
-    folder, path = Path(llm_folder), llm_cache_path(cache_dir)
+    the wrong size; with `verify`, also a wrong sha256, which reads every file) of the cache `name`
+    in `cache_dir` made from `llm_folder`. Needs bitsandbytes."""
+    folder, path = Path(llm_folder), llm_cache_path(cache_dir, name)
     header_path = path / LLM_CACHE_HEADER
     if not header_path.exists():
         return CacheStatus("missing", "no cache yet", path)
     try:
         found = json.loads(header_path.read_text())
-        files = {name: (int(entry["size"]), entry["sha256"]) for name, entry in found["files"].items()}
+        files = {file: (int(entry["size"]), entry["sha256"]) for file, entry in found["files"].items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return CacheStatus("corrupt", f"unreadable header {header_path}", path)
-    for name, (size, _) in files.items():
-        if not (path / name).is_file():
-            return CacheStatus("corrupt", f"{name} is missing", path)
-        if (path / name).stat().st_size != size:
-            return CacheStatus("corrupt", f"{name} is {(path / name).stat().st_size} bytes, expected {size} (truncated?)", path)
+    for file, (size, _) in files.items():
+        if not (path / file).is_file():
+            return CacheStatus("corrupt", f"{file} is missing", path)
+        if (path / file).stat().st_size != size:
+            return CacheStatus("corrupt", f"{file} is {(path / file).stat().st_size} bytes, expected {size} (truncated?)", path)
     wanted = _llm_header(folder)
     for field, reason in (("format", "cache format changed"), ("quantization", "quantization settings changed"),
                           ("sources", "source changed")):
@@ -291,41 +317,43 @@ def llm_cache_status(llm_folder: str | Path, cache_dir: str | Path, verify: bool
         if found.get("versions", {}).get(library) != wanted["versions"][library]:
             return CacheStatus("stale", f"{library} version changed", path)
     if verify:
-        for name, (_, sha) in files.items():
-            if file_sha256(path / name) != sha:
-                return CacheStatus("corrupt", f"{name}: checksum mismatch", path)
+        for file, (_, sha) in files.items():
+            if file_sha256(path / file) != sha:
+                return CacheStatus("corrupt", f"{file}: checksum mismatch", path)
     return CacheStatus("fresh", "", path)
 
 
 def ensure_llm_nf4_cache(llm_folder: str | Path, cache_dir: str | Path, device: "torch.device | str",
                          on_status: Callable[[CacheStatus], None] | None = None,
-                         quantize: Callable[[Path, torch.device], nn.Module] | None = None) -> CacheStatus:
-    """Build the NF4 encoder cache from `llm_folder` (quantizing on `device`) unless a verified one
-    is there; returns the status found before. A fresh cache is re-hashed (one read of ~4.7 GB, into
-    the page cache the load that follows reads from). `on_status(status)` is called before a build.
-    Raises NF4Unavailable when bitsandbytes cannot run (or save) this model in NF4 on `device`.
-    `quantize(folder, device)`: how the source loads in NF4 (default: AutoModel, the Llama)."""
+                         quantize: Callable[[Path, torch.device], nn.Module] = quantize_llm,
+                         name: str = LLM_CACHE_NAME) -> CacheStatus:
+    """Build the NF4 encoder cache `name` in `cache_dir` from `llm_folder` (quantizing on `device`)
+    unless a verified one is there; returns the status found before. A fresh cache is re-hashed
+    (one read of ~4.7 GB, into the page cache the load that follows reads from). `on_status(status)`
+    is called before a build. Raises NF4Unavailable when bitsandbytes cannot run (or save) this
+    model in NF4 on `device`. `quantize(folder, device)`: how the source loads in NF4 (the Llama's
+    AutoModel, `quantize_llava`, 1.5's Qwen); the model it gives is what the cache saves, and at
+    most that is in memory (on `device`) while the cache is built."""
     device, folder = _device(device), _check_folder(llm_folder)
     reason = nf4_unavailable_reason(device)
     if reason is not None:
         raise NF4Unavailable(reason)
-    status = llm_cache_status(folder, cache_dir, verify=True)
+    status = llm_cache_status(folder, cache_dir, verify=True, name=name)
     if status.state != "fresh":
         if on_status is not None:
             on_status(status)
-        _build_llm_cache(folder, llm_cache_path(cache_dir), device, quantize)
+        _build_llm_cache(folder, llm_cache_path(cache_dir, name), device, quantize)
     return status
 
 
-def _build_llm_cache(folder: Path, path: Path, device: torch.device,
-                     quantize: Callable[[Path, torch.device], nn.Module] | None = None) -> None:
+def _build_llm_cache(folder: Path, path: Path, device: torch.device, quantize: Callable[[Path, torch.device], nn.Module]) -> None:
     """Quantize, save into a temp folder, smoke-test, write the header, rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(path)
     tmp = temp_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model = quantize(folder, device) if quantize is not None else _load_nf4(folder, device, quantize=True)
+        model = quantize(folder, device)
         # Saved before any forward: bitsandbytes' CPU kernel repacks the weights on the first one,
         # and a model saved after that loads back with (slightly) different outputs.
         try:

@@ -69,3 +69,37 @@ def test_qwen_nf4_cache_round_trip(qwen_folder, tmp_path):
     assert cached.scheme == "nf4" and len(statuses) == 1 and type(cached.model).__name__ == "Qwen2_5_VLTextModel"
     expected = states(load_qwen_text_nf4(qwen_folder, "cpu").model)
     assert torch.equal(states(built.model), expected) and torch.equal(states(cached.model), expected)
+
+
+def test_quantize_builds_the_cache_a_v15_run_reads(tmp_path):
+    """`lowvram quantize --only encoder` on a HunyuanVideo-1.5 folder builds the Qwen2.5-VL NF4
+    cache where a run of that transformer looks (its cache folder), and the run's load finds it
+    fresh: no second quantization."""
+    if nf4_unavailable_reason("cpu") is not None:
+        pytest.skip("bitsandbytes cannot run NF4 on this CPU")
+    import shutil
+
+    from hyvideo.checkpoint import find_model_files
+    from hyvideo.v15_text import find_v15_text_files
+    from lowvram.progress import Reporter
+    from lowvram.setup.quantize import quantize_model
+    from lowvram.setup.synthetic_v15 import write_v15_checkpoint
+    from lowvram.stages import default_cache_dir
+    from tests.tiny_v15_text import write_official_encoders
+
+    root = tmp_path / "ckpts"
+    write_v15_checkpoint(root, "official", "tiny")
+    write_official_encoders(root)
+    llm = find_v15_text_files(root, "official").llm
+    shutil.rmtree(llm)  # 64 wide: bitsandbytes' CPU kernel takes it (the tiny default is too narrow)
+    model, tokenizer = tiny_qwen(seed=3, hidden=64)
+    model.save_pretrained(llm)
+    tokenizer.save_pretrained(llm)
+
+    result = quantize_model(root, "fp8", "blocks", "encoder", None, Reporter())
+    cache = default_cache_dir(find_model_files(root))
+    assert result["cache_dir"] == str(cache) and result["encoder"]["path"] == str(llm_cache_path(cache))
+    assert result["encoder"]["found"] == "missing"  # built now
+    statuses = []
+    loaded = load_qwen_text_nf4(llm, "cpu", cache_dir=cache, on_status=statuses.append)
+    assert loaded.scheme == "nf4" and statuses == []  # fresh: read, not rebuilt

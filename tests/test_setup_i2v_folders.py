@@ -2,6 +2,7 @@
 the synthetic folders (tiny written and loaded; full size planned on the meta device)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from hyvideo.checkpoint import find_model_files, load_dit, load_vae
 from hyvideo.config import DIT_CONFIGS
 from lowvram.setup.synthetic_checkpoint import plan_folder, write_synthetic_checkpoint
-from lowvram.stages import dit_config_for, model_sizes
+from lowvram.stages import default_cache_dir, dit_config_for, model_sizes
 
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
@@ -33,6 +34,8 @@ def test_official_folder_with_both_releases(tmp_path):
     assert not find_model_files(root).image_to_video
     i2v = find_model_files(root, image_to_video=True)
     assert i2v.image_to_video and i2v.llm.name == "text_encoder_i2v" and "i2v" in str(i2v.dit_weights[0])
+    # each release's quantized DiT in a folder of its own (same cache file names, other weights)
+    assert default_cache_dir(i2v) != default_cache_dir(find_model_files(root))
 
 
 def test_t2v_folder_is_not_i2v(tmp_path):
@@ -100,3 +103,19 @@ def test_doctor_lists_the_i2v_files(tmp_path):
     assert {"hunyuan-video-t2v-720p/vae/config.json", "hunyuan-video-i2v-720p/vae/config.json", "text_encoder/config.json"} <= names
     diffusers = write_synthetic_checkpoint(tmp_path / "diffusers", "diffusers", "tiny-i2v-33ch")
     assert any(c.path.name == "preprocessor_config.json" and c.ok for c in check_model_folder(diffusers)[1])
+
+
+def test_quantize_model_i2v_takes_the_i2v_release(tmp_path):
+    """`lowvram quantize --model i2v` in a ckpts/ holding both releases builds the I2V DiT's cache
+    (without it, text-to-video's, as generate without --image)."""
+    from hyvideo.checkpoint import MODEL_13B_I2V
+    from lowvram.progress import Reporter
+    from lowvram.setup.quantize import quantize_model
+
+    root = tmp_path / "ckpts"
+    write_synthetic_checkpoint(root, "official", "tiny")
+    write_synthetic_checkpoint(root, "official", "tiny-i2v")
+    assert find_model_files(root, model=MODEL_13B_I2V).image_to_video
+    result = quantize_model(root, "fp8", "blocks", "dit", None, Reporter(), MODEL_13B_I2V)
+    assert result["cache_dir"] == str(default_cache_dir(find_model_files(root, image_to_video=True)))
+    assert result["dit"]["found"] == "missing" and Path(result["dit"]["path"]).is_file()

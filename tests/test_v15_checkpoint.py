@@ -68,6 +68,10 @@ def test_variants_and_models_chosen_by_task_or_option(v15_folders, tmp_path, tin
     with pytest.raises(HyVideoError, match="holds HunyuanVideo \\(13B\\) and HunyuanVideo-1.5 weights"):
         find_model_files(root)
     assert find_model_files(root, model="1.5-480p_t2v").family == "hunyuanvideo-1.5"
+    for folder in ("text_encoder", "text_encoder_2"):  # the 13B's encoders beside 1.5's text_encoder/llm, byt5-small
+        shutil.copytree(tiny_official / folder, root / folder, dirs_exist_ok=True)
+    files = find_model_files(root, model="hunyuanvideo")  # not 1.5's official transformer/ read as a diffusers folder
+    assert (files.family, files.layout) == ("hunyuanvideo", "official")
     with pytest.raises(HyVideoError, match="--model must be"):
         find_model_files(root, model="2.0")
 

@@ -18,7 +18,7 @@ import torch
 from lowvram.memory import host_ram, pinned_memory_limit
 from lowvram.units import GIB
 
-from .download import check_model_folder
+from .download import check_model_folder, download_commands
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (RTX 4090, L4, L40) and Hopper have FP8 tensor cores
 MIN_VRAM_GIB = 15  # the smallest profile's target (16 GB cards report about 15.6 GiB)
@@ -136,7 +136,7 @@ def weight_checks(model_dir: Path) -> tuple[list[Check], list[dict]]:
         download = any(r["status"] in ("missing", "empty") for r in bad)
         summary = Check("weights", "fail", f"{layout} layout in {model_dir}: {len(bad)} of {len(rows)} files with a problem "
                         f"(first: {bad[0]['file']}: {bad[0]['status']})"
-                        + (f"; `lowvram download --model-dir {model_dir}`" if download else ""))
+                        + ("; " + " and ".join(f"`{c}`" for c in download_commands(model_dir, layout)) if download else ""))
     else:
         total = sum(r["size"] for r in rows) / 1e9
         summary = Check("weights", "ok", f"{layout} layout in {model_dir}: {len(rows)} files, {total:.1f} GB, all complete")

@@ -16,6 +16,13 @@ the whole LLaVA into text_encoder_i2v/ (no extraction: I2V encodes the image wit
 text_encoder_2/. i2v-33ch is in the diffusers layout only: Tencent's repo now holds the token_replace
 DiT under the same name.
 
+HunyuanVideo-1.5 (`--model 1.5-<variant>`, one transformer a download): in the diffusers layout the
+variant's `hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-<variant>` repo; in the official layout
+what Tencent's checkpoints-download.md says, with only the chosen transformer/<variant>/ of
+`tencent/HunyuanVideo-1.5`: Qwen2.5-VL-7B-Instruct into text_encoder/llm/, byt5-small and
+Glyph-SDXL-v2 (from ModelScope whatever the source: the doc names no other copy) into text_encoder/,
+and for image-to-video FLUX.1-Redux-dev's SigLIP into vision_encoder/siglip/ (constants below).
+
 Two sources:
 - "huggingface" (default): huggingface_hub's `snapshot_download` (resumable, skips files already
   there); `plan_download` is the same call with `dry_run=True` (file names, sizes, what is there).
@@ -58,18 +65,28 @@ from hyvideo.checkpoint import (
     releases_in,
 )
 from hyvideo.errors import HyVideoError, one_line
+from hyvideo.v15_checkpoint import (
+    diffusers_variant,
+    find_v15_files,
+    is_diffusers_v15,
+    is_v15_folder,
+    official_variants,
+)
+from hyvideo.v15_text import GLYPH_CHECKPOINT, GLYPH_COLOR_FILE, GLYPH_FONT_FILE
 from hyvideo.weight_contents import (
     check_dit,
     check_fp8_dit,
     check_text_encoder,
+    check_v15_dit,
+    check_v15_vae,
     check_vae,
 )
 from hyvideo.weight_io import check_weight_file
-from lowvram.planner import RELEASED_DITS
+from lowvram.planner import RELEASED_DITS, RELEASED_V15
 
 COMMUNITY_REPO = "hunyuanvideo-community/HunyuanVideo"
 OFFICIAL_REPO = "tencent/HunyuanVideo"
-MODELS = tuple(RELEASED_DITS)  # t2v, i2v, i2v-33ch: the names `lowvram plan --model` takes
+MODELS = (*RELEASED_DITS, *RELEASED_V15)  # t2v, i2v, i2v-33ch, 1.5-<variant>: the names `lowvram plan --model` takes
 # The diffusers I2V repos, as diffusers 0.42's HunyuanVideoImageToVideoPipeline docstring lists them
 COMMUNITY_I2V_REPOS = {"i2v": "hunyuanvideo-community/HunyuanVideo-I2V", "i2v-33ch": "hunyuanvideo-community/HunyuanVideo-I2V-33ch"}
 # Tencent's HunyuanVideo-I2V ckpts/README.md: the DiT and VAE (main holds the token_replace DiT, the
@@ -85,6 +102,35 @@ MS_CLIP_REPO = "AI-ModelScope/clip-vit-large-patch14"
 MS_LLAVA_REPO = "AI-ModelScope/llava-llama-3-8b-v1_1-transformers"
 MS_I2V_REPO = "AI-ModelScope/HunyuanVideo-I2V"  # ModelScope's copy of tencent/HunyuanVideo-I2V (DiffSynth-Studio's HunyuanVideoI2V entry)
 LLAVA_FOLDER = "llava-llama-3-8b-v1_1-transformers"  # where the official README puts it, under ckpts/
+# HunyuanVideo-1.5, Tencent's layout, as its checkpoints-download.md (Tencent-Hunyuan/HunyuanVideo-1.5) says:
+# tencent/HunyuanVideo-1.5's DiT and VAE (here only the chosen transformer/<variant>/ and vae/),
+# Qwen/Qwen2.5-VL-7B-Instruct into text_encoder/llm, google/byt5-small into text_encoder/byt5-small,
+# Glyph-SDXL-v2 from ModelScope (the doc names no Hugging Face copy) into text_encoder/Glyph-SDXL-v2,
+# and for image-to-video black-forest-labs/FLUX.1-Redux-dev (gated: accept its licence) into vision_encoder/siglip.
+V15_REPO = "tencent/HunyuanVideo-1.5"
+QWEN_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
+BYT5_REPO = "google/byt5-small"
+GLYPH_REPO = "AI-ModelScope/Glyph-SDXL-v2"  # on ModelScope only, whatever --source says
+SIGLIP_REPO = "black-forest-labs/FLUX.1-Redux-dev"
+# ModelScope's copies: Tencent-Hunyuan/HunyuanVideo-1.5, and Qwen's and Google's repos under their own
+# names (as third-party download tables that fetch these from ModelScope name them); FLUX.1-Redux-dev
+# under its own name too (DiffSynth-Studio's ModelScope model ids).
+MS_V15_REPO = "Tencent-Hunyuan/HunyuanVideo-1.5"
+MS_QWEN_REPO = "Qwen/Qwen2.5-VL-7B-Instruct"
+MS_BYT5_REPO = "google/byt5-small"
+MS_SIGLIP_REPO = "black-forest-labs/FLUX.1-Redux-dev"
+# The diffusers conversions, one repo a transformer (hunyuanvideo-community's HunyuanVideo-1.5 collection,
+# which Tencent's README links; the variants that community runners load from it). None is known for the
+# others (the sparse-attention ones, and the 720p T2V distilled one Tencent has not released).
+COMMUNITY_V15_REPOS = {variant: f"hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-{variant}" for variant in (
+    "480p_t2v", "480p_t2v_distilled", "720p_t2v", "480p_i2v", "480p_i2v_distilled", "480p_i2v_step_distilled",
+    "720p_i2v", "720p_i2v_distilled")}
+V15_UNRELEASED = ("720p_t2v_distilled", "720p_t2v_distilled_sparse")  # Tencent's README model table: "Coming soon"
+V15_DIFFUSERS_PARTS = ("model_index.json", "transformer/*", "vae/*", "scheduler/*", "guider/*", "text_encoder/*", "tokenizer/*",
+                       "text_encoder_2/*", "tokenizer_2/*")
+V15_DIFFUSERS_I2V_PARTS = ("image_encoder/*", "feature_extractor/*")
+BYT5_TOKENIZER = ("tokenizer_config.json",)  # ByT5Tokenizer reads bytes: no vocabulary file
+SIGLIP_PROCESSOR = ("preprocessor_config.json",)
 DEFAULT_MODEL_DIR = Path("ckpts")
 LAYOUTS = ("diffusers", "official")
 SOURCES = ("huggingface", "modelscope")
@@ -103,6 +149,8 @@ class RepoPart:
     patterns: tuple[str, ...]
     moves: tuple[tuple[str, str], ...] = ()
     into: str = ""
+    hub: str | None = None  # "modelscope": from there whatever the source (Glyph-SDXL-v2)
+    needs: tuple[str, ...] = ()  # files under `into` that make the part complete (default: see `_part_present`)
 
 
 @dataclass
@@ -133,6 +181,8 @@ def download_parts(layout: str | None = None, fp8: bool = False, source: str = "
         raise HyVideoError(f"--model must be one of {', '.join(MODELS)}; got {model!r}")
     if fp8 and (layout == "diffusers" or model != "t2v"):
         raise HyVideoError("--fp8 (Tencent's FP8 DiT file) needs --layout official and --model t2v (the I2V release has none)")
+    if model in RELEASED_V15:
+        return _v15_parts(RELEASED_V15[model], layout, source)
     if layout == "diffusers":
         if model != "t2v":
             return [RepoPart(COMMUNITY_I2V_REPOS[model], ("transformer/*", "vae/*", *TEXT_PARTS, "image_processor/*"))]
@@ -161,6 +211,35 @@ def download_parts(layout: str | None = None, fp8: bool = False, source: str = "
     ]
 
 
+def _v15_parts(variant: str, layout: str, source: str) -> list[RepoPart]:
+    """HunyuanVideo-1.5: one diffusers repo per transformer, or Tencent's layout from five repos
+    (see the constants above), each part complete when its `needs` (or exact names) are there."""
+    if variant in V15_UNRELEASED:
+        raise HyVideoError(f"Tencent has not released the HunyuanVideo-1.5 {variant} transformer (its README: coming soon); "
+                           f"choose another 1.5-<variant>")
+    image_to_video = "_i2v" in variant
+    if layout == "diffusers":
+        if variant not in COMMUNITY_V15_REPOS:
+            raise HyVideoError(f"no diffusers conversion of the HunyuanVideo-1.5 {variant} transformer is known: use --layout official")
+        return [RepoPart(COMMUNITY_V15_REPOS[variant], V15_DIFFUSERS_PARTS + (V15_DIFFUSERS_I2V_PARTS if image_to_video else ()))]
+    modelscope = source == "modelscope"
+    dit = f"transformer/{variant}"
+    parts = [
+        RepoPart(MS_V15_REPO if modelscope else V15_REPO, (f"{dit}/*", "vae/*"),  # only the transformer asked for
+                 needs=tuple(f"{folder}/{name}" for folder in (dit, "vae") for name in ("config.json", "diffusion_pytorch_model.safetensors"))),
+        RepoPart(MS_QWEN_REPO if modelscope else QWEN_REPO, ("*.json", "*.txt", "*.safetensors"), into="text_encoder/llm"),
+        RepoPart(MS_BYT5_REPO if modelscope else BYT5_REPO, ("*.json", "pytorch_model.bin"), into="text_encoder/byt5-small",
+                 needs=("config.json", "pytorch_model.bin", *BYT5_TOKENIZER)),  # not the TF/Flax copies
+        RepoPart(GLYPH_REPO, ("assets/*", GLYPH_CHECKPOINT), into="text_encoder/Glyph-SDXL-v2", hub="modelscope",
+                 needs=(GLYPH_CHECKPOINT, GLYPH_COLOR_FILE, GLYPH_FONT_FILE)),
+    ]
+    if image_to_video:
+        parts.append(RepoPart(MS_SIGLIP_REPO if modelscope else SIGLIP_REPO, ("image_encoder/*", "feature_extractor/*"),
+                              into="vision_encoder/siglip", needs=("image_encoder/config.json", "image_encoder/model.safetensors",
+                                                                    "feature_extractor/preprocessor_config.json")))
+    return parts
+
+
 def manual_commands(model_dir: Path, layout: str | None = None, fp8: bool = False, source: str = "huggingface",
                     model: str = "t2v") -> list[str]:
     """What to run by hand (any machine with network; copy the folder over afterwards)."""
@@ -168,7 +247,7 @@ def manual_commands(model_dir: Path, layout: str | None = None, fp8: bool = Fals
     for part in download_parts(layout, fp8, source, model):
         includes = " ".join(f'--include "{p}"' for p in part.patterns)
         target = f"{model_dir}/{part.into}" if part.into else f"{model_dir}"
-        if source == "modelscope":
+        if source == "modelscope" or part.hub == "modelscope":
             commands.append(f"modelscope download --model {part.repo} {includes} --local_dir {target}")
         else:
             commands.append(f"hf download {part.repo} {includes} --local-dir {target}")
@@ -181,14 +260,16 @@ def manual_commands(model_dir: Path, layout: str | None = None, fp8: bool = Fals
 
 
 def _manual(model_dir: Path, layout: str | None, fp8: bool, source: str, model: str) -> str:
-    commands = "\n  ".join(manual_commands(model_dir, layout, fp8, source, model))
+    commands = manual_commands(model_dir, layout, fp8, source, model)
+    ms_too = "" if source == "modelscope" or not any(c.startswith("modelscope ") for c in commands) else \
+        "; `pip install modelscope` gives the `modelscope` command"
+    commands = "\n  ".join(commands)
     if source == "modelscope":
         return f"\nto download by hand (`pip install modelscope` gives the `modelscope` command):\n  {commands}"
-    return f"\nto download by hand (huggingface_hub < 1.0 calls it `huggingface-cli download`):\n  {commands}"
+    return f"\nto download by hand (huggingface_hub < 1.0 calls it `huggingface-cli download`{ms_too}):\n  {commands}"
 
 
-def _modelscope_error(error: Exception, model_dir: Path, fp8: bool, model: str) -> HyVideoError:
-    manual = _manual(model_dir, "official", fp8, "modelscope", model)
+def _modelscope_error(error: Exception, model_dir: Path, manual: str) -> HyVideoError:
     if isinstance(error, OSError) and getattr(error, "errno", None) == 28:
         return HyVideoError(f"the disk is full while downloading into {model_dir}; free space and run the same command again (it resumes)")
     return HyVideoError(f"cannot download from modelscope.cn ({one_line(error)}); offline or no network?{manual}")
@@ -225,6 +306,9 @@ def plan_download(model_dir: Path, layout: str | None = None, fp8: bool = False,
 
     planned = []
     for part in download_parts(layout, fp8, model=model):
+        if part.hub == "modelscope":  # not asked for sizes, as a ModelScope dry run
+            planned += [PlannedFile(part.repo, f"{part.into}/{p}", None, _part_present(model_dir, part)) for p in part.patterns]
+            continue
         try:
             infos = snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns), dry_run=True)
         except Exception as error:  # the hub raises many types (HTTP, offline, gated); all end here
@@ -245,7 +329,12 @@ def download(model_dir: Path, layout: str | None = None, fp8: bool = False, prog
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     (enable_progress_bars if progress else disable_progress_bars)()
-    for part in download_parts(layout, fp8, model=model):
+    parts = download_parts(layout, fp8, model=model)
+    elsewhere = [part for part in parts if part.hub == "modelscope" and not _part_present(model_dir, part)]
+    _fetch_modelscope(model_dir, elsewhere, _manual(model_dir, layout, fp8, source, model))  # first: it may lack its package
+    for part in parts:
+        if part.hub == "modelscope":
+            continue
         try:
             snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns))
         except Exception as error:
@@ -263,28 +352,37 @@ def _download_modelscope(model_dir: Path, layout: str | None, fp8: bool, model: 
     extract = model == "t2v" and not _text_encoder_present(model_dir)  # else the LLaVA download may be deleted
     parts = [part for part in download_parts(layout, fp8, "modelscope", model)
              if not _part_present(model_dir, part) and not (model == "t2v" and not extract and part.repo == MS_LLAVA_REPO)]
-    if parts:
-        try:
-            from modelscope import snapshot_download
-        except ImportError:
-            raise HyVideoError('--source modelscope needs the modelscope package: pip install "hyvideo-lowvram[modelscope]"'
-                               + _manual(model_dir, "official", fp8, "modelscope", model)) from None
-    model_dir.mkdir(parents=True, exist_ok=True)
-    for part in parts:
-        try:
-            snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns))
-        except Exception as error:  # requests, HTTP and ModelScope's own errors alike
-            raise _modelscope_error(error, model_dir, fp8, model) from None
+    _fetch_modelscope(model_dir, parts, _manual(model_dir, "official", fp8, "modelscope", model))
     if extract:
         extract_language_model(model_dir / LLAVA_FOLDER, model_dir / "text_encoder")
     return model_dir
 
 
+def _fetch_modelscope(model_dir: Path, parts: list[RepoPart], manual: str) -> None:
+    """ModelScope's snapshot_download for each part (the package is asked for only when a part is
+    to be fetched); failures become a HyVideoError ending in `manual` (the commands to run by hand)."""
+    if parts:
+        try:
+            from modelscope import snapshot_download
+        except ImportError:
+            raise HyVideoError(f'downloading {parts[0].repo} from ModelScope needs the modelscope package: '
+                               f'pip install "hyvideo-lowvram[modelscope]"{manual}') from None
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        try:
+            snapshot_download(part.repo, local_dir=str(model_dir / part.into), allow_patterns=list(part.patterns))
+        except Exception as error:  # requests, HTTP and ModelScope's own errors alike
+            raise _modelscope_error(error, model_dir, manual) from None
+
+
 def _part_present(model_dir: Path, part: RepoPart) -> bool:
-    """Every file of a ModelScope part is there and readable: its exact names, and a complete
-    transformers folder for a part downloaded into a subfolder."""
-    paths = [model_dir / part.into / p for p in part.patterns if "*" not in p]
-    paths += _transformers_folder(model_dir / part.into, None) if part.into else []
+    """Every file of a ModelScope part is there and readable: its `needs`, else its exact names and
+    a complete transformers folder for a part downloaded into a subfolder."""
+    if part.needs:
+        paths = [model_dir / part.into / p for p in part.needs]
+    else:
+        paths = [model_dir / part.into / p for p in part.patterns if "*" not in p]
+        paths += _transformers_folder(model_dir / part.into, None) if part.into else []
     return all(check_file(p).ok for p in paths)
 
 
@@ -341,9 +439,9 @@ def _format_problem(path: Path) -> str | None:
     return None
 
 
-def _transformers_folder(folder: Path, tokenizer_folder: Path | None) -> list[Path]:
+def _transformers_folder(folder: Path, tokenizer_folder: Path | None, tokenizer_names: tuple[str, ...] = TOKENIZER_NAMES) -> list[Path]:
     """config.json, the weights (shards named by the index, else *.safetensors / *.bin) and the
-    tokenizer file(s) of a save_pretrained folder."""
+    tokenizer file(s) of a save_pretrained folder (or a processor's: `tokenizer_names`)."""
     paths = [folder / "config.json"]
     indexes = sorted(folder.glob("*.index.json"))
     if indexes:
@@ -356,13 +454,48 @@ def _transformers_folder(folder: Path, tokenizer_folder: Path | None) -> list[Pa
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
         paths += weights or [folder / "model.safetensors"]
     tokenizer_folder = tokenizer_folder or folder
-    names = [tokenizer_folder / n for n in TOKENIZER_NAMES if (tokenizer_folder / n).exists()]
-    return paths + (names or [tokenizer_folder / "tokenizer.json"])
+    names = [tokenizer_folder / n for n in tokenizer_names if (tokenizer_folder / n).exists()]
+    return paths + (names or [tokenizer_folder / tokenizer_names[0]])
+
+
+def _v15_expected_files(root: Path) -> tuple[str, list[Path]]:
+    """A HunyuanVideo-1.5 folder's files: each transformer there (Tencent's folder may hold several),
+    the VAE, Qwen2.5-VL, byT5 (Tencent: byt5-small and Glyph-SDXL-v2) and, for image-to-video, SigLIP."""
+    def dit_and_vae(dit: Path) -> list[Path]:
+        paths = []
+        for folder in (dit, root / "vae"):
+            index = folder / "diffusion_pytorch_model.safetensors.index.json"
+            weights = _transformers_folder(folder, folder)[1:-1] if index.exists() else \
+                sorted(folder.glob("*.safetensors")) or [folder / "diffusion_pytorch_model.safetensors"]
+            paths += [folder / "config.json", *weights]
+        return paths
+
+    if is_diffusers_v15(root):
+        paths = dit_and_vae(root / "transformer") + [root / "guider" / "guider_config.json"]
+        paths += _transformers_folder(root / "text_encoder", root / "tokenizer")
+        paths += _transformers_folder(root / "text_encoder_2", root / "tokenizer_2", BYT5_TOKENIZER)
+        if (root / "image_encoder").is_dir() or json.loads((root / "transformer" / "config.json").read_text()).get("task_type") == "i2v":
+            paths += _transformers_folder(root / "image_encoder", root / "feature_extractor", SIGLIP_PROCESSOR)
+        return "diffusers", paths
+    variants = official_variants(root)
+    paths = [p for variant in variants for p in dit_and_vae(root / "transformer" / variant)]
+    text = root / "text_encoder"
+    paths += _transformers_folder(text / "llm", None) + _transformers_folder(text / "byt5-small", None, BYT5_TOKENIZER)
+    paths += [text / "Glyph-SDXL-v2" / name for name in (GLYPH_CHECKPOINT, GLYPH_COLOR_FILE, GLYPH_FONT_FILE)]
+    if any("_i2v" in variant for variant in variants):
+        siglip = root / "vision_encoder" / "siglip"
+        paths += _transformers_folder(siglip / "image_encoder", siglip / "feature_extractor", SIGLIP_PROCESSOR)
+    return "official", paths
 
 
 def expected_files(root: Path) -> tuple[str | None, list[Path]]:
     """(layout, every file a model folder must hold) — without raising on missing ones."""
     root = Path(root)
+    try:
+        if root.is_dir() and is_v15_folder(root):
+            return _v15_expected_files(root)
+    except HyVideoError:  # an unreadable transformer/config.json: reported as that file's problem below
+        pass
     layout = detect_layout(root) if root.is_dir() else None
     if layout is None:
         return None, []
@@ -408,12 +541,20 @@ def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, s
     """What each place's weights hold against what the place needs (`hyvideo.weight_contents`),
     reported on the place's first weight file. A place with a missing or unreadable file is left
     to that file's own problem."""
-    places = []
+    places, problems = [], {}
     try:
-        releases = releases_in(root)
+        if is_v15_folder(root):  # a folder with 1.5 weights is a 1.5 folder
+            releases, problems = _v15_releases(root)
+        else:
+            releases = releases_in(root)
     except HyVideoError:  # a broken shard index: reported as that file's problem
         return {}
     for files in releases:
+        if files.family == "hunyuanvideo-1.5":
+            for paths, check in _v15_places(files):
+                if not any(paths[0] == seen[0] for seen, _ in places):  # one VAE and text stage for all transformers
+                    places.append((paths, check))
+            continue
         if files.dit_weights:
             places.append(([*files.dit_weights, *([files.dit_config] if files.dit_config else [])], partial(check_dit, files)))
         if files.dit_fp8:
@@ -424,7 +565,6 @@ def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, s
             paths = _transformers_folder(folder, tokenizer)
             weights = [p for p in paths if p.suffix in WEIGHT_SUFFIXES]
             places.append((weights + paths, partial(check_text_encoder, weights, kind)))
-    problems = {}
     for paths, check in places:
         if paths[0] in problems or not all(p in checks and checks[p].ok for p in paths):
             continue
@@ -435,6 +575,45 @@ def _content_problems(root: Path, checks: dict[Path, FileCheck]) -> dict[Path, s
         except (ValueError, KeyError) as error:  # a config.json that builds no model of these shapes
             problems[paths[0]] = f"does not fit its config ({type(error).__name__}: {error})"
     return problems
+
+
+def download_commands(root: Path, layout: str) -> list[str]:
+    """The `lowvram download` command(s) that complete a folder: for a 1.5 folder, one per transformer in it."""
+    try:
+        variants = (official_variants(root) or [diffusers_variant(root)]) if is_v15_folder(root) else []
+    except HyVideoError:
+        variants = []
+    options = [f" --model 1.5-{variant}" + (" --layout official" if layout == "official" else "") for variant in variants]
+    return [f"lowvram download{option} --model-dir {root}" for option in options or [""]]
+
+
+def _v15_places(files) -> list[tuple[list[Path], partial]]:
+    """(the files, the check) of each place one 1.5 transformer reads: DiT, VAE, Qwen2.5-VL, byT5."""
+    places = [([*files.dit_weights, files.dit_config], partial(check_v15_dit, files)),
+              ([files.vae_weights, files.vae_config], partial(check_v15_vae, files))]
+    for paths, kind in ((_transformers_folder(files.llm, files.llm_tokenizer), "qwen"),
+                        (_transformers_folder(files.byt5, files.byt5_tokenizer, BYT5_TOKENIZER), "byt5")):
+        weights = [p for p in paths if p.suffix in WEIGHT_SUFFIXES]
+        places.append(([*weights, *paths], partial(check_text_encoder, weights, kind)))
+    return places
+
+
+def _v15_releases(root: Path) -> tuple[list, dict[Path, str]]:
+    """(`V15ModelFiles` of each 1.5 transformer in the folder whose files are all there, problems):
+    one with a missing file is left to that file's own problem; a diffusers folder whose configs
+    name no released transformer is a problem of its transformer/config.json."""
+    if not official_variants(root):
+        try:
+            diffusers_variant(root)
+        except HyVideoError as error:
+            return [], {root / "transformer" / "config.json": str(error)}
+    releases = []
+    for variant in official_variants(root) or [None]:  # None: the diffusers folder's one
+        try:
+            releases.append(find_v15_files(root, variant is not None and "_i2v" in variant, variant))
+        except HyVideoError:
+            continue
+    return releases, {}
 
 
 def default_model_dir() -> Path:

@@ -1,6 +1,6 @@
 """`lowvram quantize`: build the quantize-once caches ahead of the first run, by the same rules a
-run uses (`lowvram.stages.build_dit_cache` for the DiT, `quant.nf4` for the text encoder), so the
-run that follows finds them fresh.
+run uses (`lowvram.stages.build_dit_cache` for the DiT, `quant.nf4` for the text encoder: the Llama,
+LLaVA for image-to-video weights, Qwen2.5-VL for HunyuanVideo-1.5), so the run that follows finds them fresh.
 
     result = quantize_model(Path("ckpts"), "fp8", "blocks", only=None, cache_dir=None, reporter=reporter)
     result["dit"], result["encoder"]   # {"path", "found", "reason", ...} or {"skipped": why}
@@ -52,21 +52,29 @@ def _quantize_dit(files, scheme: str, policy: str, cache: Path, required: bool, 
 
 
 def _quantize_encoder(files, cache: Path, required: bool, reporter: Reporter) -> dict:
-    from quant.nf4 import NF4Unavailable, ensure_llm_nf4_cache, llm_cache_path
-
-    if files.family == V15_FAMILY:
-        why = "the NF4 cache of HunyuanVideo-1.5's Qwen2.5-VL encoder is not built by `quantize` yet"
-        if required:
-            raise HyVideoError(why)
-        return {"skipped": why}
+    """The NF4 cache of the Llama, of the LLaVA of image-to-video weights, or of HunyuanVideo-1.5's
+    Qwen2.5-VL language model, as a run loads it."""
+    from quant.nf4 import (
+        LLAVA_CACHE_NAME, LLM_CACHE_NAME, NF4Unavailable, ensure_llm_nf4_cache, llm_cache_path, quantize_llava, quantize_llm,
+        quantize_qwen,
+    )
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reporter.stage(f"text encoder NF4 ({device.type})")
+    source = files.llm
+    if files.family == V15_FAMILY:
+        from hyvideo.v15_text import find_v15_text_files
+
+        source, quantize, name = find_v15_text_files(files.root, files.layout).llm, quantize_qwen, LLM_CACHE_NAME
+    elif files.image_to_video:
+        quantize, name = quantize_llava, LLAVA_CACHE_NAME
+    else:
+        quantize, name = quantize_llm, LLM_CACHE_NAME
     try:
-        status = ensure_llm_nf4_cache(files.llm, cache, device)
+        status = ensure_llm_nf4_cache(source, cache, device, quantize=quantize, name=name)
     except NF4Unavailable as error:
         if required:
             raise HyVideoError(f"cannot build the NF4 text encoder cache: {error}; runs use the bf16 encoder instead") from None
         reporter.warn(f"NF4 text encoder not cached: {error} (runs use the bf16 encoder)")
         return {"skipped": str(error)}
-    return {"path": str(llm_cache_path(cache)), "device": device.type, "found": status.state, "reason": status.reason}
+    return {"path": str(llm_cache_path(cache, name)), "device": device.type, "found": status.state, "reason": status.reason}
