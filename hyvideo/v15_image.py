@@ -33,6 +33,11 @@ TARGET_SIZE = {"480p": 640, "720p": 960}  # bucket base size per resolution (dif
 BUCKET_STEP = 16  # the VAE's spatial compression
 
 
+def v15_target_size(variant: str) -> int:
+    """The bucket base size of a released transformer ("480p_i2v", "720p_i2v_distilled", ...)."""
+    return TARGET_SIZE[variant.split("_")[0]]
+
+
 def v15_bucket(image_size: tuple[int, int], target_size: int) -> tuple[int, int]:
     """(height, width) of the video for an image of PIL size (width, height)."""
     width, height = image_size

@@ -277,13 +277,13 @@ def i2v_text_tokens(image_condition_type: str, image_tokens: int = LLAVA_IMAGE_T
     return image_tokens // IMAGE_EMBED_INTERLEAVE[image_condition_type] + TEXT_LEN - ASSISTANT_HEADER_TOKENS
 
 
-def hunyuan15_text_encoders(qwen_text_config, byt5_config, siglip_config=None, vae_config: V15VAEConfig | None = None,
-                            image_size: tuple[int, int] = I2V_IMAGE_SIZE) -> tuple[TextEncoderSize, ...]:
+def hunyuan15_text_encoders(qwen_text_config, byt5_config, siglip_config=None) -> tuple[TextEncoderSize, ...]:
     """HunyuanVideo-1.5's text stage from its encoders' transformers configs, counted on the meta
     device: Qwen2.5-VL's language model (per the encoder scheme; its forward over the template and
     the 1000-token prompt keeps every layer's hidden state), byT5's encoder (16-bit), and for
-    image-to-video SigLIP's vision model (16-bit, one image) and the VAE that encodes the image at
-    `image_size` (height, width: the video's)."""
+    image-to-video SigLIP's vision model (16-bit, one image) in a second phase: the runner frees
+    Qwen and byT5 before it loads SigLIP and the VAE that encodes the image (`plan(image_size=)`
+    counts the VAE's encode in the last phase)."""
     from transformers import Qwen2_5_VLTextModel, SiglipVisionModel, T5EncoderModel
 
     from hyvideo.v15_checkpoint import QWEN_MAX_TOKENS, QWEN_TEMPLATE_TOKENS
@@ -298,11 +298,9 @@ def hunyuan15_text_encoders(qwen_text_config, byt5_config, siglip_config=None, v
         return encoders
     s = siglip_config
     vision_tokens = (s.image_size // s.patch_size) ** 2
-    vae_config = vae_config or V15_VAE_CONFIGS["hunyuanvideo-1.5"]
-    return (*encoders,
-            TextEncoderSize("vision", 0, sum(param_counts(lambda: SiglipVisionModel(s))),
-                            text_activation_bytes(vision_tokens, s.hidden_size, s.num_hidden_layers, s.intermediate_size)),
-            TextEncoderSize("image encode", 0, vae_parameters(vae_config), v15_vae_encode_frame_bytes(vae_config, *image_size)))
+    return (*encoders, TextEncoderSize("vision", 0, sum(param_counts(lambda: SiglipVisionModel(s))),
+                                       text_activation_bytes(vision_tokens, s.hidden_size, s.num_hidden_layers, s.intermediate_size),
+                                       phase=1))
 
 
 def hunyuan15_text_tokens(siglip_config=None) -> int:
@@ -338,8 +336,9 @@ def v15_model_sizes(dit_config: V15DiTConfig, vae_config: V15VAEConfig, guidance
     """What a 1.5 model contributes to `plan` (stages.model_sizes for a folder, or a released one)."""
     qwen, byt5, siglip = text_configs
     return {"dit_config": dit_config, "vae_config": vae_config,
-            "text_encoders": hunyuan15_text_encoders(qwen, byt5, siglip, vae_config, image_size),
-            "text_tokens": hunyuan15_text_tokens(siglip), "forwards_per_step": 1 if guidance_scale == 1.0 else 2}
+            "text_encoders": hunyuan15_text_encoders(qwen, byt5, siglip),
+            "text_tokens": hunyuan15_text_tokens(siglip), "forwards_per_step": 1 if guidance_scale == 1.0 else 2,
+            **({"image_size": image_size} if siglip is not None else {})}
 
 
 def released_model_sizes(model: str, width: int, height: int) -> dict:
@@ -407,16 +406,19 @@ def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int],
 
 def image_encode_bytes(profile: Profile, config: VAEConfig, image_size: tuple[int, int], act_bytes: int = 2) -> int:
     """Peak activations of encoding the conditioning image (one frame, height x width) in the
-    profile's spatial tiles (one tile when they are 0): one tile's encode, the whole frame's pixels,
-    and the assembled latents with the strips kept for blending (each at most the latents' size)."""
+    profile's spatial tiles (the same pixels for the 1.5 VAE's 16x latents; one tile when they are
+    0): one tile's encode, the whole frame's pixels, and the assembled latents with the strips kept
+    for blending (each at most the latents' size)."""
     height, width = image_size
-    _, h_spans, w_spans = encode_tiling((1, height, width), profile.vae_spatial_tile, config.time_compression_ratio,
+    spatial = spatial_tile_for(profile.vae_spatial_tile, config.spatial_compression_ratio)
+    _, h_spans, w_spans = encode_tiling((1, height, width), spatial, config.time_compression_ratio,
                                         config.spatial_compression_ratio)
     tile_h = max(span.src_stop - span.src_start for span in h_spans)
     tile_w = max(span.src_stop - span.src_start for span in w_spans)
     pixels = config.in_channels * height * width * act_bytes
     latents = config.latent_channels * sum(s.keep for s in h_spans) * sum(s.keep for s in w_spans) * act_bytes
-    return vae_encode_frame_bytes(config, tile_h, tile_w, act_bytes) + pixels + 2 * latents
+    frame_bytes = v15_vae_encode_frame_bytes if isinstance(config, V15VAEConfig) else vae_encode_frame_bytes
+    return frame_bytes(config, tile_h, tile_w, act_bytes) + pixels + 2 * latents
 
 
 def plan(
@@ -486,13 +488,20 @@ def plan(
     encoders = hunyuan_text_encoders() if text_encoders is None else text_encoders
     if encoders:
         scheme = profile.encoder_scheme
-        text_parts = {encoder.name: encoder.weight_bytes(scheme) for encoder in encoders}
-        activations = [encoder.activation_bytes for encoder in encoders]
-        if image_size is not None:  # the whole VAE (fp16), loaded after the text encoders, in the same stage
-            text_parts["image encode"] = vae_parameters(vae_config) * 2
-            activations.append(image_encode_bytes(profile, vae_config, image_size))
-        text_files = sum(text_parts.values())
-        text_parts["activations"] = max(activations)
+        last = max(encoder.phase for encoder in encoders)
+        weights = {encoder.name: (encoder.phase, encoder.weight_bytes(scheme)) for encoder in encoders}
+        activations = {encoder.name: encoder.activation_bytes for encoder in encoders}
+        if image_size is not None:  # the whole VAE (fp16), loaded after the (last phase's) text encoders, in the same stage
+            weights["image encode"] = (last, vae_parameters(vae_config) * 2)
+            activations["image encode"] = image_encode_bytes(profile, vae_config, image_size)
+
+        def phase_parts(phase: int) -> dict[str, int]:
+            names = [name for name, (p, _) in weights.items() if p == phase]
+            return {**{name: weights[name][1] for name in names}, "activations": max(activations[name] for name in names)}
+
+        # phases run one after the other, each freed before the next: the stage's peak is the largest phase's
+        text_parts = max((phase_parts(p) for p in sorted({p for p, _ in weights.values()})), key=lambda parts: sum(parts.values()))
+        text_files = sum(size for _, size in weights.values())
         text_ram = {"baseline": HOST_BASELINE_BYTES}
         if scheme == "nf4":  # first use: each 16-bit tensor on the host while the GPU quantizes it;
             text_ram["first use (NF4 cache)"] = sum(e.other * 2 for e in encoders if e.linear)  # the largest: the embeddings

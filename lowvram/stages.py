@@ -24,7 +24,8 @@ same dtype.
 HunyuanVideo-1.5 (`files.family == "hunyuanvideo-1.5"`) goes through the same `dit`, `vae`, `decode`
 and `release_dit`; its text and denoising calls are its own:
     prompt, negative = stages.v15_text_encoder().encode(text)   # V15Prompt each (Qwen2.5-VL + byT5)
-    latents = stages.denoise_v15(model, streamer, prompt, negative, latents, files.sampling, start_step=k, on_step=...)
+    image, (height, width) = stages.encode_v15_image(stages.vae(), stages.v15_image_encoder(), pil)  # I2V, Qwen freed first
+    latents = stages.denoise_v15(model, streamer, prompt, negative, latents, files.sampling, start_step=k, on_step=..., image=image)
 
 One process and every rank of a multi-GPU run go through the same `dit` and `denoise` calls.
 """
@@ -316,6 +317,31 @@ class Stages:
             llm = loaded.model
         return V15TextEncoder.from_files(text_files, dtype=self.dtype, device=self.device, llm=llm)
 
+    def v15_image_encoder(self):
+        """HunyuanVideo-1.5 image-to-video's SigLIP vision tower (16-bit on the GPU, as the planner counts it)."""
+        from hyvideo.v15_image import V15ImageEncoder
+        from hyvideo.v15_text import find_v15_text_files
+
+        return V15ImageEncoder.from_files(find_v15_text_files(self.files.root, self.files.layout), dtype=self.dtype,
+                                          device=self.device)
+
+    def encode_v15_image(self, vae, vision, image):
+        """(V15Image, (height, width)) for a 1.5 run's image (PIL RGB): the transformer's bucket and
+        crop, SigLIP's states, and the VAE's encoder in the profile's spatial tiles (the same pixels
+        at 16x; one tile when the image fits one), as the decode (hyvideo/v15_image.py)."""
+        from hyvideo.v15_image import encode_image, v15_target_size
+
+        self.stats["image_encode"] = {"tiles": 0}
+
+        def on_tile(done: int, total: int) -> None:
+            self.stats["image_encode"]["tiles"] = done
+
+        tile = spatial_tile_for(self.profile.vae_spatial_tile, vae.config.spatial_compression_ratio)
+        tiled = TiledVAE(vae, tile, output_device=self.device, on_tile=on_tile)
+        with torch.no_grad():
+            return encode_image(image, v15_target_size(self.files.variant), vision,
+                                lambda pixels: tiled.encode(pixels.to(self.device, self.vae_dtype)), vae.config.scaling_factor)
+
     # -- DiT ------------------------------------------------------------------------------------
 
     @property
@@ -382,15 +408,15 @@ class Stages:
                        image=image, on_prediction=on_prediction)
 
     def denoise_v15(self, model: torch.nn.Module, streamer: BlockStreamer, prompt, negative, latents: torch.Tensor,
-                    sampling, *, start_step: int, on_step) -> torch.Tensor:
+                    sampling, *, start_step: int, on_step, image=None) -> torch.Tensor:
         """HunyuanVideo-1.5's Euler steps start_step..N-1 (`sampling`: steps, guidance_scale,
         flow_shift) on the placed DiT: under real CFG two forwards a step, one after the other, each
-        streaming the streamed blocks (`forward_blocks`)."""
+        streaming the streamed blocks (`forward_blocks`). image: an image-to-video run's V15Image."""
         from hyvideo.v15_pipeline import denoise as v15_denoise
 
         forwards = 1 if sampling.guidance_scale == 1.0 else 2
         return v15_denoise(model, prompt, negative, latents, sampling.steps, sampling.flow_shift, sampling.guidance_scale,
-                           self.device, start_step=start_step, on_step=on_step,
+                           self.device, image=image, start_step=start_step, on_step=on_step,
                            blocks_for_forward=forward_blocks(streamer, sampling.steps, forwards))
 
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:

@@ -197,6 +197,7 @@ class TextEncoderSize:
     linear: int  # linear weight elements the profile's encoder scheme may store in NF4 (0: always 16-bit)
     other: int  # parameters that stay 16-bit (embeddings, norms; all of a small encoder)
     activation_bytes: int = 0  # its forward's peak activations at batch 1
+    phase: int = 0  # encoders of a later phase load after those of earlier phases are freed (1.5 I2V: SigLIP after Qwen)
 
     def weight_bytes(self, scheme: str) -> int:
         """bf16/fp16: 2 bytes a parameter; nf4: the linears in 4 bits (bitsandbytes, double quant)."""

@@ -25,7 +25,8 @@ def test_released_sizes_counted_on_meta():
     assert sizes["forwards_per_step"] == 2 and sizes["text_tokens"] == 1000 + 256
     assert released_model_sizes("1.5-720p_t2v_distilled", 1280, 720)["forwards_per_step"] == 1
     i2v = released_model_sizes("1.5-480p_i2v", 848, 480)
-    assert [e.name for e in i2v["text_encoders"]] == ["llm", "byt5", "vision", "image encode"]
+    assert [(e.name, e.phase) for e in i2v["text_encoders"]] == [("llm", 0), ("byt5", 0), ("vision", 1)]  # SigLIP after Qwen is freed
+    assert i2v["image_size"] == (480, 848)  # the VAE encodes the image in SigLIP's phase
     assert i2v["text_tokens"] == 1000 + 256 + 729  # SigLIP 384 px in 14 px patches: 27 x 27
 
 

@@ -77,3 +77,13 @@ class StageMeter:
                 "peak_ram_gb": peak["anon"] / GIB if has_host else None,
                 "peak_page_cache_gb": peak["file"] / GIB if has_host else None,
             }
+
+
+def combine_stages(first: dict, second: dict) -> dict:
+    """One stage's measurement from two parts run one after the other (1.5's text stage: the text
+    encoders, then the image encoders): seconds added, each peak the larger."""
+    combined = {"seconds": round(first["seconds"] + second["seconds"], 3)}
+    for key in first.keys() - {"seconds"}:
+        values = [v for v in (first[key], second.get(key)) if v is not None]
+        combined[key] = max(values) if values else None
+    return combined

@@ -30,6 +30,8 @@ from hyvideo.step_cache import expected_forwards
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from hyvideo.v15_checkpoint import MODEL_PREFIX
 from hyvideo.v15_config import V15DiTConfig
+from hyvideo.v15_image import v15_bucket, v15_target_size
+from hyvideo.v15_text import find_v15_text_files
 from hyvideo.vae import latent_shape
 from lowvram.attention_choice import resolve_attention
 from lowvram.communication import PCIE4_X8_GBS
@@ -151,9 +153,9 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         open_image(request.image)  # missing, unreadable, corrupt or another format: one line, now
     device = check_device(options.device or default_device())
     files = find_model_files(Path(options.model_dir), image_to_video=request.image is not None, model=options.model)
+    check_model_kind(files, request.image)
     if files.family == V15_FAMILY:
         request = v15_request(request, files, options)
-    check_model_kind(files, request.image)
     sizes = model_sizes(files, (request.height, request.width))
     dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
     check_latent_concat_frames(getattr(dit_config, "image_condition_type", None), request.frames)
@@ -202,7 +204,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     if request.image is not None:
         image = Path(request.image).resolve()
         settings.update(image=str(image), image_fingerprint=file_fingerprint([image])[0],
-                        image_condition=dit_config.image_condition_type)
+                        image_condition=getattr(dit_config, "image_condition_type", None))  # 1.5: condition channels
     if files.family == V15_FAMILY:  # a resume takes the same transformer, whatever else the folder holds
         settings["model"] = f"{MODEL_PREFIX}{files.variant}"
     model = {"layout": files.layout, "fingerprint": file_fingerprint(weight_files(files), files.root)}
@@ -210,23 +212,44 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
 
 
 def v15_request(request: GenerationRequest, files, options: RunOptions) -> GenerationRequest:
-    """A HunyuanVideo-1.5 text-to-video request: the transformer's own steps, guidance (real CFG's
-    scale) and flow shift where the user set none; what 1.5 does not run yet is refused here."""
-    for wanted, why in ((request.image is not None, "--image (image-to-video)"), (options.loras, "--lora"),
-                        (current_ranks() is not None, "--gpus"), (options.rewrite, "--rewrite"),
+    """A HunyuanVideo-1.5 request: the transformer's own steps, guidance (real CFG's scale) and flow
+    shift where the user set none; image-to-video's video takes the transformer's bucket for the
+    image (its 480p or 720p base size, the image's aspect), as diffusers' pipeline, whatever size
+    was asked; what 1.5 does not run yet is refused here."""
+    for wanted, why in ((options.loras, "--lora"), (current_ranks() is not None, "--gpus"), (options.rewrite, "--rewrite"),
                         (options.request.riflex, "--riflex on"), (options.preview, "--preview")):
         if wanted:
-            raise HyVideoError(f"{why} is not wired for HunyuanVideo-1.5 yet; leave it out (text-to-video runs)")
+            raise HyVideoError(f"{why} is not wired for HunyuanVideo-1.5 yet; leave it out")
     defaults = files.sampling
     chosen = {"steps": defaults.steps, "guidance": defaults.guidance_scale, "flow_shift": defaults.flow_shift}
-    return replace(request, riflex=False, **{k: v for k, v in chosen.items() if k not in options.sampling_given})
+    request = replace(request, riflex=False, **{k: v for k, v in chosen.items() if k not in options.sampling_given})
+    if request.image is not None:
+        if find_v15_text_files(files.root, files.layout).vision is None:
+            raise HyVideoError(f"image-to-video needs the SigLIP vision encoder in {files.root}: diffusers' image_encoder/ and "
+                               "feature_extractor/, or Tencent's vision_encoder/siglip/ (FLUX.1-Redux-dev); download it")
+        height, width = v15_bucket(open_image(request.image).size, v15_target_size(files.variant))
+        request = replace(request, width=width, height=height)
+    return request
 
 
 I2V_WEIGHTS = "HunyuanVideo-I2V weights (tencent/HunyuanVideo-I2V or hunyuanvideo-community/HunyuanVideo-I2V)"
 
 
+V15_I2V_WEIGHTS = ("a HunyuanVideo-1.5 image-to-video transformer (480p_i2v, 720p_i2v, their distilled forms or "
+                   "480p_i2v_step_distilled: tencent/HunyuanVideo-1.5 transformer/<variant>/ with vision_encoder/siglip/, "
+                   "or hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-<variant>)")
+
+
 def check_model_kind(files: ModelFiles, image: str | None) -> None:
     """--image needs image-to-video weights, and those weights need an image."""
+    if files.family == V15_FAMILY:
+        if image is not None and not files.image_to_video:
+            raise HyVideoError(f"--image needs {V15_I2V_WEIGHTS}; {files.root} holds the {files.variant} transformer: "
+                               "pass --model-dir (or --model) with an i2v one")
+        if image is None and files.image_to_video:
+            raise HyVideoError(f"{files.root} holds the HunyuanVideo-1.5 {files.variant} transformer (image-to-video): "
+                               "pass --image PATH, or --model-dir (or --model) with a t2v one")
+        return
     if image is not None and not files.image_to_video:
         raise HyVideoError(f"--image needs {I2V_WEIGHTS}; {files.root} holds the text-to-video model: "
                            "pass --model-dir with the I2V folder")

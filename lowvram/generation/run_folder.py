@@ -4,7 +4,7 @@
       manifest.json                  settings, model fingerprint, versions, state, step k/N, checksums
                                      (and the rewritten prompt of a --rewrite run)
       embeddings.safetensors         text encoder outputs (a resume never reloads the text encoders)
-      image_latent.safetensors       image-to-video: the conditioning image's scaled VAE latent
+      image_latent.safetensors       image-to-video: the conditioning image's scaled VAE latent (1.5: and its SigLIP states)
       latents-step0007.safetensors   latents after 7 of N Euler steps (the newest two are kept)
       cache-residual-step0006.safetensors  with a step cache: the residual of the last computed step
       final_latents.safetensors      latents after step N (a resume in "decoding" skips the DiT)
@@ -51,7 +51,7 @@ from hyvideo.errors import HyVideoError
 from hyvideo.files import write_atomic
 from hyvideo.step_cache import CacheState
 from hyvideo.text_encoder import TextEmbeddings
-from hyvideo.v15_pipeline import V15Prompt
+from hyvideo.v15_pipeline import V15Image, V15Prompt
 
 try:
     import fcntl
@@ -289,6 +289,19 @@ class Run:
     def load_image_latent(self) -> torch.Tensor | None:
         tensors = self._read_checked(self.manifest.get("image_latent"))
         return None if tensors is None else tensors["latent"]
+
+    def save_v15_image(self, image: V15Image) -> None:
+        """HunyuanVideo-1.5 image-to-video: the image's scaled VAE latents and SigLIP states, so a
+        resume never loads SigLIP or the VAE before denoising (and denoises from the same tensors)."""
+        tensors = {"latent": image.latents.contiguous(), "vision_states": image.vision_states.contiguous()}
+        self.manifest["image_latent"] = self._write_checked(IMAGE_LATENT, tensors, "the image latent")
+        self.save()
+
+    def load_v15_image(self) -> V15Image | None:
+        tensors = self._read_checked(self.manifest.get("image_latent"))
+        if tensors is None or "vision_states" not in tensors:
+            return None
+        return V15Image(tensors["latent"], tensors["vision_states"])
 
     def save_rewritten_prompt(self, prompt: str) -> None:
         """--rewrite's result, kept so that a resume encodes the same prompt without rewriting."""

@@ -52,7 +52,7 @@ from lowvram.progress import Reporter
 from lowvram.stages import Stages
 from lowvram.streaming import empty_cache
 
-from .measure import StageMeter
+from .measure import StageMeter, combine_stages
 from .preflight import plan_for_run, resumable_files, run_loras
 from .ranks import ClipJob, DitJob, Ranks, current_ranks
 from .rewrite import prompt_for_encoding
@@ -239,7 +239,7 @@ class _Execution:
                 self.resumed_from[run.id] = "decoding"
         to_encode = []
         for run in to_denoise:
-            image_missing = run.settings.get("image") is not None and run.load_image_latent() is None
+            image_missing = run.settings.get("image") is not None and self._load_image(run) is None
             if self._load_embeddings(run) is None or image_missing:
                 if run.manifest.get("embeddings") or run.manifest.get("image_latent"):
                     self.reporter.warn(f"the cached text embeddings or image latent of run {run.id} are damaged; encoding again")
@@ -258,6 +258,10 @@ class _Execution:
     def _load_embeddings(self, run: Run):
         return run.load_v15_embeddings() if self.v15 else run.load_embeddings()
 
+    def _load_image(self, run: Run):
+        """An image-to-video run's saved image: a V15Image (1.5) or the 13B model's latent."""
+        return run.load_v15_image() if self.v15 else run.load_image_latent()
+
     def _clip(self, run: Run) -> None:
         """Tell the reporter which clip of several is worked on now."""
         self.current = run
@@ -275,6 +279,9 @@ class _Execution:
                 prompts[run.id] = prompt_for_encoding(run, self.stages.files, self.device, self.stages.dtype,
                                                       self.stages.profile.encoder_scheme == "nf4", self.reporter)
             run.manifest["measured"]["rewrite"] = self.meters[run.id].results["rewrite"]
+        if self.v15:
+            self._encode_v15(runs, prompts)
+            return
         encoders = vae = None
         try:
             for run in runs:
@@ -287,13 +294,9 @@ class _Execution:
                 with meter.stage("text"):
                     if encoders is None:
                         self.reporter.stage("loading text encoders")
-                        encoders = self.stages.v15_text_encoder() if self.v15 else self.stages.text_encoders()
+                        encoders = self.stages.text_encoders()
                     self.reporter.stage("encoding text")
-                    if self.v15:  # the negative prompt ("") only under real CFG
-                        cfg = settings["guidance"] != 1.0
-                        embeddings = encoders.encode(prompts[run.id]) if cfg else (encoders.encode_one(prompts[run.id]), None)
-                    else:
-                        embeddings = encode_prompts(*encoders, [prompts[run.id]], settings["frames"], image=image)
+                    embeddings = encode_prompts(*encoders, [prompts[run.id]], settings["frames"], image=image)
                     if image is not None:  # image-to-video: the VAE encodes the image in the same stage
                         if vae is None:
                             self.reporter.stage("loading VAE")
@@ -304,12 +307,56 @@ class _Execution:
                 run.manifest["seconds"]["encoding"] = meter.results["text"]["seconds"]
                 if image is not None:
                     run.save_image_latent(condition.latent)
-                if self.v15:
-                    run.save_v15_embeddings(*embeddings)
-                else:
-                    run.save_embeddings(embeddings)
+                run.save_embeddings(embeddings)
         finally:
             encoders = vae = None
+            empty_cache(self.device)
+
+    def _encode_v15(self, runs: list[Run], prompts: dict[str, str]) -> None:
+        """HunyuanVideo-1.5: every run's prompt through Qwen2.5-VL and byT5 (the negative prompt ""
+        only under real CFG), which are then freed; then the image-to-video runs' images through
+        SigLIP and the VAE's encoder. The planner counts the two phases one after the other; each
+        run's "text" measurement covers both."""
+        encoder = None
+        try:
+            for run in runs:
+                self._clip(run)
+                run.set_state("encoding")
+                self.stop.stage = "encoding"
+                meter = self.meters[run.id]
+                with meter.stage("text"):
+                    if encoder is None:
+                        self.reporter.stage("loading text encoders")
+                        encoder = self.stages.v15_text_encoder()
+                    self.reporter.stage("encoding text")
+                    prompt = prompts[run.id]
+                    embeddings = encoder.encode(prompt) if run.settings["guidance"] != 1.0 else (encoder.encode_one(prompt), None)
+                run.manifest["measured"]["text"] = meter.results["text"]
+                run.manifest["seconds"]["encoding"] = meter.results["text"]["seconds"]
+                run.save_v15_embeddings(*embeddings)
+        finally:
+            encoder = None
+            empty_cache(self.device)
+        vision = vae = None
+        try:
+            for run in (run for run in runs if run.settings.get("image")):
+                self._clip(run)
+                meter = self.meters[run.id]
+                with meter.stage("image"):
+                    if vision is None:
+                        self.reporter.stage("loading image encoders")
+                        vision, vae = self.stages.v15_image_encoder(), self.stages.vae()
+                    self.reporter.stage("encoding image")
+                    image, size = self.stages.encode_v15_image(vae, vision, open_image(run.settings["image"]))
+                if list(size) != [run.settings["height"], run.settings["width"]]:  # preflight took the same bucket
+                    raise HyVideoError(f"the image {run.settings['image']} now makes a {size[1]}x{size[0]} video, not "
+                                       f"{run.settings['width']}x{run.settings['height']}; start a new run")
+                measured = run.manifest["measured"]
+                measured["text"] = combine_stages(measured["text"], meter.results["image"])
+                run.manifest["seconds"]["encoding"] = measured["text"]["seconds"]
+                run.save_v15_image(image)
+        finally:
+            vision = vae = None
             empty_cache(self.device)
 
     # ---- denoising, checkpointed after every step, the DiT placed once
@@ -335,7 +382,7 @@ class _Execution:
                     self.reporter.warn(warning)
                 if saved is None:
                     saved = initial_noise(tuple(settings["latent_shape"]), request.seed)
-                    if condition is not None:
+                    if condition is not None and not self.v15:  # 1.5 starts from the noise: the image enters as channels
                         saved = image_initial_latents(saved, condition, request.stability)
                 else:
                     self.resumed_from[run.id] = f"step {step}/{request.steps}"
@@ -375,14 +422,14 @@ class _Execution:
             model = streamer = None
             empty_cache(self.device)
 
-    def _image_condition(self, run: Run) -> ImageCondition | None:
-        """An image-to-video run's conditioning image, as its encoding stage saved it."""
+    def _image_condition(self, run: Run):
+        """An image-to-video run's conditioning image, as its encoding stage saved it (1.5: a V15Image)."""
         if run.settings.get("image") is None:
             return None
-        latent = run.load_image_latent()
-        if latent is None:  # saved a moment ago by `encode`: the disk lost it
+        saved = self._load_image(run)
+        if saved is None:  # saved a moment ago by `encode`: the disk lost it
             raise HyVideoError(f"the image latent of run {run.id} cannot be read back; `lowvram resume {run.id}` encodes it again")
-        return ImageCondition(run.settings["image_condition"], latent)
+        return saved if self.v15 else ImageCondition(run.settings["image_condition"], saved)
 
     def _place_dit(self):
         """The DiT on this device; with several ranks, on theirs too, each for its share of tokens.
@@ -485,9 +532,10 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
 
         if run.settings.get("preview"):
             reporter.preview(str(run.folder / PREVIEW))
-        if stages.files.family == V15_FAMILY:  # embeddings: (prompt, negative); no step cache, preview or image yet
+        if stages.files.family == V15_FAMILY:  # embeddings: (prompt, negative); image: a V15Image; no step cache or preview yet
             sampling = V15Sampling(request.steps, request.guidance, request.flow_shift)
-            latents = stages.denoise_v15(model, streamer, *embeddings, latents, sampling, start_step=step, on_step=on_step)
+            latents = stages.denoise_v15(model, streamer, *embeddings, latents, sampling, start_step=step, on_step=on_step,
+                                         image=image)
         else:
             latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache,
                                      on_prediction=preview if run.settings.get("preview") else None, image=image)
