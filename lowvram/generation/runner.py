@@ -285,10 +285,7 @@ class _Execution:
         encoders = vae = None
         try:
             for run in runs:
-                self._clip(run)
-                run.set_state("encoding")
-                self.stop.stage = "encoding"
-                meter = self.meters[run.id]
+                meter = self._start_encoding(run)
                 settings = run.settings
                 image = open_image(settings["image"]) if settings.get("image") else None
                 with meter.stage("text"):
@@ -303,14 +300,26 @@ class _Execution:
                             vae = self.stages.vae()
                         self.reporter.stage("encoding image")
                         condition = self.stages.encode_image(vae, image, settings["height"], settings["width"])
-                run.manifest["measured"]["text"] = meter.results["text"]
-                run.manifest["seconds"]["encoding"] = meter.results["text"]["seconds"]
+                self._record_encoding(run, meter.results["text"])
                 if image is not None:
                     run.save_image_latent(condition.latent)
                 run.save_embeddings(embeddings)
         finally:
             encoders = vae = None
             empty_cache(self.device)
+
+    def _start_encoding(self, run: Run):
+        """A run entering its text stage (its clip sent to every rank, its state saved, a Ctrl-C
+        from now on stopping it there); its meter."""
+        self._clip(run)
+        run.set_state("encoding")
+        self.stop.stage = "encoding"
+        return self.meters[run.id]
+
+    @staticmethod
+    def _record_encoding(run: Run, measured: dict) -> None:
+        run.manifest["measured"]["text"] = measured
+        run.manifest["seconds"]["encoding"] = measured["seconds"]
 
     def _encode_v15(self, runs: list[Run], prompts: dict[str, str]) -> None:
         """HunyuanVideo-1.5: every run's prompt through Qwen2.5-VL and byT5 (the negative prompt ""
@@ -320,10 +329,7 @@ class _Execution:
         encoder = None
         try:
             for run in runs:
-                self._clip(run)
-                run.set_state("encoding")
-                self.stop.stage = "encoding"
-                meter = self.meters[run.id]
+                meter = self._start_encoding(run)
                 with meter.stage("text"):
                     if encoder is None:
                         self.reporter.stage("loading text encoders")
@@ -331,8 +337,7 @@ class _Execution:
                     self.reporter.stage("encoding text")
                     prompt = prompts[run.id]
                     embeddings = encoder.encode(prompt) if run.settings["guidance"] != 1.0 else (encoder.encode_one(prompt), None)
-                run.manifest["measured"]["text"] = meter.results["text"]
-                run.manifest["seconds"]["encoding"] = meter.results["text"]["seconds"]
+                self._record_encoding(run, meter.results["text"])
                 run.save_v15_embeddings(*embeddings)
         finally:
             encoder = None
@@ -351,9 +356,7 @@ class _Execution:
                 if list(size) != [run.settings["height"], run.settings["width"]]:  # preflight took the same bucket
                     raise HyVideoError(f"the image {run.settings['image']} now makes a {size[1]}x{size[0]} video, not "
                                        f"{run.settings['width']}x{run.settings['height']}; start a new run")
-                measured = run.manifest["measured"]
-                measured["text"] = combine_stages(measured["text"], meter.results["image"])
-                run.manifest["seconds"]["encoding"] = measured["text"]["seconds"]
+                self._record_encoding(run, combine_stages(run.manifest["measured"]["text"], meter.results["image"]))
                 run.save_v15_image(image)
         finally:
             vision = vae = None
