@@ -46,10 +46,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--cap-gb", type=float, default=None)
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/lowvram-bench"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--video", default="128x96x17", help="with --tiny: WIDTHxHEIGHTxFRAMES")
     args = parser.parse_args(argv)
 
     if args.tiny:
-        options = dict(width=128, height=96, frames=17, profile="plain", model_size="tiny", layout="official", device="cpu")
+        width, height, frames = map(int, args.video.split("x"))
+        options = dict(width=width, height=height, frames=frames, profile="plain", model_size="tiny", layout="official",
+                       device="cpu")
     else:
         options = dict(width=960, height=544, frames=33, profile="16gb", model_size="full", layout="official-fp8",
                        cap_bytes=None if args.cap_gb is None else int(args.cap_gb * 2**30))

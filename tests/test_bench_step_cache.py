@@ -1,13 +1,10 @@
 """The step cache benchmark runs end to end on the tiny model (CPU), short: what the GPU call runs."""
 
-import pytest
-
 from bench.bench_step_cache import main
 
 
-@pytest.mark.slow
 def test_step_cache_bench_tiny(tmp_path):
-    results = main(["--tiny", "--steps", "6", "--scratch", str(tmp_path / "scratch"), "--out", str(tmp_path)])
+    results = main(["--tiny", "--steps", "6", "--video", "64x48x9", "--scratch", str(tmp_path / "scratch"), "--out", str(tmp_path)])
     off, safe, fast = results["runs"]
     assert off["dit_forwards"] == 6 and "latents_rel_error" not in off
     for run in (safe, fast):
