@@ -63,3 +63,22 @@ def test_generate_and_resume_bit_identical(model_dir, tmp_path):
 def test_what_is_not_wired_for_v15_is_refused(model_dir, tmp_path):
     with pytest.raises(HyVideoError, match="--preview is not wired for HunyuanVideo-1.5"):
         start_run(options(model_dir, tmp_path, preview=True))
+
+
+def test_a_sparse_transformer_runs_dense_and_says_so(model_dir, tmp_path):
+    """No SSTA kernel here (flex-block-attn, H-series GPUs): a `*_sparse` transformer is planned
+    with dense attention, and one warning says so."""
+    import shutil
+
+    root = tmp_path / "ckpts"
+    shutil.copytree(model_dir, root)
+    (root / "transformer" / "480p_t2v").rename(root / "transformer" / "720p_t2v_distilled_sparse")
+    warnings = []
+
+    class Warnings(Reporter):
+        def warn(self, message: str) -> None:
+            warnings.append(message)
+
+    run, files, plan = start_run(options(root, tmp_path / "runs"), Warnings())
+    assert files.variant == "720p_t2v_distilled_sparse" and run.settings["guidance"] == 1.0
+    assert [w for w in warnings if "sparse" in w] == [warnings[0]] and "dense attention" in warnings[0]

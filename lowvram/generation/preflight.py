@@ -156,6 +156,10 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
     check_model_kind(files, request.image)
     if files.family == V15_FAMILY:
         request = v15_request(request, files, options)
+        if files.variant.endswith("_sparse"):
+            reporter.warn(f"the {files.variant} transformer was tuned for SSTA sparse attention (flex-block-attn, "
+                          "H-series GPUs), which this runner does not have: it runs with dense attention, the exact "
+                          "function the sparse blocks approximate (slower at 720p, not faster)")
     sizes = model_sizes(files, (request.height, request.width))
     dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
     check_latent_concat_frames(getattr(dit_config, "image_condition_type", None), request.frames)
