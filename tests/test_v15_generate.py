@@ -1,12 +1,16 @@
 """`lowvram generate` on HunyuanVideo-1.5 text-to-video weights through the one runner (tiny weights
 in Tencent's layout, tiny encoders of tests/tiny_v15_text.py): the transformer's own sampling
 defaults, the FP8 DiT streamed under real CFG, the 16x VAE in tiles, a video out; stopped after a
-step and resumed, the final latents equal an uninterrupted run's."""
+step, or killed as a process, and resumed, the final latents equal an uninterrupted run's; a batch's
+clips equal each clip alone; a sparse-attention transformer runs dense and says so."""
 
 import dataclasses
+import json
+import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
@@ -82,3 +86,46 @@ def test_a_sparse_transformer_runs_dense_and_says_so(model_dir, tmp_path):
     run, files, plan = start_run(options(root, tmp_path / "runs"), Warnings())
     assert files.variant == "720p_t2v_distilled_sparse" and run.settings["guidance"] == 1.0
     assert [w for w in warnings if "sparse" in w] == [warnings[0]] and "dense attention" in warnings[0]
+
+
+CLI_ARGS = ["--size", "96x64", "--frames", "9", "--seed", "5", "--device", "cpu"]
+
+
+def test_a_batch_equals_each_clip_alone(model_dir, tmp_path):
+    """`--prompts` on 1.5 weights: each clip (two prompts, two sizes) bit-identical to the same clip
+    run alone."""
+    from tests.helpers import as_json, final_latents, invoke
+
+    clips = [('a fox with a sign that says "hi"', "96x64"), ("a quiet lake at dawn", "64x64")]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "size": s}) + "\n" for p, s in clips))
+    batch = invoke("generate", "--prompts", prompts, "--model-dir", model_dir, "--runs-dir", tmp_path / "batch", "--json",
+                   "--steps", "2", *CLI_ARGS)
+    assert batch.exit_code == 0, batch.output
+    runs = as_json(batch)["runs"]
+    assert [r["settings"]["model"] for r in runs] == ["1.5-480p_t2v"] * 2
+    for result, (prompt, size) in zip(runs, clips):
+        alone = invoke("generate", prompt, "--model-dir", model_dir, "--runs-dir", tmp_path / "alone", "--json",
+                       "--steps", "2", *CLI_ARGS[2:], "--size", size)
+        assert alone.exit_code == 0, alone.output
+        assert load_file(result["final_latents"])["latents"].equal(final_latents(alone.stdout))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(model_dir, tmp_path):
+    """A 1.5 run killed (SIGKILL, as a process) after a saved step resumes to the uninterrupted
+    run's final latents, bit for bit (the CFG pair of each step is checkpointed as one step)."""
+    from tests.helpers import final_latents, invoke, manifest, start_and_wait_for_step, uninterrupted_latents
+
+    args = ["--steps", "16", *CLI_ARGS]  # 0.05-0.2 s a step here: a window of a second or more after step 1
+    reference = uninterrupted_latents(model_dir, tmp_path / "reference", args)
+    runs = tmp_path / "killed"
+    process, _ = start_and_wait_for_step(runs, model_dir, args=args)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    killed = manifest(runs)
+    assert killed["state"] == "denoising" and 1 <= killed["step"] < 16
+    resumed = invoke("resume", "--runs-dir", runs, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert final_latents(resumed.stdout).equal(reference)
