@@ -3,11 +3,18 @@ marked `cuda` (pyproject.toml registers the markers) are skipped without CUDA. S
 helpers.py."""
 
 import gc
+import os
 
-import pytest
-import torch
+# One intra-op thread, set before torch is imported: the suite runs on two workers (README) over
+# two cores, and tiny-model ops gain nothing from a second thread while its spinning takes the
+# other worker's core (a third of the time of the CLI and run tests went there). The processes the
+# tests start inherit it, so runs compared bit for bit across processes use the same thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
