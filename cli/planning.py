@@ -98,7 +98,7 @@ def profiles_list(ctx: typer.Context, as_json: bool = Json):
     if ctx.invoked_subcommand is not None:
         return
     with user_errors(as_json):
-        from lowvram.planner import RELEASED_NAMES
+        from lowvram.families import RELEASED_NAMES
         from lowvram.profiles import shipped_profiles
 
         profiles = shipped_profiles()

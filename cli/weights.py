@@ -50,6 +50,7 @@ def download(
 ):
     """Download the weights from huggingface.co (or modelscope.cn) into the folder layout lowvram reads."""
     from lowvram.setup import download as dl
+    from lowvram.setup.model_folder import check_model_folder
 
     model_dir = model_dir or dl.DEFAULT_MODEL_DIR
     with user_errors(as_json):
@@ -77,7 +78,7 @@ def download(
                 out.print("sizes unknown: a ModelScope dry run does not ask the server")
             return
         dl.download(model_dir, layout, fp8, progress=not (as_json or quiet), source=source, model=model)
-        layout_found, checks = dl.check_model_folder(model_dir)
+        layout_found, checks = check_model_folder(model_dir)
         bad = [c for c in checks if not c.ok]
         if bad:
             raise UserError(f"downloaded, but {len(bad)} file(s) are incomplete (first: {bad[0].path}: {bad[0].problem}); run the same command again")

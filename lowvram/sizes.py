@@ -1,5 +1,7 @@
 """Video sizes: the official resolution buckets and parsing of --size / --resolution / --aspect."""
 
+import math
+
 from hyvideo.errors import HyVideoError
 
 # Official size buckets as width x height (facts §5.4; the Gradio demo's labels give the aspect).
@@ -47,3 +49,8 @@ def resolve_size(size: str | None, resolution: str | None, aspect: str | None, i
     if aspect not in SIZE_BUCKETS[resolution]:
         raise HyVideoError(f"--aspect must be one of {', '.join(SIZE_BUCKETS[resolution])}; got {aspect!r}")
     return SIZE_BUCKETS[resolution][aspect]
+
+
+def align_up(value: int, multiple: int) -> int:
+    """`value` rounded up to a multiple (the sampler rounds width and height up to 16)."""
+    return math.ceil(value / multiple) * multiple

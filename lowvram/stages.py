@@ -55,7 +55,8 @@ from quant.fp8 import set_scaled_mm
 from quant.schemes import QUANT_SCHEMES
 
 from .compile import compile_blocks, dynamo_graphs
-from .planner import I2V_IMAGE_SIZE, Plan, hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens, v15_model_sizes
+from .families import hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens, v15_model_sizes
+from .planner import I2V_IMAGE_SIZE, Plan
 from .progress import Reporter
 from .streaming import BlockStreamer, forward_blocks, place_dit, release_dit
 from .tiled_vae import TiledVAE, spatial_tile_for

@@ -25,6 +25,7 @@ from lowvram.generation.run_folder import KEEP_CHECKPOINTS, Run, find_run, list_
 from lowvram.generation.runner import RunInterrupted, StopRequest, execute, resume_run
 from lowvram.generation.video import png_bytes, write_mp4
 from lowvram.setup import download as dl
+from lowvram.setup.model_folder import check_model_folder
 from lowvram.setup.doctor import run_doctor
 from lowvram.stages import Stages
 from tests.helpers import REQUEST, StopAfter, new_run, run_options
@@ -422,11 +423,11 @@ def test_truncated_weights_are_named(tiny_official, tiny_diffusers, tmp_path):
     for source in (tiny_official, tiny_diffusers):
         model = tmp_path / source.name
         shutil.copytree(source, model)
-        layout, checks = dl.check_model_folder(model)
+        layout, checks = check_model_folder(model)
         assert layout and all(c.ok for c in checks)
         dit = next(c.path for c in checks if c.path.suffix in (".pt", ".safetensors") and "transformer" in str(c.path))
         dit.write_bytes(dit.read_bytes()[: dit.stat().st_size // 2])
-        _, checks = dl.check_model_folder(model)
+        _, checks = check_model_folder(model)
         assert [c.path for c in checks if not c.ok] == [dit]
         problem = next(c.problem for c in checks if not c.ok)
         assert "incomplete or corrupt" in problem and "download it again" in problem  # the loader's own words
@@ -448,7 +449,7 @@ def test_doctor_says_what_the_loader_would_say(tiny_official, tmp_path):
         f.write(head)
         f.truncate(25_642_314_035)  # the full-size bf16 file's size (facts §8)
     started = time.perf_counter()
-    _, checks = dl.check_model_folder(model)
+    _, checks = check_model_folder(model)
     elapsed = time.perf_counter() - started
     problems = {c.path: c.problem for c in checks if not c.ok}
     assert problems.keys() == {dit, vae}
@@ -459,7 +460,7 @@ def test_doctor_says_what_the_loader_would_say(tiny_official, tmp_path):
 
 DOCTOR_ADDRESS_SPACE_SCRIPT = """
 import json, os, resource, sys
-from lowvram.setup.download import check_model_folder
+from lowvram.setup.model_folder import check_model_folder
 
 vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize:")).split()[1]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))

@@ -21,7 +21,8 @@ from hyvideo.errors import HyVideoError
 from lowvram.activations import attention_bytes, dit_activation_bytes
 from lowvram.communication import communication
 from lowvram.parallel import Layout, SequenceParallel, choose_layout
-from lowvram.planner import parallel_layout, plan, released_model_sizes, with_budget
+from lowvram.families import released_model_sizes
+from lowvram.planner import parallel_layout, plan, with_budget
 from lowvram.profiles import load_profile
 from lowvram.units import GIB
 from tests.helpers import SMALL, fork_ranks, invoke, one_line_error, small_dit, small_inputs

@@ -197,7 +197,8 @@ def test_tiled_image_encode_shrinks_the_i2v_text_stage():
     needs 2.43 GiB of activations, the text stage's largest; in the 16gb profile's spatial tiles
     (32 latents = 256 px, as its decode) 0.18 GiB, under the LLM's 0.41 GiB, which is then the
     stage's activation peak."""
-    from lowvram.planner import image_encode_bytes, released_model_sizes
+    from lowvram.families import released_model_sizes
+    from lowvram.planner import image_encode_bytes
 
     tiled_profile = load_profile("16gb")
     whole_profile = profile_from_dict({**tiled_profile.to_dict(), "vae_spatial_tile": 0})

@@ -71,7 +71,7 @@ def test_plan_counts_the_i2v_text_stage():
     (the whole VAE, 0.46 GiB, and one 256 px tile's activations, 0.18 GiB) in the text stage, whose
     LLM runs 934 positions instead of 351; the DiT reads 144 image states + 252 prompt tokens."""
     from lowvram.generation.preflight import PlanQuery, plan_only
-    from lowvram.planner import i2v_text_tokens
+    from lowvram.families import i2v_text_tokens
 
     def text_parts(model):
         query = PlanQuery(1248, 704, 129, vram_bytes=24 * 2**30, ram_bytes=64 * 2**30, profile="24gb")
@@ -90,7 +90,7 @@ def test_plan_counts_the_i2v_text_stage():
 
 def test_doctor_lists_the_i2v_files(tmp_path):
     """`lowvram doctor`'s file list: each release a ckpts/ folder holds, LLaVA's image processor too."""
-    from lowvram.setup.download import check_model_folder
+    from lowvram.setup.model_folder import check_model_folder
 
     root = tmp_path / "ckpts"
     write_synthetic_checkpoint(root, "official", "tiny-i2v")

@@ -17,6 +17,7 @@ from lowvram.setup.synthetic_checkpoint import SIZES, llm_config
 from hyvideo.text_encoder import LlamaTextEncoder
 from lowvram.setup.tiny_tokenizers import build_tiny_llama3_tokenizer
 from lowvram.setup import download as dl
+from lowvram.setup.model_folder import check_model_folder
 from lowvram.setup.llava import extract_language_model
 
 
@@ -114,7 +115,7 @@ def test_modelscope_download_makes_a_complete_official_folder_and_reruns_offline
         (dl.MS_OFFICIAL_REPO, model_dir), (dl.MS_CLIP_REPO, model_dir / "text_encoder_2"),
         (dl.MS_LLAVA_REPO, model_dir / dl.LLAVA_FOLDER)]
     assert OFFICIAL_DIT in calls[0][2] and f"{OFFICIAL_VAE}/pytorch_model.pt" in calls[0][2]
-    layout, checks = dl.check_model_folder(model_dir)
+    layout, checks = check_model_folder(model_dir)
     assert layout == "official" and all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert all(p.present for p in dl.plan_download(model_dir, source="modelscope"))
 
@@ -124,7 +125,7 @@ def test_modelscope_download_makes_a_complete_official_folder_and_reruns_offline
     shutil.rmtree(model_dir / "text_encoder")
     monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=offline))
     dl.download(model_dir, "official", source="modelscope")  # every part there: no network, only the extraction
-    assert dl.check_model_folder(model_dir)[0] == "official" and (model_dir / "text_encoder/config.json").is_file()
+    assert check_model_folder(model_dir)[0] == "official" and (model_dir / "text_encoder/config.json").is_file()
     shutil.rmtree(model_dir / dl.LLAVA_FOLDER)  # not needed once text_encoder/ is extracted
     dl.download(model_dir, "official", source="modelscope")
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from hyvideo.errors import HyVideoError
 from lowvram.setup import download as dl
+from lowvram.setup.model_folder import check_model_folder
 from lowvram.setup.doctor import weight_checks
 from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
 from lowvram.setup.synthetic_v15 import SIZES, write_v15_checkpoint
@@ -53,19 +54,19 @@ def copy(folders, name, tmp_path) -> Path:
 
 
 def problems(root: Path) -> dict[str, str]:
-    layout, checks = dl.check_model_folder(root)
+    layout, checks = check_model_folder(root)
     assert layout
     return {c.path.relative_to(root).as_posix(): c.problem for c in checks if not c.ok}
 
 
 def test_tiny_v15_folders_pass_the_doctor(folders):
     for layout, root in (("official", folders["official"]), ("diffusers", folders["diffusers"])):
-        found, checks = dl.check_model_folder(root)
+        found, checks = check_model_folder(root)
         names = {c.path.relative_to(root).as_posix() for c in checks}
         assert found == layout and all(c.ok for c in checks), [c for c in checks if not c.ok]
         summary = weight_checks(root)[0][0]
         assert summary.status == "ok" and f"{layout} layout" in summary.detail
-    official = {c.path.relative_to(folders["official"]).as_posix() for c in dl.check_model_folder(folders["official"])[1]}
+    official = {c.path.relative_to(folders["official"]).as_posix() for c in check_model_folder(folders["official"])[1]}
     assert {T2V_DIT, I2V_DIT, "transformer/480p_i2v/config.json", VAE, "text_encoder/llm/config.json", GLYPH,
             "text_encoder/byt5-small/pytorch_model.bin", "text_encoder/byt5-small/tokenizer_config.json",
             "text_encoder/Glyph-SDXL-v2/assets/color_idx.json", "vision_encoder/siglip/image_encoder/model.safetensors",
@@ -167,7 +168,7 @@ def test_download_v15_official_layout_from_the_hub(folders, tmp_path, monkeypatc
         (dl.V15_REPO, "."), (dl.QWEN_REPO, "text_encoder/llm"), (dl.BYT5_REPO, "text_encoder/byt5-small"),
         (dl.SIGLIP_REPO, "vision_encoder/siglip")]
     assert [repo for repo, _, _ in ms_calls] == [dl.GLYPH_REPO]
-    layout, checks = dl.check_model_folder(model_dir)
+    layout, checks = check_model_folder(model_dir)
     assert layout == "official" and all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert dl.official_variants(model_dir) == ["480p_i2v"]
     dl.download(model_dir, "official", progress=False, model="1.5-480p_i2v")
@@ -180,7 +181,7 @@ def test_download_v15_diffusers_layout_is_one_repo_per_transformer(folders, tmp_
                         fake_snapshot({"hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v": folders["diffusers"]}, calls))
     dl.download(tmp_path, None, progress=False, model="1.5-480p_t2v")
     assert len(calls) == 1 and "guider/*" in calls[0][2] and "image_encoder/*" not in calls[0][2]
-    layout, checks = dl.check_model_folder(tmp_path)
+    layout, checks = check_model_folder(tmp_path)
     assert layout == "diffusers" and all(c.ok for c in checks), [c for c in checks if not c.ok]
     i2v = dl.download_parts(None, model="1.5-480p_i2v_step_distilled")
     assert [p.repo for p in i2v] == ["hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v_step_distilled"]
@@ -194,7 +195,7 @@ def test_download_v15_from_modelscope(folders, tmp_path, monkeypatch):
     model_dir = tmp_path / "ckpts"
     dl.download(model_dir, None, source="modelscope", model="1.5-480p_t2v")
     assert [repo for repo, _, _ in calls] == [dl.MS_V15_REPO, dl.MS_QWEN_REPO, dl.MS_BYT5_REPO, dl.GLYPH_REPO]
-    layout, checks = dl.check_model_folder(model_dir)
+    layout, checks = check_model_folder(model_dir)
     assert layout == "official" and all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert all(p.present for p in dl.plan_download(model_dir, None, source="modelscope", model="1.5-480p_t2v"))
     dl.download(model_dir, None, source="modelscope", model="1.5-480p_t2v")  # every part there: no call

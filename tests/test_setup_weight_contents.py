@@ -18,6 +18,7 @@ from hyvideo.checkpoint import OFFICIAL_DIT, OFFICIAL_I2V_DIT, OFFICIAL_I2V_VAE,
 from hyvideo.errors import HyVideoError
 from hyvideo.weight_io import read_torch_file, read_weight_index
 from lowvram.setup import download as dl
+from lowvram.setup.model_folder import check_model_folder
 from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
 from tests.helpers import as_json, invoke, one_line_error
 
@@ -38,7 +39,7 @@ def copy(folders, name, tmp_path) -> Path:
 
 
 def problems(root: Path) -> dict[str, str]:
-    layout, checks = dl.check_model_folder(root)
+    layout, checks = check_model_folder(root)
     assert layout
     return {c.path.relative_to(root).as_posix(): c.problem for c in checks if not c.ok}
 
@@ -195,7 +196,7 @@ def test_download_i2v_official_layout_from_the_hub_is_what_the_doctor_expects(fo
     assert [(repo, into) for repo, into, _ in calls[-3:]] == [
         (dl.OFFICIAL_I2V_REPO, model_dir), (dl.CLIP_REPO, model_dir / "text_encoder_2"),
         (dl.LLAVA_REPO, model_dir / "text_encoder_i2v")]
-    layout, checks = dl.check_model_folder(model_dir)
+    layout, checks = check_model_folder(model_dir)
     assert layout == "official" and all(c.ok for c in checks), [c for c in checks if not c.ok]
 
 
@@ -205,7 +206,7 @@ def test_download_i2v_diffusers_layout_takes_the_image_processor(folders, tmp_pa
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot(sources, calls))
     dl.download(tmp_path, None, progress=False, model="i2v")
     assert calls[0][0] == "hunyuanvideo-community/HunyuanVideo-I2V" and "image_processor/*" in calls[0][2]
-    layout, checks = dl.check_model_folder(tmp_path)
+    layout, checks = check_model_folder(tmp_path)
     assert layout == "diffusers" and all(c.ok for c in checks) and (tmp_path / "image_processor/preprocessor_config.json").is_file()
     assert dl.download_parts(None, model="i2v-33ch")[0].repo == "hunyuanvideo-community/HunyuanVideo-I2V-33ch"
 
@@ -219,7 +220,7 @@ def test_download_i2v_from_modelscope_keeps_the_whole_llava(folders, tmp_path, m
     assert not any(p.file == "text_encoder/" for p in planned)  # nothing extracted for I2V
     dl.download(model_dir, None, source="modelscope", model="i2v")
     assert [into for _, into, _ in calls] == [model_dir, model_dir / "text_encoder_2", model_dir / "text_encoder_i2v"]
-    layout, checks = dl.check_model_folder(model_dir)
+    layout, checks = check_model_folder(model_dir)
     assert layout == "official" and all(c.ok for c in checks) and not (model_dir / "text_encoder").exists()
     assert all(p.present for p in dl.plan_download(model_dir, None, source="modelscope", model="i2v"))
     dl.download(model_dir, None, source="modelscope", model="i2v")  # every part there: no call

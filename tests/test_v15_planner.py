@@ -8,7 +8,8 @@ from bench.memtrack import PeakTracker
 from hyvideo.v15_config import V15_DIT_CONFIGS, V15_VAE_CONFIGS
 from hyvideo.v15_vae import HunyuanVideo15VAE
 from lowvram.activations import v15_vae_decode_tile_bytes
-from lowvram.planner import plan, released_model_sizes
+from lowvram.families import released_model_sizes
+from lowvram.planner import plan
 from lowvram.profiles import load_profile
 from lowvram.stages import parameter_count
 from quant.bytes import weight_bytes

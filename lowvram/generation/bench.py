@@ -13,7 +13,7 @@ with the planner's prediction for the same profile and size.
 With `--image` it benches image-to-video: the random model is HunyuanVideo-I2V (token_replace,
 Tencent's current release; no FP8 DiT file in that release, so its layout is official or diffusers)
 and the run is conditioned on the image.
-With `--model 1.5-<variant>` (a text-to-video one of `lowvram.planner.RELEASED_V15`) it benches
+With `--model 1.5-<variant>` (a text-to-video one of `lowvram.families.RELEASED_V15`) it benches
 HunyuanVideo-1.5: the random folder is `lowvram.setup.synthetic_v15`'s in the diffusers layout with
 its text encoders' weights (Qwen2.5-VL-7B's language model, the glyph byT5), the DiT stored in
 bfloat16 at full size (Tencent ships float32, 33 GB: the half keeps the folder, its FP8 cache and
@@ -36,7 +36,7 @@ import torch
 from hyvideo.checkpoint import detect_layout
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
-from lowvram.planner import RELEASED_V15
+from lowvram.families import RELEASED_V15
 from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
 from lowvram.units import GIB

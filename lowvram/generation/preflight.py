@@ -37,7 +37,8 @@ from lowvram.attention_choice import resolve_attention
 from lowvram.communication import PCIE4_X8_GBS
 from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
-from lowvram.planner import RELEASED_NAMES, Plan, parallel_layout, plan, released_model_sizes, resolve, suggest_fit
+from lowvram.families import RELEASED_NAMES, released_model_sizes
+from lowvram.planner import Plan, parallel_layout, plan, resolve, suggest_fit
 from lowvram.profiles import Overrides, Profile, settle_profile, stored_profile
 from .packages import check_packages
 from lowvram.progress import Reporter
@@ -306,7 +307,7 @@ class PlanQuery:
     gpus: int | None = None  # sequence parallelism over this many GPUs (VRAM per GPU, RAM per machine)
     parallel: str = "usp"
     link_gbs: float = PCIE4_X8_GBS  # each GPU's link, for the communication estimate
-    model: str = "t2v"  # t2v | i2v | i2v-33ch | 1.5-<variant>: which released model (planner.RELEASED_DITS, RELEASED_V15)
+    model: str = "t2v"  # t2v | i2v | i2v-33ch | 1.5-<variant>: which released model (families.RELEASED_DITS, RELEASED_V15)
 
 
 @dataclass

@@ -18,7 +18,8 @@ import torch
 from lowvram.memory import host_ram, pinned_memory_limit
 from lowvram.units import GIB
 
-from .download import check_model_folder, download_commands
+from .download import download_commands
+from .model_folder import check_model_folder
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (RTX 4090, L4, L40) and Hopper have FP8 tensor cores
 MIN_VRAM_GIB = 15  # the smallest profile's target (16 GB cards report about 15.6 GiB)
