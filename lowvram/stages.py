@@ -292,13 +292,18 @@ class Stages:
         """The conditioning image (PIL RGB), resized and center-cropped to the video's size, through
         the VAE's encoder in the profile's spatial tiles, as decode (counted in the text stage)."""
         pixels = image_to_pixels(resize_center_crop(image, (height, width)))
+        on_tile = self._count_image_tiles()
+        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, output_device=self.device, on_tile=on_tile)
+        return ImageCondition(self.plan.dit_config.image_condition_type, encode_image(vae, pixels, self.device, tiled.encode))
+
+    def _count_image_tiles(self):
+        """A tile callback recording how many tiles the image encode ran, in the run's stats."""
         self.stats["image_encode"] = {"tiles": 0}
 
         def on_tile(done: int, total: int) -> None:
             self.stats["image_encode"]["tiles"] = done
 
-        tiled = TiledVAE(vae, self.profile.vae_spatial_tile, output_device=self.device, on_tile=on_tile)
-        return ImageCondition(self.plan.dit_config.image_condition_type, encode_image(vae, pixels, self.device, tiled.encode))
+        return on_tile
 
     def v15_text_encoder(self):
         """HunyuanVideo-1.5's encoders (hyvideo/v15_text.py): Qwen2.5-VL's language model per the
@@ -332,11 +337,7 @@ class Stages:
         at 16x; one tile when the image fits one), as the decode (hyvideo/v15_image.py)."""
         from hyvideo.v15_image import encode_image, v15_target_size
 
-        self.stats["image_encode"] = {"tiles": 0}
-
-        def on_tile(done: int, total: int) -> None:
-            self.stats["image_encode"]["tiles"] = done
-
+        on_tile = self._count_image_tiles()
         tile = spatial_tile_for(self.profile.vae_spatial_tile, vae.config.spatial_compression_ratio)
         tiled = TiledVAE(vae, tile, output_device=self.device, on_tile=on_tile)
         with torch.no_grad():
