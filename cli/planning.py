@@ -86,7 +86,7 @@ def print_parallel(found, link_gbs: float, forwards: int) -> None:
     out.print(f"{found.layout} ({found.rank_tokens:,} of {found.tokens:,} image tokens each, and all the text tokens); "
               f"VRAM is per GPU (rank 0's also runs the text encoders and the VAE), RAM is for the machine "
               f"({found.local_ranks} processes, each pinning its own streamed blocks)", markup=False)
-    out.print(f"communication per step (one DiT forward): {comm.per_forward / 1e9:.1f} GB sent per rank "
+    out.print(f"communication per DiT forward: {comm.per_forward / 1e9:.1f} GB sent per rank "
               f"({comm.per_block / 1e6:.0f} MB per block), ~{comm.seconds(link_gbs):.1f} s at {link_gbs:g} GB/s; "
               f"{forwards} forwards: ~{forwards * comm.seconds(link_gbs) / 60:.1f} min (an estimate, not measured: "
               "bytes / bandwidth; cards without peer-to-peer access go through host memory)", markup=False)

@@ -36,7 +36,44 @@ from .rope import rope_frequencies
 from .token_refiner import TokenRefiner
 
 
-class HunyuanVideoDiT(nn.Module):
+class ImageTokenShards:
+    """The image tokens' way in and out of a DiT, under sequence parallelism this process's share
+    of them (module docstring): both HunyuanVideo DiTs (this one and hyvideo/v15_dit.py) mix it in.
+    Needs `sequence_parallel` (None: one process holds all tokens), `config`, `img_in`,
+    `final_layer` and `token_chunk`."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activations run in the dtype of the (never quantized) patch embedding."""
+        return self.img_in.proj.weight.dtype
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] (this process's share of them)."""
+        if self.sequence_parallel is not None:
+            x = self.sequence_parallel.shard_latents(x)
+        return self.img_in(x.to(self.compute_dtype))
+
+    def shard_image_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """All image tokens [B, N_img, ...] of latents `x` -> this process's share (all without
+        sequence parallelism)."""
+        if self.sequence_parallel is None:
+            return tokens
+        return self.sequence_parallel.shard_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
+
+    def gather_image_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """This process's share of the image tokens of latents `x` -> all of them, on every process."""
+        if self.sequence_parallel is None:
+            return tokens
+        return self.sequence_parallel.gather_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
+
+    def head(self, img: torch.Tensor, vec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Image tokens after the blocks -> velocity shaped like the latents `x`."""
+        out = self.final_layer(img, vec, self.token_chunk)  # [B, N_img, pt*ph*pw*C]
+        out = self.gather_image_tokens(out, x)
+        return unpatchify(out, token_grid(x.shape[2:], self.config.patch_size), self.config.patch_size, self.config.out_channels)
+
+
+class HunyuanVideoDiT(ImageTokenShards, nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
@@ -53,11 +90,6 @@ class HunyuanVideoDiT(nn.Module):
         self.attention_backend = "sdpa"
         self.token_chunk: int | None = None  # per-token work in chunks of this many tokens (None: whole sequence)
         self.sequence_parallel = None  # this process's share of the image tokens (module docstring)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """Activations run in the dtype of the (never quantized) patch embedding."""
-        return self.img_in.proj.weight.dtype
 
     def all_blocks(self) -> list[nn.Module]:
         return [*self.double_blocks, *self.single_blocks]
@@ -96,25 +128,6 @@ class HunyuanVideoDiT(nn.Module):
             return None
         dtype = self.compute_dtype
         return self.time_in(torch.zeros_like(t), dtype) + self.vector_in(text_states_2.to(dtype))
-
-    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, T, h, w] -> image tokens [B, N_img, D] (this process's share of them)."""
-        if self.sequence_parallel is not None:
-            x = self.sequence_parallel.shard_latents(x)
-        return self.img_in(x.to(self.compute_dtype))
-
-    def shard_image_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """All image tokens [B, N_img, ...] of latents `x` -> this process's share (all without
-        sequence parallelism)."""
-        if self.sequence_parallel is None:
-            return tokens
-        return self.sequence_parallel.shard_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
-
-    def gather_image_tokens(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """This process's share of the image tokens of latents `x` -> all of them, on every process."""
-        if self.sequence_parallel is None:
-            return tokens
-        return self.sequence_parallel.gather_tokens(tokens, token_grid(x.shape[2:], self.config.patch_size))
 
     def transform(self, x, vec, t, text_states, text_mask, blocks=None, first_frame_vec=None,
                   riflex: bool = False) -> torch.Tensor:
@@ -158,13 +171,6 @@ class HunyuanVideoDiT(nn.Module):
                     del img, txt
                 joint = block(joint, vec, inputs)
         return img if joint is None else joint[:, :n_img]
-
-    def head(self, img: torch.Tensor, vec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Image tokens after the blocks -> velocity shaped like the latents `x`."""
-        out = self.final_layer(img, vec, self.token_chunk)  # [B, N_img, pt*ph*pw*C]
-        out = self.gather_image_tokens(out, x)
-        return unpatchify(out, token_grid(x.shape[2:], self.config.patch_size), self.config.patch_size, self.config.out_channels)
-
 
 def token_grid(latent_size: "tuple[int, int, int] | torch.Size", patch: tuple[int, int, int]) -> tuple[int, int, int]:
     """Latent (frames, height, width), e.g. `x.shape[2:]` of [B, C, T, H, W] latents -> the (t, h, w)

@@ -4,6 +4,10 @@ touch swapped for `LoraLinear` (gpt-fast style module swapping; img_in's patch c
 a LoRA without being re-quantized, and another LoRA or strength is only another wrapping of
 freshly loaded weights.
 
+Both model families take LoRAs: the 13B HunyuanVideo (T2V and I2V) and HunyuanVideo-1.5, whose
+official checkpoint (and musubi-tuner's 1.5 LoRAs) name each block's q, k, v apart (`img_attn_q`):
+those are row thirds of our fused `img_attn_qkv`, as diffusers' to_q, to_k, to_v are.
+
 Formats (a file may mix them; keys may carry a `transformer.` or `diffusion_model.` prefix):
 - diffusers / PEFT: `transformer_blocks.0.attn.to_q.lora_A.weight` / `.lora_B.weight` in diffusers'
   module names; alpha from the file's `lora_adapter_metadata` (what diffusers saves), else the rank.
@@ -46,8 +50,10 @@ import torch.nn.functional as F
 from .blocks import linear_rows
 from .config import DiTConfig
 from .diffusers_keys import SWAPPED_HALVES, diffusers_parts, part_sizes, swap_halves
-from .dit import HunyuanVideoDiT
 from .errors import HyVideoError
+from .models import dit_class
+from .v15_config import V15DiTConfig
+from .v15_keys import FUSED_QKV, SWAPPED_FINAL, diffusers_modules
 from .weight_io import read_safetensors
 
 KOHYA_PREFIXES = ("lora_unet_", "Hunyuan_video_I2V_lora_")  # kohya/musubi-tuner, Tencent's I2V training
@@ -146,27 +152,45 @@ class _Part:
     scale: float  # strength * alpha / r
 
 
-def linear_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
+def linear_shapes(config: DiTConfig | V15DiTConfig) -> dict[str, tuple[int, ...]]:
     """Weight shape of every module a LoRA may touch, by module name (meta device: nothing
     allocated): each linear's (out, in), and img_in's patch convolution (out, C, kt, kh, kw)."""
     with torch.device("meta"):
-        model = HunyuanVideoDiT(config)
+        model = dit_class(config)(config)
     shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if type(m) is nn.Linear}
     shapes["img_in.proj"] = tuple(model.img_in.proj.weight.shape)
     return shapes
 
 
-def _targets(shapes: dict[str, tuple[int, ...]], hidden_size: int) -> dict[str, _Target]:
+def _targets(shapes: dict[str, tuple[int, ...]], config: DiTConfig | V15DiTConfig) -> dict[str, _Target]:
     """Every module name a LoRA file may use for (a row slice of) one of our linears."""
     found = {}
     for module, (out, *_) in shapes.items():
-        found[module] = _Target(module, slice(0, out), False)
-        found.update({prefix + module.replace(".", "_"): found[module] for prefix in KOHYA_PREFIXES})
-        names = [part.removesuffix(".weight") for part in diffusers_parts(f"{module}.weight")]
-        start = 0
-        for name, size in zip(names, part_sizes(len(names), out, hidden_size)):
-            found[name] = _Target(module, slice(start, start + size), module.startswith(SWAPPED_HALVES))
-            start += size
+        official = {module: _Target(module, slice(0, out), False)}
+        if isinstance(config, V15DiTConfig) and FUSED_QKV.fullmatch(module):  # official 1.5: q, k, v apart
+            official |= {module[:-3] + part: _Target(module, slice(i * out // 3, (i + 1) * out // 3), False)
+                         for i, part in enumerate("qkv")}
+        for name, target in official.items():
+            found[name] = target
+            found.update({prefix + name.replace(".", "_"): target for prefix in KOHYA_PREFIXES})
+        for name, target in _diffusers_names(module, out, config):
+            found[name] = target
+    return found
+
+
+def _diffusers_names(module: str, out: int, config: DiTConfig | V15DiTConfig) -> list[tuple[str, _Target]]:
+    """diffusers' module names for our `module` (several for a fused linear: its row slices)."""
+    if isinstance(config, V15DiTConfig):
+        theirs = diffusers_modules(config.double_blocks, config.refiner_blocks).get(module, ())
+        names, swap = [theirs] if isinstance(theirs, str) else list(theirs), module == SWAPPED_FINAL
+        sizes = [out // max(len(names), 1)] * len(names)  # a fused qkv: three equal parts
+    else:
+        names, swap = [part.removesuffix(".weight") for part in diffusers_parts(f"{module}.weight")], module.startswith(SWAPPED_HALVES)
+        sizes = part_sizes(len(names), out, config.hidden_size)
+    found, start = [], 0
+    for name, size in zip(names, sizes):
+        found.append((name, _Target(module, slice(start, start + size), swap)))
+        start += size
     return found
 
 
@@ -246,13 +270,13 @@ def _read_parts(spec: LoraSpec, targets: dict[str, _Target], shapes: dict[str, t
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise HyVideoError(
             f"LoRA {path} does not fit this model: " + (f"{len(problems)} key(s) not understood: {shown}" if problems else
-            "it holds no LoRA tensors") + ". Is it a HunyuanVideo LoRA (T2V or I2V) in the diffusers, kohya/musubi, Tencent or "
-            "official format?"
+            "it holds no LoRA tensors") + ". Is it a LoRA for this model (HunyuanVideo T2V or I2V, or HunyuanVideo-1.5) in "
+            "the diffusers, kohya/musubi, Tencent or official format?"
         )
     return parts
 
 
-def _ranks(parts: list[_Part], config: DiTConfig) -> dict[str, int]:
+def _ranks(parts: list[_Part], config: DiTConfig | V15DiTConfig) -> dict[str, int]:
     """Total rank R per wrapped linear; every block of a kind gets the same linears and ranks."""
     ranks: dict[str, int] = {}
     for part in parts:
@@ -262,20 +286,20 @@ def _ranks(parts: list[_Part], config: DiTConfig) -> dict[str, int]:
         match = _BLOCK.fullmatch(module)
         if match:
             widest[match.groups()] = max(widest.get(match.groups(), 0), rank)
-    counts = {"double_blocks": config.double_blocks, "single_blocks": config.single_blocks}
+    counts = {"double_blocks": config.double_blocks, "single_blocks": getattr(config, "single_blocks", 0)}  # 1.5: none
     for (blocks, rest), rank in widest.items():
         ranks.update({f"{blocks}.{i}.{rest}": rank for i in range(counts[blocks])})
     return ranks
 
 
-def _layout(specs: list[LoraSpec], config: DiTConfig):
+def _layout(specs: list[LoraSpec], config: DiTConfig | V15DiTConfig):
     shapes = linear_shapes(config)
-    targets = _targets(shapes, config.hidden_size)
+    targets = _targets(shapes, config)
     parts = [part for spec in specs for part in _read_parts(spec, targets, shapes)]
     return shapes, parts, _ranks(parts, config)
 
 
-def lora_updates(specs: list[LoraSpec], config: DiTConfig) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+def lora_updates(specs: list[LoraSpec], config: DiTConfig | V15DiTConfig) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """(our linear, down [R, in], up [out, R] with the scales in it) in float32, for all `specs`
     together (their updates add); one linear at a time, so float32 copies never pile up. img_in's
     patch convolution is the linear on each patch: in = C * kt * kh * kw."""
@@ -307,11 +331,11 @@ class LoraBytes:
     def block(self, kind: str) -> int:
         return self.double_block if kind == "double" else self.single_block
 
-    def total(self, config: DiTConfig) -> int:
-        return config.double_blocks * self.double_block + config.single_blocks * self.single_block + self.trunk
+    def total(self, config: DiTConfig | V15DiTConfig) -> int:
+        return config.double_blocks * self.double_block + getattr(config, "single_blocks", 0) * self.single_block + self.trunk
 
 
-def lora_bytes(specs: list[LoraSpec], config: DiTConfig, dtype_bytes: int = 2) -> LoraBytes:
+def lora_bytes(specs: list[LoraSpec], config: DiTConfig | V15DiTConfig, dtype_bytes: int = 2) -> LoraBytes:
     """LoraBytes of `specs` from the files' headers (and alphas): checks every key, reads no weights."""
     if not specs:
         return LoraBytes()

@@ -23,6 +23,8 @@ approximation the `*_sparse` checkpoints were tuned for; dense attention compute
 function those blocks approximate, so any 1.5 checkpoint runs here with it.
 
 `blocks` lets a caller supply the 54 blocks in order (e.g. streamed onto the GPU by lowvram/).
+Sequence parallelism (`sequence_parallel`) works as for the 13B model (hyvideo/dit.py): each
+process embeds and transforms its slab of the image tokens with every text token.
 """
 
 from collections.abc import Iterable
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from .attention import check_backend
 from .blocks import DoubleStreamBlock, FinalLayer, JointAttentionInputs
-from .dit import token_grid, unpatchify
+from .dit import ImageTokenShards, token_grid
 from .embeddings import PatchEmbed, TimestepEmbedder
 from .rope import rope_frequencies
 from .token_refiner import TokenRefiner
@@ -71,7 +73,7 @@ class VisionProjection(nn.Module):
         return self.proj(x)
 
 
-class HunyuanVideo15DiT(nn.Module):
+class HunyuanVideo15DiT(ImageTokenShards, nn.Module):
     def __init__(self, config: V15DiTConfig):
         super().__init__()
         self.config = config
@@ -88,12 +90,7 @@ class HunyuanVideo15DiT(nn.Module):
         self.final_layer = FinalLayer(hidden, pt * ph * pw * config.out_channels)
         self.attention_backend = "sdpa"
         self.token_chunk: int | None = None  # per-token work in chunks of this many tokens (None: whole sequence)
-        self.sequence_parallel = None  # not implemented for 1.5: transform() refuses one
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """Activations run in the dtype of the (never quantized) patch embedding."""
-        return self.img_in.proj.weight.dtype
+        self.sequence_parallel = None  # this process's share of the image tokens (hyvideo/dit.py)
 
     def all_blocks(self) -> list[nn.Module]:
         return list(self.double_blocks)
@@ -114,8 +111,7 @@ class HunyuanVideo15DiT(nn.Module):
         vec = self.conditioning(t, timestep_r)
         txt, txt_mask = self.text_tokens(t, text_states, text_mask, byt5_states, byt5_mask, vision_states)
         img = self.transform(x, vec, txt, txt_mask, blocks)
-        out = self.final_layer(img, vec, self.token_chunk)  # [B, N_img, pt*ph*pw*C]
-        return unpatchify(out, token_grid(x.shape[2:], self.config.patch_size), self.config.patch_size, self.config.out_channels)
+        return self.head(img, vec, x)
 
     def conditioning(self, t: torch.Tensor, timestep_r: torch.Tensor | None) -> torch.Tensor:
         """vec [B, D]: what modulates every block."""
@@ -150,17 +146,19 @@ class HunyuanVideo15DiT(nn.Module):
         return txt, torch.stack([positions < len(row) for row in rows])
 
     def transform(self, x, vec, txt, txt_mask, blocks=None) -> torch.Tensor:
-        """Latents [B, 2C+1, T, h, w] -> image tokens [B, N_img, D] after the double blocks."""
+        """Latents [B, 2C+1, T, h, w] -> image tokens [B, N_img, D] after the double blocks (this
+        process's share of them under sequence parallelism, which runs batch 1: no text mask)."""
         check_backend(self.attention_backend)
-        if self.sequence_parallel is not None:
-            raise ValueError("sequence parallelism is not implemented for HunyuanVideo-1.5 (run on one GPU)")
-        img = self.img_in(x.to(self.compute_dtype))  # [B, N_img, D]
+        if txt_mask is not None and self.sequence_parallel is not None:
+            raise ValueError("sequence parallelism runs batch 1 (its attention takes no text mask)")
+        img = self.embed_image(x)  # [B, N_img, D]
         grid = token_grid(x.shape[2:], self.config.patch_size)
         cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)
+        cos, sin = (self.shard_image_tokens(table[None], x)[0] for table in (cos, sin))  # [N_img, head_dim]
         key_mask = None
         if txt_mask is not None:
             key_mask = torch.cat([torch.ones_like(txt_mask[:, :1]).expand(-1, img.shape[1]), txt_mask], dim=1)
-        inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk)
+        inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk, self.sequence_parallel)
         for block in self.double_blocks if blocks is None else blocks:
             img, txt = block(img, txt, vec, inputs)
         return img

@@ -16,6 +16,8 @@ import re
 import torch
 
 _OFFICIAL_SPLIT = re.compile(r"(double_blocks\.\d+\.(?:img|txt)_attn_)([qkv])\.(weight|bias)")
+FUSED_QKV = re.compile(r"double_blocks\.\d+\.(?:img|txt)_attn_qkv")  # our modules the official checkpoint stores as q, k, v
+SWAPPED_FINAL = "final_layer.adaLN_modulation.1"  # diffusers stores its halves swapped
 
 
 def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,7 +44,7 @@ def ours_to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _diffusers_modules(double_blocks: int, refiner_blocks: int) -> dict[str, str | tuple[str, str, str]]:
+def diffusers_modules(double_blocks: int, refiner_blocks: int) -> dict[str, str | tuple[str, str, str]]:
     """Our module name -> diffusers' module name, or the three modules a fused qkv splits into."""
     names = {
         "img_in.proj": "x_embedder.proj",
@@ -105,7 +107,7 @@ def _block_counts(state: dict, block_pattern: str, refiner_pattern: str) -> tupl
 
 
 def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = _diffusers_modules(*_block_counts(state, r"double_blocks\.(\d+)\.", r"txt_in\.individual_token_refiner\.blocks\.(\d+)\."))
+    names = diffusers_modules(*_block_counts(state, r"double_blocks\.(\d+)\.", r"txt_in\.individual_token_refiner\.blocks\.(\d+)\."))
     out = {}
     for key, value in state.items():
         module, param = key.rsplit(".", 1)
@@ -113,12 +115,12 @@ def ours_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if isinstance(target, tuple):
             out |= {f"{name}.{param}": piece for name, piece in zip(target, value.chunk(3))}
         else:
-            out[f"{target}.{param}"] = _swap_halves(value) if module == "final_layer.adaLN_modulation.1" else value
+            out[f"{target}.{param}"] = _swap_halves(value) if module == SWAPPED_FINAL else value
     return out
 
 
 def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    names = _diffusers_modules(*_block_counts(state, r"transformer_blocks\.(\d+)\.", r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\."))
+    names = diffusers_modules(*_block_counts(state, r"transformer_blocks\.(\d+)\.", r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\."))
     sources = {}  # diffusers module -> (our module, index of its third or None)
     for module, target in names.items():
         for index, name in enumerate(target) if isinstance(target, tuple) else [(None, target)]:
@@ -130,7 +132,7 @@ def diffusers_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             raise ValueError(f"unexpected key {key!r} in a diffusers HunyuanVideo-1.5 transformer")
         module, index = sources[name]
         if index is None:
-            out[f"{module}.{param}"] = _swap_halves(value) if module == "final_layer.adaLN_modulation.1" else value
+            out[f"{module}.{param}"] = _swap_halves(value) if module == SWAPPED_FINAL else value
         else:
             thirds.setdefault(f"{module}.{param}", [None] * 3)[index] = value
     return out | {key: torch.cat(parts) for key, parts in thirds.items()}

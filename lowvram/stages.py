@@ -44,6 +44,7 @@ from hyvideo.lora import LoraSpec, apply_loras
 from hyvideo.models import dit_class
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from hyvideo.v15_checkpoint import load_v15_dit, load_v15_dit_state_dict, load_v15_vae, v15_dit_config, v15_vae_config
+from hyvideo.v15_config import V15Sampling
 from hyvideo.image import image_to_pixels, resize_center_crop
 from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, ImageCondition, decode, denoise, encode_image
 from hyvideo.step_cache import PRESETS as STEP_CACHE_PRESETS
@@ -403,7 +404,12 @@ class Stages:
         """Euler steps start_step..N-1 on the placed DiT, its blocks from the streamer, the next
         step's first copies issued during this one's last blocks: the one denoising call that one
         process and every rank of several make. on_prediction: a live preview's (rank 0's); image:
-        an I2V run's conditioning image."""
+        an I2V run's conditioning image. A HunyuanVideo-1.5 run's embeddings are (prompt, negative)
+        and its image a V15Image (`denoise_v15`; it has no step cache)."""
+        if self.files.family == V15_FAMILY:
+            sampling = V15Sampling(request.steps, request.guidance, request.flow_shift)
+            return self.denoise_v15(model, streamer, *embeddings, latents, sampling, start_step=start_step, on_step=on_step,
+                                    image=image)
         steps = request.steps
         return denoise(model, embeddings, latents, request, self.device, start_step=start_step, on_step=on_step,
                        blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache,

@@ -194,3 +194,55 @@ def test_i2v_denoise_on_two_ranks_equals_one_process(tmp_path, name, latent_hw, 
         expected = _i2v_denoise(name, latent_hw, chunk)
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, rtol=0, atol=1e-4)
+
+
+def _v15_model_and_inputs(image: bool, hw: tuple[int, int]):
+    """The tiny HunyuanVideo-1.5 DiT (2 heads, patch 1) with random weights; 3 latent frames of `hw`
+    tokens, Qwen and byT5 states with padding (dropped at batch 1), SigLIP states for image-to-video."""
+    from hyvideo.v15_config import V15_DIT_CONFIGS
+    from hyvideo.v15_dit import HunyuanVideo15DiT
+    from tests.helpers import randomize_
+
+    config = V15_DIT_CONFIGS["tiny"]
+    model = HunyuanVideo15DiT(config).eval()
+    randomize_(model, seed=1)
+    g = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(1, config.in_channels, 3, *hw, generator=g), torch.tensor([700.0]),
+              torch.randn(1, 12, config.text_states_dim, generator=g), torch.tensor([[1] * 9 + [0] * 3]),
+              torch.randn(1, 7, config.byt5_states_dim, generator=g), torch.tensor([[1] * 4 + [0] * 3]),
+              torch.randn(1, 5, config.vision_states_dim, generator=g) if image else None)
+    return model, inputs
+
+
+def _v15_rank(rank: int, world: int, mode: str, port: int, folder: str, image: bool, hw: tuple[int, int]) -> None:
+    from yunchang.globals import PROCESS_GROUP, set_seq_parallel_pg
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, inputs = _v15_model_and_inputs(image, hw)
+    layout = choose_layout(mode, world, model.config.heads)
+    set_seq_parallel_pg(layout.ulysses, layout.ring, rank, world)
+    model.sequence_parallel = SequenceParallel(layout, rank, model.config.patch_size, PROCESS_GROUP.ULYSSES_PG,
+                                               PROCESS_GROUP.RING_PG)
+    with torch.inference_mode():
+        torch.save(model(*inputs), os.path.join(folder, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode, world, image, hw, axis", [
+    ("ulysses", 2, False, (8, 10), 1),  # 8 token rows: 4 per rank
+    ("ring", 2, True, (5, 8), 2),  # 5 rows do not halve: 4 columns per rank
+    ("usp", 4, False, (8, 10), 1),  # Ulysses 2 x ring 2, 2 rows per rank
+])
+@pytest.mark.slow
+def test_v15_split_forward_equals_one_process(tmp_path, mode, world, image, hw, axis):
+    """HunyuanVideo-1.5's DiT (patch 1: a token per latent pixel) split the same ways, with its
+    three kinds of text tokens (SigLIP for image-to-video, byT5, Qwen) on every rank, returns one
+    process's velocity on every rank. Same bound and reasons as the 13B model's split forward above."""
+    assert split_axis((3, *hw), world) == axis
+    fork_ranks(_v15_rank, world, mode, free_port(), str(tmp_path), image, hw)
+    model, inputs = _v15_model_and_inputs(image, hw)
+    with torch.inference_mode():
+        expected = model(*inputs)
+    for rank in range(world):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected, rtol=0, atol=1e-5)

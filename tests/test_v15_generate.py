@@ -2,7 +2,8 @@
 in Tencent's layout, tiny encoders of tests/tiny_v15_text.py): the transformer's own sampling
 defaults, the FP8 DiT streamed under real CFG, the 16x VAE in tiles, a video out; stopped after a
 step, or killed as a process, and resumed, the final latents equal an uninterrupted run's; a batch's
-clips equal each clip alone; a sparse-attention transformer runs dense and says so."""
+clips equal each clip alone; on two CPU ranks (`--gpus 2`) a run equals one process's; a
+sparse-attention transformer runs dense and says so."""
 
 import dataclasses
 import json
@@ -129,3 +130,44 @@ def test_sigkill_then_resume_is_bit_identical(model_dir, tmp_path):
     resumed = invoke("resume", "--runs-dir", runs, "--json")
     assert resumed.exit_code == 0, resumed.output
     assert final_latents(resumed.stdout).equal(reference)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(model_dir, tmp_path):
+    """`--gpus 2` on 1.5 weights (two CPU ranks talking gloo, 96x64: a 4 x 6 token grid whose 4
+    rows halve): both CFG forwards of every step split across the ranks, the final latents equal
+    one process's within the 13B --gpus runs' bound (tests/test_cli_multigpu.py: 1e-4, float32,
+    attention summed in another order; a token in the wrong place is ~1e-1)."""
+    pytest.importorskip("yunchang")
+    from tests.helpers import uninterrupted_latents
+
+    args = ["--steps", "3", *CLI_ARGS]
+    one = uninterrupted_latents(model_dir, tmp_path / "one", args)
+    two = uninterrupted_latents(model_dir, tmp_path / "two", [*args, "--gpus", "2"])
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-4)
+    assert not two.equal(one)  # the ranks did split the attention (else this would be bit-identical)
+
+
+def test_a_lora_runs_on_the_streamed_fp8_dit(model_dir, tmp_path):
+    """`--lora` on 1.5 weights (musubi's kohya names, q apart from k and v) through the runner: the
+    streamed FP8 blocks carry it; strength 0 leaves the run's latents bit-identical to no LoRA,
+    strength 1 moves them, and the run records it."""
+    from safetensors.torch import save_file
+
+    from hyvideo.lora import LoraSpec
+
+    gen = torch.Generator().manual_seed(6)
+    lora = tmp_path / "musubi.safetensors"
+    save_file({f"lora_unet_double_blocks_{i}_img_attn_q.lora_{kind}.weight": torch.randn(*shape, generator=gen)
+               for i in range(2) for kind, shape in (("down", (4, 64)), ("up", (64, 4)))}, lora)
+
+    def final(runs, loras):
+        run, files, plan = start_run(options(model_dir, runs, loras=loras))
+        done = execute(run, files, plan)
+        return find_run(runs, done.run_id).load_final(), done
+
+    plain, _ = final(tmp_path / "plain", [])
+    off, _ = final(tmp_path / "off", [LoraSpec(lora, 0.0)])
+    on, done = final(tmp_path / "on", [LoraSpec(lora)])
+    assert off.equal(plain) and not on.equal(plain)
+    assert done.stats["dit"]["blocks_copied_per_step"] == [1] * 6 and done.settings["loras"][0]["strength"] == 1.0

@@ -221,7 +221,7 @@ def v15_request(request: GenerationRequest, files, options: RunOptions) -> Gener
     shift where the user set none; image-to-video's video takes the transformer's bucket for the
     image (its 480p or 720p base size, the image's aspect), as diffusers' pipeline, whatever size
     was asked; what 1.5 does not run yet is refused here."""
-    for wanted, why in ((options.loras, "--lora"), (current_ranks() is not None, "--gpus"), (options.rewrite, "--rewrite"),
+    for wanted, why in ((options.rewrite, "--rewrite"),
                         (options.request.riflex, "--riflex on"), (options.preview, "--preview")):
         if wanted:
             raise HyVideoError(f"{why} is not wired for HunyuanVideo-1.5 yet; leave it out")
@@ -324,7 +324,7 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
     if query.link_gbs <= 0:
         raise HyVideoError(f"--link-gbs must be positive, not {query.link_gbs:g}")
     sizes = released_model_sizes(query.model, query.width, query.height)
-    sizes["lora_bytes"] = lora_bytes(query.loras, sizes["dit_config"])  # every key checked against the 13B DiT, no weights read
+    sizes["lora_bytes"] = lora_bytes(query.loras, sizes["dit_config"])  # every key checked against the DiT, no weights read
     if query.gpus is not None:
         sizes["layout"] = parallel_layout(query.parallel, query.gpus, query.width, query.height, query.frames)
     free_vram, free_ram = free_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -44,7 +44,6 @@ from hyvideo.pipeline import GenerationRequest, ImageCondition, image_initial_la
 from hyvideo.sampler import initial_noise
 from hyvideo.text_encoder import TEXT_LEN, encode_prompts
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
-from hyvideo.v15_config import V15Sampling
 from lowvram.attention_choice import usable_backend
 from lowvram.planner import Plan
 from lowvram.profiles import Profile
@@ -535,13 +534,8 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
 
         if run.settings.get("preview"):
             reporter.preview(str(run.folder / PREVIEW))
-        if stages.files.family == V15_FAMILY:  # embeddings: (prompt, negative); image: a V15Image; no step cache or preview yet
-            sampling = V15Sampling(request.steps, request.guidance, request.flow_shift)
-            latents = stages.denoise_v15(model, streamer, *embeddings, latents, sampling, start_step=step, on_step=on_step,
-                                         image=image)
-        else:
-            latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache,
-                                     on_prediction=preview if run.settings.get("preview") else None, image=image)
+        latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=step, on_step=on_step, cache=cache,
+                                 on_prediction=preview if run.settings.get("preview") else None, image=image)
     finally:
         stop.stage = None
         # The steps that ran the DiT's blocks. The copy counters are per forward: with a step cache
