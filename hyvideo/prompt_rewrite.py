@@ -39,12 +39,35 @@ INSTRUCTIONS = {
     ),
 }
 
+# Models that can write the rewrite: any transformers causal LM, and the instruction-tuned
+# vision-language model whose language model is HunyuanVideo-1.5's text encoder (Tencent's
+# text_encoder/llm/ is the whole Qwen2.5-VL-7B-Instruct, head included; it writes from text alone).
+VISION_LANGUAGE_WRITERS = ("Qwen2_5_VLForConditionalGeneration",)
+
+
+def writes_text(architectures: list[str]) -> bool:
+    """Whether a model of these transformers `architectures` (its config's) can write a prompt."""
+    return any(name.endswith("ForCausalLM") or name in VISION_LANGUAGE_WRITERS for name in architectures)
+
+
+def writer_class(architectures: list[str]):
+    """The transformers auto class that loads such a model with its head."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if any(name in VISION_LANGUAGE_WRITERS for name in architectures) else AutoModelForCausalLM
+
+
 # Llama-3's chat format (the format of the encoder's own prompt template), for a tokenizer saved
 # without a chat template of its own.
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
     "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# Qwen's chat format (ChatML), for a Qwen tokenizer saved without its chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -61,7 +84,8 @@ def rewrite_messages(prompt: str, mode: str) -> list[dict]:
 
 def chat_input_ids(tokenizer, prompt: str, mode: str) -> torch.Tensor:
     """[1, L] token ids of the chat, ending with the assistant header the answer follows."""
-    template = tokenizer.chat_template or LLAMA3_CHAT_TEMPLATE
+    fallback = CHATML_TEMPLATE if "<|im_start|>" in tokenizer.get_vocab() else LLAMA3_CHAT_TEMPLATE
+    template = tokenizer.chat_template or fallback
     encoded = tokenizer.apply_chat_template(rewrite_messages(prompt, mode), chat_template=template,
                                             add_generation_prompt=True, return_tensors="pt", return_dict=True)
     return encoded["input_ids"]
@@ -69,11 +93,11 @@ def chat_input_ids(tokenizer, prompt: str, mode: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def rewrite_prompt(model, tokenizer, prompt: str, mode: str, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
-    """The rewritten prompt: greedy decoding of `model` (a transformers causal LM) until its end of
-    turn, end of text, or `max_new_tokens`."""
+    """The rewritten prompt: greedy decoding of `model` (a transformers model that `writes_text`)
+    until its end of turn, end of text, or `max_new_tokens`."""
     input_ids = chat_input_ids(tokenizer, prompt, mode).to(model.device)
     vocab = tokenizer.get_vocab()
-    stop = [i for i in (tokenizer.eos_token_id, vocab.get("<|eot_id|>")) if i is not None]
+    stop = [i for i in (tokenizer.eos_token_id, vocab.get("<|eot_id|>"), vocab.get("<|im_end|>")) if i is not None]
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                             do_sample=False, eos_token_id=stop, pad_token_id=stop[0] if stop else None)
     text = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip().strip('"').strip()

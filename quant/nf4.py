@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from hyvideo.errors import HyVideoError, one_line
+from hyvideo.prompt_rewrite import writer_class
 from hyvideo.files import file_fingerprint, fsync_dir, remove_dead_temps, temp_path, write_atomic
 
 from .cache import CacheStatus, file_sha256
@@ -102,18 +103,22 @@ def _check_folder(folder: str | Path) -> Path:
     return path
 
 
-def _auto_class(causal: bool):
-    """AutoModel (the encoder: the Llama without its LM head) or, for `--rewrite`, the causal LM."""
-    from transformers import AutoModel, AutoModelForCausalLM
+def _auto_class(causal: bool, folder: Path):
+    """AutoModel (the encoder: the Llama without its LM head) or, for `--rewrite`, the model with
+    its head as `hyvideo.prompt_rewrite.writer_class` says (a causal LM, or Qwen2.5-VL-Instruct)."""
+    from transformers import AutoModel
 
-    return AutoModelForCausalLM if causal else AutoModel
+    if not causal:
+        return AutoModel
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    return writer_class(architectures)
 
 
 def load_llm_bf16(folder: str | Path, device: "torch.device | str" = "cpu", causal: bool = False) -> nn.Module:
     """The plain encoder (or with `causal`, the LM with its head) in bf16."""
     path = _check_folder(folder)
     try:
-        model = _auto_class(causal).from_pretrained(path, dtype=torch.bfloat16, local_files_only=True)
+        model = _auto_class(causal, path).from_pretrained(path, dtype=torch.bfloat16, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise HyVideoError(f"could not load the text encoder (LLM) from {path}: {one_line(error)}") from error
     return model.to(device).eval()
@@ -131,7 +136,7 @@ def _load_nf4(folder: Path, device: torch.device, quantize: bool, causal: bool =
     folder, or (quantize=False) a saved NF4 model (the cache) as it is, without quantizing again."""
     extra = {"quantization_config": nf4_config()} if quantize else {}
     try:
-        model = _auto_class(causal).from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device}, local_files_only=True, **extra)
+        model = _auto_class(causal, Path(folder)).from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device}, local_files_only=True, **extra)
     except (OSError, KeyError) as error:
         raise HyVideoError(f"could not load the text encoder (LLM) from {folder}: {one_line(error)}") from error
     except Exception as error:  # transformers' bitsandbytes checks (versions, devices) raise various types

@@ -171,3 +171,27 @@ def test_a_lora_runs_on_the_streamed_fp8_dit(model_dir, tmp_path):
     on, done = final(tmp_path / "on", [LoraSpec(lora)])
     assert off.equal(plain) and not on.equal(plain)
     assert done.stats["dit"]["blocks_copied_per_step"] == [1] * 6 and done.settings["loras"][0]["strength"] == 1.0
+
+
+@pytest.mark.slow
+def test_rewrite_with_tencents_qwen_instruct_then_encode_the_rewrite(model_dir, tmp_path, monkeypatch):
+    """`--rewrite` on 1.5 in Tencent's layout: text_encoder/llm/ is the whole Qwen2.5-VL-Instruct,
+    which writes the rewrite (ChatML: the tiny tokenizer has no template of its own); the run keeps
+    it and the 1.5 encoders read it. The tiny model's rewrite is gibberish, but greedy, so it equals
+    the same call outside the run."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from hyvideo.prompt_rewrite import chat_input_ids, rewrite_prompt
+    from hyvideo.v15_text import V15TextEncoder
+
+    encoded = []
+    real_encode = V15TextEncoder.encode
+    monkeypatch.setattr(V15TextEncoder, "encode", lambda self, prompt: encoded.append(prompt) or real_encode(self, prompt))
+    run, files, plan = start_run(options(model_dir, tmp_path, rewrite="normal"))
+    done = execute(run, files, plan)
+    llm = model_dir / "text_encoder" / "llm"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(llm, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    prompt = options(model_dir, tmp_path).request.prompt
+    assert tokenizer.decode(chat_input_ids(tokenizer, prompt, "normal")[0]).startswith("<|im_start|>system\n")
+    assert done.rewritten_prompt == rewrite_prompt(model, tokenizer, prompt, "normal") and encoded == [done.rewritten_prompt]

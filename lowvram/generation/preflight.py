@@ -221,8 +221,7 @@ def v15_request(request: GenerationRequest, files, options: RunOptions) -> Gener
     shift where the user set none; image-to-video's video takes the transformer's bucket for the
     image (its 480p or 720p base size, the image's aspect), as diffusers' pipeline, whatever size
     was asked; what 1.5 does not run yet is refused here."""
-    for wanted, why in ((options.rewrite, "--rewrite"),
-                        (options.request.riflex, "--riflex on"), (options.preview, "--preview")):
+    for wanted, why in ((options.request.riflex, "--riflex on"), (options.preview, "--preview")):
         if wanted:
             raise HyVideoError(f"{why} is not wired for HunyuanVideo-1.5 yet; leave it out")
     defaults = files.sampling

@@ -2,9 +2,11 @@
 in the run (hyvideo/prompt_rewrite.py holds the instructions and the decoding).
 
 The LLM is the official layout's text encoder by default: the LLaVA-Llama-3 language model saved
-with its LM head, loaded here as a causal LM (NF4 on the GPU where the profile runs the encoder in
-NF4, as a 16 GB card cannot hold it in bf16 next to anything else). The diffusers layout saves the
-encoder without its head (a LlamaModel), so there `--rewrite-model DIR` must name a local causal LM.
+with its LM head (HunyuanVideo-1.5 in Tencent's layout: the whole Qwen2.5-VL-7B-Instruct, which
+writes from text alone), loaded with its head (NF4 on the GPU where the profile runs the encoder in
+NF4, as a 16 GB card cannot hold it in bf16 next to anything else). The diffusers layouts save the
+encoder without its head (LlamaModel, Qwen2_5_VLTextModel), so there `--rewrite-model DIR` must name
+a local causal LM.
 Memory: the rewrite is the first thing of the text stage; its model is freed before the encoders
 load.
 
@@ -20,7 +22,7 @@ import torch
 
 from hyvideo.checkpoint import ModelFiles, find_model_files
 from hyvideo.errors import HyVideoError, one_line
-from hyvideo.prompt_rewrite import check_mode, rewrite_prompt
+from hyvideo.prompt_rewrite import check_mode, rewrite_prompt, writer_class, writes_text
 from lowvram.progress import Reporter
 from lowvram.streaming import empty_cache
 
@@ -39,13 +41,14 @@ def rewrite_folders(files: ModelFiles | None, rewrite_model: Path | None) -> tup
     except (OSError, ValueError) as error:
         raise HyVideoError(f"--rewrite-model {folder} is not a transformers model folder (config.json: "
                            f"{getattr(error, 'strerror', None) or error}); pass a folder saved with save_pretrained") from None
-    if not any(name.endswith("ForCausalLM") for name in architectures):
+    if not writes_text(architectures):
         if rewrite_model is None:
             raise HyVideoError(f"the text encoder in {folder} has no LM head to write with ({', '.join(architectures) or 'no architectures'}; "
-                               "the diffusers layout saves none, image-to-video's is a LLaVA), so it cannot write a prompt; pass "
-                               "--rewrite-model DIR, a local causal LM folder (e.g. a text-to-video official layout's text_encoder/)")
+                               "diffusers' layouts save none, the 13B image-to-video's is a LLaVA), so it cannot write a prompt; pass "
+                               "--rewrite-model DIR, a local causal LM folder (e.g. a text-to-video official layout's text_encoder/, "
+                               "or HunyuanVideo-1.5's text_encoder/llm/ from Tencent's layout)")
         raise HyVideoError(f"--rewrite-model {folder} is not a causal language model ({', '.join(architectures) or 'no architectures'}); "
-                           "pass a folder of a *ForCausalLM model")
+                           "pass a folder of a *ForCausalLM model (or Qwen2.5-VL-Instruct)")
     return folder, tokenizer
 
 
@@ -64,14 +67,15 @@ def load_rewriter(folder: Path, tokenizer_folder: Path, device: torch.device, dt
                   reporter: Reporter):
     """(causal LM, tokenizer): NF4 linears on `device` when `nf4` (quant/nf4.py; where bitsandbytes
     cannot run it, bf16 on the CPU with a warning, as the encoder's fallback), else `dtype`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from quant.nf4 import load_llm_nf4
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
         if not nf4:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": device}, local_files_only=True)
+            architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+            model = writer_class(architectures).from_pretrained(folder, dtype=dtype, device_map={"": device}, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise HyVideoError(f"could not load the rewrite model from {folder}: {one_line(error)}") from None
     if nf4:
