@@ -44,8 +44,8 @@ ProfileName = typer.Option("auto", "--profile", help="Memory profile: auto, a na
 Size = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 1280x720).")
 Resolution = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p).")
 Aspect = typer.Option(None, "--aspect", help="With --resolution: 16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9).")
-Frames = typer.Option(129, "--frames", help="Number of frames, 4k+1 up to 261 (129 = 5.4 s at 24 fps, the trained length; "
-                      "1 = a PNG image).")
+Frames = typer.Option(None, "--frames", show_default=False, help="Number of frames, 4k+1 up to 261; default the "
+                      "trained length: 129 (5.4 s at 24 fps), 121 for HunyuanVideo-1.5; 1 = a PNG image.")
 Riflex = typer.Option("auto", "--riflex", help="RIFLEx, for clips longer than the trained 129 frames (no loop or freeze): "
                       "auto (on above 129 frames), on or off.")
 Preview = typer.Option(False, "--preview", help="Write preview.webp in the run folder after every step: the clip as the "

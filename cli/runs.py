@@ -80,7 +80,7 @@ def generate(
 
     with user_errors(as_json):
         from hyvideo.lora import LoraSpec
-        from hyvideo.pipeline import GenerationRequest, riflex_choice
+        from hyvideo.pipeline import TRAINED_FRAMES, GenerationRequest, riflex_choice
         from lowvram.generation.preflight import RunOptions
         from lowvram.setup.download import default_model_dir
         from lowvram.sizes import resolve_size
@@ -90,13 +90,15 @@ def generate(
         if not batch:
             seed = random.randint(0, 1_000_000) if seed is None else seed
         sampling = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("flow_shift", flow_shift)) if v is not None}
-        request = GenerationRequest("" if batch else _read_prompt(prompt, prompt_file), width=width, height=height, frames=frames,
+        given = {*sampling, *(["frames"] if frames is not None else [])}  # a HunyuanVideo-1.5 model's own defaults fill the rest
+        request = GenerationRequest("" if batch else _read_prompt(prompt, prompt_file), width=width, height=height,
+                                    frames=TRAINED_FRAMES if frames is None else frames,
                                     seed=seed, riflex=riflex_choice(riflex), image=None if image is None else str(image),
                                     stability=stability, **sampling)
         options = RunOptions(request, model_dir or default_model_dir(), runs_dir, profile,
                              overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), device, out_path, cache_dir,
                              loras=[LoraSpec.parse(text) for text in lora or []], rewrite=rewrite, rewrite_model=rewrite_model,
-                             preview=preview, model=model, sampling_given=frozenset(sampling))
+                             preview=preview, model=model, sampling_given=frozenset(given))
     if batch:
         _generate_batch(prompt, prompt_file, prompts, seeds, options, as_json, quiet, gpus, parallel)
     else:

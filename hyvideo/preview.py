@@ -9,6 +9,11 @@ rgb = x0 . factors + bias, then maps [-1, 1] to [0, 255]). They act on the laten
 denoises, i.e. the VAE's latents times its scaling factor 0.476986 (ComfyUI's `scale_factor` for
 this format), which are ours between steps (hyvideo/pipeline.py divides by it only to decode).
 A fit, not the decoder: colours and layout are right roughly, detail is not.
+
+HunyuanVideo-1.5's VAE (32 channels, 16x) has no published factors, so `fit_latent_rgb` makes them
+the same way such factors are made, from the VAE itself: the least-squares linear map from each
+latent pixel to the mean colour of the pixels it encodes, over images of random flat-colour blocks
+(one block per latent pixel), run through the VAE's encoder once per VAE (lowvram/ keeps the result).
 """
 
 import torch
@@ -49,3 +54,25 @@ def latent_rgb(
     rgb = weight.T @ latents[0].reshape(channels, -1).float() + shift[:, None]  # [3, T*h*w]
     pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
     return pixels.reshape(3, frames, height, width).permute(1, 2, 3, 0).contiguous()  # channels last, in uint8: cheap
+
+
+def fit_latent_rgb(
+    encode,  # pixels [N, 3, 1, H, W] in [-1, 1] (float32, CPU) -> the DiT's scaled latents [N, C, 1, H/ratio, W/ratio]
+    ratio: int,  # the VAE's spatial compression
+    images: int = 24,
+    blocks: int = 4,
+    seed: int = 0,
+) -> tuple[tuple, tuple]:
+    """(factors [C][3], bias [3]) for `latent_rgb`: least squares over `images` images of `blocks` x
+    `blocks` random colours, each colour filling the ratio x ratio pixels of one latent pixel
+    (images * blocks^2 samples, 384 by default: well over the C + 1 unknowns per colour channel).
+    Deterministic: the same VAE gives the same factors."""
+    generator = torch.Generator().manual_seed(seed)
+    colours = torch.rand(images, 3, 1, blocks, blocks, generator=generator) * 2 - 1  # [N, 3, 1, b, b]
+    pixels = colours.repeat_interleave(ratio, dim=-2).repeat_interleave(ratio, dim=-1)  # [N, 3, 1, b*ratio, b*ratio]
+    latents = encode(pixels).float()  # [N, C, 1, b, b]
+    samples = latents.permute(0, 2, 3, 4, 1).reshape(-1, latents.shape[1])  # [N*b*b, C]
+    targets = colours.permute(0, 2, 3, 4, 1).reshape(-1, 3)  # [N*b*b, 3]
+    design = torch.cat([samples, torch.ones(len(samples), 1)], dim=1).double()  # the last column fits the bias
+    solution = torch.linalg.lstsq(design, targets.double(), driver="gelsd").solution  # [C + 1, 3]
+    return tuple(tuple(row) for row in solution[:-1].float().tolist()), tuple(solution[-1].float().tolist())

@@ -182,6 +182,8 @@ class V15Sampling:
 
 
 # Keys are the folder names under `transformer/` in tencent/HunyuanVideo-1.5.
+V15_TRAINED_FRAMES = 121  # HunyuanVideo-1.5's trained clip length and Tencent's default (31 latent frames)
+
 V15_SAMPLING: dict[str, V15Sampling] = {
     "480p_t2v": V15Sampling(50, 6.0, 5.0),
     "480p_i2v": V15Sampling(50, 6.0, 5.0),

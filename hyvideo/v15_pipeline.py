@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampler import euler_step, flow_sigmas, flow_timesteps
+from .sampler import euler_step, flow_sigmas, flow_timesteps, predicted_clean
 
 
 @dataclass
@@ -59,10 +59,12 @@ def denoise(
     guidance_scale: float, device, image: V15Image | None = None, start_step: int = 0,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     blocks_for_forward: Callable[[int], Iterable[torch.nn.Module]] | None = None,
+    on_prediction: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Euler steps start_step..steps-1 from float32 `latents` [1, C, T, h, w]; on_step(i, latents)
     after each. blocks_for_forward(i): the DiT's blocks for one forward of step i (called once per
-    forward: twice per step under real CFG); None: its own."""
+    forward: twice per step under real CFG); None: its own. on_prediction(i, clean): step i's
+    prediction of the clean latents (a live preview), before on_step."""
     cfg = guidance_scale != 1.0
     if cfg and negative is None:
         raise ValueError("real CFG (guidance_scale != 1) needs the negative prompt's embeddings")
@@ -82,6 +84,8 @@ def denoise(
             velocities.append(dit(x, timesteps[i : i + 1], p.text_states, p.text_mask, p.byt5_states, p.byt5_mask,
                                   vision, timestep_r, blocks=blocks).float())
         velocity = velocities[0] if not cfg else velocities[1] + guidance_scale * (velocities[0] - velocities[1])
+        if on_prediction is not None:
+            on_prediction(i, predicted_clean(latents, velocity, sigmas[i]))
         latents = euler_step(latents, velocity, sigmas, i)
         if on_step is not None:
             on_step(i, latents)

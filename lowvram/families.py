@@ -17,9 +17,11 @@ from hyvideo.text_encoder import (
     OFFICIAL_CROP_START_I2V,
     TEXT_LEN,
 )
+from hyvideo.pipeline import TRAINED_FRAMES
 from hyvideo.v15_config import (
     V15_DIT_CONFIGS,
     V15_SAMPLING,
+    V15_TRAINED_FRAMES,
     V15_VAE_CONFIGS,
     V15DiTConfig,
     V15VAEConfig,
@@ -130,6 +132,12 @@ def v15_model_sizes(dit_config: V15DiTConfig, vae_config: V15VAEConfig, guidance
             "text_encoders": hunyuan15_text_encoders(qwen, byt5, siglip),
             "text_tokens": hunyuan15_text_tokens(siglip), "forwards_per_step": 1 if guidance_scale == 1.0 else 2,
             **({"image_size": image_size} if siglip is not None else {})}
+
+
+def trained_frames(model: str | None) -> int:
+    """The default --frames: a model's trained clip length (HunyuanVideo 129, HunyuanVideo-1.5 121);
+    `model`: a released model's name (RELEASED_NAMES), None for the 13B model."""
+    return V15_TRAINED_FRAMES if model in RELEASED_V15 else TRAINED_FRAMES
 
 
 def released_model_sizes(model: str, width: int, height: int) -> dict:

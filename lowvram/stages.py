@@ -40,12 +40,14 @@ from hyvideo.attention import check_backend
 from hyvideo.checkpoint import ModelFiles, load_dit, load_dit_state_dict, load_vae, official_dit_config
 from hyvideo.config import DiTConfig, VAEConfig
 from hyvideo.errors import HyVideoError
+from hyvideo.files import file_fingerprint, write_atomic
 from hyvideo.lora import LoraSpec, apply_loras
 from hyvideo.models import dit_class
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from hyvideo.v15_checkpoint import load_v15_dit, load_v15_dit_state_dict, load_v15_vae, v15_dit_config, v15_vae_config
 from hyvideo.v15_config import V15Sampling
 from hyvideo.image import image_to_pixels, resize_center_crop
+from hyvideo.preview import HUNYUAN_LATENT_RGB_BIAS, HUNYUAN_LATENT_RGB_FACTORS, fit_latent_rgb
 from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, ImageCondition, decode, denoise, encode_image
 from hyvideo.step_cache import PRESETS as STEP_CACHE_PRESETS
 from hyvideo.step_cache import CacheState, TeaCache
@@ -59,9 +61,10 @@ from .compile import compile_blocks, dynamo_graphs
 from .families import hunyuan_i2v_text_encoders, hunyuan_text_encoders, i2v_text_tokens, v15_model_sizes
 from .planner import I2V_IMAGE_SIZE, Plan
 from .progress import Reporter
-from .streaming import BlockStreamer, forward_blocks, place_dit, release_dit
+from .streaming import BlockStreamer, empty_cache, forward_blocks, place_dit, release_dit
 from .tiled_vae import TiledVAE, spatial_tile_for
 
+PREVIEW_RGB_FILE = "preview-rgb.json"  # HunyuanVideo-1.5's fitted latent-to-RGB projection, in the cache folder
 CPU_MAX_DIT_PARAMS = 1_000_000_000  # the real DiT has 12.8 B; tiny test/demo models a few hundred k
 
 
@@ -242,6 +245,7 @@ class Stages:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(files)
         self.dtype, self.vae_dtype = compute_dtypes(device)
         self.stats: dict = {}
+        self._preview_projection: tuple[tuple, tuple] | None = None
 
     @property
     def profile(self):
@@ -409,14 +413,14 @@ class Stages:
         if self.files.family == V15_FAMILY:
             sampling = V15Sampling(request.steps, request.guidance, request.flow_shift)
             return self.denoise_v15(model, streamer, *embeddings, latents, sampling, start_step=start_step, on_step=on_step,
-                                    image=image)
+                                    image=image, on_prediction=on_prediction)
         steps = request.steps
         return denoise(model, embeddings, latents, request, self.device, start_step=start_step, on_step=on_step,
                        blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache,
                        image=image, on_prediction=on_prediction)
 
     def denoise_v15(self, model: torch.nn.Module, streamer: BlockStreamer, prompt, negative, latents: torch.Tensor,
-                    sampling, *, start_step: int, on_step, image=None) -> torch.Tensor:
+                    sampling, *, start_step: int, on_step, image=None, on_prediction=None) -> torch.Tensor:
         """HunyuanVideo-1.5's Euler steps start_step..N-1 (`sampling`: steps, guidance_scale,
         flow_shift) on the placed DiT: under real CFG two forwards a step, one after the other, each
         streaming the streamed blocks (`forward_blocks`). image: an image-to-video run's V15Image."""
@@ -424,7 +428,7 @@ class Stages:
 
         forwards = 1 if sampling.guidance_scale == 1.0 else 2
         return v15_denoise(model, prompt, negative, latents, sampling.steps, sampling.flow_shift, sampling.guidance_scale,
-                           self.device, image=image, start_step=start_step, on_step=on_step,
+                           self.device, image=image, start_step=start_step, on_step=on_step, on_prediction=on_prediction,
                            blocks_for_forward=forward_blocks(streamer, sampling.steps, forwards))
 
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
@@ -442,6 +446,39 @@ class Stages:
         release_dit(model, streamer, keep_on_host=False)
 
     # -- VAE ------------------------------------------------------------------------------------
+
+    def preview_projection(self) -> tuple[tuple, tuple]:
+        """(factors, bias) projecting this model's latents to RGB for --preview (hyvideo/preview.py):
+        the 13B model's published ones; HunyuanVideo-1.5 has none, so they are fitted to its VAE's
+        encoder once and kept in the cache folder under the VAE file's fingerprint (the first call
+        comes before the DiT is placed: the fit loads the VAE on the device)."""
+        if self._preview_projection is None:
+            self._preview_projection = self._load_or_fit_projection()
+        return self._preview_projection
+
+    def _load_or_fit_projection(self) -> tuple[tuple, tuple]:
+        if self.files.family != V15_FAMILY:
+            return HUNYUAN_LATENT_RGB_FACTORS, HUNYUAN_LATENT_RGB_BIAS
+        path, vae_file = self.cache_dir / PREVIEW_RGB_FILE, file_fingerprint([self.files.vae_weights])[0]
+        try:
+            saved = json.loads(path.read_text())
+            if saved["vae"] == vae_file:
+                return tuple(map(tuple, saved["factors"])), tuple(saved["bias"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, another VAE's, or unreadable: fit again
+        self.reporter.stage("fitting the preview's colours to the VAE")
+        vae = self.vae()
+        try:
+            scale, ratio = vae.config.scaling_factor, vae.config.spatial_compression_ratio
+            with torch.inference_mode():
+                factors, bias = fit_latent_rgb(lambda pixels: vae.encode(pixels.to(self.device, self.vae_dtype)).float().cpu() * scale,
+                                               ratio)
+        finally:
+            vae = None
+            empty_cache(self.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"vae": vae_file, "factors": factors, "bias": bias}).encode(), "the preview's colour fit")
+        return factors, bias
 
     def vae(self):
         load = load_v15_vae if self.files.family == V15_FAMILY else load_vae

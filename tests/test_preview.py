@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image  # a test dependency through diffusers; the product writes WebP with PyAV
 
-from hyvideo.preview import HUNYUAN_LATENT_RGB_BIAS, HUNYUAN_LATENT_RGB_FACTORS, latent_rgb
+from hyvideo.preview import HUNYUAN_LATENT_RGB_BIAS, HUNYUAN_LATENT_RGB_FACTORS, fit_latent_rgb, latent_rgb
 from hyvideo.sampler import flow_sigmas, predicted_clean
 from lowvram.generation.preview import PREVIEW_FPS, write_webp
 from tests.helpers import TINY_ARGS, as_json, invoke
@@ -36,6 +36,28 @@ def test_published_hunyuan_factors():
     latents[0, 12, 0, 0, 0] = 1.0
     assert latent_rgb(latents)[0, 0].tolist() == [[101, 100, 100], [130, 125, 117]]
     assert HUNYUAN_LATENT_RGB_BIAS == (0.0259, -0.0192, -0.0761)
+
+
+def test_the_fit_inverts_a_linear_encoder():
+    """fit_latent_rgb on an encoder whose latent pixel is a known affine map of the mean colour of
+    its 16 x 16 pixels (5 channels, as a VAE has more channels than colours): the fitted projection
+    gives every colour back, for images it never saw, to float32 rounding (so within one uint8 level
+    of the exact mapping, which truncates). A transposed or shifted fit is off by tens of levels."""
+    generator = torch.Generator().manual_seed(3)
+    mix, offset = torch.randn(5, 3, generator=generator), torch.randn(5, generator=generator)
+
+    def encode(pixels):  # [N, 3, 1, H, W] -> [N, 5, 1, H/16, W/16]
+        pooled = torch.nn.functional.avg_pool3d(pixels, (1, 16, 16))
+        return torch.einsum("ck,nkthw->ncthw", mix, pooled) + offset[:, None, None, None]
+
+    factors, bias = fit_latent_rgb(encode, 16)
+    assert len(factors) == 5 and all(len(row) == 3 for row in factors) and len(bias) == 3
+    colours = torch.rand(1, 3, 2, 3, 4, generator=generator) * 2 - 1  # [1, 3, T=2, h=3, w=4]
+    expected = ((colours[0].permute(1, 2, 3, 0) + 1) / 2 * 255).to(torch.uint8)  # [T, h, w, 3]
+    pixels = colours.repeat_interleave(16, dim=-2).repeat_interleave(16, dim=-1)
+    latents = torch.cat([encode(pixels[:, :, t : t + 1]) for t in range(2)], dim=2)
+    assert (latent_rgb(latents, factors, bias).int() - expected.int()).abs().max() <= 1
+    assert fit_latent_rgb(encode, 16) == (factors, bias)  # deterministic
 
 
 def test_predicted_clean_is_x0_for_flow_matching():

@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 
 def options(model_dir, runs_dir, **fields) -> RunOptions:
     request = GenerationRequest('a fox with a sign that says "hi"', width=96, height=64, frames=9, seed=5, steps=3)
-    return RunOptions(request, model_dir, runs_dir, PROFILE, device="cpu", sampling_given=frozenset({"steps"}), **fields)
+    return RunOptions(request, model_dir, runs_dir, PROFILE, device="cpu", sampling_given=frozenset({"steps", "frames"}), **fields)
 
 
 class StopAfterFirstStep(Reporter):
@@ -65,9 +65,22 @@ def test_generate_and_resume_bit_identical(model_dir, tmp_path):
     assert torch.equal(final, find_run(tmp_path / "a", whole.run_id).load_final())
 
 
-def test_what_is_not_wired_for_v15_is_refused(model_dir, tmp_path):
-    with pytest.raises(HyVideoError, match="--preview is not wired for HunyuanVideo-1.5"):
-        start_run(options(model_dir, tmp_path, preview=True))
+def test_riflex_is_refused_and_the_trained_length_is_the_default(model_dir, tmp_path):
+    """No RIFLEx component is published for 1.5: `--riflex on` is one line; a clip past 1.5's
+    trained 121 frames says it may repeat; frames not given are 1.5's 121, not the 13B's 129."""
+    with pytest.raises(HyVideoError, match="--riflex on: .*none is published for HunyuanVideo-1.5"):
+        start_run(dataclasses.replace(options(model_dir, tmp_path / "a"), request=GenerationRequest("a fox", 96, 64, 9, riflex=True)))
+    warnings = []
+
+    class Warnings(Reporter):
+        def warn(self, message: str) -> None:
+            warnings.append(message)
+
+    request = GenerationRequest("a fox", 96, 64, 125, steps=1)
+    run, _, _ = start_run(dataclasses.replace(options(model_dir, tmp_path / "b"), request=request), Warnings())
+    assert run.settings["frames"] == 125 and any("trained on clips of up to 121 frames" in w for w in warnings)
+    run, _, _ = start_run(dataclasses.replace(options(model_dir, tmp_path / "c"), sampling_given=frozenset({"steps"})))
+    assert run.settings["frames"] == 121
 
 
 def test_a_sparse_transformer_runs_dense_and_says_so(model_dir, tmp_path):
@@ -195,3 +208,37 @@ def test_rewrite_with_tencents_qwen_instruct_then_encode_the_rewrite(model_dir, 
     prompt = options(model_dir, tmp_path).request.prompt
     assert tokenizer.decode(chat_input_ids(tokenizer, prompt, "normal")[0]).startswith("<|im_start|>system\n")
     assert done.rewritten_prompt == rewrite_prompt(model, tokenizer, prompt, "normal") and encoded == [done.rewritten_prompt]
+
+
+def test_preview_fits_its_colours_to_the_vae_once(model_dir, tmp_path, monkeypatch):
+    """--preview on 1.5: the latent-to-RGB projection is fitted to the folder's VAE before the DiT
+    is placed and kept in the cache folder; the preview is the last step's prediction (at sigma 0,
+    the final latents) through it, each latent pixel shown 2 x 2 (1/8 of the video, as the 13B's);
+    a second run reads the kept fit instead of fitting again, and the latents are the same as
+    without a preview."""
+    import numpy as np
+    from PIL import Image
+
+    from hyvideo.preview import latent_rgb
+    from lowvram import stages as stages_module
+
+    cache = tmp_path / "cache"
+    first = execute(*start_run(options(model_dir, tmp_path / "a", preview=True, cache_dir=cache)))
+    saved = json.loads((cache / "preview-rgb.json").read_text())
+    assert len(saved["factors"]) == 4 and len(saved["bias"]) == 3  # the tiny VAE's 4 latent channels
+    final = find_run(tmp_path / "a", first.run_id).load_final()
+    expected = latent_rgb(final, saved["factors"], saved["bias"]).repeat_interleave(2, 1).repeat_interleave(2, 2).numpy()
+    with Image.open(first.preview) as image:
+        assert image.n_frames == 3 and image.size == (12, 8)  # 96x64 at 1/8; 9 frames -> 3 latent frames
+        for t in range(3):
+            image.seek(t)
+            assert np.array_equal(np.asarray(image.convert("RGB")), expected[t])
+
+    def no_second_fit(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(stages_module, "fit_latent_rgb", no_second_fit)
+    second = execute(*start_run(options(model_dir, tmp_path / "b", preview=True, cache_dir=cache)))
+    plain = execute(*start_run(options(model_dir, tmp_path / "c", cache_dir=cache)))
+    assert second.preview and find_run(tmp_path / "b", second.run_id).load_final().equal(final)
+    assert find_run(tmp_path / "c", plain.run_id).load_final().equal(final)

@@ -236,10 +236,10 @@ class BatchResult:
 
 
 def sampling_given(options: RunOptions, request: GenerationRequest) -> frozenset:
-    """What the user set of steps, guidance and flow shift for one clip: on the command line, or on
+    """What the user set of steps, guidance, flow shift and frames for one clip: on the command line, or on
     its line where that differs from the command line's (a HunyuanVideo-1.5 transformer's own
     defaults fill the rest, `preflight.v15_request`)."""
-    changed = {name for name in ("steps", "guidance", "flow_shift") if getattr(request, name) != getattr(options.request, name)}
+    changed = {name for name in ("steps", "guidance", "flow_shift", "frames") if getattr(request, name) != getattr(options.request, name)}
     return options.sampling_given | changed
 
 

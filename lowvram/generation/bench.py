@@ -36,7 +36,7 @@ import torch
 from hyvideo.checkpoint import detect_layout
 from hyvideo.errors import HyVideoError
 from hyvideo.pipeline import GenerationRequest
-from lowvram.families import RELEASED_V15
+from lowvram.families import RELEASED_V15, trained_frames
 from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
 from lowvram.units import GIB
@@ -56,7 +56,7 @@ class BenchOptions:
     scratch: Path  # where the random-weight model and the bench runs go
     width: int = 1280
     height: int = 720
-    frames: int = 129
+    frames: int | None = None  # None: the model's trained length (families.trained_frames)
     steps: int = 2
     profile: str = "auto"
     model_size: str = "full"  # full | tiny
@@ -68,6 +68,8 @@ class BenchOptions:
     model: str | None = None  # "1.5-<variant>" (V15_MODELS): HunyuanVideo-1.5; None: the 13B (I2V with image)
 
     def __post_init__(self):
+        if self.frames is None:
+            self.frames = trained_frames(self.model)
         if self.model_size not in MODEL_SIZES:
             raise HyVideoError(f"--model-size takes {' or '.join(MODEL_SIZES)}, not {self.model_size!r}")
         if self.model is not None:
@@ -173,7 +175,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0, image=None if options.image is None else str(options.image))
     run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.overrides, device,
-                             vram_limit_bytes=options.cap_bytes, sampling_given=frozenset({"steps"}))  # a 1.5 model's own steps: not these
+                             vram_limit_bytes=options.cap_bytes, sampling_given=frozenset({"steps", "frames"}))  # a 1.5 model's own steps: not these
     run, files, plan = start_run(run_options, reporter)
     result = execute(run, files, plan, reporter, stop)
 

@@ -29,7 +29,7 @@ from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, us
 from hyvideo.step_cache import expected_forwards
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from hyvideo.v15_checkpoint import MODEL_PREFIX
-from hyvideo.v15_config import V15DiTConfig
+from hyvideo.v15_config import V15_TRAINED_FRAMES, V15DiTConfig
 from hyvideo.v15_image import v15_bucket, v15_target_size
 from hyvideo.v15_text import find_v15_text_files
 from hyvideo.vae import latent_shape
@@ -37,7 +37,7 @@ from lowvram.attention_choice import resolve_attention
 from lowvram.communication import PCIE4_X8_GBS
 from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
-from lowvram.families import RELEASED_NAMES, released_model_sizes
+from lowvram.families import RELEASED_NAMES, released_model_sizes, trained_frames
 from lowvram.planner import Plan, parallel_layout, plan, resolve, suggest_fit
 from lowvram.profiles import Overrides, Profile, settle_profile, stored_profile
 from .packages import check_packages
@@ -67,7 +67,7 @@ class RunOptions:
     rewrite_model: Path | None = None  # the rewrite LLM's folder; None: the text encoder (official layout)
     preview: bool = False  # write preview.webp after every step (lowvram/generation/preview.py)
     model: str | None = None  # which model in model_dir (hyvideo.checkpoint.find_model_files); None: detected
-    sampling_given: frozenset = frozenset()  # of "steps", "guidance", "flow_shift": set by the user; a
+    sampling_given: frozenset = frozenset()  # of "steps", "guidance", "flow_shift", "frames": set by the user; a
     # HunyuanVideo-1.5 transformer's own defaults fill the others (the request's are the 13B model's)
 
 
@@ -161,6 +161,9 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
             reporter.warn(f"the {files.variant} transformer was tuned for SSTA sparse attention (flex-block-attn, "
                           "H-series GPUs), which this runner does not have: it runs with dense attention, the exact "
                           "function the sparse blocks approximate (slower at 720p, not faster)")
+        if request.frames > V15_TRAINED_FRAMES:
+            reporter.warn(f"HunyuanVideo-1.5 was trained on clips of up to {V15_TRAINED_FRAMES} frames; {request.frames} run "
+                          "without RIFLEx (none is published for 1.5) and may repeat or freeze past that")
     sizes = model_sizes(files, (request.height, request.width))
     dit_config, vae_config = sizes["dit_config"], sizes["vae_config"]
     check_latent_concat_frames(getattr(dit_config, "image_condition_type", None), request.frames)
@@ -217,15 +220,17 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
 
 
 def v15_request(request: GenerationRequest, files, options: RunOptions) -> GenerationRequest:
-    """A HunyuanVideo-1.5 request: the transformer's own steps, guidance (real CFG's scale) and flow
-    shift where the user set none; image-to-video's video takes the transformer's bucket for the
+    """A HunyuanVideo-1.5 request: the transformer's own steps, guidance (real CFG's scale), flow
+    shift and 1.5's 121 frames where the user set none; image-to-video's video takes the transformer's bucket for the
     image (its 480p or 720p base size, the image's aspect), as diffusers' pipeline, whatever size
-    was asked; what 1.5 does not run yet is refused here."""
-    for wanted, why in ((options.request.riflex, "--riflex on"), (options.preview, "--preview")):
-        if wanted:
-            raise HyVideoError(f"{why} is not wired for HunyuanVideo-1.5 yet; leave it out")
+    was asked; RIFLEx, which has no published component for 1.5, is refused here."""
+    if options.request.riflex:
+        raise HyVideoError("--riflex on: RIFLEx lowers the RoPE component whose period matches where a model's clips "
+                           "start to repeat, which is measured per model (HunyuanVideo's is published); none is published "
+                           "for HunyuanVideo-1.5, so it runs with its trained RoPE: leave --riflex out")
     defaults = files.sampling
-    chosen = {"steps": defaults.steps, "guidance": defaults.guidance_scale, "flow_shift": defaults.flow_shift}
+    chosen = {"steps": defaults.steps, "guidance": defaults.guidance_scale, "flow_shift": defaults.flow_shift,
+              "frames": V15_TRAINED_FRAMES}
     request = replace(request, riflex=False, **{k: v for k, v in chosen.items() if k not in options.sampling_given})
     if request.image is not None:
         if find_v15_text_files(files.root, files.layout).vision is None:
@@ -296,7 +301,7 @@ class PlanQuery:
 
     width: int
     height: int
-    frames: int
+    frames: int | None  # None: the model's trained length (families.trained_frames)
     steps: int = 50
     profile: str = "auto"
     overrides: Overrides = Overrides()
@@ -319,6 +324,8 @@ class PlanAnswer:
 
 def plan_only(query: PlanQuery) -> PlanAnswer:
     """The same settling, memory probing and planning as a run, without weights or a run folder."""
+    if query.frames is None:
+        query = replace(query, frames=trained_frames(query.model))
     validate_request(GenerationRequest("plan", width=query.width, height=query.height, frames=query.frames, steps=query.steps))
     if query.link_gbs <= 0:
         raise HyVideoError(f"--link-gbs must be positive, not {query.link_gbs:g}")

@@ -3,9 +3,9 @@ run folder shows the clip as the model now predicts it, so a prompt that goes wr
 (Ctrl-C) minutes before the run would end.
 
 What it shows: the step's prediction of the clean latents (hyvideo/sampler.predicted_clean),
-projected to RGB per latent pixel (hyvideo/preview.latent_rgb, no VAE) at latent resolution
-(1/8 of the video's width and height; one picture per latent frame, i.e. every 4th video frame,
-played at 24/4 = 6 fps).
+projected to RGB per latent pixel (hyvideo/preview.latent_rgb, no VAE) at 1/8 of the video's
+width and height (the 13B model's latent resolution; HunyuanVideo-1.5's 1/16 latents shown 2x);
+one picture per latent frame, i.e. every 4th video frame, played at 24/4 = 6 fps.
 
 Why an animated WebP: it holds the whole clip in one small file that browsers, VS Code's image
 preview and the common desktop viewers play, and viewers that watch the file (VS Code, eog) show the
@@ -43,7 +43,10 @@ def write_webp(frames: torch.Tensor, path: Path, fps: int = PREVIEW_FPS) -> Path
     return write_atomic(path, encode, "the preview")
 
 
-def write_preview(clean: torch.Tensor, path: Path) -> Path:
+def write_preview(clean: torch.Tensor, path: Path, projection: tuple[tuple, tuple], upscale: int = 1) -> Path:
     """Predicted clean latents [1, C, T, h, w] -> the preview file (projected where they are, so
-    only the uint8 picture leaves the GPU)."""
-    return write_webp(latent_rgb(clean), path)
+    only the uint8 picture leaves the GPU). projection: (factors, bias) of the model's latents
+    (Stages.preview_projection); upscale: each latent pixel as upscale x upscale pixels, so that a
+    16x VAE's preview is 1/8 of the video's size as the 13B model's is."""
+    frames = latent_rgb(clean, *projection)  # [T, h, w, 3]
+    return write_webp(frames.repeat_interleave(upscale, dim=1).repeat_interleave(upscale, dim=2), path)

@@ -394,6 +394,8 @@ class _Execution:
                     with meter.stage("dit"):
                         began = time.perf_counter()
                         if model is None:
+                            if any(r.settings.get("preview") for r in runs):  # (1.5: fitted to the VAE, before the DiT is placed)
+                                self.stages.preview_projection()
                             self.reporter.stage("loading DiT")
                             self.stop.stage = "loading DiT"
                             model, streamer = self._place_dit()
@@ -530,7 +532,8 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
                 raise RunInterrupted(run)
 
         def preview(i: int, clean: torch.Tensor) -> None:
-            write_preview(clean, run.folder / PREVIEW)
+            ratio = stages.plan.vae_config.spatial_compression_ratio  # 8, or 16 for HunyuanVideo-1.5
+            write_preview(clean, run.folder / PREVIEW, stages.preview_projection(), upscale=max(1, ratio // 8))
 
         if run.settings.get("preview"):
             reporter.preview(str(run.folder / PREVIEW))
