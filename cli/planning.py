@@ -137,15 +137,17 @@ def bench(
     model_size: str = typer.Option("full", "--model-size", help="full (13B, the real sizes) or tiny."),
     layout: str = typer.Option(None, "--layout", help="official (the default), official-fp8 (Tencent's FP8 DiT pair) or diffusers: "
                                "the folder to write and load (with --model 1.5-...: diffusers)."),
-    model: str = typer.Option(None, "--model", help="1.5-<variant>: bench HunyuanVideo-1.5 text-to-video (e.g. 1.5-720p_t2v, "
-                              "1.5-480p_t2v_distilled, 1.5-720p_t2v_distilled_sparse) instead of the 13B model."),
+    model: str = typer.Option(None, "--model", help="1.5-<variant>: bench HunyuanVideo-1.5 instead of the 13B model (e.g. "
+                              "1.5-720p_t2v, 1.5-480p_t2v_distilled; image-to-video with --image: 1.5-480p_i2v, "
+                              "1.5-480p_i2v_step_distilled)."),
     profile: str = ProfileName,
     size: str = Size,
     resolution: str = Resolution,
     aspect: str = Aspect,
     frames: int = Frames,
-    image: Path = typer.Option(None, "--image", help="Image-to-video: bench HunyuanVideo-I2V (token_replace) on this image; "
-                               "the video takes its bucket at --resolution, as generate --image."),
+    image: Path = typer.Option(None, "--image", help="Image-to-video: bench HunyuanVideo-I2V (token_replace), or with "
+                               "--model a 1.5 image-to-video transformer, on this image; the video takes its bucket, as "
+                               "generate --image."),
     steps: int = typer.Option(2, "--steps", help="Denoising steps to measure (the estimate scales to 50)."),
     cap_gb: float = typer.Option(None, "--cap-gb", help="Emulate a card with this many GiB (caps PyTorch's allocations)."),
     step_cache: str = StepCache,

@@ -92,8 +92,33 @@ def test_bench_v15_text_to_video_tiny(tmp_path):
     assert (Path(data["model"]["folder"]) / "lowvram-cache/1.5-720p_t2v/dit-fp8.safetensors").is_file()  # per transformer
 
 
+@pytest.mark.slow
+def test_bench_v15_image_to_video_tiny(tmp_path, monkeypatch):
+    """`--model 1.5-480p_i2v_step_distilled --image`: the diffusers-layout folder gets random SigLIP
+    weights and its image processor too; the video takes the transformer's bucket for the image
+    (the 480p base made 64 px here, as tests/test_v15_i2v.py: 80x48 for a 16:9 image), the MeanFlow
+    transformer runs one forward a step."""
+    from PIL import Image
+
+    from hyvideo.v15_image import TARGET_SIZE
+
+    monkeypatch.setitem(TARGET_SIZE, "480p", 64)
+    image = tmp_path / "first.png"
+    Image.new("RGB", (160, 90), (200, 40, 90)).save(image)
+    args = ["--model", "1.5-480p_i2v_step_distilled", "--image", image, "--model-size", "tiny", "--frames", "5", "--steps", "1",
+            "--device", "cpu", "--profile", "16gb", "--json"]
+    result = invoke("bench", "--scratch", tmp_path / "scratch", *args)
+    assert result.exit_code == 0, result.output
+    data = as_json(result)
+    assert data["model"]["size"] == "tiny-1.5-480p_i2v_step_distilled" and "forwards_per_step" not in data["schedule"]  # 1: not listed
+    run = Run.open(Path(data["video_path"]).parent)
+    assert run.settings["image"] == str(image) and (run.settings["width"], run.settings["height"]) == (80, 48)
+    assert all(data["stages"][name]["seconds"] > 0 for name in ("text", "dit", "vae"))
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--model", "1.5-720p_i2v"], "1.5-720p_t2v"),  # the 1.5 bench is text-to-video: the choices are listed
+    (["--model", "1.5-720p_i2v"], "is an image-to-video transformer: pass --image"),
+    (["--model", "1.5-7200p_t2v"], "1.5-720p_t2v"),  # the choices are listed
     (["--model", "1.5-480p_t2v", "--layout", "official"], "writes the diffusers layout"),
 ])
 def test_bench_v15_refusals_before_writing_anything(tmp_path, args, message):

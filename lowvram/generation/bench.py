@@ -47,7 +47,7 @@ from .runner import StopRequest, execute
 FULL_RUN_STEPS = 50  # the official sampler's default
 MODEL_SIZES = ("full", "tiny")
 LAYOUTS = ("official", "official-fp8", "diffusers")
-V15_MODELS = tuple(model for model in RELEASED_V15 if "_i2v" not in model)  # `--model`: the 1.5 text-to-video ones
+V15_MODELS = tuple(RELEASED_V15)  # `--model`: the 1.5 transformers (the image-to-video ones with --image)
 PROMPT = "a red fox runs through fresh snow in a pine forest, morning light, the camera follows it"
 
 
@@ -74,10 +74,11 @@ class BenchOptions:
             raise HyVideoError(f"--model-size takes {' or '.join(MODEL_SIZES)}, not {self.model_size!r}")
         if self.model is not None:
             if self.model not in V15_MODELS:
-                raise HyVideoError(f"bench --model takes one of {', '.join(V15_MODELS)} (HunyuanVideo-1.5 text-to-video), "
+                raise HyVideoError(f"bench --model takes one of {', '.join(V15_MODELS)} (HunyuanVideo-1.5), "
                                    f"not {self.model!r}; without it the bench runs the 13B model")
-            if self.image is not None:
-                raise HyVideoError("--image with --model 1.5-...: the 1.5 bench is text-to-video")
+            if ("_i2v" in self.model) != (self.image is not None):
+                raise HyVideoError(f"--model {self.model} is an image-to-video transformer: pass --image" if self.image is None
+                                   else f"--image needs an image-to-video transformer (e.g. --model 1.5-480p_i2v), not {self.model}")
             if self.layout not in (None, "diffusers"):
                 raise HyVideoError("--model 1.5-...: the 1.5 bench writes the diffusers layout (its random text encoders "
                                    f"are written there), not {self.layout!r}")
@@ -100,7 +101,7 @@ class BenchOptions:
 
 def synthetic_plan(size: str, layout: str, device: str = "cpu"):
     """What `ensure_synthetic_model` writes for a size name: the 13B's (synthetic_checkpoint), or a
-    1.5 text-to-video folder with its encoders ("full-1.5-720p_t2v": synthetic_v15, the full DiT in
+    1.5 folder with its encoders ("full-1.5-720p_t2v", "tiny-1.5-480p_i2v": synthetic_v15, the full DiT in
     bfloat16, see the module docstring)."""
     model_size, _, model = size.partition("-")
     if model not in RELEASED_V15:

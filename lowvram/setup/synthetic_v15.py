@@ -9,9 +9,9 @@ the Tencent ones by `v15_keys` one block at a time, so both layouts hold the sam
 
 The text encoders (Qwen2.5-VL, byT5, SigLIP) are written as their config.json only, with the released
 sizes (`v15_checkpoint.QWEN25_VL_7B_TEXT` etc.) or tiny ones: enough to detect the folder and plan
-it. `encoders=True` (diffusers layout, text-to-video: what `lowvram bench --model 1.5-...` runs)
-writes the text encoders' random weights too: Qwen2.5-VL's language model and the glyph byT5 with
-their tokenizers (the tiny Qwen2 tokenizer and ByT5's with a few glyph tokens, at both sizes: their
+it. `encoders=True` (diffusers layout: what `lowvram bench --model 1.5-...` runs) writes the
+encoders' random weights too: Qwen2.5-VL's language model and the glyph byT5 with their tokenizers,
+and for image-to-video SigLIP with its image processor (image_encoder/, feature_extractor/) (the tiny Qwen2 tokenizer and ByT5's with a few glyph tokens, at both sizes: their
 ids stay far below the real vocabularies), so that `generate` runs the folder end to end.
 """
 
@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 from transformers import (ByT5Tokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, SiglipVisionConfig,
-                          T5Config, T5EncoderModel)
+                          SiglipVisionModel, T5Config, T5EncoderModel)
 
 from hyvideo.v15_checkpoint import BYT5_SMALL, DIFFUSERS_DIT_CLASS, QWEN25_VL_7B_TEXT, SIGLIP_SO400M_384
 from hyvideo.v15_config import V15_DIT_CONFIGS, V15_SAMPLING, V15_VAE_CONFIGS, V15DiTConfig, V15VAEConfig
 from hyvideo.v15_dit import HunyuanVideo15DiT
+from hyvideo.v15_image import siglip_processor_class
 from hyvideo.v15_keys import ours_to_diffusers, ours_to_official, vae_ours_to_diffusers
 from hyvideo.v15_vae import HunyuanVideo15VAE
 
@@ -158,7 +159,9 @@ ENCODER_SHARD_BYTES = 5 * 10**9  # save_pretrained's shards in the released text
 def encoder_files(size: V15SyntheticSize, seed: int, device: str = "cpu") -> FolderPlan:
     """The diffusers layout's text encoders with random weights: text_encoder/ (a Qwen2_5_VLTextModel),
     tokenizer/, text_encoder_2/ (the glyph byT5's T5EncoderModel, its vocabulary with the glyph
-    tokens) and tokenizer_2/, as diffusers' conversion script saves them."""
+    tokens) and tokenizer_2/, as diffusers' conversion script saves them; for an image-to-video
+    variant also image_encoder/ (a SiglipVisionModel) and feature_extractor/ (its image processor
+    at the model's image size)."""
     qwen_tokenizer = build_tiny_qwen2_tokenizer()
     qwen = Qwen2_5_VLTextConfig(**{**size.qwen, "vocab_size": max(size.qwen["vocab_size"], len(qwen_tokenizer)),
                                    "pad_token_id": qwen_tokenizer.pad_token_id}, architectures=["Qwen2_5_VLTextModel"])
@@ -175,6 +178,14 @@ def encoder_files(size: V15SyntheticSize, seed: int, device: str = "cpu") -> Fol
         files, index = sharded(folder, "model", weights.layout, weights.tensors, ENCODER_SHARD_BYTES)
         plan.weights += files
         plan.json_files |= {f"{folder}/config.json": json.loads(config.to_json_string()), **index}
+    if "_i2v" in size.variant:
+        siglip = SiglipVisionConfig(**size.siglip, architectures=["SiglipVisionModel"])
+        weights = RandomWeights("siglip", meta_layout(lambda: SiglipVisionModel(siglip), size.encoder_dtype), seed, None, device)
+        files, index = sharded("image_encoder", "model", weights.layout, weights.tensors, ENCODER_SHARD_BYTES)
+        processor = siglip_processor_class()(size={"height": siglip.image_size, "width": siglip.image_size})
+        plan.weights += files
+        plan.json_files |= {"image_encoder/config.json": json.loads(siglip.to_json_string()), **index,
+                            "feature_extractor/preprocessor_config.json": json.loads(processor.to_json_string())}
     return plan
 
 
@@ -183,8 +194,8 @@ def plan_v15_folder(layout: str, size: "str | V15SyntheticSize" = "tiny", seed: 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
     size = SIZES[size] if isinstance(size, str) else size
-    if encoders and (layout != "diffusers" or "_i2v" in size.variant):
-        raise ValueError("random encoder weights are written for the diffusers layout's text-to-video folders only")
+    if encoders and layout != "diffusers":
+        raise ValueError("random encoder weights are written for the diffusers layout only")
     plan = FolderPlan([], text_configs(layout, size), {})
     parts = [dit_files(layout, size, seed, device), vae_files(layout, size, seed, device)]
     if encoders:
