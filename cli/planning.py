@@ -41,7 +41,8 @@ def plan(
         from lowvram.generation.preflight import PlanQuery, plan_only
         from lowvram.sizes import resolve_size
 
-        query = PlanQuery(*resolve_size(size, resolution, aspect), frames, steps, profile, overrides(step_cache, pin=pin),
+        query = PlanQuery(*resolve_size(size, resolution, aspect), frames, steps, size is not None or resolution is not None,
+                          profile, overrides(step_cache, pin=pin),
                           [LoraSpec.parse(text) for text in lora or []], None if vram is None else int(vram * 2**30),
                           None if ram is None else int(ram * 2**30), gpus, parallel)
         if link_gbs is not None:
@@ -176,7 +177,8 @@ def bench(
         width, height = resolve_size(size, resolution, aspect, image)
         options = BenchOptions(scratch, width, height, frames, steps, profile, model_size, layout,
                                None if cap_gb is None else int(cap_gb * 2**30), device,
-                               overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), image, model)
+                               overrides(step_cache, attention, compile_blocks, fp8_matmul, pin), image, model,
+                               size_given=size is not None or resolution is not None)
         env = rank_environment()
         if env is not None and options.cap_bytes is not None:  # each rank caps its own GPU
             cap_vram(options.cap_bytes, f"cuda:{env['LOCAL_RANK']}")
@@ -197,7 +199,8 @@ def bench(
     if as_json:
         print_json({"ok": True, **result, "warnings": reporter.warnings})
     else:
-        print_bench(result, f"{width}x{height}x{frames}, {steps} steps")
+        video = result["video"]  # as run: a 1.5 model takes its own size and frames where none were given
+        print_bench(result, f"{video['width']}x{video['height']}x{video['frames']}, {video['steps']} steps")
 
 
 def print_bench(result: dict, video: str) -> None:

@@ -90,7 +90,8 @@ def generate(
         if not batch:
             seed = random.randint(0, 1_000_000) if seed is None else seed
         sampling = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("flow_shift", flow_shift)) if v is not None}
-        given = {*sampling, *(["frames"] if frames is not None else [])}  # a HunyuanVideo-1.5 model's own defaults fill the rest
+        given = {*sampling, *(["frames"] if frames is not None else []),  # a HunyuanVideo-1.5 model's own defaults fill the rest
+                 *(["size"] if size is not None or resolution is not None else [])}
         request = GenerationRequest("" if batch else _read_prompt(prompt, prompt_file), width=width, height=height,
                                     frames=TRAINED_FRAMES if frames is None else frames,
                                     seed=seed, riflex=riflex_choice(riflex), image=None if image is None else str(image),

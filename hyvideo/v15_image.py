@@ -44,6 +44,14 @@ def v15_bucket(image_size: tuple[int, int], target_size: int) -> tuple[int, int]
     return closest_bucket(height, width, bucket_sizes(target_size, BUCKET_STEP), wide_may_equal=True)
 
 
+def v15_video_size(variant: str, width: int, height: int) -> tuple[int, int]:
+    """(width, height) of a text-to-video run whose size was not given: the transformer's own
+    resolution (480p or 720p bucket) at the aspect of width x height (16:9 unless --aspect), as
+    Tencent's sampler takes its --resolution and --aspect-ratio."""
+    bucket_height, bucket_width = v15_bucket((width, height), v15_target_size(variant))
+    return bucket_width, bucket_height
+
+
 def resize_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """diffusers' crop resize to size = (h, w): scale the image (LANCZOS, sizes by floor division)
     so it covers the bucket, paste it centred on a black canvas of the bucket's size."""

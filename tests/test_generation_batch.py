@@ -223,3 +223,16 @@ def test_sigkill_mid_batch_then_resume_batch_is_bit_identical(tiny_official, tmp
     for result, seed in zip(results, (3, 4)):
         _, alone = run_alone(tiny_official, tmp_path / "alone", GenerationRequest(PROMPTS[0], 64, 48, 9, steps, seed))
         assert load_file(result["final_latents"])["latents"].equal(alone)
+
+
+def test_a_line_records_what_it_sets_of_a_models_defaults():
+    """What a line sets of steps, guidance, flow shift, frames and size (size, resolution or aspect)
+    is the user's, even where it equals the command line's value; the rest a HunyuanVideo-1.5
+    transformer fills with its own (`preflight.v15_request`)."""
+    from hyvideo.pipeline import GenerationRequest
+    from lowvram.generation.batch import clips_for
+
+    defaults = GenerationRequest("", steps=50, seed=1)
+    [clip] = clips_for("a fox", defaults, None, 3, {"steps": 50, "aspect": "9:16", "seed": 4})
+    assert clip.given == {"steps", "size"} and (clip.request.width, clip.request.height, clip.request.seed) == (720, 1280, 4)
+    assert clips_for("a fox", defaults, None, 4)[0].given == frozenset()

@@ -34,7 +34,7 @@ def model_dir(tmp_path_factory):
 
 def options(model_dir, runs_dir, **fields) -> RunOptions:
     request = GenerationRequest('a fox with a sign that says "hi"', width=96, height=64, frames=9, seed=5, steps=3)
-    return RunOptions(request, model_dir, runs_dir, PROFILE, device="cpu", sampling_given=frozenset({"steps", "frames"}), **fields)
+    return RunOptions(request, model_dir, runs_dir, PROFILE, device="cpu", sampling_given=frozenset({"steps", "frames", "size"}), **fields)
 
 
 class StopAfterFirstStep(Reporter):
@@ -67,7 +67,8 @@ def test_generate_and_resume_bit_identical(model_dir, tmp_path):
 
 def test_riflex_is_refused_and_the_trained_length_is_the_default(model_dir, tmp_path):
     """No RIFLEx component is published for 1.5: `--riflex on` is one line; a clip past 1.5's
-    trained 121 frames says it may repeat; frames not given are 1.5's 121, not the 13B's 129."""
+    trained 121 frames says it may repeat; frames and size not given are 1.5's 121 frames at the
+    transformer's own resolution (480p: 848x480 at 16:9), not the 13B's 129 at 1280x720."""
     with pytest.raises(HyVideoError, match="--riflex on: .*none is published for HunyuanVideo-1.5"):
         start_run(dataclasses.replace(options(model_dir, tmp_path / "a"), request=GenerationRequest("a fox", 96, 64, 9, riflex=True)))
     warnings = []
@@ -80,7 +81,8 @@ def test_riflex_is_refused_and_the_trained_length_is_the_default(model_dir, tmp_
     run, _, _ = start_run(dataclasses.replace(options(model_dir, tmp_path / "b"), request=request), Warnings())
     assert run.settings["frames"] == 125 and any("trained on clips of up to 121 frames" in w for w in warnings)
     run, _, _ = start_run(dataclasses.replace(options(model_dir, tmp_path / "c"), sampling_given=frozenset({"steps"})))
-    assert run.settings["frames"] == 121
+    # 480p_t2v's own bucket at the request's aspect (96x64: 3:2; the CLI's default 1280x720 gives 848x480)
+    assert (run.settings["frames"], run.settings["width"], run.settings["height"]) == (121, 768, 512)
 
 
 def test_a_sparse_transformer_runs_dense_and_says_so(model_dir, tmp_path):

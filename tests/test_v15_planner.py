@@ -160,3 +160,16 @@ def test_readme_models_table_is_the_planners():
             assert found["fits"], (model, vram)  # every cell of the table fits; a row that does not would say so
             expected.append(f"{found['peak_vram_gb']:.1f} / {found['peak_ram_gb']:.1f}, {found['profile']}, fits")
         assert [cell.strip() for cell in cells.split("|")] == expected, model
+
+
+@pytest.mark.parametrize("args, video", [
+    ([], {"width": 848, "height": 480, "frames": 121}),  # 480p_t2v's own size at 16:9, 1.5's trained length
+    (["--aspect", "9:16"], {"width": 480, "height": 848, "frames": 121}),
+    (["--size", "1280x720", "--frames", "61"], {"width": 1280, "height": 720, "frames": 61}),  # given: kept
+])
+def test_plan_takes_a_v15_transformers_own_size_and_length_where_none_is_given(args, video):
+    from tests.helpers import as_json, invoke
+
+    result = invoke("plan", "--model", "1.5-480p_t2v", "--vram", "8", "--ram", "32", "--json", *args)
+    assert result.exit_code in (0, 1), result.output
+    assert as_json(result)["video"] == video

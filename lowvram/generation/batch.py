@@ -44,6 +44,7 @@ from .runner import RunInterrupted, RunResult, StopRequest, done_result, execute
 BATCH_FORMAT = "hyvideo-lowvram-batch"
 BATCH_SUFFIX = ".batch.json"
 # What a JSON line may set: the prompt and the options of `generate` that change one clip.
+MODEL_DEFAULTS = ("steps", "guidance", "flow_shift", "frames", "size")  # what a HunyuanVideo-1.5 model fills where unset
 LINE_KEYS = {"prompt": str, "seed": int, "size": str, "resolution": str, "aspect": str, "frames": int, "steps": int,
              "guidance": float, "flow_shift": float, "riflex": str, "image": str}
 KIND_NAMES = {str: "a text", int: "a whole number", float: "a number"}
@@ -53,6 +54,7 @@ KIND_NAMES = {str: "a text", int: "a whole number", float: "a number"}
 class Clip:
     request: GenerationRequest
     line: int | None = None  # the prompt file's line (1-based); None for a prompt given on the command line
+    given: frozenset = frozenset()  # what its line set of MODEL_DEFAULTS ("size": size, resolution or aspect)
 
 
 # --- clips -------------------------------------------------------------------------------------
@@ -80,6 +82,7 @@ def clips_for(prompt: str, defaults: GenerationRequest, seeds: list[int] | None,
     size = {k: overrides.pop(k) for k in ("size", "resolution", "aspect") if k in overrides}
     if "riflex" in overrides:  # "auto" | "on" | "off", as --riflex
         overrides["riflex"] = riflex_choice(overrides["riflex"])
+    given = frozenset({*(name for name in overrides if name in MODEL_DEFAULTS), *(["size"] if size else [])})
     request = replace(defaults, prompt=prompt, **overrides)
     if size or "image" in overrides:  # a line's own image takes its own bucket, as `generate --image` would
         width, height = resolve_size(size.get("size"), size.get("resolution"), size.get("aspect"), request.image)
@@ -87,7 +90,7 @@ def clips_for(prompt: str, defaults: GenerationRequest, seeds: list[int] | None,
     validate_request(request)
     if "seed" in overrides or seeds is None:
         seeds = [request.seed if request.seed is not None else random.randint(0, 1_000_000)]
-    return [Clip(replace(request, seed=seed), line) for seed in seeds]
+    return [Clip(replace(request, seed=seed), line, given) for seed in seeds]
 
 
 def read_prompts(path: Path, defaults: GenerationRequest, seeds: list[int] | None = None) -> list[Clip]:
@@ -235,12 +238,10 @@ class BatchResult:
         return {"batch_id": self.batch_id, "manifest": self.manifest, "runs": [r.to_dict() for r in self.runs]}
 
 
-def sampling_given(options: RunOptions, request: GenerationRequest) -> frozenset:
-    """What the user set of steps, guidance, flow shift and frames for one clip: on the command line, or on
-    its line where that differs from the command line's (a HunyuanVideo-1.5 transformer's own
-    defaults fill the rest, `preflight.v15_request`)."""
-    changed = {name for name in ("steps", "guidance", "flow_shift", "frames") if getattr(request, name) != getattr(options.request, name)}
-    return options.sampling_given | changed
+def sampling_given(options: RunOptions, clip: Clip) -> frozenset:
+    """What the user set of MODEL_DEFAULTS for one clip, on the command line or on its line (a
+    HunyuanVideo-1.5 transformer's own defaults fill the rest, `preflight.v15_request`)."""
+    return options.sampling_given | clip.given
 
 
 def start_batch(options: RunOptions, clips: list[Clip], reporter: Reporter | None = None, source: Path | None = None):
@@ -252,9 +253,9 @@ def start_batch(options: RunOptions, clips: list[Clip], reporter: Reporter | Non
         raise HyVideoError(f"--out {out}: a batch copies each video into a folder as <run id>.mp4; give an existing folder")
     largest = max(clips, key=lambda c: c.request.width * c.request.height * c.request.frames)
     _, _, files, plan = prepare_run(replace(options, request=largest.request,
-                                            sampling_given=sampling_given(options, largest.request)), reporter)
+                                            sampling_given=sampling_given(options, largest)), reporter)
     settled = replace(options, profile=plan.profile, overrides=Overrides())  # the overrides are in plan.profile now
-    prepared = [prepare_run(replace(settled, request=clip.request, sampling_given=sampling_given(settled, clip.request)), reporter)
+    prepared = [prepare_run(replace(settled, request=clip.request, sampling_given=sampling_given(settled, clip)), reporter)
                 for clip in clips]
     runs = [Run.create(Path(options.runs_dir), settings, model, versions()) for settings, model, _, _ in prepared]
     batch = Batch.create(options.runs_dir, str(Path(source).resolve()) if source else None, runs, [clip.line for clip in clips])

@@ -66,6 +66,7 @@ class BenchOptions:
     overrides: Overrides = Overrides()  # --cache, --attention, --compile, ... (lowvram.profiles)
     image: Path | None = None  # image-to-video: the conditioning image
     model: str | None = None  # "1.5-<variant>" (V15_MODELS): HunyuanVideo-1.5; None: the 13B (I2V with image)
+    size_given: bool = True  # False: width x height are the default's, and a 1.5 model takes its own resolution
 
     def __post_init__(self):
         if self.frames is None:
@@ -176,7 +177,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0, image=None if options.image is None else str(options.image))
     run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.overrides, device,
-                             vram_limit_bytes=options.cap_bytes, sampling_given=frozenset({"steps", "frames"}))  # a 1.5 model's own steps: not these
+                             vram_limit_bytes=options.cap_bytes, sampling_given=frozenset({"steps", "frames", *(["size"] if options.size_given else [])}))  # not a 1.5 model's own steps
     run, files, plan = start_run(run_options, reporter)
     result = execute(run, files, plan, reporter, stop)
 
@@ -201,7 +202,7 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     return {
         "model": {"name": result.settings.get("model") or ("i2v" if options.image is not None else "t2v"), "size": options.synthetic_size, "layout": options.layout, "folder": str(root),
                   "image": None if options.image is None else str(options.image)},
-        "video": {"width": request.width, "height": request.height, "frames": request.frames, "steps": request.steps},
+        "video": {name: result.settings[name] for name in ("width", "height", "frames", "steps")},  # as run (1.5: its own size)
         "device": str(result.settings["device"]), "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "cap_gb": None if options.cap_bytes is None else options.cap_bytes / GIB,
         "parallel": result.settings.get("parallel"),

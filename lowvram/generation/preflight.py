@@ -30,14 +30,14 @@ from hyvideo.step_cache import expected_forwards
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from hyvideo.v15_checkpoint import MODEL_PREFIX
 from hyvideo.v15_config import V15_TRAINED_FRAMES, V15DiTConfig
-from hyvideo.v15_image import v15_bucket, v15_target_size
+from hyvideo.v15_image import v15_bucket, v15_target_size, v15_video_size
 from hyvideo.v15_text import find_v15_text_files
 from hyvideo.vae import latent_shape
 from lowvram.attention_choice import resolve_attention
 from lowvram.communication import PCIE4_X8_GBS
 from lowvram.memory import free_memory
 from lowvram.parallel import Layout, choose_layout, require_yunchang
-from lowvram.families import RELEASED_NAMES, released_model_sizes, trained_frames
+from lowvram.families import RELEASED_NAMES, RELEASED_V15, released_model_sizes, trained_frames
 from lowvram.planner import Plan, parallel_layout, plan, resolve, suggest_fit
 from lowvram.profiles import Overrides, Profile, settle_profile, stored_profile
 from .packages import check_packages
@@ -67,7 +67,7 @@ class RunOptions:
     rewrite_model: Path | None = None  # the rewrite LLM's folder; None: the text encoder (official layout)
     preview: bool = False  # write preview.webp after every step (lowvram/generation/preview.py)
     model: str | None = None  # which model in model_dir (hyvideo.checkpoint.find_model_files); None: detected
-    sampling_given: frozenset = frozenset()  # of "steps", "guidance", "flow_shift", "frames": set by the user; a
+    sampling_given: frozenset = frozenset()  # of "steps", "guidance", "flow_shift", "frames", "size": set by the user; a
     # HunyuanVideo-1.5 transformer's own defaults fill the others (the request's are the 13B model's)
 
 
@@ -221,7 +221,7 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
 
 def v15_request(request: GenerationRequest, files, options: RunOptions) -> GenerationRequest:
     """A HunyuanVideo-1.5 request: the transformer's own steps, guidance (real CFG's scale), flow
-    shift and 1.5's 121 frames where the user set none; image-to-video's video takes the transformer's bucket for the
+    shift, 1.5's 121 frames and (text to video) its own resolution where the user set none; image-to-video's video takes the transformer's bucket for the
     image (its 480p or 720p base size, the image's aspect), as diffusers' pipeline, whatever size
     was asked; RIFLEx, which has no published component for 1.5, is refused here."""
     if options.request.riflex:
@@ -232,6 +232,9 @@ def v15_request(request: GenerationRequest, files, options: RunOptions) -> Gener
     chosen = {"steps": defaults.steps, "guidance": defaults.guidance_scale, "flow_shift": defaults.flow_shift,
               "frames": V15_TRAINED_FRAMES}
     request = replace(request, riflex=False, **{k: v for k, v in chosen.items() if k not in options.sampling_given})
+    if request.image is None and "size" not in options.sampling_given:
+        width, height = v15_video_size(files.variant, request.width, request.height)
+        request = replace(request, width=width, height=height)
     if request.image is not None:
         if find_v15_text_files(files.root, files.layout).vision is None:
             raise HyVideoError(f"image-to-video needs the SigLIP vision encoder in {files.root}: diffusers' image_encoder/ and "
@@ -303,6 +306,7 @@ class PlanQuery:
     height: int
     frames: int | None  # None: the model's trained length (families.trained_frames)
     steps: int = 50
+    size_given: bool = True  # False: width x height are the default's, and a 1.5 model takes its own resolution
     profile: str = "auto"
     overrides: Overrides = Overrides()
     loras: list[LoraSpec] = field(default_factory=list)
@@ -326,6 +330,8 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
     """The same settling, memory probing and planning as a run, without weights or a run folder."""
     if query.frames is None:
         query = replace(query, frames=trained_frames(query.model))
+    if query.model in RELEASED_V15 and not query.size_given and "_i2v" not in query.model:
+        query = replace(query, **dict(zip(("width", "height"), v15_video_size(RELEASED_V15[query.model], query.width, query.height))))
     validate_request(GenerationRequest("plan", width=query.width, height=query.height, frames=query.frames, steps=query.steps))
     if query.link_gbs <= 0:
         raise HyVideoError(f"--link-gbs must be positive, not {query.link_gbs:g}")
