@@ -42,7 +42,8 @@ Device = typer.Option(None, "--device", help="cuda or cpu (default: cuda if avai
 ProfileName = typer.Option("auto", "--profile", help="Memory profile: auto, a name (`lowvram profiles`) or a .toml file.")
 # The video's size, as generate, plan and bench take it (lowvram.sizes.resolve_size).
 Size = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 1280x720).")
-Resolution = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p).")
+Resolution = typer.Option(None, "--resolution", help="Official bucket: 540p or 720p (default 720p; HunyuanVideo-1.5: its "
+                          "transformer's own, 480p or 720p, at --aspect).")
 Aspect = typer.Option(None, "--aspect", help="With --resolution: 16:9, 9:16, 4:3, 3:4 or 1:1 (default 16:9).")
 Frames = typer.Option(None, "--frames", show_default=False, help="Number of frames, 4k+1 up to 261; default the "
                       "trained length: 129 (5.4 s at 24 fps), 121 for HunyuanVideo-1.5; 1 = a PNG image.")
@@ -51,8 +52,9 @@ Riflex = typer.Option("auto", "--riflex", help="RIFLEx, for clips longer than th
 Preview = typer.Option(False, "--preview", help="Write preview.webp in the run folder after every step: the clip as the "
                        "model now predicts it, from the latents alone (no VAE; coarse colours, 1/8 size).")
 # Per-run overrides of the profile's fields (lowvram.profiles.Overrides), all None = as the profile says.
-StepCache = typer.Option(None, "--cache", help="Skip the DiT's blocks on steps that change little (TeaCache): "
-                         "off, safe (published ~1.6x) or fast (~2.1x); default: the profile's (off).")
+StepCache = typer.Option(None, "--cache", help="Skip the DiT's blocks on steps that change little: off; for the 13B "
+                         "model TeaCache safe (published ~1.6x) or fast (~2.1x); for HunyuanVideo-1.5 deepcache "
+                         "(Tencent's schedule: 25 of 50 steps run one block); default: the profile's (off).")
 Attention = typer.Option(None, "--attention", help="Attention kernel: auto (the fastest installed one that passes a probe on "
                          "this GPU), sdpa, sage (pip install '.[sage]'), flash ('.[flash]') or one SDPA kernel (sdpa:flash, sdpa:cudnn, "
                          "sdpa:efficient, sdpa:math); default: the profile's (auto).")

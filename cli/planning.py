@@ -72,7 +72,13 @@ def print_plan(answer, query) -> None:
     out.print(f"DiT blocks{found.per_gpu}: {found.schedule}")
     if found.layout:
         print_parallel(found, query.link_gbs, forwards[1])
-    if chosen.step_cache != "off":
+    if chosen.step_cache == "deepcache":
+        from hyvideo.v15_step_cache import deepcache_steps
+
+        computed = len(deepcache_steps(query.steps))
+        out.print(f"step cache: deepcache (Tencent's schedule): every block runs on {computed} of {query.steps} steps, the last "
+                  f"block alone on the other {query.steps - computed}")
+    elif chosen.step_cache != "off":
         fewest, most = forwards
         out.print(f"step cache: {chosen.step_cache}: the DiT's blocks are expected to run on {fewest}-{most} of {query.steps} "
                   "steps (published HunyuanVideo figures; random weights differ)")

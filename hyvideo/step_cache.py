@@ -42,9 +42,11 @@ import torch
 from .blocks import linear_rows, norm_modulate, token_chunks
 from .dit import HunyuanVideoDiT
 
-# The one vocabulary of the step cache, from `--cache` to profile files to run manifests: the
-# preset's name; its TeaCache threshold is looked up here and nowhere else.
+# TeaCache's presets (the 13B model): the name, and its threshold, looked up here and nowhere else.
 PRESETS = {"off": None, "safe": 0.10, "fast": 0.15}
+# The one vocabulary of the step cache, from `--cache` to profile files to run manifests: TeaCache's
+# presets and HunyuanVideo-1.5's DeepCache (hyvideo/v15_step_cache.py; each family takes its own).
+STEP_CACHES = (*PRESETS, "deepcache")
 # TeaCache4HunyuanVideo's fit of the output change to the modulated input change (highest power first).
 HUNYUAN_COEFFICIENTS = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
 # What published runs at 720p x 129 saved (see the module docstring): DiT forwards = steps / speedup.
@@ -78,6 +80,7 @@ class CacheState:
     previous_latents: torch.Tensor | None = None  # x_(i-1), float32, on the host
     residual: torch.Tensor | None = None  # [1, N_img, D] compute dtype, on the host (all tokens, also when sharded)
     residual_step: int | None = None  # the step that computed `residual`
+    split: list[int] | None = None  # DeepCache (hyvideo/v15_step_cache.py): `residual` holds one part per forward, these long
 
 
 class TeaCache:
@@ -145,7 +148,12 @@ class TeaCache:
 
 def expected_forwards(preset: str, steps: int) -> tuple[int, int]:
     """(fewest, most) DiT forwards expected for a `steps`-step run with step cache `preset`, from
-    the published speedups at its threshold (the first and last step always run)."""
+    the published speedups at its threshold (the first and last step always run); DeepCache's
+    computed steps are known in advance."""
+    if preset == STEP_CACHES[-1]:
+        from .v15_step_cache import deepcache_steps  # (that module builds on this one)
+
+        return len(deepcache_steps(steps)), len(deepcache_steps(steps))
     threshold = PRESETS[preset]
     if threshold is None:
         return steps, steps

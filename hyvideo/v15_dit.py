@@ -145,20 +145,34 @@ class HunyuanVideo15DiT(ImageTokenShards, nn.Module):
         positions = torch.arange(length, device=txt.device)
         return txt, torch.stack([positions < len(row) for row in rows])
 
-    def transform(self, x, vec, txt, txt_mask, blocks=None) -> torch.Tensor:
+    def transform(self, x, vec, txt, txt_mask, blocks=None, on_last_input=None) -> torch.Tensor:
         """Latents [B, 2C+1, T, h, w] -> image tokens [B, N_img, D] after the double blocks (this
-        process's share of them under sequence parallelism, which runs batch 1: no text mask)."""
+        process's share of them under sequence parallelism, which runs batch 1: no text mask).
+        on_last_input(img, txt): called with the last block's input (DeepCache keeps it)."""
+        img = self.embed_image(x)  # [B, N_img, D]
+        inputs = self.attention_inputs(x, img, txt_mask)
+        last = self.config.double_blocks - 1
+        for index, block in enumerate(self.double_blocks if blocks is None else blocks):
+            if index == last and on_last_input is not None:
+                on_last_input(img, txt)
+            img, txt = block(img, txt, vec, inputs)
+        return img
+
+    def transform_last(self, x, vec, img, txt, block) -> torch.Tensor:
+        """DeepCache's cached step (hyvideo/v15_step_cache.py): the last double `block` alone, on
+        the image and text tokens [1, N, D], [1, L, D] it had at the last computed step."""
+        img, _ = block(img, txt, vec, self.attention_inputs(x, img, None))
+        return img
+
+    def attention_inputs(self, x, img, txt_mask) -> JointAttentionInputs:
+        """RoPE for this process's image tokens `img` of latents `x`, the key mask, backend, chunk."""
         check_backend(self.attention_backend)
         if txt_mask is not None and self.sequence_parallel is not None:
             raise ValueError("sequence parallelism runs batch 1 (its attention takes no text mask)")
-        img = self.embed_image(x)  # [B, N_img, D]
         grid = token_grid(x.shape[2:], self.config.patch_size)
         cos, sin = rope_frequencies(grid, self.config.rope_axes_dim, self.config.rope_theta, device=img.device)
         cos, sin = (self.shard_image_tokens(table[None], x)[0] for table in (cos, sin))  # [N_img, head_dim]
         key_mask = None
         if txt_mask is not None:
             key_mask = torch.cat([torch.ones_like(txt_mask[:, :1]).expand(-1, img.shape[1]), txt_mask], dim=1)
-        inputs = JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk, self.sequence_parallel)
-        for block in self.double_blocks if blocks is None else blocks:
-            img, txt = block(img, txt, vec, inputs)
-        return img
+        return JointAttentionInputs(cos, sin, key_mask, self.attention_backend, self.token_chunk, self.sequence_parallel)

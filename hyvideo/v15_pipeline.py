@@ -60,11 +60,13 @@ def denoise(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     blocks_for_forward: Callable[[int], Iterable[torch.nn.Module]] | None = None,
     on_prediction: Callable[[int, torch.Tensor], None] | None = None,
+    step_cache=None, last_block: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Euler steps start_step..steps-1 from float32 `latents` [1, C, T, h, w]; on_step(i, latents)
     after each. blocks_for_forward(i): the DiT's blocks for one forward of step i (called once per
     forward: twice per step under real CFG); None: its own. on_prediction(i, clean): step i's
-    prediction of the clean latents (a live preview), before on_step."""
+    prediction of the clean latents (a live preview), before on_step. step_cache: a DeepCache
+    (hyvideo/v15_step_cache.py), with `last_block`, the last double block where it runs."""
     cfg = guidance_scale != 1.0
     if cfg and negative is None:
         raise ValueError("real CFG (guidance_scale != 1) needs the negative prompt's embeddings")
@@ -79,10 +81,17 @@ def denoise(
         x = torch.cat([latents.to(dtype), condition], dim=1)
         timestep_r = sigmas[i + 1 : i + 2] * 1000.0 if dit.config.use_meanflow else None
         velocities = []
-        for p in prompts:
-            blocks = blocks_for_forward(i) if blocks_for_forward is not None else None
-            velocities.append(dit(x, timesteps[i : i + 1], p.text_states, p.text_mask, p.byt5_states, p.byt5_mask,
-                                  vision, timestep_r, blocks=blocks).float())
+        for forward, p in enumerate(prompts):
+            def blocks() -> Iterable[torch.nn.Module] | None:
+                return blocks_for_forward(i) if blocks_for_forward is not None else None
+
+            if step_cache is None:
+                velocity = dit(x, timesteps[i : i + 1], p.text_states, p.text_mask, p.byt5_states, p.byt5_mask, vision,
+                               timestep_r, blocks=blocks())
+            else:
+                velocity = step_cache.forward(dit, i, forward, x, timesteps[i : i + 1], p, vision, timestep_r, blocks,
+                                              last_block if last_block is not None else dit.double_blocks[-1])
+            velocities.append(velocity.float())
         velocity = velocities[0] if not cfg else velocities[1] + guidance_scale * (velocities[0] - velocities[1])
         if on_prediction is not None:
             on_prediction(i, predicted_clean(latents, velocity, sigmas[i]))

@@ -37,7 +37,9 @@ is read from disk again: slower, never an out-of-memory).
 
 "auto" resident blocks: the most blocks (spread evenly) that fit the budget left after the
 reserve, trunk, ring and activations. Host RAM with a step cache adds its residual (one image-token
-state, bf16: 0.73 GB at 720p x 129) and that residual's serialized copy while a checkpoint is written.
+state, bf16: 0.73 GB at 720p x 129) and that residual's serialized copy while a checkpoint is written;
+HunyuanVideo-1.5's DeepCache its last block's input per forward (image and text tokens) likewise,
+and keeps that block resident (its cached steps run it alone).
 
 Weight bytes come from quant/bytes.py, the accounting the quantized modules really use.
 
@@ -66,6 +68,7 @@ from hyvideo.v15_config import (
     V15DiTConfig,
     V15VAEConfig,
 )
+from hyvideo.v15_step_cache import DEEPCACHE
 from hyvideo.vae import latent_shape
 from quant.bytes import (
     TextEncoderSize,
@@ -261,11 +264,12 @@ def dit_schedule(profile: Profile, config: DiTConfig, fixed_bytes: int, budget_b
     a LoRA's tensors travel with their blocks."""
     kinds = dit_block_kinds(config)
     sizes = [block_bytes(config, profile.dit_scheme, profile.quant_policy, kind).total + lora.block(kind) for kind in kinds]
+    keep = (len(kinds) - 1,) if profile.step_cache == DEEPCACHE else ()  # DeepCache's cached steps run the last block alone
     if profile.resident_blocks == "auto":
         return plan_schedule(kinds, sizes, prefetch_depth=profile.prefetch_depth,
-                             budget_bytes=max(0, budget_bytes - RESERVE_BYTES - fixed_bytes))
+                             budget_bytes=max(0, budget_bytes - RESERVE_BYTES - fixed_bytes), keep=keep)
     return plan_schedule(kinds, sizes, prefetch_depth=profile.prefetch_depth,
-                         resident=min(int(profile.resident_blocks), len(kinds)))
+                         resident=min(int(profile.resident_blocks), len(kinds)), keep=keep)
 
 
 def vae_stage(profile: Profile, config: VAEConfig, latent: tuple[int, int, int], act_bytes: int = 2) -> tuple[int, dict]:
@@ -357,7 +361,7 @@ def plan(
     if world > 1:  # what the cross-rank attention adds to the forward's peak
         dit_parts["sequence-parallel buffers"] = dit_activation_bytes(dit_config, rank_tokens, chunk, text_tokens, layout=layout,
                                                                       scaled_mm=scaled_mm) - activations
-    if profile.step_cache != "off":
+    if profile.step_cache not in ("off", DEEPCACHE):  # TeaCache decides from block 0's image modulation
         dit_parts["step cache probe"] = modulation_probe_bytes(dit_config, profile.dit_scheme, profile.quant_policy)
     lora_bytes = lora_bytes or LoraBytes()
     if lora_bytes.trunk:
@@ -394,7 +398,9 @@ def plan(
         stages["text"] = StagePlan(sum(text_parts.values()), text_parts, text_ram, text_files)
     pinned = schedule.pinned_bytes(profile.pinned_ram_cap_bytes) if profile.pin_memory else 0  # whole blocks, as pinned
     dit_ram = {"baseline": HOST_BASELINE_BYTES, "pinned blocks": pinned}
-    if profile.step_cache != "off":  # the residual (all tokens, gathered on every rank), and its serialized copy at a checkpoint
+    if profile.step_cache == DEEPCACHE:  # the last block's input per forward (all image tokens and the text), its serialized copy
+        dit_ram["step cache"] = 2 * forwards_per_step * (tokens + text_tokens) * dit_config.hidden_size * 2
+    elif profile.step_cache != "off":  # the residual (all tokens, gathered on every rank), and its serialized copy at a checkpoint
         dit_ram["step cache"] = 2 * tokens * dit_config.hidden_size * 2 + latent_bytes
     if lora_bytes.total(dit_config):  # built on the host, then moved with their blocks
         dit_ram["lora"] = lora_bytes.total(dit_config)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from hyvideo.errors import HyVideoError
-from hyvideo.step_cache import PRESETS as CACHE_PRESETS
+from hyvideo.step_cache import STEP_CACHES as CACHE_PRESETS
 from quant.bytes import DIT_SCHEMES, ENCODER_SCHEMES, QUANT_POLICIES
 from quant.fp8 import FP8_MATMULS
 
@@ -66,7 +66,7 @@ class Profile:
     vae_temporal_tile: int = 16  # VAE tile length in latent frames (multiple of 4; official 16); 0: untiled
     pin_memory: bool = True  # page-lock the host copies of streamed blocks (faster copies)
     pinned_ram_cap_gb: float = 16.0  # GiB of host memory that may be page-locked
-    step_cache: str = "off"  # skip the DiT's blocks on steps that change little (TeaCache): off | safe | fast
+    step_cache: str = "off"  # skip the DiT's blocks on some steps: off | safe | fast (TeaCache) | deepcache (1.5)
     attention: str = "auto"  # auto | sdpa | sage | flash (lowvram/attention_choice.py)
     compile: bool = False  # torch.compile the DiT's blocks (lowvram/compile.py)
     fp8_matmul: str = "dequant"  # FP8 linears: dequant | scaled_mm (FP8 tensor cores) | auto (if measured faster)
@@ -186,7 +186,7 @@ OVERRIDE_OPTIONS = {"step_cache": "--cache", "attention": "--attention", "compil
 class Overrides:
     """The user's per-run changes to the profile's fields; None: as the profile says."""
 
-    step_cache: str | None = None  # --cache off | safe | fast
+    step_cache: str | None = None  # --cache off | safe | fast | deepcache
     attention: str | None = None  # --attention auto | sdpa | sage | flash
     compile: bool | None = None  # --compile / --no-compile
     fp8_matmul: str | None = None  # --fp8-matmul dequant | scaled_mm | auto

@@ -141,22 +141,28 @@ class BlockSchedule:
 
 def plan_schedule(
     kinds: Sequence[str], block_bytes: Sequence[int], *, prefetch_depth: int = 2,
-    resident: int | None = None, budget_bytes: int | None = None,
+    resident: int | None = None, budget_bytes: int | None = None, keep: Sequence[int] = (),
 ) -> BlockSchedule:
     """Pick the resident blocks.
 
     `resident`: exactly this many, spread evenly. Otherwise `budget_bytes`: the most resident blocks
     (spread evenly) whose bytes plus the ring's fit the budget; all blocks if it is None. When even
     zero resident blocks do not fit (the ring alone is too big), the all-streamed schedule is
-    returned and the caller sees `gpu_bytes > budget`.
+    returned and the caller sees `gpu_bytes > budget`. `keep`: blocks resident in any case (the
+    block DeepCache runs alone), in addition to the spread ones.
     """
     n = len(kinds)
+
+    def schedule_of(k: int) -> BlockSchedule:
+        chosen = tuple(sorted({*spread_evenly(n, k), *keep}))
+        return BlockSchedule(tuple(kinds), tuple(block_bytes), chosen, prefetch_depth)
+
     if resident is not None:
         if not 0 <= resident <= n:
             raise ValueError(f"resident blocks must be between 0 and {n}, got {resident}")
-        return BlockSchedule(tuple(kinds), tuple(block_bytes), tuple(spread_evenly(n, resident)), prefetch_depth)
+        return schedule_of(resident)
     for k in range(n, -1, -1):
-        schedule = BlockSchedule(tuple(kinds), tuple(block_bytes), tuple(spread_evenly(n, k)), prefetch_depth)
+        schedule = schedule_of(k)
         if budget_bytes is None or schedule.gpu_bytes <= budget_bytes:
             return schedule
     return schedule

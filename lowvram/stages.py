@@ -14,7 +14,7 @@ same dtype.
     llm, clip = stages.text_encoders()           # image-to-video: LLaVA and CLIP
     condition = stages.encode_image(stages.vae(), image, height, width)  # image-to-video, in the text stage
     model, streamer = stages.dit(sequence_parallel)  # configured (configure_dit) and placed per the plan
-    cache = stages.step_cache(model, steps, state)  # None unless the profile caches steps
+    cache = stages.step_cache(model, request, state)  # None unless the profile caches steps
     latents = stages.denoise(model, streamer, embeddings, latents, request, start_step=k, on_step=..., cache=cache)
     stages.forward_stats(streamer, first)  # blocks/bytes streamed per forward since forward `first`
     stages.release_dit(model, streamer)
@@ -46,6 +46,7 @@ from hyvideo.models import dit_class
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from hyvideo.v15_checkpoint import load_v15_dit, load_v15_dit_state_dict, load_v15_vae, v15_dit_config, v15_vae_config
 from hyvideo.v15_config import V15Sampling
+from hyvideo.v15_step_cache import DEEPCACHE, DeepCache
 from hyvideo.image import image_to_pixels, resize_center_crop
 from hyvideo.preview import HUNYUAN_LATENT_RGB_BIAS, HUNYUAN_LATENT_RGB_FACTORS, fit_latent_rgb
 from hyvideo.pipeline import LATENT_CONCAT_DROPPED_FRAMES, GenerationRequest, ImageCondition, decode, denoise, encode_image
@@ -216,10 +217,13 @@ def dit_state_dict(files: ModelFiles, config: DiTConfig):
 
 
 def make_step_cache(model: torch.nn.Module, preset: str, steps: int, device: torch.device,
-                    state: CacheState | None = None) -> TeaCache | None:
-    """The step cache `preset` (off | safe | fast) for `model`, None when off. Its probe (double
-    block 0's image modulation) is copied onto the device: deciding a step never waits for a
-    streamed block."""
+                    state: CacheState | None = None, forwards: int = 1) -> TeaCache | DeepCache | None:
+    """The step cache `preset` for `model`, None when off: TeaCache (safe | fast) for the 13B
+    model, whose probe (double block 0's image modulation) is copied onto the device so that
+    deciding a step never waits for a streamed block; DeepCache for HunyuanVideo-1.5, `forwards`
+    DiT forwards a step."""
+    if preset == DEEPCACHE:
+        return DeepCache(steps, forwards, state)
     threshold = STEP_CACHE_PRESETS[preset]
     if threshold is None:
         return None
@@ -398,9 +402,10 @@ class Stages:
             self.stats["dit"]["compiled_modules"] = compile_blocks(streamer, self.cache_dir)
         return model, streamer
 
-    def step_cache(self, model: torch.nn.Module, steps: int, state: CacheState | None = None) -> TeaCache | None:
-        """The profile's step cache for `model` (None when off)."""
-        return make_step_cache(model, self.profile.step_cache, steps, self.device, state)
+    def step_cache(self, model: torch.nn.Module, request: GenerationRequest, state: CacheState | None = None):
+        """The profile's step cache for `model` and this request (None when off)."""
+        forwards = 2 if self.files.family == V15_FAMILY and request.guidance != 1.0 else 1  # real CFG
+        return make_step_cache(model, self.profile.step_cache, request.steps, self.device, state, forwards)
 
     def denoise(self, model: torch.nn.Module, streamer: BlockStreamer, embeddings: TextEmbeddings, latents: torch.Tensor,
                 request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None,
@@ -413,23 +418,25 @@ class Stages:
         if self.files.family == V15_FAMILY:
             sampling = V15Sampling(request.steps, request.guidance, request.flow_shift)
             return self.denoise_v15(model, streamer, *embeddings, latents, sampling, start_step=start_step, on_step=on_step,
-                                    image=image, on_prediction=on_prediction)
+                                    image=image, on_prediction=on_prediction, cache=cache)
         steps = request.steps
         return denoise(model, embeddings, latents, request, self.device, start_step=start_step, on_step=on_step,
                        blocks_for_step=lambda i: streamer.blocks_for_step(prefetch_next_step=i + 1 < steps), step_cache=cache,
                        image=image, on_prediction=on_prediction)
 
     def denoise_v15(self, model: torch.nn.Module, streamer: BlockStreamer, prompt, negative, latents: torch.Tensor,
-                    sampling, *, start_step: int, on_step, image=None, on_prediction=None) -> torch.Tensor:
+                    sampling, *, start_step: int, on_step, image=None, on_prediction=None, cache=None) -> torch.Tensor:
         """HunyuanVideo-1.5's Euler steps start_step..N-1 (`sampling`: steps, guidance_scale,
         flow_shift) on the placed DiT: under real CFG two forwards a step, one after the other, each
-        streaming the streamed blocks (`forward_blocks`). image: an image-to-video run's V15Image."""
+        streaming the streamed blocks (`forward_blocks`). image: an image-to-video run's V15Image;
+        cache: a DeepCache, whose cached forwards run the last block alone (resident by the plan)."""
         from hyvideo.v15_pipeline import denoise as v15_denoise
 
         forwards = 1 if sampling.guidance_scale == 1.0 else 2
         return v15_denoise(model, prompt, negative, latents, sampling.steps, sampling.flow_shift, sampling.guidance_scale,
                            self.device, image=image, start_step=start_step, on_step=on_step, on_prediction=on_prediction,
-                           blocks_for_forward=forward_blocks(streamer, sampling.steps, forwards))
+                           blocks_for_forward=forward_blocks(streamer, sampling.steps, forwards), step_cache=cache,
+                           last_block=streamer.resident_block(len(model.double_blocks) - 1) if cache else None)
 
     def forward_stats(self, streamer: BlockStreamer, first: int) -> dict:
         """What was streamed per forward from forward `first` on (one run's, when runs share the

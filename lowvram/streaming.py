@@ -438,6 +438,13 @@ class BlockStreamer:
 
     # -- reporting and teardown -----------------------------------------------------------------
 
+    def resident_block(self, index: int) -> nn.Module:
+        """Block `index` where it runs, for a caller that runs it alone (DeepCache's cached steps,
+        hyvideo/v15_step_cache.py, whose plan keeps that block resident)."""
+        if index in self._streamed:
+            raise ValueError(f"block {index} is streamed, not resident")
+        return self._run[index]
+
     def step_stats(self) -> list[StepStats]:
         """Per-step counters for the steps run so far (waits for their timing events)."""
         out = []

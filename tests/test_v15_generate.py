@@ -148,15 +148,18 @@ def test_sigkill_then_resume_is_bit_identical(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(model_dir, tmp_path):
+@pytest.mark.parametrize("cache", [[], ["--cache", "deepcache"]], ids=["no-cache", "deepcache"])
+def test_two_ranks_equal_one_process(model_dir, tmp_path, cache):
     """`--gpus 2` on 1.5 weights (two CPU ranks talking gloo, 96x64: a 4 x 6 token grid whose 4
     rows halve): both CFG forwards of every step split across the ranks, the final latents equal
     one process's within the 13B --gpus runs' bound (tests/test_cli_multigpu.py: 1e-4, float32,
-    attention summed in another order; a token in the wrong place is ~1e-1)."""
+    attention summed in another order; a token in the wrong place is ~1e-1). With DeepCache (3
+    steps: step 2 runs the last block alone) each rank keeps every rank's image tokens of step 1
+    and takes its own share back."""
     pytest.importorskip("yunchang")
     from tests.helpers import uninterrupted_latents
 
-    args = ["--steps", "3", *CLI_ARGS]
+    args = ["--steps", "3", *CLI_ARGS, *cache]
     one = uninterrupted_latents(model_dir, tmp_path / "one", args)
     two = uninterrupted_latents(model_dir, tmp_path / "two", [*args, "--gpus", "2"])
     torch.testing.assert_close(two, one, rtol=0, atol=1e-4)

@@ -30,6 +30,7 @@ from hyvideo.step_cache import expected_forwards
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from hyvideo.v15_checkpoint import MODEL_PREFIX
 from hyvideo.v15_config import V15_TRAINED_FRAMES, V15DiTConfig
+from hyvideo.v15_step_cache import DEEPCACHE
 from hyvideo.v15_image import v15_bucket, v15_target_size, v15_video_size
 from hyvideo.v15_text import find_v15_text_files
 from hyvideo.vae import latent_shape
@@ -184,10 +185,8 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
         vram = min(vram, options.vram_limit_bytes)
     candidates = settle_profile(options.profile, options.overrides, gpu=vram is not None)
     alternatives = settle_profile("auto", options.overrides)
-    if files.family == V15_FAMILY:
-        candidates, alternatives = v15_without_step_cache(candidates, options.overrides), v15_without_step_cache(alternatives)
-    elif request.image is not None:
-        candidates, alternatives = without_step_cache(candidates, options.overrides, reporter), without_step_cache(alternatives)
+    candidates = family_step_cache(dit_config, candidates, options.overrides, reporter)
+    alternatives = family_step_cache(dit_config, alternatives, options.overrides)
     profile, found = resolve(candidates, request.width, request.height, request.frames, vram_bytes=vram, ram_bytes=ram,
                              alternatives=alternatives, **sizes)
     if vram is None and options.profile != "auto" and not isinstance(options.profile, Profile):
@@ -279,23 +278,35 @@ def check_latent_concat_frames(condition: str | None, frames: int) -> None:
                            f"use --frames {LATENT_CONCAT_DROPPED_FRAMES + 5} or more")
 
 
-def without_step_cache(profiles: list[Profile], overrides: Overrides = Overrides(), reporter: Reporter | None = None) -> list[Profile]:
-    """Image-to-video runs without the step cache: its coefficients were fit on the text-to-video
-    DiT. --cache safe/fast is refused; a profile's own step cache is turned off, said in one line."""
-    if overrides.step_cache not in (None, "off"):
-        raise HyVideoError(f"--cache {overrides.step_cache} with --image: the step cache's coefficients were fit on the "
-                           "text-to-video DiT, so image-to-video runs without it; leave out --cache")
-    if reporter and any(p.step_cache != "off" for p in profiles):
-        reporter.warn("the step cache is off for image-to-video (its coefficients were fit on the text-to-video DiT)")
-    return [dataclasses.replace(p, step_cache="off") for p in profiles]
-
-
-def v15_without_step_cache(profiles: list[Profile], overrides: Overrides = Overrides()) -> list[Profile]:
-    """HunyuanVideo-1.5 runs without the step cache: no TeaCache coefficients are published for it."""
-    if overrides.step_cache not in (None, "off"):
-        raise HyVideoError(f"--cache {overrides.step_cache} with HunyuanVideo-1.5: no step-cache coefficients are "
-                           "published for it; leave out --cache")
-    return [dataclasses.replace(p, step_cache="off") for p in profiles]
+def family_step_cache(dit_config, profiles: list[Profile], overrides: Overrides = Overrides(),
+                      reporter: Reporter | None = None) -> list[Profile]:
+    """Each model's own step cache, settled on the candidate profiles: TeaCache (safe, fast) on the
+    13B text-to-video DiT; none on the 13B image-to-video DiTs (TeaCache's coefficients were fit on
+    the text-to-video DiT); on HunyuanVideo-1.5 DeepCache, Tencent's published schedule (no TeaCache
+    coefficients are published for it), except with the step-distilled transformer, with which
+    Tencent's generate.py refuses it. Another cache asked for with --cache is one HyVideoError; a
+    profile's own is turned off (said in one line)."""
+    asked = overrides.step_cache
+    if isinstance(dit_config, V15DiTConfig):
+        allowed, why = ("off", DEEPCACHE), (
+            f"--cache {asked} with HunyuanVideo-1.5: no TeaCache coefficients are published for it; --cache deepcache "
+            "runs Tencent's DeepCache schedule")
+        if asked == DEEPCACHE and dit_config.use_meanflow:
+            raise HyVideoError("--cache deepcache with the step-distilled transformer: Tencent's generate.py refuses the pair "
+                               "(quality drops), and its 8-12 steps leave nothing to skip; leave out --cache")
+        if dit_config.use_meanflow:
+            allowed = ("off",)
+    elif dit_config.image_condition_type:
+        allowed, why = ("off",), (f"--cache {asked} with --image: the step cache's coefficients were fit on the text-to-video "
+                                  "DiT, so image-to-video runs without it; leave out --cache")
+    else:
+        allowed, why = ("off", "safe", "fast"), (f"--cache {asked}: DeepCache's schedule is HunyuanVideo-1.5's; the 13B model "
+                                                 "takes --cache safe or fast (TeaCache)")
+    if asked is not None and asked not in allowed:
+        raise HyVideoError(why)
+    if reporter and any(p.step_cache not in allowed for p in profiles):
+        reporter.warn(f"the step cache is off for this model (the profile's {profiles[0].step_cache} is another model's)")
+    return [p if p.step_cache in allowed else dataclasses.replace(p, step_cache="off") for p in profiles]
 
 
 @dataclass
@@ -346,10 +357,8 @@ def plan_only(query: PlanQuery) -> PlanAnswer:
         raise HyVideoError("no CUDA GPU here: pass --vram GB (e.g. --vram 24) to plan for a card, or --profile NAME")
     candidates = settle_profile(query.profile, query.overrides, gpu=vram is not None)
     alternatives = settle_profile("auto", query.overrides)
-    if isinstance(sizes["dit_config"], V15DiTConfig):
-        candidates, alternatives = v15_without_step_cache(candidates, query.overrides), v15_without_step_cache(alternatives)
-    elif sizes["dit_config"].image_condition_type:
-        candidates, alternatives = without_step_cache(candidates, query.overrides), without_step_cache(alternatives)
+    candidates = family_step_cache(sizes["dit_config"], candidates, query.overrides)
+    alternatives = family_step_cache(sizes["dit_config"], alternatives, query.overrides)
     video = (query.width, query.height, query.frames)
     model = {"name": query.model, "description": RELEASED_NAMES[query.model]}  # which model the plan is for
     try:

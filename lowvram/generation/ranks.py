@@ -221,8 +221,7 @@ def follow(ranks: Ranks) -> None:
 
 
 def _denoise_clip(ranks: Ranks, stages: Stages, model, streamer, job: ClipJob) -> None:
-    steps = job.request.steps
-    cache = stages.step_cache(model, steps, job.cache_state)
+    cache = stages.step_cache(model, job.request, job.cache_state)
 
     def on_step(i: int, latents: torch.Tensor) -> None:
         if ranks.agree_to_stop(False):

@@ -99,7 +99,7 @@ def _now() -> str:
 def _files_of(checkpoint: dict) -> list[str]:
     """The files a checkpoint entry refers to: its latents, and its step cache's residual."""
     cache = checkpoint.get("cache")
-    return [checkpoint["file"]] + ([cache["residual"]["file"]] if cache else [])
+    return [checkpoint["file"]] + ([cache["residual"]["file"]] if cache and "residual" in cache else [])
 
 
 @dataclass
@@ -321,7 +321,7 @@ class Run:
         if step == self.steps:
             cache = None  # after the last step only the latents matter
         tensors = {"latents": latents}
-        if cache is not None:
+        if cache is not None and cache.previous_latents is not None:  # TeaCache's (DeepCache keeps none)
             tensors["cache_previous_latents"] = cache.previous_latents
         try:
             entry = self._write_checked(name, tensors, f"the step {step} checkpoint")
@@ -347,14 +347,18 @@ class Run:
                     (self.folder / file).unlink(missing_ok=True)
 
     def _cache_entry(self, cache: CacheState) -> dict:
-        """The manifest part of the cache state; writes the residual unless a kept checkpoint has it."""
+        """The manifest part of the cache state; writes the residual unless a kept checkpoint has it
+        (DeepCache has none before its first cached step)."""
+        entry = {"accumulated": cache.accumulated, "computed": list(cache.computed), "residual_step": cache.residual_step,
+                 **({"split": cache.split} if cache.split is not None else {})}
+        if cache.residual is None:
+            return entry
         residual_name = f"cache-residual-step{cache.residual_step:04d}.safetensors"
         residual = next((c["cache"]["residual"] for c in self.manifest["checkpoints"]
                          if c.get("cache", {}).get("residual", {}).get("file") == residual_name), None)
         if residual is None:
             residual = self._write_checked(residual_name, {"residual": cache.residual}, "the step cache's residual")
-        return {"accumulated": cache.accumulated, "computed": list(cache.computed), "residual_step": cache.residual_step,
-                "residual": residual}
+        return {**entry, "residual": residual}
 
     def _kept_hint(self) -> str:
         step = self.manifest["checkpoints"][-1]["step"] if self.manifest["checkpoints"] else 0
@@ -368,12 +372,12 @@ class Run:
         for entry in reversed(self.manifest["checkpoints"]):
             tensors = self._read_checked(entry)
             cache = entry.get("cache")
-            residual = self._read_checked(cache["residual"]) if cache else None
-            if tensors is not None and "latents" in tensors and (not cache or residual is not None):
+            residual = self._read_checked(cache["residual"]) if cache and "residual" in cache else None
+            if tensors is not None and "latents" in tensors and (not cache or "residual" not in cache or residual is not None):
                 state = None
                 if cache:
-                    state = CacheState(cache["accumulated"], list(cache["computed"]), tensors["cache_previous_latents"],
-                                       residual["residual"], cache["residual_step"])
+                    state = CacheState(cache["accumulated"], list(cache["computed"]), tensors.get("cache_previous_latents"),
+                                       residual["residual"] if residual else None, cache["residual_step"], cache.get("split"))
                 return entry["step"], tensors["latents"], state, warnings
             warnings.append(f"checkpoint {entry['file']} is missing or damaged (checksum mismatch); using an earlier one")
         if self.manifest["checkpoints"]:
@@ -384,7 +388,8 @@ class Run:
         """The final latents; the step cache's residuals (0.73 GB each at 720p) go with them: the
         last checkpoint, which has the same latents, needs none."""
         self.manifest["final_latents"] = self._write_checked(FINAL_LATENTS, {"latents": latents}, "the final latents")
-        residuals = [c.pop("cache")["residual"]["file"] for c in self.manifest["checkpoints"] if "cache" in c]
+        caches = [c.pop("cache") for c in self.manifest["checkpoints"] if "cache" in c]
+        residuals = [cache["residual"]["file"] for cache in caches if "residual" in cache]
         self.save()
         for file in residuals:
             (self.folder / file).unlink(missing_ok=True)

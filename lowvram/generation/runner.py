@@ -511,7 +511,7 @@ def _denoise(run: Run, stages: Stages, model: torch.nn.Module, streamer, began: 
     step_seconds = measured.setdefault("step_seconds", [])
     earlier_steps = len(step_seconds)
     try:
-        cache = stages.step_cache(model, request.steps, cache_state)
+        cache = stages.step_cache(model, request, cache_state)
         measured["load_seconds"] = round(time.perf_counter() - began, 3)
         reporter.stage("denoising", total=request.steps, completed=step)
         stop.stage = "denoising"
