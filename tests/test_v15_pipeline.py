@@ -42,6 +42,20 @@ def test_schedule_matches_diffusers(shift):
     assert ((scheduler.timesteps - flow_timesteps(ours)).abs() / flow_timesteps(ours)).max() <= 2.4e-7
 
 
+def pipeline_latents(pipe, positive: V15Prompt, negative: V15Prompt, noise: torch.Tensor, steps: int, shift: float,
+                     **inputs) -> torch.Tensor:
+    """diffusers' 1.5 pipeline from the given embeddings (ours), 9 frames from `noise`, our schedule."""
+    with torch.no_grad():
+        return pipe(
+            prompt_embeds=positive.text_states, prompt_embeds_mask=positive.text_mask,
+            prompt_embeds_2=positive.byt5_states, prompt_embeds_mask_2=positive.byt5_mask,
+            negative_prompt_embeds=negative.text_states, negative_prompt_embeds_mask=negative.text_mask,
+            negative_prompt_embeds_2=negative.byt5_states, negative_prompt_embeds_mask_2=negative.byt5_mask,
+            num_frames=9, num_inference_steps=steps, latents=noise.clone(), output_type="latent", return_dict=False,
+            **same_schedule(steps, shift), **inputs,
+        )[0]
+
+
 def make_prompt(seed: int, valid: int, byt5_valid: int) -> V15Prompt:
     gen = torch.Generator().manual_seed(seed)
     text_mask, byt5_mask = torch.zeros(1, 12, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long)
@@ -66,15 +80,7 @@ def test_t2v_denoise_matches_diffusers_pipeline(guidance_scale, shift):
     positive, negative = make_prompt(1, valid=9, byt5_valid=4), make_prompt(2, valid=5, byt5_valid=0)
     noise = torch.randn(1, TINY.latent_channels, 3, 4, 6, generator=torch.Generator().manual_seed(3))
     ours = denoise(dit, positive, negative, noise, steps=3, flow_shift=shift, guidance_scale=guidance_scale, device="cpu")
-    with torch.no_grad():
-        expected = pipe(
-            prompt_embeds=positive.text_states, prompt_embeds_mask=positive.text_mask,
-            prompt_embeds_2=positive.byt5_states, prompt_embeds_mask_2=positive.byt5_mask,
-            negative_prompt_embeds=negative.text_states, negative_prompt_embeds_mask=negative.text_mask,
-            negative_prompt_embeds_2=negative.byt5_states, negative_prompt_embeds_mask_2=negative.byt5_mask,
-            height=64, width=96, num_frames=9, num_inference_steps=3, latents=noise.clone(), output_type="latent",
-            return_dict=False, **same_schedule(3, shift),
-        )[0]
+    expected = pipeline_latents(pipe, positive, negative, noise, 3, shift, height=64, width=96)
     assert ((ours - expected).abs().max() / expected.abs().max()).item() <= TOL
 
 
@@ -100,14 +106,5 @@ def test_i2v_denoise_matches_diffusers_pipeline():
     positive, negative = make_prompt(6, valid=10, byt5_valid=3), make_prompt(7, valid=4, byt5_valid=0)
     noise = torch.randn(1, TINY.latent_channels, 3, 4, 4, generator=gen)
     ours = denoise(dit, positive, negative, noise, steps=3, flow_shift=7.0, guidance_scale=6.0, device="cpu", image=image)
-    with torch.no_grad():
-        expected = pipe(
-            image=PIL.Image.new("RGB", (64, 64)),
-            prompt_embeds=positive.text_states, prompt_embeds_mask=positive.text_mask,
-            prompt_embeds_2=positive.byt5_states, prompt_embeds_mask_2=positive.byt5_mask,
-            negative_prompt_embeds=negative.text_states, negative_prompt_embeds_mask=negative.text_mask,
-            negative_prompt_embeds_2=negative.byt5_states, negative_prompt_embeds_mask_2=negative.byt5_mask,
-            num_frames=9, num_inference_steps=3, latents=noise.clone(), output_type="latent", return_dict=False,
-            **same_schedule(3, 7.0),
-        )[0]
+    expected = pipeline_latents(pipe, positive, negative, noise, 3, 7.0, image=PIL.Image.new("RGB", (64, 64)))
     assert ((ours - expected).abs().max() / expected.abs().max()).item() <= TOL
