@@ -1,9 +1,12 @@
-"""Step cache presets (off / safe / fast) on full runs: DiT forwards, DiT time, and how far the
-result moves from the uncached run (final latents, and PSNR of the decoded frames).
+"""Step cache presets (off / safe / fast; HunyuanVideo-1.5: off / deepcache) on full runs: DiT
+forwards, DiT time, and how far the result moves from the uncached run (final latents, and PSNR of
+the decoded frames).
 
     python -m bench.bench_step_cache --tiny --out bench/results             # CPU, tiny model, 50 steps
+    python -m bench.bench_step_cache --tiny --model 1.5-480p_t2v --video 96x64x9   # CPU, tiny 1.5, DeepCache
     python -m bench.bench_step_cache --cap-gb 16 --scratch /tmp/lowvram-bench  # GPU: 13B random weights,
                                                                             # 960x544x33, 50 steps, 16gb profile
+    python -m bench.bench_step_cache --cap-gb 16 --model 1.5-720p_t2v       # GPU: 1.5, 1280x720x121
 
 Each preset is one `lowvram bench` run (the generate path end to end). The frames compared are
 decoded from each run's final latents by the run's own (tiled) decoder, in memory: the mp4 is lossy.
@@ -25,7 +28,7 @@ from lowvram.generation.preflight import plan_for_run
 from lowvram.generation.run_folder import find_run
 from lowvram.stages import Stages
 
-PRESETS = ("off", "safe", "fast")
+PRESETS = {"13B": ("off", "safe", "fast"), "1.5": ("off", "deepcache")}
 
 
 def decoded_frames(result: dict, scratch: Path) -> torch.Tensor:
@@ -47,22 +50,29 @@ def main(argv=None) -> dict:
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/lowvram-bench"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--video", default="128x96x17", help="with --tiny: WIDTHxHEIGHTxFRAMES")
+    parser.add_argument("--model", default=None, help="1.5-<variant>: HunyuanVideo-1.5 text-to-video (off vs deepcache)")
     args = parser.parse_args(argv)
 
+    v15 = args.model is not None
     if args.tiny:
         width, height, frames = map(int, args.video.split("x"))
-        options = dict(width=width, height=height, frames=frames, profile="plain", model_size="tiny", layout="official",
-                       device="cpu")
+        options = dict(width=width, height=height, frames=frames, profile="plain", model_size="tiny",
+                       layout="diffusers" if v15 else "official", device="cpu")
+    elif v15:
+        options = dict(width=1280, height=720, frames=121, profile="auto", model_size="full", layout="diffusers",
+                       cap_bytes=None if args.cap_gb is None else int(args.cap_gb * 2**30))
     else:
         options = dict(width=960, height=544, frames=33, profile="16gb", model_size="full", layout="official-fp8",
                        cap_bytes=None if args.cap_gb is None else int(args.cap_gb * 2**30))
     device = torch.device("cpu" if args.tiny else "cuda")
-    results = {"benchmark": "step_cache", "device": device_info(device), "steps": args.steps, "cap_gb": args.cap_gb,
+    results = {"benchmark": "step_cache", "model_name": args.model or "t2v", "device": device_info(device), "steps": args.steps,
+               "cap_gb": args.cap_gb,
                "video": f"{options['width']}x{options['height']}x{options['frames']}", "model": options["model_size"],
                "note": "random weights: the skip pattern and deviations say nothing about real-model quality", "runs": []}
     reference_latents = reference_frames = None
-    for preset in PRESETS:
-        result = run_bench(BenchOptions(args.scratch, steps=args.steps, overrides=Overrides(step_cache=preset), **options))
+    for preset in PRESETS["1.5" if v15 else "13B"]:
+        result = run_bench(BenchOptions(args.scratch, steps=args.steps, overrides=Overrides(step_cache=preset), model=args.model,
+                                        **options))
         latents = load_file(result["final_latents"])["latents"]
         frames = decoded_frames(result, args.scratch)
         computed = result["stats"]["dit"]["computed_steps"]
@@ -80,7 +90,7 @@ def main(argv=None) -> dict:
     for run in results["runs"][1:]:
         if off_seconds and run["dit_seconds"]:
             run["dit_speedup"] = round(off_seconds / run["dit_seconds"], 2)
-    name = "step_cache" + ("-tiny" if args.tiny else "")
+    name = "step_cache" + (f"-{args.model}" if v15 else "") + ("-tiny" if args.tiny else "")
     finish(args.out, name, results)
     write_markdown(args.out, name, results)
     return results
@@ -89,7 +99,7 @@ def main(argv=None) -> dict:
 def write_markdown(out_dir: Path, name: str, results: dict) -> Path:
     slug = results["device"].get("name", "cpu").replace(" ", "-").replace("/", "-")
     cap = f", cap {results['cap_gb']:g} GiB" if results["cap_gb"] else ""
-    lines = [f"# Step cache presets on {results['device'].get('name')} ({results['model']} model, "
+    lines = [f"# Step cache presets on {results['device'].get('name')} ({results['model']} {results['model_name']} model, "
              f"{results['video']}, {results['steps']} steps{cap})", "", results["note"] + ".", "",
              "| preset | DiT forwards | fewer forwards | DiT s | DiT speedup | final latents rel. error | frames PSNR dB |",
              "|---|---|---|---|---|---|---|"]
