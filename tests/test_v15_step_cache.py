@@ -140,3 +140,35 @@ def test_a_run_stopped_on_a_cached_step_resumes_bit_identically(model_dir, tmp_p
     assert find_run(tmp_path / "b", run.id).load_final().equal(final)
     plain = execute(*start_run(dataclasses.replace(options(model_dir, tmp_path / "c"), request=request)))
     assert not find_run(tmp_path / "c", plain.run_id).load_final().equal(final)
+
+
+@pytest.mark.cuda
+def test_cuda_streamed_deepcache_equals_resident():
+    """On a GPU, the 1.5 DiT streamed (block 0 through the ring, the last block resident, as the
+    planner keeps it for DeepCache) with the cache equals the resident DiT with the cache, bit for
+    bit: the same kernels on the same weights; the cached steps take the kept tokens to the GPU
+    as a copy, never moving them (20 steps: 10 cached)."""
+    from lowvram.schedule import plan_schedule
+    from lowvram.streaming import BlockStreamer, forward_blocks
+    from tests.test_v15_pipeline import make_prompt
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = torch.device("cuda")
+    positive, negative = make_prompt(1, valid=9, byt5_valid=4), make_prompt(2, valid=5, byt5_valid=0)
+    noise = torch.randn(1, TINY.latent_channels, 3, 4, 6, generator=torch.Generator().manual_seed(3))
+
+    def run(streamed: bool) -> torch.Tensor:
+        dit = HunyuanVideo15DiT(TINY).eval()
+        randomize_(dit, seed=2)
+        if not streamed:
+            return denoise(dit.to(device), positive, negative, noise, 20, 5.0, 6.0, device, step_cache=DeepCache(20, 2))
+        for name, child in dit.named_children():
+            if name != "double_blocks":
+                child.to(device)
+        schedule = plan_schedule(["double"] * TINY.double_blocks, [1] * TINY.double_blocks, resident=0, keep=(1,))
+        with BlockStreamer(dit.all_blocks(), schedule, device) as streamer:
+            return denoise(dit, positive, negative, noise, 20, 5.0, 6.0, device, step_cache=DeepCache(20, 2),
+                           blocks_for_forward=forward_blocks(streamer, 20, 2), last_block=streamer.resident_block(1))
+
+    assert torch.equal(run(streamed=True), run(streamed=False))
