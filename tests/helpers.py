@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 from hyvideo.config import DIT_CONFIGS, DiTConfig
 from hyvideo.dit import HunyuanVideoDiT
 from hyvideo.pipeline import GenerationRequest
+from hyvideo.v15_config import V15_DIT_CONFIGS
+from hyvideo.v15_pipeline import V15Prompt
 from lowvram.profiles import Overrides
 from lowvram.progress import Reporter
 from lowvram.schedule import BlockSchedule, plan_schedule
@@ -316,3 +318,14 @@ def fork_ranks(function, world: int, *args) -> None:
 def _one_thread(rank: int, function, world: int, *args) -> None:
     torch.set_num_threads(1)
     function(rank, world, *args)
+
+
+def make_v15_prompt(seed: int, valid: int, byt5_valid: int) -> V15Prompt:
+    """Random HunyuanVideo-1.5 prompt embeddings for the tiny DiT: 12 Qwen tokens (`valid` of them
+    valid), 6 byT5 tokens (`byt5_valid`)."""
+    tiny = V15_DIT_CONFIGS["tiny"]
+    gen = torch.Generator().manual_seed(seed)
+    text_mask, byt5_mask = torch.zeros(1, 12, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long)
+    text_mask[0, :valid], byt5_mask[0, :byt5_valid] = 1, 1
+    return V15Prompt(torch.randn(1, 12, tiny.text_states_dim, generator=gen), text_mask,
+                     torch.randn(1, 6, tiny.byt5_states_dim, generator=gen), byt5_mask)

@@ -17,6 +17,7 @@ from hyvideo.v15_config import V15_DIT_CONFIGS, V15_VAE_CONFIGS
 from hyvideo.v15_dit import HunyuanVideo15DiT
 from hyvideo.v15_keys import ours_to_diffusers
 from hyvideo.v15_pipeline import V15Image, V15Prompt, denoise
+from tests.helpers import make_v15_prompt as make_prompt
 from tests.helpers import randomize_
 
 TINY = V15_DIT_CONFIGS["tiny"]
@@ -54,14 +55,6 @@ def pipeline_latents(pipe, positive: V15Prompt, negative: V15Prompt, noise: torc
             num_frames=9, num_inference_steps=steps, latents=noise.clone(), output_type="latent", return_dict=False,
             **same_schedule(steps, shift), **inputs,
         )[0]
-
-
-def make_prompt(seed: int, valid: int, byt5_valid: int) -> V15Prompt:
-    gen = torch.Generator().manual_seed(seed)
-    text_mask, byt5_mask = torch.zeros(1, 12, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long)
-    text_mask[0, :valid], byt5_mask[0, :byt5_valid] = 1, 1
-    return V15Prompt(torch.randn(1, 12, TINY.text_states_dim, generator=gen), text_mask,
-                     torch.randn(1, 6, TINY.byt5_states_dim, generator=gen), byt5_mask)
 
 
 @pytest.mark.slow  # 7-17 s on a loaded 2-core machine (diffusers' pipeline machinery)

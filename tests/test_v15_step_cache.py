@@ -62,7 +62,8 @@ def test_denoise_matches_the_deepcache_helper_on_diffusers():
     from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
                            HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel)
 
-    from tests.test_v15_pipeline import TOL, make_prompt, pipeline_latents
+    from tests.helpers import make_v15_prompt as make_prompt
+    from tests.test_v15_pipeline import TOL, pipeline_latents
 
     dit = HunyuanVideo15DiT(TINY).eval()
     randomize_(dit, seed=2)
@@ -150,7 +151,7 @@ def test_cuda_streamed_deepcache_equals_resident():
     as a copy, never moving them (20 steps: 10 cached)."""
     from lowvram.schedule import plan_schedule
     from lowvram.streaming import BlockStreamer, forward_blocks
-    from tests.test_v15_pipeline import make_prompt
+    from tests.helpers import make_v15_prompt as make_prompt
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
