@@ -263,3 +263,19 @@ def test_tiled_image_encode_matches_diffusers_tiled_encode():
         ours = TiledVAE(vae, spatial_tile_for(8, 16), on_tile=lambda done, total: tiles.append(total)).encode(pixels)
         expected = reference.encode(pixels).latent_dist.mode()
     assert tiles[-1] == 2 * 2 and rel_err(ours, expected) <= 1e-5
+
+
+@pytest.mark.slow  # ~25 s: two runs as processes, at the real 480p bucket (the 64 px one is patched in this process only)
+def test_i2v_on_two_ranks_equals_one_process(folders, tmp_path):
+    """`--gpus 2 --image` on 1.5: rank 0 encodes the image once and sends its latents and SigLIP
+    states with the clip; every rank feeds them to its share of both CFG forwards. The final
+    latents equal one process's within the --gpus bound (tests/test_cli_multigpu.py: 1e-4)."""
+    pytest.importorskip("yunchang")
+    from tests.helpers import final_latents, run
+
+    image = write_image(tmp_path / "first.png", 70, 45)
+    args = ["generate", PROMPT, "--image", image, "--model-dir", folders["480p_i2v"], "--frames", 5, "--steps", 2,
+            "--seed", 3, "--device", "cpu", "--json"]
+    one, two = run(*args, "--runs-dir", tmp_path / "one"), run(*args, "--runs-dir", tmp_path / "two", "--gpus", 2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    torch.testing.assert_close(final_latents(two.stdout), final_latents(one.stdout), rtol=0, atol=1e-4)
