@@ -11,6 +11,9 @@ Greedy decoding, so the same prompt, mode and model always give the same rewrite
 `MAX_NEW_TOKENS` new tokens, which is the whole of what the DiT reads (256 LLM tokens of prompt).
 """
 
+import json
+from pathlib import Path
+
 import torch
 
 from .errors import HyVideoError
@@ -50,10 +53,11 @@ def writes_text(architectures: list[str]) -> bool:
     return any(name.endswith("ForCausalLM") or name in VISION_LANGUAGE_WRITERS for name in architectures)
 
 
-def writer_class(architectures: list[str]):
-    """The transformers auto class that loads such a model with its head."""
+def writer_class(folder: Path):
+    """The transformers auto class that loads the model saved in `folder` with its head."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
     return AutoModelForImageTextToText if any(name in VISION_LANGUAGE_WRITERS for name in architectures) else AutoModelForCausalLM
 
 

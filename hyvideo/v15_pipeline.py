@@ -43,6 +43,11 @@ class V15Image:
     vision_states: torch.Tensor  # [1, 729, 1152] SigLIP last hidden states
 
 
+def forwards_per_step(guidance_scale: float) -> int:
+    """DiT forwards a step runs: 2 under real CFG, 1 for the distilled transformers (guidance 1)."""
+    return 1 if guidance_scale == 1.0 else 2
+
+
 def condition_channels(latents: torch.Tensor, image: V15Image | None) -> torch.Tensor:
     """[B, C + 1, T, h, w]: condition latents and mask for noisy latents [B, C, T, h, w]."""
     batch, channels, frames, height, width = latents.shape
@@ -67,7 +72,7 @@ def denoise(
     forward: twice per step under real CFG); None: its own. on_prediction(i, clean): step i's
     prediction of the clean latents (a live preview), before on_step. step_cache: a DeepCache
     (hyvideo/v15_step_cache.py), with `last_block`, the last double block where it runs."""
-    cfg = guidance_scale != 1.0
+    cfg = forwards_per_step(guidance_scale) == 2
     if cfg and negative is None:
         raise ValueError("real CFG (guidance_scale != 1) needs the negative prompt's embeddings")
     dtype = dit.compute_dtype

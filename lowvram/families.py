@@ -18,6 +18,7 @@ from hyvideo.text_encoder import (
     TEXT_LEN,
 )
 from hyvideo.pipeline import TRAINED_FRAMES
+from hyvideo.v15_pipeline import forwards_per_step
 from hyvideo.v15_config import (
     V15_DIT_CONFIGS,
     V15_SAMPLING,
@@ -130,7 +131,7 @@ def v15_model_sizes(dit_config: V15DiTConfig, vae_config: V15VAEConfig, guidance
     qwen, byt5, siglip = text_configs
     return {"dit_config": dit_config, "vae_config": vae_config,
             "text_encoders": hunyuan15_text_encoders(qwen, byt5, siglip),
-            "text_tokens": hunyuan15_text_tokens(siglip), "forwards_per_step": 1 if guidance_scale == 1.0 else 2,
+            "text_tokens": hunyuan15_text_tokens(siglip), "forwards_per_step": forwards_per_step(guidance_scale),
             **({"image_size": image_size} if siglip is not None else {})}
 
 

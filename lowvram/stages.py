@@ -46,6 +46,8 @@ from hyvideo.models import dit_class
 from hyvideo.v15_checkpoint import FAMILY as V15_FAMILY
 from hyvideo.v15_checkpoint import load_v15_dit, load_v15_dit_state_dict, load_v15_vae, v15_dit_config, v15_vae_config
 from hyvideo.v15_config import V15Sampling
+from hyvideo.v15_pipeline import denoise as v15_denoise
+from hyvideo.v15_pipeline import forwards_per_step
 from hyvideo.v15_step_cache import DEEPCACHE, DeepCache
 from hyvideo.image import image_to_pixels, resize_center_crop
 from hyvideo.preview import HUNYUAN_LATENT_RGB_BIAS, HUNYUAN_LATENT_RGB_FACTORS, fit_latent_rgb
@@ -404,17 +406,17 @@ class Stages:
 
     def step_cache(self, model: torch.nn.Module, request: GenerationRequest, state: CacheState | None = None):
         """The profile's step cache for `model` and this request (None when off)."""
-        forwards = 2 if self.files.family == V15_FAMILY and request.guidance != 1.0 else 1  # real CFG
+        forwards = forwards_per_step(request.guidance) if self.files.family == V15_FAMILY else 1
         return make_step_cache(model, self.profile.step_cache, request.steps, self.device, state, forwards)
 
     def denoise(self, model: torch.nn.Module, streamer: BlockStreamer, embeddings: TextEmbeddings, latents: torch.Tensor,
-                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | None,
+                request: GenerationRequest, *, start_step: int, on_step, cache: TeaCache | DeepCache | None,
                 on_prediction=None, image: ImageCondition | None = None) -> torch.Tensor:
         """Euler steps start_step..N-1 on the placed DiT, its blocks from the streamer, the next
         step's first copies issued during this one's last blocks: the one denoising call that one
         process and every rank of several make. on_prediction: a live preview's (rank 0's); image:
-        an I2V run's conditioning image. A HunyuanVideo-1.5 run's embeddings are (prompt, negative)
-        and its image a V15Image (`denoise_v15`; it has no step cache)."""
+        an I2V run's conditioning image. A HunyuanVideo-1.5 run's embeddings are (prompt, negative),
+        its image a V15Image and its cache a DeepCache (`denoise_v15`)."""
         if self.files.family == V15_FAMILY:
             sampling = V15Sampling(request.steps, request.guidance, request.flow_shift)
             return self.denoise_v15(model, streamer, *embeddings, latents, sampling, start_step=start_step, on_step=on_step,
@@ -430,9 +432,7 @@ class Stages:
         flow_shift) on the placed DiT: under real CFG two forwards a step, one after the other, each
         streaming the streamed blocks (`forward_blocks`). image: an image-to-video run's V15Image;
         cache: a DeepCache, whose cached forwards run the last block alone (resident by the plan)."""
-        from hyvideo.v15_pipeline import denoise as v15_denoise
-
-        forwards = 1 if sampling.guidance_scale == 1.0 else 2
+        forwards = forwards_per_step(sampling.guidance_scale)
         return v15_denoise(model, prompt, negative, latents, sampling.steps, sampling.flow_shift, sampling.guidance_scale,
                            self.device, image=image, start_step=start_step, on_step=on_step, on_prediction=on_prediction,
                            blocks_for_forward=forward_blocks(streamer, sampling.steps, forwards), step_cache=cache,
@@ -478,8 +478,10 @@ class Stages:
         try:
             scale, ratio = vae.config.scaling_factor, vae.config.spatial_compression_ratio
             with torch.inference_mode():
-                factors, bias = fit_latent_rgb(lambda pixels: vae.encode(pixels.to(self.device, self.vae_dtype)).float().cpu() * scale,
-                                               ratio)
+                def encode(pixels: torch.Tensor) -> torch.Tensor:  # what the DiT sees: scaled latents, on the host
+                    return vae.encode(pixels.to(self.device, self.vae_dtype)).float().cpu() * scale
+
+                factors, bias = fit_latent_rgb(encode, ratio)
         finally:
             vae = None
             empty_cache(self.device)

@@ -108,10 +108,7 @@ def _auto_class(causal: bool, folder: Path):
     its head as `hyvideo.prompt_rewrite.writer_class` says (a causal LM, or Qwen2.5-VL-Instruct)."""
     from transformers import AutoModel
 
-    if not causal:
-        return AutoModel
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    return writer_class(architectures)
+    return writer_class(folder) if causal else AutoModel
 
 
 def load_llm_bf16(folder: str | Path, device: "torch.device | str" = "cpu", causal: bool = False) -> nn.Module:

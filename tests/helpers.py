@@ -7,6 +7,7 @@ model folders are conftest.py's session fixtures."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -270,9 +271,9 @@ def manifest(runs_dir: Path) -> dict | None:
 
 
 def start_and_wait_for_step(runs_dir: Path, model_dir: Path, args: list[str], step: int = 1,
-                            timeout: float = 90) -> tuple[subprocess.Popen, dict]:
+                            timeout: float = 90, prompt: str = PROMPT) -> tuple[subprocess.Popen, dict]:
     """`lowvram generate` started as a process, once its manifest says `step` steps are saved."""
-    process = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", model_dir, "--runs-dir", runs_dir, *args),
+    process = subprocess.Popen(lowvram("generate", prompt, "--model-dir", model_dir, "--runs-dir", runs_dir, *args),
                                cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -284,6 +285,16 @@ def start_and_wait_for_step(runs_dir: Path, model_dir: Path, args: list[str], st
         time.sleep(0.01)
     process.kill()
     raise AssertionError("no step was saved in time")
+
+
+def killed_after_a_step(runs_dir: Path, model_dir: Path, args: list[str], timeout: float = 90, prompt: str = PROMPT) -> dict:
+    """`lowvram generate` started as a process and killed (SIGKILL) once a step is saved: the
+    manifest it left."""
+    process, _ = start_and_wait_for_step(runs_dir, model_dir, args, timeout=timeout, prompt=prompt)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    return manifest(runs_dir)
 
 
 def final_latents(json_text: str) -> torch.Tensor:

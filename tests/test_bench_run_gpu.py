@@ -34,14 +34,21 @@ def archive(tmp_path: Path) -> dict[str, bytes]:
         return {m.name.removeprefix("./"): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
-@pytest.mark.slow
-def test_no_budget_skips_every_step_and_still_packs_the_archive(tmp_path):
-    done = run_script(tmp_path, BUDGET_S="0")
+def rehearsed_without_budget(tmp_path: Path, steps: list[str], **env) -> dict[str, bytes]:
+    """The script rehearsed with no time budget: it exits 0 and lists `steps`, each skipped; the
+    archive it packed."""
+    done = run_script(tmp_path, BUDGET_S="0", **env)
     assert done.returncode == 0, done.stdout + done.stderr
     files = archive(tmp_path)
-    assert {"progress.log", "steps.tsv", "imports.txt"} <= files.keys()
     rows = [line.split("\t") for line in files["steps.tsv"].decode().splitlines()[1:]]
-    assert [row[0] for row in rows] == STEPS and all(row[1] == "skipped" for row in rows)
+    assert [row[0] for row in rows] == steps and all(row[1] == "skipped" for row in rows)
+    return files
+
+
+@pytest.mark.slow
+def test_no_budget_skips_every_step_and_still_packs_the_archive(tmp_path):
+    files = rehearsed_without_budget(tmp_path, STEPS)
+    assert {"progress.log", "steps.tsv", "imports.txt"} <= files.keys()
     assert b"av: " in files["imports.txt"] and (tmp_path / "out/progress.log").read_text().count("skip ") == len(STEPS)
 
 
@@ -54,11 +61,7 @@ def test_the_i2v_line_frees_the_disk_writes_its_image_and_lists_its_steps(tmp_pa
 
     t2v = tmp_path / "scratch/model-tiny-official-fp8"
     t2v.mkdir(parents=True)
-    done = run_script(tmp_path, I2V="1", BUDGET_S="0")
-    assert done.returncode == 0, done.stdout + done.stderr
-    files = archive(tmp_path)
-    rows = [line.split("\t") for line in files["steps.tsv"].decode().splitlines()[1:]]
-    assert [row[0] for row in rows] == I2V_STEPS and all(row[1] == "skipped" for row in rows)
+    files = rehearsed_without_budget(tmp_path, I2V_STEPS, I2V="1")
     assert "image-to-video" in files["progress.log"].decode()
     assert not t2v.exists() and Image.open(tmp_path / "scratch/i2v-first-frame.png").size == (1920, 1080)
 
@@ -71,11 +74,7 @@ def test_the_v15_line_frees_the_13b_models_and_lists_its_steps(tmp_path):
     t2v, v15 = tmp_path / "scratch/model-tiny-official-fp8", tmp_path / "scratch/model-tiny-1.5-720p_t2v-diffusers"
     t2v.mkdir(parents=True)
     v15.mkdir()
-    done = run_script(tmp_path, V15="1", BUDGET_S="0")
-    assert done.returncode == 0, done.stdout + done.stderr
-    files = archive(tmp_path)
-    rows = [line.split("\t") for line in files["steps.tsv"].decode().splitlines()[1:]]
-    assert [row[0] for row in rows] == V15_STEPS and all(row[1] == "skipped" for row in rows)
+    files = rehearsed_without_budget(tmp_path, V15_STEPS, V15="1")
     assert "HunyuanVideo-1.5" in files["progress.log"].decode()
     assert not t2v.exists() and v15.exists()
 

@@ -7,9 +7,6 @@ agrees with the float32 resident one within FP8's error."""
 
 import json
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
-from tests.helpers import as_json, env, invoke, lowvram, manifest, one_line_error, run
+from tests.helpers import as_json, invoke, killed_after_a_step, one_line_error, run
 
 # 64x48, 9 frames (3 latent frames of 6x8: 24 image tokens of which the first frame's 12 are the
 # image under token_replace), 3 steps: about a second per run once the models are loaded.
@@ -157,18 +154,7 @@ def test_resume_after_sigkill_is_bit_identical_and_refuses_another_image(i2v_off
     expected = load_file(as_json(reference)["final_latents"])["latents"]
 
     runs_dir = tmp_path / "runs"
-    process = subprocess.Popen(lowvram("generate", PROMPT, "--model-dir", i2v_official, "--runs-dir", runs_dir, *args),
-                               env=env(), cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not ((current := manifest(runs_dir)) and current["step"] >= 1):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no step was saved in time"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
-    killed = manifest(runs_dir)
+    killed = killed_after_a_step(runs_dir, i2v_official, args, timeout=240, prompt=PROMPT)
     assert killed["state"] == "denoising" and 1 <= killed["step"] < steps
 
     stamp = image.stat()

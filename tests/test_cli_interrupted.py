@@ -14,7 +14,8 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.helpers import (
-    PROMPT, ROOT, as_json, final_latents, invoke, manifest, run, start_and_wait_for_step, uninterrupted_latents,
+    PROMPT, ROOT, as_json, final_latents, invoke, killed_after_a_step, manifest, run, start_and_wait_for_step,
+    uninterrupted_latents,
 )
 
 pytestmark = pytest.mark.slow  # every test starts `lowvram` as a process
@@ -37,11 +38,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path, referenc
     if step_cache:
         reference = uninterrupted_latents(tiny_official, tmp_path / "reference", args)
     runs_dir = tmp_path / "runs"
-    process, at_kill = start_and_wait_for_step(runs_dir, tiny_official, args=args)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
-    killed = manifest(runs_dir)
+    killed = killed_after_a_step(runs_dir, tiny_official, args)
     assert killed["state"] == "denoising" and 1 <= killed["step"] < STEPS, killed["step"]
     assert ("cache" in killed["checkpoints"][-1]) == bool(step_cache)
 
@@ -49,7 +46,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path, referenc
     assert resumed.exit_code == 0, resumed.output
     result = as_json(resumed)
     assert result["state"] == "done" and result["resumed_from"].startswith("step ")
-    assert int(result["resumed_from"].split()[1].split("/")[0]) >= at_kill["step"]
+    assert int(result["resumed_from"].split()[1].split("/")[0]) >= killed["step"]
     assert final_latents(resumed.stdout).equal(reference)
     if step_cache:
         assert len(result["stats"]["dit"]["computed_steps"]) < STEPS  # steps were skipped
@@ -112,10 +109,7 @@ def test_cuda_resume_after_sigkill_is_bit_identical(tiny_official, tmp_path):
     dit = reference["stats"]["dit"]
     assert dit["streamed_blocks"] == 3 and dit["pinned_bytes"] > 0, dit
     expected = load_file(reference["final_latents"])["latents"]
-    process, _ = start_and_wait_for_step(tmp_path / "killed", model, args=args)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert manifest(tmp_path / "killed")["state"] == "denoising"
+    assert killed_after_a_step(tmp_path / "killed", model, args)["state"] == "denoising"
     resumed = run("resume", "--runs-dir", tmp_path / "killed", "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert load_file(json.loads(resumed.stdout)["final_latents"])["latents"].equal(expected)

@@ -20,7 +20,7 @@ from lowvram.setup.doctor import weight_checks
 from lowvram.setup.synthetic_checkpoint import write_synthetic_checkpoint
 from lowvram.setup.synthetic_v15 import SIZES, write_v15_checkpoint
 from tests.helpers import as_json, invoke, one_line_error
-from tests.test_setup_weight_contents import Info, fake_snapshot
+from tests.test_setup_weight_contents import copy, dry_run_listing, fake_snapshot, problems
 from tests.tiny_v15_text import write_diffusers_encoders, write_official_encoders
 
 T2V_DIT = "transformer/480p_t2v/diffusion_pytorch_model.safetensors"
@@ -47,16 +47,6 @@ def folders(tmp_path_factory):
     shutil.rmtree(diffusers / "image_encoder")  # text-to-video: no SigLIP, as the real repo
     shutil.rmtree(diffusers / "feature_extractor")
     return {"official": official, "diffusers": diffusers, "13b": write_synthetic_checkpoint(root / "13b", "diffusers", "tiny")}
-
-
-def copy(folders, name, tmp_path) -> Path:
-    return Path(shutil.copytree(folders[name], tmp_path / name))
-
-
-def problems(root: Path) -> dict[str, str]:
-    layout, checks = check_model_folder(root)
-    assert layout
-    return {c.path.relative_to(root).as_posix(): c.problem for c in checks if not c.ok}
 
 
 def test_tiny_v15_folders_pass_the_doctor(folders):
@@ -203,11 +193,7 @@ def test_download_v15_from_modelscope(folders, tmp_path, monkeypatch):
 
 
 def test_cli_download_v15(monkeypatch, tmp_path):
-    def listed(repo, local_dir, allow_patterns, dry_run=False, **kwargs):
-        assert dry_run
-        return [Info("config.json", 1_000)]
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", listed)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", dry_run_listing)
     dry = as_json(invoke("download", "--model", "1.5-720p_i2v", "--layout", "official", "--model-dir", tmp_path, "--dry-run", "--json"))
     assert {f["repo"] for f in dry["files"]} == {dl.V15_REPO, dl.QWEN_REPO, dl.BYT5_REPO, dl.GLYPH_REPO, dl.SIGLIP_REPO}
     assert dry["total_bytes"] is None  # the ModelScope part is not asked for sizes

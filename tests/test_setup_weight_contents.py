@@ -181,6 +181,12 @@ def fake_snapshot(sources: dict[str, Path], calls: list):
     return snapshot_download
 
 
+def dry_run_listing(repo, local_dir, allow_patterns, dry_run=False, **kwargs):
+    """`snapshot_download` for `download --dry-run`: one config.json of 1 kB in every repo asked."""
+    assert dry_run
+    return [Info("config.json", 1_000)]
+
+
 def test_download_i2v_official_layout_from_the_hub_is_what_the_doctor_expects(folders, tmp_path, monkeypatch):
     """Tencent's ckpts/README.md: the I2V repo's DiT and VAE, xtuner's whole LLaVA into
     text_encoder_i2v/, openai's CLIP into text_encoder_2/."""
@@ -228,11 +234,7 @@ def test_download_i2v_from_modelscope_keeps_the_whole_llava(folders, tmp_path, m
 
 
 def test_cli_download_model_option(monkeypatch, tmp_path):
-    def listed(repo, local_dir, allow_patterns, dry_run=False, **kwargs):
-        assert dry_run
-        return [Info("config.json", 1_000)]
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", listed)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", dry_run_listing)
     dry = as_json(invoke("download", "--model", "i2v", "--layout", "official", "--model-dir", tmp_path, "--dry-run", "--json"))
     assert dry["model"] == "i2v" and {f["repo"] for f in dry["files"]} == {dl.OFFICIAL_I2V_REPO, dl.LLAVA_REPO, dl.CLIP_REPO}
     assert {f["file"] for f in dry["files"]} == {"config.json", "text_encoder_2/config.json", "text_encoder_i2v/config.json"}

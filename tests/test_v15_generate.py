@@ -7,7 +7,6 @@ sparse-attention transformer runs dense and says so."""
 
 import dataclasses
 import json
-import signal
 
 import pytest
 import torch
@@ -131,16 +130,12 @@ def test_a_batch_equals_each_clip_alone(model_dir, tmp_path):
 def test_sigkill_then_resume_is_bit_identical(model_dir, tmp_path):
     """A 1.5 run killed (SIGKILL, as a process) after a saved step resumes to the uninterrupted
     run's final latents, bit for bit (the CFG pair of each step is checkpointed as one step)."""
-    from tests.helpers import final_latents, invoke, manifest, start_and_wait_for_step, uninterrupted_latents
+    from tests.helpers import final_latents, invoke, killed_after_a_step, uninterrupted_latents
 
     args = ["--steps", "16", *CLI_ARGS]  # 0.05-0.2 s a step here: a window of a second or more after step 1
     reference = uninterrupted_latents(model_dir, tmp_path / "reference", args)
     runs = tmp_path / "killed"
-    process, _ = start_and_wait_for_step(runs, model_dir, args=args)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL
-    killed = manifest(runs)
+    killed = killed_after_a_step(runs, model_dir, args)
     assert killed["state"] == "denoising" and 1 <= killed["step"] < 16
     resumed = invoke("resume", "--runs-dir", runs, "--json")
     assert resumed.exit_code == 0, resumed.output

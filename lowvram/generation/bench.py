@@ -176,8 +176,9 @@ def run_bench(options: BenchOptions, reporter: Reporter | None = None, stop: Sto
     root = ensure_synthetic_model(options.scratch, options.synthetic_size, options.layout, reporter, device)
     request = GenerationRequest(PROMPT, width=options.width, height=options.height, frames=options.frames,
                                 steps=options.steps, seed=0, image=None if options.image is None else str(options.image))
+    given = frozenset({"steps", "frames", *(["size"] if options.size_given else [])})  # not a 1.5 model's own steps
     run_options = RunOptions(request, root, Path(options.scratch) / "runs", options.profile, options.overrides, device,
-                             vram_limit_bytes=options.cap_bytes, sampling_given=frozenset({"steps", "frames", *(["size"] if options.size_given else [])}))  # not a 1.5 model's own steps
+                             vram_limit_bytes=options.cap_bytes, sampling_given=given)
     run, files, plan = start_run(run_options, reporter)
     result = execute(run, files, plan, reporter, stop)
 

@@ -220,9 +220,10 @@ def prepare_run(options: RunOptions, reporter: Reporter | None = None) -> tuple[
 
 def v15_request(request: GenerationRequest, files, options: RunOptions) -> GenerationRequest:
     """A HunyuanVideo-1.5 request: the transformer's own steps, guidance (real CFG's scale), flow
-    shift, 1.5's 121 frames and (text to video) its own resolution where the user set none; image-to-video's video takes the transformer's bucket for the
-    image (its 480p or 720p base size, the image's aspect), as diffusers' pipeline, whatever size
-    was asked; RIFLEx, which has no published component for 1.5, is refused here."""
+    shift, 1.5's 121 frames and (text to video) its own resolution where the user set none;
+    image-to-video's video takes the transformer's bucket for the image (its 480p or 720p base
+    size, the image's aspect), as diffusers' pipeline, whatever size was asked; RIFLEx, which has
+    no published component for 1.5, is refused here."""
     if options.request.riflex:
         raise HyVideoError("--riflex on: RIFLEx lowers the RoPE component whose period matches where a model's clips "
                            "start to repeat, which is measured per model (HunyuanVideo's is published); none is published "
@@ -287,15 +288,12 @@ def family_step_cache(dit_config, profiles: list[Profile], overrides: Overrides 
     Tencent's generate.py refuses it. Another cache asked for with --cache is one HyVideoError; a
     profile's own is turned off (said in one line)."""
     asked = overrides.step_cache
-    if isinstance(dit_config, V15DiTConfig):
-        allowed, why = ("off", DEEPCACHE), (
-            f"--cache {asked} with HunyuanVideo-1.5: no TeaCache coefficients are published for it; --cache deepcache "
-            "runs Tencent's DeepCache schedule")
-        if asked == DEEPCACHE and dit_config.use_meanflow:
-            raise HyVideoError("--cache deepcache with the step-distilled transformer: Tencent's generate.py refuses the pair "
-                               "(quality drops), and its 8-12 steps leave nothing to skip; leave out --cache")
-        if dit_config.use_meanflow:
-            allowed = ("off",)
+    if isinstance(dit_config, V15DiTConfig) and dit_config.use_meanflow:  # the step-distilled transformer
+        allowed, why = ("off",), (f"--cache {asked} with the step-distilled transformer: Tencent's generate.py refuses a step "
+                                  "cache with it (quality drops), and its 8-12 steps leave nothing to skip; leave out --cache")
+    elif isinstance(dit_config, V15DiTConfig):
+        allowed, why = ("off", DEEPCACHE), (f"--cache {asked} with HunyuanVideo-1.5: no TeaCache coefficients are published "
+                                            "for it; --cache deepcache runs Tencent's DeepCache schedule")
     elif dit_config.image_condition_type:
         allowed, why = ("off",), (f"--cache {asked} with --image: the step cache's coefficients were fit on the text-to-video "
                                   "DiT, so image-to-video runs without it; leave out --cache")

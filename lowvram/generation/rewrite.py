@@ -74,8 +74,7 @@ def load_rewriter(folder: Path, tokenizer_folder: Path, device: torch.device, dt
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
         if not nf4:
-            architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-            model = writer_class(architectures).from_pretrained(folder, dtype=dtype, device_map={"": device}, local_files_only=True)
+            model = writer_class(folder).from_pretrained(folder, dtype=dtype, device_map={"": device}, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise HyVideoError(f"could not load the rewrite model from {folder}: {one_line(error)}") from None
     if nf4:

@@ -10,9 +10,10 @@ the Tencent ones by `v15_keys` one block at a time, so both layouts hold the sam
 The text encoders (Qwen2.5-VL, byT5, SigLIP) are written as their config.json only, with the released
 sizes (`v15_checkpoint.QWEN25_VL_7B_TEXT` etc.) or tiny ones: enough to detect the folder and plan
 it. `encoders=True` (diffusers layout: what `lowvram bench --model 1.5-...` runs) writes the
-encoders' random weights too: Qwen2.5-VL's language model and the glyph byT5 with their tokenizers,
-and for image-to-video SigLIP with its image processor (image_encoder/, feature_extractor/) (the tiny Qwen2 tokenizer and ByT5's with a few glyph tokens, at both sizes: their
-ids stay far below the real vocabularies), so that `generate` runs the folder end to end.
+encoders' random weights too, so that `generate` runs the folder end to end: Qwen2.5-VL's language
+model and the glyph byT5 with their tokenizers (the tiny Qwen2 tokenizer and ByT5's with a few glyph
+tokens, at both sizes: their ids stay far below the real vocabularies), and for image-to-video
+SigLIP with its image processor (image_encoder/, feature_extractor/).
 """
 
 import json
